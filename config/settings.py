@@ -1,0 +1,216 @@
+"""One settings module; every knob comes from the environment with a safe default (DESIGN.md §3).
+
+A fresh clone runs with no configuration at all: SQLite under var/, the local Redis, a secret key
+generated on first start and kept in var/ (never in the repository).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from config.env import (
+    database_from_url,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var")))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _persistent_secret(name: str) -> str:
+    """A random secret created once per installation and kept in var/ (mode 600)."""
+    path = VAR_DIR / name
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = secrets.token_urlsafe(50)
+        # O_EXCL: when two processes start at once, exactly one writes and both read the same value.
+        try:
+            fd = path.open("x")
+        except FileExistsError:
+            return path.read_text().strip()
+        with fd:
+            path.chmod(0o600)
+            fd.write(value)
+        return value
+
+
+SECRET_KEY = env_str("SECRET_KEY", "") or _persistent_secret("secret_key")
+# Keys digests of endpoint tokens and API keys; the proxy reads the same value (proxy/config.py).
+TOKEN_HMAC_KEY = env_str("TOKEN_HMAC_KEY", "") or _persistent_secret("token_hmac_key")
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+SITE_URL = env_str("SITE_URL", "http://127.0.0.1:8000")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "accounts",
+    "storage",
+    "serving",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "django.template.context_processors.i18n",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": database_from_url(env_str("DATABASE_URL", ""), sqlite_default=str(VAR_DIR / "db.sqlite3"))}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_USER_MODEL = "accounts.User"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = env_str("LANGUAGE_CODE", "en")
+LANGUAGES = [("en", "English"), ("ja", "日本語")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
+STATICFILES_DIRS = [BASE_DIR / "static"]
+WHITENOISE_USE_FINDERS = True
+
+# Uploads are streamed to disk by storage/, never held in memory.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 0
+
+# --- Redis: broker, channel layer, routing table, token digests, metrics -----------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# Every key the platform writes starts with this, so two installations (or the test suite) can
+# share one Redis without seeing each other.
+REDIS_PREFIX = env_str("REDIS_PREFIX", "ms")
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_PREFIX}:asgi"},
+    }
+}
+
+# --- Celery --------------------------------------------------------------------------------------
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_TASK_DEFAULT_QUEUE = "control"
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{REDIS_PREFIX}:celery:"}
+RECONCILE_INTERVAL = env_float("RECONCILE_INTERVAL", 5.0, minimum=0.1)
+NODE_HEARTBEAT_INTERVAL = env_float("NODE_HEARTBEAT_INTERVAL", 5.0, minimum=0.1)
+NODE_LOST_AFTER = env_float("NODE_LOST_AFTER", 30.0, minimum=1.0)
+AUTOSCALE_INTERVAL = env_float("AUTOSCALE_INTERVAL", 5.0, minimum=0.1)
+
+# --- Serving -------------------------------------------------------------------------------------
+SERVING_ENGINE = env_choice("SERVING_ENGINE", "auto", {"auto", "docker", "local"})
+# The address clients use to reach endpoints through the proxy; an endpoint's URL is
+# f"{SERVING_PROXY_URL}/e/{slug}/" (or http://{slug}.{SERVING_DOMAIN}/ when a domain is set).
+SERVING_PROXY_URL = env_str("SERVING_PROXY_URL", "http://127.0.0.1:8080").rstrip("/")
+SERVING_DOMAIN = env_str("SERVING_DOMAIN", "")
+NODE_NAME = env_str("NODE_NAME", "local")
+NODE_ADDRESS = env_str("NODE_ADDRESS", "127.0.0.1")
+NODE_RESOURCE_GROUP = env_str("NODE_RESOURCE_GROUP", "default")
+# Capacity a node advertises; accelerators are modelled (there is no GPU here): "cuda.shares=4".
+NODE_CPU = env_float("NODE_CPU", 0.0, minimum=0.0)  # 0 = the host's core count
+NODE_MEM = env_str("NODE_MEM", "")  # "" = the host's memory
+NODE_ACCELERATORS = env_str("NODE_ACCELERATORS", "")
+REPLICA_STOP_GRACE = env_float("REPLICA_STOP_GRACE", 10.0, minimum=0.0)
+MAX_START_FAILURES = env_int("MAX_START_FAILURES", 5, minimum=1)
+DEFAULT_IMAGE = env_str("DEFAULT_IMAGE", "modelserve/python:3.11")
+STORAGE_ROOT = Path(env_str("STORAGE_ROOT", str(VAR_DIR / "storage")))
+DEFAULT_FOLDER_QUOTA = env_int("DEFAULT_FOLDER_QUOTA", 50 * 1024**3, minimum=0)
+ENGINE_STATE_DIR = Path(env_str("ENGINE_STATE_DIR", str(VAR_DIR / "engine")))
+
+# --- REST API --------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": None,
+    "EXCEPTION_HANDLER": "config.api.exception_handler",
+    "DEFAULT_THROTTLE_RATES": {"login": "10/min"},
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "modelserve API",
+    "DESCRIPTION": ("Model folders, model services (endpoints), replicas (routes), tokens and autoscaling rules."),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# --- Security (production values switch on with SECURE=true behind TLS) -------------------------
+SECURE = env_bool("SECURE", False)
+SESSION_COOKIE_SECURE = SECURE
+CSRF_COOKIE_SECURE = SECURE
+SECURE_SSL_REDIRECT = False  # TLS is terminated in front of us
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if SECURE else None
+SECURE_HSTS_SECONDS = 31536000 if SECURE else 0
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.channels.server": {"level": "WARNING"}},
+}

@@ -1,0 +1,289 @@
+"""The operators' console (S9): every serving model, with actions that go through serving.actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from serving import actions
+from serving.models import (
+    AutoScalingRule,
+    Endpoint,
+    EndpointToken,
+    Node,
+    ResourcePreset,
+    Route,
+    ScalingEvent,
+    ServiceEvent,
+)
+
+
+class ReadOnlyInline(admin.TabularInline):  # type: ignore[type-arg]
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class RouteInline(ReadOnlyInline):
+    model = Route
+    fields = ("id", "status", "node", "host", "port", "traffic_ratio", "spec_version", "error_message", "last_probe_at")
+    readonly_fields = fields
+
+
+class RuleInline(admin.TabularInline):  # type: ignore[type-arg]
+    model = AutoScalingRule
+    extra = 0
+    fields = (
+        "direction",
+        "source",
+        "metric",
+        "comparator",
+        "threshold",
+        "step",
+        "min_replicas",
+        "max_replicas",
+        "cooldown",
+        "enabled",
+    )
+
+
+class ServiceEventInline(ReadOnlyInline):
+    model = ServiceEvent
+    fields = ("created_at", "kind", "level", "message", "actor")
+    readonly_fields = fields
+    ordering = ("-created_at",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ServiceEvent]:
+        return super().get_queryset(request).order_by("-created_at")
+
+
+@admin.register(Endpoint)
+class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = (
+        "name",
+        "owner",
+        "project",
+        "runtime",
+        "desired_replicas",
+        "status",
+        "lifecycle",
+        "open_to_public",
+        "created_at",
+    )
+    list_filter = ("lifecycle", "runtime", "open_to_public", "resource_group", "cluster_mode")
+    search_fields = ("name", "slug", "owner__username", "id")
+    readonly_fields = (
+        "id",
+        "slug",
+        "url",
+        "status",
+        "lifecycle",
+        "spec_version",
+        "retries",
+        "created_at",
+        "updated_at",
+        "destroyed_at",
+    )
+    fields = (
+        ("name", "slug"),
+        ("owner", "project"),
+        "url",
+        ("status", "lifecycle"),
+        "model_folder",
+        "runtime",
+        ("model_mount", "model_definition_path"),
+        "extra_mounts",
+        "desired_replicas",
+        "image",
+        "resources",
+        ("preset", "resource_group"),
+        ("cluster_mode", "cluster_size"),
+        "environ",
+        "open_to_public",
+        ("spec_version", "retries"),
+        ("created_at", "updated_at", "destroyed_at"),
+    )
+    autocomplete_fields = ("owner",)
+    inlines = [RouteInline, RuleInline, ServiceEventInline]
+    actions = ["terminate", "clear_errors"]
+
+    @admin.display(description="status")
+    def status(self, obj: Endpoint) -> str:
+        return obj.compute_status()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # A service is created through the launcher or the API, which check folders and definitions.
+        return False
+
+    def save_model(self, request: HttpRequest, obj: Endpoint, form: Any, change: bool) -> None:
+        """Edits go through do_modify_service: only changed fields apply, replicas roll if needed."""
+        changed = {name: form.cleaned_data[name] for name in form.changed_data if name in actions.MODIFIABLE_FIELDS}
+        original = Endpoint.objects.get(pk=obj.pk)
+        try:
+            actions.do_modify_service(original, acting_user=request.user, changes=changed)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            self.message_user(request, "; ".join(exc.messages), level=messages.ERROR)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # terminate instead: it stops the replicas
+
+    @admin.action(description="Terminate selected services")
+    def terminate(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
+        for endpoint in queryset:
+            actions.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        self.message_user(request, f"Terminating {queryset.count()} service(s).")
+
+    @admin.action(description="Clear errors and retry")
+    def clear_errors(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
+        cleared = 0
+        for endpoint in queryset:
+            cleared += actions.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        self.message_user(request, f"Cleared {cleared} failed replica(s).")
+
+
+@admin.register(Route)
+class RouteAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = (
+        "__str__",
+        "endpoint",
+        "status",
+        "node",
+        "host",
+        "port",
+        "traffic_ratio",
+        "spec_version",
+        "error_message",
+        "updated_at",
+    )
+    list_filter = ("status", "node")
+    search_fields = ("id", "endpoint__name", "container_id")
+    readonly_fields = [f.name for f in Route._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(EndpointToken)
+class EndpointTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("prefix", "endpoint", "created_by", "created_at", "expires_at", "last_used_at", "revoked_at")
+    list_filter = ("revoked_at",)
+    search_fields = ("lookup", "endpoint__name", "created_by__username")
+    readonly_fields = (
+        "id",
+        "endpoint",
+        "created_by",
+        "lookup",
+        "digest",
+        "created_at",
+        "expires_at",
+        "last_used_at",
+        "revoked_at",
+    )
+    actions = ["revoke"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # shown once: generate tokens on the service page or through the API
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[EndpointToken]) -> None:
+        for token in queryset.select_related("endpoint"):
+            actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
+        self.message_user(request, "Revoked; proxies refuse these tokens within a second.")
+
+
+@admin.register(AutoScalingRule)
+class AutoScalingRuleAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = (
+        "endpoint",
+        "direction",
+        "source",
+        "metric",
+        "comparator",
+        "threshold",
+        "step",
+        "min_replicas",
+        "max_replicas",
+        "cooldown",
+        "enabled",
+        "last_triggered_at",
+    )
+    list_filter = ("direction", "source", "enabled")
+    search_fields = ("endpoint__name", "metric")
+    readonly_fields = ("last_triggered_at", "created_at")
+
+    def save_model(self, request: HttpRequest, obj: AutoScalingRule, form: Any, change: bool) -> None:
+        actions.do_save_rule(obj, acting_user=request.user)  # type: ignore[arg-type]
+
+    def delete_model(self, request: HttpRequest, obj: AutoScalingRule) -> None:
+        actions.do_delete_rule(obj, acting_user=request.user)  # type: ignore[arg-type]
+
+
+@admin.register(ScalingEvent)
+class ScalingEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("created_at", "endpoint", "metric", "observed", "old_replicas", "new_replicas", "acted", "reason")
+    list_filter = ("acted",)
+    search_fields = ("endpoint__name", "metric", "reason")
+    readonly_fields = [f.name for f in ScalingEvent._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ServiceEvent)
+class ServiceEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("created_at", "endpoint", "kind", "level", "message", "actor")
+    list_filter = ("level", "kind")
+    search_fields = ("endpoint__name", "message", "kind")
+    readonly_fields = [f.name for f in ServiceEvent._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # an audit log is append-only
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("name", "address", "engine", "resource_group", "capacity", "schedulable", "heartbeat_at", "alive")
+    list_filter = ("schedulable", "resource_group", "engine")
+    search_fields = ("name", "address")
+    readonly_fields = ("heartbeat_at", "lost_at", "created_at", "engine", "capacity")
+    actions = ["cordon", "uncordon"]
+
+    @admin.display(boolean=True)
+    def alive(self, obj: Node) -> bool:
+        return obj.is_alive()
+
+    @admin.action(description="Cordon: place no new replicas")
+    def cordon(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
+        queryset.update(schedulable=False)
+
+    @admin.action(description="Uncordon: allow new replicas")
+    def uncordon(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
+        queryset.update(schedulable=True)
+
+
+@admin.register(ResourcePreset)
+class ResourcePresetAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("name", "cpu", "mem", "accelerators", "resource_group")
+    search_fields = ("name",)

@@ -1,0 +1,302 @@
+"""Serializers of the public REST contract (DESIGN.md §7). They parse and shape; actions decide."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.utils import timezone
+from rest_framework import serializers
+
+from accounts.models import Project
+from serving.models import (
+    AutoScalingRule,
+    Endpoint,
+    EndpointToken,
+    Node,
+    ResourcePreset,
+    Route,
+    ScalingEvent,
+    ServiceEvent,
+)
+from serving.runtimes import RUNTIMES
+from storage.models import Folder
+
+
+class RouteSerializer(serializers.ModelSerializer[Route]):
+    node = serializers.CharField(source="node.name", default=None, read_only=True)
+    error = serializers.CharField(source="error_message", read_only=True)
+    error_detail = serializers.JSONField(source="error", read_only=True)
+
+    class Meta:
+        model = Route
+        fields = [
+            "id",
+            "status",
+            "node",
+            "host",
+            "port",
+            "traffic_ratio",
+            "error",
+            "error_detail",
+            "spec_version",
+            "consecutive_failures",
+            "last_probe_at",
+            "started_at",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
+    """A service as read back: its stable ``url``, computed ``status`` and ``routes``."""
+
+    url = serializers.CharField(read_only=True)
+    status = serializers.SerializerMethodField()
+    routes = serializers.SerializerMethodField()
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    folder = serializers.UUIDField(source="model_folder_id", read_only=True, allow_null=True)
+    folder_name = serializers.CharField(source="model_folder.name", default=None, read_only=True)
+    project = serializers.IntegerField(source="project_id", read_only=True, allow_null=True)
+    preset = serializers.CharField(source="preset.name", default=None, read_only=True)
+    replicas = serializers.IntegerField(source="desired_replicas", read_only=True)
+
+    class Meta:
+        model = Endpoint
+        fields = [
+            "id",
+            "name",
+            "slug",
+            "url",
+            "status",
+            "desired_replicas",
+            "replicas",
+            "routes",
+            "runtime",
+            "folder",
+            "folder_name",
+            "model_mount",
+            "model_definition_path",
+            "extra_mounts",
+            "image",
+            "resources",
+            "preset",
+            "resource_group",
+            "cluster_mode",
+            "cluster_size",
+            "environ",
+            "open_to_public",
+            "owner",
+            "project",
+            "lifecycle",
+            "retries",
+            "spec_version",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def _routes(self, obj: Endpoint) -> list[Route]:
+        # Prefetched by the view; terminating routes are still shown until they are gone.
+        return list(obj.routes.all())
+
+    def get_status(self, obj: Endpoint) -> str:
+        return obj.compute_status(self._routes(obj))
+
+    def get_routes(self, obj: Endpoint) -> list[dict[str, Any]]:
+        return RouteSerializer(self._routes(obj), many=True).data  # type: ignore[return-value]
+
+
+class _ServiceInputFields(serializers.Serializer[Any]):
+    """Fields shared by create, validate and modify; cross-field rules live in the actions."""
+
+    name = serializers.CharField(max_length=24)
+    folder = serializers.UUIDField()
+    runtime = serializers.ChoiceField(choices=list(RUNTIMES), default="custom")
+    replicas = serializers.IntegerField(min_value=0, max_value=64, default=1)
+    open_to_public = serializers.BooleanField(default=False)
+    image = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    resources = serializers.DictField(required=False, default=dict)
+    environ = serializers.DictField(required=False, default=dict)
+    model_mount = serializers.CharField(max_length=255, default="/models")
+    model_definition_path = serializers.CharField(max_length=255, default="model-definition.yaml")
+    extra_mounts = serializers.ListField(child=serializers.DictField(), required=False, default=list)
+    cluster_mode = serializers.ChoiceField(
+        choices=Endpoint.ClusterMode.values, default=Endpoint.ClusterMode.SINGLE_NODE
+    )
+    cluster_size = serializers.IntegerField(min_value=1, max_value=16, default=1)
+    resource_group = serializers.CharField(max_length=64, default="default")
+    preset = serializers.CharField(max_length=64, required=False, allow_null=True, default=None)
+    project = serializers.IntegerField(required=False, allow_null=True, default=None)
+
+    def _user(self) -> Any:
+        return self.context["request"].user
+
+    def validate_folder(self, value: Any) -> Folder:
+        folder = Folder.objects.visible_to(self._user()).filter(pk=value).first()
+        if folder is None:
+            raise serializers.ValidationError("No such folder, or you can not use it.")
+        return folder
+
+    def validate_preset(self, value: str | None) -> ResourcePreset | None:
+        if not value:
+            return None
+        preset = ResourcePreset.objects.filter(name=value).first()
+        if preset is None and value.isdigit():
+            preset = ResourcePreset.objects.filter(pk=int(value)).first()
+        if preset is None:
+            names = ", ".join(ResourcePreset.objects.values_list("name", flat=True)) or "none defined"
+            raise serializers.ValidationError(f"No resource preset {value!r}; available: {names}.")
+        return preset
+
+    def validate_project(self, value: int | None) -> Project | None:
+        if value is None:
+            return None
+        user = self._user()
+        queryset = Project.objects.all() if user.is_superuser else Project.objects.filter(memberships__user=user)
+        project = queryset.filter(pk=value).first()
+        if project is None:
+            raise serializers.ValidationError("No such project, or you are not a member of it.")
+        return project
+
+
+class ServiceCreateSerializer(_ServiceInputFields):
+    pass
+
+
+class ServiceModifySerializer(_ServiceInputFields):
+    """PATCH: every field optional; ``desired_replicas`` is accepted as a synonym of ``replicas``."""
+
+    desired_replicas = serializers.IntegerField(min_value=0, max_value=64, required=False)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["partial"] = True
+        super().__init__(*args, **kwargs)
+        for name, field in self.fields.items():
+            field.required = False
+            if name != "desired_replicas":
+                field.default = serializers.empty
+
+    def changes(self) -> dict[str, Any]:
+        data = dict(self.validated_data)
+        mapping = {"replicas": "desired_replicas", "folder": "model_folder"}
+        out = {mapping.get(str(k), str(k)): v for k, v in data.items() if k != "project"}
+        if "project" in data:
+            raise serializers.ValidationError({"project": "A service can not move to another project."})
+        return out
+
+
+class TokenSerializer(serializers.ModelSerializer[EndpointToken]):
+    prefix = serializers.CharField(read_only=True)
+    active = serializers.SerializerMethodField()
+    created_by = serializers.CharField(source="created_by.username", default=None, read_only=True)
+
+    class Meta:
+        model = EndpointToken
+        fields = ["id", "prefix", "created_by", "created_at", "expires_at", "last_used_at", "revoked_at", "active"]
+        read_only_fields = fields
+
+    def get_active(self, obj: EndpointToken) -> bool:
+        return obj.is_active()
+
+
+class TokenCreateSerializer(serializers.Serializer[Any]):
+    expires_at = serializers.DateTimeField(required=False)
+
+    def validate_expires_at(self, value: Any) -> Any:
+        if value <= timezone.now():
+            raise serializers.ValidationError("The expiry date must be in the future.")
+        if value > timezone.now() + timedelta(days=3650):
+            raise serializers.ValidationError("The expiry date must be within 10 years.")
+        return value
+
+
+class RuleSerializer(serializers.ModelSerializer[AutoScalingRule]):
+    class Meta:
+        model = AutoScalingRule
+        fields = [
+            "id",
+            "direction",
+            "source",
+            "metric",
+            "comparator",
+            "threshold",
+            "step",
+            "min_replicas",
+            "max_replicas",
+            "cooldown",
+            "aggregation",
+            "window",
+            "enabled",
+            "last_triggered_at",
+            "created_at",
+        ]
+        read_only_fields = ["id", "last_triggered_at", "created_at"]
+
+    def validate_step(self, value: int) -> int:
+        if value == 0:
+            raise serializers.ValidationError("The step must not be 0; use a positive or negative number.")
+        return value
+
+    def validate_metric(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("Name the metric, e.g. vllm:num_requests_waiting.")
+        return value.strip()
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        instance = self.instance
+        low = attrs.get("min_replicas", getattr(instance, "min_replicas", 0))
+        high = attrs.get("max_replicas", getattr(instance, "max_replicas", 10))
+        if low > high:
+            raise serializers.ValidationError({"min_replicas": "The minimum must not exceed the maximum replicas."})
+        if attrs.get("window", 60) <= 0:
+            raise serializers.ValidationError({"window": "The window must be at least 1 second."})
+        return attrs
+
+
+class ScalingEventSerializer(serializers.ModelSerializer[ScalingEvent]):
+    rule = RuleSerializer(read_only=True)
+
+    class Meta:
+        model = ScalingEvent
+        fields = [
+            "id",
+            "rule",
+            "metric",
+            "observed",
+            "window",
+            "old_replicas",
+            "new_replicas",
+            "acted",
+            "reason",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class ServiceEventSerializer(serializers.ModelSerializer[ServiceEvent]):
+    actor = serializers.CharField(source="actor.username", default=None, read_only=True)
+
+    class Meta:
+        model = ServiceEvent
+        fields = ["id", "kind", "level", "message", "data", "route_id", "actor", "created_at"]
+        read_only_fields = fields
+
+
+class NodeSerializer(serializers.ModelSerializer[Node]):
+    alive = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Node
+        fields = ["name", "address", "engine", "resource_group", "capacity", "schedulable", "heartbeat_at", "alive"]
+        read_only_fields = fields
+
+    def get_alive(self, obj: Node) -> bool:
+        return obj.is_alive()
+
+
+class PresetSerializer(serializers.ModelSerializer[ResourcePreset]):
+    class Meta:
+        model = ResourcePreset
+        fields = ["id", "name", "cpu", "mem", "accelerators", "resource_group"]
+        read_only_fields = fields

@@ -1,0 +1,227 @@
+"""REST views: parse, authorize (serving.access), call one action, shape the answer."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db.models import Prefetch, QuerySet
+from django.http import Http404
+from django.shortcuts import get_object_or_404
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema
+from rest_framework import status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from serving import actions
+from serving.access import access_endpoint, can_write_endpoint
+from serving.api import serializers as s
+from serving.models import (
+    AutoScalingRule,
+    Endpoint,
+    EndpointToken,
+    Node,
+    ResourcePreset,
+    Route,
+)
+from serving.runtimes import RUNTIMES
+
+UUID_RE = r"[0-9a-fA-F-]{36}"
+
+
+def _with_routes(queryset: QuerySet[Endpoint]) -> QuerySet[Endpoint]:
+    return queryset.select_related("owner", "model_folder", "preset").prefetch_related(
+        Prefetch("routes", queryset=Route.objects.select_related("node"))
+    )
+
+
+class ServiceViewSet(viewsets.ViewSet):
+    """Model services (endpoints): create, read, modify (PATCH), terminate (DELETE)."""
+
+    lookup_value_regex = UUID_RE
+
+    @extend_schema(responses=s.ServiceSerializer(many=True))
+    def list(self, request: Request) -> Response:
+        queryset = _with_routes(Endpoint.objects.visible_to(request.user).live())
+        return Response(s.ServiceSerializer(queryset, many=True).data)
+
+    @extend_schema(request=s.ServiceCreateSerializer, responses={201: s.ServiceSerializer})
+    def create(self, request: Request) -> Response:
+        serializer = s.ServiceCreateSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        data = dict(serializer.validated_data)
+        endpoint = actions.do_create_service(acting_user=request.user, **data)  # type: ignore[arg-type]
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=s.ServiceCreateSerializer, responses={202: dict})
+    @action(detail=False, methods=["post"])
+    def validate(self, request: Request) -> Response:
+        """Run the configuration once as a throwaway replica (S4.2); watch its websocket."""
+        serializer = s.ServiceCreateSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        validation_id = actions.do_validate_service(acting_user=request.user, **serializer.validated_data)  # type: ignore[arg-type]
+        return Response(
+            {"id": validation_id, "websocket": f"/ws/validations/{validation_id}/"},
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+    @extend_schema(responses=s.ServiceSerializer)
+    def retrieve(self, request: Request, pk: str) -> Response:
+        endpoint = access_endpoint(request.user, pk)
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data)
+
+    @extend_schema(request=s.ServiceModifySerializer, responses=s.ServiceSerializer)
+    def partial_update(self, request: Request, pk: str) -> Response:
+        endpoint = access_endpoint(request.user, pk, write=True)
+        serializer = s.ServiceModifySerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        actions.do_modify_service(endpoint, acting_user=request.user, changes=serializer.changes())  # type: ignore[arg-type]
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data)
+
+    @extend_schema(responses={202: s.ServiceSerializer})
+    def destroy(self, request: Request, pk: str) -> Response:
+        """Terminate the service (S4.6): every replica is stopped, then it leaves the list."""
+        endpoint = access_endpoint(request.user, pk, write=True)
+        actions.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: s.ServiceSerializer})
+    @action(detail=True, methods=["post"], url_path="clear-errors")
+    def clear_errors(self, request: Request, pk: str) -> Response:
+        """Clear errors and retry (S4.4)."""
+        endpoint = access_endpoint(request.user, pk, write=True)
+        actions.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses=s.ServiceEventSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def events(self, request: Request, pk: str) -> Response:
+        """The service's audit and lifecycle log, newest first (at most 500)."""
+        endpoint = access_endpoint(request.user, pk)
+        events = endpoint.events.select_related("actor")[:500]
+        return Response(s.ServiceEventSerializer(events, many=True).data)
+
+    @extend_schema(responses=s.ScalingEventSerializer(many=True))
+    @action(detail=True, methods=["get"], url_path="scaling-events")
+    def scaling_events(self, request: Request, pk: str) -> Response:
+        """Every autoscaling decision, acted on or not, with the reason (newest first, at most 500)."""
+        endpoint = access_endpoint(request.user, pk)
+        events = endpoint.scaling_events.select_related("rule")[:500]
+        return Response(s.ScalingEventSerializer(events, many=True).data)
+
+
+class TokenListView(APIView):
+    """Tokens of a private service (S7.1). The token itself is only in the creation response."""
+
+    @extend_schema(responses=s.TokenSerializer(many=True))
+    def get(self, request: Request, service_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        return Response(s.TokenSerializer(endpoint.tokens.select_related("created_by"), many=True).data)
+
+    @extend_schema(request=s.TokenCreateSerializer, responses={201: s.TokenSerializer})
+    def post(self, request: Request, service_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        serializer = s.TokenCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        expires_at = serializer.validated_data.get("expires_at") or timezone.now() + timedelta(days=30)
+        token, secret = actions.do_issue_token(endpoint, acting_user=request.user, expires_at=expires_at)  # type: ignore[arg-type]
+        body = dict(s.TokenSerializer(token).data)
+        body["token"] = secret
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class TokenDetailView(APIView):
+    @extend_schema(responses=s.TokenSerializer)
+    def get(self, request: Request, service_id: str, token_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        token = get_object_or_404(EndpointToken, pk=token_id, endpoint=endpoint)
+        return Response(s.TokenSerializer(token).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, service_id: str, token_id: str) -> Response:
+        """Revoke a token: refused by every proxy within a second."""
+        endpoint = access_endpoint(request.user, service_id)
+        token = get_object_or_404(EndpointToken, pk=token_id, endpoint=endpoint)
+        if not (token.created_by_id == request.user.pk or can_write_endpoint(request.user, endpoint)):
+            raise Http404("No such token.")
+        actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class RuleListView(APIView):
+    """Autoscaling rules of a service (S6.1)."""
+
+    @extend_schema(responses=s.RuleSerializer(many=True))
+    def get(self, request: Request, service_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        return Response(s.RuleSerializer(endpoint.rules.all(), many=True).data)
+
+    @extend_schema(request=s.RuleSerializer, responses={201: s.RuleSerializer})
+    def post(self, request: Request, service_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id, write=True)
+        serializer = s.RuleSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        rule = AutoScalingRule(endpoint=endpoint)
+        actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
+        return Response(s.RuleSerializer(rule).data, status=status.HTTP_201_CREATED)
+
+
+class RuleDetailView(APIView):
+    def _rule(self, request: Request, service_id: str, rule_id: int, write: bool) -> AutoScalingRule:
+        endpoint = access_endpoint(request.user, service_id, write=write)
+        return get_object_or_404(AutoScalingRule, pk=rule_id, endpoint=endpoint)
+
+    @extend_schema(responses=s.RuleSerializer)
+    def get(self, request: Request, service_id: str, rule_id: int) -> Response:
+        return Response(s.RuleSerializer(self._rule(request, service_id, rule_id, False)).data)
+
+    @extend_schema(request=s.RuleSerializer, responses=s.RuleSerializer)
+    def patch(self, request: Request, service_id: str, rule_id: int) -> Response:
+        rule = self._rule(request, service_id, rule_id, True)
+        serializer = s.RuleSerializer(rule, data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
+        return Response(s.RuleSerializer(rule).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, service_id: str, rule_id: int) -> Response:
+        rule = self._rule(request, service_id, rule_id, True)
+        actions.do_delete_rule(rule, acting_user=request.user)  # type: ignore[arg-type]
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class RuntimeListView(APIView):
+    """The inference runtime variants a service can use (S4.1)."""
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        return Response(
+            [
+                {
+                    "name": key,
+                    "label": variant.label,
+                    "port": variant.port,
+                    "needs_definition_file": variant.needs_definition_file,
+                }
+                for key, variant in RUNTIMES.items()
+            ]
+        )
+
+
+class NodeListView(APIView):
+    @extend_schema(responses=s.NodeSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(s.NodeSerializer(Node.objects.all(), many=True).data)
+
+
+class PresetListView(APIView):
+    @extend_schema(responses=s.PresetSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(s.PresetSerializer(ResourcePreset.objects.all(), many=True).data)

@@ -1,0 +1,132 @@
+"""Channels consumers: live service status (and, with validation, the live log).
+
+Consumers authenticate on connect, join one group per object, and refuse strangers with the same
+answer as a missing object (close code 4404), so a websocket leaks nothing a REST 404 would not.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import get_channel_layer
+from django.http import Http404
+from django.urls import path
+
+log = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+
+
+def endpoint_group(endpoint_id: str) -> str:
+    return f"endpoint.{endpoint_id}"
+
+
+def notify_endpoint_changed(endpoint_id: str) -> None:
+    """Tell every open service page that the service or its routes changed (best effort)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(endpoint_group(endpoint_id), {"type": "service.changed"})
+    except Exception as exc:  # the channel layer is Redis: a page update is not worth failing for
+        log.debug("live update for endpoint %s not sent: %s", endpoint_id, exc)
+
+
+class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
+    """``/ws/services/<id>/``: the service as the REST API shows it, re-sent on every change."""
+
+    endpoint_id: str
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.endpoint_id = str(self.scope["url_route"]["kwargs"]["service_id"])
+        snapshot = await self._snapshot()
+        if snapshot is None:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        await self.channel_layer.group_add(endpoint_group(self.endpoint_id), self.channel_name)
+        await self.accept()
+        await self.send_json({"type": "service", "service": snapshot})
+
+    async def disconnect(self, code: int) -> None:
+        if getattr(self, "endpoint_id", None):
+            await self.channel_layer.group_discard(endpoint_group(self.endpoint_id), self.channel_name)
+
+    async def service_changed(self, event: dict[str, Any]) -> None:
+        snapshot = await self._snapshot()
+        if snapshot is None:
+            await self.send_json({"type": "gone"})
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        await self.send_json({"type": "service", "service": snapshot})
+
+    @database_sync_to_async
+    def _snapshot(self) -> dict[str, Any] | None:
+        from serving.access import access_endpoint
+        from serving.api.serializers import ServiceSerializer
+        from serving.api.views import _with_routes
+        from serving.models import Endpoint
+
+        try:
+            endpoint = access_endpoint(self.scope["user"], self.endpoint_id, include_destroyed=True)
+        except Http404:
+            return None
+        return dict(ServiceSerializer(_with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)).data)
+
+
+class ValidationConsumer(AsyncJsonWebsocketConsumer):
+    """``/ws/validations/<id>/``: every event of a validation run, from its first line (S4.2).
+
+    Joins the live group first, then replays the stored history, then forwards live events whose
+    sequence number is newer than what was replayed: nothing is lost, nothing is shown twice.
+    """
+
+    validation_id: str
+    last_seq: int = 0
+
+    async def connect(self) -> None:
+        from serving import validation
+
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.validation_id = str(self.scope["url_route"]["kwargs"]["validation_id"])
+        owner = await database_sync_to_async(validation.owner_of)(self.validation_id)
+        if owner is None or (owner != user.pk and not user.is_superuser):
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        await self.channel_layer.group_add(validation.group_name(self.validation_id), self.channel_name)
+        await self.accept()
+        for event in await database_sync_to_async(validation.history)(self.validation_id):
+            await self._forward(event)
+
+    async def disconnect(self, code: int) -> None:
+        from serving import validation
+
+        if getattr(self, "validation_id", None):
+            await self.channel_layer.group_discard(validation.group_name(self.validation_id), self.channel_name)
+
+    async def validation_event(self, message: dict[str, Any]) -> None:
+        await self._forward(message["event"])
+
+    async def _forward(self, event: dict[str, Any]) -> None:
+        seq = int(event.get("seq", 0))
+        if seq and seq <= self.last_seq:
+            return
+        self.last_seq = max(self.last_seq, seq)
+        await self.send_json(event)
+
+
+websocket_urlpatterns = [
+    path("ws/services/<uuid:service_id>/", ServiceStatusConsumer.as_asgi()),
+    path("ws/validations/<str:validation_id>/", ValidationConsumer.as_asgi()),
+]

@@ -1,0 +1,120 @@
+"""The engine protocol: how a node runs replicas, whatever the isolation technology.
+
+An engine is stateless from the caller's point of view: everything it knows about a replica can be
+recovered from the engine itself (Docker's containers and labels, the local engine's state directory),
+so a node worker that restarts finds its replicas again with ``list()``. Every call is synchronous and
+bounded in time; callers run them on the node's own Celery queue.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+# Labels every replica carries, so orphans can be found and swept (DESIGN.md §3).
+LABEL_ENDPOINT = "serving.endpoint"
+LABEL_ROUTE = "serving.route"
+LABEL_NODE = "serving.node"
+LABEL_ROLE = "serving.role"  # "main" or "sub-N" in multi-node cluster mode
+
+
+class EngineError(Exception):
+    """An engine call failed for a reason a user can act on; ``str()`` is a sentence for them."""
+
+
+class ImageNotFound(EngineError):
+    """The requested image is not present on the node; we never pull from a registry implicitly."""
+
+
+class ReplicaNotFound(EngineError):
+    """The replica (container / sandbox) does not exist (any more)."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str  # absolute host path
+    target: str  # absolute path inside the replica
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class PreStartActionSpec:
+    """One pre-start action (S2.3) as plain data, executed inside the replica before start."""
+
+    action: str  # write_file | write_tempfile | run_command | mkdir | log
+    args: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything needed to start one replica container/sandbox. Plain data, no ORM."""
+
+    name: str  # unique, e.g. "ms-<endpoint>-<route>"; used as the container name
+    image: str
+    # None = the image's own entrypoint/command (NIM, "Predefined Image Command").
+    command: tuple[str, ...] | None
+    port: int  # the port the server listens on inside the replica
+    shell: str = "/bin/bash"  # used when command_is_shell: ``shell -c command[0]``
+    command_is_shell: bool = False
+    env: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[Mount, ...] = ()
+    workdir: str = "/home/work"
+    pre_start_actions: tuple[PreStartActionSpec, ...] = ()
+    cpu: float = 1.0  # cores
+    mem_bytes: int = 1 << 30
+    accelerators: Mapping[str, float] = field(default_factory=dict)  # e.g. {"cuda.shares": 0.5}
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class ReplicaState(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    EXITED = "exited"
+    GONE = "gone"
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    replica_id: str  # the engine's id (Docker container id, local sandbox id)
+    name: str
+    state: ReplicaState
+    host: str  # where the host reaches the server, e.g. "127.0.0.1" or a netns address
+    port: int  # host-side port
+    labels: Mapping[str, str]
+    exit_code: int | None = None
+    error: str = ""  # e.g. "OOM killed", "pre-start action 2 (run_command) failed: ..."
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    cpu_percent: float  # 100.0 = one full core
+    mem_bytes: int
+    mem_limit_bytes: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+
+    def available(self) -> bool:
+        """True when this engine can run replicas on this host right now."""
+
+    def start(self, spec: ReplicaSpec) -> ReplicaInfo:
+        """Create and start a replica; returns once the process is running (not yet healthy)."""
+
+    def stop(self, replica_id: str, grace: float = 10.0) -> None:
+        """Stop (SIGTERM, then SIGKILL after ``grace`` s) and remove. Idempotent: a gone replica is ok."""
+
+    def inspect(self, replica_id: str) -> ReplicaInfo:
+        """Current state; raises ReplicaNotFound when it no longer exists."""
+
+    def logs(self, replica_id: str, tail: int = 200, follow: bool = False) -> Iterator[str]:
+        """Lines of the replica's combined stdout/stderr (pre-start output included)."""
+
+    def stats(self, replica_id: str) -> ReplicaStats:
+        """CPU and memory usage right now."""
+
+    def list(self, labels: Mapping[str, str] | None = None) -> list[ReplicaInfo]:
+        """All replicas this engine manages (ours carry LABEL_ROUTE), filtered by label equality."""

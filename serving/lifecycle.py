@@ -1,0 +1,303 @@
+"""Reconciliation (S4.3-S4.6): desired replicas vs the routes that exist -> a plan -> execution.
+
+``plan()`` is pure: it looks at plain views of an endpoint and its routes and says which routes to
+create, drain or forget, and whether the endpoint is now destroyed. ``reconcile()`` is the thin
+shell: it locks the endpoint row, feeds ``plan()``, writes the rows and sends engine work to the
+nodes' queues after commit. It is idempotent and safe to run on several workers at once (the row
+lock serialises planners; route status changes are compare-and-set) and safe to kill at any line.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from serving import scheduler
+from serving.models import Endpoint, Node, Route
+
+log = logging.getLogger(__name__)
+
+# A route the node never picked up (worker gone between commit and enqueue, queue lost) fails.
+PROVISION_TIMEOUT = timedelta(seconds=180)
+# A terminating route whose stop was not confirmed gets its stop re-sent; after the give-up time
+# the row is forgotten (the node's orphan sweep stops a container that may remain).
+STOP_RESEND_AFTER = timedelta(seconds=30)
+STOP_GIVE_UP_AFTER = timedelta(seconds=180)
+
+LIVE = frozenset({Route.Status.PROVISIONING, Route.Status.DEGRADED, Route.Status.HEALTHY, Route.Status.UNHEALTHY})
+NOT_READY = frozenset({Route.Status.PROVISIONING, Route.Status.DEGRADED})
+
+
+@dataclass(frozen=True)
+class RouteView:
+    id: str
+    status: str
+    spec_version: int
+    node_alive: bool
+    created_at: datetime
+    updated_at: datetime
+    started: bool = False  # the node has started (or is starting) its container
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    lifecycle: str
+    desired: int
+    spec_version: int
+    gave_up: bool
+
+
+@dataclass
+class Plan:
+    create: int = 0
+    drain: list[str] = field(default_factory=list)  # -> terminating, then the node stops it
+    forget: list[str] = field(default_factory=list)  # delete the row now (node lost, stop gave up)
+    resend_stop: list[str] = field(default_factory=list)
+    fail: list[str] = field(default_factory=list)  # provisioning that never started
+    destroyed: bool = False
+
+    def is_empty(self) -> bool:
+        return not (self.create or self.drain or self.forget or self.resend_stop or self.fail or self.destroyed)
+
+
+def _drain_order(route: RouteView) -> tuple[int, float]:
+    """Which extra replica goes first: unhealthy, then not yet ready, then the newest healthy."""
+    ranks: dict[str, int] = {Route.Status.UNHEALTHY: 0, Route.Status.PROVISIONING: 1, Route.Status.DEGRADED: 2}
+    rank = ranks.get(route.status, 3)
+    return rank, -route.created_at.timestamp()
+
+
+def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan:
+    """What to do so that the routes match the endpoint. Pure; see the module docstring."""
+    result = Plan()
+    # Routes on a lost node are gone with it: forget them, new ones are placed elsewhere.
+    for route in routes:
+        if not route.node_alive and route.status != Route.Status.FAILED_TO_START:
+            result.forget.append(route.id)
+    present = [r for r in routes if r.id not in result.forget]
+
+    for route in present:
+        if route.status == Route.Status.TERMINATING:
+            if now - route.updated_at > STOP_GIVE_UP_AFTER:
+                result.forget.append(route.id)
+            elif now - route.updated_at > STOP_RESEND_AFTER:
+                result.resend_stop.append(route.id)
+        elif route.status == Route.Status.PROVISIONING and now - route.created_at > PROVISION_TIMEOUT:
+            result.fail.append(route.id)
+    present = [r for r in present if r.id not in result.forget and r.id not in result.fail]
+
+    if endpoint.lifecycle != Endpoint.Lifecycle.CREATED:
+        result.drain = [r.id for r in present if r.status in LIVE]
+        remaining = [r for r in present if r.status not in (Route.Status.FAILED_TO_START,) and r.id not in result.drain]
+        # Destroyed once nothing runs: failed rows have no container; draining ones are being stopped.
+        result.destroyed = not remaining and not result.drain
+        if result.destroyed:
+            result.forget.extend(r.id for r in present if r.status == Route.Status.FAILED_TO_START)
+        return result
+
+    live = [r for r in present if r.status in LIVE]
+    current = [r for r in live if r.spec_version == endpoint.spec_version]
+    outdated = [r for r in live if r.spec_version != endpoint.spec_version]
+
+    # A replica that went unhealthy is replaced (unless we gave up: then it stays, with its error).
+    if not endpoint.gave_up:
+        broken = [r for r in current if r.status == Route.Status.UNHEALTHY]
+        result.drain.extend(r.id for r in broken)
+        current = [r for r in current if r.status != Route.Status.UNHEALTHY]
+
+    desired = endpoint.desired
+    if not outdated:
+        if len(current) > desired:
+            extra = sorted(current, key=_drain_order)[: len(current) - desired]
+            result.drain.extend(r.id for r in extra)
+        elif len(current) < desired and not endpoint.gave_up:
+            result.create = desired - len(current)
+        return result
+
+    # Rolling replacement (S4.5): one new replica at a time, healthy before an old one is drained,
+    # never fewer healthy replicas than asked for while the old ones still serve.
+    if desired == 0:
+        result.drain.extend(r.id for r in outdated + current)
+        return result
+    starting = [r for r in current if r.status in NOT_READY]
+    if len(current) < desired and not starting and not endpoint.gave_up:
+        result.create = 1
+    healthy_new = sum(1 for r in current if r.status == Route.Status.HEALTHY)
+    healthy_old = sorted(
+        (r for r in outdated if r.status == Route.Status.HEALTHY), key=lambda r: r.created_at.timestamp()
+    )
+    not_serving_old = [r for r in outdated if r.status != Route.Status.HEALTHY]
+    result.drain.extend(r.id for r in not_serving_old)
+    surplus = healthy_new + len(healthy_old) - desired
+    if healthy_new >= desired:
+        surplus = len(healthy_old)
+    result.drain.extend(r.id for r in healthy_old[: max(0, surplus)])
+    if len(current) > desired:
+        extra = sorted(current, key=_drain_order)[: len(current) - desired]
+        result.drain.extend(r.id for r in extra if r.id not in result.drain)
+    return result
+
+
+# --- the shell -----------------------------------------------------------------------------------
+
+
+def _views(endpoint: Endpoint, routes: list[Route], alive_nodes: set[int]) -> tuple[EndpointView, list[RouteView]]:
+    ev = EndpointView(
+        lifecycle=endpoint.lifecycle,
+        desired=endpoint.desired_replicas,
+        spec_version=endpoint.spec_version,
+        gave_up=endpoint.gave_up,
+    )
+    rvs = [
+        RouteView(
+            id=str(r.pk),
+            status=r.status,
+            spec_version=r.spec_version,
+            # A route not yet placed (no node) is not "on a lost node".
+            node_alive=r.node_id is None or r.node_id in alive_nodes,
+            created_at=r.created_at,
+            updated_at=r.updated_at,
+            started=bool(r.container_id),
+        )
+        for r in routes
+    ]
+    return ev, rvs
+
+
+def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
+    """Make one endpoint's routes match its desired state. Returns the executed plan."""
+    from serving import actions, tasks
+
+    now = now or timezone.now()
+    with transaction.atomic():
+        endpoint = Endpoint.objects.select_for_update().filter(pk=endpoint_id).first()
+        if endpoint is None or endpoint.lifecycle == Endpoint.Lifecycle.DESTROYED:
+            return None
+        routes = list(endpoint.routes.select_related("node"))
+        alive = {n.pk for n in Node.objects.all() if n.is_alive(now)}
+        ev, rvs = _views(endpoint, routes, alive)
+        result = plan(ev, rvs, now)
+        by_id = {str(r.pk): r for r in routes}
+        to_start: list[Route] = []
+        to_stop: list[Route] = []
+
+        for route_id in result.forget:
+            route = by_id[route_id]
+            reason = (
+                "its node was lost" if route.node_id and route.node_id not in alive else "its stop was never confirmed"
+            )
+            actions.record_event(
+                endpoint,
+                "route_forgotten",
+                f"Replica {route_id[:8]} removed: {reason}.",
+                level="warning",
+                route_id=route.pk,
+            )
+            Route.objects.filter(pk=route.pk).delete()
+        for route_id in result.fail:
+            if Route.objects.filter(pk=route_id, status=Route.Status.PROVISIONING).update(
+                status=Route.Status.FAILED_TO_START,
+                error={
+                    "kind": "timeout",
+                    "message": "The node did not start this replica within "
+                    f"{int(PROVISION_TIMEOUT.total_seconds())} s; its worker may be down.",
+                },
+            ):
+                Endpoint.objects.filter(pk=endpoint.pk).update(retries=endpoint.retries + 1)
+                endpoint.retries += 1
+                actions.record_event(
+                    endpoint,
+                    "route_failed",
+                    f"Replica {route_id[:8]} was never started by its node.",
+                    level="error",
+                    route_id=route_id,
+                )
+        for route_id in result.drain:
+            route = by_id[route_id]
+            if Route.objects.filter(pk=route.pk, status=route.status).update(
+                status=Route.Status.TERMINATING, updated_at=now
+            ):
+                to_stop.append(route)
+                actions.record_event(
+                    endpoint,
+                    "route_draining",
+                    f"Replica {route_id[:8]} ({route.status}) is being stopped.",
+                    route_id=route.pk,
+                )
+        to_stop.extend(by_id[r] for r in result.resend_stop)
+
+        for _ in range(result.create):
+            route = _place_route(endpoint, now)
+            if route.status == Route.Status.PROVISIONING:
+                to_start.append(route)
+
+        if result.destroyed:
+            Endpoint.objects.filter(pk=endpoint.pk).update(
+                lifecycle=Endpoint.Lifecycle.DESTROYED, destroyed_at=now, updated_at=now
+            )
+            actions.record_event(
+                endpoint, "destroyed", f"Service {endpoint.name!r} terminated; every replica is stopped."
+            )
+
+        def after_commit() -> None:
+            for route in to_start:
+                tasks.send_start(route)
+            for route in to_stop:
+                tasks.send_stop(route)
+            if not result.is_empty():
+                tasks.after_routes_changed(str(endpoint.pk))
+
+        transaction.on_commit(after_commit)
+    return result
+
+
+def _place_route(endpoint: Endpoint, now: datetime) -> Route:
+    """Create one route on a node chosen by the scheduler, or a failed one saying why (S4.4)."""
+    from serving import actions
+
+    request = scheduler.replica_request(endpoint)
+    choice = scheduler.choose_node(endpoint, request, now)
+    if choice.node is None:
+        route = Route.objects.create(
+            endpoint=endpoint,
+            spec_version=endpoint.spec_version,
+            status=Route.Status.FAILED_TO_START,
+            resources=request,
+            error={"kind": "resources", "message": choice.reason},
+        )
+        Endpoint.objects.filter(pk=endpoint.pk).update(retries=endpoint.retries + 1)
+        endpoint.retries += 1
+        actions.record_event(endpoint, "route_failed", choice.reason, level="error", route_id=route.pk)
+        return route
+    route = Route.objects.create(
+        endpoint=endpoint,
+        node=choice.node,
+        spec_version=endpoint.spec_version,
+        status=Route.Status.PROVISIONING,
+        resources=request,
+    )
+    actions.record_event(
+        endpoint, "route_created", f"Replica {str(route.pk)[:8]} placed on node {choice.node.name}.", route_id=route.pk
+    )
+    return route
+
+
+def reconcile_many(endpoint_ids: list[Any]) -> int:
+    """Reconcile several endpoints; one failing does not stop the others. Returns how many ran."""
+    done = 0
+    for endpoint_id in endpoint_ids:
+        try:
+            reconcile(str(endpoint_id))
+            done += 1
+        except Exception:
+            log.exception("reconcile of endpoint %s failed; the next tick retries", endpoint_id)
+    return done
+
+
+def active_endpoint_ids() -> list[Any]:
+    return list(Endpoint.objects.live().values_list("pk", flat=True))

@@ -1,0 +1,390 @@
+"""The serving data model (S4-S7, S9). Rows are written only by ``serving.actions`` and the loops.
+
+Endpoint = a model service with one stable address; Route = one replica of it on a node;
+EndpointToken = a revocable credential for a private endpoint; AutoScalingRule + ScalingEvent = the
+rules and every decision taken on them; Node = a host that runs replicas; ResourcePreset = a named
+slot bundle; ServiceEvent = the audit and lifecycle log.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.text import slugify
+from django.utils.translation import gettext_lazy as _
+
+endpoint_name_validator = RegexValidator(
+    r"^[A-Za-z0-9_.-]{4,24}$",
+    _("A service name is 4 to 24 characters: letters, digits, '_', '.' or '-'."),
+)
+
+
+class EndpointStatus(models.TextChoices):
+    """What a user sees for a service, computed from its routes (S4.4, DESIGN.md §7)."""
+
+    PROVISIONING = "PROVISIONING", _("provisioning")
+    READY = "READY", _("ready")  # routes running, none checked yet, or no replicas asked
+    HEALTHY = "HEALTHY", _("healthy")
+    DEGRADED = "DEGRADED", _("degraded")
+    UNHEALTHY = "UNHEALTHY", _("unhealthy")
+    TERMINATING = "TERMINATING", _("terminating")
+    DESTROYED = "DESTROYED", _("destroyed")
+
+
+class EndpointQuerySet(models.QuerySet["Endpoint"]):
+    def live(self) -> EndpointQuerySet:
+        return self.exclude(lifecycle=Endpoint.Lifecycle.DESTROYED)
+
+    def visible_to(self, user: Any) -> EndpointQuerySet:
+        """Services a user may see: their own and their projects'; operators see all."""
+        if getattr(user, "is_superuser", False):
+            return self
+        if not getattr(user, "is_authenticated", False):
+            return self.none()
+        return self.filter(Q(owner=user) | Q(project__memberships__user=user)).distinct()
+
+
+def _new_slug(name: str) -> str:
+    # DNS-label safe so that host routing (<slug>.<SERVING_DOMAIN>) works too.
+    base = slugify(name.replace("_", "-").replace(".", "-"))[:24].strip("-") or "svc"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+class Endpoint(models.Model):
+    """A model service: desired replicas of one model behind one address that never changes."""
+
+    class Lifecycle(models.TextChoices):
+        CREATED = "created", _("created")
+        DESTROYING = "destroying", _("destroying")
+        DESTROYED = "destroyed", _("destroyed")
+
+    class ClusterMode(models.TextChoices):
+        SINGLE_NODE = "single-node", _("single node")
+        MULTI_NODE = "multi-node", _("multi node")
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=24, validators=[endpoint_name_validator])
+    slug = models.SlugField(max_length=40, unique=True, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="endpoints")
+    project = models.ForeignKey(
+        "accounts.Project", on_delete=models.PROTECT, null=True, blank=True, related_name="endpoints"
+    )
+    model_folder = models.ForeignKey("storage.Folder", on_delete=models.SET_NULL, null=True, related_name="endpoints")
+    # A key of serving.runtimes.RUNTIMES (checked by the actions, not by a DB choice list, so that
+    # adding a runtime variant needs no migration).
+    runtime = models.CharField(max_length=32, default="custom")
+    model_mount = models.CharField(max_length=255, default="/models")
+    model_definition_path = models.CharField(max_length=255, default="model-definition.yaml")
+    # [{"folder": "<uuid>", "target": "/home/work/data"}]; general/data folders only (S4.1).
+    extra_mounts = models.JSONField(default=list, blank=True)
+    desired_replicas = models.PositiveIntegerField(default=1, validators=[MaxValueValidator(64)])
+    image = models.CharField(max_length=255, blank=True)
+    # Normalised slots: {"cpu": 1.0, "mem": <bytes>, "cuda.shares": 0.5}.
+    resources = models.JSONField(default=dict, blank=True)
+    preset = models.ForeignKey("ResourcePreset", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    resource_group = models.CharField(max_length=64, default="default")
+    cluster_mode = models.CharField(max_length=16, choices=ClusterMode.choices, default=ClusterMode.SINGLE_NODE)
+    cluster_size = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(16)])
+    environ = models.JSONField(default=dict, blank=True)
+    open_to_public = models.BooleanField(default=False)
+    lifecycle = models.CharField(max_length=16, choices=Lifecycle.choices, default=Lifecycle.CREATED)
+    # Bumped whenever a change needs new replicas (image, definition, resources, environment):
+    # routes of an older version are replaced one at a time (rolling update, S4.5).
+    spec_version = models.PositiveIntegerField(default=1)
+    # Consecutive failed starts; at MAX_START_FAILURES the endpoint stops retrying (S4.4).
+    retries = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+    destroyed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = EndpointQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            # Names are unique per owner among live services; a destroyed one frees its name.
+            models.UniqueConstraint(
+                fields=["owner", "name"],
+                condition=~Q(lifecycle="destroyed"),
+                name="endpoint_name_unique_per_owner",
+            ),
+        ]
+        indexes = [models.Index(fields=["lifecycle"])]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self.slug:
+            self.slug = _new_slug(self.name)
+        super().save(*args, **kwargs)
+
+    @property
+    def url(self) -> str:
+        """The stable address clients call (S4.3, S7.3)."""
+        if settings.SERVING_DOMAIN:
+            scheme = settings.SERVING_PROXY_URL.split("://", 1)[0]
+            return f"{scheme}://{self.slug}.{settings.SERVING_DOMAIN}/"
+        return f"{settings.SERVING_PROXY_URL}/e/{self.slug}/"
+
+    @property
+    def gave_up(self) -> bool:
+        """True when starts failed too often in a row; only "clear errors and retry" resumes."""
+        return self.retries >= settings.MAX_START_FAILURES
+
+    def compute_status(self, routes: list[Route] | None = None) -> str:
+        """The service status from its routes (DESIGN.md §7), a pure function of the rows."""
+        if self.lifecycle == self.Lifecycle.DESTROYED:
+            return EndpointStatus.DESTROYED
+        if self.lifecycle == self.Lifecycle.DESTROYING:
+            return EndpointStatus.TERMINATING
+        if routes is None:
+            routes = list(self.routes.all())
+        live = [r for r in routes if r.status != Route.Status.TERMINATING]
+        healthy = sum(1 for r in live if r.status == Route.Status.HEALTHY)
+        if self.desired_replicas == 0 and not live:
+            return EndpointStatus.READY
+        if healthy >= self.desired_replicas and healthy > 0:
+            return EndpointStatus.HEALTHY
+        if healthy > 0:
+            return EndpointStatus.DEGRADED
+        failing = self.gave_up or any(r.status in (Route.Status.UNHEALTHY, Route.Status.FAILED_TO_START) for r in live)
+        starting = any(r.status in (Route.Status.PROVISIONING, Route.Status.DEGRADED) for r in live)
+        if failing and not starting:
+            return EndpointStatus.UNHEALTHY
+        if any(r.status == Route.Status.DEGRADED for r in live):
+            return EndpointStatus.READY  # running, waiting for the first health check
+        return EndpointStatus.PROVISIONING
+
+
+class Route(models.Model):
+    """One replica of an endpoint: a container (or sandbox) on a node, and its health."""
+
+    class Status(models.TextChoices):
+        PROVISIONING = "provisioning", _("provisioning")
+        HEALTHY = "healthy", _("healthy")
+        UNHEALTHY = "unhealthy", _("unhealthy")
+        DEGRADED = "degraded", _("degraded")  # started, inside initial_delay or not yet checked
+        TERMINATING = "terminating", _("terminating")
+        FAILED_TO_START = "failed_to_start", _("failed to start")
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="routes")
+    node = models.ForeignKey("Node", on_delete=models.SET_NULL, null=True, blank=True, related_name="routes")
+    spec_version = models.PositiveIntegerField(default=1)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PROVISIONING)
+    container_id = models.CharField(max_length=128, blank=True)
+    # Sub-containers of a multi-node replica: [{"node": "...", "container_id": "...", "role": "sub-1"}].
+    cluster_members = models.JSONField(default=list, blank=True)
+    host = models.CharField(max_length=255, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True)
+    traffic_ratio = models.FloatField(default=1.0, validators=[MinValueValidator(0.0)])
+    # Slots reserved on the node for this route (what the scheduler subtracts).
+    resources = models.JSONField(default=dict, blank=True)
+    # {"kind": "definition"|"image"|"resources"|"exited"|..., "message": "...", ...} (S4.4).
+    error = models.JSONField(default=dict, blank=True)
+    # The effective health check (S5.1) resolved from the definition when the replica started.
+    health_check = models.JSONField(default=dict, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_probe_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    healthy_since = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["status"])]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint.name}/{str(self.id)[:8]}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}" if self.host and self.port else ""
+
+    @property
+    def error_message(self) -> str:
+        return str(self.error.get("message", "")) if self.error else ""
+
+
+class ResourcePreset(models.Model):
+    """A named bundle of slots offered in the launcher ("small", "gpu-half")."""
+
+    name = models.CharField(max_length=64, unique=True)
+    cpu = models.FloatField(validators=[MinValueValidator(0.0)])
+    mem = models.BigIntegerField(validators=[MinValueValidator(0)], help_text=_("bytes"))
+    accelerators = models.JSONField(default=dict, blank=True)  # {"cuda.shares": 0.5}
+    resource_group = models.CharField(max_length=64, blank=True, help_text=_("empty: offered in every group"))
+
+    class Meta:
+        ordering = ["cpu", "mem"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def slots(self) -> dict[str, float]:
+        return {"cpu": self.cpu, "mem": float(self.mem), **{k: float(v) for k, v in self.accelerators.items()}}
+
+
+class Node(models.Model):
+    """A host that runs replicas; its worker consumes the Celery queue ``node.<name>``."""
+
+    name = models.CharField(max_length=64, unique=True)
+    address = models.CharField(max_length=255, blank=True)
+    engine = models.CharField(max_length=16, blank=True)
+    resource_group = models.CharField(max_length=64, default="default")
+    capacity = models.JSONField(default=dict, blank=True)  # {"cpu": 2, "mem": <bytes>, "cuda.shares": 4}
+    schedulable = models.BooleanField(default=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    lost_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        return f"node.{self.name}"
+
+    def is_alive(self, now: Any = None) -> bool:
+        now = now or timezone.now()
+        if self.heartbeat_at is None or self.lost_at is not None:
+            return False
+        return (now - self.heartbeat_at).total_seconds() < settings.NODE_LOST_AFTER
+
+
+class EndpointToken(models.Model):
+    """A credential for one private endpoint (S7.1); only its HMAC digest is stored."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="tokens")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    lookup = models.CharField(max_length=16, unique=True)
+    digest = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"mst_{self.lookup}_…"
+
+    @property
+    def prefix(self) -> str:
+        return f"mst_{self.lookup}"
+
+    def is_active(self, now: Any = None) -> bool:
+        now = now or timezone.now()
+        return self.revoked_at is None and self.expires_at > now
+
+
+class AutoScalingRule(models.Model):
+    """When a metric crosses a threshold, change the desired replicas by ``step`` (S6.1)."""
+
+    class Direction(models.TextChoices):
+        OUT = "out", _("scale out")
+        IN = "in", _("scale in")
+
+    class Source(models.TextChoices):
+        KERNEL = "kernel", _("kernel")
+        INFERENCE = "inference", _("inference framework")
+        PROXY = "proxy", _("proxy")
+
+    class Comparator(models.TextChoices):
+        LESS_THAN = "LESS_THAN", "<"
+        LESS_THAN_OR_EQUAL = "LESS_THAN_OR_EQUAL", "<="
+        GREATER_THAN = "GREATER_THAN", ">"
+        GREATER_THAN_OR_EQUAL = "GREATER_THAN_OR_EQUAL", ">="
+
+    class Aggregation(models.TextChoices):
+        AVG = "avg", _("average")
+        MAX = "max", _("maximum")
+        MIN = "min", _("minimum")
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="rules")
+    direction = models.CharField(max_length=4, choices=Direction.choices)
+    source = models.CharField(max_length=16, choices=Source.choices)
+    metric = models.CharField(max_length=128)
+    comparator = models.CharField(max_length=24, choices=Comparator.choices)
+    threshold = models.FloatField()
+    step = models.IntegerField()
+    min_replicas = models.PositiveIntegerField(default=0)
+    max_replicas = models.PositiveIntegerField(default=10)
+    cooldown = models.PositiveIntegerField(default=300, help_text=_("seconds"))
+    aggregation = models.CharField(max_length=4, choices=Aggregation.choices, default=Aggregation.AVG)
+    window = models.PositiveIntegerField(default=60, help_text=_("seconds"))
+    enabled = models.BooleanField(default=True)
+    last_triggered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(min_replicas__lte=models.F("max_replicas")), name="rule_min_le_max"),
+            models.CheckConstraint(condition=~Q(step=0), name="rule_step_nonzero"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.direction} {self.source}:{self.metric} {self.get_comparator_display()} {self.threshold}"
+
+
+class ScalingEvent(models.Model):
+    """One autoscaling decision, acted on or not, with the reason (the audit trail of S6)."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="scaling_events")
+    rule = models.ForeignKey(AutoScalingRule, on_delete=models.SET_NULL, null=True, blank=True, related_name="events")
+    metric = models.CharField(max_length=160, blank=True)  # "<source>:<name>", kept if the rule goes
+    observed = models.FloatField(null=True, blank=True)
+    window = models.PositiveIntegerField(null=True, blank=True)
+    old_replicas = models.PositiveIntegerField()
+    new_replicas = models.PositiveIntegerField()
+    acted = models.BooleanField(default=False)
+    reason = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint.name}: {self.old_replicas} -> {self.new_replicas} ({self.reason})"
+
+
+class ServiceEvent(models.Model):
+    """The audit and lifecycle log of a service: who did what, and what the platform did."""
+
+    class Level(models.TextChoices):
+        INFO = "info", _("info")
+        WARNING = "warning", _("warning")
+        ERROR = "error", _("error")
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, null=True, blank=True, related_name="events")
+    route_id = models.UUIDField(null=True, blank=True)  # kept after the route row is gone
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    kind = models.CharField(max_length=48)
+    level = models.CharField(max_length=8, choices=Level.choices, default=Level.INFO)
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["endpoint", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.message}"

@@ -1,0 +1,343 @@
+"""The node side: what a node worker does for the routes placed on its node.
+
+Commands (start, stop) arrive as Celery tasks on the queue ``node.<name>``. Besides them, the node
+agent (a thread in the node worker, see ``serving.signals``) heartbeats, notices replicas that exited
+on their own, stops orphan containers (ours by label, with no route), and probes health.
+All state lives in the DB and in the engine's labels, never only in memory (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.utils import timezone
+
+from serving import replicas
+from serving.engines.base import (
+    LABEL_ENDPOINT,
+    LABEL_NODE,
+    LABEL_ROUTE,
+    Engine,
+    EngineError,
+    ReplicaInfo,
+    ReplicaNotFound,
+    ReplicaState,
+)
+from serving.models import Endpoint, Node, Route
+
+log = logging.getLogger(__name__)
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+# Marks a route whose start is in progress on this node (compare-and-set claim on container_id).
+STARTING_MARK = "starting"
+
+
+def node_name() -> str:
+    return str(settings.NODE_NAME)
+
+
+def get_engine() -> Engine:
+    """The engine of this node: Docker when a daemon answers (SERVING_ENGINE=auto), else local."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = _make_engine(settings.SERVING_ENGINE)
+        return _engine
+
+
+def set_engine(engine: Engine | None) -> None:
+    """For tests and tools that bring their own engine instance."""
+    global _engine
+    with _engine_lock:
+        _engine = engine
+
+
+def _make_engine(choice: str) -> Engine:
+    from serving.engines.local import LocalEngine
+
+    state_dir = settings.ENGINE_STATE_DIR
+    if choice in ("docker", "auto"):
+        from serving.engines.docker import DockerEngine
+
+        docker_engine = DockerEngine(state_dir=state_dir / "docker")
+        if docker_engine.available():
+            return docker_engine
+        if choice == "docker":
+            raise EngineError("SERVING_ENGINE=docker but no Docker daemon answers; start dockerd or use local.")
+    return LocalEngine(state_dir=state_dir / f"local-{node_name()}")
+
+
+# --- registration and heartbeat ------------------------------------------------------------------
+
+
+def node_capacity() -> dict[str, float]:
+    from serving import slots
+
+    cpu = settings.NODE_CPU or float(os.cpu_count() or 1)
+    if settings.NODE_MEM:
+        mem = float(slots.normalize({"mem": settings.NODE_MEM})["mem"])
+    else:
+        mem = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    capacity: dict[str, float] = {"cpu": cpu, "mem": mem}
+    for item in filter(None, (p.strip() for p in settings.NODE_ACCELERATORS.split(","))):
+        key, _, value = item.partition("=")
+        capacity.update(slots.normalize({key.strip(): value.strip()}))
+    return capacity
+
+
+def heartbeat(now: datetime | None = None) -> Node:
+    """Register this node (first call) or refresh its heartbeat; a lost node comes back."""
+    now = now or timezone.now()
+    engine = get_engine()
+    node, created = Node.objects.get_or_create(
+        name=node_name(),
+        defaults={
+            "address": settings.NODE_ADDRESS,
+            "engine": engine.name,
+            "resource_group": settings.NODE_RESOURCE_GROUP,
+            "capacity": node_capacity(),
+            "heartbeat_at": now,
+        },
+    )
+    if not created:
+        Node.objects.filter(pk=node.pk).update(
+            heartbeat_at=now,
+            lost_at=None,
+            address=settings.NODE_ADDRESS,
+            engine=engine.name,
+            capacity=node_capacity(),
+            resource_group=settings.NODE_RESOURCE_GROUP,
+        )
+        node.refresh_from_db()
+    return node
+
+
+# --- start and stop ------------------------------------------------------------------------------
+
+
+def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
+    from serving import actions, tasks
+
+    with transaction.atomic():
+        updated = Route.objects.filter(pk=route.pk, status=Route.Status.PROVISIONING).update(
+            status=Route.Status.FAILED_TO_START,
+            error={"kind": kind, "message": message, **extra},
+            container_id="",
+            updated_at=timezone.now(),
+        )
+        if updated:
+            endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
+            Endpoint.objects.filter(pk=endpoint.pk).update(retries=endpoint.retries + 1)
+            actions.record_event(
+                endpoint,
+                "route_failed",
+                f"Replica {str(route.pk)[:8]} failed to start: {message}",
+                level="error",
+                route_id=route.pk,
+                data={"kind": kind},
+            )
+            endpoint_id = str(endpoint.pk)
+            transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
+            transaction.on_commit(lambda: tasks.enqueue_reconcile(endpoint_id))
+
+
+def start_route(route_id: str) -> None:
+    """Start the container of a provisioning route placed on this node. Idempotent."""
+    from serving import actions, tasks
+
+    route = Route.objects.select_related("endpoint", "endpoint__model_folder", "node").filter(pk=route_id).first()
+    if route is None or route.status != Route.Status.PROVISIONING:
+        return
+    # Claim: exactly one delivery of this task starts a container.
+    if not Route.objects.filter(pk=route.pk, container_id="", status=Route.Status.PROVISIONING).update(
+        container_id=STARTING_MARK
+    ):
+        return
+    try:
+        spec, health_config = replicas.build_spec(route)
+    except replicas.SpecError as exc:
+        _fail_start(route, exc.kind, str(exc), **exc.extra)
+        return
+    engine = get_engine()
+    try:
+        info = engine.start(spec)
+    except EngineError as exc:
+        kind = "image" if exc.__class__.__name__ == "ImageNotFound" else "engine"
+        _fail_start(route, kind, str(exc))
+        return
+    now = timezone.now()
+    with transaction.atomic():
+        updated = Route.objects.filter(pk=route.pk, status=Route.Status.PROVISIONING).update(
+            container_id=info.replica_id,
+            host=info.host,
+            port=info.port,
+            status=Route.Status.DEGRADED,
+            started_at=now,
+            updated_at=now,
+            error={},
+            consecutive_failures=0,
+            health_check=health_config.to_json(),
+        )
+        if not updated:
+            # Drained while we were starting it: do not leave it running.
+            transaction.on_commit(lambda: _stop_quietly(engine, info.replica_id))
+            return
+        actions.record_event(
+            route.endpoint,
+            "route_started",
+            f"Replica {str(route.pk)[:8]} started on node {node_name()} at {info.host}:{info.port}.",
+            route_id=route.pk,
+        )
+        endpoint_id = str(route.endpoint_id)
+        transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
+
+
+def _stop_quietly(engine: Engine, replica_id: str) -> None:
+    try:
+        engine.stop(replica_id, grace=settings.REPLICA_STOP_GRACE)
+    except EngineError as exc:
+        log.warning("stopping replica %s failed: %s", replica_id, exc)
+
+
+def stop_route(route_id: str) -> None:
+    """Stop a terminating route's container and delete the row. Idempotent; never stuck."""
+    from serving import actions, tasks
+
+    route = Route.objects.select_related("endpoint").filter(pk=route_id).first()
+    if route is None or route.status != Route.Status.TERMINATING:
+        return
+    engine = get_engine()
+    error = ""
+    if route.container_id and route.container_id != STARTING_MARK:
+        try:
+            engine.stop(route.container_id, grace=settings.REPLICA_STOP_GRACE)
+        except ReplicaNotFound:
+            pass
+        except EngineError as exc:
+            error = str(exc)
+            log.warning("stop of route %s: %s", route_id, exc)
+    endpoint = route.endpoint
+    Route.objects.filter(pk=route.pk, status=Route.Status.TERMINATING).delete()
+    actions.record_event(
+        endpoint,
+        "route_stopped",
+        f"Replica {route_id[:8]} stopped" + (f" (engine said: {error})" if error else "") + ".",
+        level="warning" if error else "info",
+        route_id=route_id,
+    )
+    endpoint_id = str(endpoint.pk)
+    tasks.after_routes_changed(endpoint_id)
+    tasks.enqueue_reconcile(endpoint_id)  # e.g. a terminating service becomes destroyed
+
+
+# --- sync: exits and orphans ---------------------------------------------------------------------
+
+
+def _our_replicas(engine: Engine) -> Iterator[ReplicaInfo]:
+    for info in engine.list({LABEL_NODE: node_name()}):
+        if LABEL_ROUTE in info.labels:
+            yield info
+
+
+def sync(now: datetime | None = None) -> dict[str, int]:
+    """Reconcile the engine's view with the DB for this node; returns counts for logs and tests."""
+    from serving import health
+
+    now = now or timezone.now()
+    engine = get_engine()
+    counts = {"exited": 0, "orphans": 0, "vanished": 0}
+    by_container: dict[str, ReplicaInfo] = {info.replica_id: info for info in _our_replicas(engine)}
+    routes = list(
+        Route.objects.filter(node__name=node_name())
+        .exclude(status__in=[Route.Status.FAILED_TO_START, Route.Status.TERMINATING])
+        .exclude(container_id__in=["", STARTING_MARK])
+        .select_related("endpoint")
+    )
+    known = set()
+    for route in routes:
+        known.add(route.container_id)
+        info = by_container.get(route.container_id)
+        if info is None:
+            try:
+                info = engine.inspect(route.container_id)
+            except ReplicaNotFound:
+                info = None
+        if info is None or info.state in (ReplicaState.EXITED, ReplicaState.GONE):
+            tail = _log_tail(engine, route.container_id) if info is not None else ""
+            health.record_exit(route, info, tail, now)
+            counts["exited" if info is not None else "vanished"] += 1
+    # Orphans: our label, this node, but no route (or not the route's current container).
+    live_ids = set(
+        Route.objects.filter(node__name=node_name()).exclude(container_id="").values_list("container_id", flat=True)
+    )
+    for replica_id, info in by_container.items():
+        if replica_id not in live_ids:
+            # Started moments ago by a start task that has not written its row yet? The claim mark
+            # tells: leave replicas of routes still marked as starting alone.
+            route_id = info.labels.get(LABEL_ROUTE, "")
+            if Route.objects.filter(pk=route_id, container_id=STARTING_MARK).exists() if _is_uuid(route_id) else False:
+                continue
+            log.warning(
+                "stopping orphan replica %s (route %s, endpoint %s)",
+                replica_id,
+                route_id,
+                info.labels.get(LABEL_ENDPOINT),
+            )
+            _stop_quietly(engine, replica_id)
+            counts["orphans"] += 1
+    return counts
+
+
+def _is_uuid(value: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _log_tail(engine: Engine, replica_id: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(list(engine.logs(replica_id, tail=lines))[-lines:])
+    except EngineError:
+        return ""
+
+
+# --- the agent thread ----------------------------------------------------------------------------
+
+
+class NodeAgent(threading.Thread):
+    """Heartbeat + sync every NODE_HEARTBEAT_INTERVAL, and the health prober, until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(name=f"node-agent-{node_name()}", daemon=True)
+        self.stopping = threading.Event()
+        self.prober: Any = None
+
+    def run(self) -> None:
+        from serving import health
+
+        self.prober = health.Prober(node_name())
+        self.prober.start()
+        while not self.stopping.is_set():
+            try:
+                close_old_connections()
+                heartbeat()
+                sync()
+            except Exception:
+                log.exception("node agent tick failed; retrying")
+            self.stopping.wait(settings.NODE_HEARTBEAT_INTERVAL)
+        self.prober.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()

@@ -1,0 +1,147 @@
+"""From a route to a ReplicaSpec: the definition file, the runtime variant, mounts, env, limits.
+
+Everything a replica needs is resolved here, on the node, at start time, so a fixed definition file
+is picked up by the next start ("Clear errors and retry", S4.4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from serving import definitions, prestart, runtimes
+from serving.engines.base import (
+    LABEL_ENDPOINT,
+    LABEL_NODE,
+    LABEL_ROLE,
+    LABEL_ROUTE,
+    Mount,
+    ReplicaSpec,
+)
+from serving.health import TCP_DEFAULT, HealthConfig
+from serving.models import Route
+from storage.models import Folder
+
+
+class SpecError(Exception):
+    """The replica can not be started as configured; ``kind`` says which part is wrong."""
+
+    def __init__(self, kind: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.extra = extra
+
+
+def _inside(folder_root: Path, relative: str) -> Path:
+    """A path inside a folder, refusing anything that escapes it (.., absolute, symlinks out)."""
+    candidate = (folder_root / relative).resolve()
+    root = folder_root.resolve()
+    if candidate != root and root not in candidate.parents:
+        raise SpecError(
+            "definition",
+            f"The model definition file path {relative!r} points outside the model folder; "
+            "use a path inside it such as model-definition.yaml.",
+        )
+    return candidate
+
+
+def load_definition(route: Route) -> definitions.ModelDefinition:
+    endpoint = route.endpoint
+    folder = endpoint.model_folder
+    if folder is None:
+        raise SpecError("folder", "The service's model folder was deleted; modify the service to mount another one.")
+    root = folder.host_path
+    if not root.is_dir():
+        raise SpecError("folder", f"The model folder {folder.name!r} has no data on this node ({root}).")
+    wanted = endpoint.model_definition_path or "model-definition.yaml"
+    path = _inside(root, wanted)
+    if not path.is_file() and wanted == "model-definition.yaml":
+        alternative = _inside(root, "model-definition.yml")
+        if alternative.is_file():
+            path = alternative
+    if not path.is_file():
+        raise SpecError(
+            "definition",
+            f"The model folder {folder.name!r} has no {wanted}. Upload a model definition file "
+            "(see examples/simple-http-server) or set the model definition file path.",
+        )
+    try:
+        return definitions.load_model_definition(path)
+    except definitions.DefinitionError as exc:
+        problems = [p.to_dict() if hasattr(p, "to_dict") else str(p) for p in exc.problems]
+        raise SpecError("definition", str(exc), problems=problems) from None
+
+
+def build_spec(route: Route) -> tuple[ReplicaSpec, HealthConfig]:
+    """The container to start for ``route``, and the health check that applies to it."""
+    endpoint = route.endpoint
+    runtime = runtimes.get_runtime(endpoint.runtime)
+    definition = load_definition(route) if runtime.needs_definition_file else None
+    try:
+        effective = runtimes.effective_service(
+            endpoint.runtime, definition, endpoint.model_mount, dict(endpoint.environ)
+        )
+    except (ValueError, definitions.DefinitionError) as exc:
+        raise SpecError("definition", str(exc)) from None
+
+    folder = endpoint.model_folder
+    assert folder is not None or not runtime.needs_definition_file
+    mounts: list[Mount] = []
+    if folder is not None:
+        mounts.append(Mount(source=str(folder.host_path), target=endpoint.model_mount, read_only=True))
+    for extra in endpoint.extra_mounts or []:
+        extra_folder = Folder.objects.filter(pk=extra.get("folder")).first()
+        if extra_folder is None:
+            raise SpecError("mount", f"Additional mount {extra.get('target')} refers to a folder that was deleted.")
+        if extra_folder.usage_mode == Folder.UsageMode.MODEL:
+            raise SpecError(
+                "mount", f"Folder {extra_folder.name!r} is a model folder; it can not be an additional mount."
+            )
+        mounts.append(Mount(source=str(extra_folder.host_path), target=str(extra["target"]), read_only=False))
+
+    env = {
+        "BACKEND_MODEL_NAME": effective.model_name,
+        "BACKEND_MODEL_PATH": endpoint.model_mount,
+        "BACKEND_SERVICE_PORT": str(effective.port),
+        "MODEL_NAME": effective.model_name,
+        **{str(k): str(v) for k, v in (endpoint.environ or {}).items()},
+    }
+    resources = dict(route.resources or {})
+    accelerators = {k: v for k, v in resources.items() if k not in ("cpu", "mem")}
+    command = effective.start_command
+    command_is_shell = isinstance(command, str)
+    spec = ReplicaSpec(
+        name=f"ms-{route.pk.hex[:12]}",
+        image=endpoint.image,
+        command=(command,) if isinstance(command, str) else (tuple(command) if command else None),
+        command_is_shell=command_is_shell,
+        shell=effective.shell,
+        port=effective.port,
+        env=env,
+        mounts=tuple(mounts),
+        pre_start_actions=tuple(prestart.to_specs(effective.pre_start_actions)),
+        cpu=float(resources.get("cpu", 1.0)),
+        mem_bytes=int(resources.get("mem", 1024**3)),
+        accelerators=accelerators,
+        labels={
+            LABEL_ENDPOINT: str(endpoint.pk),
+            LABEL_ROUTE: str(route.pk),
+            LABEL_NODE: route.node.name if route.node else "",
+            LABEL_ROLE: "main",
+        },
+    )
+    health = effective.health_check
+    config = (
+        TCP_DEFAULT
+        if health is None
+        else HealthConfig(
+            path=health.path,
+            interval=health.interval,
+            max_retries=health.max_retries,
+            max_wait_time=health.max_wait_time,
+            expected_status_code=health.expected_status_code,
+            initial_delay=health.initial_delay,
+            headers=tuple(sorted((getattr(health, "headers", None) or {}).items())),
+        )
+    )
+    return spec, config

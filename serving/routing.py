@@ -1,0 +1,113 @@
+"""The only bridge from the control plane to the data plane: the routing table in Redis.
+
+For each live endpoint, one JSON entry in the hash ``<prefix>:routing`` keyed by slug: whether it is
+public, its healthy routes (address and weight) and the digests of its active tokens. Every change
+is also published on ``<prefix>:routing:updates`` so proxies apply it within milliseconds; a proxy
+also re-reads the whole hash periodically, so a lost message heals by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.utils import timezone
+
+from serving.models import Endpoint, EndpointToken, Route
+
+log = logging.getLogger(__name__)
+
+_client: redis.Redis | None = None
+
+
+def table_key() -> str:
+    return f"{settings.REDIS_PREFIX}:routing"
+
+
+def updates_channel() -> str:
+    return f"{settings.REDIS_PREFIX}:routing:updates"
+
+
+def get_redis() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    return _client
+
+
+def build_entry(endpoint: Endpoint, routes: list[Route], active_tokens: list[EndpointToken]) -> dict[str, Any]:
+    """The proxy's view of one endpoint (plain data; see proxy/table.py for the reader)."""
+    status = endpoint.compute_status(routes)
+    return {
+        "id": str(endpoint.pk),
+        "slug": endpoint.slug,
+        "name": endpoint.name,
+        "public": endpoint.open_to_public,
+        "status": status,
+        "routes": [
+            {"id": str(r.pk), "host": r.host, "port": r.port, "weight": r.traffic_ratio}
+            for r in routes
+            if r.status == Route.Status.HEALTHY and r.host and r.port and r.traffic_ratio > 0
+        ],
+        "tokens": {t.lookup: {"digest": t.digest, "expires": t.expires_at.timestamp()} for t in active_tokens},
+    }
+
+
+def publish_endpoint(endpoint_id: str) -> None:
+    """Write one endpoint's entry (or remove it when destroyed) and announce the change."""
+    endpoint = Endpoint.objects.filter(pk=endpoint_id).first()
+    client = get_redis()
+    if endpoint is None or endpoint.lifecycle == Endpoint.Lifecycle.DESTROYED:
+        slug = endpoint.slug if endpoint is not None else None
+        if slug:
+            pipe = client.pipeline()
+            pipe.hdel(table_key(), slug)
+            pipe.publish(updates_channel(), json.dumps({"slug": slug, "entry": None}))
+            pipe.execute()
+        return
+    routes = list(endpoint.routes.all())
+    now = timezone.now()
+    active = list(endpoint.tokens.filter(revoked_at__isnull=True, expires_at__gt=now))
+    entry = build_entry(endpoint, routes, active)
+    payload = json.dumps(entry, separators=(",", ":"))
+    pipe = client.pipeline()
+    pipe.hset(table_key(), endpoint.slug, payload)
+    pipe.publish(updates_channel(), json.dumps({"slug": endpoint.slug, "entry": entry}, separators=(",", ":")))
+    pipe.execute()
+
+
+def publish_endpoint_safely(endpoint_id: str) -> None:
+    """publish_endpoint for on-commit hooks: Redis being down must not fail the user's request;
+    the periodic full publish (reconcile tick) repairs the table when Redis is back."""
+    try:
+        publish_endpoint(endpoint_id)
+    except redis.RedisError as exc:
+        log.warning("routing table update for endpoint %s deferred: %s", endpoint_id, exc)
+
+
+def publish_all() -> int:
+    """Rewrite the whole table from the database (repairs anything missed); returns entries written."""
+    client = get_redis()
+    now = timezone.now()
+    live = list(Endpoint.objects.live().prefetch_related("routes"))
+    tokens_by_endpoint: dict[Any, list[EndpointToken]] = {}
+    for token in EndpointToken.objects.filter(endpoint__in=live, revoked_at__isnull=True, expires_at__gt=now):
+        tokens_by_endpoint.setdefault(token.endpoint_id, []).append(token)
+    entries: dict[str | bytes, bytes | float | int | str] = {
+        e.slug: json.dumps(
+            build_entry(e, list(e.routes.all()), tokens_by_endpoint.get(e.pk, [])), separators=(",", ":")
+        )
+        for e in live
+    }
+    stale = set(k.decode() for k in client.hkeys(table_key())) - set(entries)
+    pipe = client.pipeline()
+    if stale:
+        pipe.hdel(table_key(), *stale)
+    if entries:
+        pipe.hset(table_key(), mapping=entries)
+    pipe.publish(updates_channel(), json.dumps({"resync": True}))
+    pipe.execute()
+    return len(entries)

@@ -1,0 +1,112 @@
+"""Choose a node for a new replica: enough free slots, the right resource group, spread out.
+
+The maths is pure (``rank_nodes``); ``choose_node`` reads the rows and locks the chosen node's row
+until the caller's transaction commits, so two planners never both take the last free slots.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from serving import slots
+from serving.models import Endpoint, Node, Route
+
+# What a replica gets when neither the service, its preset nor its definition says.
+DEFAULT_REQUEST: dict[str, float] = {"cpu": 1.0, "mem": float(1024**3)}
+# Statuses whose containers hold their slots on the node.
+HOLDING = (
+    Route.Status.PROVISIONING,
+    Route.Status.DEGRADED,
+    Route.Status.HEALTHY,
+    Route.Status.UNHEALTHY,
+    Route.Status.TERMINATING,
+)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    capacity: Mapping[str, float]
+    used: Mapping[str, float]
+    same_endpoint_routes: int
+
+    @property
+    def free(self) -> dict[str, float]:
+        return slots.subtract(self.capacity, self.used)
+
+
+@dataclass(frozen=True)
+class Choice:
+    node: Node | None
+    reason: str = ""
+
+
+def replica_request(endpoint: Endpoint) -> dict[str, float]:
+    """The slots one replica (one container of it) asks for."""
+    request = dict(DEFAULT_REQUEST)
+    request.update({k: float(v) for k, v in (endpoint.resources or {}).items()})
+    return request
+
+
+def rank_nodes(request: Mapping[str, float], nodes: Iterable[NodeView]) -> list[NodeView]:
+    """Nodes that fit, best first: fewest replicas of this service (spread), then most free CPU share."""
+    fitting = [n for n in nodes if slots.fits(request, n.free)]
+
+    def score(n: NodeView) -> tuple[int, float, str]:
+        cpu_capacity = n.capacity.get("cpu", 0.0) or 1.0
+        return (n.same_endpoint_routes, -(n.free.get("cpu", 0.0) / cpu_capacity), n.name)
+
+    return sorted(fitting, key=score)
+
+
+def explain_no_fit(request: Mapping[str, float], nodes: list[NodeView], group: str) -> str:
+    if not nodes:
+        return (
+            f"No node is available in resource group {group!r}: start a node worker "
+            "(make run starts one) or choose another resource group."
+        )
+    free = "; ".join(f"node {n.name}: {slots.describe(n.free)}" for n in nodes)
+    return (
+        f"Not enough resources: one replica asks for {slots.describe(request)}, "
+        f"but the most any node has free is not enough ({free}). "
+        "Lower the replica's resources, reduce replicas, or add a node."
+    )
+
+
+def node_views(endpoint: Endpoint, candidates: list[Node]) -> list[NodeView]:
+    used: dict[int, dict[str, float]] = {n.pk: {} for n in candidates}
+    same: Counter[int] = Counter()
+    for route in Route.objects.filter(node__in=candidates, status__in=HOLDING).only(
+        "node_id", "resources", "endpoint_id"
+    ):
+        assert route.node_id is not None
+        used[route.node_id] = slots.add(used[route.node_id], route.resources or {})
+        if route.endpoint_id == endpoint.pk and route.status != Route.Status.TERMINATING:
+            same[route.node_id] += 1
+    return [
+        NodeView(
+            name=n.name,
+            capacity={k: float(v) for k, v in n.capacity.items()},
+            used=used[n.pk],
+            same_endpoint_routes=same[n.pk],
+        )
+        for n in candidates
+    ]
+
+
+def choose_node(endpoint: Endpoint, request: Mapping[str, float], now: datetime) -> Choice:
+    group = endpoint.resource_group or "default"
+    candidates = [
+        n
+        for n in Node.objects.select_for_update().filter(schedulable=True, resource_group=group).order_by("name")
+        if n.is_alive(now)
+    ]
+    views = node_views(endpoint, candidates)
+    ranked = rank_nodes(request, views)
+    if not ranked:
+        return Choice(None, explain_no_fit(request, views, group))
+    by_name = {n.name: n for n in candidates}
+    return Choice(by_name[ranked[0].name])

@@ -1,0 +1,124 @@
+"""The pure reconciliation planner (S4.3-S4.6)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from serving.lifecycle import PROVISION_TIMEOUT, STOP_GIVE_UP_AFTER, STOP_RESEND_AFTER, EndpointView, RouteView, plan
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+_counter = iter(range(10_000))
+
+
+def route(status: str, version: int = 1, *, alive: bool = True, age: float = 10.0, idle: float = 1.0) -> RouteView:
+    n = next(_counter)
+    return RouteView(
+        id=f"r{n}",
+        status=status,
+        spec_version=version,
+        node_alive=alive,
+        created_at=NOW - timedelta(seconds=age),
+        updated_at=NOW - timedelta(seconds=idle),
+    )
+
+
+def ep(desired: int, version: int = 1, *, lifecycle: str = "created", gave_up: bool = False) -> EndpointView:
+    return EndpointView(lifecycle=lifecycle, desired=desired, spec_version=version, gave_up=gave_up)
+
+
+def test_creates_missing_replicas() -> None:
+    assert plan(ep(3), [route("healthy")], NOW).create == 2
+
+
+def test_nothing_to_do_when_matching() -> None:
+    assert plan(ep(2), [route("healthy"), route("degraded")], NOW).is_empty()
+
+
+def test_scale_in_drains_unhealthy_first_then_not_ready_then_newest() -> None:
+    old_healthy = route("healthy", age=100)
+    new_healthy = route("healthy", age=5)
+    starting = route("provisioning")
+    result = plan(ep(1, gave_up=True), [old_healthy, new_healthy, starting], NOW)
+    assert result.drain == [starting.id, new_healthy.id]
+
+
+def test_unhealthy_replica_is_replaced() -> None:
+    bad = route("unhealthy")
+    result = plan(ep(2), [route("healthy"), bad], NOW)
+    assert result.drain == [bad.id]
+    assert result.create == 1
+
+
+def test_gave_up_keeps_unhealthy_and_creates_nothing() -> None:
+    bad = route("unhealthy")
+    result = plan(ep(2, gave_up=True), [bad, route("failed_to_start")], NOW)
+    assert result.is_empty()
+
+
+def test_failed_routes_do_not_count_and_are_replaced_until_give_up() -> None:
+    result = plan(ep(1), [route("failed_to_start")], NOW)
+    assert result.create == 1
+    assert plan(ep(1, gave_up=True), [route("failed_to_start")], NOW).create == 0
+
+
+def test_routes_on_lost_nodes_are_forgotten_and_replaced() -> None:
+    lost = route("healthy", alive=False)
+    result = plan(ep(1), [lost], NOW)
+    assert result.forget == [lost.id]
+    assert result.create == 1
+
+
+def test_terminating_route_stop_is_resent_then_forgotten() -> None:
+    slow = route("terminating", idle=STOP_RESEND_AFTER.total_seconds() + 1)
+    stuck = route("terminating", idle=STOP_GIVE_UP_AFTER.total_seconds() + 1)
+    result = plan(ep(0), [slow, stuck], NOW)
+    assert result.resend_stop == [slow.id]
+    assert result.forget == [stuck.id]
+
+
+def test_provisioning_that_never_starts_fails() -> None:
+    stale = route("provisioning", age=PROVISION_TIMEOUT.total_seconds() + 1)
+    result = plan(ep(1), [stale], NOW)
+    assert result.fail == [stale.id]
+    assert result.create == 1
+
+
+def test_terminate_drains_all_then_destroys() -> None:
+    live = [route("healthy"), route("provisioning"), route("unhealthy")]
+    result = plan(ep(2, lifecycle="destroying"), [*live, route("terminating")], NOW)
+    assert sorted(result.drain) == sorted(r.id for r in live)
+    assert not result.destroyed
+    failed = route("failed_to_start")
+    done = plan(ep(2, lifecycle="destroying"), [failed], NOW)
+    assert done.destroyed
+    assert done.forget == [failed.id]
+
+
+def test_terminate_with_lost_node_still_ends_destroyed() -> None:
+    result = plan(ep(1, lifecycle="destroying"), [route("healthy", alive=False)], NOW)
+    assert result.destroyed
+
+
+def test_rolling_update_one_at_a_time_never_below_desired_healthy() -> None:
+    """Replace 2 old replicas: create 1 new, drain 1 old once it is healthy, and so on."""
+    old = [route("healthy", 1, age=100), route("healthy", 1, age=90)]
+    step1 = plan(ep(2, version=2), old, NOW)
+    assert (step1.create, step1.drain) == (1, [])
+    new1 = route("degraded", 2)
+    step2 = plan(ep(2, version=2), [*old, new1], NOW)
+    assert (step2.create, step2.drain) == (0, [])
+    new1 = route("healthy", 2)
+    step3 = plan(ep(2, version=2), [*old, new1], NOW)
+    assert step3.drain == [old[0].id]
+    assert step3.create == 1
+    new2 = route("healthy", 2)
+    step4 = plan(ep(2, version=2), [old[1], new1, new2], NOW)
+    assert step4.drain == [old[1].id]
+    assert step4.create == 0
+
+
+def test_rolling_update_drains_old_replicas_that_do_not_serve_at_once() -> None:
+    broken_old = route("unhealthy", 1)
+    result = plan(ep(1, version=2), [broken_old], NOW)
+    assert result.drain == [broken_old.id]
+    assert result.create == 1
