@@ -65,10 +65,12 @@ def _make_engine(choice: str) -> Engine:
 
     state_dir = settings.ENGINE_STATE_DIR
     if choice in ("docker", "auto"):
-        from serving.engines.docker import DockerEngine
-
-        docker_engine = DockerEngine(state_dir=state_dir / "docker")
-        if docker_engine.available():
+        try:
+            from serving.engines.docker import DockerEngine
+        except ImportError:
+            DockerEngine = None  # type: ignore[assignment,misc]
+        docker_engine = DockerEngine(state_dir=state_dir / "docker") if DockerEngine is not None else None
+        if docker_engine is not None and docker_engine.available():
             return docker_engine
         if choice == "docker":
             raise EngineError("SERVING_ENGINE=docker but no Docker daemon answers; start dockerd or use local.")

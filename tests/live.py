@@ -62,6 +62,8 @@ class LiveSystem:
             "NODE_HEARTBEAT_INTERVAL": "0.5",
             "NODE_LOST_AFTER": "5",
             "REPLICA_STOP_GRACE": "2",
+            "NODE_CPU": "16",
+            "NODE_MEM": "32g",
             "PYTHONUNBUFFERED": "1",
             **overrides,
         }
