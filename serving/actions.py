@@ -408,6 +408,7 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
         actor=acting_user,
         data={"changes": shown, "spec_version": endpoint.spec_version},
     )
+    _publish_routing(endpoint.pk)  # e.g. open_to_public applies in the proxy at once
     _kick(endpoint.pk)
     return endpoint
 
@@ -448,7 +449,7 @@ def do_terminate_service(endpoint: Endpoint, *, acting_user: User | None) -> Non
         # Tokens of a terminated service must stop working at once, not after the last replica.
         EndpointToken.objects.filter(endpoint=endpoint, revoked_at__isnull=True).update(revoked_at=timezone.now())
         record_event(endpoint, "terminating", f"Service {endpoint.name!r} is being terminated.", actor=acting_user)
-        _publish_tokens(endpoint.pk)
+        _publish_routing(endpoint.pk)
     _kick(endpoint.pk)
 
 
@@ -473,7 +474,7 @@ def do_clear_errors(endpoint: Endpoint, *, acting_user: User | None) -> int:
 # --- tokens --------------------------------------------------------------------------------------
 
 
-def _publish_tokens(endpoint_id: Any) -> None:
+def _publish_routing(endpoint_id: Any) -> None:
     from serving import routing
 
     transaction.on_commit(lambda: routing.publish_endpoint_safely(str(endpoint_id)))
@@ -501,7 +502,7 @@ def do_issue_token(endpoint: Endpoint, *, acting_user: User, expires_at: datetim
         actor=acting_user,
         data={"token_id": str(token.pk)},
     )
-    _publish_tokens(endpoint.pk)
+    _publish_routing(endpoint.pk)
     return token, minted.token
 
 
@@ -516,7 +517,7 @@ def do_revoke_token(token: EndpointToken, *, acting_user: User | None) -> None:
             actor=acting_user,
             data={"token_id": str(token.pk)},
         )
-    _publish_tokens(token.endpoint_id)
+    _publish_routing(token.endpoint_id)
 
 
 # --- autoscaling rules ---------------------------------------------------------------------------

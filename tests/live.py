@@ -32,6 +32,19 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last value: {last!r})")
 
 
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def database_url() -> str:
     params = connection.settings_dict
     if params["ENGINE"].endswith("sqlite3"):
@@ -136,6 +149,13 @@ class LiveSystem:
             ],
         )
 
+    def start_proxy(self) -> str:
+        """The data plane on free loopback ports; returns its base URL."""
+        port, admin = free_port(), free_port()
+        self._spawn("proxy", [sys.executable, "-m", "proxy"], PROXY_PORT=str(port), PROXY_ADMIN_PORT=str(admin))
+        wait_for(lambda: _answers(f"http://127.0.0.1:{admin}/healthz"), what="the proxy to answer")
+        return f"http://127.0.0.1:{port}"
+
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         proc = self.procs.pop(name, None)
         if proc is None:
@@ -158,3 +178,11 @@ class LiveSystem:
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.stem}\n{p.read_text(errors='replace')[-4000:]}" for p in self.log_dir.glob("*.log"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
