@@ -23,6 +23,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, DjangoValidationError):
         if hasattr(exc, "error_dict"):
             detail: Any = {k: [str(m) for e in v for m in e.messages] for k, v in exc.error_dict.items()}
+            if "detail" in detail:  # a whole-request error reads as DRF's own: {"detail": "sentence"}
+                detail["detail"] = " ".join(detail["detail"])
         else:
             detail = {"detail": exc.messages[0] if len(exc.messages) == 1 else exc.messages}
         return Response(detail, status=status.HTTP_400_BAD_REQUEST)

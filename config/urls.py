@@ -17,6 +17,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include("accounts.api_urls")),
     path("api/v1/", include("serving.api.urls")),
+    path("api/v1/", include("storage.api_urls")),
 ]
 
 admin.site.site_header = "modelserve operations"
