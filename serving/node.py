@@ -24,6 +24,7 @@ from serving.engines.base import (
     LABEL_ENDPOINT,
     LABEL_NODE,
     LABEL_ROUTE,
+    LABEL_VALIDATION,
     Engine,
     EngineError,
     ReplicaInfo,
@@ -280,6 +281,14 @@ def sync(now: datetime | None = None) -> dict[str, int]:
     live_ids = set(
         Route.objects.filter(node__name=node_name()).exclude(container_id="").values_list("container_id", flat=True)
     )
+    from serving import validation
+
+    for info in engine.list({LABEL_NODE: node_name()}):
+        run_id = info.labels.get(LABEL_VALIDATION)
+        if run_id and validation.is_finished(run_id):
+            log.warning("stopping the replica of finished validation %s", run_id)
+            _stop_quietly(engine, info.replica_id)
+            counts["orphans"] += 1
     for replica_id, info in by_container.items():
         if replica_id not in live_ids:
             # Started moments ago by a start task that has not written its row yet? The claim mark

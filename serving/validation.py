@@ -8,6 +8,7 @@ replica is removed. Bounded by a timeout. Nothing is written to the services tab
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -21,13 +22,14 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from serving import routing
-from serving.engines.base import EngineError, ReplicaState
+from serving.engines.base import LABEL_ROUTE, LABEL_VALIDATION, EngineError, ReplicaState
 from serving.models import Endpoint, Node, Route
 from storage.models import Folder
 
 log = logging.getLogger(__name__)
 
 HISTORY_TTL = 3600
+_publish_lock = threading.Lock()
 DEFAULT_TIMEOUT = 120.0
 MAX_LOG_LINES = 5000
 
@@ -54,6 +56,12 @@ def save_request(request: ValidationRequest) -> None:
     client.set(_key(request.id, "request"), json.dumps(asdict(request)), ex=HISTORY_TTL)
 
 
+def is_finished(validation_id: str) -> bool:
+    """True when the run ended (or its record expired): its replica, if any, may be removed."""
+    events = routing.get_redis().lrange(_key(validation_id, "events"), -1, -1)
+    return not events or json.loads(events[0]).get("kind") == "finished"
+
+
 def load_request(validation_id: str) -> ValidationRequest | None:
     raw = routing.get_redis().get(_key(validation_id, "request"))
     if raw is None:
@@ -74,12 +82,16 @@ def history(validation_id: str) -> list[dict[str, Any]]:
 def publish(validation_id: str, kind: str, **fields: Any) -> dict[str, Any]:
     """Append an event to the history and send it to the live group; returns it (with its seq)."""
     client = routing.get_redis()
-    event = {"kind": kind, "at": time.time(), **fields}
-    seq = client.rpush(_key(validation_id, "events"), json.dumps(event))
-    client.expire(_key(validation_id, "events"), HISTORY_TTL)
-    event["seq"] = seq
-    # Rewrite with the sequence number so that history and live events can be de-duplicated.
-    client.lset(_key(validation_id, "events"), seq - 1, json.dumps(event))
+    # One run publishes from two threads (lifecycle and log pump): the lock keeps the history's
+    # order equal to the sequence numbers the websocket de-duplicates by.
+    with _publish_lock:
+        seq = int(client.incr(_key(validation_id, "seq")))
+        event = {"kind": kind, "at": time.time(), "seq": seq, **fields}
+        pipe = client.pipeline()
+        pipe.rpush(_key(validation_id, "events"), json.dumps(event))
+        pipe.expire(_key(validation_id, "events"), HISTORY_TTL)
+        pipe.expire(_key(validation_id, "seq"), HISTORY_TTL)
+        pipe.execute()
     layer = get_channel_layer()
     if layer is not None:
         try:
@@ -142,7 +154,9 @@ def run(validation_id: str) -> str:
     except replicas.SpecError as exc:
         publish(validation_id, "lifecycle", message=f"Configuration error: {exc}")
         return finish("failed", str(exc))
-    # Validation replicas carry our labels too, so an orphan sweep removes them after a crash.
+    # Not a route: labelled as a validation, which the node's sweep removes once the run is over.
+    labels = {k: v for k, v in spec.labels.items() if k != LABEL_ROUTE}
+    spec = dataclasses.replace(spec, labels={**labels, LABEL_VALIDATION: validation_id})
     publish(validation_id, "lifecycle", message=f"Starting a replica of image {spec.image} (port {spec.port}).")
     engine = get_engine()
     try:
@@ -158,7 +172,7 @@ def run(validation_id: str) -> str:
     def pump_logs() -> None:
         count = 0
         try:
-            for line in engine.logs(info.replica_id, tail=0, follow=True):
+            for line in engine.logs(info.replica_id, tail=MAX_LOG_LINES, follow=True):
                 publish(validation_id, "log", line=line)
                 count += 1
                 if stop_logs.is_set() or count >= MAX_LOG_LINES:

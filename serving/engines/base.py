@@ -17,7 +17,9 @@ from typing import Protocol, runtime_checkable
 LABEL_ENDPOINT = "serving.endpoint"
 LABEL_ROUTE = "serving.route"
 LABEL_NODE = "serving.node"
-LABEL_ROLE = "serving.role"  # "main" or "sub-N" in multi-node cluster mode
+LABEL_ROLE = "serving.role"
+# Marks the throwaway replica of a validation run (S4.2).
+LABEL_VALIDATION = "serving.validation"  # "main" or "sub-N" in multi-node cluster mode
 
 
 class EngineError(Exception):

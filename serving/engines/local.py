@@ -385,8 +385,19 @@ class LocalEngine:
                 raise ReplicaNotFound(f"No replica {replica_id!r} on this node.")
             yield from self._read_lines(log_path, tail)
             return
-        yield from self._read_lines(log_path, tail)
-        position = log_path.stat().st_size if log_path.exists() else 0
+        # Read the tail and remember exactly where it ended, so no line is lost or repeated
+        # between the tail and the follow.
+        position = 0
+        with contextlib.suppress(OSError), log_path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            end = handle.tell()
+            handle.seek(max(0, end - 256 * 1024))
+            data = handle.read(end - handle.tell())
+            position = end
+            complete, _, partial = data.rpartition(b"\n")
+            position -= len(partial)
+            recent = complete.decode("utf-8", "replace").splitlines() if complete else []
+            yield from (recent[-tail:] if tail > 0 else [])
         buffer = b""
         while True:
             try:
