@@ -1,0 +1,59 @@
+"""The operators' console: every model is there, and its actions go through the actions layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.contrib import admin
+from django.urls import reverse
+
+from serving.models import Endpoint, EndpointToken
+from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def service(api: Any, personas: dict[str, Any]) -> Endpoint:
+    folder = FolderFactory(owner=personas["owner"], name="m", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = api("owner").post("/api/v1/services/", {"name": "admin-svc", "folder": str(folder.pk)}, format="json").json()
+    api("owner").post(f"/api/v1/services/{body['id']}/tokens/", {}, format="json")
+    return Endpoint.objects.get(pk=body["id"])
+
+
+def test_every_model_has_a_working_changelist_and_change_page(
+    client: Any, personas: dict[str, Any], service: Endpoint
+) -> None:
+    client.force_login(personas["admin"])
+    for model in admin.site._registry:
+        meta = model._meta
+        url = reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist")
+        assert client.get(url).status_code == 200, url
+        assert client.get(url, {"q": "x"}).status_code == 200, url
+        first = model._default_manager.first()
+        if first is not None:
+            change = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[first.pk])
+            assert client.get(change).status_code == 200, change
+
+
+def test_non_operators_are_kept_out(client: Any, personas: dict[str, Any]) -> None:
+    client.force_login(personas["owner"])
+    response = client.get(reverse("admin:serving_endpoint_changelist"))
+    assert response.status_code == 302
+
+
+def test_admin_actions_go_through_the_actions_layer(client: Any, personas: dict[str, Any], service: Endpoint) -> None:
+    client.force_login(personas["admin"])
+    url = reverse("admin:serving_endpointtoken_changelist")
+    token = EndpointToken.objects.get(endpoint=service)
+    client.post(url, {"action": "revoke", "_selected_action": [str(token.pk)]})
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+    assert service.events.filter(kind="token_revoked", actor=personas["admin"]).exists()
+    client.post(
+        reverse("admin:serving_endpoint_changelist"), {"action": "terminate", "_selected_action": [str(service.pk)]}
+    )
+    service.refresh_from_db()
+    assert service.lifecycle == Endpoint.Lifecycle.DESTROYING
+    assert service.events.filter(kind="terminating", actor=personas["admin"]).exists()
