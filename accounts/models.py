@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
@@ -20,6 +22,17 @@ class User(AbstractUser):
         return list(self.memberships.filter(role=Membership.Role.MANAGER).values_list("project_id", flat=True))
 
 
+def shared_with(user: Any) -> Q:
+    """Rows a user may see: their own and their projects' (operators see all, checked by callers)."""
+    return Q(owner=user) | Q(project__memberships__user=user)
+
+
+class ProjectQuerySet(models.QuerySet["Project"]):
+    def of(self, user: Any) -> ProjectQuerySet:
+        """Projects a user belongs to (all of them for an operator)."""
+        return self if user.is_superuser else self.filter(memberships__user=user)
+
+
 class Project(models.Model):
     name = models.SlugField(max_length=64, unique=True)
     description = models.CharField(max_length=255, blank=True)
@@ -27,6 +40,8 @@ class Project(models.Model):
     members: models.ManyToManyField[User, Membership] = models.ManyToManyField(
         settings.AUTH_USER_MODEL, through="Membership", related_name="projects"
     )
+
+    objects = ProjectQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

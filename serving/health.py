@@ -147,7 +147,7 @@ def record_status(route_id: str, old_status: str, new: ProbeState, now: datetime
             actions.record_event(endpoint, "route_healthy", f"Replica {route_id[:8]} is healthy.", route_id=route_id)
         elif new.status == UNHEALTHY:
             if route.healthy_since is None:
-                Endpoint.objects.filter(pk=endpoint.pk).update(retries=endpoint.retries + 1)
+                endpoint.count_failed_start()
             actions.record_event(
                 endpoint,
                 "route_unhealthy",
@@ -181,7 +181,7 @@ def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
             return
         endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
         if never_healthy:
-            Endpoint.objects.filter(pk=endpoint.pk).update(retries=endpoint.retries + 1)
+            endpoint.count_failed_start()
         actions.record_event(
             endpoint,
             "route_exited",

@@ -208,8 +208,7 @@ def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
                     f"{int(PROVISION_TIMEOUT.total_seconds())} s; its worker may be down.",
                 },
             ):
-                Endpoint.objects.filter(pk=endpoint.pk).update(retries=endpoint.retries + 1)
-                endpoint.retries += 1
+                endpoint.count_failed_start()
                 actions.record_event(
                     endpoint,
                     "route_failed",
@@ -270,8 +269,7 @@ def _place_route(endpoint: Endpoint, now: datetime) -> Route:
             resources=request,
             error={"kind": "resources", "message": choice.reason},
         )
-        Endpoint.objects.filter(pk=endpoint.pk).update(retries=endpoint.retries + 1)
-        endpoint.retries += 1
+        endpoint.count_failed_start()
         actions.record_event(endpoint, "route_failed", choice.reason, level="error", route_id=route.pk)
         return route
     route = Route.objects.create(

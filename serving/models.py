@@ -20,6 +20,8 @@ from django.utils import timezone
 from django.utils.text import slugify
 from django.utils.translation import gettext_lazy as _
 
+from accounts.models import shared_with
+
 endpoint_name_validator = RegexValidator(
     r"^[A-Za-z0-9_.-]{4,24}$",
     _("A service name is 4 to 24 characters: letters, digits, '_', '.' or '-'."),
@@ -48,7 +50,7 @@ class EndpointQuerySet(models.QuerySet["Endpoint"]):
             return self
         if not getattr(user, "is_authenticated", False):
             return self.none()
-        return self.filter(Q(owner=user) | Q(project__memberships__user=user)).distinct()
+        return self.filter(shared_with(user)).distinct()
 
 
 def _new_slug(name: str) -> str:
@@ -138,6 +140,11 @@ class Endpoint(models.Model):
     def gave_up(self) -> bool:
         """True when starts failed too often in a row; only "clear errors and retry" resumes."""
         return self.retries >= settings.MAX_START_FAILURES
+
+    def count_failed_start(self) -> None:
+        """One more consecutive failed start (S4.4); atomic, so concurrent failures all count."""
+        Endpoint.objects.filter(pk=self.pk).update(retries=models.F("retries") + 1)
+        self.retries += 1
 
     def compute_status(self, routes: list[Route] | None = None) -> str:
         """The service status from its routes (DESIGN.md §7), a pure function of the rows."""

@@ -138,7 +138,7 @@ def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
         )
         if updated:
             endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
-            Endpoint.objects.filter(pk=endpoint.pk).update(retries=endpoint.retries + 1)
+            endpoint.count_failed_start()
             actions.record_event(
                 endpoint,
                 "route_failed",

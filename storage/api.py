@@ -29,8 +29,7 @@ class FolderSerializer(serializers.ModelSerializer[Folder]):
         if value is None:
             return None
         user = self.context["request"].user
-        queryset = Project.objects.all() if user.is_superuser else Project.objects.filter(memberships__user=user)
-        project = queryset.filter(pk=value).first()
+        project = Project.objects.of(user).filter(pk=value).first()
         if project is None:
             raise serializers.ValidationError("No such project, or you are not a member of it.")
         return project

@@ -8,9 +8,10 @@ from pathlib import Path
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
-from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+
+from accounts.models import shared_with
 
 folder_name_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
@@ -25,7 +26,7 @@ class FolderQuerySet(models.QuerySet["Folder"]):
             return self
         if not getattr(user, "is_authenticated", False):
             return self.none()
-        return self.filter(Q(owner=user) | Q(project__memberships__user=user)).distinct()
+        return self.filter(shared_with(user)).distinct()
 
 
 class Folder(models.Model):

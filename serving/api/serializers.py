@@ -153,8 +153,7 @@ class _ServiceInputFields(serializers.Serializer[Any]):
         if value is None:
             return None
         user = self._user()
-        queryset = Project.objects.all() if user.is_superuser else Project.objects.filter(memberships__user=user)
-        project = queryset.filter(pk=value).first()
+        project = Project.objects.of(user).filter(pk=value).first()
         if project is None:
             raise serializers.ValidationError("No such project, or you are not a member of it.")
         return project

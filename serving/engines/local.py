@@ -48,6 +48,7 @@ CGROUP_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 CGROUP_PARENT = "modelserve"
 BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
 BOOTSTRAP_FAILED = 97
+NET_REGISTRY = Path(os.environ.get("MODELSERVE_NET_REGISTRY", "/run/modelserve/net"))
 PIDS_LIMIT = 1024
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 
@@ -125,16 +126,46 @@ class LocalEngine:
         base = int(self.subnet.network_address) + 4 * index
         return str(ipaddress.ip_address(base + 1)), str(ipaddress.ip_address(base + 2))
 
-    def _allocate_index(self) -> int:
-        used = set()
-        for meta in self.state_dir.glob("*/net.json"):
-            with contextlib.suppress(OSError, ValueError):
-                used.add(int(json.loads(meta.read_text())["index"]))
-        capacity = self.subnet.num_addresses // 4
-        for index in range(1, capacity):  # index 0 is the network's own address block
-            if index not in used:
+    # Address blocks and interface names are a machine-wide resource: several engines (node
+    # workers, test suites) can run on one host, so claims live in one registry, not per state dir.
+
+    @contextlib.contextmanager
+    def _registry_lock(self) -> Iterator[Path]:
+        NET_REGISTRY.mkdir(parents=True, exist_ok=True)
+        with (NET_REGISTRY / ".lock").open("w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield NET_REGISTRY
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _registry_entries(registry: Path) -> dict[int, Path]:
+        entries = {}
+        for claim in registry.iterdir():
+            if claim.name.isdigit():
+                with contextlib.suppress(OSError):
+                    entries[int(claim.name)] = Path(claim.read_text().strip())
+        return entries
+
+    def _allocate_index(self, replica_dir: Path) -> int:
+        with self._registry_lock() as registry:
+            entries = self._registry_entries(registry)
+            capacity = self.subnet.num_addresses // 4
+            for index in range(1, capacity):  # block 0 holds the network's own address
+                owner = entries.get(index)
+                if owner is not None and owner.exists():
+                    continue  # a live replica (of any engine on this host) holds it
+                (registry / str(index)).write_text(str(replica_dir))
                 return index
         raise EngineError(f"No free addresses left in {self.subnet} for another replica; widen the subnet.")
+
+    def _release_index(self, index: int, replica_dir: Path) -> None:
+        with self._registry_lock() as registry:
+            claim = registry / str(index)
+            with contextlib.suppress(OSError):
+                if Path(claim.read_text().strip()) == replica_dir:
+                    claim.unlink()
 
     # --- cgroups ----------------------------------------------------------------------------------
 
@@ -260,7 +291,7 @@ class LocalEngine:
         replica_dir = self.state_dir / replica_id
         with self._lock():
             replica_dir.mkdir(parents=True)
-            index = self._allocate_index()
+            index = self._allocate_index(replica_dir)
             (replica_dir / "net.json").write_text(json.dumps({"index": index}))
         from serving.prestart import plan
 
@@ -447,6 +478,8 @@ class LocalEngine:
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int((replica_dir / "supervisor.pid").read_text().split()[0]), signal.SIGKILL)
         self._teardown_network(replica_id, index)
+        if index is not None:
+            self._release_index(index, replica_dir)
         self._remove_cgroups(replica_id)
         with self._lock():
             shutil.rmtree(replica_dir, ignore_errors=True)
@@ -492,25 +525,29 @@ class LocalEngine:
         return out
 
     def cleanup_orphans(self) -> int:
-        """Remove namespaces and links of ours that belong to no replica (they survive crashes)."""
+        """Remove namespaces and links of ours that no live replica on this host owns (after crashes)."""
         removed = 0
-        known = {p.name for p in self.state_dir.glob("*") if p.is_dir()} if self.state_dir.is_dir() else set()
+        with self._registry_lock() as registry:
+            entries = self._registry_entries(registry)
+            live = {index: owner for index, owner in entries.items() if owner.exists()}
+            for index in entries:
+                if index not in live:
+                    with contextlib.suppress(OSError):
+                        (registry / str(index)).unlink()
+            live_netns = {self._netns(owner.name) for owner in live.values()}
+            live_links = {f"{self.netns_prefix}h{index}" for index in live}
         prefix = f"{self.netns_prefix}-"
         for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
             name = line.split()[0] if line.strip() else ""
-            if name.startswith(prefix) and name[len(prefix) :] not in known:
+            if name.startswith(prefix) and name not in live_netns:
                 _run("ip", "netns", "del", name, check=False)
                 removed += 1
-        used = set()
-        for meta in self.state_dir.glob("*/net.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                used.add(f"{self.netns_prefix}h{json.loads(meta.read_text())['index']}")
         for line in _run("ip", "-o", "link", "show", check=False).stdout.splitlines():
             parts = line.split(":")
             if len(parts) > 1:
                 ifname = parts[1].strip().split("@")[0]
                 rest = ifname[len(self.netns_prefix) + 1 :]
-                if ifname.startswith(f"{self.netns_prefix}h") and rest.isdigit() and ifname not in used:
+                if ifname.startswith(f"{self.netns_prefix}h") and rest.isdigit() and ifname not in live_links:
                     _run("ip", "link", "del", ifname, check=False)
                     removed += 1
         return removed

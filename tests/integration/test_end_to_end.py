@@ -40,7 +40,11 @@ def test_llm_echo_through_the_proxy(live_system: LiveSystem, api: Any, personas:
         body = api("owner").get(f"/api/v1/services/{sid}/").json()
         return sum(r["status"] == "healthy" for r in body["routes"]) == 2
 
-    wait_for(healthy, timeout=30, what="2 healthy replicas")
+    try:
+        wait_for(healthy, timeout=30, what="2 healthy replicas")
+    except AssertionError:
+        print(json.dumps(api("owner").get(f"/api/v1/services/{sid}/").json(), indent=1))
+        raise
     assert call(url + "v1/models") == 401  # private by default
 
     issued = api("owner").post(f"/api/v1/services/{sid}/tokens/", {}, format="json").json()
