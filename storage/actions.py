@@ -1,15 +1,25 @@
-"""The only writers of folder rows and folder directories."""
+"""The only writers of folder rows, folder directories and the files in them (DESIGN.md §3).
+
+Views parse and authorize (storage.access), then call exactly one of these. File actions go through
+storage.fs, which refuses unsafe paths and symlinks; each change is logged with who did it.
+"""
 
 from __future__ import annotations
 
+import logging
 import shutil
+from collections.abc import Iterable
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
 from accounts.models import Project, User
+from storage.fs import Budget, Entry, FolderFS, Upload, commit_uploads, format_bytes
 from storage.models import Folder
+
+logger = logging.getLogger("storage.audit")
 
 
 def _name_taken(name: str) -> ValidationError:
@@ -26,6 +36,7 @@ def do_create_folder(
     quota_bytes: int | None = None,
 ) -> Folder:
     """Create a folder and its directory under STORAGE_ROOT (named by id)."""
+    _check_quota(quota_bytes, acting_user)
     folder = Folder(owner=acting_user, name=name, usage_mode=usage_mode, project=project, quota_bytes=quota_bytes)
     folder.full_clean(exclude=["owner", "project"], validate_constraints=False)
     if Folder.objects.filter(owner=acting_user, name=name).exists():
@@ -36,7 +47,23 @@ def do_create_folder(
     except IntegrityError:
         raise _name_taken(name) from None
     folder.host_path.mkdir(parents=True, exist_ok=True)
+    logger.info("folder %s (%s) created by %s", folder.pk, folder.name, acting_user)
     return folder
+
+
+def _check_quota(quota_bytes: int | None, acting_user: User) -> None:
+    """Anyone may set a smaller quota than the default; only an operator may grant more."""
+    if quota_bytes is None:
+        return
+    if quota_bytes < 0:
+        raise ValidationError({"quota_bytes": "A quota is a number of bytes of at least 0."})
+    if quota_bytes > settings.DEFAULT_FOLDER_QUOTA and not acting_user.is_superuser:
+        raise ValidationError(
+            {
+                "quota_bytes": f"Only an operator can set a quota above the default of "
+                f"{format_bytes(settings.DEFAULT_FOLDER_QUOTA)} ({settings.DEFAULT_FOLDER_QUOTA} bytes)."
+            }
+        )
 
 
 def _mounted_by(folder: Folder) -> list[str]:
@@ -54,6 +81,8 @@ def _mounted_by(folder: Folder) -> list[str]:
 @transaction.atomic
 def do_update_folder(folder: Folder, *, acting_user: User, changes: dict[str, Any]) -> Folder:
     """Rename, change usage mode or quota. A mounted folder keeps its usage mode."""
+    if "quota_bytes" in changes and changes["quota_bytes"] != folder.quota_bytes:
+        _check_quota(changes["quota_bytes"], acting_user)
     if "usage_mode" in changes and changes["usage_mode"] != folder.usage_mode:
         users = _mounted_by(folder)
         if users:
@@ -69,6 +98,7 @@ def do_update_folder(folder: Folder, *, acting_user: User, changes: dict[str, An
     if "name" in changes and Folder.objects.filter(owner=folder.owner, name=folder.name).exclude(pk=folder.pk).exists():
         raise _name_taken(folder.name)
     folder.save()
+    logger.info("folder %s changed by %s: %s", folder.pk, acting_user, sorted(changes))
     return folder
 
 
@@ -81,5 +111,70 @@ def do_delete_folder(folder: Folder, *, acting_user: User) -> None:
             {"detail": f"Folder {folder.name!r} is mounted by service(s) {', '.join(users)}; terminate them first."}
         )
     path = folder.host_path
+    folder_id, name = folder.pk, folder.name
     folder.delete()
+    # The directory goes only once the row is surely gone; a failed transaction keeps both.
     transaction.on_commit(lambda: shutil.rmtree(path, ignore_errors=True))
+    logger.info("folder %s (%s) deleted by %s", folder_id, name, acting_user)
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+def folder_fs(folder: Folder) -> FolderFS:
+    return FolderFS(folder.host_path)
+
+
+def do_make_directory(folder: Folder, path: str, *, acting_user: User, parents: bool = False) -> Entry:
+    """Create a directory in the folder (with ``parents``, the missing ones above it too)."""
+    entry = folder_fs(folder).mkdir(path, parents=parents)
+    logger.info("folder %s: %s created directory %r", folder.pk, acting_user, entry.path)
+    return entry
+
+
+def do_delete_path(folder: Folder, path: str, *, acting_user: User) -> Entry:
+    """Delete a file, a symlink or a directory tree from the folder."""
+    entry = folder_fs(folder).delete(path)
+    logger.info("folder %s: %s deleted %s %r", folder.pk, acting_user, entry.type, entry.path)
+    return entry
+
+
+def do_move_path(folder: Folder, src: str, dst: str, *, acting_user: User) -> Entry:
+    """Rename or move a file or directory inside the folder; never replaces an existing one."""
+    entry = folder_fs(folder).move(src, dst)
+    logger.info("folder %s: %s moved %r to %r", folder.pk, acting_user, src, entry.path)
+    return entry
+
+
+def do_upload_file(
+    folder: Folder,
+    path: str,
+    chunks: Iterable[bytes],
+    *,
+    acting_user: User,
+    content_length: int | None = None,
+) -> tuple[Entry, bool]:
+    """Write one file from a stream of chunks: quota checked before and during, moved in place when complete.
+
+    Returns (entry, created). On any error (quota, disk full, client gone) nothing in the folder changes.
+    """
+    with folder_fs(folder).begin_upload(path, quota=folder.effective_quota, content_length=content_length) as upload:
+        for chunk in chunks:
+            upload.write(chunk)
+        entry, created = upload.commit()
+    logger.info("folder %s: %s uploaded %r (%d bytes)", folder.pk, acting_user, entry.path, entry.size)
+    return entry, created
+
+
+def begin_uploads(folder: Folder) -> tuple[FolderFS, Budget]:
+    """The filesystem and a shared byte budget for a request that uploads many files (multipart)."""
+    fs = folder_fs(folder)
+    return fs, Budget(folder.effective_quota - fs.usage())
+
+
+def do_commit_uploads(folder: Folder, uploads: list[Upload], *, acting_user: User) -> list[tuple[Entry, bool]]:
+    """Move the files of a multipart request into place together (quota checked for all of them at once)."""
+    results = commit_uploads(folder_fs(folder), uploads)
+    for entry, _ in results:
+        logger.info("folder %s: %s uploaded %r (%d bytes)", folder.pk, acting_user, entry.path, entry.size)
+    return results

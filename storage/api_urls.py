@@ -1,3 +1,5 @@
+"""``/api/v1/`` routes of the folders and files API (DESIGN.md §7); included by config/urls.py."""
+
 from __future__ import annotations
 
 from django.urls import path
@@ -7,4 +9,12 @@ from storage import api
 urlpatterns = [
     path("folders/", api.FolderListView.as_view(), name="folders"),
     path("folders/<uuid:folder_id>/", api.FolderDetailView.as_view(), name="folder-detail"),
+    path("folders/<uuid:folder_id>/files/", api.FileListView.as_view(), name="folder-files"),
+    # The raw-body PUT of this route is answered by storage.asgi before Django when wired in.
+    path("folders/<uuid:folder_id>/files/<path:path>", api.FileView.as_view(), name="folder-file"),
+    path("folders/<uuid:folder_id>/mkdir/", api.MkdirView.as_view(), name="folder-mkdir"),
+    path("folders/<uuid:folder_id>/move/", api.MoveView.as_view(), name="folder-move"),
+    path("folders/<uuid:folder_id>/preview/", api.PreviewView.as_view(), name="folder-preview"),
+    path("folders/<uuid:folder_id>/upload/", api.UploadView.as_view(), name="folder-upload"),
+    path("folders/<uuid:folder_id>/launcher/", api.LauncherView.as_view(), name="folder-launcher"),
 ]

@@ -1,0 +1,530 @@
+"""The Docker engine: one container per replica, driven through docker-py.
+
+Every replica is a container named after ``ReplicaSpec.name`` and carrying its labels, so a node
+worker that restarts finds its replicas again with ``list()`` (DESIGN.md §3). Choices that matter:
+
+* the image must already be on the node: we look it up first and raise ``ImageNotFound`` with how
+  to build or load it, because asking the engine for a missing image makes it try a registry pull;
+* ``init=True``: a tiny init is PID 1 and forwards SIGTERM, otherwise a Python server ignores it
+  and every stop waits the whole grace period;
+* locked down: every capability dropped, ``no-new-privileges``, a pids limit, never privileged,
+  never the host network, and the Docker socket (or a folder holding it) can not be mounted;
+* the server's port is published on 127.0.0.1 (a setting) at a host port the engine picks, so
+  replicas of one service never collide and ports are never exhausted (S4.3, S10);
+* pre-start actions (S2.3) run inside the container by ``bootstrap.py``, bind-mounted read-only
+  at /opt/modelserve with a JSON plan written to a per-replica folder under ``state_dir``;
+* every Docker call is bounded in time (30 s, 2 s for the liveness ping) and every Docker error
+  becomes an ``EngineError`` whose text is a sentence.
+
+The daemon must share the host's filesystem (bind mounts use host paths): a local dockerd.
+"""
+
+from __future__ import annotations
+
+import builtins
+import codecs
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests
+from docker.types import DeviceRequest, LogConfig
+from docker.types import Mount as DockerMount
+
+from serving.engines.base import (
+    LABEL_ROUTE,
+    EngineError,
+    ImageNotFound,
+    ReplicaInfo,
+    ReplicaNotFound,
+    ReplicaSpec,
+    ReplicaState,
+    ReplicaStats,
+)
+
+BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
+BOOTSTRAP_DIR = "/opt/modelserve"  # where the runner and its plan appear inside the container
+BOOTSTRAP_FAILED = 97  # bootstrap.py's exit code for "a pre-start action failed"
+DEFAULT_STATE_DIR = Path(__file__).resolve().parents[2] / "var" / "engine" / "docker"
+API_TIMEOUT = 30.0
+PING_TIMEOUT = 2.0
+PIDS_LIMIT = 1024
+MIB = 1 << 20
+DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
+BUILD_HINT = (
+    "build it on this node with `make image` (scripts/build-image.sh, for modelserve/python:3.11) "
+    "or load it with `docker load -i IMAGE.tar` / `docker pull IMAGE` by hand; "
+    "the platform never pulls images itself"
+)
+
+# Docker's container status -> our replica state. "paused" still holds its port and memory.
+_STATES = {
+    "created": ReplicaState.STARTING,
+    "restarting": ReplicaState.STARTING,
+    "running": ReplicaState.RUNNING,
+    "paused": ReplicaState.RUNNING,
+    "removing": ReplicaState.EXITED,
+    "exited": ReplicaState.EXITED,
+    "dead": ReplicaState.EXITED,
+}
+
+ClientFactory = Callable[..., docker.DockerClient]
+
+
+def _explain(exc: BaseException) -> str:
+    text = getattr(exc, "explanation", None) or str(exc)
+    return str(text).strip().rstrip(".")
+
+
+@contextlib.contextmanager
+def _docker_errors(what: str, replica: str | None = None, timeout: float = API_TIMEOUT) -> Iterator[None]:
+    """Turn docker-py / requests failures into EngineError sentences (ReplicaNotFound for a 404)."""
+    try:
+        yield
+    except EngineError:
+        raise
+    except docker.errors.NotFound as exc:
+        if replica is not None:
+            raise ReplicaNotFound(f"The replica {replica} does not exist (any more).") from exc
+        raise EngineError(f"Docker could not {what}: {_explain(exc)}.") from exc
+    except docker.errors.APIError as exc:
+        raise EngineError(f"Docker could not {what}: {_explain(exc)}.") from exc
+    except requests.exceptions.Timeout as exc:
+        raise EngineError(
+            f"The Docker engine did not answer within {timeout:g} s while trying to {what}; is dockerd overloaded?"
+        ) from exc
+    except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+        raise EngineError(
+            f"Docker could not {what}: the engine is unreachable ({_explain(exc)}); "
+            "start it with scripts/docker-up.sh or use SERVING_ENGINE=local."
+        ) from exc
+
+
+def _cpu_percent(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> float | None:
+    """CPU use between two cgroup samples, 100.0 = one core; None when ``prev`` is not a sample."""
+    prev_system = prev.get("system_cpu_usage") or 0
+    cur_system = cur.get("system_cpu_usage") or 0
+    prev_total = (prev.get("cpu_usage") or {}).get("total_usage")
+    cur_total = (cur.get("cpu_usage") or {}).get("total_usage") or 0
+    if not prev_system or prev_total is None or cur_system <= prev_system:
+        return None
+    online = cur.get("online_cpus") or len((cur.get("cpu_usage") or {}).get("percpu_usage") or ()) or 1
+    delta = max(cur_total - prev_total, 0)
+    # system_cpu_usage counts all host cores, so scale by their number to get "cores used".
+    return float(delta) / float(cur_system - prev_system) * online * 100.0
+
+
+def _memory_used(memory_stats: Mapping[str, Any]) -> int:
+    """Memory in use as `docker stats` shows it: usage minus reclaimable page cache."""
+    usage = int(memory_stats.get("usage") or 0)
+    stats = memory_stats.get("stats") or {}
+    # cgroup v1 reports total_inactive_file, v2 inactive_file.
+    inactive = stats.get("total_inactive_file", stats.get("inactive_file", 0)) or 0
+    return usage - int(inactive) if inactive < usage else usage
+
+
+def _decode_lines(chunks: Iterator[bytes]) -> Iterator[str]:
+    """Docker hands out frames, not lines: reassemble lines, decoding UTF-8 across frame edges."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pending = ""
+    for chunk in chunks:
+        pending += decoder.decode(chunk)
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            yield line.rstrip("\r")
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending.rstrip("\r")
+
+
+class DockerEngine:
+    """Replicas as Docker containers. Thread-safe: one docker-py client shared behind a lock."""
+
+    name = "docker"
+
+    def __init__(
+        self,
+        client_factory: ClientFactory = docker.from_env,
+        bootstrap_path: Path | None = None,
+        state_dir: Path | None = None,
+        *,
+        publish_host: str = "127.0.0.1",
+        gpus: bool = False,
+        pids_limit: int = PIDS_LIMIT,
+        cap_add: tuple[str, ...] = (),
+        timeout: float = API_TIMEOUT,
+        ping_timeout: float = PING_TIMEOUT,
+    ) -> None:
+        """
+        ``client_factory`` is called with ``timeout=`` (seconds) and must return a DockerClient.
+        ``state_dir`` holds one folder per replica with its pre-start plan (default var/engine/docker).
+        ``publish_host`` is the host address replica ports are published on (and reported).
+        ``gpus``: the node has NVIDIA GPUs and the NVIDIA runtime; without it cuda.* slots are refused.
+        ``cap_add``: capabilities an installation's images need back (none for ours).
+        """
+        self._client_factory = client_factory
+        self.bootstrap_path = Path(bootstrap_path) if bootstrap_path is not None else BOOTSTRAP
+        self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
+        self.publish_host = publish_host
+        self.gpus = gpus
+        self.pids_limit = pids_limit
+        self.cap_add = tuple(cap_add)
+        self.timeout = timeout
+        self.ping_timeout = ping_timeout
+        self._client_lock = threading.Lock()
+        self._client_instance: docker.DockerClient | None = None
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def _client(self) -> docker.DockerClient:
+        with self._client_lock:
+            if self._client_instance is None:
+                with _docker_errors("connect to the engine", timeout=self.timeout):
+                    self._client_instance = self._client_factory(timeout=self.timeout)
+            return self._client_instance
+
+    def _errors(self, what: str, replica: str | None = None) -> contextlib.AbstractContextManager[None]:
+        return _docker_errors(what, replica, self.timeout)
+
+    def _container(self, replica_id: str) -> Any:
+        client = self._client()
+        with self._errors(f"look up replica {replica_id}", replica=replica_id):
+            return client.containers.get(replica_id)
+
+    # --- Engine protocol --------------------------------------------------------------------------
+
+    def available(self) -> bool:
+        """A quick ping (2 s); any failure, even building the client, means "not available"."""
+        try:
+            client = self._client_factory(timeout=self.ping_timeout)
+        except Exception:
+            return False
+        try:
+            return bool(client.ping())
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    def start(self, spec: ReplicaSpec) -> ReplicaInfo:
+        """Create and start the container; returns once it runs, with the host port it got."""
+        device_requests = self._device_requests(spec)
+        mounts = [self._mount(m.source, m.target, m.read_only) for m in spec.mounts]
+        client = self._client()
+        image = self._image(client, spec.image)
+
+        labels = dict(spec.labels)
+        # list() only sees containers carrying the route label; never start one it can not find.
+        labels.setdefault(LABEL_ROUTE, spec.name)
+
+        entrypoint: list[str] | None = None
+        command: list[str] | None = None
+        plan_dir: Path | None = None
+        if spec.pre_start_actions:
+            plan_dir = self._write_plan(spec, image)
+            mounts.append(DockerMount(BOOTSTRAP_DIR, str(plan_dir), type="bind", read_only=True))
+            entrypoint = ["python3", f"{BOOTSTRAP_DIR}/bootstrap.py", f"{BOOTSTRAP_DIR}/plan.json"]
+        elif spec.command is not None:
+            argv = [spec.shell, "-c", spec.command[0]] if spec.command_is_shell else list(spec.command)
+            # Setting the entrypoint replaces the image's ENTRYPOINT too (and its CMD is dropped),
+            # so the definition's start_command is the whole command line, as users expect.
+            entrypoint, command = argv[:1], argv[1:]
+        # else: the image's own entrypoint and command (NIM, "Predefined Image Command").
+
+        kwargs: dict[str, Any] = {
+            "name": spec.name,
+            "labels": labels,
+            "environment": dict(spec.env),
+            "entrypoint": entrypoint,
+            "command": command,
+            "working_dir": spec.workdir or None,
+            "mounts": mounts,
+            "ports": {f"{spec.port}/tcp": (self.publish_host, None)},
+            "init": True,
+            "detach": True,
+            "pids_limit": self.pids_limit,
+            "security_opt": ["no-new-privileges"],
+            "cap_drop": ["ALL"],
+            "cap_add": list(self.cap_add) or None,
+            "privileged": False,
+            "network_mode": "bridge",
+            # Bounded logs: a chatty server must not fill the node's disk.
+            "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
+        }
+        if spec.cpu > 0:
+            kwargs["nano_cpus"] = int(spec.cpu * 1e9)
+        if spec.mem_bytes > 0:
+            # Same memswap as memory: no swap, so going past the limit is an OOM kill, not a crawl.
+            kwargs["mem_limit"] = spec.mem_bytes
+            kwargs["memswap_limit"] = spec.mem_bytes
+        if device_requests:
+            kwargs["device_requests"] = device_requests
+
+        container = None
+        try:
+            with self._errors(f"create the container {spec.name}"):
+                try:
+                    container = client.containers.create(spec.image, **kwargs)
+                except docker.errors.APIError as exc:
+                    if exc.status_code == 409:
+                        raise EngineError(
+                            f"A container named {spec.name} already exists on this node; stop that replica first."
+                        ) from exc
+                    raise
+            with self._errors(f"start the container {spec.name}"):
+                container.start()
+                container.reload()  # the host port is only known once it runs
+            return self._info(container)
+        except BaseException:
+            # Leave nothing behind: a half-created container would block the name on retry.
+            if container is not None:
+                with contextlib.suppress(Exception):
+                    container.remove(force=True, v=True)
+            if plan_dir is not None:
+                shutil.rmtree(plan_dir, ignore_errors=True)
+            raise
+
+    def stop(self, replica_id: str, grace: float = 10.0) -> None:
+        """SIGTERM, SIGKILL after ``grace`` s, then remove with its plan folder; gone is fine."""
+        try:
+            container = self._container(replica_id)
+        except ReplicaNotFound:
+            return
+        plan_dirs = self._plan_dirs(container)
+        with self._errors(f"stop replica {replica_id}"):
+            with contextlib.suppress(docker.errors.NotFound):
+                # The API takes whole seconds; round up so a short grace is never zero by accident.
+                container.stop(timeout=math.ceil(max(grace, 0.0)))
+            try:
+                container.remove(force=True, v=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                # Another worker is removing it right now: the outcome we want.
+                if exc.status_code != 409 or "in progress" not in _explain(exc):
+                    raise
+        for path in plan_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def inspect(self, replica_id: str) -> ReplicaInfo:
+        return self._info(self._container(replica_id))
+
+    def logs(self, replica_id: str, tail: int = 200, follow: bool = False) -> Iterator[str]:
+        """Decoded lines of stdout+stderr; raises ReplicaNotFound at once, not at the first line."""
+        container = self._container(replica_id)
+        with self._errors(f"read the logs of replica {replica_id}", replica=replica_id):
+            stream = container.logs(
+                stdout=True, stderr=True, stream=True, follow=follow, tail=tail if tail >= 0 else "all"
+            )
+        return self._log_lines(replica_id, stream)
+
+    def _log_lines(self, replica_id: str, stream: Any) -> Iterator[str]:
+        try:
+            with self._errors(f"read the logs of replica {replica_id}", replica=replica_id):
+                yield from _decode_lines(iter(stream))
+        finally:
+            # A consumer that stops early (a closed websocket) must not leave the socket open.
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    def stats(self, replica_id: str) -> ReplicaStats:
+        container = self._container(replica_id)
+        limit = int((container.attrs.get("HostConfig") or {}).get("Memory") or 0)
+        if container.status != "running":
+            return ReplicaStats(cpu_percent=0.0, mem_bytes=0, mem_limit_bytes=limit)
+        with self._errors(f"read the stats of replica {replica_id}", replica=replica_id):
+            # stream=False makes the daemon wait for a second sample and fill precpu_stats...
+            sample = container.stats(stream=False)
+            cpu = _cpu_percent(sample.get("precpu_stats") or {}, sample.get("cpu_stats") or {})
+            if cpu is None:
+                # ...except right after start, when there is no earlier sample: take our own.
+                later = container.stats(stream=False)
+                cpu = _cpu_percent(sample.get("cpu_stats") or {}, later.get("cpu_stats") or {})
+                sample = later
+        memory = sample.get("memory_stats") or {}
+        return ReplicaStats(
+            cpu_percent=round(cpu or 0.0, 2),
+            mem_bytes=_memory_used(memory),
+            mem_limit_bytes=int(memory.get("limit") or limit),
+        )
+
+    def list(self, labels: Mapping[str, str] | None = None) -> builtins.list[ReplicaInfo]:
+        """Our containers (they carry LABEL_ROUTE), running or not, filtered by label equality."""
+        wanted = [LABEL_ROUTE] + [f"{key}={value}" for key, value in (labels or {}).items()]
+        client = self._client()
+        with self._errors("list the replicas"):
+            # ignore_removed: a container removed between the listing and its inspect is just gone.
+            containers = client.containers.list(all=True, filters={"label": wanted}, ignore_removed=True)
+        infos = []
+        for container in containers:
+            with contextlib.suppress(ReplicaNotFound):
+                infos.append(self._info(container))
+        return infos
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _image(self, client: docker.DockerClient, image: str) -> Any:
+        with self._errors(f"look up the image {image}"):
+            try:
+                return client.images.get(image)
+            except docker.errors.ImageNotFound as exc:
+                raise ImageNotFound(f"The image {image} is not on this node; {BUILD_HINT}.") from exc
+
+    def _device_requests(self, spec: ReplicaSpec) -> builtins.list[DeviceRequest]:
+        wanted = {key: value for key, value in spec.accelerators.items() if value > 0}
+        if not wanted:
+            return []
+        asked = ", ".join(f"{key} {value:g}" for key, value in sorted(wanted.items()))
+        others = sorted(key for key in wanted if not key.startswith("cuda."))
+        if others:
+            raise EngineError(
+                f"The Docker engine can not provide {', '.join(others)}: only NVIDIA GPUs (cuda.*) are supported."
+            )
+        if not self.gpus:
+            raise EngineError(
+                f"The replica {spec.name} asks for {asked}, but this node has no GPU; the scheduler should "
+                "not have placed it here (advertise accelerators only on GPU nodes)."
+            )
+        # Plain Docker hands out whole devices: a fractional cuda.shares gets one whole GPU.
+        count = max(math.ceil(value) for value in wanted.values())
+        return [DeviceRequest(count=count, capabilities=[["gpu"]])]
+
+    def _mount(self, source: str, target: str, read_only: bool) -> DockerMount:
+        if not os.path.isabs(source) or not os.path.isabs(target):
+            raise EngineError(f"The mount {source} -> {target} needs absolute paths on both sides.")
+        if not os.path.exists(source):
+            # A bind of a missing path would fail in Docker with a less clear message.
+            raise EngineError(f"The folder {source} to mount at {target} does not exist on this node.")
+        real = os.path.realpath(source)
+        for sock in DOCKER_SOCKETS:
+            sock_real = os.path.realpath(sock)
+            if real in (sock, sock_real) or sock_real.startswith(real.rstrip("/") + "/"):
+                raise EngineError(
+                    f"Refusing to mount {source}: it holds the Docker socket, which would give the replica "
+                    "control of the node."
+                )
+        if target.rstrip("/") == BOOTSTRAP_DIR or target.startswith(BOOTSTRAP_DIR + "/"):
+            raise EngineError(f"The mount target {target} is reserved for the platform ({BOOTSTRAP_DIR}).")
+        return DockerMount(target, source, type="bind", read_only=read_only)
+
+    def _write_plan(self, spec: ReplicaSpec, image: Any) -> Path:
+        """A per-replica folder with bootstrap.py and plan.json, mounted read-only in the container."""
+        if not self.bootstrap_path.is_file():
+            raise EngineError(f"The pre-start runner {self.bootstrap_path} is missing; reinstall the platform.")
+        if spec.command is not None:
+            command = list(spec.command)
+        else:
+            # Pre-start actions replace the entrypoint, so the image's own command runs after them.
+            config = (image.attrs or {}).get("Config") or {}
+            command = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
+            if not command:
+                raise EngineError(
+                    f"The image {spec.image} has no command of its own; give the service a start command."
+                )
+        plan = {
+            "actions": [{"action": a.action, "args": dict(a.args)} for a in spec.pre_start_actions],
+            "command": command,
+            "command_is_shell": spec.command_is_shell and spec.command is not None,
+            "shell": spec.shell,
+            "workdir": spec.workdir,
+        }
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            plan_dir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=self.state_dir))
+            # Readable by whatever user the image runs as; the folder holds no secrets of ours.
+            plan_dir.chmod(0o755)
+            shutil.copyfile(self.bootstrap_path, plan_dir / "bootstrap.py")
+            (plan_dir / "plan.json").write_text(json.dumps(plan, default=list))
+            for item in plan_dir.iterdir():
+                item.chmod(0o644)
+        except OSError as exc:
+            raise EngineError(f"Could not write the pre-start plan under {self.state_dir}: {exc}.") from exc
+        return plan_dir
+
+    def _plan_dirs(self, container: Any) -> builtins.list[Path]:
+        """The plan folders this engine made for ``container`` (found by its mounts, not memory)."""
+        root = os.path.realpath(self.state_dir)
+        found = []
+        for mount in container.attrs.get("Mounts") or []:
+            source = mount.get("Source") or ""
+            if mount.get("Destination") == BOOTSTRAP_DIR and os.path.realpath(source).startswith(root + os.sep):
+                found.append(Path(source))
+        return found
+
+    def _host_port(self, attrs: Mapping[str, Any]) -> int:
+        ports = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+        for key, bindings in ports.items():
+            if not key.endswith("/tcp"):
+                continue
+            for binding in bindings or []:
+                if binding.get("HostPort"):
+                    return int(binding["HostPort"])
+        return 0  # not running: no port is held
+
+    def _info(self, container: Any) -> ReplicaInfo:
+        attrs = container.attrs
+        state = attrs.get("State") or {}
+        status = state.get("Status") or container.status
+        replica_state = _STATES.get(status, ReplicaState.EXITED)
+        exit_code: int | None = None
+        error = ""
+        if replica_state is ReplicaState.EXITED:
+            exit_code = int(state.get("ExitCode") or 0)
+            error = self._exit_error(container, state, attrs, exit_code)
+        return ReplicaInfo(
+            replica_id=container.id,
+            name=container.name,
+            state=replica_state,
+            host=self.publish_host,
+            port=self._host_port(attrs),
+            labels=dict((attrs.get("Config") or {}).get("Labels") or {}),
+            exit_code=exit_code,
+            error=error,
+        )
+
+    def _exit_error(self, container: Any, state: Mapping[str, Any], attrs: Mapping[str, Any], code: int) -> str:
+        if state.get("OOMKilled"):
+            limit = int((attrs.get("HostConfig") or {}).get("Memory") or 0)
+            return f"killed: out of memory (limit {limit // MIB} MiB)"
+        if state.get("Error"):  # Docker itself could not run it (bad mount, missing executable...)
+            return f"could not start: {state['Error']}"
+        if code == BOOTSTRAP_FAILED:
+            return self._prestart_error(container)
+        if code > 128:
+            try:
+                name = signal.Signals(code - 128).name
+            except ValueError:
+                name = f"signal {code - 128}"
+            return f"exited with code {code} ({name})"
+        last = self._last_lines(container, 20)
+        tail = next((line for line in reversed(last) if line.strip()), "")
+        return f"exited with code {code}" + (f": {tail.strip()[:300]}" if tail and code else "")
+
+    def _prestart_error(self, container: Any) -> str:
+        """bootstrap.py prints ``[prestart] action N (kind) failed: why`` before exiting 97."""
+        lines = [line.strip() for line in self._last_lines(container, 200)]
+        prestart = [line.removeprefix("[prestart]").strip() for line in lines if line.startswith("[prestart]")]
+        for line in reversed(prestart):
+            if "failed:" in line:
+                return f"pre-start {line}"
+        if prestart:
+            return f"pre-start: {prestart[-1]}"
+        return f"the pre-start runner failed (exit code {BOOTSTRAP_FAILED})"
+
+    def _last_lines(self, container: Any, tail: int) -> builtins.list[str]:
+        try:
+            raw = container.logs(stdout=True, stderr=True, tail=tail)
+        except Exception:  # the error text is best effort; never fail inspect() over it
+            return []
+        return raw.decode("utf-8", "replace").splitlines()

@@ -1,0 +1,137 @@
+"""Model store (S1.3): which model folders can run, and the launcher values pre-filled from them (S3.2).
+
+The definition files are read through storage.fs like every other user file: a definition file that
+is a symlink (planted by a container that had the folder mounted read-write) is reported as a
+problem, never followed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from serving import definitions, slots
+from serving.definitions import MODEL_DEFINITION_NAMES, SERVICE_DEFINITION_NAME, DefinitionError, Problem
+from storage import fs as fsmod
+from storage.fs import FolderFS
+from storage.models import Folder
+
+DEFAULT_MODEL_MOUNT = "/models"
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What the folder list needs: cheap (a few lstat calls, no parsing)."""
+
+    runnable: bool  # a model folder with both definition files: shows "Run this model"
+    model_definition_path: str | None
+    has_service_definition: bool
+
+
+def _is_file(folder_fs: FolderFS, name: str) -> bool:
+    try:
+        return folder_fs.stat(name).type == "file"
+    except fsmod.FsError:
+        return False
+
+
+def store_info(folder: Folder) -> StoreInfo:
+    folder_fs = FolderFS(folder.host_path)
+    found = next((name for name in MODEL_DEFINITION_NAMES if _is_file(folder_fs, name)), None)
+    service = _is_file(folder_fs, SERVICE_DEFINITION_NAME)
+    runnable = folder.usage_mode == Folder.UsageMode.MODEL and found is not None and service
+    return StoreInfo(runnable=runnable, model_definition_path=found, has_service_definition=service)
+
+
+def _read(folder_fs: FolderFS, name: str) -> bytes:
+    """A definition file's bytes, size-capped; every way it can fail is a Problem naming the file."""
+    try:
+        with folder_fs.open_read(name) as handle:
+            data = handle.read(definitions.MAX_FILE_BYTES + 1)
+    except fsmod.FsError as exc:
+        raise DefinitionError([Problem(name, "", exc.message)]) from None
+    if len(data) > definitions.MAX_FILE_BYTES:
+        limit = definitions.MAX_FILE_BYTES // 1024
+        raise DefinitionError([Problem(name, "", f"the file is larger than {limit} KiB; a definition file is small")])
+    return data
+
+
+def launcher_values(folder: Folder, runtime: str = "custom", definition_path: str | None = None) -> dict[str, Any]:
+    """The service launcher pre-filled from the folder (S1.3, S3.2), with every problem in its files.
+
+    Problems never raise: the launcher shows them next to the fields (file, field path, line), and the
+    user may still fix the values by hand.
+    """
+    from serving.runtimes import RUNTIMES
+
+    folder_fs = FolderFS(folder.host_path)
+    problems: list[Problem] = []
+    variant = RUNTIMES.get(runtime)
+    if variant is None:
+        problems.append(Problem("", "runtime", f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}"))
+
+    model_definition_path = definition_path or next(
+        (name for name in MODEL_DEFINITION_NAMES if _is_file(folder_fs, name)), MODEL_DEFINITION_NAMES[0]
+    )
+    needs_definition = variant is None or variant.needs_definition_file
+    present = False
+    try:
+        folder_fs.stat(model_definition_path)
+        present = True
+    except fsmod.PathNotFound:
+        if needs_definition:
+            problems.append(
+                Problem(model_definition_path, "", f"is missing from the folder; the {runtime} runtime needs it")
+            )
+    except fsmod.FsError as exc:  # a bad path typed into the launcher
+        problems.append(Problem(model_definition_path, "", exc.message))
+    if present:
+        try:
+            data = _read(folder_fs, model_definition_path)
+            model_definition = definitions.parse_model_definition(data, model_definition_path)
+            if needs_definition and model_definition.primary.service is None:
+                problems.append(
+                    Problem(model_definition_path, "models[0].service", f"is required to start the {runtime} runtime")
+                )
+        except DefinitionError as exc:
+            problems.extend(exc.problems)
+
+    image = architecture = ""
+    resources: dict[str, float] = {}
+    environ: dict[str, str] = {}
+    try:
+        folder_fs.stat(SERVICE_DEFINITION_NAME)
+        has_service_definition = True
+    except fsmod.FsError:
+        has_service_definition = False  # optional: defaults then come from the platform
+    if has_service_definition:
+        try:
+            data = _read(folder_fs, SERVICE_DEFINITION_NAME)
+            service_definition = definitions.parse_service_definition(data, SERVICE_DEFINITION_NAME)
+            resolved = definitions.resolve_service_defaults(service_definition, runtime)
+            if resolved is not None:
+                image, architecture = resolved.image, resolved.architecture
+                resources = slots.normalize(resolved.resources)
+                environ = dict(resolved.environ)
+        except DefinitionError as exc:
+            problems.extend(exc.problems)
+        except slots.SlotError as exc:
+            problems.append(Problem(SERVICE_DEFINITION_NAME, f"{runtime}.resource_slots", str(exc)))
+
+    return {
+        "folder": str(folder.pk),
+        "folder_name": folder.name,
+        "runtime": runtime,
+        "image": image or settings.DEFAULT_IMAGE,
+        "image_from_folder": bool(image),
+        "architecture": architecture,
+        "resources": resources,
+        "environ": environ,
+        "model_mount": DEFAULT_MODEL_MOUNT,
+        "model_definition_path": model_definition_path,
+        "has_service_definition": has_service_definition,
+        "runnable": folder.usage_mode == Folder.UsageMode.MODEL and present and has_service_definition,
+        "problems": [p.to_dict() for p in problems],
+    }

@@ -1,0 +1,36 @@
+"""The operator commands of the public contract (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from tests.factories import SIMPLE_DEFINITION
+
+
+@pytest.mark.django_db
+def test_issue_api_key_prints_a_working_key_as_the_last_word(personas: dict[str, Any]) -> None:
+    out = StringIO()
+    call_command("issue_api_key", "owner", stdout=out)
+    key = out.getvalue().split()[-1]
+    client = APIClient()
+    assert client.get("/api/v1/me/", HTTP_AUTHORIZATION=f"Token {key}").json()["username"] == "owner"
+    assert client.get("/api/v1/me/", HTTP_AUTHORIZATION="Token msk_aaaaaaaaaa_" + "b" * 43).status_code == 401
+    assert client.get("/api/v1/me/", HTTP_AUTHORIZATION="Token nope").status_code == 401
+
+
+def test_validate_model_folder_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "model-definition.yaml").write_text(SIMPLE_DEFINITION)
+    call_command("validate_model_folder", str(tmp_path))
+    assert "OK: the folder is valid." in capsys.readouterr().out
+    (tmp_path / "model-definition.yaml").write_text(SIMPLE_DEFINITION.replace("port: 8000", "port: 0"))
+    with pytest.raises(SystemExit) as exit_info:
+        call_command("validate_model_folder", str(tmp_path))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "model-definition.yaml:" in err and "models[0].service.port" in err
