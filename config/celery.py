@@ -24,6 +24,11 @@ def _beat_schedule(sender: Celery, **_: object) -> None:
             "schedule": settings.RECONCILE_INTERVAL,
             "options": {"expires": settings.RECONCILE_INTERVAL},
         },
+        "autoscale": {
+            "task": "serving.tasks.autoscale",
+            "schedule": settings.AUTOSCALE_INTERVAL,
+            "options": {"expires": settings.AUTOSCALE_INTERVAL},
+        },
         "detect-lost-nodes": {
             "task": "serving.tasks.detect_lost_nodes",
             "schedule": settings.NODE_HEARTBEAT_INTERVAL,

@@ -68,6 +68,14 @@ def detect_lost_nodes() -> None:
                 enqueue_reconcile(str(endpoint.pk))
 
 
+@shared_task(ignore_result=True, soft_time_limit=60, time_limit=90)
+def autoscale() -> None:
+    """The autoscaling tick (S6): evaluate every service's rules, scale by compare-and-set."""
+    from serving import autoscaling
+
+    autoscaling.tick()
+
+
 def after_routes_changed(endpoint_id: str) -> None:
     """Push the new state to the proxies (routing table) and to open pages (websocket)."""
     from serving import routing
