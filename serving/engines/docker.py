@@ -105,7 +105,7 @@ def _docker_errors(what: str, replica: str | None = None, timeout: float = API_T
         ) from exc
     except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
         raise EngineError(
-            f"Docker could not {what}: the engine is unreachable ({_explain(exc)}); "
+            f"Docker could not {what}: the engine is unreachable: {_explain(exc)}; "
             "start it with scripts/docker-up.sh or use SERVING_ENGINE=local."
         ) from exc
 
@@ -276,6 +276,8 @@ class DockerEngine:
             with self._errors(f"create the container {spec.name}"):
                 try:
                     container = client.containers.create(spec.image, **kwargs)
+                except docker.errors.ImageNotFound as exc:  # removed since we looked it up
+                    raise ImageNotFound(f"The image {spec.image} is not on this node; {BUILD_HINT}.") from exc
                 except docker.errors.APIError as exc:
                     if exc.status_code == 409:
                         raise EngineError(
@@ -407,7 +409,10 @@ class DockerEngine:
             # A bind of a missing path would fail in Docker with a less clear message.
             raise EngineError(f"The folder {source} to mount at {target} does not exist on this node.")
         real = os.path.realpath(source)
-        for sock in DOCKER_SOCKETS:
+        sockets = list(DOCKER_SOCKETS)
+        if os.environ.get("DOCKER_HOST", "").startswith("unix://"):
+            sockets.append(os.environ["DOCKER_HOST"].removeprefix("unix://"))
+        for sock in sockets:
             sock_real = os.path.realpath(sock)
             if real in (sock, sock_real) or sock_real.startswith(real.rstrip("/") + "/"):
                 raise EngineError(
