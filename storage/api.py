@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.utils.http import content_disposition_header, http_date, quote_etag
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -167,7 +168,7 @@ class FileListView(FilesAPIView):
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def parse_range(header: str, size: int) -> tuple[int, int] | None | bool:
+def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
     """One byte range as (start, length); None to send the whole file; False when unsatisfiable."""
     match = _RANGE_RE.match(header.strip())
     if not match:
@@ -221,7 +222,7 @@ async def _async_chunks(handle: BinaryIO, start: int, length: int) -> AsyncItera
         handle.close()
 
 
-def download_response(request: HttpRequest, handle: BinaryIO, path: str) -> HttpResponse:
+def download_response(request: HttpRequest, handle: BinaryIO, path: str) -> HttpResponseBase:
     """Stream a file with Range (one range) and If-Range support; always as an attachment.
 
     Attachment, never inline: the file comes from our own origin, and a user's HTML must not run there.
@@ -236,9 +237,9 @@ def download_response(request: HttpRequest, handle: BinaryIO, path: str) -> Http
         wanted = parse_range(range_header, size)
         if wanted is False:
             handle.close()
-            response = HttpResponse(status=416)
-            response["Content-Range"] = f"bytes */{size}"
-            return response
+            refused = HttpResponse(status=416)
+            refused["Content-Range"] = f"bytes */{size}"
+            return refused
         if wanted is not None and wanted is not True:
             start, length = wanted
             status_code = 206
@@ -282,7 +283,7 @@ class FileView(FilesAPIView):
     parser_classes: list[Any] = []  # the body is the file: DRF must not try to parse it
 
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
-    def get(self, request: Request, folder_id: str, path: str) -> HttpResponse:
+    def get(self, request: Request, folder_id: str, path: str) -> HttpResponseBase:
         folder = access_folder(request.user, folder_id)
         handle = actions.folder_fs(folder).open_read(path)
         return download_response(request._request, handle, path)
@@ -374,7 +375,10 @@ class UploadView(FilesAPIView):
         request={
             "multipart/form-data": inline_serializer(
                 "MultipartUpload",
-                {"path": serializers.CharField(required=False), "files": serializers.ListField(child=serializers.FileField())},
+                {
+                    "path": serializers.CharField(required=False),
+                    "files": serializers.ListField(child=serializers.FileField()),
+                },
             )
         },
         responses={201: inline_serializer("Uploaded", {"uploaded": EntrySerializer(many=True)})},

@@ -118,7 +118,10 @@ def test_every_operation_refuses_traversal(folder: FolderFS, outside: Path) -> N
 
 def test_list_root_and_subdir(folder: FolderFS) -> None:
     entries = folder.list("")
-    assert [(e.name, e.type, e.path) for e in entries] == [("models", "dir", "models"), ("README.md", "file", "README.md")]
+    assert [(e.name, e.type, e.path) for e in entries] == [
+        ("models", "dir", "models"),
+        ("README.md", "file", "README.md"),
+    ]
     (inner,) = folder.list("models")
     assert (inner.path, inner.size, inner.type) == ("models/weights.bin", 10, "file")
     assert inner.to_dict()["modified"].tzinfo is not None
@@ -288,9 +291,7 @@ def test_move_out_through_symlink_refused(folder: FolderFS, root: Path, outside:
 # --- the race: a component swapped for a symlink between check and use --------------------------------
 
 
-def _swap_before_open(
-    monkeypatch: pytest.MonkeyPatch, root: Path, component: str, target: Path
-) -> Callable[[], int]:
+def _swap_before_open(monkeypatch: pytest.MonkeyPatch, root: Path, component: str, target: Path) -> Callable[[], int]:
     """Interpose on the walk: just before `component` is opened, replace it with a link to `target`."""
     real = fs.open_dir_at
     calls = {"n": 0}
