@@ -14,10 +14,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from serving.consumers import websocket_urlpatterns  # noqa: E402
+from storage.asgi import streaming_uploads  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # File uploads are streamed to disk by storage/asgi.py before Django would hold them in memory.
+        "http": streaming_uploads(django_asgi_app),  # type: ignore[arg-type]  # Django types scope as a dict
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -122,9 +122,9 @@ STATIC_ROOT.mkdir(exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static"]
 WHITENOISE_USE_FINDERS = True
 
-# Uploads are streamed to disk by storage/, never held in memory.
+# File uploads are streamed to disk by storage/asgi.py; what reaches Django's own parsers is small.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024 * 1024
-FILE_UPLOAD_MAX_MEMORY_SIZE = 0
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2621440
 
 # --- Redis: broker, channel layer, routing table, token digests, metrics -----------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")

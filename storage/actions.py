@@ -169,7 +169,8 @@ def do_upload_file(
 def begin_uploads(folder: Folder) -> tuple[FolderFS, Budget]:
     """The filesystem and a shared byte budget for a request that uploads many files (multipart)."""
     fs = folder_fs(folder)
-    return fs, Budget(folder.effective_quota - fs.usage())
+    used = fs.usage()
+    return fs, Budget(folder.effective_quota - used, used=used)
 
 
 def do_commit_uploads(folder: Folder, uploads: list[Upload], *, acting_user: User) -> list[tuple[Entry, bool]]:

@@ -16,13 +16,18 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, BinaryIO
 
 from django.core.handlers.asgi import ASGIRequest
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
-from django.http.response import HttpResponseBase
-from django.utils.http import content_disposition_header, http_date, quote_etag
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    HttpResponseRedirect,
+    StreamingHttpResponse,
+)
+from django.utils.http import content_disposition_header, http_date, quote_etag, url_has_allowed_host_and_scheme
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -145,7 +150,7 @@ def fs_error_response(exc: fs.FsError) -> Response:
 class FilesAPIView(APIView):
     """Base for the file views: a path a user got wrong is a sentence with its status, never a 500."""
 
-    parser_classes = [JSONParser]
+    parser_classes = [JSONParser, FormParser]
 
     def handle_exception(self, exc: Exception) -> Response:
         if isinstance(exc, fs.FsError):
@@ -168,8 +173,12 @@ class FileListView(FilesAPIView):
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
-    """One byte range as (start, length); None to send the whole file; False when unsatisfiable."""
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One byte range as (start, length), or None to send the whole file; raises when unsatisfiable."""
     match = _RANGE_RE.match(header.strip())
     if not match:
         return None  # several ranges or another unit: RFC 9110 lets us answer with the whole file
@@ -179,13 +188,13 @@ def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
     if first == "":
         suffix = int(last)
         if suffix == 0:
-            return False
+            raise RangeNotSatisfiable
         start = max(size - suffix, 0)
         return start, size - start
     start = int(first)
     end = min(int(last), size - 1) if last else size - 1
     if start >= size or end < start:
-        return False
+        raise RangeNotSatisfiable
     return start, end - start + 1
 
 
@@ -234,13 +243,14 @@ def download_response(request: HttpRequest, handle: BinaryIO, path: str) -> Http
     range_header = request.headers.get("Range")
     if_range = request.headers.get("If-Range")
     if range_header and (not if_range or if_range == etag):
-        wanted = parse_range(range_header, size)
-        if wanted is False:
+        try:
+            wanted = parse_range(range_header, size)
+        except RangeNotSatisfiable:
             handle.close()
             refused = HttpResponse(status=416)
             refused["Content-Range"] = f"bytes */{size}"
             return refused
-        if wanted is not None and wanted is not True:
+        if wanted is not None:
             start, length = wanted
             status_code = 206
     chunks: Iterator[bytes] | AsyncIterator[bytes]
@@ -402,6 +412,9 @@ class UploadView(FilesAPIView):
             results = actions.do_commit_uploads(folder, uploads, acting_user=request.user)  # type: ignore[arg-type]
         finally:
             handler.abort_all()
+        after = request.query_params.get("next", "")
+        if after and url_has_allowed_host_and_scheme(after, allowed_hosts={request.get_host()}):
+            return HttpResponseRedirect(after, status=303)  # type: ignore[return-value]
         return Response({"uploaded": [e.to_dict() for e, _ in results]}, status=status.HTTP_201_CREATED)
 
 

@@ -482,13 +482,19 @@ class FolderFS:
             return Entry.from_stat(dst_shown, _lstat_at(dst_dir, dst_parts[-1]))
 
     def begin_upload(
-        self, path: str, *, quota: int, content_length: int | None = None, budget: Budget | None = None
+        self,
+        path: str,
+        *,
+        quota: int,
+        content_length: int | None = None,
+        budget: Budget | None = None,
+        used: int | None = None,
     ) -> Upload:
         """Start writing ``path``: checks the path and the quota now, counts bytes as they come."""
         parts = split_path(path)
         if path.endswith("/"):
             raise PathRefused(f"'{path}' ends with '/'; an upload needs a file name.", path)
-        return Upload(self, parts, quota=quota, content_length=content_length, budget=budget)
+        return Upload(self, parts, quota=quota, content_length=content_length, budget=budget, used=used)
 
     @contextmanager
     def _upload_dir(self) -> Iterator[int]:
@@ -547,7 +553,9 @@ def format_bytes(size: int) -> str:
     value = float(size)
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+            if unit == "bytes":
+                return "1 byte" if size == 1 else f"{size} bytes"
+            return f"{value:.1f} {unit}"
         value /= 1024
     return f"{size} bytes"  # pragma: no cover
 
@@ -555,9 +563,10 @@ def format_bytes(size: int) -> str:
 class Budget:
     """Bytes an upload request may still write: shared by the files of one multipart request."""
 
-    def __init__(self, allowed: int) -> None:
+    def __init__(self, allowed: int, used: int | None = None) -> None:
         self.allowed = max(allowed, 0)
         self.taken = 0
+        self.used = used  # the folder's usage when the request began, if measured
 
     def take(self, size: int) -> bool:
         if self.taken + size > self.allowed:
@@ -581,6 +590,7 @@ class Upload:
         quota: int,
         content_length: int | None,
         budget: Budget | None = None,
+        used: int | None = None,
     ) -> None:
         self.fs = fs
         self.parts = parts
@@ -590,7 +600,8 @@ class Upload:
         self._fd: int | None = None
         self._tmp_name = f"{uuid.uuid4().hex}.part"
         self._done = False
-        self.used_at_start = fs.usage()
+        # A multipart request measures the folder once for all its files (a walk of the whole tree).
+        self.used_at_start = fs.usage() if used is None else used
         # Replacing a file frees its old size: the new one may use it.
         replaced = self._existing_size()
         if budget is None:

@@ -132,6 +132,9 @@ def launcher_values(folder: Folder, runtime: str = "custom", definition_path: st
         "model_mount": DEFAULT_MODEL_MOUNT,
         "model_definition_path": model_definition_path,
         "has_service_definition": has_service_definition,
-        "runnable": folder.usage_mode == Folder.UsageMode.MODEL and present and has_service_definition,
+        # As in the folder list: both files present as regular files (a symlink is reported, not run).
+        "runnable": folder.usage_mode == Folder.UsageMode.MODEL
+        and _is_file(folder_fs, model_definition_path)
+        and _is_file(folder_fs, SERVICE_DEFINITION_NAME),
         "problems": [p.to_dict() for p in problems],
     }

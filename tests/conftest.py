@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# Every test session gets its own Redis key prefix and storage root, so the suite never touches a
-# running installation's data and two suites (SQLite and PostgreSQL) can run side by side.
-_SESSION = uuid.uuid4().hex[:8]
-os.environ.setdefault("REDIS_PREFIX", f"mstest-{_SESSION}")
+# The Redis key prefix of the session is set by tests/redis_isolation.py, before settings load.
 
 
 @pytest.fixture(autouse=True)

@@ -511,3 +511,54 @@ def test_concurrent_mkdir_parents_is_safe(folder: FolderFS, root: Path) -> None:
         t.join()
     assert errors == []
     assert len(list((root / "shared" / "parent").iterdir())) == 8
+
+
+def test_many_files_commit_together_or_not_at_all(folder: FolderFS, root: Path) -> None:
+    used = folder.usage()
+    budget = fs.Budget(100 - used, used=used)  # 84 bytes free
+    first = folder.begin_upload("a.bin", quota=100, budget=budget, used=used)
+    second = folder.begin_upload("b.bin", quota=100, budget=budget, used=used)
+    first.write(b"a" * 50)
+    with pytest.raises(fs.QuotaExceeded):
+        second.write(b"b" * 50)  # the shared budget: 100 > 84
+    with pytest.raises(RuntimeError):
+        fs.commit_uploads(folder, [first, second])
+    assert not (root / "a.bin").exists() and _temp_files(root) == []
+
+
+def test_commit_refuses_a_batch_that_names_a_directory(folder: FolderFS, root: Path) -> None:
+    good = folder.begin_upload("fine.txt", quota=10**6)
+    good.write(b"ok")
+    bad = folder.begin_upload("models", quota=10**6)
+    bad.write(b"x")
+    with pytest.raises(fs.PathConflict, match="is a directory"):
+        fs.commit_uploads(folder, [good, bad])
+    assert not (root / "fine.txt").exists() and _temp_files(root) == []
+
+
+def test_commit_refuses_the_same_path_twice(folder: FolderFS, root: Path) -> None:
+    one = folder.begin_upload("same.txt", quota=10**6)
+    two = folder.begin_upload("same.txt", quota=10**6)
+    with pytest.raises(fs.PathConflict, match="twice"):
+        fs.commit_uploads(folder, [one, two])
+    assert _temp_files(root) == []
+
+
+def test_retarget_checks_the_new_path(folder: FolderFS) -> None:
+    upload = folder.begin_upload("x.txt", quota=10**6)
+    with pytest.raises(fs.PathRefused):
+        upload.retarget("../x.txt")
+    upload.retarget("sub/x.txt")
+    upload.write(b"x")
+    entry, created = upload.commit()
+    assert entry.path == "sub/x.txt" and created
+
+
+def test_format_bytes() -> None:
+    assert [fs.format_bytes(n) for n in (0, 1, 1023, 1024, 5 * 1024**3)] == [
+        "0 bytes",
+        "1 byte",
+        "1023 bytes",
+        "1.0 KiB",
+        "5.0 GiB",
+    ]
