@@ -29,6 +29,16 @@ def _beat_schedule(sender: Celery, **_: object) -> None:
             "schedule": settings.AUTOSCALE_INTERVAL,
             "options": {"expires": settings.AUTOSCALE_INTERVAL},
         },
+        "collect-proxy-metrics": {
+            "task": "serving.tasks.collect_proxy_metrics",
+            "schedule": settings.METRICS_INTERVAL,
+            "options": {"expires": settings.METRICS_INTERVAL},
+        },
+        "record-token-usage": {
+            "task": "serving.tasks.record_token_usage",
+            "schedule": settings.TOKEN_USAGE_INTERVAL,
+            "options": {"expires": settings.TOKEN_USAGE_INTERVAL},
+        },
         "detect-lost-nodes": {
             "task": "serving.tasks.detect_lost_nodes",
             "schedule": settings.NODE_HEARTBEAT_INTERVAL,

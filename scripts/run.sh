@@ -5,7 +5,7 @@ web_host=${WEB_HOST:-127.0.0.1}; web_port=${WEB_PORT:-8000}
 .venv/bin/python manage.py collectstatic --noinput -v 0
 cleanup() {
   # Local replicas outlive worker restarts on purpose; Ctrl-C of `make run` stops them too.
-  .venv/bin/python manage.py stop_local_replicas || true
+  .venv/bin/python manage.py stop_replicas || true
   if [ -f var/redis.pid ]; then kill "$(cat var/redis.pid)" 2>/dev/null || true; rm -f var/redis.pid; fi
 }
 trap cleanup EXIT

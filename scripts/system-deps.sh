@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# System packages the product uses: redis-server (broker, routing table) and bubblewrap (the local
-# engine's sandbox). Installed with apt when we are root; otherwise we say exactly what to install.
+# System packages the product uses: redis-server (broker, routing table), bubblewrap (the local
+# engine's sandbox) and, for the e2e tests only, chromium. Installed with apt when we are root; otherwise we say exactly what to install.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
-[ ${#missing[@]} -eq 0 ] && exit 0
+# The e2e tests' browser (tests/e2e, Playwright with executable_path); they skip, saying so, without it.
+optional=()
+[ -x /usr/bin/chromium ] || optional+=(chromium)
+[ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing ${missing[*]} with apt-get"
+  echo "installing ${missing[*]} ${optional[*]} with apt-get"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null || true
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" "${optional[@]}" >/dev/null
 else
+  if [ ${#optional[@]} -gt 0 ]; then
+    echo "the e2e tests need ${optional[*]} (they are skipped without it): sudo apt-get install ${optional[*]}" >&2
+  fi
+  [ ${#missing[@]} -eq 0 ] && exit 0
   echo "modelserve needs these system packages: ${missing[*]}" >&2
   echo "install them, e.g.: sudo apt-get install ${missing[*]}" >&2
   [[ " ${missing[*]} " == *" redis-server "* ]] && [ -n "${REDIS_URL:-}" ] || exit 1

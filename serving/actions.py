@@ -49,7 +49,7 @@ REPLACING_FIELDS = frozenset(
 )
 # Mount targets that would hide what the replica needs to run.
 SYSTEM_PATHS = frozenset({"", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/lib", "/tmp", "/opt/modelserve"})  # noqa: S108
-MODIFIABLE_FIELDS = REPLACING_FIELDS | {"desired_replicas", "open_to_public", "name"}
+MODIFIABLE_FIELDS = REPLACING_FIELDS | {"desired_replicas", "open_to_public", "name", "scaling_cooldown"}
 
 
 def record_event(
@@ -75,10 +75,13 @@ def record_event(
 
 
 def _kick(endpoint_id: Any) -> None:
-    """Reconcile the endpoint right after the commit instead of waiting for the next beat tick."""
+    """Reconcile the endpoint right after the commit instead of waiting for the next beat tick,
+    and tell open pages (services list, service page) that it changed."""
     from serving import tasks
+    from serving.consumers import notify_endpoint_changed
 
     transaction.on_commit(lambda: tasks.enqueue_reconcile(str(endpoint_id)))
+    transaction.on_commit(lambda: notify_endpoint_changed(str(endpoint_id)))
 
 
 # --- validation shared by create and modify ------------------------------------------------------
@@ -128,6 +131,23 @@ def _check_mount_path(path: str, field: str) -> None:
         raise ValidationError({field: f"{path!r} must be an absolute path without '..', e.g. /models."})
     if path.rstrip("/") in SYSTEM_PATHS:
         raise ValidationError({field: f"{path} is a system path; choose one such as /models."})
+
+
+def _check_definition_path(path: str) -> None:
+    """The model definition file path names a file inside the model folder (storage.fs rules):
+    refused now, with the reason, rather than when a replica starts."""
+    from storage import fs
+
+    try:
+        fs.split_path(path)
+    except fs.FsError as exc:
+        raise ValidationError(
+            {
+                "model_definition_path": (
+                    f"{exc.message} Give a path inside the model folder, such as model-definition.yaml."
+                )
+            }
+        ) from None
 
 
 def _is_uuid(value: object) -> bool:
@@ -228,6 +248,8 @@ def check_service_config(
     _check_runtime(runtime)
     _check_model_folder(folder)
     _check_mount_path(model_mount, "model_mount")
+    if model_definition_path:
+        _check_definition_path(model_definition_path)
     visible = Folder.objects.visible_to(acting_user)
     mounts = _check_extra_mounts(list(extra_mounts or []), model_mount, visible)
     defaults = launcher.folder_defaults(folder, runtime)
@@ -240,6 +262,7 @@ def check_service_config(
     merged_environ = {**defaults.environ, **_check_environ(dict(environ or {}))}
     if cluster_mode == Endpoint.ClusterMode.SINGLE_NODE:
         cluster_size = 1
+    _check_cluster(cluster_mode, cluster_size)
     config = ServiceConfig(
         name=name,
         folder=folder,
@@ -284,6 +307,25 @@ def _build(config: ServiceConfig, owner: User) -> Endpoint:
         environ=config.environ,
         open_to_public=config.open_to_public,
     )
+
+
+def _check_cluster(cluster_mode: str, cluster_size: int) -> None:
+    """Multi-node cluster mode (S4.1) with several containers per replica is refused, not faked.
+
+    Every replica is one container on one node (replicas themselves are spread across nodes by
+    the scheduler); a cluster of N containers per replica with roles and peers is not built yet,
+    so a size above 1 would silently run something other than what was asked.
+    """
+    if cluster_mode == Endpoint.ClusterMode.MULTI_NODE and cluster_size > 1:
+        raise ValidationError(
+            {
+                "cluster_size": (
+                    f"Multi-node cluster mode with a cluster size of {cluster_size} is not supported yet: "
+                    "each replica runs as one container on one node. Use cluster size 1 (replicas are "
+                    "still spread across nodes) or single-node mode, and raise replicas instead."
+                )
+            }
+        )
 
 
 def _name_taken(owner: User, name: str) -> ValidationError:
@@ -378,6 +420,8 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
             value = _check_environ(value)
         elif field == "model_mount":
             _check_mount_path(value, "model_mount")
+        elif field == "model_definition_path" and value:
+            _check_definition_path(value)
         elif field == "extra_mounts":
             value = _check_extra_mounts(list(value or []), changes.get("model_mount", endpoint.model_mount), visible)
         elif (
@@ -392,6 +436,7 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     if endpoint.cluster_mode == Endpoint.ClusterMode.SINGLE_NODE and endpoint.cluster_size != 1:
         endpoint.cluster_size = 1
         applied["cluster_size"] = 1
+    _check_cluster(endpoint.cluster_mode, endpoint.cluster_size)
     if not applied:
         return endpoint
     endpoint.full_clean(exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False)
@@ -552,3 +597,22 @@ def do_delete_rule(rule: AutoScalingRule, *, acting_user: User) -> None:
     """Delete an autoscaling rule; its past decisions stay in the log."""
     record_event(rule.endpoint, "rule_deleted", f"Autoscaling rule {rule} deleted.", actor=acting_user)
     rule.delete()
+
+
+def do_record_token_usage(used: Mapping[str, float]) -> int:
+    """Move the proxies' batched last-use times onto the tokens (never a DB write per request).
+
+    ``used`` maps a token's lookup to epoch seconds. A time only moves forward, so an old batch
+    replayed late cannot hide a newer use. No audit event: this is bookkeeping, not a change anyone
+    made. Returns how many tokens were updated."""
+    if not used:
+        return 0
+    changed = []
+    with transaction.atomic():
+        for token in EndpointToken.objects.select_for_update().filter(lookup__in=list(used)):
+            when = datetime.fromtimestamp(used[token.lookup], tz=timezone.get_current_timezone())
+            if token.last_used_at is None or when > token.last_used_at:
+                token.last_used_at = when
+                changed.append(token)
+        EndpointToken.objects.bulk_update(changed, ["last_used_at"])
+    return len(changed)

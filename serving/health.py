@@ -23,6 +23,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -201,6 +202,28 @@ def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
         transaction.on_commit(lambda: tasks.enqueue_reconcile(endpoint_id))
 
 
+def check_exited(route_id: str, now: datetime | None = None) -> bool:
+    """If the replica of a started route has exited (or vanished), record it now; True if so."""
+    from serving.engines.base import ReplicaNotFound, ReplicaState
+    from serving.node import STARTING_MARK, _log_tail, get_engine
+
+    route = Route.objects.select_related("endpoint").filter(pk=route_id).first()
+    if route is None or route.status not in (Route.Status.DEGRADED, Route.Status.HEALTHY, Route.Status.UNHEALTHY):
+        return False
+    if route.container_id in ("", STARTING_MARK):
+        return False
+    engine = get_engine()
+    try:
+        info = engine.inspect(route.container_id)
+    except ReplicaNotFound:
+        info = None
+    if info is not None and info.state not in (ReplicaState.EXITED, ReplicaState.GONE):
+        return False
+    tail = _log_tail(engine, route.container_id) if info is not None else ""
+    record_exit(route, info, tail, now or timezone.now())
+    return True
+
+
 def _remove_container(container_id: str) -> None:
     from serving.node import _stop_quietly, get_engine
 
@@ -219,8 +242,18 @@ class _Tracked:
     config: HealthConfig
     state: ProbeState
     in_flight: bool = False
+    urgent: bool = False  # a check asked for by a proxy's failure report is running
     db_status: str = DEGRADED
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+_probers: weakref.WeakSet[Prober] = weakref.WeakSet()
+
+
+def refresh_soon() -> None:
+    """A route was just started in this process: every prober here re-reads its routes now."""
+    for prober in list(_probers):
+        prober.refresh_requested = True
 
 
 class Prober:
@@ -234,6 +267,13 @@ class Prober:
         self.tracked: dict[str, _Tracked] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: Any = None
+        self._urgent_tasks: set[asyncio.Task[None]] = set()
+        # Checks whether a route's replica exited and, if so, records it; injectable for tests.
+        self.exit_check: Any = check_exited
+        self.refresh_requested = False
+        _probers.add(self)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"prober-{self.node}", daemon=True)
@@ -253,10 +293,13 @@ class Prober:
         timeout = aiohttp.ClientTimeout(total=None)
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            self._session = session
+            self._loop = asyncio.get_running_loop()
             last_refresh = 0.0
             while not self._stop.is_set():
                 now = self.clock()
-                if now - last_refresh >= self.REFRESH_EVERY:
+                if now - last_refresh >= self.REFRESH_EVERY or self.refresh_requested:
+                    self.refresh_requested = False
                     try:
                         await asyncio.to_thread(self._refresh)
                     except Exception:
@@ -267,6 +310,64 @@ class Prober:
                         tracked.in_flight = True
                         asyncio.create_task(self._probe(session, tracked))
                 await asyncio.sleep(0.05)
+            self._loop = None
+
+    # --- out-of-schedule checks (a proxy reported the route failing) -----------------------------
+
+    def tracks(self, route_id: str) -> bool:
+        """Whether ``route_id`` is a started route of this node (safe from any thread)."""
+        return route_id in self.tracked
+
+    def check_now(self, route_id: str, reason: str = "") -> bool:
+        """Check a route at once instead of at its next interval (from any thread).
+
+        First whether its process exited (then it is marked at once, like the node's sync does),
+        else one HTTP probe that counts as S5.1 says; a replica whose exit is being recorded while
+        the proxy already saw the refusal is looked at again for a moment. Returns False when the
+        route is not tracked here or a check of it is already running.
+        """
+        loop = self._loop
+        tracked = self.tracked.get(route_id)
+        if loop is None or tracked is None or tracked.urgent:
+            return False
+        try:
+            loop.call_soon_threadsafe(self._start_urgent, route_id, reason)
+        except RuntimeError:  # the loop just closed
+            return False
+        return True
+
+    def _start_urgent(self, route_id: str, reason: str) -> None:
+        tracked = self.tracked.get(route_id)
+        if tracked is None or tracked.urgent:
+            return
+        tracked.urgent = True
+        task = asyncio.get_running_loop().create_task(self._urgent_check(tracked, reason))
+        self._urgent_tasks.add(task)
+        task.add_done_callback(self._urgent_tasks.discard)
+
+    async def _urgent_check(self, tracked: _Tracked, reason: str) -> None:
+        try:
+            if await asyncio.to_thread(self._exit_check, tracked.route_id):
+                return
+            probed_ok = True
+            if not tracked.in_flight and self._session is not None:
+                tracked.in_flight = True
+                await self._probe(self._session, tracked)
+                probed_ok = tracked.state.failures == 0
+            if not probed_ok:
+                # The sandbox's exit record can trail the refused connection by a few milliseconds.
+                for delay in (0.05, 0.1, 0.2, 0.4):
+                    await asyncio.sleep(delay)
+                    if await asyncio.to_thread(self._exit_check, tracked.route_id):
+                        return
+        except Exception:
+            log.exception("checking route %s after a proxy's report failed", tracked.route_id)
+        finally:
+            tracked.urgent = False
+
+    def _exit_check(self, route_id: str) -> bool:
+        close_old_connections()
+        return bool(self.exit_check(route_id))
 
     def _refresh(self) -> None:
         close_old_connections()
@@ -309,6 +410,10 @@ class Prober:
         config = tracked.config
         ok = False
         reason = ""
+        # S5.1: a check every ``interval``, counted from when each check *started*. Counted from its
+        # end, a replica that hangs (every check waits max_wait_time) would stay in traffic for
+        # (interval + max_wait_time) x (max_retries + 1) instead of S5.2's interval x (max_retries + 1).
+        started = self.clock()
         try:
             if config.path is None:
                 _, writer = await asyncio.wait_for(
@@ -333,9 +438,8 @@ class Prober:
             reason = f"GET {config.path or 'port'} took longer than max_wait_time ({config.max_wait_time:g} s)."
         except (OSError, aiohttp.ClientError) as exc:
             reason = f"GET {config.path or 'port'} failed: {exc.__class__.__name__}: {exc}"
-        now = self.clock()
         old = tracked.state
-        new = apply_probe(config, old, ok, now)
+        new = apply_probe(config, old, ok, started)
         tracked.state = new
         try:
             if new.status != tracked.db_status or (new.failures != old.failures and new.failures > 0):

@@ -14,20 +14,31 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from serving import scheduler
+from serving import faults, scheduler
 from serving.models import Endpoint, Node, Route
 
 log = logging.getLogger(__name__)
 
 # A route the node never picked up (worker gone between commit and enqueue, queue lost) fails.
 PROVISION_TIMEOUT = timedelta(seconds=180)
+# A provisioning route no node has claimed gets its start re-sent (a worker that died between the
+# commit and the enqueue sent none); starting is idempotent: the node claims a route once.
+START_RESEND_AFTER = timedelta(seconds=10)
 # A terminating route whose stop was not confirmed gets its stop re-sent; after the give-up time
 # the row is forgotten (the node's orphan sweep stops a container that may remain).
 STOP_RESEND_AFTER = timedelta(seconds=30)
 STOP_GIVE_UP_AFTER = timedelta(seconds=180)
+# A replica that served traffic is stopped this long after it left the routing table, so every proxy
+# has dropped it and requests already inside it can finish (rolling updates lose no request).
+DRAIN_DELAY = 1.0
+# A healthy replica on a lost node keeps serving this long at most while its replacements start: a
+# node is "lost" when its *worker* is silent, and replicas outlive their worker (a worker crash, a
+# control-plane outage). The proxies retry elsewhere if it is really gone.
+STRANDED_GRACE = timedelta(seconds=120)
 
 LIVE = frozenset({Route.Status.PROVISIONING, Route.Status.DEGRADED, Route.Status.HEALTHY, Route.Status.UNHEALTHY})
 NOT_READY = frozenset({Route.Status.PROVISIONING, Route.Status.DEGRADED})
@@ -42,6 +53,7 @@ class RouteView:
     created_at: datetime
     updated_at: datetime
     started: bool = False  # the node has started (or is starting) its container
+    lost_since: datetime | None = None  # when its node was lost (None: the node is alive)
 
 
 @dataclass(frozen=True)
@@ -58,11 +70,20 @@ class Plan:
     drain: list[str] = field(default_factory=list)  # -> terminating, then the node stops it
     forget: list[str] = field(default_factory=list)  # delete the row now (node lost, stop gave up)
     resend_stop: list[str] = field(default_factory=list)
+    resend_start: list[str] = field(default_factory=list)  # provisioning, never claimed by its node
     fail: list[str] = field(default_factory=list)  # provisioning that never started
     destroyed: bool = False
 
     def is_empty(self) -> bool:
-        return not (self.create or self.drain or self.forget or self.resend_stop or self.fail or self.destroyed)
+        return not (
+            self.create
+            or self.drain
+            or self.forget
+            or self.resend_stop
+            or self.resend_start
+            or self.fail
+            or self.destroyed
+        )
 
 
 def _drain_order(route: RouteView) -> tuple[int, float]:
@@ -75,11 +96,24 @@ def _drain_order(route: RouteView) -> tuple[int, float]:
 def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan:
     """What to do so that the routes match the endpoint. Pure; see the module docstring."""
     result = Plan()
-    # Routes on a lost node are gone with it: forget them, new ones are placed elsewhere.
+    # Routes on a lost node: new ones are placed elsewhere. A healthy one of the current version is
+    # "stranded": it stays in traffic until enough replacements are healthy (see below) or the grace
+    # runs out; anything else on a lost node is forgotten at once.
+    stranded: list[RouteView] = []
     for route in routes:
-        if not route.node_alive and route.status != Route.Status.FAILED_TO_START:
+        if route.node_alive or route.status == Route.Status.FAILED_TO_START:
+            continue
+        if (
+            endpoint.lifecycle == Endpoint.Lifecycle.CREATED
+            and route.status == Route.Status.HEALTHY
+            and route.spec_version == endpoint.spec_version
+            and route.lost_since is not None
+            and now - route.lost_since < STRANDED_GRACE
+        ):
+            stranded.append(route)
+        else:
             result.forget.append(route.id)
-    present = [r for r in routes if r.id not in result.forget]
+    present = [r for r in routes if r.id not in result.forget and r not in stranded]
 
     for route in present:
         if route.status == Route.Status.TERMINATING:
@@ -89,6 +123,12 @@ def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan
                 result.resend_stop.append(route.id)
         elif route.status == Route.Status.PROVISIONING and now - route.created_at > PROVISION_TIMEOUT:
             result.fail.append(route.id)
+        elif (
+            route.status == Route.Status.PROVISIONING
+            and not route.started
+            and now - route.updated_at > START_RESEND_AFTER
+        ):
+            result.resend_start.append(route.id)
     present = [r for r in present if r.id not in result.forget and r.id not in result.fail]
 
     if endpoint.lifecycle != Endpoint.Lifecycle.CREATED:
@@ -111,6 +151,11 @@ def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan
         current = [r for r in current if r.status != Route.Status.UNHEALTHY]
 
     desired = endpoint.desired
+    # Stranded replicas do not count (replacements are created), but serve until enough are healthy.
+    healthy_elsewhere = sum(1 for r in current if r.status == Route.Status.HEALTHY)
+    keep = max(0, desired - healthy_elsewhere)
+    oldest_first = sorted(stranded, key=lambda r: r.created_at.timestamp())
+    result.forget.extend(r.id for r in oldest_first[keep:])
     if not outdated:
         if len(current) > desired:
             extra = sorted(current, key=_drain_order)[: len(current) - desired]
@@ -146,7 +191,23 @@ def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan
 # --- the shell -----------------------------------------------------------------------------------
 
 
-def _views(endpoint: Endpoint, routes: list[Route], alive_nodes: set[int]) -> tuple[EndpointView, list[RouteView]]:
+def _node_states(now: datetime) -> tuple[set[int], dict[int, datetime]]:
+    """The ids of the alive nodes, and for every other node since when it counts as lost."""
+    alive: set[int] = set()
+    lost: dict[int, datetime] = {}
+    for node in Node.objects.all():
+        if node.is_alive(now):
+            alive.add(node.pk)
+        elif node.lost_at is not None:
+            lost[node.pk] = node.lost_at
+        elif node.heartbeat_at is not None:
+            lost[node.pk] = node.heartbeat_at + timedelta(seconds=settings.NODE_LOST_AFTER)
+    return alive, lost
+
+
+def _views(
+    endpoint: Endpoint, routes: list[Route], alive_nodes: set[int], lost_nodes: dict[int, datetime] | None = None
+) -> tuple[EndpointView, list[RouteView]]:
     ev = EndpointView(
         lifecycle=endpoint.lifecycle,
         desired=endpoint.desired_replicas,
@@ -163,6 +224,7 @@ def _views(endpoint: Endpoint, routes: list[Route], alive_nodes: set[int]) -> tu
             created_at=r.created_at,
             updated_at=r.updated_at,
             started=bool(r.container_id),
+            lost_since=(lost_nodes or {}).get(r.node_id) if r.node_id is not None else None,
         )
         for r in routes
     ]
@@ -179,18 +241,19 @@ def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
         if endpoint is None or endpoint.lifecycle == Endpoint.Lifecycle.DESTROYED:
             return None
         routes = list(endpoint.routes.select_related("node"))
-        alive = {n.pk for n in Node.objects.all() if n.is_alive(now)}
-        ev, rvs = _views(endpoint, routes, alive)
+        alive, lost = _node_states(now)
+        ev, rvs = _views(endpoint, routes, alive, lost)
         result = plan(ev, rvs, now)
         by_id = {str(r.pk): r for r in routes}
         to_start: list[Route] = []
-        to_stop: list[Route] = []
+        to_stop: list[tuple[Route, float]] = []
 
         for route_id in result.forget:
             route = by_id[route_id]
-            reason = (
-                "its node was lost" if route.node_id and route.node_id not in alive else "its stop was never confirmed"
-            )
+            if route.node is not None and route.node_id not in alive:
+                reason = f"its node {route.node.name} was lost (no heartbeat); a new replica is placed on another node"
+            else:
+                reason = "its stop was never confirmed"
             actions.record_event(
                 endpoint,
                 "route_forgotten",
@@ -221,14 +284,20 @@ def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
             if Route.objects.filter(pk=route.pk, status=route.status).update(
                 status=Route.Status.TERMINATING, updated_at=now
             ):
-                to_stop.append(route)
+                to_stop.append((route, DRAIN_DELAY if route.status == Route.Status.HEALTHY else 0.0))
                 actions.record_event(
                     endpoint,
                     "route_draining",
                     f"Replica {route_id[:8]} ({route.status}) is being stopped.",
                     route_id=route.pk,
                 )
-        to_stop.extend(by_id[r] for r in result.resend_stop)
+        to_stop.extend((by_id[r], 0.0) for r in result.resend_stop)
+        for route_id in result.resend_start:
+            # updated_at marks the resend: the next one waits START_RESEND_AFTER again.
+            if Route.objects.filter(pk=route_id, status=Route.Status.PROVISIONING, container_id="").update(
+                updated_at=now
+            ):
+                to_start.append(by_id[route_id])
 
         for _ in range(result.create):
             route = _place_route(endpoint, now)
@@ -244,12 +313,15 @@ def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
             )
 
         def after_commit() -> None:
-            for route in to_start:
-                tasks.send_start(route)
-            for route in to_stop:
-                tasks.send_stop(route)
+            if to_start or to_stop:
+                faults.crash_point("reconcile.committed")
+            # The routing table first: a drained replica leaves the proxies before it is stopped.
             if not result.is_empty():
                 tasks.after_routes_changed(str(endpoint.pk))
+            for route in to_start:
+                tasks.send_start(route)
+            for route, delay in to_stop:
+                tasks.send_stop(route, countdown=delay)
 
         transaction.on_commit(after_commit)
     return result
@@ -285,16 +357,74 @@ def _place_route(endpoint: Endpoint, now: datetime) -> Route:
     return route
 
 
-def reconcile_many(endpoint_ids: list[Any]) -> int:
-    """Reconcile several endpoints; one failing does not stop the others. Returns how many ran."""
+def reconcile_many(endpoint_ids: list[Any], now: datetime | None = None) -> int:
+    """Reconcile several endpoints; one failing does not stop the others. Returns how many ran.
+
+    The beat's tick over every endpoint: one unlocked read of all of them and their routes plans
+    each (``plan`` is pure and cheap), and only an endpoint whose plan is not empty goes through
+    ``reconcile``, which locks it, reads it again and plans again before acting. So a steady fleet
+    costs a handful of queries per tick instead of several per endpoint, and correctness still
+    rests on the locked re-plan alone.
+    """
+    now = now or timezone.now()
     done = 0
-    for endpoint_id in endpoint_ids:
+    ids = [str(i) for i in endpoint_ids]
+    for chunk_start in range(0, len(ids), 2000):  # bounded IN (...) lists and memory
+        chunk = ids[chunk_start : chunk_start + 2000]
         try:
-            reconcile(str(endpoint_id))
-            done += 1
+            needing = _needing_work(chunk, now)
         except Exception:
-            log.exception("reconcile of endpoint %s failed; the next tick retries", endpoint_id)
+            log.exception("the tick's bulk read failed; reconciling each endpoint on its own")
+            needing = set(chunk)
+        done += len(chunk) - len(needing)
+        for endpoint_id in chunk:
+            if endpoint_id not in needing:
+                continue
+            try:
+                reconcile(endpoint_id)
+                done += 1
+            except Exception:
+                log.exception("reconcile of endpoint %s failed; the next tick retries", endpoint_id)
     return done
+
+
+def _needing_work(endpoint_ids: list[str], now: datetime) -> set[str]:
+    """The endpoints among ``endpoint_ids`` whose plan (from an unlocked read) is not empty."""
+    alive, lost = _node_states(now)
+    endpoints = {
+        str(pk): EndpointView(
+            lifecycle=lifecycle,
+            desired=desired,
+            spec_version=spec_version,
+            gave_up=retries >= settings.MAX_START_FAILURES,
+        )
+        for pk, lifecycle, desired, spec_version, retries in Endpoint.objects.filter(pk__in=endpoint_ids).values_list(
+            "pk", "lifecycle", "desired_replicas", "spec_version", "retries"
+        )
+    }
+    routes: dict[str, list[RouteView]] = {key: [] for key in endpoints}
+    for pk, endpoint_id, status, spec_version, node_id, created_at, updated_at, container_id in Route.objects.filter(
+        endpoint_id__in=endpoint_ids
+    ).values_list("pk", "endpoint_id", "status", "spec_version", "node_id", "created_at", "updated_at", "container_id"):
+        routes.setdefault(str(endpoint_id), []).append(
+            RouteView(
+                id=str(pk),
+                status=status,
+                spec_version=spec_version,
+                node_alive=node_id is None or node_id in alive,
+                created_at=created_at,
+                updated_at=updated_at,
+                started=bool(container_id),
+                lost_since=lost.get(node_id) if node_id is not None else None,
+            )
+        )
+    needing = {key for key in endpoint_ids if key not in endpoints}  # vanished: reconcile says so
+    for key, view in endpoints.items():
+        if view.lifecycle == Endpoint.Lifecycle.DESTROYED:
+            continue
+        if not plan(view, routes.get(key, []), now).is_empty():
+            needing.add(key)
+    return needing
 
 
 def active_endpoint_ids() -> list[Any]:

@@ -102,6 +102,12 @@ class Endpoint(models.Model):
     spec_version = models.PositiveIntegerField(default=1)
     # Consecutive failed starts; at MAX_START_FAILURES the endpoint stops retrying (S4.4).
     retries = models.PositiveIntegerField(default=0)
+    # Autoscaling (S6): seconds after a scaling by the rules before they may scale this service again
+    # (empty: the longest cooldown of its rules), and when the rules last changed its count.
+    scaling_cooldown = models.PositiveIntegerField(
+        null=True, blank=True, help_text=_("seconds; empty: the longest cooldown of its rules")
+    )
+    last_scaled_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
     destroyed_at = models.DateTimeField(null=True, blank=True)
@@ -336,6 +342,9 @@ class AutoScalingRule(models.Model):
     window = models.PositiveIntegerField(default=60, help_text=_("seconds"))
     enabled = models.BooleanField(default=True)
     last_triggered_at = models.DateTimeField(null=True, blank=True)
+    # The rule's last decision in words ("no data for in_flight in the last 60 s", "acted: 1 -> 2"):
+    # what the API shows as its state, and how the tick records a repeated decision only once.
+    last_decision = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -17,9 +17,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from serving import replicas
+from serving import faults, replicas
 from serving.engines.base import (
     LABEL_ENDPOINT,
     LABEL_NODE,
@@ -70,7 +71,11 @@ def _make_engine(choice: str) -> Engine:
             from serving.engines.docker import DockerEngine
         except ImportError:
             DockerEngine = None  # type: ignore[assignment,misc]
-        docker_engine = DockerEngine(state_dir=state_dir / "docker") if DockerEngine is not None else None
+        docker_engine = (
+            DockerEngine(state_dir=state_dir / "docker", installation=settings.REDIS_PREFIX)
+            if DockerEngine is not None
+            else None
+        )
         if docker_engine is not None and docker_engine.available():
             return docker_engine
         if choice == "docker":
@@ -154,14 +159,15 @@ def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
 
 def start_route(route_id: str) -> None:
     """Start the container of a provisioning route placed on this node. Idempotent."""
-    from serving import actions, tasks
+    from serving import actions, health, tasks
 
     route = Route.objects.select_related("endpoint", "endpoint__model_folder", "node").filter(pk=route_id).first()
     if route is None or route.status != Route.Status.PROVISIONING:
         return
-    # Claim: exactly one delivery of this task starts a container.
+    # Claim: exactly one delivery of this task starts a container. (The claim's time tells a start
+    # under way from one a previous worker died in: recover_interrupted_starts.)
     if not Route.objects.filter(pk=route.pk, container_id="", status=Route.Status.PROVISIONING).update(
-        container_id=STARTING_MARK
+        container_id=STARTING_MARK, updated_at=timezone.now()
     ):
         return
     try:
@@ -176,6 +182,7 @@ def start_route(route_id: str) -> None:
         kind = "image" if exc.__class__.__name__ == "ImageNotFound" else "engine"
         _fail_start(route, kind, str(exc))
         return
+    faults.crash_point("node.started")
     now = timezone.now()
     with transaction.atomic():
         updated = Route.objects.filter(pk=route.pk, status=Route.Status.PROVISIONING).update(
@@ -201,6 +208,31 @@ def start_route(route_id: str) -> None:
         )
         endpoint_id = str(route.endpoint_id)
         transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
+        transaction.on_commit(health.refresh_soon)  # probe it from now on, not at the next re-read
+
+
+def recover_interrupted_starts(before: datetime) -> int:
+    """Starts a previous worker of this node claimed and never finished (killed half-way): stop what
+    they may have left running and start them again. Called once as the node worker starts, for
+    claims made before this worker process began (one node worker per node, DESIGN.md §1), so a start
+    under way is never taken. Returns how many were restarted."""
+    from serving import tasks
+
+    engine = get_engine()
+    restarted = 0
+    stale = Route.objects.filter(
+        node__name=node_name(), status=Route.Status.PROVISIONING, container_id=STARTING_MARK, updated_at__lt=before
+    ).select_related("node")
+    for route in stale:
+        for info in engine.list({LABEL_ROUTE: str(route.pk)}):
+            _stop_quietly(engine, info.replica_id)
+        if Route.objects.filter(pk=route.pk, container_id=STARTING_MARK, updated_at=route.updated_at).update(
+            container_id="", updated_at=timezone.now()
+        ):
+            log.warning("route %s: its start was interrupted (its worker stopped); starting it again", route.pk)
+            tasks.send_start(route)
+            restarted += 1
+    return restarted
 
 
 def _stop_quietly(engine: Engine, replica_id: str) -> None:
@@ -227,6 +259,7 @@ def stop_route(route_id: str) -> None:
         except EngineError as exc:
             error = str(exc)
             log.warning("stop of route %s: %s", route_id, exc)
+    faults.crash_point("node.stopped")
     endpoint = route.endpoint
     Route.objects.filter(pk=route.pk, status=Route.Status.TERMINATING).delete()
     actions.record_event(
@@ -285,16 +318,24 @@ def sync(now: datetime | None = None) -> dict[str, int]:
 
     for info in engine.list({LABEL_NODE: node_name()}):
         run_id = info.labels.get(LABEL_VALIDATION)
-        if run_id and validation.is_finished(run_id):
+        if run_id and validation.finish_if_abandoned(run_id):
             log.warning("stopping the replica of finished validation %s", run_id)
             _stop_quietly(engine, info.replica_id)
             counts["orphans"] += 1
     for replica_id, info in by_container.items():
         if replica_id not in live_ids:
             # Started moments ago by a start task that has not written its row yet? The claim mark
-            # tells: leave replicas of routes still marked as starting alone.
+            # tells: leave replicas of routes still marked as starting alone, and look at the row
+            # again now: the start may have recorded this very replica since live_ids was read (it
+            # replaces the mark with the replica's id in one update, so one of the two holds).
+            # Once the route failed or went, the replica of a start that crashed half-way is an
+            # orphan like any other.
             route_id = info.labels.get(LABEL_ROUTE, "")
-            if Route.objects.filter(pk=route_id, container_id=STARTING_MARK).exists() if _is_uuid(route_id) else False:
+            if _is_uuid(route_id) and (
+                Route.objects.filter(pk=route_id)
+                .filter(Q(container_id=replica_id) | Q(container_id=STARTING_MARK, status=Route.Status.PROVISIONING))
+                .exists()
+            ):
                 continue
             log.warning(
                 "stopping orphan replica %s (route %s, endpoint %s)",
@@ -330,16 +371,34 @@ def _log_tail(engine: Engine, replica_id: str, lines: int = 20) -> str:
 class NodeAgent(threading.Thread):
     """Heartbeat + sync every NODE_HEARTBEAT_INTERVAL, and the health prober, until stopped."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker_started: datetime | None = None) -> None:
         super().__init__(name=f"node-agent-{node_name()}", daemon=True)
+        # Starts claimed before this are a dead worker's (see recover_interrupted_starts).
+        self.worker_started = worker_started
         self.stopping = threading.Event()
         self.prober: Any = None
+        self.listener: Any = None
 
     def run(self) -> None:
         from serving import health
 
         self.prober = health.Prober(node_name())
         self.prober.start()
+        # Log requests from the web and the proxies' failure reports (serving.nodebus).
+        from serving.nodebus import NodeListener
+
+        self.listener = NodeListener(node_name(), self.prober)
+        self.listener.start()
+        # Kernel and inference metrics of this node's replicas, every METRICS_INTERVAL (serving.metrics).
+        from serving.metrics import NodeSampler
+
+        sampler = NodeSampler(node_name())
+        sampler.start()
+        if self.worker_started is not None:
+            try:
+                recover_interrupted_starts(self.worker_started)
+            except Exception:
+                log.exception("recovering interrupted starts failed; the start timeout will fail them")
         while not self.stopping.is_set():
             try:
                 close_old_connections()
@@ -348,6 +407,8 @@ class NodeAgent(threading.Thread):
             except Exception:
                 log.exception("node agent tick failed; retrying")
             self.stopping.wait(settings.NODE_HEARTBEAT_INTERVAL)
+        sampler.stop()
+        self.listener.stop()
         self.prober.stop()
 
     def stop(self) -> None:

@@ -6,7 +6,6 @@ is picked up by the next start ("Clear errors and retry", S4.4).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from serving import definitions, prestart, runtimes
@@ -20,6 +19,7 @@ from serving.engines.base import (
 )
 from serving.health import TCP_DEFAULT, HealthConfig
 from serving.models import Route
+from storage.fs import FolderFS, FsError, PathNotFound, StorageUnavailable
 from storage.models import Folder
 
 
@@ -32,17 +32,28 @@ class SpecError(Exception):
         self.extra = extra
 
 
-def _inside(folder_root: Path, relative: str) -> Path:
-    """A path inside a folder, refusing anything that escapes it (.., absolute, symlinks out)."""
-    candidate = (folder_root / relative).resolve()
-    root = folder_root.resolve()
-    if candidate != root and root not in candidate.parents:
+def _read_definition_file(fs: FolderFS, relative: str, folder_name: str) -> bytes | None:
+    """The bytes of ``relative`` in the folder, read through storage.fs (every component opened with
+    O_NOFOLLOW: a symlink, ``..`` or a swapped directory can not lead outside); None when absent."""
+    try:
+        with fs.open_read(relative) as handle:
+            data = handle.read(definitions.MAX_FILE_BYTES + 1)
+    except PathNotFound:
+        return None
+    except StorageUnavailable:
+        raise SpecError("folder", f"The model folder {folder_name!r} has no data on this node.") from None
+    except FsError as exc:
         raise SpecError(
             "definition",
-            f"The model definition file path {relative!r} points outside the model folder; "
-            "use a path inside it such as model-definition.yaml.",
+            f"The model definition file path {relative!r} can not be used: {exc.message} "
+            "Use a regular file inside the model folder, such as model-definition.yaml.",
+        ) from None
+    if len(data) > definitions.MAX_FILE_BYTES:
+        raise SpecError(
+            "definition",
+            f"{relative} is larger than {definitions.MAX_FILE_BYTES // 1024} KiB; a definition file is small text.",
         )
-    return candidate
+    return data
 
 
 def load_definition(route: Route) -> definitions.ModelDefinition:
@@ -50,26 +61,24 @@ def load_definition(route: Route) -> definitions.ModelDefinition:
     folder = endpoint.model_folder
     if folder is None:
         raise SpecError("folder", "The service's model folder was deleted; modify the service to mount another one.")
-    root = folder.host_path
-    if not root.is_dir():
-        raise SpecError("folder", f"The model folder {folder.name!r} has no data on this node ({root}).")
-    wanted = endpoint.model_definition_path or "model-definition.yaml"
-    path = _inside(root, wanted)
-    if not path.is_file() and wanted == "model-definition.yaml":
-        alternative = _inside(root, "model-definition.yml")
-        if alternative.is_file():
-            path = alternative
-    if not path.is_file():
-        raise SpecError(
-            "definition",
-            f"The model folder {folder.name!r} has no {wanted}. Upload a model definition file "
-            "(see examples/simple-http-server) or set the model definition file path.",
-        )
-    try:
-        return definitions.load_model_definition(path)
-    except definitions.DefinitionError as exc:
-        problems = [p.to_dict() if hasattr(p, "to_dict") else str(p) for p in exc.problems]
-        raise SpecError("definition", str(exc), problems=problems) from None
+    fs = FolderFS(folder.host_path)
+    wanted = endpoint.model_definition_path or definitions.DEFAULT_MODEL_DEFINITION_PATH
+    # The default name falls back to .yml, as the original does; an explicit path does not.
+    names = definitions.MODEL_DEFINITION_NAMES if wanted == definitions.DEFAULT_MODEL_DEFINITION_PATH else (wanted,)
+    for name in names:
+        data = _read_definition_file(fs, name, folder.name)
+        if data is None:
+            continue
+        try:
+            return definitions.parse_model_definition(data, name, model_mount=endpoint.model_mount)
+        except definitions.DefinitionError as exc:
+            problems = [p.to_dict() if hasattr(p, "to_dict") else str(p) for p in exc.problems]
+            raise SpecError("definition", str(exc), problems=problems) from None
+    raise SpecError(
+        "definition",
+        f"The model folder {folder.name!r} has no {wanted}. Upload a model definition file "
+        "(see examples/simple-http-server) or set the model definition file path.",
+    )
 
 
 def build_spec(route: Route) -> tuple[ReplicaSpec, HealthConfig]:
@@ -104,6 +113,8 @@ def build_spec(route: Route) -> tuple[ReplicaSpec, HealthConfig]:
         "BACKEND_MODEL_PATH": endpoint.model_mount,
         "BACKEND_SERVICE_PORT": str(effective.port),
         "MODEL_NAME": effective.model_name,
+        # What the runtime adds for its server (e.g. vLLM's flags as variables); the user's own win.
+        **{str(k): str(v) for k, v in effective.environ.items()},
         **{str(k): str(v) for k, v in (endpoint.environ or {}).items()},
     }
     resources = dict(route.resources or {})

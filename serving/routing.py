@@ -27,6 +27,13 @@ def table_key() -> str:
     return f"{settings.REDIS_PREFIX}:routing"
 
 
+def complete_key() -> str:
+    """Set with every full write of the table: the proxies know the hash holds *every* endpoint. A
+    Redis restarted without its data lacks it, and the proxies then keep their last table instead
+    of dropping every endpoint until the next full write (proxy/table.py)."""
+    return f"{settings.REDIS_PREFIX}:routing:complete"
+
+
 def updates_channel() -> str:
     return f"{settings.REDIS_PREFIX}:routing:updates"
 
@@ -103,11 +110,35 @@ def publish_all() -> int:
         for e in live
     }
     stale = set(k.decode() for k in client.hkeys(table_key())) - set(entries)
-    pipe = client.pipeline()
+    pipe = client.pipeline()  # MULTI/EXEC: a proxy reads the table and the mark together
     if stale:
         pipe.hdel(table_key(), *stale)
     if entries:
         pipe.hset(table_key(), mapping=entries)
+    pipe.set(complete_key(), timezone.now().isoformat())
     pipe.publish(updates_channel(), json.dumps({"resync": True}))
     pipe.execute()
     return len(entries)
+
+
+def token_usage_key() -> str:
+    """Where the proxies batch tokens' last use (proxy/report.py): lookup -> epoch seconds."""
+    return f"{settings.REDIS_PREFIX}:tokens:last_used"
+
+
+def take_token_usage() -> dict[str, float]:
+    """Take (read and clear, atomically) the proxies' batched last-use times of tokens.
+
+    A proxy that writes between our read and our delete cannot lose a time: MULTI/EXEC runs the two
+    as one step. Unparseable values are dropped (they can only come from a foreign writer)."""
+    pipe = get_redis().pipeline(transaction=True)
+    pipe.hgetall(token_usage_key())
+    pipe.delete(token_usage_key())
+    raw, _ = pipe.execute()
+    used: dict[str, float] = {}
+    for lookup, when in raw.items():
+        try:
+            used[lookup.decode()] = float(when)
+        except (UnicodeDecodeError, ValueError):
+            continue
+    return used

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
 log = logging.getLogger(__name__)
 _agent: Any = None
+# Imported as the worker process loads the apps, before it consumes any task: a start claimed before
+# this was claimed by an earlier worker (serving.node.recover_interrupted_starts).
+_LOADED_AT = time.time()
 
 
 def _consumes_node_queue(sender: Any) -> bool:
@@ -24,10 +28,12 @@ def start_node_agent(sender: Any = None, **_: Any) -> None:
     global _agent
     if sender is None or not _consumes_node_queue(sender):
         return
+    from datetime import UTC, datetime
+
     from serving.node import NodeAgent, heartbeat
 
     heartbeat()  # register before the first task arrives
-    _agent = NodeAgent()
+    _agent = NodeAgent(worker_started=datetime.fromtimestamp(_LOADED_AT, UTC))
     _agent.start()
     log.info("node agent started")
 

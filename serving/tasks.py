@@ -68,12 +68,28 @@ def detect_lost_nodes() -> None:
                 enqueue_reconcile(str(endpoint.pk))
 
 
+@shared_task(ignore_result=True, soft_time_limit=30, time_limit=60)
+def record_token_usage() -> None:
+    """Batch the proxies' token last-use times into the DB (S7: listed with "last used")."""
+    from serving import actions, routing
+
+    actions.do_record_token_usage(routing.take_token_usage())
+
+
 @shared_task(ignore_result=True, soft_time_limit=60, time_limit=90)
 def autoscale() -> None:
     """The autoscaling tick (S6): evaluate every service's rules, scale by compare-and-set."""
     from serving import autoscaling
 
     autoscaling.tick()
+
+
+@shared_task(ignore_result=True, soft_time_limit=30, time_limit=60)
+def collect_proxy_metrics() -> None:
+    """The proxies' per-endpoint stats into the metrics time series (serving.metrics)."""
+    from serving import metrics
+
+    metrics.collect_proxy()
 
 
 def after_routes_changed(endpoint_id: str) -> None:
@@ -93,11 +109,12 @@ def send_start(route: Route) -> None:
     start_route.apply_async(args=[str(route.pk)], queue=route.node.queue, retry=False)
 
 
-def send_stop(route: Route) -> None:
+def send_stop(route: Route, countdown: float = 0.0) -> None:
+    """Have the route's node stop it, after ``countdown`` seconds (draining a serving replica)."""
     if route.node is None:
         Route.objects.filter(pk=route.pk).delete()  # never placed: nothing runs anywhere
         return
-    stop_route.apply_async(args=[str(route.pk)], queue=route.node.queue, retry=False)
+    stop_route.apply_async(args=[str(route.pk)], queue=route.node.queue, retry=False, countdown=countdown or None)
 
 
 @shared_task(ignore_result=True, soft_time_limit=300, time_limit=330, acks_late=True)

@@ -21,7 +21,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from serving import routing
+from serving import faults, routing
 from serving.engines.base import LABEL_ROUTE, LABEL_VALIDATION, EngineError, ReplicaState
 from serving.models import Endpoint, Node, Route
 from storage.models import Folder
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 HISTORY_TTL = 3600
 _publish_lock = threading.Lock()
 DEFAULT_TIMEOUT = 120.0
+# A run whose worker died never says Finished; this long past its timeout, the node's sweep ends it.
+ABANDONED_AFTER = 10.0
 MAX_LOG_LINES = 5000
 
 
@@ -60,6 +62,22 @@ def is_finished(validation_id: str) -> bool:
     """True when the run ended (or its record expired): its replica, if any, may be removed."""
     events = routing.get_redis().lrange(_key(validation_id, "events"), -1, -1)
     return not events or json.loads(events[0]).get("kind") == "finished"
+
+
+def finish_if_abandoned(validation_id: str) -> bool:
+    """True when the run is over. A run still unfinished well past its timeout lost its worker
+    (killed mid-run): it is finished now, as failed, so the browser's dialog ends and its replica
+    can go."""
+    if is_finished(validation_id):
+        return True
+    request = load_request(validation_id)
+    started = float(routing.get_redis().get(_key(validation_id, "started")) or 0.0)
+    timeout = request.timeout if request is not None else DEFAULT_TIMEOUT
+    if time.time() < started + timeout + ABANDONED_AFTER:
+        return False
+    publish(validation_id, "lifecycle", message="The worker running this validation stopped; its replica is removed.")
+    publish(validation_id, "finished", outcome="failed", message="The validation was interrupted; run it again.")
+    return True
 
 
 def load_request(validation_id: str) -> ValidationRequest | None:
@@ -142,6 +160,8 @@ def run(validation_id: str) -> str:
     if request is None:
         return "failed"
     deadline = time.monotonic() + request.timeout
+    # When this run began on the node (not when it was queued): the sweep's clock for abandoned runs.
+    routing.get_redis().set(_key(validation_id, "started"), time.time(), ex=HISTORY_TTL)
 
     def finish(outcome: str, message: str) -> str:
         publish(validation_id, "finished", outcome=outcome, message=message)
@@ -163,6 +183,7 @@ def run(validation_id: str) -> str:
         info = engine.start(spec)
     except EngineError as exc:
         return finish("failed", str(exc))
+    faults.crash_point("validation.started")
     publish(
         validation_id, "lifecycle", message=f"Replica started at {info.host}:{info.port}; waiting for it to be healthy."
     )

@@ -1,96 +1,219 @@
 """Runs inside a replica: the pre-start actions (S2.3) in order, then exec of the start command.
 
 Standalone on purpose: it is bind-mounted into sandboxes and containers at
-/opt/modelserve/bootstrap.py and must run on any python3 >= 3.8 with only the standard library.
-Usage: python3 bootstrap.py PLAN.json  (see serving/prestart.py for the plan's shape).
+/opt/modelserve/bootstrap.py and must run on any python3 >= 3.8 with only the standard library;
+it imports nothing from the platform.
+
+Usage: python3 bootstrap.py PLAN.json, where the plan is
+  {"actions": [{"action": "write_file", "args": {...}}, ...],
+   "command": ["python3", "-m", "http.server"]   (or ["<one shell string>"] with command_is_shell),
+   "command_is_shell": false, "shell": "/bin/bash", "workdir": "/home/work"}
+
+Every line it prints starts with "[prestart]". When an action fails it prints
+"[prestart] action N (kind) failed: <reason>" (N counts from 0) and exits with 97, which the
+engines turn into the replica's error. Exit 127: the start command could not be executed.
 """
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 FAILED = 97  # the engines read this exit code as "a pre-start action failed"
+EXEC_FAILED = 127
+TEMPFILE_ENV = "BACKEND_TEMPFILE"  # the path of the last write_tempfile, for later actions/the server
+
+_output = threading.Lock()
 
 
 def say(message):
-    sys.stdout.write("[prestart] " + message + "\n")
-    sys.stdout.flush()
-
-
-def mode_of(args):
-    return int(str(args.get("mode", "644")), 8)
-
-
-def run_action(index, action, args):
-    if action == "write_file":
-        flags = "a" if args.get("append") else "w"
-        with open(args["filename"], flags) as handle:
-            handle.write(args["body"])
-        os.chmod(args["filename"], mode_of(args))
-        say("action %d (write_file): wrote %s" % (index, args["filename"]))
-    elif action == "write_tempfile":
-        fd, path = tempfile.mkstemp(suffix=".py")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(args["body"])
-        os.chmod(path, mode_of(args))
-        os.environ["BACKEND_TEMPFILE"] = path
-        say("action %d (write_tempfile): wrote %s" % (index, path))
-    elif action == "run_command":
-        result = subprocess.run(list(args["command"]), capture_output=True, text=True, check=False)
-        say("action %d (run_command): %s exited %d" % (index, " ".join(args["command"]), result.returncode))
-        for line in result.stdout.splitlines():
-            sys.stdout.write("[prestart] out: " + line + "\n")
-        for line in result.stderr.splitlines():
-            sys.stdout.write("[prestart] err: " + line + "\n")
+    with _output:
+        sys.stdout.write("[prestart] " + message + "\n")
         sys.stdout.flush()
-        if result.returncode != 0:
-            raise RuntimeError("the command exited with code %d" % result.returncode)
-    elif action == "mkdir":
-        os.makedirs(args["path"], exist_ok=True)
-        say("action %d (mkdir): %s" % (index, args["path"]))
-    elif action == "log":
-        prefix = "debug: " if args.get("debug") else ""
-        say("action %d (log): %s%s" % (index, prefix, args["message"]))
-    else:
-        raise RuntimeError("unknown action %r" % action)
 
 
-def main():
-    with open(sys.argv[1]) as handle:
-        plan = json.load(handle)
-    workdir = plan.get("workdir") or "/home/work"
+class ActionError(Exception):
+    """A failure whose message is the whole reason shown to the user."""
+
+
+def need(args, name, kinds=(str,)):
+    if name not in args:
+        raise ActionError("missing argument %r" % name)
+    value = args[name]
+    if not isinstance(value, kinds):
+        raise ActionError("argument %r has the wrong type (%s)" % (name, type(value).__name__))
+    return value
+
+
+def flag(args, name):
+    value = args.get(name, False)
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    return bool(value)
+
+
+def file_mode(value):
+    """'644', 644 (the digits, as YAML gives them), '0o644' or '0644' -> 0o644."""
+    if value is None:
+        value = "644"
+    if isinstance(value, bool):
+        raise ActionError("mode must be an octal string such as '644', got %r" % (value,))
+    text = str(value).strip().lower()
+    if text.startswith("0o"):
+        text = text[2:]
+    if not text or len(text) > 4 or any(ch not in "01234567" for ch in text):
+        raise ActionError("mode must be an octal string such as '644', got %r" % (value,))
+    return int(text, 8)
+
+
+def describe(exc):
+    if isinstance(exc, ActionError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (": " + str(exc.filename) if exc.filename else "")
+    return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
+def write_file(index, args):
+    filename = need(args, "filename")
+    body = need(args, "body")
+    mode = file_mode(args.get("mode"))
+    append = flag(args, "append")
+    parent = os.path.dirname(filename)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    with open(filename, "a" if append else "w", encoding="utf-8") as handle:
+        handle.write(body)
+    os.chmod(filename, mode)
+    say(
+        "action %d (write_file): %s %d bytes to %s (mode %03o)"
+        % (index, "appended" if append else "wrote", len(body.encode("utf-8")), filename, mode)
+    )
+
+
+def write_tempfile(index, args):
+    body = need(args, "body")
+    mode = file_mode(args.get("mode"))
+    handle, path = tempfile.mkstemp(suffix=".py")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(body)
+    os.chmod(path, mode)
+    # The original hands the path back to the service; here later actions and the start command
+    # find it in the environment (the last one in BACKEND_TEMPFILE, each in BACKEND_TEMPFILE_<N>).
+    os.environ[TEMPFILE_ENV] = path
+    os.environ["%s_%d" % (TEMPFILE_ENV, index)] = path
+    say("action %d (write_tempfile): wrote %s (mode %03o), exported as $%s" % (index, path, mode, TEMPFILE_ENV))
+
+
+def run_command(index, args):
+    command = need(args, "command", (list, tuple))
+    if not command or not all(isinstance(part, str) for part in command):
+        raise ActionError("argument 'command' must be a non-empty list of strings")
+    command = list(command)
+    say("action %d (run_command): running %s" % (index, " ".join(command)))
     try:
-        os.makedirs(workdir, exist_ok=True)
-        os.chdir(workdir)
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:
-        say("can not enter the working directory %s: %s" % (workdir, exc))
-    for index, item in enumerate(plan.get("actions") or []):
-        try:
-            run_action(index, item["action"], item.get("args") or {})
-        except Exception as exc:  # any failure of an action fails the start, with its index
-            say("action %d (%s) failed: %s" % (index, item.get("action"), exc))
-            sys.exit(FAILED)
+        raise ActionError("can not run %s: %s" % (command[0], exc.strerror or exc))
+
+    # out and err are captured separately and shown as they come (a long pip install stays visible).
+    def pump(stream, label):
+        for raw in iter(stream.readline, b""):
+            say("action %d (run_command) %s: %s" % (index, label, raw.decode("utf-8", "replace").rstrip("\r\n")))
+        stream.close()
+
+    readers = [
+        threading.Thread(target=pump, args=(proc.stdout, "out")),
+        threading.Thread(target=pump, args=(proc.stderr, "err")),
+    ]
+    for reader in readers:
+        reader.start()
+    code = proc.wait()
+    for reader in readers:
+        reader.join()
+    if code != 0:
+        raise ActionError("%s exited with code %d" % (command[0], code))
+    say("action %d (run_command): %s exited with code 0" % (index, command[0]))
+
+
+def mkdir(index, args):
+    path = need(args, "path")
+    os.makedirs(path, exist_ok=True)
+    say("action %d (mkdir): %s" % (index, path))
+
+
+def log(index, args):
+    message = need(args, "message")
+    say("action %d (log%s): %s" % (index, ", debug" if flag(args, "debug") else "", message))
+
+
+ACTIONS = {
+    "write_file": write_file,
+    "write_tempfile": write_tempfile,
+    "run_command": run_command,
+    "mkdir": mkdir,
+    "log": log,
+}
+
+
+def start(plan):
     command = plan.get("command")
     if not command:
-        say("no start command; nothing to run")
+        say("setup failed: there is no start command to run")
         sys.exit(FAILED)
     sys.stdout.flush()
+    sys.stderr.flush()
     if plan.get("command_is_shell"):
+        line = command if isinstance(command, str) else " ".join(command)
         shell = plan.get("shell") or "/bin/bash"
         if not os.path.exists(shell):
-            fallback = shutil.which("sh") or "/bin/sh"
-            say("shell %s not found; using %s" % (shell, fallback))
-            shell = fallback
-        os.execv(shell, [shell, "-c", command[0]])
+            say("the shell %s is not installed; running the start command with /bin/sh instead" % shell)
+            shell = "/bin/sh"
+        argv = [shell, "-c", line]
+    else:
+        argv = [str(part) for part in command]
+    say("starting: %s" % " ".join(argv))
     try:
-        os.execvp(command[0], list(command))
+        os.execvp(argv[0], argv)
     except OSError as exc:
-        say("can not start %s: %s" % (command[0], exc))
-        sys.exit(FAILED)
+        say("start command failed: can not execute %s: %s" % (argv[0], exc.strerror or exc))
+        sys.exit(EXEC_FAILED)
+
+
+def main(argv):
+    if len(argv) != 2:
+        sys.stderr.write("usage: bootstrap.py PLAN.json\n")
+        return 2
+    try:
+        with open(argv[1], encoding="utf-8") as handle:
+            plan = json.load(handle)
+        actions = plan.get("actions") or []
+        workdir = plan.get("workdir") or "/home/work"
+        os.makedirs(workdir, exist_ok=True)
+        os.chdir(workdir)
+    except Exception as exc:  # a broken plan or workdir is reported like a failed action
+        say("setup failed: %s" % describe(exc))
+        return FAILED
+    for index, item in enumerate(actions):
+        kind = item.get("action") if isinstance(item, dict) else None
+        try:
+            handler = ACTIONS.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                raise ActionError("unknown action %r" % (kind,))
+            args = item.get("args") or {}
+            if not isinstance(args, dict):
+                raise ActionError("args must be a mapping")
+            handler(index, args)
+        except Exception as exc:  # any failure of an action fails the start, naming its index
+            say("action %d (%s) failed: %s" % (index, kind, describe(exc)))
+            return FAILED
+    if actions:
+        say("%d action%s done" % (len(actions), "" if len(actions) == 1 else "s"))
+    start(plan)
+    return EXEC_FAILED  # not reached: start() execs or exits
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv))

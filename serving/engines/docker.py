@@ -42,6 +42,7 @@ from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 
 from serving.engines.base import (
+    LABEL_INSTALLATION,
     LABEL_ROUTE,
     EngineError,
     ImageNotFound,
@@ -164,6 +165,7 @@ class DockerEngine:
         cap_add: tuple[str, ...] = (),
         timeout: float = API_TIMEOUT,
         ping_timeout: float = PING_TIMEOUT,
+        installation: str = "",
     ) -> None:
         """
         ``client_factory`` is called with ``timeout=`` (seconds) and must return a DockerClient.
@@ -171,6 +173,7 @@ class DockerEngine:
         ``publish_host`` is the host address replica ports are published on (and reported).
         ``gpus``: the node has NVIDIA GPUs and the NVIDIA runtime; without it cuda.* slots are refused.
         ``cap_add``: capabilities an installation's images need back (none for ours).
+        ``installation``: labels every container with it and lists only those that carry it.
         """
         self._client_factory = client_factory
         self.bootstrap_path = Path(bootstrap_path) if bootstrap_path is not None else BOOTSTRAP
@@ -181,6 +184,7 @@ class DockerEngine:
         self.cap_add = tuple(cap_add)
         self.timeout = timeout
         self.ping_timeout = ping_timeout
+        self.installation = installation
         self._client_lock = threading.Lock()
         self._client_instance: docker.DockerClient | None = None
 
@@ -227,6 +231,8 @@ class DockerEngine:
         labels = dict(spec.labels)
         # list() only sees containers carrying the route label; never start one it can not find.
         labels.setdefault(LABEL_ROUTE, spec.name)
+        if self.installation:
+            labels[LABEL_INSTALLATION] = self.installation
 
         entrypoint: list[str] | None = None
         command: list[str] | None = None
@@ -364,6 +370,8 @@ class DockerEngine:
     def list(self, labels: Mapping[str, str] | None = None) -> builtins.list[ReplicaInfo]:
         """Our containers (they carry LABEL_ROUTE), running or not, filtered by label equality."""
         wanted = [LABEL_ROUTE] + [f"{key}={value}" for key, value in (labels or {}).items()]
+        if self.installation:
+            wanted.append(f"{LABEL_INSTALLATION}={self.installation}")
         client = self._client()
         with self._errors("list the replicas"):
             # ignore_removed: a container removed between the listing and its inspect is just gone.

@@ -34,3 +34,23 @@ def test_validate_model_folder_exit_codes(tmp_path: Path, capsys: pytest.Capture
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "model-definition.yaml:" in err and "models[0].service.port" in err
+
+
+def test_stop_replicas_stops_this_installations_local_replicas(settings: Any, tmp_path: Path) -> None:
+    """What `make run` runs on Ctrl-C: every replica of this installation stops, none is left behind."""
+    from serving.engines.base import ReplicaSpec
+    from serving.engines.local import LocalEngine
+    from tests.live import wait_for
+
+    engine = LocalEngine(state_dir=settings.ENGINE_STATE_DIR / "local-cmdtest")
+    if not engine.available():
+        pytest.skip("the local engine is not available here (bubblewrap missing)")
+    started = [
+        engine.start(ReplicaSpec(name=f"ms-stop-{n}", image="unused", command=("sleep", "300"), port=8000, labels={}))
+        for n in range(2)
+    ]
+    assert {i.replica_id for i in engine.list()} >= {i.replica_id for i in started}
+    out = StringIO()
+    call_command("stop_replicas", stdout=out)
+    assert "2 on local" in out.getvalue()
+    wait_for(lambda: engine.list() == [], timeout=15, what="the replicas to be gone")

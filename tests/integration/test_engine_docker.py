@@ -347,6 +347,23 @@ def test_list_filters_by_label_and_finds_only_our_containers(engine: DockerEngin
 
 
 @needs_docker
+def test_installations_sharing_a_daemon_never_see_each_other(
+    docker_client: Any, bootstrap_path: Path, tmp_path: Path
+) -> None:
+    """A test run beside `make run` on one daemon: each lists (and so sweeps) only its own replicas."""
+    ours = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "a", installation=f"ms-{RUN_ID}")
+    theirs = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "b", installation=f"other-{RUN_ID}")
+    a = ours.start(make_spec(command=("sleep", "60")))
+    b = theirs.start(make_spec(command=("sleep", "60")))
+    try:
+        assert [i.replica_id for i in ours.list({TEST_LABEL: RUN_ID})] == [a.replica_id]
+        assert [i.replica_id for i in theirs.list({TEST_LABEL: RUN_ID})] == [b.replica_id]
+    finally:
+        ours.stop(a.replica_id, grace=1)
+        theirs.stop(b.replica_id, grace=1)
+
+
+@needs_docker
 def test_killed_replica_is_reported_exited(engine: DockerEngine, docker_client: Any, model_folder: Path) -> None:
     info = engine.start(make_spec(model_folder))
     try:

@@ -22,12 +22,14 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.live import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -49,19 +51,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
 
 
 class Reply:
@@ -138,7 +127,7 @@ class Process:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        wait_for(self.answers, ready_timeout, f"{argv[-1]} to answer on port {self.port}")
+        wait_for(self.answers, ready_timeout, interval=0.02, what=f"{argv[-1]} to answer on port {self.port}")
 
     def answers(self) -> bool:
         if self.proc.poll() is not None:
@@ -201,9 +190,7 @@ def test_definition_files_parse(name: str) -> None:
     model = yaml.safe_load((folder / "model-definition.yaml").read_text())["models"][0]
     assert model["name"] and model["model_path"] == "/models"
     service = model["service"]
-    assert isinstance(service["start_command"], list) and all(
-        isinstance(x, str) for x in service["start_command"]
-    )
+    assert isinstance(service["start_command"], list) and all(isinstance(x, str) for x in service["start_command"])
     assert service["port"] == 8000
     assert service["health_check"]["path"].startswith("/")
     for item in service.get("pre_start_actions", []):
@@ -229,9 +216,7 @@ def test_definition_files_pass_the_platforms_validation(name: str) -> None:
 
 
 def test_the_simple_http_server_is_the_manuals_example() -> None:
-    model = yaml.safe_load((EXAMPLES / "simple-http-server" / "model-definition.yaml").read_text())[
-        "models"
-    ][0]
+    model = yaml.safe_load((EXAMPLES / "simple-http-server" / "model-definition.yaml").read_text())["models"][0]
     assert model["name"] == "simple-http-server"
     service = model["service"]
     assert service["start_command"][1:] == [
@@ -242,9 +227,7 @@ def test_the_simple_http_server_is_the_manuals_example() -> None:
         "8000",
     ]
     assert service["health_check"]["path"] == "/"
-    written = [
-        a["args"]["filename"] for a in service["pre_start_actions"] if a["action"] == "write_file"
-    ]
+    written = [a["args"]["filename"] for a in service["pre_start_actions"] if a["action"] == "write_file"]
     assert "/home/work/index.html" in written  # so / answers with a page, not only a listing
 
 
@@ -278,9 +261,7 @@ def test_models_list_and_retrieve(echo: int) -> None:
 def test_model_name_comes_from_the_environment() -> None:
     server = echo_server(MODEL_NAME="my-model", BACKEND_MODEL_NAME="ignored")
     try:
-        assert [m["id"] for m in call(server.port, "GET", "/v1/models").json()["data"]] == [
-            "my-model"
-        ]
+        assert [m["id"] for m in call(server.port, "GET", "/v1/models").json()["data"]] == ["my-model"]
         reply = call(
             server.port,
             "POST",
@@ -319,9 +300,7 @@ def test_chat_content_parts_and_max_tokens(echo: int) -> None:
     assert body["choices"][0]["message"]["content"] == "one two three "
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 3
-    newer = call(
-        echo, "POST", "/v1/chat/completions", chat("a b c", max_completion_tokens=1)
-    ).json()
+    newer = call(echo, "POST", "/v1/chat/completions", chat("a b c", max_completion_tokens=1)).json()
     assert newer["choices"][0]["message"]["content"] == "a "
 
 
@@ -362,13 +341,9 @@ def test_stream_with_usage_and_length_limit(echo: int) -> None:
 def test_completions(echo: int) -> None:
     body = call(echo, "POST", "/v1/completions", {"model": "llm-echo", "prompt": "say this"}).json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
-    assert (
-        body["choices"][0]["text"] == "say this" and body["choices"][0]["finish_reason"] == "stop"
-    )
+    assert body["choices"][0]["text"] == "say this" and body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
-    chunks = chunks_of(
-        call(echo, "POST", "/v1/completions", {"prompt": "x y", "stream": True}).body
-    )
+    chunks = chunks_of(call(echo, "POST", "/v1/completions", {"prompt": "x y", "stream": True}).body)
     assert {c["object"] for c in chunks} == {"text_completion"}
     assert [c["choices"][0]["text"] for c in chunks] == ["x ", "y", ""]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "stop"]
@@ -420,9 +395,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(echo: int) -> None:
         local = conn.sock.getsockname()
         replies = [
             call(echo, "POST", "/v1/chat/completions", chat("one"), conn=conn),
-            call(
-                echo, "POST", "/v1/chat/completions", raw=b"{broken", conn=conn
-            ),  # an error keeps it too
+            call(echo, "POST", "/v1/chat/completions", raw=b"{broken", conn=conn),  # an error keeps it too
             call(echo, "POST", "/v1/chat/completions", chat("two three", stream=True), conn=conn),
             call(echo, "GET", "/metrics", conn=conn),
             call(echo, "POST", "/v1/completions", {"prompt": "four"}, conn=conn),
@@ -431,9 +404,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(echo: int) -> None:
         assert replies[0].json()["choices"][0]["message"]["content"] == "one"
         assert chunks_of(replies[2].body)[-1]["choices"][0]["finish_reason"] == "stop"
         assert replies[4].json()["choices"][0]["text"] == "four"
-        assert conn.sock is not None and conn.sock.getsockname() == local, (
-            "the connection was reopened"
-        )
+        assert conn.sock is not None and conn.sock.getsockname() == local, "the connection was reopened"
     finally:
         conn.close()
 
@@ -469,10 +440,7 @@ def test_http_1_0_client_gets_a_stream_without_chunking(echo: int) -> None:
             data += chunk
     head, _, payload = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding" not in head
-    assert (
-        "".join(c["choices"][0]["delta"].get("content", "") for c in chunks_of(payload))
-        == "old client"
-    )
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks_of(payload)) == "old client"
 
 
 def test_chunked_request_body_is_read(echo: int) -> None:
@@ -487,6 +455,11 @@ def test_chunked_request_body_is_read(echo: int) -> None:
 
 
 def test_metrics_are_prometheus_text(echo: int) -> None:
+    # The server is shared by the module: a client an earlier test dropped mid-request is counted
+    # until the server notices it is gone.
+    wait_for(
+        lambda: metrics(echo)["llm_echo_requests_waiting"] == ("gauge", 0.0), 5, interval=0.02, what="an idle server"
+    )
     before = metrics(echo)
     assert before["llm_echo_requests_waiting"] == ("gauge", 0.0)
     assert before["llm_echo_requests_running"] == ("gauge", 0.0)
@@ -527,9 +500,7 @@ def test_in_flight_gauge_counts_a_slow_stream(slow_echo: int) -> None:
     assert metrics(slow_echo)["llm_echo_requests_waiting"][1] == 0
     conn = http.client.HTTPConnection("127.0.0.1", slow_echo, timeout=10)
     try:
-        conn.request(
-            "POST", "/v1/chat/completions", json.dumps(chat(" ".join(["w"] * 15), stream=True))
-        )
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat(" ".join(["w"] * 15), stream=True)))
         resp = conn.getresponse()
         assert resp.readline().startswith(b"data: ")  # under way
         seen = metrics(slow_echo)
@@ -540,7 +511,7 @@ def test_in_flight_gauge_counts_a_slow_stream(slow_echo: int) -> None:
     finally:
         conn.close()
     wait_for(
-        lambda: metrics(slow_echo)["llm_echo_requests_waiting"][1] == 0, 5, "the gauge to fall back"
+        lambda: metrics(slow_echo)["llm_echo_requests_waiting"][1] == 0, 5, interval=0.02, what="the gauge to fall back"
     )
 
 
@@ -550,7 +521,7 @@ def test_health_reports_loading_during_the_startup_delay() -> None:
         first = call(server.port, "GET", "/health")
         assert first.status == 503 and first.json() == {"status": "loading"}
         assert call(server.port, "GET", "/v1/models").status == 200  # the API itself answers
-        wait_for(lambda: call(server.port, "GET", "/health").status == 200, 5, "the delay to pass")
+        wait_for(lambda: call(server.port, "GET", "/health").status == 200, 5, interval=0.02, what="the delay to pass")
     finally:
         server.terminate()
 
@@ -571,9 +542,7 @@ def test_sigterm_lets_a_stream_in_flight_finish() -> None:
     server = echo_server(ECHO_TOKEN_DELAY="0.05")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
-        conn.request(
-            "POST", "/v1/chat/completions", json.dumps(chat("a b c d e f g h", stream=True))
-        )
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat("a b c d e f g h", stream=True)))
         resp = conn.getresponse()
         assert resp.readline().startswith(b"data: ")
         server.proc.send_signal(signal.SIGTERM)
@@ -603,13 +572,9 @@ def test_access_log_is_quiet_unless_asked() -> None:
 
 def test_openai_client(echo: int) -> None:
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{echo}/v1", api_key="x", max_retries=0, timeout=10
-    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{echo}/v1", api_key="x", max_retries=0, timeout=10)
     assert [m.id for m in client.models.list()] == ["llm-echo"]
-    reply = client.chat.completions.create(
-        model="llm-echo", messages=[{"role": "user", "content": "hello there"}]
-    )
+    reply = client.chat.completions.create(model="llm-echo", messages=[{"role": "user", "content": "hello there"}])
     assert reply.choices[0].message.content == "hello there"
     assert reply.choices[0].message.role == "assistant"
     assert reply.usage is not None and reply.usage.completion_tokens == 2
@@ -620,10 +585,7 @@ def test_openai_client(echo: int) -> None:
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    assert (
-        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        == "stream me  please"
-    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "stream me  please"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
     text = client.completions.create(model="llm-echo", prompt="plain text", stream=True)
@@ -657,9 +619,7 @@ def minilm() -> Iterator[int]:
         print(f"skipping the MiniLM example: {reason}")
         pytest.skip(reason)
     server = Process([sys.executable, str(MINILM)], {"HF_HUB_OFFLINE": "1"}, ready_timeout=30)
-    wait_for(
-        lambda: call(server.port, "GET", "/health").status != 503, 180, "the model to load", 0.2
-    )
+    wait_for(lambda: call(server.port, "GET", "/health").status != 503, 180, interval=0.2, what="the model to load")
     yield server.port
     server.terminate()
 
@@ -667,12 +627,8 @@ def minilm() -> Iterator[int]:
 def test_minilm_embeddings(minilm: int) -> None:
     health = call(minilm, "GET", "/health")
     assert health.status == 200 and health.json()["dimensions"] == 384
-    assert [m["id"] for m in call(minilm, "GET", "/v1/models").json()["data"]] == [
-        "all-MiniLM-L6-v2"
-    ]
-    one = call(
-        minilm, "POST", "/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": "a cat sits"}
-    ).json()
+    assert [m["id"] for m in call(minilm, "GET", "/v1/models").json()["data"]] == ["all-MiniLM-L6-v2"]
+    one = call(minilm, "POST", "/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": "a cat sits"}).json()
     assert one["object"] == "list" and one["model"] == "all-MiniLM-L6-v2"
     (item,) = one["data"]
     assert item["object"] == "embedding" and item["index"] == 0
@@ -691,9 +647,7 @@ def test_minilm_embeddings(minilm: int) -> None:
     assert cos(vectors[2], vectors[0]) > cos(vectors[2], vectors[1]) + 0.2  # the meaning is real
     assert math.isclose(cos(vectors[2], item["embedding"]), 1.0, rel_tol=1e-4)  # deterministic
 
-    packed = call(
-        minilm, "POST", "/v1/embeddings", {"input": "a cat sits", "encoding_format": "base64"}
-    ).json()
+    packed = call(minilm, "POST", "/v1/embeddings", {"input": "a cat sits", "encoding_format": "base64"}).json()
     floats = struct.unpack("<384f", base64.b64decode(packed["data"][0]["embedding"]))
     assert math.isclose(cos(list(floats), item["embedding"]), 1.0, rel_tol=1e-4)
 

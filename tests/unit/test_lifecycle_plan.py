@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from serving.lifecycle import PROVISION_TIMEOUT, STOP_GIVE_UP_AFTER, STOP_RESEND_AFTER, EndpointView, RouteView, plan
+from serving.lifecycle import (
+    PROVISION_TIMEOUT,
+    STOP_GIVE_UP_AFTER,
+    STOP_RESEND_AFTER,
+    STRANDED_GRACE,
+    EndpointView,
+    RouteView,
+    plan,
+)
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 _counter = iter(range(10_000))
@@ -66,6 +75,30 @@ def test_routes_on_lost_nodes_are_forgotten_and_replaced() -> None:
     result = plan(ep(1), [lost], NOW)
     assert result.forget == [lost.id]
     assert result.create == 1
+
+
+def test_healthy_replica_on_a_lost_node_serves_until_its_replacement_is_healthy() -> None:
+    """A lost node is a silent *worker*; its replicas most likely still serve (they outlive it)."""
+    lost_at = NOW - timedelta(seconds=5)
+    stranded = replace(route("healthy", alive=False), lost_since=lost_at)
+    first = plan(ep(1), [stranded], NOW)
+    assert (first.forget, first.create) == ([], 1)  # kept in traffic, a replacement is made
+    starting = route("degraded")
+    assert plan(ep(1), [stranded, starting], NOW).is_empty()
+    ready = route("healthy")
+    assert plan(ep(1), [stranded, ready], NOW).forget == [stranded.id]
+    # Not forever: after the grace it goes even with no healthy replacement.
+    late = NOW + STRANDED_GRACE
+    assert plan(ep(1), [stranded, starting], late).forget == [stranded.id]
+
+
+def test_only_healthy_current_replicas_are_kept_on_a_lost_node() -> None:
+    lost_at = NOW - timedelta(seconds=5)
+    sick = replace(route("unhealthy", alive=False), lost_since=lost_at)
+    old = replace(route("healthy", 1, alive=False), lost_since=lost_at)
+    assert plan(ep(1), [sick], NOW).forget == [sick.id]
+    assert plan(ep(1, version=2), [old], NOW).forget == [old.id]
+    assert plan(ep(1, lifecycle="destroying"), [replace(old, spec_version=1)], NOW).destroyed
 
 
 def test_terminating_route_stop_is_resent_then_forgotten() -> None:

@@ -1,14 +1,19 @@
+"""``python manage.py validate_model_folder PATH [--runtime R]``: check a model folder on disk.
+
+Thin: the checks live in ``serving.definitions.validate_model_folder``; this only formats them.
+"""
+
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import yaml
 from django.core.management.base import BaseCommand, CommandParser
 
-from serving.definitions import validate_model_folder
+from serving.definitions import DEFAULT_MODEL_DEFINITION_PATH, validate_model_folder
 from serving.runtimes import RUNTIMES
 
 
@@ -20,20 +25,36 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("path", help="the model folder")
-        parser.add_argument("--runtime", default="custom", choices=sorted(RUNTIMES))
-        parser.add_argument("--definition-path", default=None, help="model definition file inside the folder")
+        parser.add_argument(
+            "--runtime", default="custom", help=f"the inference runtime variant: {', '.join(RUNTIMES)} (default custom)"
+        )
+        parser.add_argument(
+            "--definition-path",
+            default=None,
+            help=f"the model definition file inside the folder (default {DEFAULT_MODEL_DEFINITION_PATH}, "
+            "then model-definition.yml)",
+        )
+        parser.add_argument(
+            "--model-mount", default="/models", help="where the folder is mounted in a replica (default /models)"
+        )
+        parser.add_argument("--json", action="store_true", help="print the resolved definition as JSON")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        result = validate_model_folder(Path(options["path"]), options["runtime"], options["definition_path"])
+        result = validate_model_folder(
+            Path(options["path"]),
+            options["runtime"],
+            options["definition_path"],
+            model_mount=options["model_mount"],
+        )
         if not result.ok:
             for problem in result.problems:
                 self.stderr.write(str(problem))
             self.stderr.write(f"{len(result.problems)} problem(s) found.")
             sys.exit(1)
-        resolved = {
-            "runtime": options["runtime"],
-            "model_definition": asdict(result.model_definition) if result.model_definition else None,
-            "launcher_defaults": asdict(result.defaults) if result.defaults else None,
-        }
-        self.stdout.write(json.dumps(resolved, indent=2, default=list))
+        resolved = result.to_dict()
+        del resolved["problems"], resolved["ok"]
+        if options["json"]:
+            self.stdout.write(json.dumps(resolved, indent=2, ensure_ascii=False, default=str))
+        else:
+            self.stdout.write(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True, width=100).rstrip("\n"))
         self.stdout.write("OK: the folder is valid.")

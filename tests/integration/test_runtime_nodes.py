@@ -1,0 +1,271 @@
+"""Several nodes, per-route logs, the proxies' failure reports and rolling updates, with real workers,
+real replicas on the local engine and (where traffic matters) the real proxy (issues 5 and 6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from serving.models import Endpoint, Node, Route, ServiceEvent
+from storage.models import Folder
+from tests.factories import SIMPLE_DEFINITION, FolderFactory
+from tests.live import LiveSystem, wait_for
+
+# Probed rarely, so only a proxy's report (not the schedule) can notice a dead replica quickly.
+SLOW_PROBE_DEFINITION = SIMPLE_DEFINITION.replace("interval: 0.2", "interval: 1.5")
+
+
+def service(api: Any, folder: Folder, **extra: Any) -> dict[str, Any]:
+    body = {"name": "svc-nodes", "folder": str(folder.pk), "replicas": 2, **extra}
+    response = api("owner").post("/api/v1/services/", body, format="json")
+    assert response.status_code == 201, response.json()
+    return response.json()
+
+
+def get(api: Any, service_id: str) -> dict[str, Any]:
+    return api("owner").get(f"/api/v1/services/{service_id}/").json()
+
+
+def healthy_routes(api: Any, service_id: str, count: int) -> list[dict[str, Any]] | None:
+    routes = [r for r in get(api, service_id)["routes"] if r["status"] == "healthy"]
+    return routes if len(routes) == count else None
+
+
+def engine_of(node: str) -> Any:
+    from serving.engines.local import LocalEngine
+
+    return LocalEngine(state_dir=Path(settings.ENGINE_STATE_DIR) / f"local-{node}")
+
+
+def replicas_in_engine(node: str, service_id: str) -> list[Any]:
+    return [i for i in engine_of(node).list() if i.labels.get("serving.endpoint") == service_id and i.state != "exited"]
+
+
+def kill_replica(node: str, container_id: str) -> None:
+    """SIGKILL the sandbox behind the platform's back, as a crash would."""
+    pid_file = Path(engine_of(node).state_dir) / container_id / "pid"
+    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+
+
+@pytest.fixture
+def folder(personas: dict[str, Any]) -> Folder:
+    return FolderFactory(
+        owner=personas["owner"],
+        name="simple",
+        files={"model-definition.yaml": SIMPLE_DEFINITION, "index.html": "hello from the model folder"},
+    )
+
+
+class Load:
+    """A few client threads calling a URL in a loop; every answer's status (or exception) is kept."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url = url
+        self.results: list[int | str] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as answer:
+                    answer.read()
+                    self.results.append(int(answer.status))
+            except urllib.error.HTTPError as exc:
+                self.results.append(int(exc.code))
+            except OSError as exc:
+                self.results.append(f"{exc.__class__.__name__}: {exc}")
+            time.sleep(0.005)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=15)
+
+    def failed(self) -> list[int | str]:
+        return [r for r in self.results if r != 200]
+
+
+def in_routing_table(slug: str) -> set[str]:
+    from serving.routing import get_redis, table_key
+
+    raw = get_redis().hget(table_key(), slug)
+    return {r["id"] for r in json.loads(raw)["routes"]} if raw else set()
+
+
+# --- several nodes -------------------------------------------------------------------------------
+
+
+def test_spread_capacity_limits_and_route_logs(
+    live_factory: Callable[..., LiveSystem], api: Any, folder: Folder
+) -> None:
+    live_factory(nodes={"a": {"NODE_CPU": "2"}, "b": {"NODE_CPU": "1"}})
+    sid = service(api, folder, replicas=3, resources={"cpu": 1, "mem": "256m"})["id"]
+    routes = wait_for(lambda: healthy_routes(api, sid, 3), timeout=40, what="3 healthy routes")
+    # Spread: one per node first; the third goes where a CPU is still free.
+    assert Counter(r["node"] for r in routes) == {"a": 2, "b": 1}
+
+    # Per-route logs come from the route's node.
+    on_b = next(r for r in routes if r["node"] == "b")
+
+    def three_lines() -> dict[str, Any] | None:
+        body: dict[str, Any] = api("owner").get(f"/api/v1/services/{sid}/routes/{on_b['id']}/logs/?tail=3").json()
+        return body if len(body.get("lines", [])) == 3 and body["truncated"] else None
+
+    answer = wait_for(three_lines, timeout=10, what="the last 3 of more log lines")
+    assert answer["route"] == on_b["id"] and answer["node"] == "b" and answer["truncated"] is True
+    assert any("GET / HTTP/1.1" in line for line in answer["lines"]), answer  # the health checks' requests
+    full = api("owner").get(f"/api/v1/services/{sid}/routes/{on_b['id']}/logs/").json()
+    assert 3 < len(full["lines"]) <= 200
+    assert api("stranger").get(f"/api/v1/services/{sid}/routes/{on_b['id']}/logs/").status_code == 404
+    assert api("owner").get(f"/api/v1/services/{sid}/routes/{on_b['id']}/logs/?tail=0").status_code == 400
+
+    # A fourth replica does not fit anywhere: the error says what was asked and what is free.
+    api("owner").patch(f"/api/v1/services/{sid}/", {"replicas": 4}, format="json")
+    error = wait_for(
+        lambda: next((r["error"] for r in get(api, sid)["routes"] if r["status"] == "failed_to_start"), None),
+        timeout=20,
+        what="a route that did not fit",
+    )
+    assert "Not enough resources" in error and "cpu 1" in error
+    assert "node a" in error and "node b" in error
+    assert healthy_routes(api, sid, 3)
+
+
+def test_lost_node_routes_move_and_its_orphans_are_swept_when_it_returns(
+    live_factory: Callable[..., LiveSystem], api: Any, folder: Folder
+) -> None:
+    system = live_factory(nodes={"a": {}, "b": {}})
+    sid = service(api, folder, replicas=2)["id"]
+    routes = wait_for(lambda: healthy_routes(api, sid, 2), timeout=40, what="2 healthy routes")
+    assert sorted(r["node"] for r in routes) == ["a", "b"]
+    on_b = next(r for r in routes if r["node"] == "b")
+
+    # Node b's worker stops; its replica keeps running (as a container outlives its agent).
+    system.stop("node-b")
+    started = time.monotonic()
+    answer = api("owner").get(f"/api/v1/services/{sid}/routes/{on_b['id']}/logs/")
+    assert answer.status_code == 503 and "Node b is not answering" in answer.json()["detail"]
+    assert time.monotonic() - started < 2.0  # known at once, no wait for a timeout
+    assert len(replicas_in_engine("b", sid)) == 1
+
+    # After NODE_LOST_AFTER the node is lost and its route is recreated on node a. Its replica (still
+    # running: only its worker stopped) serves until the replacement is healthy, never fewer than 2.
+    wait_for(lambda: Node.objects.get(name="b").lost_at is not None, timeout=30, what="node b lost")
+    fewest = 2
+
+    def both_on_a() -> list[dict[str, Any]] | None:
+        nonlocal fewest
+        healthy = [r for r in get(api, sid)["routes"] if r["status"] == "healthy"]
+        fewest = min(fewest, len(healthy))
+        return healthy if len(healthy) == 2 and all(r["node"] == "a" for r in healthy) else None
+
+    moved = wait_for(both_on_a, timeout=30, what="both routes healthy on node a")
+    assert fewest == 2, "a healthy replica of the lost node left traffic before its replacement was ready"
+    assert on_b["id"] not in {r["id"] for r in moved}
+    forgotten = ServiceEvent.objects.get(endpoint_id=sid, kind="route_forgotten", route_id=on_b["id"])
+    assert "node b was lost" in forgotten.message
+
+    # Node b comes back: its old replica has no route any more and is stopped by its sweep.
+    system.start_node("b")
+    wait_for(lambda: Node.objects.get(name="b").lost_at is None, timeout=30, what="node b back")
+    wait_for(lambda: not replicas_in_engine("b", sid), timeout=20, what="the orphan on node b stopped")
+    assert healthy_routes(api, sid, 2)
+
+
+def test_multi_node_cluster_mode_is_refused_with_a_reason(api: Any, folder: Folder) -> None:
+    body = {"name": "cluster", "folder": str(folder.pk), "replicas": 1, "cluster_mode": "multi-node", "cluster_size": 2}
+    response = api("owner").post("/api/v1/services/", body, format="json")
+    assert response.status_code == 400
+    assert "cluster" in json.dumps(response.json()).lower()
+    # Size 1 is a plain replica and accepted.
+    response = api("owner").post("/api/v1/services/", {**body, "cluster_size": 1}, format="json")
+    assert response.status_code == 201, response.json()
+
+
+# --- the data plane tells the control plane -----------------------------------------------------
+
+
+def test_proxy_report_removes_a_killed_replica_in_well_under_a_second(
+    live_factory: Callable[..., LiveSystem], api: Any, personas: dict[str, Any]
+) -> None:
+    # The node's own sync runs only every 5 s and probes every 1.5 s with 3 retries: anything faster
+    # than that is the proxy's report.
+    system = live_factory(NODE_HEARTBEAT_INTERVAL="5", NODE_LOST_AFTER="30")
+    proxy = system.start_proxy()
+    folder = FolderFactory(
+        owner=personas["owner"], name="slow-probe", files={"model-definition.yaml": SLOW_PROBE_DEFINITION}
+    )
+    created = service(api, folder, replicas=2, open_to_public=True)
+    sid, slug = created["id"], created["slug"]
+    routes = wait_for(lambda: healthy_routes(api, sid, 2), timeout=40, what="2 healthy routes")
+    wait_for(lambda: len(in_routing_table(slug)) == 2, timeout=5, what="2 routes in the routing table")
+
+    victim = Route.objects.get(pk=routes[0]["id"])
+    with Load(f"{proxy}/e/{slug}/") as load:
+        wait_for(lambda: len(load.results) > 50, timeout=10, what="load before the kill")
+        kill_replica("local", victim.container_id)
+        killed_at = time.monotonic()
+        wait_for(lambda: str(victim.pk) not in in_routing_table(slug), timeout=5, interval=0.01, what="out of routing")
+        removed_after = time.monotonic() - killed_at
+        mark = len(load.results)
+        wait_for(lambda: len(load.results) > mark + 50, timeout=10, what="load after the kill")
+    print(f"killed replica out of the routing table after {removed_after * 1000:.0f} ms")
+    assert removed_after < 0.6, f"the killed replica left the routing table only after {removed_after:.2f} s"
+    assert Route.objects.filter(pk=victim.pk, status="healthy").count() == 0
+    assert load.failed() == [], Counter(map(str, load.failed()))
+    assert "reported failing by a proxy" in system.log("node-local")
+    # And it is replaced as usual.
+    wait_for(lambda: healthy_routes(api, sid, 2), timeout=30, what="a replacement replica")
+
+
+# --- rolling update ------------------------------------------------------------------------------
+
+
+def test_rolling_update_under_load_loses_no_request(
+    live_factory: Callable[..., LiveSystem], api: Any, folder: Folder
+) -> None:
+    system = live_factory(nodes={"a": {}, "b": {}})
+    proxy = system.start_proxy()
+    created = service(api, folder, replicas=2, open_to_public=True)
+    sid, slug = created["id"], created["slug"]
+    old = {r["id"] for r in wait_for(lambda: healthy_routes(api, sid, 2), timeout=40, what="2 healthy routes")}
+    wait_for(lambda: len(in_routing_table(slug)) == 2, timeout=5, what="2 routes in the routing table")
+
+    with Load(f"{proxy}/e/{slug}/index.html", clients=3) as load:
+        wait_for(lambda: len(load.results) > 30, timeout=10, what="load before the update")
+        healthy_seen: list[int] = []
+        response = api("owner").patch(f"/api/v1/services/{sid}/", {"environ": {"GENERATION": "2"}}, format="json")
+        assert response.status_code == 200 and response.json()["spec_version"] == 2
+
+        def replaced() -> bool:
+            routes = list(Route.objects.filter(endpoint_id=sid))
+            healthy_seen.append(sum(r.status == "healthy" for r in routes))
+            return len(routes) == 2 and all(r.spec_version == 2 and r.status == "healthy" for r in routes)
+
+        wait_for(replaced, timeout=60, interval=0.05, what="every replica replaced")
+        mark = len(load.results)
+        wait_for(lambda: len(load.results) > mark + 30, timeout=10, what="load after the update")
+    new = {str(r.pk) for r in Route.objects.filter(endpoint_id=sid)}
+    assert not new & old
+    assert min(healthy_seen) >= 2, "fewer healthy replicas than asked for during the update"
+    assert load.failed() == [], Counter(map(str, load.failed()))
+    assert len(load.results) > 100
+    assert Endpoint.objects.get(pk=sid).spec_version == 2
