@@ -1,370 +1,500 @@
 """The data plane: forwards client requests to healthy replicas (S4.3, S5, S7, DESIGN.md §1).
 
 No Django, no database: it serves from the routing table it keeps in memory (proxy/table.py), so it
-keeps serving when Redis, the database or every Celery process is down. Hot path notes: aiohttp's
-low-level server (no router), one pooled keep-alive client session, no access log, counters are plain
-ints rendered only when /metrics is scraped.
+keeps serving when Redis, the database or every Celery process is down.
+
+Why it is built this way: the proxy is the product's hot path, and a general-purpose framework
+(aiohttp's client and server) spends ~150 us and most of a core per request on things a reverse
+proxy does not need (request objects, header multidicts, futures, tasks). Here each side is a plain
+``asyncio.Protocol`` fed by ``httptools`` (llhttp):
+
+* a request's head is parsed once and rewritten into bytes once, then written to a pooled
+  keep-alive connection of the chosen replica;
+* a response's head is checked with one regular expression and passed through nearly verbatim,
+  and its body bytes are relayed exactly as they arrive (chunked framing included) in one
+  ``write`` per received packet: streams (SSE) flow chunk by chunk with no buffering, and the
+  parser only tells where the response ends;
+* no task, future or timer is created per request on the keep-alive path: timeouts are enforced by
+  one sweep a second; counters are plain ints rendered on scrape (proxy/metrics.py); Redis writes
+  are batched off the request path (proxy/report.py).
+
+Retries: a request is sent to another replica when nothing of it reached the first (connection
+refused, reset or closed on connect), so a dead replica costs no request; a replica that refused a
+connection is skipped locally for a while and reported at once to the control plane. A request
+that was written to a replica which then closed without answering a byte is sent again only when
+repeating it is safe (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE, or any request with
+an ``Idempotency-Key`` header) and its body is still held (up to PROXY_REPLAY_LIMIT): a POST that
+may have been processed is answered 502, never run twice. So that the replica's keep-alive timer
+does not cost such a POST, it is not written to a pooled connection idle for more than a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import gc
+import hmac
 import logging
+import os
+import signal
+import socket
+import threading
 import time
-import uuid
-from collections import defaultdict
-from typing import Any
 
-import aiohttp
-from aiohttp import web
-
+from proxy.admin import Admin
 from proxy.config import Config
+from proxy.relay import UNSAFE_REUSE_SECONDS, Downstream, Exchange, Upstream
+from proxy.report import Reporter
 from proxy.table import Endpoint, Route, Table
 from serving import tokens
 
 log = logging.getLogger("proxy")
 
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-        "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
-    )
-)  # fmt: skip
-RESPONSE_SKIP = frozenset(("connection", "keep-alive", "transfer-encoding", "content-length", "trailer", "upgrade"))
-ROUTE_DOWN_SECONDS = 2.0
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
+_monotonic = time.monotonic
+_time = time.time
 
-
-def _json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
-
-
-class Stats:
-    """Per-endpoint counters; cheap to update, rendered on scrape."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str], int] = defaultdict(int)  # (slug, "2xx") -> n
-        self.latency: dict[str, list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS))
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.window: dict[str, list[float]] = defaultdict(list)  # recent latencies, for the pusher
-
-    def observe(self, slug: str, status: int, seconds: float) -> None:
-        self.requests[(slug, f"{status // 100}xx")] += 1
-        buckets = self.latency[slug]
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                buckets[i] += 1
-                break
-        self.latency_sum[slug] += seconds
-        self.window[slug].append(seconds)
-
-    def render(self, table: Table) -> str:
-        lines = [
-            "# HELP modelserve_proxy_requests_total Requests by endpoint and status class.",
-            "# TYPE modelserve_proxy_requests_total counter",
-        ]
-        for (slug, klass), count in sorted(self.requests.items()):
-            lines.append(f'modelserve_proxy_requests_total{{endpoint="{slug}",status="{klass}"}} {count}')
-        lines += [
-            "# HELP modelserve_proxy_in_flight Requests being forwarded right now.",
-            "# TYPE modelserve_proxy_in_flight gauge",
-        ]
-        for slug, endpoint in sorted(table.endpoints.items()):
-            lines.append(f'modelserve_proxy_in_flight{{endpoint="{slug}"}} {endpoint.in_flight}')
-            for route in endpoint.routes:
-                lines.append(
-                    f'modelserve_proxy_route_in_flight{{endpoint="{slug}",route="{route.id}"}} {route.in_flight}'
-                )
-        lines += [
-            "# HELP modelserve_proxy_latency_seconds Time to the end of the response.",
-            "# TYPE modelserve_proxy_latency_seconds histogram",
-        ]
-        for slug, buckets in sorted(self.latency.items()):
-            cumulative = 0
-            for bound, count in zip(LATENCY_BUCKETS, buckets, strict=True):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                lines.append(f'modelserve_proxy_latency_seconds_bucket{{endpoint="{slug}",le="{le}"}} {cumulative}')
-            lines.append(f'modelserve_proxy_latency_seconds_sum{{endpoint="{slug}"}} {self.latency_sum[slug]}')
-            lines.append(f'modelserve_proxy_latency_seconds_count{{endpoint="{slug}"}} {cumulative}')
-        return "\n".join(lines) + "\n"
+SCHEMES = ("backendai", "bearer")
+PLATFORM_KINDS = (tokens.ENDPOINT_TOKEN_KIND, tokens.API_KEY_KIND)
+CHALLENGE = b'WWW-Authenticate: Bearer realm="modelserve", BackendAI realm="modelserve"\r\n'
+TOKEN_CACHE_SIZE = 10_000
+DRAIN_SECONDS = 5.0  # on SIGTERM, requests in flight get this long to finish
+# What the proxy adds to a request (the usual case, in one formatting operation).
+FORWARDED = (
+    b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\nX-Forwarded-Host: %b\r\nX-Forwarded-Prefix: %b\r\n"
+    b"X-Request-ID: %b\r\n\r\n"
+)
+NO_ROUTE = {
+    "PROVISIONING": ("The service is starting; no replica is ready yet. Try again shortly.", 5),
+    "READY": ("The service's replicas are starting; none has passed its health check yet.", 5),
+    "DEGRADED": ("No replica of this service is healthy right now; they are being restarted.", 5),
+    "UNHEALTHY": ("Every replica of this service is unhealthy; see the service page for their errors.", 10),
+    "TERMINATING": ("The service is being terminated.", 30),
+}
+NO_ROUTE_DEFAULT = ("No healthy replica of this service is available right now.", 2)
 
 
 class Proxy:
+    """Shared state of the process: the table, the pools (on the routes), counters, reporting."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.table = Table(config.redis_url, config.prefix, config.resync_interval)
-        self.stats = Stats()
-        self.session: aiohttp.ClientSession | None = None
-        self.last_used: dict[str, float] = {}
-        self.failures: list[dict[str, str]] = []
-        self._background: list[asyncio.Task[None]] = []
-        self._key = config.token_key.encode()
+        self.table.on_routes = self._wake
+        self.key = config.token_key.encode()
+        self.instance = f"{socket.gethostname()}:{config.port}:{os.getpid()}"
+        self.reporter = Reporter(config.redis_url, config.prefix, self.instance, self.table, config.stats_interval)
+        self.downstreams: set[Downstream] = set()
+        self.token_cache: dict[bytes, tuple[str, str, str]] = {}  # header -> (lookup, token, digest)
+        self.replay_limit = config.replay_limit
+        self.queue_limit = config.queue_limit
+        self.keep_token = config.keep_token
+        self.access_log = config.access_log
+        self.domain_suffix = ("." + config.domain).encode() if config.domain else b""
+        self._rid_prefix = os.urandom(4).hex().encode()
+        self._rid_counter = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.counters = {"route_connect_failures_total": 0, "retries_total": 0}
 
-    # --- lifecycle --------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None, use_dns_cache=False)
-        timeout = aiohttp.ClientTimeout(
-            total=self.config.total_timeout, sock_connect=5.0, sock_read=self.config.idle_timeout
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
-        )
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.table.start()
-        try:
-            await asyncio.wait_for(self.table.loaded.wait(), timeout=5)
-        except TimeoutError:
-            log.warning("routing table not loaded yet; serving what arrives")
-        self._background.append(asyncio.create_task(self._push_loop()))
+        self.reporter.start()
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
 
-    async def close(self) -> None:
-        for task in self._background:
-            task.cancel()
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.table.stop()
-        if self.session is not None:
-            await self.session.close()
+        await self.reporter.stop()
+        for endpoint in self.table.endpoints.values():
+            for route in endpoint.routes:
+                route.retire()
 
-    async def _push_loop(self) -> None:
-        """Every 2 s: token last-used times, route failures and short stats, to Redis (batched)."""
-        prefix = self.config.prefix
-        while True:
-            await asyncio.sleep(2.0)
-            client = self.table.redis
-            if client is None:
-                continue
-            try:
-                pipe = client.pipeline(transaction=False)
-                if self.last_used:
-                    pipe.hset(f"{prefix}:tokens:last_used", mapping={k: str(v) for k, v in self.last_used.items()})
-                    self.last_used = {}
-                now = time.time()
-                for slug, endpoint in self.table.endpoints.items():
-                    window = self.stats.window.pop(slug, [])
-                    window.sort()
-                    p95 = window[int(0.95 * (len(window) - 1))] if window else 0.0
-                    sample = {"t": now, "rps": len(window) / 2.0, "in_flight": endpoint.in_flight, "p95": p95}
-                    key = f"{prefix}:metrics:proxy:{endpoint.id}"
-                    pipe.zadd(key, {json.dumps(sample): now})
-                    pipe.zremrangebyscore(key, 0, now - 600)
-                    pipe.expire(key, 900)
-                await pipe.execute()
-            except Exception as exc:  # Redis away: keep serving; figures of this period are dropped
-                log.debug("stats push failed: %s", exc)
+    def request_id(self) -> bytes:
+        self._rid_counter += 1
+        return b"%b%08x" % (self._rid_prefix, self._rid_counter)
 
-    def _report_failure(self, endpoint: Endpoint, route: Route, error: str) -> None:
-        client = self.table.redis
-        if client is None:
-            return
-        message = json.dumps({"route": route.id, "endpoint": endpoint.id, "slug": endpoint.slug, "error": error})
+    # --- the request path ------------------------------------------------------------------------
 
-        async def send() -> None:
-            try:
-                await client.publish(f"{self.config.prefix}:proxy:route-failures", message)
-            except Exception as exc:
-                log.debug("route failure report lost: %s", exc)
-
-        task = asyncio.create_task(send())
-        self._background.append(task)
-        task.add_done_callback(self._background.remove)
-
-    # --- request handling ------------------------------------------------------------------------
-
-    def _resolve(self, request: web.BaseRequest) -> tuple[str, str] | None:
-        path = request.raw_path
-        if self.config.domain:
-            host = (request.host or "").split(":", 1)[0]
-            suffix = "." + self.config.domain
-            if host.endswith(suffix):
-                return host[: -len(suffix)], path
-        if path.startswith("/e/"):
-            slug, _, rest = path[3:].partition("/")
-            if "?" in slug:
-                slug, _, query = slug.partition("?")
-                rest = "?" + query
-            return slug, "/" + rest
-        return None
-
-    def _authorize(self, request: web.BaseRequest, endpoint: Endpoint) -> web.Response | None:
-        if endpoint.public:
-            return None
-        challenge = {"WWW-Authenticate": 'Bearer realm="modelserve", charset="UTF-8"'}
-        header = request.headers.get("Authorization")
-        if not header:
-            return _json_error(
-                401, "missing_token", "This service needs a token: send 'Authorization: BackendAI <token>'.", challenge
-            )
-        credential = tokens.from_authorization(header, schemes=("backendai", "bearer"))
-        parsed = tokens.parse(credential or "")
-        if parsed is None or parsed.kind != tokens.ENDPOINT_TOKEN_KIND:
-            return _json_error(401, "malformed_token", "The token is malformed.", challenge)
-        known = endpoint.tokens.get(parsed.lookup)
-        if known is None or not tokens.verify(parsed.token, known[0], self._key):
-            return _json_error(
-                401, "invalid_token", "The token is unknown, revoked, or for another service.", challenge
-            )
-        now = time.time()
-        if known[1] <= now:
-            return _json_error(401, "expired_token", "The token has expired; generate a new one.", challenge)
-        self.last_used[parsed.lookup] = now
-        return None
-
-    def _no_route(self, endpoint: Endpoint) -> web.Response:
-        reasons = {
-            "PROVISIONING": "The service is starting; no replica is ready yet.",
-            "READY": "The service's replicas are starting; none has passed its health check yet.",
-            "UNHEALTHY": "Every replica of this service is unhealthy.",
-            "TERMINATING": "The service is being terminated.",
-        }
-        message = reasons.get(endpoint.status, "No healthy replica is available right now.")
-        return _json_error(503, "no_healthy_replica", message, {"Retry-After": "5"})
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        resolved = self._resolve(request)
-        if resolved is None:
-            return _json_error(404, "not_found", "Call a service at /e/<slug>/...; see its URL on the service page.")
-        slug, path = resolved
+    def dispatch(self, ex: Exchange) -> None:
+        target = ex.target
+        if target[:1] != b"/":
+            target = self._origin_form(ex)
+        slug: str | None = None
+        path = target
+        prefix = b""
+        if self.domain_suffix and ex.host:
+            host = ex.host.partition(b":")[0].lower()
+            if host.endswith(self.domain_suffix) and len(host) > len(self.domain_suffix):
+                slug = host[: -len(self.domain_suffix)].decode("latin-1")
+        if slug is None:
+            if target[:3] != b"/e/":
+                ex.respond(
+                    404,
+                    "not_found",
+                    "Call a service at /e/<service slug>/<path>; its address is on the service page.",
+                )
+                return
+            cut = target.find(b"/", 3)
+            query = target.find(b"?", 3)
+            if cut < 0 or 0 <= query < cut:
+                cut = query if query >= 0 else len(target)
+            slug = target[3:cut].decode("latin-1")
+            path = target[cut:]
+            if path[:1] != b"/":
+                path = b"/" + path
+            prefix = target[:cut]
         endpoint = self.table.endpoints.get(slug)
         if endpoint is None:
-            return _json_error(404, "unknown_service", f"No service {slug!r} here (terminated, or a typo).")
-        denied = self._authorize(request, endpoint)
-        if denied is not None:
-            return denied
-        if endpoint.in_flight >= self.config.queue_limit:
-            self.stats.observe(slug, 429, 0.0)
-            return _json_error(429, "overloaded", "Too many requests in flight for this service.", {"Retry-After": "1"})
-        started = time.monotonic()
-        endpoint.in_flight += 1
-        try:
-            response = await self._forward(request, endpoint, path)
-        finally:
-            endpoint.in_flight -= 1
-        self.stats.observe(slug, response.status, time.monotonic() - started)
-        return response
-
-    def _upstream_headers(self, request: web.BaseRequest) -> dict[str, str]:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        if not self.config.keep_token:
-            headers.pop("Authorization", None)
-        peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        headers["X-Forwarded-Proto"] = request.scheme
-        headers["X-Forwarded-Host"] = request.host or ""
-        headers.setdefault("X-Request-ID", request.headers.get("X-Request-ID") or uuid.uuid4().hex)
-        return headers
-
-    async def _wait_for_route(self, endpoint: Endpoint) -> None:
-        if self.config.hold_seconds <= 0:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        endpoint.waiters.append(waiter)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter, timeout=self.config.hold_seconds)
-
-    async def _forward(self, request: web.BaseRequest, endpoint: Endpoint, path: str) -> web.StreamResponse:
-        assert self.session is not None
-        headers = self._upstream_headers(request)
-        # A body we can replay lets us retry on another replica even after reading it (small JSON
-        # requests, the common case); big or streamed bodies are forwarded as a stream, once.
-        length = request.content_length
-        replayable = request.method in ("GET", "HEAD", "OPTIONS", "DELETE") or (
-            length is not None and length <= 1 << 20
-        )
-        body: Any = await request.read() if replayable and request.can_read_body else None
-        if body is None and request.can_read_body:
-            body = request.content
-        tried: set[str] = set()
-        while True:
-            now = time.monotonic()
-            route = endpoint.pick(now, tried)
-            if route is None and not tried:
-                await self._wait_for_route(endpoint)
-                endpoint = self.table.endpoints.get(endpoint.slug, endpoint)
-                route = endpoint.pick(time.monotonic(), tried)
-            if route is None:
-                return self._no_route(endpoint)
-            tried.add(route.id)
-            route.in_flight += 1
-            try:
-                upstream = await self.session.request(
-                    request.method,
-                    route.base + path,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            if not self.table.loaded:
+                ex.respond(
+                    503,
+                    "routing_table_not_loaded",
+                    "The proxy has not loaded its routing table yet (is Redis reachable?).",
+                    b"Retry-After: 1\r\n",
                 )
-            except aiohttp.ClientConnectionError as exc:
-                route.in_flight -= 1
-                # The connection failed before any answer came back: connect refused, a pooled
-                # connection closed under us, or the replica died mid-request. Inference calls have
-                # no side effects, so a request whose body can be sent again goes to another replica:
-                # killing a replica loses no request.
-                route.down_until = time.monotonic() + ROUTE_DOWN_SECONDS
-                self._report_failure(endpoint, route, f"{exc.__class__.__name__}: {exc}")
-                if replayable:
+            else:
+                ex.respond(404, "unknown_service", f"No service {slug!r} here: it was terminated, or this is a typo.")
+            return
+        auth = ex.auth
+        forward_auth = auth is not None
+        if not endpoint.public:
+            problem = self._authorize(auth, endpoint)
+            if problem is not None:
+                endpoint.stats.codes[4] += 1
+                ex.respond(401, problem[0], problem[1], CHALLENGE)
+                return
+            forward_auth = self.keep_token
+        elif auth is not None and not self.keep_token and self._is_platform_token(auth):
+            forward_auth = False
+        if endpoint.in_flight >= self.queue_limit * endpoint.capacity:
+            endpoint.stats.codes[4] += 1
+            endpoint.stats.throttled += 1
+            ex.respond(
+                429,
+                "overloaded",
+                f"Service {slug!r} has {endpoint.in_flight} requests in flight, its limit; retry shortly.",
+                b"Retry-After: 1\r\n",
+            )
+            return
+        endpoint.in_flight += 1
+        ex.endpoint = endpoint
+        rid = ex.rid
+        if rid is None or len(rid) > 128:
+            self._rid_counter += 1
+            ex.rid = rid = b"%b%08x" % (self._rid_prefix, self._rid_counter)
+        # An HTTP/1.0 client's request goes as HTTP/1.0: the replica then never answers chunked.
+        ex.line = b"%b %b %b\r\n" % (ex.method, path, b"HTTP/1.1" if ex.version11 else b"HTTP/1.0")
+        parts = ex.hparts
+        if forward_auth and auth is not None:
+            parts.append(b"Authorization: %b\r\n" % auth)
+        peer = ex.down.peer
+        forwarded_for = ex.xff + b", " + peer if ex.xff else peer
+        forwarded_host = ex.xfh or ex.host
+        if forwarded_host and prefix and not ex.chunked and ex.upgrade is None:
+            # The usual request in one formatting operation.
+            parts.append(FORWARDED % (forwarded_for, ex.xfp or b"http", forwarded_host, prefix, rid))
+        else:
+            parts.append(
+                b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\nX-Request-ID: %b\r\n"
+                % (forwarded_for, ex.xfp or b"http", rid)
+            )
+            if forwarded_host:
+                parts.append(b"X-Forwarded-Host: %b\r\n" % forwarded_host)
+            if prefix:
+                parts.append(b"X-Forwarded-Prefix: %b\r\n" % prefix)
+            if ex.chunked:
+                parts.append(b"Transfer-Encoding: %b\r\n" % (ex.te or b"chunked"))
+            if ex.upgrade is not None:
+                parts.append(b"Connection: Upgrade\r\nUpgrade: %b\r\n" % ex.upgrade)
+            parts.append(b"\r\n")
+        ex.head = b"".join(parts)
+        if ex.expect and not ex.request_done and ex.version11:
+            # The replica gets no Expect. (Never to an HTTP/1.0 client: RFC 9110 10.1.1.)
+            ex.down.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.forward(ex)
+
+    @staticmethod
+    def _origin_form(ex: Exchange) -> bytes:
+        """A target in absolute form (``http://host/path``, RFC 9112 3.2.2): its host replaces
+        the Host header and its path is the target. Other forms (``*``) are left as they are."""
+        target = ex.target
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            return target
+        cut = len(rest)
+        for mark in (b"/", b"?"):
+            at = rest.find(mark)
+            if 0 <= at < cut:
+                cut = at
+        ex.host = rest[:cut].rpartition(b"@")[2]
+        path = rest[cut:]
+        ex.target = path if path[:1] == b"/" else b"/" + path
+        return ex.target
+
+    def _authorize(self, header: bytes | None, endpoint: Endpoint) -> tuple[str, str] | None:
+        """None when ``header`` holds a live token of ``endpoint``; else (error code, message)."""
+        if header is None:
+            return (
+                "missing_token",
+                "This service needs a token: send 'Authorization: BackendAI <token>' (or 'Bearer <token>').",
+            )
+        cached = self.token_cache.get(header)
+        if cached is not None:
+            lookup, token, digest = cached
+            known = endpoint.tokens.get(lookup)
+            if known is None:
+                return "invalid_token", "The token is unknown, revoked, or for another service."
+            if not hmac.compare_digest(known[0], digest):
+                if not tokens.verify(token, known[0], self.key):
+                    return "invalid_token", "The token is unknown, revoked, or for another service."
+                self.token_cache[header] = (lookup, token, known[0])
+        else:
+            credential = tokens.from_authorization(header.decode("latin-1"), schemes=SCHEMES)
+            parsed = tokens.parse(credential) if credential else None
+            if parsed is None or parsed.kind != tokens.ENDPOINT_TOKEN_KIND:
+                return (
+                    "malformed_token",
+                    "The Authorization header does not hold a service token: "
+                    "send 'Authorization: BackendAI <token>' with a token from the service page.",
+                )
+            lookup = parsed.lookup
+            known = endpoint.tokens.get(lookup)
+            if known is None or not tokens.verify(parsed.token, known[0], self.key):
+                return "invalid_token", "The token is unknown, revoked, or for another service."
+            if len(self.token_cache) >= TOKEN_CACHE_SIZE:
+                self.token_cache.clear()
+            # Only tokens that verified are remembered (what HMAC gave for them), so garbage
+            # cannot fill this, and a token is still checked against the table on every request.
+            self.token_cache[header] = (lookup, parsed.token, known[0])
+        now = _time()
+        if known[1] <= now:
+            return "expired_token", "The token has expired; generate a new one on the service page."
+        self.reporter.last_used[lookup] = now
+        return None
+
+    def _is_platform_token(self, header: bytes) -> bool:
+        if header in self.token_cache:
+            return True
+        credential = tokens.from_authorization(header.decode("latin-1"), schemes=(*SCHEMES, "token"))
+        parsed = tokens.parse(credential) if credential else None
+        return parsed is not None and parsed.kind in PLATFORM_KINDS
+
+    def forward(self, ex: Exchange) -> None:
+        """Send ``ex`` to a route: a pooled connection at once, else a new one."""
+        endpoint = ex.endpoint
+        assert endpoint is not None
+        routes = endpoint.routes
+        if len(routes) == 1 and ex.tried is None and routes[0].down_until <= ex.last_active:
+            route: Route | None = routes[0]  # one replica: nothing to choose
+        else:
+            route = endpoint.pick(ex.last_active, ex.tried)
+        if route is None:
+            self._no_route(ex, endpoint)
+            return
+        ex.route = route
+        route.in_flight += 1
+        ex.attempts += 1
+        if ex.attempts > 1:
+            self.counters["retries_total"] += 1
+        if ex.upgrade is None:
+            idle = route.idle
+            while idle:
+                conn = idle.pop()
+                # (A connection the replica just closed may not have been told lost yet: skip it.)
+                if conn.closed or conn.transport.is_closing():
                     continue
-                return _json_error(502, "replica_unreachable", "The replica could not be reached.")
-            except TimeoutError:
-                route.in_flight -= 1
-                return _json_error(504, "replica_timeout", "The replica did not answer in time.")
-            except aiohttp.ClientError as exc:
-                route.in_flight -= 1
-                return _json_error(502, "replica_error", f"The replica's answer was broken: {exc.__class__.__name__}.")
-            try:
-                return await self._relay(request, upstream)
-            finally:
-                upstream.release()
-                route.in_flight -= 1
+                if conn.idle_since < ex.last_active - UNSAFE_REUSE_SECONDS and not ex.retryable():
+                    # A request that cannot be sent twice does not risk the replica's keep-alive
+                    # timer: a new connection (this one and the older ones below it are closed).
+                    conn.close()
+                    continue
+                ex.attach(conn)
+                return
+        assert self.loop is not None
+        self.loop.create_task(self._connect(route, ex))
 
-    async def _relay(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in RESPONSE_SKIP}
-        length = upstream.content_length
-        if (
-            length is not None
-            and length <= 65536
-            and "text/event-stream" not in upstream.headers.get("Content-Type", "")
-        ):
-            data = await upstream.read()
-            return web.Response(status=upstream.status, body=data, headers=headers)
-        response = web.StreamResponse(status=upstream.status, headers=headers)
-        if length is not None:
-            response.content_length = length
-        await response.prepare(request)
+    def _no_route(self, ex: Exchange, endpoint: Endpoint) -> None:
+        if ex.tried:
+            ex.respond(
+                502,
+                "replica_unreachable",
+                "No replica of this service could be reached; the platform is replacing it. Retry shortly.",
+                b"Retry-After: 1\r\n",
+            )
+            return
+        hold = self.config.hold_seconds
+        if hold > 0 and not ex.held and not endpoint.routes and endpoint.status != "TERMINATING":
+            assert self.loop is not None
+            ex.held = True
+            endpoint.waiters.append(ex)
+            ex.hold_timer = self.loop.call_later(hold, self._hold_expired, ex)
+            return
+        message, retry_after = NO_ROUTE.get(endpoint.status, NO_ROUTE_DEFAULT)
+        if endpoint.routes:
+            message, retry_after = "Every replica of this service failed just now; retry shortly.", 1
+        ex.respond(503, "no_healthy_replica", message, b"Retry-After: %d\r\n" % retry_after)
+
+    def _hold_expired(self, ex: Exchange) -> None:
+        ex.hold_timer = None
+        endpoint = ex.endpoint
+        if endpoint is not None:
+            with contextlib.suppress(ValueError):
+                endpoint.waiters.remove(ex)
+        if not ex.ended:
+            ex.last_active = _monotonic()
+            self.forward(ex)
+
+    def _wake(self, endpoint: Endpoint) -> None:
+        waiters, endpoint.waiters = endpoint.waiters, []
+        now = _monotonic()
+        for ex in waiters:
+            if ex.hold_timer is not None:
+                ex.hold_timer.cancel()
+                ex.hold_timer = None
+            if not ex.ended:
+                ex.last_active = now
+                self.forward(ex)
+
+    async def _connect(self, route: Route, ex: Exchange) -> None:
+        assert self.loop is not None
         try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)  # each chunk as it arrives: no buffering of SSE
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionResetError) as exc:
-            log.debug("stream cut: %s", exc)
-        await response.write_eof()
-        return response
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: Upstream(self, route), route.host, route.port),
+                self.config.connect_timeout,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # refused, unreachable, timeout: nothing was sent, try elsewhere
+            self._connect_failed(route, ex, exc)
+            return
+        if conn.closed or conn.transport.is_closing():
+            # Accepted and closed at once: a replica dying behind Docker's userland proxy (docker-proxy
+            # accepts, finds no container and closes). Nothing was sent: try elsewhere. (Writing to
+            # it would raise, and the request would be neither answered nor retried.)
+            self._connect_failed(route, ex, ConnectionResetError("the connection closed as soon as it opened"))
+            return
+        route.failures = 0
+        if ex.ended or ex.route is not route or ex.conn is not None:
+            # The client left (or the request was answered) while connecting: keep the connection.
+            if ex.upgrade is None and not route.gone:
+                conn.idle_since = _monotonic()
+                route.idle.append(conn)
+            else:
+                conn.close()
+            return
+        ex.attach(conn)
+
+    def _connect_failed(self, route: Route, ex: Exchange, exc: Exception) -> None:
+        error = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+        self.counters["route_connect_failures_total"] += 1
+        now = _monotonic()
+        if route.mark_down(now, self.config.route_down_seconds):
+            endpoint = ex.endpoint
+            log.info(
+                "route %s (%s:%d) of %s refused a connection: %s",
+                route.id,
+                route.host,
+                route.port,
+                route.endpoint_slug,
+                error,
+            )
+            self.reporter.route_failed(route.id, route.endpoint_slug, endpoint.id if endpoint else "", error)
+        if ex.route is route:
+            route.in_flight -= 1
+            ex.route = None
+        if ex.ended:
+            return
+        ex.tried = [*(ex.tried or ()), route]
+        ex.last_active = now
+        self.forward(ex)
+
+    # --- housekeeping ----------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Once a second: idle and total timeouts, idle client connections, stale pooled ones."""
+        assert self.loop is not None
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+        config = self.config
+        now = _monotonic()
+        idle_cut = now - config.idle_timeout
+        total_cut = now - config.total_timeout if config.total_timeout else None
+        keepalive_cut = now - config.keepalive_timeout
+        try:
+            for down in list(self.downstreams):
+                ex = down.current
+                if ex is None:
+                    if down.tunnel is None and down.last_active < keepalive_cut:
+                        down.transport.close()
+                elif ex.held:
+                    continue
+                elif ex.last_active < idle_cut:
+                    ex.timed_out(f"The replica sent nothing for {config.idle_timeout:g} s.")
+                elif total_cut is not None and ex.started < total_cut:
+                    ex.timed_out(f"The request took longer than {config.total_timeout:g} s.")
+            pool_cut = now - config.upstream_idle
+            for endpoint in self.table.endpoints.values():
+                for route in endpoint.routes:
+                    idle = route.idle
+                    while idle and idle[0].idle_since < pool_cut:
+                        idle.pop(0).close()
+        except Exception:
+            log.exception("sweep failed")
+
+    def gauges(self) -> dict[str, float]:
+        routes = sum(len(e.routes) for e in self.table.endpoints.values())
+        return {
+            "endpoints": len(self.table.endpoints),
+            "routes": routes,
+            "client_connections": len(self.downstreams),
+            "redis_connected": 1 if self.table.connected else 0,
+            "routing_table_age_seconds": (_time() - self.table.loaded_at) if self.table.loaded else -1,
+            **self.counters,
+        }
 
 
-async def admin_handler(proxy: Proxy, request: web.BaseRequest) -> web.Response:
-    if request.path == "/metrics":
-        return web.Response(text=proxy.stats.render(proxy.table), content_type="text/plain")
-    if request.path == "/healthz":
-        return web.json_response({"status": "ok", "endpoints": len(proxy.table.endpoints)})
-    return _json_error(404, "not_found", "The admin port serves /metrics and /healthz.")
-
-
-async def serve(config: Config) -> None:
-    proxy = Proxy(config)
-    await proxy.start()
-    server = web.Server(proxy.handle, access_log=None)
-    admin = web.Server(lambda request: admin_handler(proxy, request), access_log=None)
+async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+    """Run the proxy until SIGTERM/SIGINT, then drain requests in flight (up to DRAIN_SECONDS)."""
     loop = asyncio.get_running_loop()
-    main_server = await loop.create_server(server, config.host, config.port, reuse_address=True, backlog=2048)
-    admin_server = await loop.create_server(admin, config.host, config.admin_port, reuse_address=True)
+    proxy = Proxy(config)
+    proxy.start()
+    server = await loop.create_server(
+        lambda: Downstream(proxy), config.host, config.port, reuse_address=True, backlog=4096
+    )
+    admin = await loop.create_server(lambda: Admin(proxy), config.host, config.admin_port, reuse_address=True)
+    # Everything allocated so far lives for the whole run: keep the collector from rescanning it,
+    # and collect young objects less often (requests allocate many short-lived, acyclic ones).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 100)
     log.warning("proxy listening on http://%s:%d (admin :%d)", config.host, config.port, config.admin_port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
-        main_server.close()
-        admin_server.close()
-        await proxy.close()
+        # Whatever happens below, the process ends soon: a supervisor waits for it.
+        watchdog = threading.Timer(DRAIN_SECONDS + 3.0, os._exit, (0,))
+        watchdog.daemon = True
+        watchdog.start()
+        server.close()
+        admin.close()
+
+        def busy(down: Downstream) -> bool:
+            ex = down.current
+            return ex is not None and ex.endpoint is not None and not ex.ended
+
+        for down in list(proxy.downstreams):
+            if not busy(down) and down.tunnel is None:
+                down.transport.close()
+        deadline = loop.time() + DRAIN_SECONDS
+        while loop.time() < deadline and any(busy(d) for d in proxy.downstreams):
+            await asyncio.sleep(0.05)
+        for down in list(proxy.downstreams):
+            down.transport.close()
+        await proxy.stop()

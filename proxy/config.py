@@ -1,4 +1,38 @@
-"""Proxy settings from the environment (no Django here: the data plane must start without it)."""
+"""Proxy settings from the environment (no Django here: the data plane must start without it).
+
+Every setting is read once at start; a bad value stops the process with a sentence that names the
+variable, like the web app's typed env helpers (config/env.py).
+
+| variable | default | meaning |
+|---|---|---|
+| PROXY_HOST / PROXY_PORT | 127.0.0.1 / 8080 | where clients connect |
+| PROXY_ADMIN_PORT | 8081 | /metrics (Prometheus) and /healthz, on PROXY_HOST |
+| REDIS_URL / REDIS_PREFIX | redis://127.0.0.1:6379/0 / ms | where the routing table lives (serving/routing.py) |
+| TOKEN_HMAC_KEY / VAR_DIR | -, <repo>/var | the token digest key, else the file $VAR_DIR/token_hmac_key |
+| SERVING_DOMAIN | (off) | also route by host name: <slug>.<SERVING_DOMAIN> |
+| PROXY_KEEP_TOKEN | false | forward the platform token to the replica instead of removing it |
+| PROXY_IDLE_TIMEOUT | 300 | seconds without a byte either way before a request is cut (504) |
+| PROXY_TOTAL_TIMEOUT | 0 (none) | a hard cap on a whole request, seconds; LLM streams can be long |
+| PROXY_CONNECT_TIMEOUT | 5 | seconds to open a connection to a replica |
+| PROXY_QUEUE_LIMIT | 256 | requests in flight per healthy route; an endpoint admits limit x routes |
+| PROXY_HOLD_SECONDS | 0 | hold a request this long for a route to appear before answering 503 |
+| PROXY_RESYNC_INTERVAL | 10 | seconds between full re-reads of the routing table |
+| PROXY_STATS_INTERVAL | 2 | seconds between pushes of stats and token last-used times to Redis |
+| PROXY_ROUTE_DOWN_SECONDS | 2 | a route that refused a connection is skipped this long (doubling) |
+| PROXY_KEEPALIVE_TIMEOUT | 75 | an idle client connection is closed after this many seconds |
+| PROXY_UPSTREAM_IDLE | 4 | pooled replica connections idle this long are closed (below uvicorn's 5 s) |
+| PROXY_REPLAY_LIMIT | 1048576 | request bodies up to this size are kept to retry on another replica |
+| PROXY_RETRY_UNSAFE | false | also resend a POST that reached a replica which died unanswered (see below) |
+| PROXY_ACCESS_LOG | false | one log line per request (off: the hot path does no logging) |
+| PROXY_LOG_LEVEL | WARNING | the process's log level (INFO adds route failures) |
+
+PROXY_RETRY_UNSAFE: by default a POST that reached a replica which then died without answering a byte
+gets a 502 (it may have been processed; nginx and Envoy do the same). Set it when every runtime's
+requests are free of side effects, as inference usually is: then killing a replica costs no request.
+
+Why the queue limit is per route: an endpoint's capacity grows with its replicas, and 256 is what one
+vLLM replica runs at once by default (``max_num_seqs``); past it requests only wait in the replica.
+"""
 
 from __future__ import annotations
 
@@ -7,58 +41,106 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
+def _float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
     try:
-        return float(raw) if raw else default
+        value = float(raw)
     except ValueError:
         raise SystemExit(f"{name}={raw!r} is not a number.") from None
+    if value < minimum:
+        raise SystemExit(f"{name}={raw!r} must be at least {minimum:g}.")
+    return value
 
 
-def _token_key() -> str:
-    """The same key Django uses (config/settings.py): TOKEN_HMAC_KEY, else var/token_hmac_key."""
+def _int(name: str, default: int, minimum: int = 0) -> int:
+    value = _float(name, default, minimum)
+    if value != int(value):
+        raise SystemExit(f"{name}={value!r} must be a whole number.")
+    return int(value)
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise SystemExit(f"{name}={raw!r} must be true or false.")
+
+
+def token_key() -> str:
+    """The same key Django uses (config/settings.py): TOKEN_HMAC_KEY, else $VAR_DIR/token_hmac_key.
+
+    The proxy only reads the file: the web app creates it on first start. A proxy started before
+    that cannot verify any token, so it stops with a sentence saying what to do.
+    """
     if os.environ.get("TOKEN_HMAC_KEY"):
         return os.environ["TOKEN_HMAC_KEY"]
-    path = Path(os.environ.get("VAR_DIR", str(ROOT / "var"))) / "token_hmac_key"
+    path = Path(os.environ.get("VAR_DIR") or str(ROOT / "var")) / "token_hmac_key"
     try:
-        return path.read_text().strip()
+        value = path.read_text().strip()
     except OSError:
-        raise SystemExit(f"No token key: set TOKEN_HMAC_KEY or run the web app once so that {path} exists.") from None
+        value = ""
+    if not value:
+        raise SystemExit(f"No token key: set TOKEN_HMAC_KEY, or start the web app once so that {path} exists.")
+    return value
 
 
 @dataclass(frozen=True)
 class Config:
-    host: str
-    port: int
-    admin_port: int
-    redis_url: str
-    prefix: str
-    token_key: str
-    domain: str
-    keep_token: bool
-    idle_timeout: float
-    total_timeout: float | None
-    queue_limit: int
-    hold_seconds: float
-    resync_interval: float
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_port: int = 8081
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "ms"
+    token_key: str = ""
+    domain: str = ""
+    keep_token: bool = False
+    idle_timeout: float = 300.0
+    total_timeout: float | None = None
+    connect_timeout: float = 5.0
+    queue_limit: int = 256
+    hold_seconds: float = 0.0
+    resync_interval: float = 10.0
+    stats_interval: float = 2.0
+    route_down_seconds: float = 2.0
+    keepalive_timeout: float = 75.0
+    upstream_idle: float = 4.0
+    replay_limit: int = 1 << 20
+    retry_unsafe: bool = False
+    access_log: bool = False
 
     @classmethod
     def from_env(cls) -> Config:
         total = _float("PROXY_TOTAL_TIMEOUT", 0.0)
         return cls(
             host=os.environ.get("PROXY_HOST", "127.0.0.1"),
-            port=int(_float("PROXY_PORT", 8080)),
-            admin_port=int(_float("PROXY_ADMIN_PORT", 8081)),
-            redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-            prefix=os.environ.get("REDIS_PREFIX", "ms"),
-            token_key=_token_key(),
-            domain=os.environ.get("SERVING_DOMAIN", ""),
-            keep_token=os.environ.get("PROXY_KEEP_TOKEN", "").lower() in {"1", "true", "yes"},
-            idle_timeout=_float("PROXY_IDLE_TIMEOUT", 300.0),
+            port=_int("PROXY_PORT", 8080),
+            admin_port=_int("PROXY_ADMIN_PORT", 8081),
+            redis_url=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
+            prefix=os.environ.get("REDIS_PREFIX") or "ms",
+            token_key=token_key(),
+            domain=os.environ.get("SERVING_DOMAIN", "").strip().lower().strip("."),
+            keep_token=_bool("PROXY_KEEP_TOKEN", False),
+            idle_timeout=_float("PROXY_IDLE_TIMEOUT", 300.0, 0.01),
             total_timeout=total or None,
-            queue_limit=int(_float("PROXY_QUEUE_LIMIT", 512)),
+            connect_timeout=_float("PROXY_CONNECT_TIMEOUT", 5.0, 0.01),
+            queue_limit=_int("PROXY_QUEUE_LIMIT", 256, 1),
             hold_seconds=_float("PROXY_HOLD_SECONDS", 0.0),
-            resync_interval=_float("PROXY_RESYNC_INTERVAL", 10.0),
+            resync_interval=_float("PROXY_RESYNC_INTERVAL", 10.0, 0.1),
+            stats_interval=_float("PROXY_STATS_INTERVAL", 2.0, 0.1),
+            route_down_seconds=_float("PROXY_ROUTE_DOWN_SECONDS", 2.0, 0.0),
+            keepalive_timeout=_float("PROXY_KEEPALIVE_TIMEOUT", 75.0, 0.1),
+            upstream_idle=_float("PROXY_UPSTREAM_IDLE", 4.0, 0.1),
+            replay_limit=_int("PROXY_REPLAY_LIMIT", 1 << 20),
+            retry_unsafe=_bool("PROXY_RETRY_UNSAFE", False),
+            access_log=_bool("PROXY_ACCESS_LOG", False),
         )

@@ -1,8 +1,18 @@
 """The routing table in memory: a full load from Redis at start, pub/sub updates, periodic resync.
 
 Written by ``serving/routing.py``: hash ``<prefix>:routing`` (slug -> JSON entry) and channel
-``<prefix>:routing:updates`` (``{"slug", "entry"}`` or ``{"resync": true}``). When Redis is away the
-last table stays in use and the follower keeps retrying in the background; one log line per outage.
+``<prefix>:routing:updates`` (``{"slug", "entry"}``, entry null when the endpoint is gone, or
+``{"resync": true}``). The follower subscribes first and loads the whole hash second, so no update
+falls in between; it re-reads the hash every ``resync_interval`` so a lost message heals by itself.
+When Redis is away the last table stays in use and the follower retries in the background; one log
+line per outage, not one per attempt. A Redis that comes back *empty* (restarted without its data)
+does not empty the table either: the key ``<prefix>:routing:complete``, set by every full write of
+the table, is missing then, and until the control plane writes the table again (its next reconcile
+tick) entries are applied but none is removed.
+
+Objects here are updated in place (an entry for a known slug updates its Endpoint, a route with the
+same id and address keeps its Route) because requests in flight hold them: their counters and pooled
+connections must survive a table update.
 """
 
 from __future__ import annotations
@@ -12,172 +22,372 @@ import contextlib
 import json
 import logging
 import random
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from bisect import bisect_right
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
+from proxy.metrics import EndpointStats
+
+if TYPE_CHECKING:
+    from proxy.app import Exchange, Upstream
+
 log = logging.getLogger("proxy.table")
 
+_random = random.random
+_monotonic = time.monotonic
 
-@dataclass
+
 class Route:
-    id: str
-    host: str
-    port: int
-    weight: float
-    in_flight: int = 0
-    down_until: float = 0.0  # marked down locally after a connect failure
+    """One healthy replica of an endpoint, with its pool of idle keep-alive connections."""
 
-    @property
-    def base(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    __slots__ = (
+        "codes",
+        "down_until",
+        "endpoint_slug",
+        "failures",
+        "gone",
+        "host",
+        "host_line",
+        "id",
+        "idle",
+        "in_flight",
+        "port",
+        "weight",
+    )
+
+    def __init__(self, route_id: str, host: str, port: int, weight: float, endpoint_slug: str) -> None:
+        self.id = route_id
+        self.host = host
+        self.port = port
+        self.weight = weight
+        self.endpoint_slug = endpoint_slug
+        # The Host header replicas see: their own address, as nginx's proxy_pass sends by default.
+        self.host_line = f"Host: {host}:{port}\r\n".encode("latin-1")
+        self.idle: list[Upstream] = []  # LIFO: the warmest connection first, the oldest ones expire
+        self.in_flight = 0
+        self.down_until = 0.0
+        self.failures = 0  # consecutive connect failures: the local down period doubles with each
+        self.codes = [0, 0, 0, 0, 0, 0]  # responses by status class (index status // 100)
+        self.gone = False
+
+    def mark_down(self, now: float, base: float) -> bool:
+        """Skip this route for a while after a refused connection; True when newly marked."""
+        fresh = self.down_until <= now
+        self.failures += 1
+        self.down_until = now + min(base * (2 ** (self.failures - 1)), 30.0)
+        return fresh
+
+    def retire(self) -> None:
+        """The route left the table: close its idle connections; busy ones close when done."""
+        self.gone = True
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
 
 
-@dataclass
 class Endpoint:
-    id: str
-    slug: str
-    public: bool
-    status: str
-    routes: list[Route]
-    tokens: dict[str, tuple[str, float]]  # lookup -> (digest, expires epoch)
-    in_flight: int = 0
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    """One endpoint (model service) as the proxy sees it."""
 
-    @classmethod
-    def from_entry(cls, entry: dict[str, Any], previous: Endpoint | None) -> Endpoint:
-        old = {r.id: r for r in previous.routes} if previous else {}
-        routes = []
-        for raw in entry.get("routes", []):
-            route = old.get(raw["id"])
-            if route is None or (route.host, route.port) != (raw["host"], raw["port"]):
-                route = Route(id=raw["id"], host=raw["host"], port=int(raw["port"]), weight=float(raw.get("weight", 1)))
+    __slots__ = (
+        "capacity",
+        "cumulative",
+        "id",
+        "in_flight",
+        "name",
+        "public",
+        "raw",
+        "routes",
+        "slug",
+        "stats",
+        "status",
+        "tokens",
+        "total_weight",
+        "waiters",
+    )
+
+    def __init__(self, slug: str, stats: EndpointStats) -> None:
+        self.slug = slug
+        self.id = ""
+        self.name = ""
+        self.public = False
+        self.status = ""
+        self.routes: list[Route] = []
+        self.capacity = 1  # routes counted for the in-flight limit (at least one: held requests)
+        self.cumulative: list[float] = []
+        self.total_weight = 0.0
+        self.tokens: dict[str, tuple[str, float]] = {}  # lookup -> (digest, expires epoch)
+        self.in_flight = 0
+        self.waiters: list[Exchange] = []  # requests held while no route is available
+        self.stats = stats
+        self.raw: bytes | None = None  # the hash value last applied: an unchanged entry is skipped
+
+    def update(self, entry: dict[str, Any]) -> list[Route]:
+        """Apply an entry; returns the routes that left (for their pools to be closed)."""
+        old = {r.id: r for r in self.routes}
+        routes: list[Route] = []
+        for raw in entry.get("routes") or ():
+            route_id, host, port = str(raw["id"]), str(raw["host"]), int(raw["port"])
+            weight = float(raw.get("weight", 1) or 0)
+            if weight <= 0:
+                continue
+            route = old.get(route_id)
+            if route is None or (route.host, route.port) != (host, port):
+                route = Route(route_id, host, port, weight, self.slug)
             else:
-                route.weight = float(raw.get("weight", 1))
+                del old[route_id]
+                route.weight = weight
             routes.append(route)
-        tokens = {k: (v["digest"], float(v["expires"])) for k, v in (entry.get("tokens") or {}).items()}
-        if previous is not None:
-            # Update in place: requests in flight hold this object and decrement its counters.
-            previous.id = entry["id"]
-            previous.public = bool(entry.get("public"))
-            previous.status = str(entry.get("status", ""))
-            previous.routes = routes
-            previous.tokens = tokens
-            return previous
-        return cls(
-            id=entry["id"],
-            slug=entry["slug"],
-            public=bool(entry.get("public")),
-            status=str(entry.get("status", "")),
-            routes=routes,
-            tokens=tokens,
-        )
+        tokens = {str(k): (str(v["digest"]), float(v["expires"])) for k, v in (entry.get("tokens") or {}).items()}
+        self.id = str(entry.get("id", ""))
+        self.name = str(entry.get("name", "") or self.slug)
+        self.public = bool(entry.get("public"))
+        self.status = str(entry.get("status", "") or "")
+        self.tokens = tokens
+        cumulative: list[float] = []
+        total = 0.0
+        for route in routes:
+            total += route.weight
+            cumulative.append(total)
+        # Assigned last, together: pick() never sees routes and weights from two different entries.
+        self.routes, self.cumulative, self.total_weight = routes, cumulative, total
+        self.capacity = len(routes) or 1
+        return list(old.values())
 
-    def pick(self, now: float, exclude: set[str]) -> Route | None:
-        """Power of two choices over healthy routes, weighted; skips routes marked down."""
-        candidates = [r for r in self.routes if r.id not in exclude and r.down_until <= now and r.weight > 0]
+    def pick(self, now: float, exclude: list[Route] | None = None) -> Route | None:
+        """Weighted power of two choices: two different routes drawn by weight, the one with fewer
+        requests in flight per unit of weight wins (ties go to the first draw, so an idle endpoint
+        splits traffic by weight). Routes marked down locally are skipped unless nothing else is
+        left (the mark is a guess; a connect attempt is cheap); routes in ``exclude`` never."""
+        routes = self.routes
+        if not exclude:
+            if len(routes) == 1:
+                route = routes[0]
+                if route.down_until <= now:
+                    return route
+            elif routes:
+                cumulative, total = self.cumulative, self.total_weight
+                i = bisect_right(cumulative, _random() * total)
+                if i >= len(routes):  # float rounding at the very top
+                    i = len(routes) - 1
+                a = routes[i]
+                # The second draw skips the first route's share of the weight: always another route.
+                x = _random() * (total - a.weight)
+                if x >= cumulative[i] - a.weight:
+                    x += a.weight
+                j = bisect_right(cumulative, x)
+                if j == i or j >= len(routes):
+                    j = (i + 1) % len(routes)
+                b = routes[j]
+                if a.down_until <= now and b.down_until <= now:
+                    return a if a.in_flight * b.weight <= b.in_flight * a.weight else b
+        return self._pick_slow(now, exclude or [])
+
+    def _pick_slow(self, now: float, exclude: list[Route]) -> Route | None:
+        candidates = [r for r in self.routes if r not in exclude]
+        up = [r for r in candidates if r.down_until <= now]
+        if up:
+            candidates = up
         if not candidates:
             return None
         if len(candidates) == 1:
             return candidates[0]
-        weights = [r.weight for r in candidates]
-        a, b = random.choices(candidates, weights=weights, k=2)
-        # Fewer requests in flight per unit of weight wins.
-        return a if a.in_flight / a.weight <= b.in_flight / b.weight else b
+        a = random.choices(candidates, weights=[r.weight for r in candidates])[0]
+        others = [r for r in candidates if r is not a]
+        b = random.choices(others, weights=[r.weight for r in others])[0]
+        return a if a.in_flight * b.weight <= b.in_flight * a.weight else b
 
 
 class Table:
+    """The endpoints by slug, kept in step with Redis by a background follower task."""
+
     def __init__(self, redis_url: str, prefix: str, resync_interval: float) -> None:
         self.redis_url = redis_url
         self.key = f"{prefix}:routing"
         self.channel = f"{prefix}:routing:updates"
+        self.complete_key = f"{prefix}:routing:complete"
         self.resync_interval = resync_interval
         self.endpoints: dict[str, Endpoint] = {}
-        self.loaded = asyncio.Event()
+        self.stats: dict[str, EndpointStats] = {}  # outlive their endpoint: counters never go back
+        self.loaded = False
+        self.loaded_at = 0.0  # epoch of the last full load
+        self.connected = False
+        self.on_routes: Callable[[Endpoint], None] | None = None  # wakes requests held for a route
+        self._bad: set[str] = set()
+        self._kept = False  # logged that an incomplete table in Redis was not applied
         self._task: asyncio.Task[None] | None = None
-        self.redis: aioredis.Redis | None = None
 
-    def apply(self, slug: str, entry: dict[str, Any] | None) -> None:
+    # --- applying entries (pure, synchronous; unit-tested without Redis) ------------------------
+
+    def apply(self, slug: str, entry: dict[str, Any] | None, raw: bytes | None = None) -> None:
         if entry is None:
             gone = self.endpoints.pop(slug, None)
             if gone is not None:
+                for route in gone.routes:
+                    route.retire()
+                gone.routes, gone.cumulative, gone.total_weight, gone.capacity = [], [], 0.0, 1
+                gone.status = "TERMINATING"
                 self._wake(gone)
             return
-        endpoint = Endpoint.from_entry(entry, self.endpoints.get(slug))
+        endpoint = self.endpoints.get(slug)
+        if endpoint is None:
+            stats = self.stats.get(slug)
+            if stats is None:
+                stats = self.stats[slug] = EndpointStats()
+            endpoint = Endpoint(slug, stats)
+        try:
+            left = endpoint.update(entry)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if slug not in self._bad:  # once per bad entry, not once per resync
+                log.warning("routing entry for %r ignored (%s: %s)", slug, exc.__class__.__name__, exc)
+                self._bad.add(slug)
+            return
+        self._bad.discard(slug)
+        endpoint.raw = raw
         self.endpoints[slug] = endpoint
-        if endpoint.routes:
+        for route in left:
+            route.retire()
+        if endpoint.routes and endpoint.waiters:
             self._wake(endpoint)
 
-    @staticmethod
-    def _wake(endpoint: Endpoint) -> None:
-        for waiter in endpoint.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        endpoint.waiters.clear()
+    def _wake(self, endpoint: Endpoint) -> None:
+        if endpoint.waiters and self.on_routes is not None:
+            self.on_routes(endpoint)
 
-    async def full_load(self, client: aioredis.Redis) -> None:
-        raw = await client.hgetall(self.key)
-        seen = set()
-        for slug_b, value in raw.items():
+    def load(self, entries: dict[bytes, bytes], complete: bool = True) -> None:
+        """Replace the table with a full read of the hash (unchanged entries cost one compare).
+
+        ``complete`` False: the hash is not known to hold the whole table (Redis restarted empty and
+        the control plane has not rewritten it yet): entries are applied, none is removed.
+        """
+        seen: set[str] = set()
+        for slug_b, value in entries.items():
             slug = slug_b.decode()
             seen.add(slug)
+            known = self.endpoints.get(slug)
+            if known is not None and known.raw == value:
+                continue
             try:
-                self.apply(slug, json.loads(value))
-            except (ValueError, KeyError) as exc:
-                log.warning("bad routing entry for %s ignored: %s", slug, exc)
-        for slug in set(self.endpoints) - seen:
-            self.apply(slug, None)
-        self.loaded.set()
+                entry = json.loads(value)
+            except ValueError as exc:
+                if slug not in self._bad:
+                    log.warning("routing entry for %r is not JSON: %s", slug, exc)
+                    self._bad.add(slug)
+                continue
+            self.apply(slug, entry, value)
+        if complete or not self.loaded:
+            for slug in [s for s in self.endpoints if s not in seen]:
+                self.apply(slug, None)
+        elif len(seen) < len(self.endpoints) and not self._kept:
+            self._kept = True
+            log.warning(
+                "Redis holds no complete routing table (restarted empty?): keeping the last one (%d endpoints) "
+                "until the control plane writes it again",
+                len(self.endpoints),
+            )
+        if complete:
+            self._kept = False
+        self.loaded = True
+        self.loaded_at = time.time()
+
+    def handle_message(self, data: bytes) -> bool:
+        """Apply one pub/sub message; True when it asks for a full re-read."""
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return False
+        if not isinstance(message, dict):
+            return False
+        if message.get("resync"):
+            return True
+        slug = message.get("slug")
+        if isinstance(slug, str):
+            entry = message.get("entry")
+            # raw=None: the next full load compares against the hash value and re-applies once.
+            self.apply(slug, entry if isinstance(entry, dict) else None)
+        return False
+
+    # --- following Redis ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._follow())
+        self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # shutting down: nothing to report
                 await self._task
 
+    async def _load_from(self, client: aioredis.Redis) -> None:
+        entries, complete = await _read_table(client, self.key, self.complete_key)
+        self.load(entries, complete)
+
     async def _follow(self) -> None:
-        outage = False
+        outage_since: float | None = None
+        delay = 0.2
+        loop = asyncio.get_running_loop()
         while True:
-            client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_keepalive=True)
-            self.redis = client
+            client = aioredis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=2, socket_timeout=10, socket_keepalive=True
+            )
+            pubsub = client.pubsub()
             try:
-                pubsub = client.pubsub()
                 await pubsub.subscribe(self.channel)
-                await self.full_load(client)  # after subscribing: no update falls in between
-                if outage:
-                    log.warning("Redis is back; routing table reloaded (%d endpoints)", len(self.endpoints))
-                    outage = False
-                loop = asyncio.get_running_loop()
+                await self._load_from(client)  # after subscribing: no update is missed
+                self.connected = True
+                delay = 0.2
+                if outage_since is not None:
+                    log.warning(
+                        "Redis is back after %.0f s; routing table reloaded (%d endpoints)",
+                        time.time() - outage_since,
+                        len(self.endpoints),
+                    )
+                    outage_since = None
                 next_resync = loop.time() + self.resync_interval
                 while True:
-                    timeout = max(0.05, next_resync - loop.time())
+                    timeout = max(0.01, next_resync - loop.time())
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+                    resync = False
                     if message is not None and message.get("type") == "message":
-                        self._handle(message["data"])
-                        if b'"resync"' in message["data"]:
-                            await self.full_load(client)
-                    if loop.time() >= next_resync:
-                        await self.full_load(client)
+                        resync = self.handle_message(message["data"])
+                    if resync or loop.time() >= next_resync:
+                        await self._load_from(client)
                         next_resync = loop.time() + self.resync_interval
             except asyncio.CancelledError:
-                await client.aclose()
+                await _close(pubsub, client)
                 raise
-            except (OSError, aioredis.RedisError) as exc:
-                if not outage:
-                    log.warning("Redis unreachable (%s); serving from the last routing table", exc)
-                    outage = True
-                self.loaded.set()  # nothing to wait for: serve what we have
-                await client.aclose()
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # any Redis or network trouble: keep the table, retry later
+                self.connected = False
+                if outage_since is None:
+                    outage_since = time.time()
+                    log.warning(
+                        "Redis at %s unreachable (%s: %s); serving from the last routing table (%d endpoints)",
+                        self.redis_url,
+                        exc.__class__.__name__,
+                        exc,
+                        len(self.endpoints),
+                    )
+                await _close(pubsub, client)
+                await asyncio.sleep(delay)
+                # At most 0.5 s between attempts: once Redis is back, a route change must reach the
+                # proxy within 1 s (DESIGN.md §7); one connection attempt per 0.5 s costs nothing.
+                delay = min(delay * 2, 0.5)
 
-    def _handle(self, data: bytes) -> None:
+
+async def _read_table(client: aioredis.Redis, key: str, complete_key: str) -> tuple[dict[bytes, bytes], bool]:
+    """The hash and whether it is complete, in one MULTI (a full write sets both at once)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hgetall(key)
+    pipe.exists(complete_key)
+    entries, complete = await pipe.execute()
+    return entries, bool(complete)
+
+
+async def _close(pubsub: Any, client: aioredis.Redis) -> None:
+    for closer in (pubsub.aclose, client.aclose):
         try:
-            message = json.loads(data)
-        except ValueError:
-            return
-        if "slug" in message:
-            self.apply(message["slug"], message.get("entry"))
+            await asyncio.wait_for(closer(), 1.0)
+        except (Exception, asyncio.CancelledError):  # noqa: S112 - the connection is already broken
+            continue

@@ -1,0 +1,133 @@
+"""What the proxy tells the control plane through Redis; never on a request's path.
+
+* ``<prefix>:tokens:last_used`` (hash): token lookup -> epoch seconds of its last accepted use,
+  flushed every ``stats_interval`` in one HSET (never a write per request).
+* ``<prefix>:proxy:stats:<slug>`` (hash, expires after 30 s without a push): one field per proxy
+  process (``host:port:pid``) whose value is JSON ``{"t": epoch, "window": seconds, "rps",
+  "errors_per_s", "requests", "in_flight", "p95_ms", "routes"}`` for the last window. Several
+  proxies behind a load balancer each write their own field; a reader sums ``rps``/``in_flight``
+  over fields whose ``t`` is recent and takes the max of ``p95_ms``. No field: no traffic.
+* ``<prefix>:proxy:route-failures`` (channel): JSON ``{"route": id, "endpoint": slug,
+  "endpoint_id": id, "error": text, "proxy": instance, "t": epoch}`` the moment a replica refuses
+  a connection (fire and forget, at most once per local down period of that route).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+
+if TYPE_CHECKING:
+    from proxy.table import Table
+
+log = logging.getLogger("proxy.report")
+
+STATS_TTL = 30
+MAX_PENDING_REPORTS = 64  # failure reports in the air at once; beyond that they are dropped
+MAX_LAST_USED = 100_000  # bound on remembered tokens while Redis is away
+
+
+class Reporter:
+    def __init__(self, redis_url: str, prefix: str, instance: str, table: Table, interval: float) -> None:
+        self.prefix = prefix
+        self.instance = instance
+        self.table = table
+        self.interval = interval
+        self.client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
+        self.last_used: dict[str, float] = {}
+        self.failures_channel = f"{prefix}:proxy:route-failures"
+        self._pending = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._down = False
+        self._last_flush = time.monotonic()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        with contextlib.suppress(Exception):  # best effort at shutdown
+            await asyncio.wait_for(self.flush(final=True), 2.0)
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.aclose(), 1.0)
+
+    def route_failed(self, route_id: str, endpoint_slug: str, endpoint_id: str, error: str) -> None:
+        """Publish a route failure without waiting for it (never blocks the request)."""
+        if self._pending >= MAX_PENDING_REPORTS or not self.table.connected:
+            return  # Redis away or slow: the control plane's own health checks will see it too
+        message = json.dumps(
+            {
+                "route": route_id,
+                "endpoint": endpoint_slug,
+                "endpoint_id": endpoint_id,
+                "error": error,
+                "proxy": self.instance,
+                "t": time.time(),
+            }
+        )
+        self._pending += 1
+        task = asyncio.get_running_loop().create_task(self._publish(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, message: str) -> None:
+        try:
+            await self.client.publish(self.failures_channel, message)
+        except Exception as exc:
+            log.debug("route failure report lost: %s", exc)
+        finally:
+            self._pending -= 1
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+
+    async def flush(self, final: bool = False) -> None:
+        now = time.time()
+        elapsed = max(time.monotonic() - self._last_flush, 0.001)  # the real window, not the nominal one
+        self._last_flush = time.monotonic()
+        used, self.last_used = self.last_used, {}
+        pipe = self.client.pipeline(transaction=False)
+        if used:
+            pipe.hset(f"{self.prefix}:tokens:last_used", mapping={k: f"{v:.3f}" for k, v in used.items()})
+        for slug, endpoint in self.table.endpoints.items():
+            figures = endpoint.stats.window(elapsed)
+            if not final and not figures["requests"] and not endpoint.in_flight and endpoint.stats.count == 0:
+                continue  # never used through this proxy: nothing to say
+            sample = {
+                "t": round(now, 3),
+                "window": round(elapsed, 3),
+                **figures,
+                "in_flight": endpoint.in_flight,
+                "routes": len(endpoint.routes),
+            }
+            key = f"{self.prefix}:proxy:stats:{slug}"
+            pipe.hset(key, self.instance, json.dumps(sample, separators=(",", ":")))
+            pipe.expire(key, STATS_TTL)
+        if not len(pipe):
+            return
+        try:
+            await pipe.execute()
+        except Exception as exc:
+            # Keep the last-used times for the next try (newest wins); this window's stats are lost.
+            for lookup, when in used.items():
+                if len(self.last_used) < MAX_LAST_USED and self.last_used.get(lookup, 0.0) < when:
+                    self.last_used[lookup] = when
+            if not self._down:
+                log.warning("cannot push stats to Redis (%s); will retry", exc.__class__.__name__)
+                self._down = True
+            return
+        if self._down:
+            log.warning("stats push to Redis works again")
+            self._down = False
