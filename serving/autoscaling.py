@@ -1,22 +1,25 @@
 """Autoscaling rules (S6): pure evaluation with an injected clock, and the tick that applies it.
 
 Beyond the original: rules can be disabled; a rule aggregates its metric over a window (average by
-default, or max/min) instead of reading one sample; a rule whose result would leave its min/max is
-*clamped* to the range (the original skipped it) as long as the current count is inside the range;
-scale-out rules win over scale-in rules in the same tick and the largest scale-out wins; scale-in
-happens only when every enabled scale-in rule agrees (fast up, slow down); an endpoint-level cooldown
-(the longest cooldown of its rules) stops flapping; and every decision that matched is recorded with
-its reason, acted on or not.
+default, or max/min, over the replicas and the window's samples) instead of reading one sample; a rule
+whose result would leave its min/max is *clamped* to the range (the original skipped it) as long as
+the current count is inside the range; scale-out rules win over scale-in rules in the same tick and
+the largest scale-out wins; scale-in happens only when every enabled scale-in rule agrees, and then by
+the smallest step asked; an endpoint-level cooldown stops flapping, asymmetrically (fast up, slow
+down): after any scaling by the rules, a scale-in waits the endpoint's cooldown (its
+``scaling_cooldown``, else the longest cooldown of its enabled rules) and a scale-out waits the
+longest cooldown of its enabled scale-out rules (or ``scaling_cooldown`` when set); every decision
+that matched is recorded with its reason, acted on or not (a repeat of the same reason once).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -27,16 +30,8 @@ COMPARATORS: dict[str, Callable[[float, float], bool]] = {
     "GREATER_THAN": operator.gt,
     "GREATER_THAN_OR_EQUAL": operator.ge,
 }
-# Names a proxy-source rule may use, mapped to the fields the proxy pushes (proxy/app.py).
-PROXY_METRICS = {
-    "in_flight": "in_flight",
-    "requests_in_flight": "in_flight",
-    "rps": "rps",
-    "requests_per_second": "rps",
-    "p95": "p95",
-    "p95_latency": "p95",
-    "latency_p95": "p95",
-}
+SYMBOLS = {"LESS_THAN": "<", "LESS_THAN_OR_EQUAL": "<=", "GREATER_THAN": ">", "GREATER_THAN_OR_EQUAL": ">="}
+NOT_MATCHED = "not matched"  # a rule's state when its condition is false (recorded as state, no event)
 
 
 @dataclass(frozen=True)
@@ -66,6 +61,12 @@ class Decision:
     acted: bool
     reason: str
 
+    @property
+    def key(self) -> str:
+        """The reason without its figures ("rule cooldown", not "rule cooldown (12 s left)"): the same
+        key twice in a row is the same decision, recorded once."""
+        return self.reason.split(" (", 1)[0].strip()
+
 
 def aggregate(samples: Iterable[tuple[float, float]], how: str, window: float, now: float) -> float | None:
     """Aggregate the samples of the last ``window`` seconds; None when there are none."""
@@ -93,30 +94,47 @@ def _proposal(rule: Rule, current: int) -> tuple[int, str]:
     return wanted, ""
 
 
+def cooldowns(rules: Iterable[Rule], endpoint_cooldown: float | None) -> tuple[float, float]:
+    """(scale-out, scale-in) seconds to wait after the endpoint's last scaling by its rules."""
+    enabled = [r for r in rules if r.enabled]
+    if endpoint_cooldown is not None:
+        return endpoint_cooldown, endpoint_cooldown
+    out = max((r.cooldown for r in enabled if r.direction == "out"), default=0.0)
+    return out, max((r.cooldown for r in enabled), default=0.0)
+
+
 def evaluate(
     current: int,
     rules: list[Rule],
     observed: Mapping[int, float | None],
     now: float,
     last_scaled_at: float | None,
+    endpoint_cooldown: float | None = None,
 ) -> tuple[int, list[Decision]]:
-    """The new desired count and the decisions that explain it. Pure."""
+    """The new desired count and the decisions that explain it. Pure.
+
+    A rule with no data, a disabled rule whose condition holds, a rule in its own cooldown or at its
+    bound, and a rule that lost to another all get a decision that did not act, with the reason; a
+    rule whose condition is false gets none.
+    """
     decisions: list[Decision] = []
     candidates: list[tuple[Rule, float, int]] = []  # matched, not blocked: (rule, value, proposal)
     matched_in: list[Rule] = []
     enabled_in = [r for r in rules if r.enabled and r.direction == "in"]
     for rule in rules:
         value = observed.get(rule.id)
-        if not rule.enabled:
-            continue  # a disabled rule is not evaluated; the admin and API show it as disabled
         if value is None:
-            decisions.append(
-                Decision(
-                    rule, None, current, current, False, f"no data for {rule.metric} in the last {rule.window:g} s"
+            if rule.enabled:
+                decisions.append(
+                    Decision(
+                        rule, None, current, current, False, f"no data for {rule.metric} in the last {rule.window:g} s"
+                    )
                 )
-            )
             continue
         if not COMPARATORS[rule.comparator](value, rule.threshold):
+            continue
+        if not rule.enabled:
+            decisions.append(Decision(rule, value, current, current, False, "the rule is disabled"))
             continue
         if rule.direction == "in":
             matched_in.append(rule)
@@ -143,12 +161,14 @@ def evaluate(
             chosen = max(ins, key=lambda c: c[2])  # the most conservative shrink
             losers = [(c, "another scale-in rule shrinks less") for c in ins if c is not chosen]
         else:
-            losers = [(c, "not every scale-in rule agrees") for c in ins]
+            waiting = ", ".join(sorted(r.metric for r in enabled_in if r not in matched_in))
+            losers = [(c, f"not every scale-in rule agrees (not yet: {waiting})") for c in ins]
 
     if chosen is not None and last_scaled_at is not None:
-        endpoint_cooldown = max((r.cooldown for r in rules if r.enabled), default=0.0)
-        if now - last_scaled_at < endpoint_cooldown:
-            left = endpoint_cooldown - (now - last_scaled_at)
+        out_wait, in_wait = cooldowns(rules, endpoint_cooldown)
+        wait = out_wait if chosen[2] > current else in_wait
+        if now - last_scaled_at < wait:
+            left = wait - (now - last_scaled_at)
             losers.append((chosen, f"service cooldown after the last scaling ({left:.0f} s left)"))
             chosen = None
 
@@ -157,131 +177,197 @@ def evaluate(
     if chosen is None:
         return current, decisions
     rule, value, proposal = chosen
+    how = {"avg": "average", "max": "maximum", "min": "minimum"}.get(rule.aggregation, rule.aggregation)
     decisions.append(
-        Decision(rule, value, current, proposal, True, f"{rule.metric} {value:g} {rule.comparator} {rule.threshold:g}")
+        Decision(
+            rule,
+            value,
+            current,
+            proposal,
+            True,
+            f"{rule.metric} {value:g} {SYMBOLS.get(rule.comparator, rule.comparator)} {rule.threshold:g}"
+            f" ({how} over {rule.window:g} s): replicas {current} -> {proposal}",
+        )
     )
     return proposal, decisions
 
 
 # --- the tick (shell) ----------------------------------------------------------------------------
 
-# rule id -> the reason last recorded for it (in this worker), to record repeats once.
-_last_reason: dict[int, str] = {}
+_RULE_FIELDS = (
+    "pk",
+    "endpoint_id",
+    "direction",
+    "source",
+    "metric",
+    "comparator",
+    "threshold",
+    "step",
+    "min_replicas",
+    "max_replicas",
+    "cooldown",
+    "aggregation",
+    "window",
+    "enabled",
+    "last_triggered_at",
+    "last_decision",
+)
 
 
-def _proxy_samples(client: Any, prefix: str, endpoint_id: str, field: str) -> list[tuple[float, float]]:
-    raw = client.zrange(f"{prefix}:metrics:proxy:{endpoint_id}", 0, -1)
-    out = []
-    for item in raw:
-        with_value = json.loads(item)
-        if field in with_value:
-            out.append((float(with_value["t"]), float(with_value[field])))
-    return out
+def tick(now: datetime | None = None, client: Any = None) -> int:
+    """Evaluate every live endpoint's rules; returns how many endpoints changed their count.
 
-
-def samples_for(client: Any, prefix: str, endpoint_id: str, source: str, metric: str) -> list[tuple[float, float]]:
-    """The stored time series of one metric (the last 10 minutes)."""
-    if source == "proxy":
-        field = PROXY_METRICS.get(metric)
-        return _proxy_samples(client, prefix, endpoint_id, field) if field else []
-    # kernel and inference series: "<prefix>:metrics:<source>:<endpoint>:<metric>" -> zset of "t:value".
-    raw = client.zrange(f"{prefix}:metrics:{source}:{endpoint_id}:{metric}", 0, -1, withscores=True)
-    out = []
-    for member, score in raw:
-        value = member.decode().split(":", 1)[1] if isinstance(member, bytes) else str(member).split(":", 1)[1]
-        out.append((float(score), float(value)))
-    return out
-
-
-def tick(now: datetime | None = None) -> int:
-    """Evaluate every live endpoint's rules; returns how many endpoints changed their count."""
-    from django.conf import settings
+    One query for the rules, one for their endpoints, one Redis round trip for every rule's window;
+    then, only for what changed: the decisions (bulk), the rules' states, and per scaled endpoint a
+    compare-and-set on its desired count and an immediate reconcile.
+    """
     from django.db import transaction
     from django.utils import timezone
 
-    from serving import actions, routing
+    from serving import actions, metrics, tasks
     from serving.models import AutoScalingRule, Endpoint, ScalingEvent
 
     now = now or timezone.now()
     now_ts = now.timestamp()
-    client = routing.get_redis()
-    changed = 0
-    rules_by_endpoint: dict[Any, list[AutoScalingRule]] = {}
-    for row in AutoScalingRule.objects.filter(endpoint__lifecycle=Endpoint.Lifecycle.CREATED).select_related(
-        "endpoint"
-    ):
-        rules_by_endpoint.setdefault(row.endpoint_id, []).append(row)
-    for rows in rules_by_endpoint.values():
-        endpoint = rows[0].endpoint
-        rules = [
-            Rule(
-                id=r.pk,
-                direction=r.direction,
-                source=r.source,
-                metric=r.metric,
-                comparator=r.comparator,
-                threshold=r.threshold,
-                step=r.step,
-                min_replicas=r.min_replicas,
-                max_replicas=r.max_replicas,
-                cooldown=float(r.cooldown),
-                aggregation=r.aggregation,
-                window=float(r.window),
-                enabled=r.enabled,
-                last_triggered_at=r.last_triggered_at.timestamp() if r.last_triggered_at else None,
-            )
-            for r in rows
-        ]
-        observed = {
-            rule.id: aggregate(
-                samples_for(client, settings.REDIS_PREFIX, str(endpoint.pk), rule.source, rule.metric),
-                rule.aggregation,
-                rule.window,
-                now_ts,
-            )
-            for rule in rules
-            if rule.enabled
-        }
-        last = ScalingEvent.objects.filter(endpoint=endpoint, acted=True).order_by("-created_at").first()
-        new, decisions = evaluate(
-            endpoint.desired_replicas, rules, observed, now_ts, last.created_at.timestamp() if last else None
+    rows = list(
+        AutoScalingRule.objects.filter(endpoint__lifecycle=Endpoint.Lifecycle.CREATED)
+        .order_by("endpoint_id", "created_at", "pk")
+        .values_list(*_RULE_FIELDS)
+    )
+    if not rows:
+        return 0
+    endpoints = {
+        pk: (desired, cooldown, last.timestamp() if last else None)
+        for pk, desired, cooldown, last in Endpoint.objects.filter(
+            pk__in={row[1] for row in rows}, lifecycle=Endpoint.Lifecycle.CREATED
+        ).values_list("pk", "desired_replicas", "scaling_cooldown", "last_scaled_at")
+    }
+    rules_by_endpoint: dict[Any, list[Rule]] = {}
+    last_decision: dict[int, str] = {}
+    for (
+        pk,
+        endpoint_id,
+        direction,
+        source,
+        metric,
+        comparator,
+        threshold,
+        step,
+        low,
+        high,
+        cooldown,
+        aggregation,
+        window,
+        enabled,
+        last_triggered,
+        decided,
+    ) in rows:
+        rule = Rule(
+            id=pk,
+            direction=direction,
+            source=source,
+            metric=metric,
+            comparator=comparator,
+            threshold=threshold,
+            step=step,
+            min_replicas=low,
+            max_replicas=high,
+            cooldown=float(cooldown),
+            aggregation=aggregation,
+            window=float(window),
+            enabled=enabled,
+            last_triggered_at=last_triggered.timestamp() if last_triggered else None,
         )
+        rules_by_endpoint.setdefault(endpoint_id, []).append(rule)
+        last_decision[pk] = decided
+    wanted = [
+        (str(endpoint_id), rule.source, rule.metric, now_ts - rule.window)
+        for endpoint_id, rules in rules_by_endpoint.items()
+        for rule in rules
+    ]
+    series = iter(metrics.read_many(wanted, now_ts, client=client))
+
+    events: list[ScalingEvent] = []
+    states: dict[str, list[int]] = {}  # new last_decision -> rules
+    scaled: list[tuple[Any, int, int, list[Decision]]] = []
+    for endpoint_id, rules in rules_by_endpoint.items():
+        observed = {rule.id: aggregate(next(series), rule.aggregation, rule.window, now_ts) for rule in rules}
+        if endpoint_id not in endpoints:
+            continue
+        current, endpoint_cooldown, last_scaled = endpoints[endpoint_id]
+        new, decisions = evaluate(
+            current,
+            rules,
+            observed,
+            now_ts,
+            last_scaled,
+            None if endpoint_cooldown is None else float(endpoint_cooldown),
+        )
+        decided = {d.rule.id for d in decisions}
+        for rule in rules:
+            if rule.id not in decided and last_decision[rule.id] != NOT_MATCHED:
+                states.setdefault(NOT_MATCHED, []).append(rule.id)
+        if new != current:
+            scaled.append((endpoint_id, current, new, decisions))
+            continue
+        for decision in decisions:
+            if decision.key != last_decision[decision.rule.id]:
+                events.append(_event(endpoint_id, decision, now, acted=False))
+                states.setdefault(decision.key[:255], []).append(decision.rule.id)
+
+    with transaction.atomic():
+        ScalingEvent.objects.bulk_create(events, batch_size=500)
+        for state, ids in states.items():
+            AutoScalingRule.objects.filter(pk__in=ids).update(last_decision=state)
+
+    changed = 0
+    for endpoint_id, current, new, decisions in scaled:
         with transaction.atomic():
-            acted = False
-            if new != endpoint.desired_replicas:
-                # Compare-and-set: act only if nobody changed the count since we read it.
-                acted = bool(
-                    Endpoint.objects.filter(
-                        pk=endpoint.pk, desired_replicas=endpoint.desired_replicas, lifecycle=Endpoint.Lifecycle.CREATED
-                    ).update(desired_replicas=new)
-                )
+            # Compare-and-set: act only if nobody changed the count since we read it.
+            acted = bool(
+                Endpoint.objects.filter(
+                    pk=endpoint_id, desired_replicas=current, lifecycle=Endpoint.Lifecycle.CREATED
+                ).update(desired_replicas=new, last_scaled_at=now, updated_at=now)
+            )
             for decision in decisions:
-                did = decision.acted and acted
-                # A rule that keeps failing for the same reason is recorded once, not every tick.
-                reason_key = decision.reason.split("(")[0].strip()
-                if not did and _last_reason.get(decision.rule.id) == reason_key:
-                    continue
-                _last_reason[decision.rule.id] = "" if did else reason_key
-                ScalingEvent.objects.create(
-                    endpoint=endpoint,
-                    rule_id=decision.rule.id,
-                    metric=f"{decision.rule.source}:{decision.rule.metric}",
-                    observed=decision.observed,
-                    window=int(decision.rule.window),
-                    old_replicas=decision.old,
-                    new_replicas=decision.new if did else decision.old,
-                    acted=did,
-                    reason=decision.reason if did or not decision.acted else "the count changed meanwhile",
-                )
-                if did:
-                    AutoScalingRule.objects.filter(pk=decision.rule.id).update(last_triggered_at=now)
+                if decision.acted and not acted:
+                    decision = Decision(
+                        decision.rule, decision.observed, current, current, False, "the count changed meanwhile"
+                    )
+                if decision.acted or decision.key != last_decision[decision.rule.id]:
+                    ScalingEvent.objects.bulk_create([_event(endpoint_id, decision, now, acted=decision.acted)])
+                    AutoScalingRule.objects.filter(pk=decision.rule.id).update(
+                        last_decision=(decision.reason if decision.acted else decision.key)[:255],
+                        **({"last_triggered_at": now} if decision.acted else {}),
+                    )
             if acted:
                 changed += 1
+                endpoint = Endpoint.objects.get(pk=endpoint_id)
+                winner = next(d for d in decisions if d.acted)
                 actions.record_event(
                     endpoint,
                     "scaled",
-                    f"Autoscaling: replicas {endpoint.desired_replicas} -> {new}.",
-                    data={"old": endpoint.desired_replicas, "new": new},
+                    f"Autoscaling: replicas {current} -> {new} ({winner.rule.source}:{winner.reason}).",
+                    data={"old": current, "new": new, "rule_id": winner.rule.id},
                 )
-                actions._kick(endpoint.pk)
+                # Reconcile at once; the reconcile's route changes tell the open pages (a page update
+                # from here too would cost a channel-layer round trip per scaled service and tick).
+                transaction.on_commit(partial(tasks.enqueue_reconcile, str(endpoint_id)))
     return changed
+
+
+def _event(endpoint_id: Any, decision: Decision, now: datetime, *, acted: bool) -> Any:
+    from serving.models import ScalingEvent
+
+    return ScalingEvent(
+        endpoint_id=endpoint_id,
+        rule_id=decision.rule.id,
+        metric=f"{decision.rule.source}:{decision.rule.metric}",
+        observed=decision.observed,
+        window=int(decision.rule.window),
+        old_replicas=decision.old,
+        new_replicas=decision.new if acted else decision.old,
+        acted=acted,
+        reason=decision.reason[:255],
+        created_at=now,
+    )
