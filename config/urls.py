@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
+from django.utils.translation import gettext_lazy
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from accounts import views as account_views
@@ -13,6 +14,7 @@ urlpatterns = [
     path("i18n/", include("django.conf.urls.i18n")),
     path("admin/", admin.site.urls),
     path("folders/", include("storage.urls")),
+    path("services/", include("serving.urls")),
     path("healthz", account_views.healthz, name="healthz"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
@@ -21,5 +23,5 @@ urlpatterns = [
     path("api/v1/", include("storage.api_urls")),
 ]
 
-admin.site.site_header = "modelserve operations"
+admin.site.site_header = gettext_lazy("modelserve operations")
 admin.site.site_title = "modelserve"

@@ -8,6 +8,8 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 from serving import actions
 from serving.models import (
@@ -117,7 +119,7 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     inlines = [RouteInline, RuleInline, ServiceEventInline]
     actions = ["terminate", "clear_errors"]
 
-    @admin.display(description="status")
+    @admin.display(description=_("status"))
     def status(self, obj: Endpoint) -> str:
         return obj.compute_status()
 
@@ -137,18 +139,21 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # terminate instead: it stops the replicas
 
-    @admin.action(description="Terminate selected services")
+    @admin.action(description=_("Terminate selected services"))
     def terminate(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
         for endpoint in queryset:
             actions.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
-        self.message_user(request, f"Terminating {queryset.count()} service(s).")
+        count = queryset.count()
+        message = ngettext("Terminating %(count)d service.", "Terminating %(count)d services.", count)
+        self.message_user(request, message % {"count": count})
 
-    @admin.action(description="Clear errors and retry")
+    @admin.action(description=_("Clear errors and retry"))
     def clear_errors(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
         cleared = 0
         for endpoint in queryset:
             cleared += actions.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
-        self.message_user(request, f"Cleared {cleared} failed replica(s).")
+        message = ngettext("Cleared %(count)d failed replica.", "Cleared %(count)d failed replicas.", cleared)
+        self.message_user(request, message % {"count": cleared})
 
 
 @admin.register(Route)
@@ -197,11 +202,11 @@ class EndpointTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # shown once: generate tokens on the service page or through the API
 
-    @admin.action(description="Revoke selected tokens")
+    @admin.action(description=_("Revoke selected tokens"))
     def revoke(self, request: HttpRequest, queryset: QuerySet[EndpointToken]) -> None:
         for token in queryset.select_related("endpoint"):
             actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
-        self.message_user(request, "Revoked; proxies refuse these tokens within a second.")
+        self.message_user(request, _("Revoked; proxies refuse these tokens within a second."))
 
 
 @admin.register(AutoScalingRule)
@@ -219,10 +224,11 @@ class AutoScalingRuleAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "cooldown",
         "enabled",
         "last_triggered_at",
+        "last_decision",
     )
     list_filter = ("direction", "source", "enabled")
     search_fields = ("endpoint__name", "metric")
-    readonly_fields = ("last_triggered_at", "created_at")
+    readonly_fields = ("last_triggered_at", "last_decision", "created_at")
 
     def save_model(self, request: HttpRequest, obj: AutoScalingRule, form: Any, change: bool) -> None:
         actions.do_save_rule(obj, acting_user=request.user)  # type: ignore[arg-type]
@@ -274,11 +280,11 @@ class NodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def alive(self, obj: Node) -> bool:
         return obj.is_alive()
 
-    @admin.action(description="Cordon: place no new replicas")
+    @admin.action(description=_("Cordon: place no new replicas"))
     def cordon(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
         queryset.update(schedulable=False)
 
-    @admin.action(description="Uncordon: allow new replicas")
+    @admin.action(description=_("Uncordon: allow new replicas"))
     def uncordon(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
         queryset.update(schedulable=True)
 

@@ -26,15 +26,44 @@ def endpoint_group(endpoint_id: str) -> str:
     return f"endpoint.{endpoint_id}"
 
 
+# The services list listens per principal: a user's own services, each of their projects', and (for
+# operators) everyone's. A change is sent to the groups of the service's owner and project only.
+LIST_OPERATORS_GROUP = "services.operators"
+
+
+def list_owner_group(user_id: object) -> str:
+    return f"services.owner.{user_id}"
+
+
+def list_project_group(project_id: object) -> str:
+    return f"services.project.{project_id}"
+
+
 def notify_endpoint_changed(endpoint_id: str) -> None:
-    """Tell every open service page that the service or its routes changed (best effort)."""
+    """Tell every open service page and services list that the service or its routes changed (best effort)."""
     layer = get_channel_layer()
     if layer is None:
         return
     try:
         async_to_sync(layer.group_send)(endpoint_group(endpoint_id), {"type": "service.changed"})
+        _notify_lists(layer, endpoint_id)
     except Exception as exc:  # the channel layer is Redis: a page update is not worth failing for
         log.debug("live update for endpoint %s not sent: %s", endpoint_id, exc)
+
+
+def _notify_lists(layer: Any, endpoint_id: str) -> None:
+    from serving.models import Endpoint
+
+    row = Endpoint.objects.filter(pk=endpoint_id).values_list("owner_id", "project_id").first()
+    if row is None:
+        return
+    owner_id, project_id = row
+    groups = [list_owner_group(owner_id), LIST_OPERATORS_GROUP]
+    if project_id is not None:
+        groups.append(list_project_group(project_id))
+    message = {"type": "services.changed", "id": str(endpoint_id)}
+    for group in groups:
+        async_to_sync(layer.group_send)(group, message)
 
 
 class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
@@ -48,11 +77,14 @@ class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.endpoint_id = str(self.scope["url_route"]["kwargs"]["service_id"])
+        # Join before reading: a change committed between the read and the join would otherwise
+        # never reach this page (a replica that turns healthy in that gap left it "PROVISIONING").
+        await self.channel_layer.group_add(endpoint_group(self.endpoint_id), self.channel_name)
         snapshot = await self._snapshot()
         if snapshot is None:
+            await self.channel_layer.group_discard(endpoint_group(self.endpoint_id), self.channel_name)
             await self.close(code=CLOSE_NOT_FOUND)
             return
-        await self.channel_layer.group_add(endpoint_group(self.endpoint_id), self.channel_name)
         await self.accept()
         await self.send_json({"type": "service", "service": snapshot})
 
@@ -126,7 +158,70 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(event)
 
 
+class ServiceListConsumer(AsyncJsonWebsocketConsumer):
+    """``/ws/services/``: the services list, live. Each change of a service the user may see is sent
+    as that service (as the REST API shows it), or ``gone`` once it is terminated or out of sight.
+
+    It joins the groups of the user (their own services), of each of their projects and, for
+    operators, of every service; every message is checked against ``access_endpoint`` again before
+    it is sent, so a stranger never receives another user's service.
+    """
+
+    groups_joined: list[str]
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.groups_joined = await self._groups(user)
+        for group in self.groups_joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        for group in getattr(self, "groups_joined", []):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def services_changed(self, event: dict[str, Any]) -> None:
+        endpoint_id = str(event["id"])
+        snapshot = await self._snapshot(endpoint_id)
+        if snapshot is None or snapshot.get("lifecycle") == "destroyed":
+            await self.send_json({"type": "gone", "id": endpoint_id})
+        else:
+            await self.send_json({"type": "service", "service": snapshot})
+
+    @database_sync_to_async
+    def _groups(self, user: Any) -> list[str]:
+        from accounts.models import Membership
+
+        groups = [list_owner_group(user.pk)]
+        groups += [
+            list_project_group(pid) for pid in Membership.objects.filter(user=user).values_list("project_id", flat=True)
+        ]
+        if user.is_superuser:
+            groups.append(LIST_OPERATORS_GROUP)
+        return groups
+
+    @database_sync_to_async
+    def _snapshot(self, endpoint_id: str) -> dict[str, Any] | None:
+        from serving.access import access_endpoint, can_write_endpoint
+        from serving.api.serializers import ServiceSerializer
+        from serving.api.views import _with_routes
+        from serving.models import Endpoint
+
+        user = self.scope["user"]
+        try:
+            endpoint = access_endpoint(user, endpoint_id, include_destroyed=True)
+        except Http404:
+            return None
+        data = dict(ServiceSerializer(_with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)).data)
+        data["can_write"] = can_write_endpoint(user, endpoint)
+        return data
+
+
 websocket_urlpatterns = [
+    path("ws/services/", ServiceListConsumer.as_asgi()),
     path("ws/services/<uuid:service_id>/", ServiceStatusConsumer.as_asgi()),
     path("ws/validations/<str:validation_id>/", ValidationConsumer.as_asgi()),
 ]

@@ -91,6 +91,8 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
             "lifecycle",
             "retries",
             "spec_version",
+            "scaling_cooldown",
+            "last_scaled_at",
             "created_at",
             "updated_at",
         ]
@@ -122,7 +124,7 @@ class _ServiceInputFields(serializers.Serializer[Any]):
     model_definition_path = serializers.CharField(max_length=255, default="model-definition.yaml")
     extra_mounts = serializers.ListField(child=serializers.DictField(), required=False, default=list)
     cluster_mode = serializers.ChoiceField(
-        choices=Endpoint.ClusterMode.values, default=Endpoint.ClusterMode.SINGLE_NODE
+        choices=Endpoint.ClusterMode.choices, default=Endpoint.ClusterMode.SINGLE_NODE
     )
     cluster_size = serializers.IntegerField(min_value=1, max_value=16, default=1)
     resource_group = serializers.CharField(max_length=64, default="default")
@@ -167,6 +169,17 @@ class ServiceModifySerializer(_ServiceInputFields):
     """PATCH: every field optional; ``desired_replicas`` is accepted as a synonym of ``replicas``."""
 
     desired_replicas = serializers.IntegerField(min_value=0, max_value=64, required=False)
+    scaling_cooldown = serializers.IntegerField(
+        min_value=0,
+        max_value=86400,
+        required=False,
+        allow_null=True,
+        help_text=(
+            "Seconds after a scaling by the autoscaling rules before they may scale this service again; "
+            "null: scale-in waits the longest cooldown of its rules, scale-out the longest of its "
+            "scale-out rules (fast up, slow down)."
+        ),
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["partial"] = True
@@ -210,7 +223,44 @@ class TokenCreateSerializer(serializers.Serializer[Any]):
         return value
 
 
+RULE_DOC = """An autoscaling rule (S6.1): when the metric, aggregated over the window, compares true
+against the threshold, the desired replicas change by ``step``.
+
+* ``source``: ``kernel`` (per replica ``cpu_percent``, 100 = one core; ``mem_bytes``; ``mem_percent``
+  of its limit), ``inference`` (any sample name of the replicas' ``/metrics``, label sets summed, e.g.
+  ``vllm:num_requests_waiting`` or ``llm_echo_requests_waiting``) or ``proxy`` (``rps``, ``in_flight``,
+  ``p95_ms``, ``errors_per_s``, ``throttled_per_s`` of the whole endpoint, over every proxy).
+* ``aggregation`` (``avg``, ``max``, ``min``) is over every replica's samples in the last ``window``
+  seconds (the original read one sample, averaged over replicas). No sample in the window: the rule
+  does not fire, and its ``last_decision`` says "no data".
+* **Bounds, unlike the original**: the original skipped a rule whose result left
+  ``min_replicas``..``max_replicas``; here the result is **clamped** into the range (current 4,
+  step +3, max 5 -> 5), as long as the current count is inside it. A count already at the bound, or
+  outside the range (set by hand), is left alone and the decision says why.
+* Several rules: scale-out beats scale-in in the same tick, the largest scale-out wins; scale-in
+  happens only when every enabled scale-in rule agrees, by the smallest step asked. ``cooldown`` is
+  the rule's own; the service waits its ``scaling_cooldown`` (default: the longest cooldown of its
+  rules before a scale-in, of its scale-out rules before a scale-out) after any scaling.
+* ``enabled: false`` keeps the rule without acting; when its condition holds the decision log says so.
+* ``last_decision``: the rule's state at the last tick ("not matched", "no data ...", "rule
+  cooldown", "already at the rule's maximum", the action taken ...). Every decision is in
+  ``GET /api/v1/services/{id}/scaling-events/``.
+"""
+
+
 class RuleSerializer(serializers.ModelSerializer[AutoScalingRule]):
+    __doc__ = RULE_DOC
+    threshold = serializers.FloatField(help_text="The value the aggregated metric is compared with.")
+    step = serializers.IntegerField(
+        min_value=-64, max_value=64, help_text="Replicas to add (positive) or remove (negative); never 0."
+    )
+    window = serializers.IntegerField(
+        min_value=1, max_value=600, default=60, help_text="Seconds of samples aggregated (at most 600, kept 10 min)."
+    )
+    cooldown = serializers.IntegerField(
+        min_value=0, max_value=86400, default=300, help_text="Seconds after this rule acted before it acts again."
+    )
+
     class Meta:
         model = AutoScalingRule
         fields = [
@@ -228,9 +278,10 @@ class RuleSerializer(serializers.ModelSerializer[AutoScalingRule]):
             "window",
             "enabled",
             "last_triggered_at",
+            "last_decision",
             "created_at",
         ]
-        read_only_fields = ["id", "last_triggered_at", "created_at"]
+        read_only_fields = ["id", "last_triggered_at", "last_decision", "created_at"]
 
     def validate_step(self, value: int) -> int:
         if value == 0:
@@ -251,6 +302,27 @@ class RuleSerializer(serializers.ModelSerializer[AutoScalingRule]):
         if attrs.get("window", 60) <= 0:
             raise serializers.ValidationError({"window": "The window must be at least 1 second."})
         return attrs
+
+
+class MetricsQuerySerializer(serializers.Serializer[Any]):
+    source = serializers.ChoiceField(  # type: ignore[assignment]  # a field named like Field.source
+        choices=["proxy", "kernel", "inference"],
+        required=False,
+        help_text="One source; all three when left out.",
+    )
+    window = serializers.IntegerField(
+        min_value=1, max_value=600, default=600, help_text="Seconds back from now (the last 10 minutes are kept)."
+    )
+
+
+class MetricsSerializer(serializers.Serializer[Any]):
+    series = serializers.DictField(
+        child=serializers.ListField(child=serializers.ListField(child=serializers.FloatField())),
+        help_text=(
+            '{"<source>:<metric>": [[t, value], ...]}: t in Unix seconds (float), oldest first. Per-replica '
+            "sources (kernel, inference) give the average over the replicas of each sampling round."
+        ),
+    )
 
 
 class ScalingEventSerializer(serializers.ModelSerializer[ScalingEvent]):
@@ -299,3 +371,12 @@ class PresetSerializer(serializers.ModelSerializer[ResourcePreset]):
         model = ResourcePreset
         fields = ["id", "name", "cpu", "mem", "accelerators", "resource_group"]
         read_only_fields = fields
+
+
+class RouteLogsSerializer(serializers.Serializer[dict[str, Any]]):
+    """The answer of the per-route logs API (for the schema; the view returns plain data)."""
+
+    route = serializers.UUIDField()
+    node = serializers.CharField(allow_null=True)
+    lines = serializers.ListField(child=serializers.CharField())
+    truncated = serializers.BooleanField()

@@ -21,6 +21,11 @@ urlpatterns = [
         views.RuleDetailView.as_view(),
         name="service-rule-detail",
     ),
+    path(
+        "services/<uuid:service_id>/routes/<uuid:route_id>/logs/",
+        views.RouteLogsView.as_view(),
+        name="service-route-logs",
+    ),
     path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
     path("nodes/", views.NodeListView.as_view(), name="nodes"),
     path("presets/", views.PresetListView.as_view(), name="presets"),

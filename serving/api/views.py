@@ -8,14 +8,15 @@ from django.db.models import Prefetch, QuerySet
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from serving import actions
+from serving import actions, nodebus
 from serving.access import access_endpoint, can_write_endpoint
 from serving.api import serializers as s
 from serving.models import (
@@ -116,6 +117,29 @@ class ServiceViewSet(viewsets.ViewSet):
         events = endpoint.scaling_events.select_related("rule")[:500]
         return Response(s.ScalingEventSerializer(events, many=True).data)
 
+    @extend_schema(
+        parameters=[s.MetricsQuerySerializer],
+        responses=s.MetricsSerializer,
+        description=(
+            "Short time series of the service's metrics for charts (and what its autoscaling rules "
+            "read): proxy (rps, in_flight, p95_ms, errors_per_s, throttled_per_s), kernel (cpu_percent, "
+            "mem_bytes, mem_percent per replica) and inference (the replicas' /metrics). Kept 10 minutes."
+        ),
+    )
+    @action(detail=True, methods=["get"])
+    def metrics(self, request: Request, pk: str) -> Response:
+        """Metrics time series: ``{"series": {"<source>:<metric>": [[t, value], ...]}}``."""
+        from serving import metrics
+
+        endpoint = access_endpoint(request.user, pk)
+        query = s.MetricsQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        source = query.validated_data.get("source")
+        series = metrics.chart(
+            str(endpoint.pk), [source] if source else metrics.SOURCES, float(query.validated_data["window"])
+        )
+        return Response({"series": series})
+
 
 class TokenListView(APIView):
     """Tokens of a private service (S7.1). The token itself is only in the creation response."""
@@ -156,7 +180,7 @@ class TokenDetailView(APIView):
 
 
 class RuleListView(APIView):
-    """Autoscaling rules of a service (S6.1)."""
+    """Autoscaling rules of a service (S6.1); see the Rule schema for how they are evaluated."""
 
     @extend_schema(responses=s.RuleSerializer(many=True))
     def get(self, request: Request, service_id: str) -> Response:
@@ -195,6 +219,39 @@ class RuleDetailView(APIView):
         rule = self._rule(request, service_id, rule_id, True)
         actions.do_delete_rule(rule, acting_user=request.user)  # type: ignore[arg-type]
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class NodeNotAnswering(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The replica's node is not answering; try again in a moment."
+    default_code = "node_unavailable"
+
+
+class RouteLogsView(APIView):
+    """The last lines of one replica's log (start-up, pre-start actions and the server's output).
+
+    Read from the route's node at request time (serving.nodebus); ``truncated`` says whether the
+    log holds more lines than returned. A node that does not answer gives a 503 saying so.
+    """
+
+    @extend_schema(
+        parameters=[OpenApiParameter("tail", int, description="How many of the last lines (1-5000, default 200).")],
+        responses={200: s.RouteLogsSerializer, 503: dict},
+    )
+    def get(self, request: Request, service_id: str, route_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        route = get_object_or_404(Route.objects.select_related("node"), pk=route_id, endpoint=endpoint)
+        raw = request.query_params.get("tail", "200")
+        try:
+            tail = int(raw)
+        except ValueError:
+            tail = 0
+        if not 1 <= tail <= nodebus.MAX_TAIL:
+            raise ValidationError({"tail": f"tail must be a whole number from 1 to {nodebus.MAX_TAIL}, not {raw!r}."})
+        try:
+            return Response(nodebus.route_logs(route, tail))
+        except nodebus.NodeUnavailable as exc:
+            raise NodeNotAnswering(str(exc)) from None
 
 
 class RuntimeListView(APIView):

@@ -188,6 +188,32 @@ def test_tokens_shown_once_and_stored_as_digest(api: Any, folder: Folder) -> Non
     assert EndpointToken.objects.get(pk=body["id"]).revoked_at is not None
 
 
+def test_token_last_use_is_batched_from_the_proxies(api: Any, folder: Folder) -> None:
+    """The proxies batch last-use times in Redis (tests/integration/test_proxy.py checks that side);
+    the beat task moves them onto the tokens, forward only, and empties the batch."""
+    from serving import routing, tasks
+
+    service = create(api, "owner", folder).json()
+    url = f"/api/v1/services/{service['id']}/tokens/"
+    token = api("owner").post(url, {}, format="json").json()
+    lookup = EndpointToken.objects.get(pk=token["id"]).lookup
+    assert api("owner").get(url).json()[0]["last_used_at"] is None
+
+    used_at = timezone.now().replace(microsecond=0) - timedelta(minutes=1)
+    redis = routing.get_redis()
+    redis.hset(routing.token_usage_key(), mapping={lookup: str(used_at.timestamp()), "unknown-lookup": "1.0"})
+    tasks.record_token_usage()
+    assert redis.exists(routing.token_usage_key()) == 0
+    listed = api("owner").get(url).json()[0]
+    assert listed["last_used_at"] is not None
+    assert EndpointToken.objects.get(pk=token["id"]).last_used_at == used_at
+
+    # A late, older batch never moves the time back.
+    redis.hset(routing.token_usage_key(), lookup, str((used_at - timedelta(hours=1)).timestamp()))
+    tasks.record_token_usage()
+    assert EndpointToken.objects.get(pk=token["id"]).last_used_at == used_at
+
+
 def test_rules_validation_names_the_field(api: Any, folder: Folder) -> None:
     service = create(api, "owner", folder).json()
     url = f"/api/v1/services/{service['id']}/rules/"
@@ -234,3 +260,12 @@ def test_clear_errors_removes_failed_routes(api: Any, folder: Folder) -> None:
 
 def test_schema_and_docs_are_served(api: Any, client: Any) -> None:
     assert api("owner").get("/api/schema/").status_code == 200
+    schema = api("owner").get("/api/schema/?format=json").json()
+    # Scripts and generated clients learn how to send an API key from the schema.
+    assert schema["components"]["securitySchemes"]["apiKey"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "Authorization",
+        "description": schema["components"]["securitySchemes"]["apiKey"]["description"],
+    }
+    assert {"apiKey": []} in schema["paths"]["/api/v1/services/"]["get"]["security"]

@@ -1,0 +1,8 @@
+"""Pages of the serving app, mounted at /services/ (namespace ``serving``)."""
+
+from __future__ import annotations
+
+from serving.pages import chat, detail, services
+
+app_name = "serving"
+urlpatterns = [*services.urlpatterns, *detail.urlpatterns, *chat.urlpatterns]

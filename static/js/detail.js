@@ -1,0 +1,396 @@
+// The service page: routes and status live over /ws/services/<id>/, the event and decision logs
+// refreshed on each change, per-route error details and logs, metric charts (SVG, every 5 s), copy
+// buttons, local dates and the terminate confirmation. Every change itself is a plain form post, so
+// the page works without this script; this only keeps what it shows up to date.
+(function () {
+  "use strict";
+  const script = document.currentScript;
+  if (!script) return;
+  const t = script.dataset;
+  const serviceId = t.service;
+  const api = "/api/v1/services/" + serviceId + "/";
+  const read = (id) => JSON.parse(document.getElementById(id).textContent);
+  const routeStatuses = read("route-statuses");
+  const statusLabels = read("status-labels");
+  const format = (template, values) => template.replace(/%\((\w+)\)s/g, (_, key) => String(values[key]));
+  const $ = (selector, root) => (root || document).querySelector(selector);
+
+  // --- small helpers ----------------------------------------------------------------------------
+  function localTime(time, withSeconds) {
+    const when = new Date(time.getAttribute("datetime"));
+    if (isNaN(when)) return;
+    time.textContent = when.toLocaleString(undefined, withSeconds
+      ? { dateStyle: "medium", timeStyle: "medium" } : { dateStyle: "medium", timeStyle: "short" });
+    time.title = time.getAttribute("datetime");
+  }
+  function timeCell(iso, withSeconds) {
+    const time = document.createElement("time");
+    time.setAttribute("datetime", iso);
+    time.textContent = iso;
+    localTime(time, withSeconds);
+    return time;
+  }
+  function copyText(value, button) {
+    const label = button.firstChild;
+    const done = () => {
+      label.textContent = t.i18nCopied;
+      setTimeout(() => { label.textContent = t.i18nCopy; }, 1500);
+    };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(value).then(done, () => fallbackCopy(value, done));
+    } else {
+      fallbackCopy(value, done);
+    }
+  }
+  function fallbackCopy(value, done) {
+    const area = document.createElement("textarea");
+    area.value = value;
+    area.setAttribute("readonly", "");
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.appendChild(area);
+    area.select();
+    try { document.execCommand("copy"); done(); } finally { area.remove(); }
+  }
+  function getJSON(url) {
+    return fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" }).then((response) =>
+      response.json().catch(() => ({})).then((body) => ({ status: response.status, body: body })));
+  }
+
+  document.querySelectorAll("button.copy").forEach((button) => {
+    button.hidden = false;
+    button.addEventListener("click", () => {
+      const from = button.dataset.copyFrom;
+      copyText(from ? document.getElementById(from).textContent : button.dataset.copy, button);
+    });
+  });
+  document.querySelectorAll("time[datetime]").forEach((time) => localTime(time, time.closest("#events, #decisions")));
+
+  // The token form says in which time zone its date is meant; after a form answered here (a new
+  // token, or errors), the address goes back to the page's own, so a reload does not post again.
+  const tz = $("#token-form input[name=tz]");
+  if (tz && window.Intl) tz.value = Intl.DateTimeFormat().resolvedOptions().timeZone || "";
+  const pagePath = "/services/" + serviceId + "/";
+  if (location.pathname !== pagePath) {
+    const anchor = $("#new-token") || $("#err-expires_on:not(:empty)") ? "#tokens" : ($("#rules .field-error:not(:empty), #rules .form-errors") ? "#rules" : "");
+    history.replaceState(null, "", pagePath + anchor);
+  }
+  const newToken = $("#new-token");
+  if (newToken) newToken.scrollIntoView({ block: "center" });
+
+  // --- terminate dialog -------------------------------------------------------------------------
+  const terminateDialog = $("#terminate-dialog");
+  const terminateLink = $("a.terminate");
+  if (terminateDialog && terminateLink && typeof terminateDialog.showModal === "function") {
+    terminateLink.addEventListener("click", (event) => {
+      event.preventDefault();
+      terminateDialog.showModal();
+    });
+    $("button.cancel", terminateDialog).addEventListener("click", () => terminateDialog.close());
+  }
+
+  // --- routes, live -----------------------------------------------------------------------------
+  const routesTable = $("#routes");
+  const routesBody = routesTable.tBodies[0];
+  const routesById = new Map();
+  const errorDialog = $("#error-dialog");
+  const logsDialog = $("#logs-dialog");
+  let logsRoute = null;
+
+  function fillRoute(row, route) {
+    row.dataset.id = route.id;
+    $(".r-id code", row).textContent = String(route.id).slice(0, 8);
+    $(".r-node", row).textContent = route.node || "–";
+    $(".r-address code", row).textContent = route.host && route.port ? route.host + ":" + route.port : "–";
+    const badge = $(".r-status .status", row);
+    badge.className = "status status-" + String(route.status).replace(/_/g, "");
+    badge.textContent = String(routeStatuses[route.status] || route.status).toUpperCase();
+    $(".r-ratio", row).textContent = Number(route.traffic_ratio).toFixed(2);
+    $(".r-error .error-text", row).textContent = route.error || "";
+    const hasError = route.error || (route.error_detail && Object.keys(route.error_detail).length);
+    $(".r-error-detail", row).hidden = !hasError;
+    $(".r-logs", row).hidden = false;
+  }
+  function wireRoute(row) {
+    $(".r-error-detail", row).onclick = () => showError(row.dataset.id);
+    $(".r-logs", row).onclick = () => showLogs(row.dataset.id);
+  }
+  function renderRoutes(routes) {
+    routesById.clear();
+    routes.forEach((route) => routesById.set(String(route.id), route));
+    const existing = new Map(Array.from(routesBody.rows).map((row) => [row.dataset.id, row]));
+    routes.forEach((route, index) => {
+      let row = existing.get(String(route.id));
+      if (!row) {
+        row = $("#route-row").content.firstElementChild.cloneNode(true);
+        wireRoute(row);
+      }
+      existing.delete(String(route.id));
+      fillRoute(row, route);
+      if (routesBody.rows[index] !== row) routesBody.insertBefore(row, routesBody.rows[index] || null);
+    });
+    existing.forEach((row) => row.remove());
+    routesTable.hidden = routes.length === 0;
+    $("#routes-empty").hidden = routes.length > 0;
+  }
+  Array.from(routesBody.rows).forEach(wireRoute);
+
+  function showError(id) {
+    const route = routesById.get(id);
+    if (!route || typeof errorDialog.showModal !== "function") return;
+    const detail = route.error_detail || {};
+    $(".error-message", errorDialog).textContent = route.error || detail.message || t.i18nNoMessage;
+    const list = $(".error-fields", errorDialog);
+    list.replaceChildren();
+    Object.keys(detail).filter((key) => key !== "message").forEach((key) => {
+      const dt = document.createElement("dt");
+      dt.textContent = key;
+      const dd = document.createElement("dd");
+      const value = detail[key];
+      const pre = document.createElement("pre");
+      pre.className = "code";
+      pre.textContent = typeof value === "string" ? value : JSON.stringify(value, null, 2);
+      dd.appendChild(pre);
+      list.append(dt, dd);
+    });
+    errorDialog.showModal();
+  }
+  $("button.close", errorDialog).addEventListener("click", () => errorDialog.close());
+
+  function showLogs(id) {
+    logsRoute = id;
+    $(".logs-route", logsDialog).textContent = String(id).slice(0, 8);
+    if (!logsDialog.open && typeof logsDialog.showModal === "function") logsDialog.showModal();
+    loadLogs();
+  }
+  function loadLogs() {
+    const state = $(".logs-state", logsDialog);
+    const pre = $(".logs-lines", logsDialog);
+    state.textContent = t.i18nLogsLoading;
+    getJSON(api + "routes/" + logsRoute + "/logs/?tail=200").then(({ status, body }) => {
+      if (status === 200) {
+        const lines = Array.isArray(body.lines) ? body.lines : [];
+        pre.textContent = lines.join("\n");
+        pre.scrollTop = pre.scrollHeight;
+        const when = new Date().toLocaleTimeString();
+        state.textContent = lines.length === 0 ? t.i18nLogsEmpty
+          : (body.truncated ? t.i18nLogsTruncated + " " : "") + format(t.i18nLogsShown, { time: when });
+      } else if (status === 404) {
+        pre.textContent = "";
+        state.textContent = t.i18nLogsMissing;
+      } else if (status === 501) {
+        pre.textContent = "";
+        state.textContent = t.i18nLogsUnavailable;
+      } else {
+        const reason = (body && (body.detail || (body.tail && body.tail.join(" ")))) || "HTTP " + status;
+        state.textContent = format(t.i18nLogsFailed, { reason: reason });
+      }
+    }).catch(() => { state.textContent = format(t.i18nLogsFailed, { reason: t.i18nNetwork }); });
+  }
+  $("button.refresh", logsDialog).addEventListener("click", loadLogs);
+  $("button.close", logsDialog).addEventListener("click", () => logsDialog.close());
+  $("button.copy-log", logsDialog).addEventListener("click", (event) =>
+    copyText($(".logs-lines", logsDialog).textContent, event.currentTarget));
+
+  // --- events and decisions (refreshed when the service changes) --------------------------------
+  function renderTable(tableId, emptyId, items, cells) {
+    const table = document.getElementById(tableId);
+    const body = table.tBodies[0];
+    body.replaceChildren();
+    items.slice(0, 50).forEach((item) => {
+      const row = document.createElement("tr");
+      const labels = Array.from(table.tHead.rows[0].cells).map((cell) => cell.textContent);
+      cells(item, row).forEach((content, index) => {
+        const cell = document.createElement("td");
+        cell.dataset.label = labels[index] || "";
+        if (content instanceof Node) cell.appendChild(content); else cell.textContent = content;
+        row.appendChild(cell);
+      });
+      body.appendChild(row);
+    });
+    table.hidden = items.length === 0;
+    document.getElementById(emptyId).hidden = items.length > 0;
+  }
+  function code(text) {
+    const element = document.createElement("code");
+    element.textContent = text;
+    return element;
+  }
+  function refreshLogs() {
+    getJSON(api + "events/").then(({ status, body }) => {
+      if (status !== 200 || !Array.isArray(body)) return;
+      renderTable("events", "events-empty", body, (event, row) => {
+        row.className = "level-" + event.level;
+        return [timeCell(event.created_at, true), event.level, code(event.kind), event.message, event.actor || "–"];
+      });
+    }).catch(() => {});
+    getJSON(api + "scaling-events/").then(({ status, body }) => {
+      if (status !== 200 || !Array.isArray(body)) return;
+      renderTable("decisions", "decisions-empty", body, (event) => [
+        timeCell(event.created_at, true), code(event.metric || "–"),
+        event.observed === null ? "–" : String(Math.round(event.observed * 1000) / 1000),
+        event.old_replicas + " → " + event.new_replicas, event.acted ? t.i18nYes : t.i18nNo, event.reason,
+      ]);
+    }).catch(() => {});
+  }
+  let logsTimer = null;
+  function scheduleLogs() {
+    clearTimeout(logsTimer);
+    logsTimer = setTimeout(refreshLogs, 400);
+  }
+
+  // --- the service, live ------------------------------------------------------------------------
+  const liveState = $("#live-state");
+  const statusBadge = $("#svc-status");
+  function onService(service) {
+    const status = String(service.status);
+    statusBadge.className = "status status-" + status.toLowerCase();
+    statusBadge.textContent = String(statusLabels[status] || status).toUpperCase();
+    const routes = service.routes || [];
+    const healthy = routes.filter((route) => route.status === "healthy").length;
+    $("#svc-replicas").textContent = format(t.i18nReplicas, { healthy: healthy, desired: service.desired_replicas });
+    renderRoutes(routes);
+    routesTable.dataset.live = "1";
+  }
+  let retry = 500;
+  let first = true;
+  let gone = false;
+  function connect() {
+    if (!window.WebSocket || gone) return;
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const socket = new WebSocket(scheme + "//" + location.host + "/ws/services/" + serviceId + "/");
+    socket.onopen = () => {
+      retry = 500;
+      liveState.hidden = false;
+      liveState.textContent = t.i18nLive;
+      liveState.classList.remove("warn");
+    };
+    socket.onmessage = (message) => {
+      const event = JSON.parse(message.data);
+      if (event.type === "service") {
+        onService(event.service);
+        if (!first) scheduleLogs();
+        first = false;
+      } else if (event.type === "gone") {
+        gone = true;
+      }
+    };
+    socket.onclose = (event) => {
+      routesTable.dataset.live = "";
+      liveState.hidden = false;
+      liveState.classList.add("warn");
+      if (gone || event.code === 4404) {
+        gone = true;
+        liveState.textContent = t.i18nGone;
+        return;
+      }
+      liveState.textContent = t.i18nOffline;
+      setTimeout(connect, retry);
+      retry = Math.min(retry * 2, 10000);
+    };
+  }
+  connect();
+
+  // --- metric charts ----------------------------------------------------------------------------
+  const WINDOW = 600;
+  const CHARTS = {
+    rps: { source: "proxy", match: /(^|:)(rps|requests_per_second)$/ },
+    in_flight: { source: "proxy", match: /(^|:)(requests_)?in_flight$/ },
+    p95: { source: "proxy", match: /(^|:)(p95|p95_ms|p95_latency|latency_p95)$/ },
+    cpu: { source: "kernel", prefer: "kernel:cpu_percent", match: /cpu/, unit: "%" },
+    mem: { source: "kernel", prefer: "kernel:mem_bytes", match: /mem/ },
+  };
+  const metricsState = $("#metrics-state");
+  const SVG = "http://www.w3.org/2000/svg";
+
+  function pick(series, chart) {
+    if (chart.prefer && series && series[chart.prefer]) return series[chart.prefer];
+    const keys = Object.keys(series || {}).filter((key) => key.startsWith(chart.source + ":") && chart.match.test(key));
+    return keys.length ? series[keys.sort()[0]] : null;
+  }
+  function human(kind, value) {
+    if (kind === "mem") {
+      const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+      let index = 0;
+      while (value >= 1024 && index < units.length - 1) { value /= 1024; index += 1; }
+      return value.toFixed(index ? 1 : 0) + " " + units[index];
+    }
+    if (Math.abs(value) >= 100) return value.toFixed(0);
+    return String(Math.round(value * 100) / 100);
+  }
+  function draw(figure, kind, points) {
+    const svg = $("svg", figure);
+    const empty = $(".chart-empty", figure);
+    const value = $(".chart-value", figure);
+    svg.replaceChildren();
+    const now = Date.now() / 1000;
+    const data = (points || [])
+      .map(([time, y]) => [time > 1e12 ? time / 1000 : time, Number(y)])
+      .filter(([time, y]) => time >= now - WINDOW && isFinite(y));
+    figure.dataset.points = String(data.length);
+    if (data.length === 0) {
+      empty.hidden = false;
+      value.textContent = "";
+      return;
+    }
+    empty.hidden = true;
+    const width = 300, height = 90, pad = 4;
+    const max = Math.max(...data.map(([, y]) => y), 0) * 1.15 || 1;
+    const x = (time) => ((time - (now - WINDOW)) / WINDOW) * width;
+    const y = (v) => height - pad - (v / max) * (height - 2 * pad);
+    const line = data.map(([time, v], index) => (index ? "L" : "M") + x(time).toFixed(1) + " " + y(v).toFixed(1)).join(" ");
+    const area = document.createElementNS(SVG, "path");
+    area.setAttribute("d", line + " L" + x(data[data.length - 1][0]).toFixed(1) + " " + (height - pad) + " L" + x(data[0][0]).toFixed(1) + " " + (height - pad) + " Z");
+    area.setAttribute("class", "chart-area");
+    const path = document.createElementNS(SVG, "path");
+    path.setAttribute("d", line);
+    path.setAttribute("class", "chart-line");
+    const base = document.createElementNS(SVG, "line");
+    base.setAttribute("x1", "0"); base.setAttribute("x2", String(width));
+    base.setAttribute("y1", String(height - pad)); base.setAttribute("y2", String(height - pad));
+    base.setAttribute("class", "chart-axis");
+    const top = document.createElementNS(SVG, "text");
+    top.setAttribute("x", "2"); top.setAttribute("y", "10");
+    top.setAttribute("class", "chart-label");
+    top.textContent = human(kind, max / 1.15);
+    const last = data[data.length - 1];
+    const dot = document.createElementNS(SVG, "circle");
+    dot.setAttribute("cx", x(last[0]).toFixed(1));
+    dot.setAttribute("cy", y(last[1]).toFixed(1));
+    dot.setAttribute("r", "2.5");
+    dot.setAttribute("class", "chart-dot");
+    svg.append(area, path, base, top, dot);
+    value.textContent = human(kind, data[data.length - 1][1]) + (CHARTS[kind].unit || "");
+  }
+  let metricsDelay = 5000;
+  const metricsSection = $("#metrics");
+  function loadMetrics() {
+    // Read at every round: an empty address means the platform has no metrics API (nothing fetched).
+    const url = metricsSection.dataset.url;
+    if (!url) {
+      metricsState.textContent = t.i18nMetricsMissing;
+      if (!gone) setTimeout(loadMetrics, 5000);
+      return;
+    }
+    const sources = ["proxy", "kernel"];
+    Promise.all(sources.map((source) => getJSON(url + "?source=" + source + "&window=" + WINDOW)))
+      .then((answers) => {
+        if (answers.every(({ status }) => status === 404 || status === 501)) {
+          metricsState.textContent = t.i18nMetricsMissing;
+          metricsDelay = 30000;
+        } else {
+          metricsState.textContent = answers.some(({ status }) => status !== 200) ? t.i18nMetricsFailed : t.i18nMetricsLive;
+          metricsDelay = 5000;
+        }
+        const series = {};
+        answers.forEach(({ status, body }) => { if (status === 200 && body && body.series) Object.assign(series, body.series); });
+        document.querySelectorAll("figure.chart").forEach((figure) => {
+          const kind = figure.dataset.chart;
+          draw(figure, kind, pick(series, CHARTS[kind]));
+        });
+      })
+      .catch(() => { metricsState.textContent = t.i18nMetricsFailed; })
+      .finally(() => { if (!gone) setTimeout(loadMetrics, metricsDelay); });
+  }
+  loadMetrics();
+})();

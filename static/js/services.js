@@ -1,0 +1,214 @@
+// Services list: live statuses over the websocket /ws/services/ (no reload), copy buttons, local
+// dates, and the terminate confirmation dialog. Without this script the page still works: links go
+// to the confirmation page and the statuses are those of the moment the page was loaded.
+(function () {
+  "use strict";
+  const script = document.currentScript;
+  const table = document.getElementById("services");
+  if (!table || !script) return;
+  const text = {
+    public: script.dataset.i18nPublic,
+    private: script.dataset.i18nPrivate,
+    copied: script.dataset.i18nCopied,
+    copy: script.dataset.i18nCopy,
+    live: script.dataset.i18nLive,
+    offline: script.dataset.i18nOffline,
+  };
+  const read = (id) => JSON.parse(document.getElementById(id).textContent);
+  const statusLabels = read("status-labels");
+  const urls = read("url-templates");
+  const chatRuntimes = read("chat-runtimes");
+  const modelNameVariables = read("model-name-variables");
+  const PLACEHOLDER = "00000000-0000-0000-0000-000000000000";
+  const body = table.tBodies[0];
+  const empty = document.getElementById("services-empty");
+  const liveState = document.getElementById("live-state");
+  const filter = { status: table.dataset.statusFilter, scope: table.dataset.scope, user: table.dataset.user };
+
+  // --- copy buttons and dates -------------------------------------------------------------------
+  function copyText(value, button) {
+    const done = () => {
+      const label = button.firstChild;
+      label.textContent = text.copied;
+      setTimeout(() => { label.textContent = text.copy; }, 1500);
+    };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(value).then(done, () => fallbackCopy(value, done));
+    } else {
+      fallbackCopy(value, done);
+    }
+  }
+  function fallbackCopy(value, done) {
+    const area = document.createElement("textarea");
+    area.value = value;
+    area.setAttribute("readonly", "");
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.appendChild(area);
+    area.select();
+    try { document.execCommand("copy"); done(); } finally { area.remove(); }
+  }
+  function wireRow(row) {
+    row.querySelectorAll("button.copy").forEach((button) => {
+      button.hidden = false;
+      button.onclick = () => copyText(button.dataset.copy, button);
+    });
+    row.querySelectorAll("time[datetime]").forEach((time) => {
+      const when = new Date(time.getAttribute("datetime"));
+      if (!isNaN(when)) {
+        time.textContent = when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+        time.title = time.getAttribute("datetime");
+      }
+    });
+    row.querySelectorAll("a.terminate").forEach((link) => { link.onclick = openTerminate; });
+  }
+
+  // --- terminate dialog -------------------------------------------------------------------------
+  const dialog = document.getElementById("terminate-dialog");
+  function openTerminate(event) {
+    if (!dialog || typeof dialog.showModal !== "function") return; // the confirmation page then
+    event.preventDefault();
+    const link = event.currentTarget;
+    dialog.querySelector("form").action = link.getAttribute("href");
+    dialog.querySelector(".terminate-name").textContent = link.dataset.name || "";
+    dialog.showModal();
+  }
+  if (dialog) {
+    dialog.querySelector("button.cancel").onclick = () => dialog.close();
+  }
+
+  // --- live rows --------------------------------------------------------------------------------
+  function statusOf(service) {
+    return String(service.status || "");
+  }
+  function matches(service) {
+    if (filter.status && statusOf(service) !== filter.status) return false;
+    if (filter.scope === "mine" && service.owner !== filter.user) return false;
+    if (filter.scope.startsWith("project:") && String(service.project) !== filter.scope.slice(8)) return false;
+    return true;
+  }
+  function offersChat(service) {
+    if (chatRuntimes.includes(service.runtime)) return true;
+    const environ = service.environ || {};
+    return modelNameVariables.some((name) => environ[name]);
+  }
+  function url(kind, id) {
+    return urls[kind].replace(PLACEHOLDER, id);
+  }
+  function newRow(service) {
+    const row = document.getElementById("service-row").content.firstElementChild.cloneNode(true);
+    row.dataset.id = service.id;
+    const time = row.querySelector("time");
+    time.setAttribute("datetime", service.created_at);
+    time.textContent = service.created_at;
+    const copy = row.querySelector("button.copy");
+    copy.dataset.copy = service.url;
+    row.querySelector(".svc-name a").href = url("detail", service.id);
+    row.querySelector(".act-chat").href = url("chat", service.id);
+    row.querySelector(".act-modify").href = url("modify", service.id);
+    const terminate = row.querySelector(".act-terminate");
+    terminate.href = url("terminate", service.id);
+    wireRow(row);
+    return row;
+  }
+  function fill(row, service) {
+    // textContent everywhere: names and addresses are user data, never HTML.
+    row.querySelector(".svc-name a").textContent = service.name;
+    const status = statusOf(service);
+    const badge = row.querySelector(".svc-status .status");
+    badge.className = "status status-" + status.toLowerCase();
+    badge.textContent = String(statusLabels[status] || status).toUpperCase();
+    const live = (service.routes || []).filter((r) => r.status === "healthy").length;
+    row.querySelector(".svc-replicas").textContent = live + " / " + service.desired_replicas;
+    row.querySelector(".svc-url code").textContent = service.url;
+    row.querySelector(".svc-public").textContent = service.open_to_public ? text.public : text.private;
+    const owner = row.querySelector(".svc-owner");
+    if (!owner.textContent) owner.textContent = service.owner; // an owner never changes
+    // A service being terminated can no longer be chatted with or changed (as on its own page).
+    const running = service.lifecycle === "created";
+    const chat = row.querySelector(".act-chat");
+    if (chat) chat.hidden = !running || !offersChat(service);
+    // The websocket says whether the user may change the service; the REST list (resync) does not.
+    const canWrite = service.can_write === undefined ? row.dataset.canWrite === "1" : service.can_write;
+    row.dataset.canWrite = canWrite ? "1" : "";
+    const modify = row.querySelector(".act-modify");
+    if (modify) modify.hidden = !canWrite || !running;
+    const terminate = row.querySelector("a.terminate");
+    if (terminate) {
+      terminate.hidden = !canWrite || !running;
+      terminate.dataset.name = service.name;
+    }
+  }
+  function refreshEmpty() {
+    const any = body.rows.length > 0;
+    table.hidden = !any;
+    if (empty) empty.hidden = any;
+  }
+  function findRow(id) {
+    return Array.from(body.rows).find((r) => r.dataset.id === id);
+  }
+  function onService(service) {
+    let row = findRow(service.id);
+    if (!matches(service)) {
+      if (row) row.remove();
+      refreshEmpty();
+      return;
+    }
+    if (!row) {
+      row = newRow(service);
+      body.insertBefore(row, body.firstChild); // newest first, as the list is ordered
+    }
+    fill(row, service);
+    refreshEmpty();
+  }
+  function onGone(id) {
+    const row = findRow(id);
+    if (row) row.remove();
+    refreshEmpty();
+  }
+
+  Array.from(body.rows).forEach(wireRow);
+
+  // Whatever changed before the socket was open (or while it was down) comes from the REST list.
+  function resync() {
+    fetch("/api/v1/services/", { headers: { Accept: "application/json" }, credentials: "same-origin" })
+      .then((response) => (response.ok ? response.json() : null))
+      .then((services) => {
+        if (!Array.isArray(services)) return;
+        const seen = new Set(services.map((s) => s.id));
+        Array.from(body.rows).forEach((row) => { if (!seen.has(row.dataset.id)) row.remove(); });
+        services.slice().reverse().forEach(onService);
+        refreshEmpty();
+      })
+      .catch(() => {});
+  }
+
+  let retry = 500;
+  function connect() {
+    if (!window.WebSocket) return;
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const socket = new WebSocket(scheme + "//" + location.host + "/ws/services/");
+    socket.onopen = () => {
+      retry = 500;
+      liveState.hidden = false;
+      liveState.textContent = text.live;
+      liveState.classList.remove("warn");
+      table.dataset.live = "1";
+      resync();
+    };
+    socket.onmessage = (message) => {
+      const event = JSON.parse(message.data);
+      if (event.type === "service") onService(event.service);
+      else if (event.type === "gone") onGone(event.id);
+    };
+    socket.onclose = () => {
+      table.dataset.live = "";
+      liveState.hidden = false;
+      liveState.textContent = text.offline;
+      liveState.classList.add("warn");
+      setTimeout(connect, retry);
+      retry = Math.min(retry * 2, 10000);
+    };
+  }
+  connect();
+})();

@@ -1,0 +1,226 @@
+"""In a real browser: the service page. Routes follow the service live (websocket), a route's error
+and log open in dialogs, a token is generated and copied once, autoscaling rules are added, edited,
+disabled and deleted, errors are cleared, and the service is terminated after a confirmation. The
+last test runs a real llm-echo replica and reads its log through the page."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from playwright.sync_api import expect
+
+from serving import actions
+from serving.consumers import notify_endpoint_changed
+from serving.models import AutoScalingRule, Endpoint, EndpointToken, Route
+from tests.e2e.conftest import Web, fast_health_checks, off_loop
+from tests.live import wait_for
+
+
+def test_service_page_routes_live_tokens_rules_terminate(
+    web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any], screenshot: Any
+) -> None:
+    folder = example_folder("llm-echo", name="echo")
+    endpoint = actions.do_create_service(
+        acting_user=personas["owner"], name="echo-page", folder=folder, project=personas["project"]
+    )
+    page = page_as("owner")
+    page.goto(f"/services/{endpoint.pk}/")
+    expect(page.locator("h1")).to_contain_text("echo-page")
+    expect(page.locator("#svc-status")).to_have_text("PROVISIONING")
+    expect(page.locator("#snippet-curl")).to_contain_text("Authorization: BackendAI $API_TOKEN")
+    expect(page.locator("#snippet-python")).to_contain_text(f'base_url="{endpoint.url}v1"')
+    expect(page.locator("#live-state")).to_contain_text("update live")
+
+    # A replica appears and turns healthy, another fails: the table follows without a reload.
+    Route.objects.create(endpoint=endpoint, status=Route.Status.HEALTHY, host="127.0.0.1", port=41001)
+    failed = Route.objects.create(
+        endpoint=endpoint,
+        status=Route.Status.FAILED_TO_START,
+        error={
+            "kind": "definition",
+            "message": "model-definition.yaml: models[0].service.port: required",
+            "log_tail": "starting\n<b>not bold</b>\nexit 1",
+        },
+    )
+    off_loop(notify_endpoint_changed, str(endpoint.pk))
+    expect(page.locator("#routes tbody tr")).to_have_count(2)
+    expect(page.locator("#svc-status")).to_have_text("HEALTHY")
+    row = page.locator(f'#routes tr[data-id="{failed.pk}"]')
+    expect(row.locator(".r-status")).to_have_text("FAILED TO START")
+    expect(row.locator(".r-error")).to_contain_text("models[0].service.port: required")
+    expect(page.locator("#routes")).to_contain_text("127.0.0.1:41001")
+
+    row.get_by_role("button", name="Details").click()
+    dialog = page.locator("#error-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("definition")
+    screenshot(page, "service-route-error")
+    dialog.get_by_role("button", name="Close").click()
+    row.get_by_role("button", name="Logs").click()
+    logs = page.locator("#logs-dialog")
+    expect(logs.locator(".logs-lines")).to_contain_text("<b>not bold</b>")  # text, never HTML
+    logs.get_by_role("button", name="Close").click()
+    expect(logs).to_be_hidden()
+
+    # Clear errors and retry.
+    page.get_by_role("button", name="Clear errors and retry").click()
+    expect(page.locator(".messages")).to_contain_text("Cleared the errors of 1 replica(s)")
+    failed.refresh_from_db()
+    assert failed.status == Route.Status.TERMINATING
+
+    # A token: generated with an expiry date, shown once, copied; the list shows it masked.
+    page.locator("#token-expiry").fill("2031-01-15")
+    page.get_by_role("button", name="Generate token").click()
+    secret = page.locator("#new-token-value").inner_text()
+    token = EndpointToken.objects.get(endpoint=endpoint)
+    assert secret.startswith(token.prefix + "_")
+    assert token.expires_at.isoformat() == "2031-01-15T22:59:59+00:00"  # the end of that day in Berlin
+    assert page.url.endswith(f"/services/{endpoint.pk}/#tokens")  # a reload does not post again
+    page.locator("#new-token").get_by_role("button", name=re.compile("Copy")).click()
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    expect(page.locator("table.tokens")).to_contain_text(f"{token.prefix}_••••••••")
+    screenshot(page, "service-token-new")
+
+    # Autoscaling rules: add, edit, disable, delete.
+    page.locator("details.add-rule > summary").click()
+    form = page.locator("details.add-rule form")
+    form.get_by_label("Metric name").fill("llm_echo_requests_waiting")
+    form.get_by_label("Threshold").fill("2")
+    form.get_by_label("Maximum replicas").fill("3")
+    form.get_by_role("button", name="Add rule").click()
+    expect(page.locator(".messages")).to_contain_text("Autoscaling rule saved")
+    rule = AutoScalingRule.objects.get(endpoint=endpoint)
+    assert (rule.metric, rule.threshold, rule.max_replicas, rule.source) == (
+        "llm_echo_requests_waiting",
+        2.0,
+        3,
+        "inference",
+    )
+    line = page.locator(f'tr[data-rule="{rule.pk}"]')
+    line.locator("summary", has_text="Edit").click()
+    line.get_by_label("Threshold").fill("4")
+    line.get_by_role("button", name="Save rule").click()
+    expect(page.locator(".messages")).to_contain_text("Autoscaling rule saved")
+    rule.refresh_from_db()
+    assert rule.threshold == 4.0
+    page.locator(f'tr[data-rule="{rule.pk}"]').get_by_role("button", name="Disable").click()
+    expect(page.locator(f'tr[data-rule="{rule.pk}"]')).to_contain_text("disabled")
+    screenshot(page, "service-page-en")
+    page.locator(f'tr[data-rule="{rule.pk}"] summary', has_text="Delete").click()
+    page.get_by_role("button", name="Delete rule").click()
+    expect(page.locator(".messages")).to_contain_text("Autoscaling rule deleted")
+    assert not AutoScalingRule.objects.filter(endpoint=endpoint).exists()
+
+    # Japanese and a phone-sized screen, then terminate (after a confirmation).
+    ja = page_as("owner", language="ja")
+    ja.goto(f"/services/{endpoint.pk}/")
+    screenshot(ja, "service-page-ja")
+    narrow = page_as("owner", width=390)
+    narrow.goto(f"/services/{endpoint.pk}/")
+    screenshot(narrow, "service-page-390")
+
+    page.get_by_role("link", name="Terminate").click()
+    confirm = page.locator("#terminate-dialog")
+    expect(confirm).to_be_visible()
+    screenshot(page, "service-terminate-dialog")
+    confirm.get_by_role("button", name="Cancel").click()
+    endpoint.refresh_from_db()
+    assert endpoint.lifecycle == Endpoint.Lifecycle.CREATED
+    page.get_by_role("link", name="Terminate").click()
+    confirm.get_by_role("button", name="Terminate").click()
+    page.wait_for_url(re.compile(r"/services/$"))
+    endpoint.refresh_from_db()
+    assert endpoint.lifecycle != Endpoint.Lifecycle.CREATED
+
+
+def test_teammate_and_stranger(web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any]) -> None:
+    folder = example_folder("simple-http-server", name="simple")
+    endpoint = actions.do_create_service(
+        acting_user=personas["owner"], name="shared-one", folder=folder, project=personas["project"]
+    )
+    teammate = page_as("teammate")
+    teammate.goto(f"/services/{endpoint.pk}/")
+    expect(teammate.get_by_role("button", name="Generate token")).to_be_visible()
+    assert teammate.get_by_role("link", name="Modify").count() == 0
+    assert teammate.get_by_role("button", name="Clear errors and retry").count() == 0
+    stranger = page_as("stranger")
+    response = stranger.goto(f"/services/{endpoint.pk}/")
+    assert response is not None and response.status == 404
+    assert "shared-one" not in stranger.content()
+    stranger.console_errors.clear()  # the 404 itself is the expected answer
+
+
+def test_a_real_replica_turns_healthy_and_its_log_opens(
+    live: Web, page_as: Any, example_folder: Any, personas: dict[str, Any], screenshot: Any
+) -> None:
+    folder = example_folder("llm-echo", name="echo")
+    fast_health_checks(folder)
+    endpoint = actions.do_create_service(
+        acting_user=personas["owner"], name="echo-real", folder=folder, environ={"ECHO_ACCESS_LOG": "1"}
+    )
+    page = page_as("owner")
+    page.goto(f"/services/{endpoint.pk}/")
+    expect(page.locator("#svc-status")).to_have_text("HEALTHY", timeout=45_000)
+    route = wait_for(lambda: Route.objects.filter(endpoint=endpoint, status="healthy").first(), what="a healthy route")
+    row = page.locator(f'#routes tr[data-id="{route.pk}"]')
+    expect(row.locator(".r-node")).to_have_text("local")
+    row.get_by_role("button", name="Logs").click()
+    logs = page.locator("#logs-dialog")
+    # llm-echo logs every request (ECHO_ACCESS_LOG=1): the health checks are in its log.
+    expect(logs.locator(".logs-lines")).to_contain_text("GET /health", timeout=15_000)
+    screenshot(page, "service-route-log")
+    logs.get_by_role("button", name="Close").click()
+    expect(page.locator("#events")).to_contain_text("created")
+
+
+def test_metric_charts_draw_the_last_ten_minutes_and_say_when_there_is_no_data(
+    web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any], screenshot: Any
+) -> None:
+    """The charts against the metrics API's answer shape (served here by the browser's request
+    interception, so that the drawing is checked whatever the platform collects)."""
+    import json
+    import time
+
+    folder = example_folder("simple-http-server", name="simple")
+    endpoint = actions.do_create_service(acting_user=personas["owner"], name="charted", folder=folder)
+    metrics_url = f"/api/v1/services/{endpoint.pk}/metrics/"
+    now = time.time()
+    series = {
+        "proxy": {
+            "proxy:rps": [[now - 590 + i * 29, 2 + (i % 5)] for i in range(21)],
+            "proxy:in_flight": [[now - 60, 1], [now - 30, 3], [now - 5, 2]],
+            "proxy:p95_ms": [],
+        },
+        "kernel": {
+            "kernel:cpu_percent": [[now - 20, 35.5], [now - 10, 40]],
+            "kernel:mem_bytes": [[now - 10, 256 * 1024**2]],
+            "kernel:mem_percent": [[now - 10, 50]],
+        },
+    }
+    page = page_as("owner")
+
+    def metrics(route: Any) -> None:
+        source = route.request.url.split("source=")[1].split("&")[0]
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({"series": series[source]}))
+
+    page.route(re.compile(r"/metrics/\?source="), metrics)
+    page.goto(f"/services/{endpoint.pk}/")
+    if not page.locator("#metrics").get_attribute("data-url"):
+        # No metrics API on this platform yet: the page says so, then uses one when it is there.
+        expect(page.locator("#metrics-state")).to_have_text("Metrics are not collected on this platform yet.")
+        assert page.locator("figure.chart .chart-empty:visible").count() == 5
+        page.locator("#metrics").evaluate("(section, url) => { section.dataset.url = url; }", metrics_url)
+    rps = page.locator('figure[data-chart="rps"]')
+    expect(rps).to_have_attribute("data-points", "21")
+    expect(rps.locator("path.chart-line")).to_have_count(1)
+    expect(rps.locator(".chart-empty")).to_be_hidden()
+    expect(page.locator('figure[data-chart="in_flight"] .chart-value')).to_have_text("2")
+    expect(page.locator('figure[data-chart="cpu"] .chart-value')).to_have_text("40%")
+    expect(page.locator('figure[data-chart="mem"] .chart-value')).to_have_text("256.0 MiB")
+    p95 = page.locator('figure[data-chart="p95"]')
+    expect(p95.locator(".chart-empty")).to_be_visible()
+    expect(p95.locator(".chart-empty")).to_have_text("no data yet")
+    expect(page.locator("#metrics-state")).to_have_text("Updates every 5 seconds.")
+    shot = screenshot(page, "service-page-charts")
+    page.locator("#metrics").screenshot(path=str(shot.with_name("service-charts.png")))

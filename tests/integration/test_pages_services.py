@@ -1,0 +1,319 @@
+"""Services list, launcher (create / modify), terminate and Validate pages, per persona (Django test client),
+and the live services-list websocket."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+
+from serving import actions
+from serving.consumers import notify_endpoint_changed, websocket_urlpatterns
+from serving.models import Endpoint, ServiceEvent
+from storage.models import Folder
+from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+SERVICE_DEFINITION = """\
+[custom.environment]
+image = "modelserve/python:3.11"
+architecture = "x86_64"
+
+[custom.resource_slots]
+cpu = 0.5
+mem = "256m"
+
+[custom.environ]
+MODEL_NAME = "simple"
+"""
+
+
+@pytest.fixture
+def folder(personas: dict[str, Any]) -> Folder:
+    return FolderFactory(
+        owner=personas["owner"],
+        project=personas["project"],
+        name="simple",
+        files={"model-definition.yaml": SIMPLE_DEFINITION, "service-definition.toml": SERVICE_DEFINITION},
+    )
+
+
+@pytest.fixture
+def service(personas: dict[str, Any], folder: Folder) -> Endpoint:
+    return actions.do_create_service(
+        acting_user=personas["owner"], name="web-one", folder=folder, project=personas["project"]
+    )
+
+
+def form(folder: Folder, **overrides: Any) -> dict[str, Any]:
+    data = {
+        "name": "my-service",
+        "folder": str(folder.pk),
+        "runtime": "custom",
+        "model_mount": "/models",
+        "model_definition_path": "model-definition.yaml",
+        "replicas": "1",
+        "image": "",
+        "resource_group": "default",
+        "resource_mode": "custom",
+        "cpu": "0.5",
+        "mem": "256m",
+        "accelerator": "cuda.shares",
+        "accelerator_amount": "",
+        "cluster_mode": "single-node",
+        "cluster_size": "1",
+        "env_key": ["GREETING", ""],
+        "env_value": ["hello", ""],
+        "mount_folder": [""],
+        "mount_target": [""],
+        "project": "",
+    }
+    data.update(overrides)
+    return data
+
+
+# --- list --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("who", "sees"), [("owner", True), ("teammate", True), ("stranger", False), ("admin", True)])
+def test_list_shows_what_each_persona_may_see(browser: Any, service: Endpoint, who: str, sees: bool) -> None:
+    response = browser(who).get("/services/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert ("web-one" in page) is sees
+    if sees:
+        assert service.url in page
+        assert f"/services/{service.pk}/" in page
+
+
+def test_list_actions_follow_write_access(browser: Any, service: Endpoint) -> None:
+    owner_page = browser("owner").get("/services/").content.decode()
+    assert f"/services/{service.pk}/modify/" in owner_page
+    assert f"/services/{service.pk}/terminate/" in owner_page
+    assert f"/services/{service.pk}/chat/" in owner_page  # MODEL_NAME from the folder: an LLM-style server
+    teammate_page = browser("teammate").get("/services/").content.decode()
+    assert f"/services/{service.pk}/modify/" not in teammate_page  # a member, not a manager
+
+
+def test_list_filters(browser: Any, service: Endpoint, personas: dict[str, Any]) -> None:
+    client = browser("teammate")
+    assert "web-one" not in client.get("/services/?scope=mine").content.decode()
+    project = personas["project"]
+    assert "web-one" in client.get(f"/services/?scope=project:{project.pk}").content.decode()
+    assert "web-one" in client.get("/services/?status=PROVISIONING").content.decode()
+    assert "web-one" not in client.get("/services/?status=HEALTHY").content.decode()
+
+
+def test_anonymous_goes_to_login(browser: Any, service: Endpoint) -> None:
+    pages = ("/services/", "/services/new/", f"/services/{service.pk}/modify/", f"/services/{service.pk}/terminate/")
+    for url in pages:
+        response = browser(None).get(url)
+        assert response.status_code == 302
+        assert response["Location"].startswith("/accounts/login/")
+
+
+def test_home_is_the_services_list(browser: Any, personas: dict[str, Any]) -> None:
+    response = browser("owner").get("/")
+    assert response.status_code == 302
+    assert response["Location"] == "/services/"
+
+
+def test_nav_points_to_the_services_list(browser: Any, personas: dict[str, Any]) -> None:
+    page = browser("owner").get("/services/").content.decode()
+    assert 'href="/services/" aria-current="page"' in page
+
+
+# --- launcher ----------------------------------------------------------------------------------
+
+
+def test_launcher_prefills_from_run_this_model(browser: Any, folder: Folder) -> None:
+    response = browser("owner").get(f"/services/new/?folder={folder.pk}&runtime=custom")
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert f'<option value="{folder.pk}" selected>' in page
+    assert 'value="modelserve/python:3.11"' in page
+    assert 'value="256m"' in page and 'value="0.5"' in page
+    assert 'value="MODEL_NAME"' in page and 'value="simple"' in page
+
+
+def test_folder_list_run_this_model_opens_the_launcher(browser: Any, folder: Folder) -> None:
+    page = browser("owner").get("/folders/?tab=model").content.decode()
+    assert f"/services/new/?folder={folder.pk}" in page
+
+
+def test_launcher_offers_only_model_folders_and_mounts_only_general_ones(
+    browser: Any, folder: Folder, personas: dict[str, Any]
+) -> None:
+    FolderFactory(owner=personas["owner"], name="datasets", usage_mode=Folder.UsageMode.DATA)
+    page = browser("owner").get("/services/new/").content.decode()
+    folder_select = page.split('name="folder"', 1)[1].split("</select>", 1)[0]
+    assert "simple" in folder_select and "datasets" not in folder_select
+    mount_select = page.split('name="mount_folder"', 1)[1].split("</select>", 1)[0]
+    assert "datasets" in mount_select and ">simple" not in mount_select
+
+
+def test_launcher_shows_a_bad_name_next_to_the_field(browser: Any, folder: Folder) -> None:
+    response = browser("owner").post("/services/new/", form(folder, name="ab"))
+    assert response.status_code == 200  # the form again, with the errors
+    page = response.content.decode()
+    error = page.split('id="err-name"', 1)[1].split("</p>", 1)[0]
+    assert "4 to 24" in error or "at least 4" in error.lower()
+    assert not Endpoint.objects.exists()
+
+
+def test_launcher_shows_action_errors_next_to_the_field(browser: Any, folder: Folder) -> None:
+    response = browser("owner").post("/services/new/", form(folder, mem="lots"))
+    assert response.status_code == 200  # the form again, with the errors
+    error = response.content.decode().split('id="err-resources"', 1)[1].split("</p>", 1)[0]
+    assert "mem" in error
+    response = browser("owner").post("/services/new/", form(folder, env_key=["1BAD"], env_value=["x"]))
+    error = response.content.decode().split('id="err-environ"', 1)[1].split("</p>", 1)[0]
+    assert "1BAD" in error
+
+
+def test_launcher_creates_through_the_api_path(browser: Any, folder: Folder, personas: dict[str, Any]) -> None:
+    response = browser("owner").post("/services/new/", form(folder, project=str(personas["project"].pk)))
+    assert response.status_code == 302
+    endpoint = Endpoint.objects.get(name="my-service")
+    assert response["Location"].rstrip("/").endswith(str(endpoint.pk)) or response["Location"] == "/services/"
+    assert endpoint.owner == personas["owner"]
+    assert endpoint.project == personas["project"]
+    assert endpoint.environ == {"MODEL_NAME": "simple", "GREETING": "hello"}
+    assert endpoint.resources == {"cpu": 0.5, "mem": 256 * 1024**2}
+    assert endpoint.image == "modelserve/python:3.11"
+    assert ServiceEvent.objects.filter(endpoint=endpoint, kind="created").exists()
+
+
+def test_launcher_refuses_a_stranger_s_folder(browser: Any, folder: Folder) -> None:
+    response = browser("stranger").post("/services/new/", form(folder))
+    assert response.status_code == 200  # the form again, with the errors
+    assert "No such folder" in response.content.decode().split('id="err-folder"', 1)[1].split("</p>", 1)[0]
+
+
+def test_launcher_defaults_endpoint(browser: Any, folder: Folder) -> None:
+    response = browser("owner").get(f"/services/new/defaults/?folder={folder.pk}&runtime=custom")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["image"] == "modelserve/python:3.11" and body["mem"] == "256m"
+    assert body["environ"] == [["MODEL_NAME", "simple"]]
+    assert browser("stranger").get(f"/services/new/defaults/?folder={folder.pk}").status_code == 404
+
+
+def test_validate_returns_field_errors(browser: Any, folder: Folder) -> None:
+    response = browser("owner").post("/services/new/validate/", form(folder, name="x"))
+    assert response.status_code == 200  # the form again, with the errors
+    assert "name" in response.json()["errors"]
+
+
+# --- modify ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("who", "code"), [("owner", 200), ("teammate", 403), ("stranger", 404), ("admin", 200)])
+def test_modify_page_per_persona(browser: Any, service: Endpoint, who: str, code: int) -> None:
+    response = browser(who).get(f"/services/{service.pk}/modify/")
+    assert response.status_code == code
+    if code == 200:
+        page = response.content.decode()
+        assert 'value="web-one"' in page
+        assert 'value="256m"' in page
+
+
+def test_modify_applies_only_the_changed_fields(browser: Any, service: Endpoint) -> None:
+    client = browser("owner")
+    page = client.get(f"/services/{service.pk}/modify/")
+    assert page.status_code == 200
+    data = form(
+        service.model_folder,
+        name="web-one",
+        replicas="3",
+        cpu="0.5",
+        mem="256m",
+        image="modelserve/python:3.11",
+        env_key=["MODEL_NAME"],
+        env_value=["simple"],
+        project=str(service.project_id),
+    )
+    response = client.post(f"/services/{service.pk}/modify/", data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    service.refresh_from_db()
+    assert service.desired_replicas == 3
+    assert service.spec_version == 1  # nothing that replaces replicas changed
+    event = ServiceEvent.objects.filter(endpoint=service, kind="modified").get()
+    assert event.data["changes"] == {"desired_replicas": 3}
+
+
+def test_modify_shows_errors_next_to_the_field(browser: Any, service: Endpoint) -> None:
+    data = form(service.model_folder, name="web-one", replicas="99", project=str(service.project_id))
+    response = browser("owner").post(f"/services/{service.pk}/modify/", data)
+    assert response.status_code == 200  # the form again, with the errors
+    assert "64" in response.content.decode().split('id="err-replicas"', 1)[1].split("</p>", 1)[0]
+
+
+# --- terminate ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("who", "code"), [("owner", 200), ("teammate", 403), ("stranger", 404), ("admin", 200)])
+def test_terminate_asks_first(browser: Any, service: Endpoint, who: str, code: int) -> None:
+    response = browser(who).get(f"/services/{service.pk}/terminate/")
+    assert response.status_code == code
+    service.refresh_from_db()
+    assert service.lifecycle == Endpoint.Lifecycle.CREATED
+
+
+def test_terminate_stops_the_service(browser: Any, service: Endpoint) -> None:
+    assert browser("stranger").post(f"/services/{service.pk}/terminate/").status_code == 404
+    response = browser("owner").post(f"/services/{service.pk}/terminate/")
+    assert response.status_code == 302
+    service.refresh_from_db()
+    assert service.lifecycle == Endpoint.Lifecycle.DESTROYING
+
+
+# --- live list over the websocket --------------------------------------------------------------
+
+application = URLRouter(websocket_urlpatterns)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_services_list_socket_sends_changes_only_to_who_may_see(personas: dict[str, Any]) -> None:
+    folder = FolderFactory(owner=personas["owner"], name="m", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    endpoint = actions.do_create_service(
+        acting_user=personas["owner"], name="live-one", folder=folder, project=personas["project"]
+    )
+
+    async def scenario() -> dict[str, Any]:
+        sockets = {}
+        for who in ("owner", "teammate", "stranger", "admin"):
+            communicator = WebsocketCommunicator(application, "/ws/services/")
+            communicator.scope["user"] = personas[who]
+            connected, _ = await communicator.connect()
+            assert connected
+            sockets[who] = communicator
+        anonymous = WebsocketCommunicator(application, "/ws/services/")
+        from django.contrib.auth.models import AnonymousUser
+
+        anonymous.scope["user"] = AnonymousUser()
+        connected, _ = await anonymous.connect()
+        assert not connected
+        from channels.db import database_sync_to_async
+
+        await database_sync_to_async(notify_endpoint_changed)(str(endpoint.pk))
+        got: dict[str, Any] = {}
+        for who in ("owner", "teammate", "admin"):
+            got[who] = await sockets[who].receive_json_from(timeout=5)
+        got["stranger"] = await sockets["stranger"].receive_nothing(timeout=0.5)
+        for communicator in sockets.values():
+            await communicator.disconnect()
+        return got
+
+    # In a thread of its own: a browser session (tests/e2e) may hold an event loop in this one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        got = pool.submit(asyncio.run, scenario()).result()
+    assert got["owner"]["type"] == "service"
+    assert got["owner"]["service"]["name"] == "live-one"
+    assert got["owner"]["service"]["can_write"] is True
+    assert got["teammate"]["service"]["can_write"] is False
+    assert got["admin"]["service"]["id"] == str(endpoint.pk)
+    assert got["stranger"] is True  # received nothing
