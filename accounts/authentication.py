@@ -11,10 +11,15 @@ from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
 from accounts.models import ApiKey
+from accounts.ratelimit import FailureLimiter, client_address
 from serving import tokens
 
 # last_used_at is a hint for people, not an audit log: write it at most once a minute per key.
 _LAST_USED_GRANULARITY = timedelta(minutes=1)
+
+
+def api_key_limiter() -> FailureLimiter:
+    return FailureLimiter("api-key", settings.API_KEY_FAILURE_LIMIT, settings.API_KEY_FAILURE_WINDOW)
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
@@ -24,6 +29,18 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         header = request.headers.get("Authorization")
         if not header or not header.lower().startswith(("token ", "bearer ")):
             return None  # not ours: let the next authenticator try (the session)
+        limiter, address = api_key_limiter(), client_address(request.META)
+        if limiter.blocked(address):
+            raise exceptions.Throttled(
+                wait=limiter.window, detail="Too many failed API key attempts from this address."
+            )
+        try:
+            return self._authenticate(header)
+        except exceptions.AuthenticationFailed:
+            limiter.record_failure(address)
+            raise
+
+    def _authenticate(self, header: str) -> tuple[Any, ApiKey]:
         credential = tokens.from_authorization(header, schemes=("token", "bearer"))
         parsed = tokens.parse(credential or "")
         if parsed is None or parsed.kind != tokens.API_KEY_KIND:

@@ -1,18 +1,55 @@
 from __future__ import annotations
 
+from typing import Any
+
+from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import AuthenticationForm
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import render
+from django.shortcuts import redirect
+from django.utils.translation import gettext
 from django.views.decorators.http import require_GET
 
-from serving.models import Endpoint, Route
+from accounts.ratelimit import FailureLimiter, client_address
+
+
+def login_limiter() -> FailureLimiter:
+    return FailureLimiter("login", settings.LOGIN_FAILURE_LIMIT, settings.LOGIN_FAILURE_WINDOW)
 
 
 class LoginView(auth_views.LoginView):
+    """Django's login, with failed attempts limited per username and client address (HTTP 429)."""
+
     template_name = "accounts/login.html"
     redirect_authenticated_user = True
+
+    def _limit_key(self) -> tuple[str, str]:
+        username = str(self.request.POST.get("username", ""))[:300].strip().casefold()
+        return username, client_address(self.request.META)
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        limiter = login_limiter()
+        if limiter.blocked(*self._limit_key()):
+            # Checked before the password: while blocked, even the right one is not tried.
+            minutes = max(1, round(limiter.window / 60))
+            message = gettext("Too many failed login attempts for this username. Try again in %(minutes)d minutes.") % {
+                "minutes": minutes
+            }
+            form = self.get_form()
+            response = self.render_to_response(self.get_context_data(form=form, locked_out=message), status=429)
+            response["Retry-After"] = str(limiter.window)
+            return response
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form: AuthenticationForm) -> HttpResponse:
+        login_limiter().record_failure(*self._limit_key())
+        return super().form_invalid(form)
+
+    def form_valid(self, form: AuthenticationForm) -> HttpResponse:
+        login_limiter().reset(*self._limit_key())
+        return super().form_valid(form)
 
 
 class LogoutView(auth_views.LogoutView):
@@ -21,23 +58,8 @@ class LogoutView(auth_views.LogoutView):
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    services = (
-        Endpoint.objects.visible_to(request.user)
-        .live()
-        .select_related("owner", "model_folder")
-        .prefetch_related("routes")
-    )
-    rows = []
-    for endpoint in services:
-        routes = list(endpoint.routes.all())
-        rows.append(
-            {
-                "endpoint": endpoint,
-                "status": endpoint.compute_status(routes),
-                "healthy": sum(1 for r in routes if r.status == Route.Status.HEALTHY),
-            }
-        )
-    return render(request, "home.html", {"rows": rows})
+    """The services list is the home page: what a user runs is what they come back for."""
+    return redirect("serving:list")
 
 
 @require_GET

@@ -76,6 +76,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "config.csp.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -99,6 +100,16 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": database_from_url(env_str("DATABASE_URL", ""), sqlite_default=str(VAR_DIR / "db.sqlite3"))}
+# Set by the test suite (tests/redis_isolation.py): every run gets its own test database, so two
+# suites on one machine (SQLite and PostgreSQL, or two developers' runs) never drop each other's.
+if _test_db_suffix := env_str("TEST_DB_SUFFIX", ""):
+    _default = DATABASES["default"]
+    _test = dict(_default.get("TEST") or {})  # type: ignore[call-overload]
+    if str(_default["ENGINE"]).endswith("sqlite3"):
+        _test["NAME"] = str(_default["NAME"]).removesuffix(".sqlite3") + f"-test-{_test_db_suffix}.sqlite3"
+    else:
+        _test["NAME"] = f"test_{_default['NAME']}_{_test_db_suffix}"
+    _default["TEST"] = _test
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "accounts.User"
 AUTH_PASSWORD_VALIDATORS = [
@@ -132,6 +143,16 @@ REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 # share one Redis without seeing each other.
 REDIS_PREFIX = env_str("REDIS_PREFIX", "ms")
 
+# Django's cache: failed-login counters (accounts/ratelimit.py).
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": f"{REDIS_PREFIX}:cache",
+        "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+    }
+}
+
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -153,6 +174,15 @@ RECONCILE_INTERVAL = env_float("RECONCILE_INTERVAL", 5.0, minimum=0.1)
 NODE_HEARTBEAT_INTERVAL = env_float("NODE_HEARTBEAT_INTERVAL", 5.0, minimum=0.1)
 NODE_LOST_AFTER = env_float("NODE_LOST_AFTER", 30.0, minimum=1.0)
 AUTOSCALE_INTERVAL = env_float("AUTOSCALE_INTERVAL", 5.0, minimum=0.1)
+# Metrics for autoscaling and charts (serving/metrics.py): how often the nodes sample their replicas
+# (engine stats, /metrics) and the beat collects the proxies' stats, how long points are kept, and the
+# bounds of one node's sampling round (a hung replica costs one slot for at most the timeout).
+METRICS_INTERVAL = env_float("METRICS_INTERVAL", 5.0, minimum=0.1)
+METRICS_RETENTION = env_float("METRICS_RETENTION", 600.0, minimum=10.0)
+METRICS_TIMEOUT = env_float("METRICS_TIMEOUT", 2.0, minimum=0.1)
+METRICS_CONCURRENCY = env_int("METRICS_CONCURRENCY", 8, minimum=1)
+# How often the proxies' batched token last-use times are written to the DB.
+TOKEN_USAGE_INTERVAL = env_float("TOKEN_USAGE_INTERVAL", 10.0, minimum=0.1)
 
 # --- Serving -------------------------------------------------------------------------------------
 SERVING_ENGINE = env_choice("SERVING_ENGINE", "auto", {"auto", "docker", "local"})
@@ -181,6 +211,11 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": [
+        "config.api.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": None,
     "EXCEPTION_HANDLER": "config.api.exception_handler",
@@ -205,6 +240,27 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
+# config/csp.py. Scripts and styles from the site only (no inline code in templates); connect-src is
+# open because the chat page may call an OpenAI-compatible server the user names (S8, CORS applies).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self' http: https: ws: wss:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+CONTENT_SECURITY_POLICY_BY_VIEW = {
+    # drf-spectacular's Swagger UI: bundle and styles from jsDelivr, bootstrapped by an inline script.
+    "api-docs": (
+        "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+        "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; img-src 'self' data: https://cdn.jsdelivr.net; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+}
+# Failed logins per username and client address, and failed API keys per client address, in a window
+# (accounts/ratelimit.py): past the limit, HTTP 429 until the window ends.
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, minimum=1)
+LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
+API_KEY_FAILURE_LIMIT = env_int("API_KEY_FAILURE_LIMIT", 100, minimum=1)
+API_KEY_FAILURE_WINDOW = env_int("API_KEY_FAILURE_WINDOW", 900, minimum=1)
 
 LOGGING = {
     "version": 1,

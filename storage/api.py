@@ -27,12 +27,13 @@ from django.utils.http import content_disposition_header, http_date, quote_etag,
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.models import Project
+from config.api import JSONParser
 from storage import actions, fs, modelstore
 from storage.access import access_folder
 from storage.models import Folder

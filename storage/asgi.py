@@ -23,6 +23,8 @@ spool file one chunk at a time). Every other request goes to Django untouched.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import functools
 import io
 import json
@@ -30,6 +32,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
+from urllib.parse import unquote
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
@@ -61,6 +64,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Bytes handed from the event loop to the writing thread at a time: large enough that the thread hop
 # costs nothing next to the write, small enough that memory stays flat.
 BATCH = 1024 * 1024
+# Bytes twisted reads from a client socket at a time under daphne (see install_daphne_streaming).
+RECV_BUFFER = 256 * 1024
 STREAMED_ROUTES = {("PUT", "folder-file"), ("POST", "folder-upload")}
 
 
@@ -242,9 +247,16 @@ def _authorize(request: ASGIRequest, folder_id: Any, multipart: bool) -> tuple[A
 class _Body:
     """Pulls the request body from ``receive`` in batches of about BATCH bytes, for a worker thread."""
 
+    # How often a worker thread waiting for the next batch checks that the event loop still runs.
+    POLL = 0.5
+
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
         self.finished = False
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
     async def next_batch(self) -> bytes:
         parts: list[bytes] = []
@@ -262,10 +274,31 @@ class _Body:
         return b"".join(parts)
 
     def iter_sync(self) -> Iterator[bytes]:
-        """For code running in a worker thread (sync_to_async): each batch is awaited on the event loop."""
-        fetch = async_to_sync(self.next_batch)
+        """For code running in a worker thread (sync_to_async): each batch is awaited on the event loop.
+
+        Not with async_to_sync: when the server stops mid-upload (SIGTERM, Ctrl-C of make run) the
+        loop stops, the batch never comes, and a thread blocked on it forever kept daphne from
+        exiting. Here the thread sees the loop stop and gives up as if the client had left."""
+        loop = self._loop
+        if loop is None:
+            fetch = async_to_sync(self.next_batch)
+            while not self.finished:
+                if batch := fetch():
+                    yield batch
+            return
         while not self.finished:
-            batch = fetch()
+            try:
+                future = asyncio.run_coroutine_threadsafe(self.next_batch(), loop)
+            except RuntimeError:  # the loop is closed
+                raise ClientGone() from None
+            while True:
+                try:
+                    batch = future.result(timeout=self.POLL)
+                    break
+                except concurrent.futures.TimeoutError:
+                    if not loop.is_running():
+                        future.cancel()
+                        raise ClientGone() from None
             if batch:
                 yield batch
 
@@ -409,6 +442,170 @@ class _SpooledBody:
             spool.close()
 
 
+class _LiveBody:
+    """A streamed upload under daphne, started as soon as its headers are in (no spool file at all).
+
+    Stands in for twisted's ``request.content`` (``write`` gets each chunk twisted reads from the
+    socket) and for daphne's per-request queue (``receive`` hands the chunks to the app). Reading
+    from the socket pauses while more than HIGH bytes wait for the app, so memory stays flat and a
+    slow disk slows the client down instead of filling RAM. Why it matters: with twisted's spool an
+    upload was received whole into TMPDIR before the app saw a byte, so an over-quota 50 GiB upload
+    was refused only after 50 GiB had arrived, on a disk the quota does not even watch.
+    """
+
+    HIGH = 8 * 1024 * 1024
+    LOW = 2 * 1024 * 1024
+    MESSAGE = 1024 * 1024
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._complete = False  # twisted has the whole body
+        self._sent_last = False  # the app has had the message with more_body False
+        self._disconnected = False
+        self._discarding = False
+        self._wakeup = asyncio.Event()
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.closed = False
+
+    # -- twisted's side: request.content --
+
+    def write(self, data: bytes) -> None:
+        if self._discarding or not data:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wakeup.set()
+        if self._buffered > self.HIGH and not self._paused:
+            self._paused = True
+            self._transport.pauseProducing()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0  # twisted and daphne rewind before they read the body; there is nothing to rewind
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""  # daphne's own copy of the body: the app already gets it from us
+
+    def close(self) -> None:
+        # twisted closes the content when the connection is lost: if the body was not complete, the
+        # app must hear it even if daphne's own disconnect message never comes.
+        self.closed = True
+        if not self._complete and not self._disconnected:
+            self.put_nowait({"type": "http.disconnect"})
+
+    def body_complete(self) -> None:
+        self._complete = True
+        self._wakeup.set()
+
+    def discard(self) -> None:
+        """The app answered before the body was in (a refusal): drop what is left, read no more."""
+        self._discarding = True
+        self._chunks.clear()
+        self._buffered = 0
+        self._resume()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._transport.resumeProducing()
+
+    # -- daphne's side: the application queue --
+
+    def put_nowait(self, message: Message) -> None:
+        if message.get("type") == "http.request":
+            return  # daphne's empty copy of the body (see read)
+        if message.get("type") == "http.disconnect":
+            self._disconnected = True
+            self._wakeup.set()
+        self._queue.put_nowait(message)
+
+    # -- the app's side --
+
+    async def receive(self) -> Message:
+        while not self._sent_last:
+            if self._chunks:
+                parts: list[bytes] = []
+                size = 0
+                while self._chunks and size < self.MESSAGE:
+                    chunk = self._chunks.popleft()
+                    parts.append(chunk)
+                    size += len(chunk)
+                self._buffered -= size
+                if self._buffered < self.LOW:
+                    self._resume()
+                last = self._complete and not self._chunks
+                self._sent_last = last
+                return {"type": "http.request", "body": b"".join(parts), "more_body": not last}
+            if self._complete:
+                self._sent_last = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            if self._disconnected:
+                self._sent_last = True
+                return await self._queue.get()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return await self._queue.get()
+
+
+def _early_scope(request: Any, channel: Any) -> Scope | None:
+    """The ASGI scope daphne's ``process()`` would build, from what twisted knows once headers are in;
+    None when the request is not one of our streamed uploads (or is anything unusual)."""
+    method = getattr(channel, "_command", b"")
+    raw_uri = getattr(channel, "_path", b"")
+    if method not in (b"PUT", b"POST") or not raw_uri or request.requestHeaders.hasHeader(b"Upgrade"):
+        return None
+    try:
+        raw_path, _, query = raw_uri.partition(b"?")
+        path = unquote(raw_path.decode("ascii"))
+        query.decode("ascii")
+    except UnicodeDecodeError:
+        return None  # daphne's own checks answer these
+    root_path = request.channel.factory.server.root_path
+    headers = []
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        if b"_" in name:  # as daphne does (CVE-2015-0219)
+            continue
+        for value in values:
+            if name.lower() == b"daphne-root-path":
+                return None  # rare; daphne's own path handles it
+            headers.append((name.lower(), value))
+    client = [str(request.client.host), request.client.port] if hasattr(request.client, "host") else None
+    scheme = "https" if request.isSecure() else "http"
+    server = request.channel.factory.server
+    if server.proxy_forwarded_address_header:  # daphne --proxy-headers, as `make run` starts it
+        from daphne.utils import parse_x_forwarded_for
+
+        client, scheme = parse_x_forwarded_for(
+            request.requestHeaders,
+            server.proxy_forwarded_address_header,
+            server.proxy_forwarded_port_header,
+            server.proxy_forwarded_proto_header,
+            client,
+            scheme,
+        )
+    host = request.getHost()
+    scope: Scope = {
+        "type": "http",
+        "http_version": getattr(channel, "_version", b"HTTP/1.1").split(b"/")[-1].decode("ascii", "replace"),
+        "method": method.decode("ascii"),
+        "path": path,
+        "raw_path": raw_path,
+        "root_path": root_path,
+        "scheme": scheme,
+        "query_string": query,
+        "headers": headers,
+        "client": client,
+        "server": [str(host.host), host.port] if hasattr(host, "host") else None,
+        "asgi": {"version": "3.0"},
+    }
+    return scope if _streamed_route(scope) is not None else None
+
+
 class _ResponseFlow:
     """Backpressure for responses: twisted pauses us while the client is slower than the disk.
 
@@ -480,6 +677,9 @@ def install_daphne_streaming() -> bool:
 
     def create_application(self: Any, protocol: Any, scope: Scope) -> Any:
         content = getattr(protocol, "content", None)
+        if isinstance(content, _LiveBody):
+            content.body_complete()  # process() runs once twisted has the whole body
+            return content  # the app already runs (started from gotLength)
         if (
             scope.get("type") != "http"
             or not isinstance(protocol, request_class)
@@ -505,7 +705,57 @@ def install_daphne_streaming() -> bool:
         # never uses; Django (or storage.asgi) parses it in a streaming way instead.
         self._parsePOSTFormSubmission = False
 
+    original_got_length = request_class.gotLength
+    original_handle_reply = request_class.handle_reply
+
+    def gotLength(self: Any, length: int | None) -> None:
+        original_got_length(self, length)
+        try:
+            scope = _early_scope(self, self.channel)
+        except Exception:  # never let the fast path break a request daphne can serve
+            logger.exception("streamed upload: could not build the scope early; daphne will spool it")
+            scope = None
+        server = self.channel.factory.server
+        if scope is None or self not in server.connections or "application_instance" in server.connections[self]:
+            return
+        # What twisted's requestReceived would set, so an early answer is a well-formed response.
+        channel = self.channel
+        self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+        self.path = self.uri.split(b"?", 1)[0]
+        self.client_addr, self.server_addr = scope["client"], scope["server"]  # for daphne's access log
+        self.client_scheme = scope["scheme"]
+        self.content.close()
+        body = _LiveBody(channel.transport)
+        self.content = body
+        self.application_queue = body  # so a lost connection reaches the app as http.disconnect
+        flow = _ResponseFlow(self, functools.partial(server.handle_reply, self))
+        instance = server.application(scope=scope, receive=body.receive, send=flow.send)
+        server.connections[self]["application_instance"] = asyncio.ensure_future(instance)
+
+    def handle_reply(self: Any, message: Message) -> None:
+        content = getattr(self, "content", None)
+        if (
+            isinstance(content, _LiveBody)
+            and not content._complete
+            and message.get("type") == "http.response.body"
+            and not message.get("more_body", False)
+        ):
+            # Answered before the body was in (a refusal): the rest of the body can not be parsed as
+            # the next request, so this connection closes after the answer.
+            content.discard()
+            self.channel.persistent = False
+            self.setHeader(b"connection", b"close")
+        original_handle_reply(self, message)
+
     server_class.create_application = create_application
     request_class.__init__ = __init__
+    request_class.gotLength = gotLength
+    request_class.handle_reply = handle_reply
+    # twisted reads sockets 64 KiB at a time: at upload speeds that is tens of thousands of Python
+    # calls per second. 256 KiB reads took a 512 MiB PUT from about 600 to about 800 MiB/s here
+    # (bench/upload.py); larger reads gained nothing. Only the web server's connections use it.
+    from twisted.internet import tcp
+
+    tcp.Server.bufferSize = RECV_BUFFER
     server_class._modelserve_streaming = True
     return True

@@ -17,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext_lazy, ngettext
 from django.views.decorators.http import require_GET, require_POST
 
 from accounts.models import Project
@@ -56,6 +56,13 @@ def _previewable(entry: fs.Entry) -> bool:
     return entry.size <= fs.PREVIEW_LIMIT or entry.name.lower().endswith(TEXT_SUFFIXES)
 
 
+def _size_text(size: int) -> str:
+    """``fs.format_bytes`` with the byte count in the page's language (KiB, MiB, GiB read the same)."""
+    if size < 1024:
+        return ngettext("%(size)d byte", "%(size)d bytes", size) % {"size": size}
+    return fs.format_bytes(size)
+
+
 def _slot_text(key: str, value: float) -> str:
     if key == "mem":
         return f"mem={fs.format_bytes(int(value))}"
@@ -65,7 +72,7 @@ def _slot_text(key: str, value: float) -> str:
 def launcher_url(folder: Folder) -> str:
     """Where "Run this model" goes: the service launcher when it exists, else this folder's run panel."""
     try:
-        return f"{reverse('service-new')}?{urlencode({'folder': str(folder.pk)})}"
+        return f"{reverse('serving:new')}?{urlencode({'folder': str(folder.pk)})}"
     except NoReverseMatch:
         return reverse("storage:explorer", args=[folder.pk]) + "#run"
 
@@ -167,7 +174,7 @@ def explorer(request: HttpRequest, folder_id: str) -> HttpResponse:
                     if _previewable(entry)
                     else ""
                 ),
-                "size_text": fs.format_bytes(entry.size) if entry.type == "file" else "",
+                "size_text": _size_text(entry.size) if entry.type == "file" else "",
             }
         )
     try:
@@ -193,8 +200,8 @@ def explorer(request: HttpRequest, folder_id: str) -> HttpResponse:
             "rows": rows,
             "error": error,
             "can_manage": can_manage_folder(request.user, folder),
-            "used_text": fs.format_bytes(used),
-            "quota_text": fs.format_bytes(folder.effective_quota),
+            "used_text": _size_text(used),
+            "quota_text": _size_text(folder.effective_quota),
             "used_percent": min(100, round(100 * used / folder.effective_quota)) if folder.effective_quota else 100,
             "usage_modes": Folder.UsageMode.choices,
             "run": run,
@@ -306,7 +313,7 @@ def preview(request: HttpRequest, folder_id: str) -> HttpResponse:
             "folder": folder,
             "path": path,
             "text": text,
-            "size_text": fs.format_bytes(size),
+            "size_text": _size_text(size),
             "truncated": truncated,
             "error": error,
             "back_url": _explorer_url(folder, parent),

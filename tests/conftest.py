@@ -17,6 +17,10 @@ def _isolated_dirs(settings: object, tmp_path_factory: pytest.TempPathFactory) -
     settings.ENGINE_STATE_DIR = Path(root) / "engine"  # type: ignore[attr-defined]
     # Hashing passwords properly costs ~100 ms a user; tests create many users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # type: ignore[attr-defined]
+    # Failed-login and failed-API-key counters live in Redis for the whole session and every test
+    # client is 127.0.0.1: without this, one test's refusals would throttle another's. The limiter
+    # itself is tested with small limits in tests/security/test_web_app.py.
+    settings.LOGIN_FAILURE_LIMIT = settings.API_KEY_FAILURE_LIMIT = 10**9  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -156,6 +156,17 @@ class LiveSystem:
         wait_for(lambda: _answers(f"http://127.0.0.1:{admin}/healthz"), what="the proxy to answer")
         return f"http://127.0.0.1:{port}"
 
+    def start_web(self) -> str:
+        """The web process (daphne: pages, API, websockets) on a free loopback port; returns its URL."""
+        port = free_port()
+        self._spawn(
+            "web",
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(f"{url}/healthz"), timeout=30, what="the web process (daphne) to answer")
+        return url
+
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         proc = self.procs.pop(name, None)
         if proc is None:

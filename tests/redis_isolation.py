@@ -11,4 +11,6 @@ from __future__ import annotations
 import os
 import uuid
 
-os.environ["REDIS_PREFIX"] = f"mstest-{uuid.uuid4().hex[:8]}"
+_run = uuid.uuid4().hex[:8]
+os.environ["REDIS_PREFIX"] = f"mstest-{_run}"
+os.environ["TEST_DB_SUFFIX"] = _run

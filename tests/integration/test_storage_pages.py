@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.test import Client
 from django.urls import URLResolver, include, path
 
 from config.urls import urlpatterns as _project_urls
@@ -34,17 +33,6 @@ mem = "1g"
 [custom.environ]
 MODEL_NAME = "simple"
 """
-
-
-@pytest.fixture
-def browser(personas: dict[str, Any]) -> Any:
-    def login(who: str | None) -> Client:
-        client = Client()
-        if who:
-            client.force_login(personas[who])
-        return client
-
-    return login
 
 
 @pytest.fixture
@@ -86,7 +74,7 @@ def test_tabs_and_model_store(browser: Any, personas: dict[str, Any], folder: Fo
     models = client.get("/folders/?tab=model").content.decode()
     assert "runnable" in models and "half-model" in models and "datasets" not in models and "shared" not in models
     assert models.count("Run this model") == 1
-    assert f"/folders/{runnable.pk}/#run" in models
+    assert f"/services/new/?folder={runnable.pk}" in models  # "Run this model" opens the launcher (S1.3)
     data = client.get("/folders/?tab=data").content.decode()
     assert "datasets" in data and "runnable" not in data
     assert 'aria-current="page"' in data

@@ -1,0 +1,122 @@
+"""The websocket routes of the access matrix, through the real ASGI application (config.asgi: origin
+check, session cookie, the consumers), with every persona: a stranger's connect is refused, a
+stranger's socket never receives another user's service, and another site's page can not connect."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from serving.consumers import notify_endpoint_changed, websocket_urlpatterns
+from tests.security import rules as r
+from tests.security.world import World, build_world
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _application() -> Any:
+    from config.asgi import application
+
+    return application
+
+
+def cookie_of(persona: str, personas: dict[str, Any]) -> str:
+    if persona == "anonymous":
+        return ""
+    client = Client()
+    client.force_login(personas[persona])
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+def ws_path(route: str, world: World) -> str:
+    values = world.kwargs()
+    return "/" + re.sub(r"<(?:\w+:)?(\w+)>", lambda m: str(values[m.group(1)]), route)
+
+
+def run(coro: Any) -> Any:
+    # In a thread of its own: a browser session (tests/e2e) may hold an event loop in this one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def attempt(path: str, cookie: str, origin: str = "http://testserver") -> tuple[bool, Any, Any]:
+    """(connected, close code or subprotocol, the first message or None)."""
+    headers = [(b"origin", origin.encode())]
+    if cookie:
+        headers.append((b"cookie", cookie.encode()))
+    communicator = WebsocketCommunicator(_application(), path, headers=headers)
+    connected, detail = await communicator.connect(timeout=5)
+    first = None
+    if connected:
+        if not await communicator.receive_nothing(timeout=0.3):
+            first = await communicator.receive_json_from(timeout=1)
+        await communicator.disconnect()
+    return connected, detail, first
+
+
+def test_every_websocket_route_with_every_persona(personas: dict[str, Any]) -> None:
+    world = build_world(personas["owner"], personas["project"])
+    build_world(personas["stranger"], None)
+    cookies = {persona: cookie_of(persona, personas) for persona in r.PERSONAS}
+    problems: list[str] = []
+    for pattern in websocket_urlpatterns:
+        route = str(pattern.pattern)
+        access = r.WS_RULES[route]
+        path = ws_path(route, world)
+        for persona in r.PERSONAS:
+            expected = r.REFUSED if persona == "anonymous" else access[persona]
+            connected, detail, first = run(attempt(path, cookies[persona]))
+            if expected == r.OK and not connected:
+                problems.append(f"{path} as {persona}: refused ({detail}), expected to connect")
+            elif expected != r.OK:
+                if connected:
+                    problems.append(f"{path} as {persona}: connected, expected to be refused")
+                elif detail not in (4401, 4404):
+                    problems.append(f"{path} as {persona}: closed with {detail}, expected 4401 or 4404")
+            if persona in ("stranger", "anonymous") and first is not None and world.leaked(str(first)):
+                problems.append(f"{path} as {persona}: received {world.leaked(str(first))}")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_strangers_list_socket_hears_nothing_of_others(personas: dict[str, Any]) -> None:
+    world = build_world(personas["owner"], personas["project"])
+    cookies = {who: cookie_of(who, personas) for who in ("stranger", "teammate")}
+
+    async def scenario() -> dict[str, Any]:
+        sockets = {}
+        for who, cookie in cookies.items():
+            communicator = WebsocketCommunicator(
+                _application(),
+                "/ws/services/",
+                headers=[(b"origin", b"http://testserver"), (b"cookie", cookie.encode())],
+            )
+            connected, _ = await communicator.connect(timeout=5)
+            assert connected, who
+            sockets[who] = communicator
+        await database_sync_to_async(notify_endpoint_changed)(str(world.service.pk))
+        got = {
+            "teammate": await sockets["teammate"].receive_json_from(timeout=5),
+            "stranger_silent": await sockets["stranger"].receive_nothing(timeout=0.5),
+        }
+        for communicator in sockets.values():
+            await communicator.disconnect()
+        return got
+
+    got = run(scenario())
+    assert got["teammate"]["service"]["id"] == str(world.service.pk)
+    assert got["stranger_silent"] is True
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null"])
+def test_another_sites_page_can_not_open_a_socket(personas: dict[str, Any], origin: str) -> None:
+    """Cross-site websocket hijacking: the owner's cookie, sent by a page of another origin."""
+    world = build_world(personas["owner"], personas["project"])
+    connected, _, _ = run(attempt(f"/ws/services/{world.service.pk}/", cookie_of("owner", personas), origin=origin))
+    assert not connected
