@@ -42,7 +42,7 @@ from django.core.exceptions import DisallowedHost, PermissionDenied, RequestData
 from django.core.handlers.asgi import ASGIRequest
 from django.db import connections
 from django.http import Http404, HttpResponse, QueryDict
-from django.http.multipartparser import MultiPartParser, MultiPartParserError
+from django.http.multipartparser import MultiPartParserError
 from django.urls import Resolver404, resolve
 from django.utils.datastructures import MultiValueDict
 from rest_framework import exceptions as drf_exceptions
@@ -52,6 +52,7 @@ from rest_framework.settings import api_settings
 from storage import actions, fs
 from storage.access import access_folder
 from storage.models import Folder
+from storage.multipart import FormParser
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +259,8 @@ class _Body:
         except RuntimeError:
             self._loop = None
 
-    async def next_batch(self) -> bytes:
+    async def next_batch(self) -> list[bytes]:
+        # A list, not one joined bytes: joining would copy every byte of the upload once more.
         parts: list[bytes] = []
         size = 0
         while not self.finished and size < BATCH:
@@ -271,7 +273,7 @@ class _Body:
                 size += len(chunk)
             if not message.get("more_body", False):
                 self.finished = True
-        return b"".join(parts)
+        return parts
 
     def iter_sync(self) -> Iterator[bytes]:
         """For code running in a worker thread (sync_to_async): each batch is awaited on the event loop.
@@ -283,8 +285,7 @@ class _Body:
         if loop is None:
             fetch = async_to_sync(self.next_batch)
             while not self.finished:
-                if batch := fetch():
-                    yield batch
+                yield from fetch()
             return
         while not self.finished:
             try:
@@ -299,39 +300,7 @@ class _Body:
                     if not loop.is_running():
                         future.cancel()
                         raise ClientGone() from None
-            if batch:
-                yield batch
-
-
-class _BodyReader(io.RawIOBase):
-    """A file-like view of the body for Django's MultiPartParser (which reads it in small chunks)."""
-
-    def __init__(self, body: _Body) -> None:
-        self._chunks = body.iter_sync()
-        self._buffer = b""
-        self._position = 0  # into _buffer: slicing off the front each time would copy it again and again
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        available = len(self._buffer) - self._position
-        if size < 0 or available < size:
-            pieces = [self._buffer[self._position :]]
-            while size < 0 or available < size:
-                chunk = next(self._chunks, None)
-                if chunk is None:
-                    break
-                pieces.append(chunk)
-                available += len(chunk)
-            self._buffer, self._position = b"".join(pieces), 0
-        if size < 0 or size >= len(self._buffer) - self._position:
-            data = self._buffer[self._position :] if self._position else self._buffer
-            self._buffer, self._position = b"", 0
-            return data
-        data = self._buffer[self._position : self._position + size]
-        self._position += size
-        return data
+            yield from batch
 
 
 def _content_length(request: ASGIRequest) -> int | None:
@@ -379,9 +348,8 @@ async def _multipart(
 
         handler = FolderUploadHandler(folder, directory, django_request=request)
         try:
-            reader: Any = _BodyReader(body)
-            parser = MultiPartParser(request.META, reader, [handler], settings.DEFAULT_CHARSET)
-            post, files = parser.parse()
+            form = FormParser(request.META.get("CONTENT_TYPE", ""), handler, settings.DEFAULT_CHARSET)
+            post, files = form.parse(body.iter_sync())
             if csrf_deferred:
                 _check_deferred_csrf(request, post)
             if not files.getlist(FILES_FIELD):
@@ -455,7 +423,7 @@ class _LiveBody:
 
     HIGH = 8 * 1024 * 1024
     LOW = 2 * 1024 * 1024
-    MESSAGE = 1024 * 1024
+    SMALL = 64 * 1024
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
@@ -529,9 +497,11 @@ class _LiveBody:
     async def receive(self) -> Message:
         while not self._sent_last:
             if self._chunks:
-                parts: list[bytes] = []
-                size = 0
-                while self._chunks and size < self.MESSAGE:
+                # Big chunks go as they are (joining them would copy every byte once more); small
+                # ones (a slow client) are joined, so the app is not woken for every few bytes.
+                parts = [self._chunks.popleft()]
+                size = len(parts[0])
+                while self._chunks and size < self.SMALL:
                     chunk = self._chunks.popleft()
                     parts.append(chunk)
                     size += len(chunk)
