@@ -45,18 +45,7 @@ class RouteInline(ReadOnlyInline):
 class RuleInline(admin.TabularInline):  # type: ignore[type-arg]
     model = AutoScalingRule
     extra = 0
-    fields = (
-        "direction",
-        "source",
-        "metric",
-        "comparator",
-        "threshold",
-        "step",
-        "min_replicas",
-        "max_replicas",
-        "cooldown",
-        "enabled",
-    )
+    fields = (*AutoScalingRule.SETTINGS, "enabled")
 
 
 class ServiceEventInline(ReadOnlyInline):

@@ -308,6 +308,22 @@ class EndpointToken(models.Model):
 class AutoScalingRule(models.Model):
     """When a metric crosses a threshold, change the desired replicas by ``step`` (S6.1)."""
 
+    # What a user sets on a rule (besides ``enabled``): the admin, the API and the service page all
+    # offer these, so a new setting can not be forgotten in one of them.
+    SETTINGS = (
+        "direction",
+        "source",
+        "metric",
+        "comparator",
+        "threshold",
+        "step",
+        "min_replicas",
+        "max_replicas",
+        "cooldown",
+        "aggregation",
+        "window",
+    )
+
     class Direction(models.TextChoices):
         OUT = "out", _("scale out")
         IN = "in", _("scale in")

@@ -265,17 +265,7 @@ class RuleSerializer(serializers.ModelSerializer[AutoScalingRule]):
         model = AutoScalingRule
         fields = [
             "id",
-            "direction",
-            "source",
-            "metric",
-            "comparator",
-            "threshold",
-            "step",
-            "min_replicas",
-            "max_replicas",
-            "cooldown",
-            "aggregation",
-            "window",
+            *AutoScalingRule.SETTINGS,
             "enabled",
             "last_triggered_at",
             "last_decision",

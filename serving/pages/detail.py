@@ -35,19 +35,7 @@ from storage.models import Folder
 
 DEFAULT_TOKEN_DAYS = 30
 EVENTS_SHOWN = 50
-RULE_FIELDS = (
-    "direction",
-    "source",
-    "metric",
-    "comparator",
-    "threshold",
-    "step",
-    "min_replicas",
-    "max_replicas",
-    "cooldown",
-    "aggregation",
-    "window",
-)
+RULE_FIELDS = AutoScalingRule.SETTINGS
 NEW_RULE = {
     "direction": AutoScalingRule.Direction.OUT,
     "source": AutoScalingRule.Source.INFERENCE,
