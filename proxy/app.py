@@ -190,6 +190,8 @@ class Proxy:
         if forward_auth and auth is not None:
             parts.append(b"Authorization: %b\r\n" % auth)
         peer = ex.down.peer
+        if not ex.down.trusted:  # a client's own X-Forwarded-* claims are not passed on as facts
+            ex.xff = ex.xfp = ex.xfh = None
         forwarded_for = ex.xff + b", " + peer if ex.xff else peer
         forwarded_host = ex.xfh or ex.host
         if forwarded_host and prefix and not ex.chunked and ex.upgrade is None:

@@ -24,11 +24,18 @@ variable, like the web app's typed env helpers (config/env.py).
 | PROXY_REPLAY_LIMIT | 1048576 | request bodies up to this size are kept to retry on another replica |
 | PROXY_RETRY_UNSAFE | false | also resend a POST that reached a replica which died unanswered (see below) |
 | PROXY_ACCESS_LOG | false | one log line per request (off: the hot path does no logging) |
+| PROXY_TRUSTED_PROXIES | 127.0.0.1,::1 | addresses (or CIDR ranges, or `*`) whose X-Forwarded-* headers are believed |
 | PROXY_LOG_LEVEL | WARNING | the process's log level (INFO adds route failures) |
 
 PROXY_RETRY_UNSAFE: by default a POST that reached a replica which then died without answering a byte
 gets a 502 (it may have been processed; nginx and Envoy do the same). Set it when every runtime's
 requests are free of side effects, as inference usually is: then killing a replica costs no request.
+
+PROXY_TRUSTED_PROXIES: a TLS terminator or load balancer in front of the proxy says who the client
+was and which scheme and host it used, in X-Forwarded-For/Proto/Host; the replica gets them. From
+any other address those headers are a client's claim: they are replaced by what the proxy saw
+itself (the peer address, http, the Host header), so a client can not pose as another address or
+as HTTPS to a replica. Set it to the terminator's addresses when one sits elsewhere.
 
 Why the queue limit is per route: an endpoint's capacity grows with its replicas, and 256 is what one
 vLLM replica runs at once by default (``max_num_seqs``); past it requests only wait in the replica.
@@ -36,8 +43,9 @@ vLLM replica runs at once by default (``max_num_seqs``); past it requests only w
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +82,26 @@ def _bool(name: str, default: bool) -> bool:
     if raw.strip().lower() in _FALSE:
         return False
     raise SystemExit(f"{name}={raw!r} must be true or false.")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(name: str, default: str) -> tuple[Network, ...] | None:
+    """Addresses and CIDR ranges, comma-separated; None means every address (``*``)."""
+    raw = os.environ.get(name, default).strip()
+    if raw == "*":
+        return None
+    networks = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise SystemExit(
+                f"{name}: {item!r} is not an IP address or CIDR range (e.g. 10.0.0.0/8); "
+                "give a comma-separated list, or * to trust every address."
+            ) from None
+    return tuple(networks)
 
 
 def token_key() -> str:
@@ -117,6 +145,22 @@ class Config:
     replay_limit: int = 1 << 20
     retry_unsafe: bool = False
     access_log: bool = False
+    # None: every peer is trusted (``*``); empty: none is.
+    trusted_proxies: tuple[Network, ...] | None = field(
+        default=(ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    )
+
+    def trusts(self, address: str) -> bool:
+        """Whether a peer's X-Forwarded-* headers are believed (PROXY_TRUSTED_PROXIES)."""
+        if self.trusted_proxies is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:  # a Unix socket peer, or none
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trusted_proxies)
 
     @classmethod
     def from_env(cls) -> Config:
@@ -143,4 +187,5 @@ class Config:
             replay_limit=_int("PROXY_REPLAY_LIMIT", 1 << 20),
             retry_unsafe=_bool("PROXY_RETRY_UNSAFE", False),
             access_log=_bool("PROXY_ACCESS_LOG", False),
+            trusted_proxies=_networks("PROXY_TRUSTED_PROXIES", "127.0.0.1,::1"),
         )

@@ -453,6 +453,7 @@ class Downstream(asyncio.Protocol):
         "receiving",
         "rejected",
         "transport",
+        "trusted",
         "tunnel",
         "upgraded",
         "write_paused",
@@ -463,6 +464,7 @@ class Downstream(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self.peer = b""
+        self.trusted = False  # the peer's X-Forwarded-* headers are believed (PROXY_TRUSTED_PROXIES)
         self.current: Exchange | None = None
         self.receiving: Exchange | None = None
         self.queue: deque[Exchange] | None = None
@@ -485,6 +487,7 @@ class Downstream(asyncio.Protocol):
         _set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode() if peer else b""
+        self.trusted = self.proxy.config.trusts(str(peer[0])) if peer else False
         self.proxy.downstreams.add(self)
 
     def data_received(self, data: bytes) -> None:

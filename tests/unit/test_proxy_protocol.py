@@ -7,6 +7,8 @@ that answers twice, a pooled connection that dies unanswered, a client that leav
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import time
 from typing import Any
 
@@ -456,3 +458,39 @@ def test_a_big_body_waiting_for_a_connection_holds_the_client() -> None:
     fresh = w.connect()
     assert fresh.transport.sent.endswith(b"x" * 100 + b"y" * 1000)  # type: ignore[attr-defined]
     assert not w.client.transport.paused  # type: ignore[attr-defined]
+
+
+SPOOFED = "X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: bank.example\r\n"
+
+
+def test_a_clients_own_forwarded_headers_are_replaced_by_what_the_proxy_saw() -> None:
+    w = World()  # the peer 192.0.2.7 is not a trusted proxy (default: loopback only)
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\n" + SPOOFED)
+    sent = w.to_replica()
+    assert b"X-Forwarded-For: 192.0.2.7\r\n" in sent and b"6.6.6.6" not in sent
+    assert b"X-Forwarded-Proto: http\r\n" in sent and b"X-Forwarded-Host: p\r\n" in sent
+    assert b"bank.example" not in sent and b"https" not in sent
+
+
+@pytest.mark.parametrize("trusted", ["192.0.2.0/24", "192.0.2.7", "*", "10.0.0.0/8,192.0.2.7"])
+def test_a_trusted_proxy_in_front_passes_on_client_scheme_host_and_address(trusted: str, monkeypatch: Any) -> None:
+    monkeypatch.setenv("PROXY_TRUSTED_PROXIES", trusted)
+    w = World(config=dataclasses.replace(Config.from_env(), token_key="k"))
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\n" + SPOOFED)
+    sent = w.to_replica()
+    assert b"X-Forwarded-For: 6.6.6.6, 192.0.2.7\r\n" in sent
+    assert b"X-Forwarded-Proto: https\r\n" in sent and b"X-Forwarded-Host: bank.example\r\n" in sent
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "localhost", "1.2.3.4,,nope"])
+def test_a_bad_trusted_proxies_setting_stops_the_proxy_with_its_name(bad: str, monkeypatch: Any) -> None:
+    monkeypatch.setenv("PROXY_TRUSTED_PROXIES", bad)
+    with pytest.raises(SystemExit, match="PROXY_TRUSTED_PROXIES"):
+        Config.from_env()
+
+
+def test_trust_is_by_address_including_ipv4_mapped_ipv6() -> None:
+    config = Config(trusted_proxies=(ipaddress.ip_network("10.1.0.0/16"),))
+    assert config.trusts("10.1.2.3") and config.trusts("::ffff:10.1.2.3")
+    assert not config.trusts("10.2.0.1") and not config.trusts("") and not config.trusts("/run/proxy.sock")
+    assert not Config(trusted_proxies=()).trusts("127.0.0.1") and Config(trusted_proxies=None).trusts("8.8.8.8")
