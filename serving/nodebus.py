@@ -9,6 +9,9 @@ Two things need an answer from a node *now*, not after whatever its Celery queue
   returns how many listeners got the request, so a node whose worker is down is known at once
   (no listener) and a clear 503 goes back without waiting. There is no Celery result backend, and a
   log request must not wait behind a queue of replica starts, which is why this is not a task.
+* **Following a route's log live** (``op: follow``): the listener hands the request to
+  ``serving.logfollow.Follows``, which streams the lines into Redis from a thread of its own until
+  the web's lease on the follow lapses; the listener's loop checks those leases every second.
 * **Route failures reported by the proxies** on ``<prefix>:proxy:route-failures`` (proxy/report.py):
   every node hears every report and acts only on the routes its prober tracks: it checks the route
   at once (has the process exited? then one HTTP probe), instead of at the next interval. Bursts are

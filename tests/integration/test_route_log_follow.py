@@ -275,3 +275,41 @@ def test_http_follow_streams_text_until_the_client_leaves(
     dead = make_route(service_id, "c-1", node="nobody-listens")
     response = api("owner").get(f"/api/v1/services/{service_id}/routes/{dead.pk}/logs/?follow=1")
     assert response.status_code == 503 and "Node nobody-listens is not answering" in response.json()["detail"]
+
+
+def test_http_follow_through_daphne_ends_when_the_client_hangs_up(
+    personas: dict[str, Any], service_id: str, replica: ReplicaInfo, listener: NodeListener, tmp_path: Path
+) -> None:
+    """``curl -N .../logs/?follow=1`` against the real web process: lines stream as they are written,
+    and hanging up ends the node's follow (Django cancels the response, the lease goes)."""
+    import http.client
+
+    from accounts.actions import do_issue_api_key
+    from tests.live import LiveSystem
+
+    route = make_route(service_id, replica.replica_id)
+    _, secret = do_issue_api_key(personas["owner"], name="follow-script")
+    system = LiveSystem(tmp_path)
+    try:
+        base = system.start_web()
+        host, port = base.removeprefix("http://").rstrip("/").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=15)
+        connection.request(
+            "GET",
+            f"/api/v1/services/{service_id}/routes/{route.pk}/logs/?follow=1&tail=3",
+            headers={"Authorization": f"Token {secret}"},
+        )
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type") == "text/plain; charset=utf-8"
+        wait_for(listener.follows.active, timeout=10, what="the node to follow")
+        marker = f"/curl-{uuid.uuid4().hex}"
+        request(replica, marker)
+        received = b""
+        while marker.encode() not in received:
+            chunk = response.read1(65536)
+            assert chunk, f"the stream ended early: {received!r}"
+            received += chunk
+        connection.close()  # the script hangs up
+        wait_for(lambda: listener.follows.active() == [], timeout=10, what="the node's follow to end")
+    finally:
+        system.stop_all()
