@@ -114,12 +114,12 @@ class Follows:
         self._active: dict[str, _Follow] = {}
         self._lock = threading.Lock()
         self._checked_at = float("-inf")
-        self._redis: redis.Redis | None = None
+        # One client (a thread-safe connection pool; it connects on first use) for every follow of
+        # this node. Made here, not lazily: two threads making one each would leave one to be
+        # garbage-collected, which closes the connections the other thread is still using.
+        self._redis = _client()
 
     def client(self) -> redis.Redis:
-        """One client (a thread-safe connection pool) for every follow of this node."""
-        if self._redis is None:
-            self._redis = _client()
         return self._redis
 
     def engine(self) -> Any:
@@ -204,9 +204,8 @@ class Follows:
         for follow in follows:
             if follow.thread is not None and wait > 0:
                 follow.thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if self._redis is not None and not self.active():
-            self._redis.close()
-            self._redis = None
+        if not self.active():
+            self._redis.connection_pool.disconnect()  # reconnects by itself if used again
 
     def _run(self, follow: _Follow) -> None:
         client = self.client()
