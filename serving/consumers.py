@@ -1,4 +1,4 @@
-"""Channels consumers: live service status (and, with validation, the live log).
+"""Channels consumers: live service status, a replica's live log (and, with validation, its log).
 
 Consumers authenticate on connect, join one group per object, and refuse strangers with the same
 answer as a missing object (close code 4404), so a websocket leaks nothing a REST 404 would not.
@@ -6,8 +6,11 @@ answer as a missing object (close code 4404), so a websocket leaks nothing a RES
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
+from urllib.parse import parse_qs
 
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
@@ -220,8 +223,81 @@ class ServiceListConsumer(AsyncJsonWebsocketConsumer):
         return data
 
 
+class RouteLogConsumer(AsyncJsonWebsocketConsumer):
+    """``/ws/services/<id>/routes/<route_id>/logs/?tail=N``: a replica's log, live (serving.logfollow).
+
+    Sends ``{"type": "lines", "lines": [...]}`` (first the last ``tail`` lines, default 200, then every
+    new line), ``{"type": "following", "node": ...}`` once the node streams, and last
+    ``{"type": "end", "reason": ..., "message": ...}`` when the replica is gone or the node stops
+    answering; then it closes. Whoever may read the service may read its replicas' logs.
+    """
+
+    pump: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        from serving import logfollow
+
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        kwargs = self.scope["url_route"]["kwargs"]
+        route = await self._route(str(kwargs["service_id"]), str(kwargs["route_id"]))
+        if route is None:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        await self.accept()
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        try:
+            tail = logfollow.parse_tail((query.get("tail") or [None])[0])
+        except ValueError as exc:
+            await self.send_json({"type": "end", "reason": "bad-request", "message": str(exc)})
+            await self.close()
+            return
+        self.pump = asyncio.create_task(self._pump(route, tail))
+
+    async def disconnect(self, code: int) -> None:
+        if self.pump is not None and not self.pump.done():
+            self.pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.pump  # its cleanup deletes the lease: the node stops following now
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        """The client has nothing to say; whatever it sends is ignored."""
+
+    async def _pump(self, route: Any, tail: int) -> None:
+        from serving import logfollow
+
+        events = logfollow.follow(route, tail)
+        try:
+            async for event in events:
+                if isinstance(event, logfollow.Lines):
+                    await self.send_json({"type": "lines", "lines": event.lines})
+                elif isinstance(event, logfollow.Following):
+                    await self.send_json({"type": "following", "node": event.node})
+                else:
+                    await self.send_json({"type": "end", "reason": event.reason, "message": event.message})
+                    await self.close()
+        finally:
+            await events.aclose()
+
+    @database_sync_to_async
+    def _route(self, service_id: str, route_id: str) -> Any:
+        from serving import logfollow
+        from serving.access import access_endpoint
+        from serving.models import Route
+
+        try:
+            endpoint = access_endpoint(self.scope["user"], service_id)
+        except Http404:
+            return None
+        route = Route.objects.select_related("node").filter(pk=route_id, endpoint=endpoint).first()
+        return logfollow.RouteRef.of(route) if route is not None else None
+
+
 websocket_urlpatterns = [
     path("ws/services/", ServiceListConsumer.as_asgi()),
     path("ws/services/<uuid:service_id>/", ServiceStatusConsumer.as_asgi()),
+    path("ws/services/<uuid:service_id>/routes/<uuid:route_id>/logs/", RouteLogConsumer.as_asgi()),
     path("ws/validations/<str:validation_id>/", ValidationConsumer.as_asgi()),
 ]

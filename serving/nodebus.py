@@ -9,6 +9,9 @@ Two things need an answer from a node *now*, not after whatever its Celery queue
   returns how many listeners got the request, so a node whose worker is down is known at once
   (no listener) and a clear 503 goes back without waiting. There is no Celery result backend, and a
   log request must not wait behind a queue of replica starts, which is why this is not a task.
+* **Following a route's log live** (``op: follow``): the listener hands the request to
+  ``serving.logfollow.Follows``, which streams the lines into Redis from a thread of its own until
+  the web's lease on the follow lapses; the listener's loop checks those leases every second.
 * **Route failures reported by the proxies** on ``<prefix>:proxy:route-failures`` (proxy/report.py):
   every node hears every report and acts only on the routes its prober tracks: it checks the route
   at once (has the process exited? then one HTTP probe), instead of at the next interval. Bursts are
@@ -164,10 +167,15 @@ class NodeListener(threading.Thread):
         self._allowance_at = clock()
         self.checks_requested = 0  # for tests and logs
         self.reports_dropped = 0
+        from serving.logfollow import Follows
+
+        # Live log follows (serving.logfollow): started here, ended when their lease is gone.
+        self.follows = Follows(node)
 
     def stop(self) -> None:
         self.stopping.set()
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self.follows.stop_all()
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -188,6 +196,7 @@ class NodeListener(threading.Thread):
                 message = pubsub.get_message(timeout=0.5)
                 if message is not None and message.get("type") == "message":
                     self.dispatch(message["channel"], message["data"])
+                self.follows.check_leases()  # at most every LEASE_CHECK seconds
         finally:
             self.subscribed.clear()
             pubsub.close()
@@ -204,7 +213,10 @@ class NodeListener(threading.Thread):
         if channel == failures_channel():
             self.route_failed(str(payload.get("route") or ""), str(payload.get("error") or ""))
         elif channel == requests_channel(self.node):
-            self._submit(payload)
+            if payload.get("op") == "follow":
+                self.follows.start(payload)  # a thread of its own; quick to start
+            else:
+                self._submit(payload)
 
     # Log requests run on a small pool, so a slow engine call never blocks the failure reports.
     def _submit(self, request: dict[str, Any]) -> None:

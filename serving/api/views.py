@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from django.db.models import Prefetch, QuerySet
-from django.http import Http404
+from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -16,7 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from serving import actions, nodebus
+from serving import actions, logfollow, nodebus
 from serving.access import access_endpoint, can_write_endpoint
 from serving.api import serializers as s
 from serving.models import (
@@ -232,26 +233,65 @@ class RouteLogsView(APIView):
 
     Read from the route's node at request time (serving.nodebus); ``truncated`` says whether the
     log holds more lines than returned. A node that does not answer gives a 503 saying so.
+
+    With ``follow=1`` the answer is ``text/plain`` streamed as the log grows (for ``curl -N``): the
+    last ``tail`` lines, then every new line, until the client leaves or the replica is gone; the
+    last line then starts with ``-- `` and says why the stream ended (serving.logfollow). The page
+    follows the same log over ``/ws/services/<id>/routes/<route_id>/logs/``.
     """
 
     @extend_schema(
-        parameters=[OpenApiParameter("tail", int, description="How many of the last lines (1-5000, default 200).")],
+        parameters=[
+            OpenApiParameter("tail", int, description="How many of the last lines (1-5000, default 200)."),
+            OpenApiParameter(
+                "follow",
+                bool,
+                description="Stream the log as text/plain as it grows, until the replica is gone (default no).",
+            ),
+        ],
         responses={200: s.RouteLogsSerializer, 503: dict},
     )
-    def get(self, request: Request, service_id: str, route_id: str) -> Response:
+    def get(self, request: Request, service_id: str, route_id: str) -> Response | StreamingHttpResponse:
         endpoint = access_endpoint(request.user, service_id)
         route = get_object_or_404(Route.objects.select_related("node"), pk=route_id, endpoint=endpoint)
         raw = request.query_params.get("tail", "200")
         try:
-            tail = int(raw)
-        except ValueError:
-            tail = 0
-        if not 1 <= tail <= nodebus.MAX_TAIL:
-            raise ValidationError({"tail": f"tail must be a whole number from 1 to {nodebus.MAX_TAIL}, not {raw!r}."})
+            tail = logfollow.parse_tail(raw)
+        except ValueError as exc:
+            raise ValidationError({"tail": str(exc)}) from None
+        if request.query_params.get("follow", "").lower() in ("1", "true", "yes"):
+            return _follow_response(logfollow.RouteRef.of(route), tail)
         try:
             return Response(nodebus.route_logs(route, tail))
         except nodebus.NodeUnavailable as exc:
             raise NodeNotAnswering(str(exc)) from None
+
+
+def _follow_response(route: logfollow.RouteRef, tail: int) -> StreamingHttpResponse:
+    from serving.node import STARTING_MARK
+
+    if route.node and route.container_id not in ("", STARTING_MARK) and not logfollow.node_listens(route.node):
+        # Known before the stream starts, so it is a 503 like the tail's, not a 200 that ends at once.
+        raise NodeNotAnswering(
+            f"Node {route.node} is not answering (its worker is not running or not connected to Redis); "
+            "the replica's log can not be followed now. Try again when the node is back."
+        )
+
+    async def lines() -> AsyncIterator[bytes]:
+        events = logfollow.follow(route, tail)
+        try:
+            async for event in events:
+                if isinstance(event, logfollow.Lines):
+                    yield "".join(f"{line}\n" for line in event.lines).encode()
+                elif isinstance(event, logfollow.End):
+                    yield f"-- {event.message}\n".encode()
+        finally:
+            await events.aclose()  # deletes the lease when the client went away
+
+    response = StreamingHttpResponse(lines(), content_type="text/plain; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the lines back
+    return response
 
 
 class RuntimeListView(APIView):

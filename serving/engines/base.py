@@ -9,6 +9,7 @@ bounded in time; callers run them on the node's own Celery queue.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -115,8 +116,15 @@ class Engine(Protocol):
     def inspect(self, replica_id: str) -> ReplicaInfo:
         """Current state; raises ReplicaNotFound when it no longer exists."""
 
-    def logs(self, replica_id: str, tail: int = 200, follow: bool = False) -> Iterator[str]:
-        """Lines of the replica's combined stdout/stderr (pre-start output included)."""
+    def logs(
+        self, replica_id: str, tail: int = 200, follow: bool = False, stop: threading.Event | None = None
+    ) -> Iterator[str]:
+        """Lines of the replica's combined stdout/stderr (pre-start output included).
+
+        With ``follow``, the last ``tail`` lines and then every new line until the replica ends, or
+        until ``stop`` is set: the iterator then ends within about a second even when the replica
+        prints nothing, so a follow nobody reads any more can be ended from another thread.
+        """
 
     def stats(self, replica_id: str) -> ReplicaStats:
         """CPU and memory usage right now."""

@@ -134,6 +134,14 @@ def _memory_used(memory_stats: Mapping[str, Any]) -> int:
     return usage - int(inactive) if inactive < usage else usage
 
 
+def _close_when_stopped(stop: threading.Event, done: threading.Event, stream: Any) -> None:
+    while not done.is_set():
+        if stop.wait(0.2):
+            with contextlib.suppress(Exception):
+                stream.close()
+            return
+
+
 def _decode_lines(chunks: Iterator[bytes]) -> Iterator[str]:
     """Docker hands out frames, not lines: reassemble lines, decoding UTF-8 across frame edges."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -328,20 +336,33 @@ class DockerEngine:
     def inspect(self, replica_id: str) -> ReplicaInfo:
         return self._info(self._container(replica_id))
 
-    def logs(self, replica_id: str, tail: int = 200, follow: bool = False) -> Iterator[str]:
+    def logs(
+        self, replica_id: str, tail: int = 200, follow: bool = False, stop: threading.Event | None = None
+    ) -> Iterator[str]:
         """Decoded lines of stdout+stderr; raises ReplicaNotFound at once, not at the first line."""
         container = self._container(replica_id)
         with self._errors(f"read the logs of replica {replica_id}", replica=replica_id):
             stream = container.logs(
                 stdout=True, stderr=True, stream=True, follow=follow, tail=tail if tail >= 0 else "all"
             )
-        return self._log_lines(replica_id, stream)
+        return self._log_lines(replica_id, stream, stop if follow else None)
 
-    def _log_lines(self, replica_id: str, stream: Any) -> Iterator[str]:
+    def _log_lines(self, replica_id: str, stream: Any, stop: threading.Event | None) -> Iterator[str]:
+        done = threading.Event()
+        if stop is not None:
+            # A quiet replica leaves the reader blocked on the daemon's socket: closing the stream
+            # from here is the only way to end that read when nobody follows any more.
+            threading.Thread(
+                target=_close_when_stopped, args=(stop, done, stream), name=f"logs-stop-{replica_id[:12]}", daemon=True
+            ).start()
         try:
             with self._errors(f"read the logs of replica {replica_id}", replica=replica_id):
                 yield from _decode_lines(iter(stream))
+        except Exception:
+            if stop is None or not stop.is_set():
+                raise
         finally:
+            done.set()
             # A consumer that stops early (a closed websocket) must not leave the socket open.
             with contextlib.suppress(Exception):
                 stream.close()

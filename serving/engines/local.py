@@ -37,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -805,13 +806,17 @@ class LocalEngine:
         lines = data.decode("utf-8", "replace").splitlines()
         return lines[-tail:] if tail > 0 else []
 
-    def logs(self, replica_id: str, tail: int = 200, follow: bool = False) -> Iterator[str]:
+    def logs(
+        self, replica_id: str, tail: int = 200, follow: bool = False, stop: threading.Event | None = None
+    ) -> Iterator[str]:
         replica_dir = self._dir(replica_id)
         if not (replica_dir / "spec.json").exists():
             raise ReplicaNotFound(f"No replica {replica_id!r} on this node.")
-        return self._follow(replica_dir, tail) if follow else iter(self._read_lines(replica_dir / "log", tail))
+        if follow:
+            return self._follow(replica_dir, tail, stop or threading.Event())
+        return iter(self._read_lines(replica_dir / "log", tail))
 
-    def _follow(self, replica_dir: Path, tail: int) -> Iterator[str]:
+    def _follow(self, replica_dir: Path, tail: int, stop: threading.Event) -> Iterator[str]:
         log_path = replica_dir / "log"
         # Read the tail and remember exactly where it ended, so no line is lost or repeated
         # between the tail and the follow.
@@ -824,7 +829,7 @@ class LocalEngine:
             recent = complete.decode("utf-8", "replace").splitlines() if complete else []
             yield from (recent[-tail:] if tail > 0 else [])
         buffer = b""
-        while True:
+        while not stop.is_set():
             ended = self._ended(replica_dir)  # checked before reading, so the last lines are not lost
             try:
                 with log_path.open("rb") as handle:
@@ -842,7 +847,7 @@ class LocalEngine:
                     if buffer:
                         yield buffer.decode("utf-8", "replace")
                     return
-                time.sleep(0.05)
+                stop.wait(0.05)
 
     def _ended(self, replica_dir: Path) -> bool:
         if not replica_dir.exists() or (replica_dir / "exit").exists():

@@ -1,5 +1,5 @@
-// The service page: routes and status live over /ws/services/<id>/, the event and decision logs
-// refreshed on each change, per-route error details and logs, metric charts (SVG, every 5 s), copy
+// The service page: routes and status live over /ws/services/<id>/ (through live.js), the event and
+// decision logs refreshed on each change, per-route error details and logs (followed live), metric charts (SVG, every 5 s), copy
 // buttons, local dates and the terminate confirmation. Every change itself is a plain form post, so
 // the page works without this script; this only keeps what it shows up to date.
 (function () {
@@ -157,40 +157,125 @@
   }
   $("button.close", errorDialog).addEventListener("click", () => errorDialog.close());
 
+  // The log dialog follows the replica's log live over /ws/services/<id>/routes/<route>/logs/ while
+  // "Follow" is on (the default each time it opens); off, it shows the tail as of the last refresh.
+  const logsPre = $(".logs-lines", logsDialog);
+  const logsState = $(".logs-state", logsDialog);
+  const followBox = $(".logs-follow", logsDialog);
+  const MAX_SHOWN = 5000;
+  const canFollow = Boolean(window.WebSocket && window.modelserveLive);
+  let shown = [];
+  let follower = null;
+
   function showLogs(id) {
     logsRoute = id;
     $(".logs-route", logsDialog).textContent = String(id).slice(0, 8);
-    if (!logsDialog.open && typeof logsDialog.showModal === "function") logsDialog.showModal();
-    loadLogs();
+    if (!logsDialog.open && typeof logsDialog.showModal === "function") {
+      followBox.checked = canFollow;
+      logsDialog.showModal();
+    }
+    reloadLogs();
+  }
+  function reloadLogs() {
+    if (followBox.checked) followLogs(); else loadLogs();
+  }
+  function setLines(lines, append) {
+    // Stay at the bottom while the reader is there; leave them where they are once they scrolled up.
+    const atBottom = logsPre.scrollHeight - logsPre.scrollTop - logsPre.clientHeight < 24;
+    shown = append ? shown.concat(lines) : lines.slice();
+    if (shown.length > MAX_SHOWN) shown = shown.slice(shown.length - MAX_SHOWN);
+    logsPre.textContent = shown.join("\n");
+    if (atBottom || !append) logsPre.scrollTop = logsPre.scrollHeight;
+  }
+  function stopFollowing() {
+    if (follower) {
+      const socket = follower;
+      follower = null;
+      socket.onclose = null;
+      socket.close();
+    }
+    logsDialog.dataset.following = "";
+  }
+  function followLogs() {
+    stopFollowing();
+    logsState.textContent = t.i18nLogsLoading;
+    const socket = new WebSocket(window.modelserveLive.socketURL(
+      "/ws/services/" + serviceId + "/routes/" + logsRoute + "/logs/?tail=200"));
+    follower = socket;
+    let fresh = true;
+    let ended = false;
+    socket.onmessage = (message) => {
+      const event = JSON.parse(message.data);
+      if (event.type === "lines") {
+        setLines(event.lines || [], !fresh);
+        fresh = false;
+      } else if (event.type === "following") {
+        if (fresh) setLines([], false);
+        fresh = false;
+        logsDialog.dataset.following = "1";
+        logsState.textContent = t.i18nLogsFollowing;
+      } else if (event.type === "end") {
+        ended = true;
+        if (fresh) setLines([], false);
+        fresh = false;
+        logsState.textContent = event.reason === "ended" || event.reason === "gone" ? t.i18nLogsEnded
+          : event.reason === "not-running" ? (shown.length ? t.i18nLogsNotRunning : t.i18nLogsEmpty)
+          : format(t.i18nLogsFailed, { reason: event.message || event.reason });
+      }
+    };
+    socket.onclose = (event) => {
+      if (follower !== socket) return;
+      follower = null;
+      logsDialog.dataset.following = "";
+      followBox.checked = false;
+      if (event.code === 4404) {
+        setLines([], false);
+        logsState.textContent = t.i18nLogsMissing;
+      } else if (!ended) {
+        logsState.textContent = t.i18nLogsInterrupted;
+      }
+    };
   }
   function loadLogs() {
-    const state = $(".logs-state", logsDialog);
-    const pre = $(".logs-lines", logsDialog);
-    state.textContent = t.i18nLogsLoading;
+    stopFollowing();
+    logsState.textContent = t.i18nLogsLoading;
     getJSON(api + "routes/" + logsRoute + "/logs/?tail=200").then(({ status, body }) => {
+      if (followBox.checked) return; // Follow was turned on meanwhile: the socket shows the log
       if (status === 200) {
         const lines = Array.isArray(body.lines) ? body.lines : [];
-        pre.textContent = lines.join("\n");
-        pre.scrollTop = pre.scrollHeight;
+        setLines(lines, false);
         const when = new Date().toLocaleTimeString();
-        state.textContent = lines.length === 0 ? t.i18nLogsEmpty
+        logsState.textContent = lines.length === 0 ? t.i18nLogsEmpty
           : (body.truncated ? t.i18nLogsTruncated + " " : "") + format(t.i18nLogsShown, { time: when });
       } else if (status === 404) {
-        pre.textContent = "";
-        state.textContent = t.i18nLogsMissing;
+        setLines([], false);
+        logsState.textContent = t.i18nLogsMissing;
       } else if (status === 501) {
-        pre.textContent = "";
-        state.textContent = t.i18nLogsUnavailable;
+        setLines([], false);
+        logsState.textContent = t.i18nLogsUnavailable;
       } else {
         const reason = (body && (body.detail || (body.tail && body.tail.join(" ")))) || "HTTP " + status;
-        state.textContent = format(t.i18nLogsFailed, { reason: reason });
+        logsState.textContent = format(t.i18nLogsFailed, { reason: reason });
       }
-    }).catch(() => { state.textContent = format(t.i18nLogsFailed, { reason: t.i18nNetwork }); });
+    }).catch(() => { logsState.textContent = format(t.i18nLogsFailed, { reason: t.i18nNetwork }); });
   }
-  $("button.refresh", logsDialog).addEventListener("click", loadLogs);
+  if (!canFollow) {
+    followBox.checked = false;
+    followBox.closest("label").hidden = true;
+  }
+  followBox.addEventListener("change", () => {
+    if (followBox.checked) {
+      followLogs();
+    } else {
+      stopFollowing();
+      logsState.textContent = format(t.i18nLogsPaused, { time: new Date().toLocaleTimeString() });
+    }
+  });
+  $("button.refresh", logsDialog).addEventListener("click", reloadLogs);
   $("button.close", logsDialog).addEventListener("click", () => logsDialog.close());
+  logsDialog.addEventListener("close", stopFollowing); // also Esc: nobody reads, so the node stops
   $("button.copy-log", logsDialog).addEventListener("click", (event) =>
-    copyText($(".logs-lines", logsDialog).textContent, event.currentTarget));
+    copyText(logsPre.textContent, event.currentTarget));
 
   // --- events and decisions (refreshed when the service changes) --------------------------------
   function renderTable(tableId, emptyId, items, cells) {
@@ -252,21 +337,15 @@
     renderRoutes(routes);
     routesTable.dataset.live = "1";
   }
-  let retry = 500;
   let first = true;
   let gone = false;
-  function connect() {
-    if (!window.WebSocket || gone) return;
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const socket = new WebSocket(scheme + "//" + location.host + "/ws/services/" + serviceId + "/");
-    socket.onopen = () => {
-      retry = 500;
-      liveState.hidden = false;
-      liveState.textContent = t.i18nLive;
-      liveState.classList.remove("warn");
-    };
-    socket.onmessage = (message) => {
-      const event = JSON.parse(message.data);
+  if (window.modelserveLive) window.modelserveLive.keepLive({
+    path: "/ws/services/" + serviceId + "/",
+    state: liveState,
+    liveText: t.i18nLive,
+    offlineText: t.i18nOffline,
+    finalText: t.i18nGone,
+    onMessage: (event) => {
       if (event.type === "service") {
         onService(event.service);
         if (!first) scheduleLogs();
@@ -274,22 +353,13 @@
       } else if (event.type === "gone") {
         gone = true;
       }
-    };
-    socket.onclose = (event) => {
-      routesTable.dataset.live = "";
-      liveState.hidden = false;
-      liveState.classList.add("warn");
-      if (gone || event.code === 4404) {
-        gone = true;
-        liveState.textContent = t.i18nGone;
-        return;
-      }
-      liveState.textContent = t.i18nOffline;
-      setTimeout(connect, retry);
-      retry = Math.min(retry * 2, 10000);
-    };
-  }
-  connect();
+    },
+    onClose: () => { routesTable.dataset.live = ""; },
+    isFinal: (event) => {
+      if (event.code === 4404) gone = true;
+      return gone;
+    },
+  });
 
   // --- metric charts ----------------------------------------------------------------------------
   const WINDOW = 600;

@@ -1,5 +1,5 @@
-// Services list: live statuses over the websocket /ws/services/ (no reload), copy buttons, local
-// dates, and the terminate confirmation dialog. Without this script the page still works: links go
+// Services list: live statuses over the websocket /ws/services/ (no reload, through live.js), copy
+// buttons, local dates, and the terminate confirmation dialog. Without this script the page still works: links go
 // to the confirmation page and the statuses are those of the moment the page was loaded.
 (function () {
   "use strict";
@@ -183,32 +183,19 @@
       .catch(() => {});
   }
 
-  let retry = 500;
-  function connect() {
-    if (!window.WebSocket) return;
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const socket = new WebSocket(scheme + "//" + location.host + "/ws/services/");
-    socket.onopen = () => {
-      retry = 500;
-      liveState.hidden = false;
-      liveState.textContent = text.live;
-      liveState.classList.remove("warn");
+  if (window.modelserveLive) window.modelserveLive.keepLive({
+    path: "/ws/services/",
+    state: liveState,
+    liveText: text.live,
+    offlineText: text.offline,
+    onOpen: () => {
       table.dataset.live = "1";
       resync();
-    };
-    socket.onmessage = (message) => {
-      const event = JSON.parse(message.data);
+    },
+    onMessage: (event) => {
       if (event.type === "service") onService(event.service);
       else if (event.type === "gone") onGone(event.id);
-    };
-    socket.onclose = () => {
-      table.dataset.live = "";
-      liveState.hidden = false;
-      liveState.textContent = text.offline;
-      liveState.classList.add("warn");
-      setTimeout(connect, retry);
-      retry = Math.min(retry * 2, 10000);
-    };
-  }
-  connect();
+    },
+    onClose: () => { table.dataset.live = ""; },
+  });
 })();

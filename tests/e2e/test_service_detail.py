@@ -5,7 +5,11 @@ last test runs a real llm-echo replica and reads its log through the page."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import urllib.error
+import urllib.request
+import uuid
 from typing import Any
 
 from playwright.sync_api import expect
@@ -167,11 +171,56 @@ def test_a_real_replica_turns_healthy_and_its_log_opens(
     expect(row.locator(".r-node")).to_have_text("local")
     row.get_by_role("button", name="Logs").click()
     logs = page.locator("#logs-dialog")
+    lines = logs.locator(".logs-lines")
     # llm-echo logs every request (ECHO_ACCESS_LOG=1): the health checks are in its log.
-    expect(logs.locator(".logs-lines")).to_contain_text("GET /health", timeout=15_000)
+    expect(lines).to_contain_text("GET /health", timeout=15_000)
+    expect(logs.get_by_label("Follow")).to_be_checked()
+    expect(logs.locator(".logs-state")).to_contain_text("Following the log live")
+
+    # A line the replica writes now appears in the open dialog, without reopening or refreshing it.
+    marker = f"/written-while-open-{uuid.uuid4().hex[:8]}"
+    call_replica(route, marker)
+    expect(lines).to_contain_text(f"GET {marker}", timeout=10_000)
     screenshot(page, "service-route-log")
+
+    # The view stays at the bottom as lines come (a health check every 0.5 s) ...
+    wait_for(lambda: lines.evaluate("e => e.scrollHeight > e.clientHeight + 40"), timeout=30, what="a long log")
+    at_bottom = "e => e.scrollHeight - e.scrollTop - e.clientHeight < 24"
+    wait_for(lambda: lines.evaluate(at_bottom), timeout=5, what="the view at the bottom")
+    # ... unless the reader scrolled up: then new lines do not pull the view away.
+    lines.evaluate("e => { e.scrollTop = 0; }")
+    marker = f"/while-scrolled-up-{uuid.uuid4().hex[:8]}"
+    call_replica(route, marker)
+    expect(lines).to_contain_text(f"GET {marker}", timeout=10_000)
+    assert lines.evaluate("e => e.scrollTop") == 0
+
+    # Follow off: no new lines; the dialog closed: the node ends the follow (its lease is gone).
+    logs.get_by_label("Follow").uncheck()
+    expect(logs.locator(".logs-state")).to_contain_text("Not following since")
+    marker = f"/not-followed-{uuid.uuid4().hex[:8]}"
+    call_replica(route, marker)
+    logs.get_by_label("Follow").check()
+    expect(lines).to_contain_text(f"GET {marker}", timeout=10_000)  # the tail, read again
+    assert follow_leases(), "the open dialog holds a lease"
     logs.get_by_role("button", name="Close").click()
+    wait_for(lambda: not follow_leases(), timeout=10, what="the follow's lease to go with the dialog")
     expect(page.locator("#events")).to_contain_text("created")
+
+
+def call_replica(route: Route, path: str) -> None:
+    with contextlib.suppress(urllib.error.HTTPError):  # a 404 is logged like any request
+        urllib.request.urlopen(f"http://{route.host}:{route.port}{path}", timeout=5).close()
+
+
+def follow_leases() -> list[bytes]:
+    import redis
+    from django.conf import settings
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        return list(client.scan_iter(match=f"{settings.REDIS_PREFIX}:log-follow:*:lease"))
+    finally:
+        client.close()
 
 
 def test_metric_charts_draw_the_last_ten_minutes_and_say_when_there_is_no_data(

@@ -393,6 +393,32 @@ def test_logs_follow_streams_lines_and_ends_with_the_replica(engine: DockerEngin
 
 
 @needs_docker
+def test_a_follow_of_a_quiet_replica_ends_when_stopped(engine: DockerEngine) -> None:
+    """Nobody reads any more (serving.logfollow): the read blocked on a silent replica ends too."""
+    import threading
+
+    script = "print('only line', flush=True)\nimport time\ntime.sleep(60)"
+    info = engine.start(make_spec(command=("python3", "-c", script)))
+    try:
+        stop = threading.Event()
+        lines = engine.logs(info.replica_id, follow=True, stop=stop)
+        assert next(lines) == "only line"
+        rest: list[str] = []
+        reader = threading.Thread(target=lambda: rest.extend(lines), daemon=True)
+        reader.start()
+        reader.join(timeout=0.5)
+        assert reader.is_alive(), "the follow waits for the next line"
+        stop.set()
+        reader.join(timeout=3)
+        assert not reader.is_alive() and rest == []
+        wait_until(
+            lambda: not any(t.name.startswith("logs-stop-") for t in threading.enumerate()), 3, "the closer thread"
+        )
+    finally:
+        engine.stop(info.replica_id, grace=1)
+
+
+@needs_docker
 def test_replica_past_its_memory_limit_is_oom_killed(engine: DockerEngine) -> None:
     hog = "import time; data = bytearray(256 * 1024 * 1024); time.sleep(60)"
     info = engine.start(make_spec(command=("python3", "-c", hog), mem_bytes=48 << 20))

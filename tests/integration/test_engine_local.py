@@ -415,6 +415,22 @@ def test_logs_follow_until_the_replica_exits(engine: LocalEngine, model: Path) -
     assert done.exit_code == 0
 
 
+def test_a_follow_of_a_quiet_replica_ends_when_stopped(engine: LocalEngine, model: Path) -> None:
+    """Nobody reads any more (serving.logfollow): the follow ends although no line comes."""
+    info = engine.start(spec(model, ("sh", "-c", "echo only-line; sleep 60")))
+    stop = threading.Event()
+    lines = engine.logs(info.replica_id, follow=True, stop=stop)
+    assert "only-line" in (next(lines) for _ in range(5))  # after the engine's own lines
+    rest: list[str] = []
+    reader = threading.Thread(target=lambda: rest.extend(lines), daemon=True)
+    reader.start()
+    reader.join(timeout=0.3)
+    assert reader.is_alive(), "the follow waits for the next line"
+    stop.set()
+    reader.join(timeout=2)
+    assert not reader.is_alive() and rest == []
+
+
 def test_stats_report_cpu_and_memory(engine: LocalEngine, model: Path) -> None:
     busy = engine.start(spec(model, ("python3", "-c", "while True: pass"), cpu=0.5))
     idle = engine.start(spec(model))

@@ -143,6 +143,9 @@ ADMIN_RULES: dict[str, Rule] = {
 WS_RULES: dict[str, Access] = {
     "ws/services/": ANY_USER,
     "ws/services/<uuid:service_id>/": {**READ, "stranger": REFUSED},
+    # A replica's live log: whoever may read the service (the matrix's route runs on no node, so
+    # the socket answers with what its error kept and ends).
+    "ws/services/<uuid:service_id>/routes/<uuid:route_id>/logs/": {**READ, "stranger": REFUSED},
     "ws/validations/<str:validation_id>/": VALIDATION,
 }
 

@@ -120,3 +120,20 @@ def test_another_sites_page_can_not_open_a_socket(personas: dict[str, Any], orig
     world = build_world(personas["owner"], personas["project"])
     connected, _, _ = run(attempt(f"/ws/services/{world.service.pk}/", cookie_of("owner", personas), origin=origin))
     assert not connected
+
+
+def test_a_route_is_not_followed_through_another_service(personas: dict[str, Any]) -> None:
+    """The route id is checked against the service in the path: a stranger who owns a service of
+    their own can not read the owner's replica log by putting that route under it."""
+    world = build_world(personas["owner"], personas["project"])
+    world.route.error = {"log_tail": "owner-only-log-line"}
+    world.route.save(update_fields=["error"])
+    theirs = build_world(personas["stranger"], None)
+    path = f"/ws/services/{theirs.service.pk}/routes/{world.route.pk}/logs/"
+    connected, detail, first = run(attempt(path, cookie_of("stranger", personas)))
+    assert (connected, detail, first) == (False, 4404, None)
+    # The owner, through the right service, reads it.
+    connected, _, first = run(
+        attempt(f"/ws/services/{world.service.pk}/routes/{world.route.pk}/logs/", cookie_of("owner", personas))
+    )
+    assert connected and first == {"type": "lines", "lines": ["owner-only-log-line"]}

@@ -1,0 +1,315 @@
+"""Following a replica's log live (serving.logfollow): a real replica on the local engine, a node
+listener in this process (so its follow threads can be counted), the real ASGI application for the
+websocket and Django's async client for ``?follow=1``. Lines the replica writes after the follow
+started arrive; the node's follow thread ends once the reader has gone; a stranger gets 4404."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import AsyncClient, Client
+from django.utils import timezone
+
+from serving import node as node_module
+from serving.engines.base import Mount, ReplicaInfo, ReplicaSpec
+from serving.engines.local import LocalEngine
+from serving.models import Node, Route
+from serving.nodebus import NodeListener
+from storage.models import Folder
+from tests.factories import SIMPLE_DEFINITION, FolderFactory
+from tests.integration.conftest import _engine_ready
+from tests.live import wait_for
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(_engine_ready() is not None, reason=str(_engine_ready())),
+]
+
+NODE = "follow-node"
+
+
+@pytest.fixture
+def folder(personas: dict[str, Any]) -> Folder:
+    return FolderFactory(
+        owner=personas["owner"],
+        project=personas["project"],
+        name="simple",
+        files={"model-definition.yaml": SIMPLE_DEFINITION},
+    )
+
+
+@pytest.fixture
+def service_id(api: Any, folder: Folder) -> str:
+    body = {"name": "svc-follow", "folder": str(folder.pk), "replicas": 0, "project": folder.project_id}
+    response = api("owner").post("/api/v1/services/", body, format="json")
+    assert response.status_code == 201, response.json()
+    return str(response.json()["id"])
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[LocalEngine]:
+    local = LocalEngine(tmp_path / "engine", netns_prefix="mf")
+    node_module.set_engine(local)
+    try:
+        yield local
+    finally:
+        node_module.set_engine(None)
+        for info in local.list():
+            local.stop(info.replica_id, grace=0)
+
+
+@pytest.fixture
+def replica(engine: LocalEngine, tmp_path: Path) -> ReplicaInfo:
+    """Python's http.server: it logs every request it answers, so a test can make it write a line."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "index.html").write_text("hello")
+    spec = ReplicaSpec(
+        name="ms-follow",
+        image="unused",
+        command=("python3", "-u", "-m", "http.server", "8000", "--directory", "/models"),
+        port=8000,
+        mounts=(Mount(str(model), "/models"),),
+        mem_bytes=256 << 20,
+        labels={"serving.route": "follow"},
+    )
+    info = engine.start(spec)
+    wait_for(lambda: request(info, "/ready"), timeout=15, what="the replica to answer")
+    return info
+
+
+@pytest.fixture
+def listener(engine: LocalEngine) -> Iterator[NodeListener]:
+    running = NodeListener(NODE)
+    running.start()
+    try:
+        assert running.subscribed.wait(10), "the listener did not subscribe"
+        yield running
+    finally:
+        running.stop()
+        running.join(timeout=5)
+        running.follows.stop_all(wait=5)
+
+
+def request(info: ReplicaInfo, path: str) -> bool:
+    try:
+        urllib.request.urlopen(f"http://{info.host}:{info.port}{path}", timeout=2).close()
+    except urllib.error.HTTPError:
+        return True  # answered (a 404 is logged like any request)
+    except OSError:
+        return False
+    return True
+
+
+def make_route(service_id: str, container_id: str, node: str = NODE) -> Route:
+    row, _ = Node.objects.get_or_create(
+        name=node, defaults={"capacity": {"cpu": 4.0, "mem": 2.0**32}, "heartbeat_at": timezone.now()}
+    )
+    return Route.objects.create(
+        endpoint_id=service_id, node=row, container_id=container_id, status=Route.Status.HEALTHY
+    )
+
+
+def cookie_of(user: Any) -> bytes:
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+def run(coro: Any) -> Any:
+    # A loop of its own in a thread, as the websocket security tests do.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def socket_for(path: str, cookie: bytes) -> WebsocketCommunicator:
+    from config.asgi import application
+
+    return WebsocketCommunicator(application, path, headers=[(b"origin", b"http://testserver"), (b"cookie", cookie)])
+
+
+async def receive_until(socket: WebsocketCommunicator, wanted: Any, timeout: float = 15) -> list[dict[str, Any]]:
+    """Messages until one satisfies ``wanted`` (it included)."""
+    got: list[dict[str, Any]] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        assert left > 0, f"timed out; got {got!r}"
+        message = await socket.receive_json_from(timeout=left)
+        got.append(message)
+        if wanted(message):
+            return got
+
+
+def lines_of(messages: list[dict[str, Any]]) -> list[str]:
+    return [line for m in messages if m["type"] == "lines" for line in m["lines"]]
+
+
+def test_new_lines_arrive_and_the_follow_ends_when_the_socket_closes(
+    personas: dict[str, Any], service_id: str, replica: ReplicaInfo, listener: NodeListener
+) -> None:
+    route = make_route(service_id, replica.replica_id)
+    marker = f"/written-after-{uuid.uuid4().hex}"
+    cookie = cookie_of(personas["teammate"])
+    path = f"/ws/services/{service_id}/routes/{route.pk}/logs/?tail=50"
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        socket = socket_for(path, cookie)
+        connected, _ = await socket.connect(timeout=5)
+        assert connected
+        before = await receive_until(socket, lambda m: m["type"] == "following")
+        assert listener.follows.active(), "the node follows the log"
+        await asyncio.to_thread(request, replica, marker)
+        after = await receive_until(socket, lambda m: m["type"] == "lines" and any(marker in x for x in m["lines"]))
+        await socket.disconnect()
+        return before, after
+
+    before, after = run(scenario())
+    assert before[-1] == {"type": "following", "node": NODE}
+    # The tail came first: the replica's start and the readiness probe it answered.
+    assert any("/ready" in line for line in lines_of(before + after))
+    assert any(marker in line and "404" in line for line in lines_of(after))
+    # The reader left: its lease is gone, so the node ends the follow thread and the engine stream.
+    wait_for(lambda: listener.follows.active() == [], timeout=5, what="the node's follow thread to end")
+
+
+def test_a_strangers_socket_is_refused_as_not_found(
+    personas: dict[str, Any], service_id: str, replica: ReplicaInfo, listener: NodeListener
+) -> None:
+    route = make_route(service_id, replica.replica_id)
+    cookie = cookie_of(personas["stranger"])
+
+    async def attempt() -> tuple[bool, Any]:
+        socket = socket_for(f"/ws/services/{service_id}/routes/{route.pk}/logs/", cookie)
+        result = await socket.connect(timeout=5)
+        if result[0]:
+            await socket.disconnect()
+        return result
+
+    assert run(attempt()) == (False, 4404)
+    assert listener.follows.active() == [], "a refused socket asks no node for anything"
+
+
+def test_the_end_of_the_replica_is_the_last_message(
+    personas: dict[str, Any], service_id: str, engine: LocalEngine, replica: ReplicaInfo, listener: NodeListener
+) -> None:
+    route = make_route(service_id, replica.replica_id)
+    cookie = cookie_of(personas["owner"])
+
+    async def scenario() -> list[dict[str, Any]]:
+        socket = socket_for(f"/ws/services/{service_id}/routes/{route.pk}/logs/", cookie)
+        assert (await socket.connect(timeout=5))[0]
+        await receive_until(socket, lambda m: m["type"] == "following")
+        await asyncio.to_thread(engine.stop, replica.replica_id, 1)
+        got = await receive_until(socket, lambda m: m["type"] == "end")
+        closed = await socket.receive_output(timeout=5)
+        assert closed["type"] == "websocket.close"
+        return got
+
+    end = run(scenario())[-1]
+    assert end["reason"] in ("ended", "gone")
+    assert "no more lines will come" in end["message"]
+    wait_for(lambda: listener.follows.active() == [], timeout=5, what="the follow thread to end")
+
+
+def test_a_node_that_does_not_answer_is_said_so(personas: dict[str, Any], service_id: str) -> None:
+    route = make_route(service_id, "c-1", node="nobody-listens")
+    cookie = cookie_of(personas["owner"])
+
+    async def scenario() -> list[dict[str, Any]]:
+        socket = socket_for(f"/ws/services/{service_id}/routes/{route.pk}/logs/", cookie)
+        assert (await socket.connect(timeout=5))[0]
+        return await receive_until(socket, lambda m: m["type"] == "end")
+
+    [end] = run(scenario())
+    assert end["reason"] == "node"
+    assert "Node nobody-listens is not answering" in end["message"]
+
+
+def test_http_follow_streams_text_until_the_client_leaves(
+    personas: dict[str, Any], api: Any, service_id: str, replica: ReplicaInfo, listener: NodeListener
+) -> None:
+    route = make_route(service_id, replica.replica_id)
+    url = f"/api/v1/services/{service_id}/routes/{route.pk}/logs/"
+    marker = f"/streamed-{uuid.uuid4().hex}"
+
+    async def scenario() -> bytes:
+        client = AsyncClient()
+        await client.aforce_login(personas["owner"])
+        response = await client.get(url, {"follow": "1", "tail": "5"})
+        assert response.status_code == 200
+        assert response["Content-Type"] == "text/plain; charset=utf-8"
+        received = b""
+        seen = asyncio.Event()
+
+        async def read() -> None:
+            nonlocal received
+            async for chunk in response.streaming_content:
+                received += chunk
+                if marker.encode() in received:
+                    seen.set()
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0)
+        await asyncio.to_thread(wait_for, listener.follows.active, 5, 0.05, "the node to follow")
+        await asyncio.to_thread(request, replica, marker)
+        await asyncio.wait_for(seen.wait(), timeout=15)
+        reader.cancel()  # what Django's ASGI handler does when the client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        return received
+
+    body = run(scenario()).decode()
+    assert marker in body
+    wait_for(lambda: listener.follows.active() == [], timeout=5, what="the node's follow thread to end")
+    # A node nobody listens for is a 503 at once, as for the tail.
+    dead = make_route(service_id, "c-1", node="nobody-listens")
+    response = api("owner").get(f"/api/v1/services/{service_id}/routes/{dead.pk}/logs/?follow=1")
+    assert response.status_code == 503 and "Node nobody-listens is not answering" in response.json()["detail"]
+
+
+def test_http_follow_through_daphne_ends_when_the_client_hangs_up(
+    personas: dict[str, Any], service_id: str, replica: ReplicaInfo, listener: NodeListener, tmp_path: Path
+) -> None:
+    """``curl -N .../logs/?follow=1`` against the real web process: lines stream as they are written,
+    and hanging up ends the node's follow (Django cancels the response, the lease goes)."""
+    import http.client
+
+    from accounts.actions import do_issue_api_key
+    from tests.live import LiveSystem
+
+    route = make_route(service_id, replica.replica_id)
+    _, secret = do_issue_api_key(personas["owner"], name="follow-script")
+    system = LiveSystem(tmp_path)
+    try:
+        base = system.start_web()
+        host, port = base.removeprefix("http://").rstrip("/").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=15)
+        connection.request(
+            "GET",
+            f"/api/v1/services/{service_id}/routes/{route.pk}/logs/?follow=1&tail=3",
+            headers={"Authorization": f"Token {secret}"},
+        )
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type") == "text/plain; charset=utf-8"
+        wait_for(listener.follows.active, timeout=10, what="the node to follow")
+        marker = f"/curl-{uuid.uuid4().hex}"
+        request(replica, marker)
+        received = b""
+        while marker.encode() not in received:
+            chunk = response.read1(65536)
+            assert chunk, f"the stream ended early: {received!r}"
+            received += chunk
+        connection.close()  # the script hangs up
+        wait_for(lambda: listener.follows.active() == [], timeout=10, what="the node's follow to end")
+    finally:
+        system.stop_all()
