@@ -302,8 +302,18 @@ def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
 
         for route_id in result.forget:
             route = by_id[route_id]
+            lost_member = next(
+                (m for m in route.members.select_related("node") if m.node is not None and m.node_id not in alive),
+                None,
+            )
             if route.node is not None and route.node_id not in alive:
                 reason = f"its node {route.node.name} was lost (no heartbeat); a new replica is placed on another node"
+            elif lost_member is not None and lost_member.node is not None:
+                # The other members become orphans of their nodes' sweeps once the row is gone.
+                reason = (
+                    f"the node {lost_member.node.name} of its cluster member {lost_member.host_name} was lost "
+                    "(no heartbeat); a new replica is placed on nodes that are alive"
+                )
             else:
                 reason = "its stop was never confirmed"
             actions.record_event(

@@ -301,6 +301,46 @@ def test_multi_node_cluster_one_member_per_node_main_serves_a_dead_sub_replaces_
     )
 
 
+def test_cluster_route_with_a_member_on_a_lost_node_moves_and_every_leftover_member_is_swept(
+    live_factory: Callable[..., LiveSystem], api: Any, folder: Folder
+) -> None:
+    system = live_factory(nodes={"a": {}, "b": {}, "c": {}})
+    sid = service(api, folder, replicas=1, cluster_mode="multi-node", cluster_size=2, resources={"cpu": 1})["id"]
+    [route] = wait_for(lambda: healthy_routes(api, sid, 1), timeout=40, what="a healthy cluster route")
+    main_node, sub_node = (m["node"] for m in route["members"])
+    old_main = Route.objects.get(pk=route["id"]).container_id
+
+    # The sub's node goes silent: the replica counts as lost (a half cluster is no replica) and is
+    # recreated on the nodes that are alive; it serves until then, and is forgotten after.
+    system.stop(f"node-{sub_node}")
+    wait_for(lambda: Node.objects.get(name=sub_node).lost_at is not None, timeout=30, what="the sub's node lost")
+
+    def moved() -> dict[str, Any] | None:
+        routes = healthy_routes(api, sid, 1)
+        return routes[0] if routes and routes[0]["id"] != route["id"] else None
+
+    new_route = wait_for(moved, timeout=40, what="the cluster route recreated on alive nodes")
+    assert sub_node not in {m["node"] for m in new_route["members"]}
+    wait_for(lambda: not Route.objects.filter(pk=route["id"]).exists(), timeout=20, what="the lost route forgotten")
+    forgotten = ServiceEvent.objects.get(endpoint_id=sid, kind="route_forgotten", route_id=route["id"])
+    assert f"the node {sub_node} of its cluster member sub1 was lost" in forgotten.message
+    # Its main (on a node that is alive) has no route any more: that node's sweep stops it.
+    wait_for(
+        lambda: old_main not in {i.replica_id for i in replicas_in_engine(main_node, sid)},
+        timeout=20,
+        what="the old main swept",
+    )
+    # The sub's node comes back and sweeps the old sub.
+    system.start_node(sub_node)
+    wait_for(lambda: Node.objects.get(name=sub_node).lost_at is None, timeout=30, what="the sub's node back")
+    wait_for(
+        lambda: {i.labels.get("serving.route") for i in replicas_in_engine(sub_node, sid)} <= {new_route["id"]},
+        timeout=20,
+        what="the old sub swept",
+    )
+    assert healthy_routes(api, sid, 1)
+
+
 def test_multi_node_cluster_larger_than_the_nodes_fails_with_what_was_asked_and_what_is_free(
     live_factory: Callable[..., LiveSystem], api: Any, folder: Folder
 ) -> None:
