@@ -129,8 +129,3 @@ def _single_node_reason(request: Mapping[str, float], size: int, candidates: Seq
         f"{slots.describe(whole)} ({size} x {slots.describe(request)}) on one node, but no node has that "
         f"free ({free}). Lower the resources or the cluster size, or use multi-node cluster mode."
     )
-
-
-def members_ready(sub_statuses: Sequence[str]) -> bool:
-    """A cluster route may be healthy only when every sub member runs (main passes the check)."""
-    return all(status == "running" for status in sub_statuses)

@@ -72,9 +72,3 @@ def test_single_node_puts_every_member_on_one_node_with_room_for_all() -> None:
     assert place(REQUEST, 3, False, nodes).nodes == ("big", "big", "big")
     result = place(REQUEST, 4, False, nodes)
     assert result.nodes == () and "cluster size 4 needs cpu 4" in result.reason and "one node" in result.reason
-
-
-def test_members_ready_only_when_every_sub_runs() -> None:
-    assert cluster.members_ready([])
-    assert cluster.members_ready(["running", "running"])
-    assert not cluster.members_ready(["running", "pending"])
