@@ -188,6 +188,15 @@ def _check_environ(environ: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _check_cluster_mode(cluster_mode: str) -> None:
+    """Cluster mode (S4.1, serving.cluster): a replica of cluster size N is N containers, one main
+    and N-1 subs; multi-node puts each on its own node, single-node puts them all on one node."""
+    if cluster_mode not in Endpoint.ClusterMode.values:
+        raise ValidationError(
+            {"cluster_mode": f"Unknown cluster mode {cluster_mode!r}; choose single-node or multi-node."}
+        )
+
+
 def _check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ValidationError({"runtime": f"Unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}."})
@@ -260,9 +269,7 @@ def check_service_config(
     else:
         resource_slots = dict(defaults.resources)
     merged_environ = {**defaults.environ, **_check_environ(dict(environ or {}))}
-    if cluster_mode == Endpoint.ClusterMode.SINGLE_NODE:
-        cluster_size = 1
-    _check_cluster(cluster_mode, cluster_size)
+    _check_cluster_mode(cluster_mode)
     config = ServiceConfig(
         name=name,
         folder=folder,
@@ -307,25 +314,6 @@ def _build(config: ServiceConfig, owner: User) -> Endpoint:
         environ=config.environ,
         open_to_public=config.open_to_public,
     )
-
-
-def _check_cluster(cluster_mode: str, cluster_size: int) -> None:
-    """Multi-node cluster mode (S4.1) with several containers per replica is refused, not faked.
-
-    Every replica is one container on one node (replicas themselves are spread across nodes by
-    the scheduler); a cluster of N containers per replica with roles and peers is not built yet,
-    so a size above 1 would silently run something other than what was asked.
-    """
-    if cluster_mode == Endpoint.ClusterMode.MULTI_NODE and cluster_size > 1:
-        raise ValidationError(
-            {
-                "cluster_size": (
-                    f"Multi-node cluster mode with a cluster size of {cluster_size} is not supported yet: "
-                    "each replica runs as one container on one node. Use cluster size 1 (replicas are "
-                    "still spread across nodes) or single-node mode, and raise replicas instead."
-                )
-            }
-        )
 
 
 def _name_taken(owner: User, name: str) -> ValidationError:
@@ -433,10 +421,7 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
         if getattr(endpoint, field) != value:
             applied[field] = value
             setattr(endpoint, field, value)
-    if endpoint.cluster_mode == Endpoint.ClusterMode.SINGLE_NODE and endpoint.cluster_size != 1:
-        endpoint.cluster_size = 1
-        applied["cluster_size"] = 1
-    _check_cluster(endpoint.cluster_mode, endpoint.cluster_size)
+    _check_cluster_mode(endpoint.cluster_mode)
     if not applied:
         return endpoint
     endpoint.full_clean(exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False)

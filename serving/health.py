@@ -31,7 +31,7 @@ from typing import Any
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
-from serving.models import Endpoint, Route
+from serving.models import Endpoint, Route, RouteMember
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,14 @@ def record_status(route_id: str, old_status: str, new: ProbeState, now: datetime
                 fields["error"] = {}
             elif new.status == UNHEALTHY:
                 fields["error"] = {"kind": "health", "message": reason or "Health check failed."}
-        updated = Route.objects.filter(pk=route_id, status=old_status).update(**fields)
+        claim = Route.objects.filter(pk=route_id, status=old_status)
+        if new.status == HEALTHY and new.status != old_status:
+            # Cluster mode: main passing its check is not enough; every sub member must run too
+            # (serving.cluster). Until then it stays as it is, and the next passing check tries again.
+            claim = claim.exclude(
+                members__status__in=[s for s in RouteMember.Status if s != RouteMember.Status.RUNNING]
+            )
+        updated = claim.update(**fields)
         if not updated or new.status == old_status:
             return bool(updated)
         route = Route.objects.select_related("endpoint").get(pk=route_id)
@@ -194,8 +201,12 @@ def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
         endpoint_id = str(endpoint.pk)
         container_id = route.container_id
         if never_healthy:
-            # Its container is finished; remove it now, keep the row for the error it shows.
+            # Its container is finished; remove it now, keep the row for the error it shows. Its
+            # cluster members (if any) go with it: the whole replica failed.
             transaction.on_commit(lambda: _remove_container(container_id))
+            from serving.node import stop_all_members
+
+            stop_all_members(route)
         else:
             transaction.on_commit(lambda: tasks.send_stop(Route.objects.select_related("node").get(pk=route.pk)))
         transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))

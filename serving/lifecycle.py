@@ -13,13 +13,14 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from serving import faults, scheduler
-from serving.models import Endpoint, Node, Route
+from serving.models import Endpoint, Node, Route, RouteMember
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class RouteView:
     updated_at: datetime
     started: bool = False  # the node has started (or is starting) its container
     lost_since: datetime | None = None  # when its node was lost (None: the node is alive)
+    # Cluster mode: since when its main runs while a sub member does not (None: all run, or none yet).
+    members_waiting_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,17 @@ def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan
     outdated = [r for r in live if r.spec_version != endpoint.spec_version]
 
     # A replica that went unhealthy is replaced (unless we gave up: then it stays, with its error).
+    # So is a cluster replica whose sub members never all came up (a start message was lost): its
+    # main alone is not the replica that was asked for (serving.cluster).
     if not endpoint.gave_up:
-        broken = [r for r in current if r.status == Route.Status.UNHEALTHY]
+        broken = [
+            r
+            for r in current
+            if r.status == Route.Status.UNHEALTHY
+            or (r.members_waiting_since is not None and now - r.members_waiting_since > PROVISION_TIMEOUT)
+        ]
         result.drain.extend(r.id for r in broken)
-        current = [r for r in current if r.status != Route.Status.UNHEALTHY]
+        current = [r for r in current if r not in broken]
 
     desired = endpoint.desired
     # Stranded replicas do not count (replacements are created), but serve until enough are healthy.
@@ -205,6 +215,40 @@ def _node_states(now: datetime) -> tuple[set[int], dict[int, datetime]]:
     return alive, lost
 
 
+def _waiting_for_members(route_ids: list[Any]) -> set[str]:
+    """The cluster routes (among ``route_ids``) with a sub member that does not run."""
+    return {
+        str(pk)
+        for pk in RouteMember.objects.filter(route_id__in=route_ids)
+        .exclude(status=RouteMember.Status.RUNNING)
+        .values_list("route_id", flat=True)
+        .distinct()
+    }
+
+
+def _member_nodes(route_ids: list[Any]) -> dict[str, list[int]]:
+    """The nodes of the cluster routes' sub members, by route id."""
+    out: dict[str, list[int]] = {}
+    for route_id, node_id in RouteMember.objects.filter(route_id__in=route_ids, node__isnull=False).values_list(
+        "route_id", "node_id"
+    ):
+        out.setdefault(str(route_id), []).append(node_id)
+    return out
+
+
+def _node_state(node_ids: list[int | None], alive: set[int], lost: dict[int, datetime]) -> tuple[bool, datetime | None]:
+    """Whether every node of a route (main's and its members') is alive, and since when one is lost:
+    a cluster replica with a member on a lost node is as gone as one whose main's node is lost."""
+    placed = [n for n in node_ids if n is not None]
+    dead = [n for n in placed if n not in alive]
+    since = [lost[n] for n in dead if n in lost]
+    return not dead, (min(since) if since else None)
+
+
+def _members_waiting_since(route_id: str, started_at: datetime | None, waiting: set[str]) -> datetime | None:
+    return started_at if started_at is not None and route_id in waiting else None
+
+
 def _views(
     endpoint: Endpoint, routes: list[Route], alive_nodes: set[int], lost_nodes: dict[int, datetime] | None = None
 ) -> tuple[EndpointView, list[RouteView]]:
@@ -214,20 +258,28 @@ def _views(
         spec_version=endpoint.spec_version,
         gave_up=endpoint.gave_up,
     )
-    rvs = [
-        RouteView(
-            id=str(r.pk),
-            status=r.status,
-            spec_version=r.spec_version,
-            # A route not yet placed (no node) is not "on a lost node".
-            node_alive=r.node_id is None or r.node_id in alive_nodes,
-            created_at=r.created_at,
-            updated_at=r.updated_at,
-            started=bool(r.container_id),
-            lost_since=(lost_nodes or {}).get(r.node_id) if r.node_id is not None else None,
+    route_ids = [r.pk for r in routes]
+    waiting = _waiting_for_members(route_ids) if routes else set()
+    member_nodes = _member_nodes(route_ids) if waiting or endpoint.cluster_size > 1 else {}
+    rvs = []
+    for r in routes:
+        # A route not yet placed (no node) is not "on a lost node".
+        node_alive, lost_since = _node_state(
+            [r.node_id, *member_nodes.get(str(r.pk), [])], alive_nodes, lost_nodes or {}
         )
-        for r in routes
-    ]
+        rvs.append(
+            RouteView(
+                id=str(r.pk),
+                status=r.status,
+                spec_version=r.spec_version,
+                node_alive=node_alive,
+                created_at=r.created_at,
+                updated_at=r.updated_at,
+                started=bool(r.container_id),
+                lost_since=lost_since,
+                members_waiting_since=_members_waiting_since(str(r.pk), r.started_at, waiting),
+            )
+        )
     return ev, rvs
 
 
@@ -250,8 +302,18 @@ def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
 
         for route_id in result.forget:
             route = by_id[route_id]
+            lost_member = next(
+                (m for m in route.members.select_related("node") if m.node is not None and m.node_id not in alive),
+                None,
+            )
             if route.node is not None and route.node_id not in alive:
                 reason = f"its node {route.node.name} was lost (no heartbeat); a new replica is placed on another node"
+            elif lost_member is not None and lost_member.node is not None:
+                # The other members become orphans of their nodes' sweeps once the row is gone.
+                reason = (
+                    f"the node {lost_member.node.name} of its cluster member {lost_member.host_name} was lost "
+                    "(no heartbeat); a new replica is placed on nodes that are alive"
+                )
             else:
                 reason = "its stop was never confirmed"
             actions.record_event(
@@ -332,6 +394,8 @@ def _place_route(endpoint: Endpoint, now: datetime) -> Route:
     from serving import actions
 
     request = scheduler.replica_request(endpoint)
+    if endpoint.cluster_size > 1:
+        return _place_cluster_route(endpoint, request, now)
     choice = scheduler.choose_node(endpoint, request, now)
     if choice.node is None:
         route = Route.objects.create(
@@ -353,6 +417,44 @@ def _place_route(endpoint: Endpoint, now: datetime) -> Route:
     )
     actions.record_event(
         endpoint, "route_created", f"Replica {str(route.pk)[:8]} placed on node {choice.node.name}.", route_id=route.pk
+    )
+    return route
+
+
+def _place_cluster_route(endpoint: Endpoint, request: dict[str, float], now: datetime) -> Route:
+    """A cluster route: the main member on the first chosen node, a RouteMember per sub on the
+    others (serving.cluster); or a failed route saying what was asked and what is free."""
+    from serving import actions
+
+    choice = scheduler.choose_nodes(endpoint, request, now)
+    if not choice.nodes:
+        route = Route.objects.create(
+            endpoint=endpoint,
+            spec_version=endpoint.spec_version,
+            status=Route.Status.FAILED_TO_START,
+            resources=request,
+            error={"kind": "resources", "message": choice.reason},
+        )
+        endpoint.count_failed_start()
+        actions.record_event(endpoint, "route_failed", choice.reason, level="error", route_id=route.pk)
+        return route
+    main, *subs = choice.nodes
+    route = Route.objects.create(
+        endpoint=endpoint,
+        node=main,
+        spec_version=endpoint.spec_version,
+        status=Route.Status.PROVISIONING,
+        resources=request,
+    )
+    RouteMember.objects.bulk_create(
+        RouteMember(route=route, idx=i, node=node, resources=request) for i, node in enumerate(subs, start=1)
+    )
+    where = ", ".join([f"main1 on {main.name}", *(f"sub{i} on {n.name}" for i, n in enumerate(subs, start=1))])
+    actions.record_event(
+        endpoint,
+        "route_created",
+        f"Replica {str(route.pk)[:8]} (cluster of {len(choice.nodes)}) placed: {where}.",
+        route_id=route.pk,
     )
     return route
 
@@ -403,19 +505,40 @@ def _needing_work(endpoint_ids: list[str], now: datetime) -> set[str]:
         )
     }
     routes: dict[str, list[RouteView]] = {key: [] for key in endpoints}
-    for pk, endpoint_id, status, spec_version, node_id, created_at, updated_at, container_id in Route.objects.filter(
-        endpoint_id__in=endpoint_ids
-    ).values_list("pk", "endpoint_id", "status", "spec_version", "node_id", "created_at", "updated_at", "container_id"):
+    rows = list(
+        Route.objects.filter(endpoint_id__in=endpoint_ids).values_list(
+            "pk", "endpoint_id", "status", "spec_version", "node_id", "created_at", "updated_at", "container_id"
+        )
+    )
+    # Only the few cluster routes whose members are not all up; one query for the whole chunk.
+    waiting = {
+        str(pk)
+        for pk in RouteMember.objects.filter(route__endpoint_id__in=endpoint_ids)
+        .exclude(status=RouteMember.Status.RUNNING)
+        .values_list("route_id", flat=True)
+        .distinct()
+    }
+    started = (
+        dict(Route.objects.filter(pk__in=[UUID(k) for k in waiting]).values_list("pk", "started_at")) if waiting else {}
+    )
+    member_nodes: dict[str, list[int]] = {}
+    for route_id, member_node in RouteMember.objects.filter(
+        route__endpoint_id__in=endpoint_ids, node__isnull=False
+    ).values_list("route_id", "node_id"):
+        member_nodes.setdefault(str(route_id), []).append(member_node)
+    for pk, endpoint_id, status, spec_version, node_id, created_at, updated_at, container_id in rows:
+        node_alive, lost_since = _node_state([node_id, *member_nodes.get(str(pk), [])], alive, lost)
         routes.setdefault(str(endpoint_id), []).append(
             RouteView(
                 id=str(pk),
                 status=status,
                 spec_version=spec_version,
-                node_alive=node_id is None or node_id in alive,
+                node_alive=node_alive,
                 created_at=created_at,
                 updated_at=updated_at,
                 started=bool(container_id),
-                lost_since=lost.get(node_id) if node_id is not None else None,
+                lost_since=lost_since,
+                members_waiting_since=_members_waiting_since(str(pk), started.get(pk), waiting),
             )
         )
     needing = {key for key in endpoint_ids if key not in endpoints}  # vanished: reconcile says so

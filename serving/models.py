@@ -193,9 +193,8 @@ class Route(models.Model):
     node = models.ForeignKey("Node", on_delete=models.SET_NULL, null=True, blank=True, related_name="routes")
     spec_version = models.PositiveIntegerField(default=1)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PROVISIONING)
+    # The main member's container in cluster mode (its sub members are RouteMember rows).
     container_id = models.CharField(max_length=128, blank=True)
-    # Sub-containers of a multi-node replica: [{"node": "...", "container_id": "...", "role": "sub-1"}].
-    cluster_members = models.JSONField(default=list, blank=True)
     host = models.CharField(max_length=255, blank=True)
     port = models.PositiveIntegerField(null=True, blank=True)
     traffic_ratio = models.FloatField(default=1.0, validators=[MinValueValidator(0.0)])
@@ -226,6 +225,50 @@ class Route(models.Model):
     @property
     def error_message(self) -> str:
         return str(self.error.get("message", "")) if self.error else ""
+
+
+class RouteMember(models.Model):
+    """A sub member of a cluster-mode replica (S4.1, ``serving.cluster``): one more container of the
+    route, on its own node in multi-node mode. The main member is the route itself."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("pending")  # waits for the main member to run
+        STARTING = "starting", _("starting")  # claimed by its node
+        RUNNING = "running", _("running")
+        FAILED = "failed", _("failed")
+        EXITED = "exited", _("exited")
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    route = models.ForeignKey(Route, on_delete=models.CASCADE, related_name="members")
+    idx = models.PositiveSmallIntegerField()  # 1-based among the subs: sub1, sub2, ...
+    node = models.ForeignKey("Node", on_delete=models.SET_NULL, null=True, blank=True, related_name="members")
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
+    container_id = models.CharField(max_length=128, blank=True)
+    host = models.CharField(max_length=255, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True)
+    # Slots reserved on its node (what the scheduler subtracts there).
+    resources = models.JSONField(default=dict, blank=True)
+    error = models.JSONField(default=dict, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["idx"]
+        constraints = [models.UniqueConstraint(fields=["route", "idx"], name="route_member_idx_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.route_id}/{self.host_name}"
+
+    role = "sub"
+
+    @property
+    def host_name(self) -> str:
+        return f"sub{self.idx}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}" if self.host and self.port else ""
 
 
 class ResourcePreset(models.Model):

@@ -32,7 +32,7 @@ from serving.engines.base import (
     ReplicaNotFound,
     ReplicaState,
 )
-from serving.models import Endpoint, Node, Route
+from serving.models import Endpoint, Node, Route, RouteMember
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,9 @@ def start_route(route_id: str) -> None:
         endpoint_id = str(route.endpoint_id)
         transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
         transaction.on_commit(health.refresh_soon)  # probe it from now on, not at the next re-read
+        # Cluster mode: the subs start now that main has an address they can be given.
+        for member in RouteMember.objects.filter(route=route, status=RouteMember.Status.PENDING).select_related("node"):
+            transaction.on_commit(lambda member=member: tasks.send_member_start(member))  # type: ignore[misc]
 
 
 def recover_interrupted_starts(before: datetime) -> int:
@@ -261,6 +264,10 @@ def stop_route(route_id: str) -> None:
             log.warning("stop of route %s: %s", route_id, exc)
     faults.crash_point("node.stopped")
     endpoint = route.endpoint
+    # Cluster mode: every sub member is stopped by its own node. Should a message be lost, the member
+    # is an orphan of that node's sweep once this row (and its members with it) is gone.
+    for member in RouteMember.objects.filter(route=route).exclude(container_id="").select_related("node"):
+        tasks.send_member_stop(member)
     Route.objects.filter(pk=route.pk, status=Route.Status.TERMINATING).delete()
     actions.record_event(
         endpoint,
@@ -272,6 +279,181 @@ def stop_route(route_id: str) -> None:
     endpoint_id = str(endpoint.pk)
     tasks.after_routes_changed(endpoint_id)
     tasks.enqueue_reconcile(endpoint_id)  # e.g. a terminating service becomes destroyed
+
+
+# --- cluster members (serving.cluster) ----------------------------------------------------------
+
+
+def start_member(member_id: str) -> None:
+    """Start a sub member of a cluster route placed on this node, once its main runs. Idempotent."""
+    from serving import actions, tasks
+
+    member = (
+        RouteMember.objects.select_related("route", "route__endpoint", "route__endpoint__model_folder", "node")
+        .filter(pk=member_id)
+        .first()
+    )
+    if member is None or member.status != RouteMember.Status.PENDING:
+        return
+    route = member.route
+    if route.status not in (Route.Status.DEGRADED, Route.Status.HEALTHY) or not route.address:
+        return  # main is not running (any more): nothing to join; the route's own failure handles it
+    if not RouteMember.objects.filter(pk=member.pk, status=RouteMember.Status.PENDING).update(
+        status=RouteMember.Status.STARTING, container_id=STARTING_MARK, updated_at=timezone.now()
+    ):
+        return
+    host_name = member.host_name
+    try:
+        spec, _ = replicas.build_spec(route, member, addresses={"main1": route.address})
+    except replicas.SpecError as exc:
+        fail_cluster_route(route, member, exc.kind, f"Cluster member {host_name} could not be built: {exc}")
+        return
+    engine = get_engine()
+    try:
+        info = engine.start(spec)
+    except EngineError as exc:
+        fail_cluster_route(
+            route, member, "engine", f"Cluster member {host_name} failed to start on {node_name()}: {exc}"
+        )
+        return
+    now = timezone.now()
+    with transaction.atomic():
+        updated = RouteMember.objects.filter(pk=member.pk, status=RouteMember.Status.STARTING).update(
+            status=RouteMember.Status.RUNNING,
+            container_id=info.replica_id,
+            host=info.host,
+            port=info.port,
+            started_at=now,
+            updated_at=now,
+            error={},
+        )
+        if not updated:
+            # Its route was stopped or failed while we were starting it: do not leave it running.
+            transaction.on_commit(lambda: _stop_quietly(engine, info.replica_id))
+            return
+        actions.record_event(
+            route.endpoint,
+            "member_started",
+            f"Cluster member {host_name} of replica {str(route.pk)[:8]} started on node {node_name()} "
+            f"at {info.host}:{info.port}.",
+            route_id=route.pk,
+        )
+        endpoint_id = str(route.endpoint_id)
+        transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
+
+
+def stop_member(route_id: str, container_id: str) -> None:
+    """Stop one sub member's container on this node, if it is that route's (labels say). Idempotent."""
+    engine = get_engine()
+    try:
+        info = engine.inspect(container_id)
+    except ReplicaNotFound:
+        return
+    except EngineError as exc:
+        log.warning("inspecting cluster member %s failed: %s", container_id, exc)
+        return
+    if info.labels.get(LABEL_ROUTE) != route_id:
+        return
+    _stop_quietly(engine, container_id)
+    RouteMember.objects.filter(route_id=route_id, container_id=container_id).update(
+        status=RouteMember.Status.EXITED, container_id="", updated_at=timezone.now()
+    )
+
+
+def fail_cluster_route(route: Route, member: RouteMember, kind: str, message: str, **extra: Any) -> None:
+    """A member of a cluster route failed to start or died: the whole route fails and is replaced.
+
+    A route that never was healthy becomes ``failed_to_start`` (it counts as a failed start, S4.4)
+    and all its containers are stopped at once; one that served is drained like any exited replica
+    (``terminating``: its node stops main and sends every sub its stop).
+    """
+    from serving import actions, tasks
+
+    now = timezone.now()
+    live = [Route.Status.PROVISIONING, Route.Status.DEGRADED, Route.Status.HEALTHY, Route.Status.UNHEALTHY]
+    error = {"kind": kind, "message": message, "member": member.host_name, **extra}
+    never_healthy = route.healthy_since is None
+    with transaction.atomic():
+        RouteMember.objects.filter(pk=member.pk).update(
+            status=RouteMember.Status.FAILED, error=error, container_id="", updated_at=now
+        )
+        fields: dict[str, Any] = {"status": Route.Status.TERMINATING, "error": error, "updated_at": now}
+        if never_healthy:
+            fields.update(status=Route.Status.FAILED_TO_START, container_id="")
+        if not Route.objects.filter(pk=route.pk, status__in=live).update(**fields):
+            return  # already failed, stopping or gone: whoever did that stops the members
+        endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
+        if never_healthy:
+            endpoint.count_failed_start()
+        actions.record_event(
+            endpoint,
+            "route_failed" if never_healthy else "route_exited",
+            f"Replica {str(route.pk)[:8]}: {message} The whole replica is replaced.",
+            level="error",
+            route_id=route.pk,
+            data={"kind": kind, "member": member.host_name},
+        )
+        endpoint_id = str(endpoint.pk)
+        if never_healthy:
+            stop_all_members(route, main_container=route.container_id)
+        else:
+            transaction.on_commit(lambda: tasks.send_stop(Route.objects.select_related("node").get(pk=route.pk)))
+        transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
+        transaction.on_commit(lambda: tasks.enqueue_reconcile(endpoint_id))
+
+
+def stop_all_members(route: Route, main_container: str = "") -> None:
+    """Inside a transaction: after commit, stop the main container (when given) and every sub member
+    of ``route`` on their nodes, and forget their containers (a failed route keeps its row)."""
+    from serving import tasks
+
+    members = list(RouteMember.objects.filter(route=route).exclude(container_id="").select_related("node"))
+    # Every member leaves pending/starting/running: a start under way then finds its row changed and
+    # stops what it started, and a pending one is never started.
+    RouteMember.objects.filter(route=route).exclude(status=RouteMember.Status.FAILED).update(
+        status=RouteMember.Status.EXITED, container_id="", updated_at=timezone.now()
+    )
+    route_id = str(route.pk)
+    main_node = Node.objects.filter(pk=route.node_id).first() if route.node_id is not None else None
+    for member in members:
+        if member.container_id != STARTING_MARK:
+            transaction.on_commit(lambda member=member: tasks.send_member_stop(member))  # type: ignore[misc]
+    if main_container and main_container != STARTING_MARK and main_node is not None:
+        transaction.on_commit(lambda: tasks.send_container_stop(main_node, route_id, main_container))
+
+
+def _sync_members(engine: Engine, now: datetime) -> int:
+    """Sub members on this node whose container ended on its own fail their whole route."""
+    exited = 0
+    members = RouteMember.objects.filter(
+        node__name=node_name(),
+        status=RouteMember.Status.RUNNING,
+        route__status__in=[Route.Status.DEGRADED, Route.Status.HEALTHY, Route.Status.UNHEALTHY],
+    ).select_related("route")
+    for member in members:
+        try:
+            info: ReplicaInfo | None = engine.inspect(member.container_id)
+        except ReplicaNotFound:
+            info = None
+        if info is not None and info.state not in (ReplicaState.EXITED, ReplicaState.GONE):
+            continue
+        if info is None:
+            what = "disappeared"
+        else:
+            what = info.error or f"exited with code {info.exit_code}"
+        tail = _log_tail(engine, member.container_id) if info is not None else ""
+        container_id = member.container_id
+        fail_cluster_route(
+            member.route,
+            member,
+            "exited",
+            f"Cluster member {member.host_name} on node {node_name()} {what}.",
+            exit_code=info.exit_code if info is not None else None,
+            log_tail=tail,
+        )
+        _stop_quietly(engine, container_id)  # removes what is left of it
+        exited += 1
+    return exited
 
 
 # --- sync: exits and orphans ---------------------------------------------------------------------
@@ -310,9 +492,15 @@ def sync(now: datetime | None = None) -> dict[str, int]:
             tail = _log_tail(engine, route.container_id) if info is not None else ""
             health.record_exit(route, info, tail, now)
             counts["exited" if info is not None else "vanished"] += 1
-    # Orphans: our label, this node, but no route (or not the route's current container).
+    counts["exited"] += _sync_members(engine, now)
+    # Orphans: our label, this node, but no route (or not the route's current container), nor a
+    # cluster member of one.
     live_ids = set(
         Route.objects.filter(node__name=node_name()).exclude(container_id="").values_list("container_id", flat=True)
+    ) | set(
+        RouteMember.objects.filter(node__name=node_name())
+        .exclude(container_id="")
+        .values_list("container_id", flat=True)
     )
     from serving import validation
 
@@ -334,6 +522,9 @@ def sync(now: datetime | None = None) -> dict[str, int]:
             if _is_uuid(route_id) and (
                 Route.objects.filter(pk=route_id)
                 .filter(Q(container_id=replica_id) | Q(container_id=STARTING_MARK, status=Route.Status.PROVISIONING))
+                .exists()
+                or RouteMember.objects.filter(route_id=route_id)
+                .filter(Q(container_id=replica_id) | Q(status=RouteMember.Status.STARTING))
                 .exists()
             ):
                 continue

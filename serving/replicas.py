@@ -6,9 +6,10 @@ is picked up by the next start ("Clear errors and retry", S4.4).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from serving import definitions, prestart, runtimes
+from serving import cluster, definitions, prestart, runtimes
 from serving.engines.base import (
     LABEL_ENDPOINT,
     LABEL_NODE,
@@ -18,7 +19,7 @@ from serving.engines.base import (
     ReplicaSpec,
 )
 from serving.health import TCP_DEFAULT, HealthConfig
-from serving.models import Route
+from serving.models import Route, RouteMember
 from storage.fs import FolderFS, FsError, PathNotFound, StorageUnavailable
 from storage.models import Folder
 
@@ -81,8 +82,11 @@ def load_definition(route: Route) -> definitions.ModelDefinition:
     )
 
 
-def build_spec(route: Route) -> tuple[ReplicaSpec, HealthConfig]:
-    """The container to start for ``route``, and the health check that applies to it."""
+def build_spec(
+    route: Route, member: RouteMember | None = None, addresses: Mapping[str, str] | None = None
+) -> tuple[ReplicaSpec, HealthConfig]:
+    """The container to start for ``route`` (its main, or the sub ``member`` in cluster mode), and the
+    health check that applies to it. ``addresses``: the running members' ``host:port`` by host name."""
     endpoint = route.endpoint
     runtime = runtimes.get_runtime(endpoint.runtime)
     definition = load_definition(route) if runtime.needs_definition_file else None
@@ -117,12 +121,21 @@ def build_spec(route: Route) -> tuple[ReplicaSpec, HealthConfig]:
         **{str(k): str(v) for k, v in effective.environ.items()},
         **{str(k): str(v) for k, v in (endpoint.environ or {}).items()},
     }
-    resources = dict(route.resources or {})
+    me = cluster.MemberName(cluster.SUB, member.idx) if member is not None else cluster.MemberName(cluster.MAIN, 1)
+    # The route's own members, not the service's cluster size: a modified service replaces its
+    # routes, and until then the old ones keep the shape they were placed with. Every replica gets
+    # the variables (a plain one is a cluster of one, main1), as Backend.AI's sessions do; set last so
+    # a user's variable can not fake a member's role or peers.
+    # (A validation's transient route is unsaved: it runs the main alone.)
+    size = 1 if route._state.adding else route.members.count() + 1
+    env.update(cluster.cluster_env(size, me, addresses))
+    node = member.node if member is not None else route.node
+    resources = dict((member.resources if member is not None else route.resources) or {})
     accelerators = {k: v for k, v in resources.items() if k not in ("cpu", "mem")}
     command = effective.start_command
     command_is_shell = isinstance(command, str)
     spec = ReplicaSpec(
-        name=f"ms-{route.pk.hex[:12]}",
+        name=f"ms-{route.pk.hex[:12]}" + (f"-{me.host}" if member is not None else ""),
         image=endpoint.image,
         command=(command,) if isinstance(command, str) else (tuple(command) if command else None),
         command_is_shell=command_is_shell,
@@ -137,8 +150,8 @@ def build_spec(route: Route) -> tuple[ReplicaSpec, HealthConfig]:
         labels={
             LABEL_ENDPOINT: str(endpoint.pk),
             LABEL_ROUTE: str(route.pk),
-            LABEL_NODE: route.node.name if route.node else "",
-            LABEL_ROLE: "main",
+            LABEL_NODE: node.name if node is not None else "",
+            LABEL_ROLE: me.host if member is not None else "main",
         },
     )
     health = effective.health_check

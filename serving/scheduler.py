@@ -13,8 +13,8 @@ from datetime import datetime
 
 from django.db.models import Count
 
-from serving import slots
-from serving.models import Endpoint, Node, Route
+from serving import cluster, slots
+from serving.models import Endpoint, Node, Route, RouteMember
 
 # What a replica gets when neither the service, its preset nor its definition says.
 DEFAULT_REQUEST: dict[str, float] = {"cpu": 1.0, "mem": float(1024**3)}
@@ -86,6 +86,10 @@ def node_views(endpoint: Endpoint, candidates: list[Node]) -> list[NodeView]:
     # a placement reads a few rows however many replicas run (the tick's cost, bench/runtime.py).
     for node_id, resources, count in holding.values_list("node_id", "resources").annotate(count=Count("id")).order_by():
         used[node_id] = slots.add(used[node_id], {k: float(v) * count for k, v in (resources or {}).items()})
+    # Sub members of cluster routes hold the service's slots on their own nodes (serving.cluster).
+    members = RouteMember.objects.filter(node__in=candidates, route__status__in=HOLDING)
+    for node_id, resources, count in members.values_list("node_id", "resources").annotate(count=Count("id")).order_by():
+        used[node_id] = slots.add(used[node_id], {k: float(v) * count for k, v in (resources or {}).items()})
     for node_id, count in (
         holding.filter(endpoint=endpoint)
         .exclude(status=Route.Status.TERMINATING)
@@ -118,3 +122,33 @@ def choose_node(endpoint: Endpoint, request: Mapping[str, float], now: datetime)
         return Choice(None, explain_no_fit(request, views, group))
     by_name = {n.name: n for n in candidates}
     return Choice(by_name[ranked[0].name])
+
+
+@dataclass(frozen=True)
+class ClusterChoice:
+    nodes: tuple[Node, ...]  # one per member, main first; empty when it does not fit
+    reason: str = ""
+
+
+def choose_nodes(endpoint: Endpoint, request: Mapping[str, float], now: datetime) -> ClusterChoice:
+    """Nodes for every member of one route (``serving.cluster.place`` states the rule); locks the
+    candidates' rows like ``choose_node``."""
+    size = max(1, endpoint.cluster_size)
+    multi = endpoint.cluster_mode == Endpoint.ClusterMode.MULTI_NODE
+    group = endpoint.resource_group or "default"
+    candidates = [
+        n
+        for n in Node.objects.select_for_update().filter(schedulable=True, resource_group=group).order_by("name")
+        if n.is_alive(now)
+    ]
+    views = node_views(endpoint, candidates)
+    if not views:
+        return ClusterChoice((), explain_no_fit(request, views, group))
+    # The scheduler's preference (spread, then most free CPU) over every node, fitting or not, so
+    # that the reason can list them all.
+    ranked = rank_nodes({}, views)
+    placement = cluster.place(request, size, multi, [cluster.NodeFree(v.name, v.free) for v in ranked])
+    if not placement.nodes:
+        return ClusterChoice((), placement.reason)
+    by_name = {n.name: n for n in candidates}
+    return ClusterChoice(tuple(by_name[name] for name in placement.nodes))

@@ -13,7 +13,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from serving.models import Endpoint, Node, Route
+from serving.models import Endpoint, Node, Route, RouteMember
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,42 @@ def send_stop(route: Route, countdown: float = 0.0) -> None:
         Route.objects.filter(pk=route.pk).delete()  # never placed: nothing runs anywhere
         return
     stop_route.apply_async(args=[str(route.pk)], queue=route.node.queue, retry=False, countdown=countdown or None)
+
+
+def send_member_start(member: RouteMember) -> None:
+    """Have a cluster route's sub member started by its node (serving.cluster)."""
+    if member.node is None:
+        return
+    start_member.apply_async(args=[str(member.pk)], queue=member.node.queue, retry=False)
+
+
+def send_member_stop(member: RouteMember) -> None:
+    """Have a sub member's node stop its container (it may outlive its row: ids, not the row)."""
+    if member.node is None or not member.container_id:
+        return
+    send_container_stop(member.node, str(member.route_id), member.container_id)
+
+
+def send_container_stop(node: Node, route_id: str, container_id: str) -> None:
+    try:
+        stop_member.apply_async(args=[route_id, container_id], queue=node.queue, retry=False)
+    except Exception as exc:
+        # The node's orphan sweep stops it once no row names it.
+        log.warning("could not send the stop of %s to node %s: %s", container_id, node.name, exc)
+
+
+@shared_task(ignore_result=True, soft_time_limit=300, time_limit=330, acks_late=True)
+def start_member(member_id: str) -> None:
+    from serving import node
+
+    node.start_member(member_id)
+
+
+@shared_task(ignore_result=True, soft_time_limit=120, time_limit=150, acks_late=True)
+def stop_member(route_id: str, container_id: str) -> None:
+    from serving import node
+
+    node.stop_member(route_id, container_id)
 
 
 @shared_task(ignore_result=True, soft_time_limit=300, time_limit=330, acks_late=True)

@@ -27,6 +27,33 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
     node = serializers.CharField(source="node.name", default=None, read_only=True)
     error = serializers.CharField(source="error_message", read_only=True)
     error_detail = serializers.JSONField(source="error", read_only=True)
+    members = serializers.SerializerMethodField()
+
+    def get_members(self, obj: Route) -> list[dict[str, Any]]:
+        """Every container of the replica (serving.cluster): main first (the route's own, the one
+        that gets traffic), then its sub members; a plain replica is a cluster of one."""
+        main = {
+            "host_name": "main1",
+            "role": "main",
+            "idx": 1,
+            "node": obj.node.name if obj.node else None,
+            "status": obj.status,
+            "address": obj.address,
+            "error": obj.error_message,
+        }
+        subs = [
+            {
+                "host_name": m.host_name,
+                "role": m.role,
+                "idx": m.idx,
+                "node": m.node.name if m.node else None,
+                "status": m.status,
+                "address": m.address,
+                "error": str(m.error.get("message", "")) if m.error else "",
+            }
+            for m in obj.members.all()
+        ]
+        return [main, *subs]
 
     class Meta:
         model = Route
@@ -39,6 +66,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
             "traffic_ratio",
             "error",
             "error_detail",
+            "members",
             "spec_version",
             "consecutive_failures",
             "last_probe_at",

@@ -27,6 +27,7 @@ from serving.models import (
     Node,
     ResourcePreset,
     Route,
+    RouteMember,
 )
 from serving.runtimes import RUNTIMES
 
@@ -35,7 +36,8 @@ UUID_RE = r"[0-9a-fA-F-]{36}"
 
 def _with_routes(queryset: QuerySet[Endpoint]) -> QuerySet[Endpoint]:
     return queryset.select_related("owner", "model_folder", "preset").prefetch_related(
-        Prefetch("routes", queryset=Route.objects.select_related("node"))
+        Prefetch("routes", queryset=Route.objects.select_related("node")),
+        Prefetch("routes__members", queryset=RouteMember.objects.select_related("node")),
     )
 
 

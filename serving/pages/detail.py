@@ -133,11 +133,7 @@ def _settings_rows(endpoint: Endpoint) -> list[tuple[str, Any]]:
         (
             _("Cluster mode"),
             f"{endpoint.get_cluster_mode_display()}"
-            + (
-                _(", cluster size %(size)s") % {"size": endpoint.cluster_size}
-                if endpoint.cluster_mode == Endpoint.ClusterMode.MULTI_NODE
-                else ""
-            ),
+            + (_(", cluster size %(size)s") % {"size": endpoint.cluster_size} if endpoint.cluster_size > 1 else ""),
         ),
         (_("Open to public"), _("yes: no token needed") if endpoint.open_to_public else _("no: callers need a token")),
         (_("Owner"), endpoint.owner.username + (f" · {endpoint.project.name}" if endpoint.project else "")),

@@ -198,8 +198,6 @@ def form_to_api(post: Any) -> dict[str, Any]:
             if folder or target
         ],
     }
-    if data["cluster_mode"] == Endpoint.ClusterMode.SINGLE_NODE:
-        data["cluster_size"] = "1"
     if post.get("resource_mode") == "preset" and post.get("preset"):
         data["preset"] = post.get("preset")
     else:

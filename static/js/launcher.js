@@ -72,14 +72,7 @@
     $("#preset-field").hidden = mode !== "preset";
     $("#custom-resources").hidden = mode === "preset";
   }
-  function onClusterMode() {
-    const mode = ($("input[name=cluster_mode]:checked") || {}).value;
-    const size = $("#f-cluster-size");
-    size.disabled = mode !== "multi-node";
-    if (size.disabled) size.value = "1";
-  }
   $$("input[name=resource_mode]").forEach((r) => r.addEventListener("change", onResourceMode));
-  $$("input[name=cluster_mode]").forEach((r) => r.addEventListener("change", onClusterMode));
 
   // --- rows of mounts and environment variables --------------------------------------------------
   function wireRow(row) {
@@ -160,7 +153,6 @@
   runtime.addEventListener("change", onRuntime);
   onRuntime();
   onResourceMode();
-  onClusterMode();
 
   // --- Validate (S4.2) --------------------------------------------------------------------------
   const dialog = document.getElementById("validate-dialog");

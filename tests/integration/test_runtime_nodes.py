@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from serving.models import Endpoint, Node, Route, ServiceEvent
+from serving.models import Endpoint, Node, Route, RouteMember, ServiceEvent
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 from tests.live import LiveSystem, wait_for
@@ -190,14 +190,177 @@ def test_lost_node_routes_move_and_its_orphans_are_swept_when_it_returns(
     assert healthy_routes(api, sid, 2)
 
 
-def test_multi_node_cluster_mode_is_refused_with_a_reason(api: Any, folder: Folder) -> None:
-    body = {"name": "cluster", "folder": str(folder.pk), "replicas": 1, "cluster_mode": "multi-node", "cluster_size": 2}
-    response = api("owner").post("/api/v1/services/", body, format="json")
-    assert response.status_code == 400
-    assert "cluster" in json.dumps(response.json()).lower()
-    # Size 1 is a plain replica and accepted.
-    response = api("owner").post("/api/v1/services/", {**body, "cluster_size": 1}, format="json")
-    assert response.status_code == 201, response.json()
+# --- cluster mode (S4.1) ------------------------------------------------------------------------
+
+# A server that shows its environment: the cluster variables of each member, read over HTTP.
+ENV_ECHO_SERVER = """\
+import json, os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        env = {k: v for k, v in os.environ.items() if k.startswith("BACKENDAI_")}
+        body = json.dumps(env).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
+"""
+ENV_ECHO_DEFINITION = SIMPLE_DEFINITION.replace(
+    '[python3, -m, http.server, --directory, /models, "8000"]', "[python3, /models/echo_env.py]"
+)
+
+
+def fetch_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return dict(json.loads(answer.read()))
+
+
+def test_multi_node_cluster_one_member_per_node_main_serves_a_dead_sub_replaces_the_route(
+    live_factory: Callable[..., LiveSystem], api: Any, personas: dict[str, Any]
+) -> None:
+    system = live_factory(nodes={"a": {}, "b": {}})
+    proxy = system.start_proxy()
+    folder = FolderFactory(
+        owner=personas["owner"],
+        name="env-echo",
+        files={"model-definition.yaml": ENV_ECHO_DEFINITION, "echo_env.py": ENV_ECHO_SERVER},
+    )
+    created = service(
+        api, folder, replicas=1, open_to_public=True, cluster_mode="multi-node", cluster_size=2, resources={"cpu": 1}
+    )
+    sid, slug = created["id"], created["slug"]
+    [route] = wait_for(lambda: healthy_routes(api, sid, 1), timeout=40, what="a healthy cluster route")
+    main, sub = route["members"]
+    assert (main["host_name"], main["role"], sub["host_name"], sub["role"]) == ("main1", "main", "sub1", "sub")
+    assert {main["node"], sub["node"]} == {"a", "b"} and main["node"] == route["node"]
+    assert sub["status"] == "running" and main["address"] == f"{route['host']}:{route['port']}"
+
+    # Each member has its role and its peers; the sub knows where main is.
+    common = {
+        "BACKENDAI_CLUSTER_SIZE": "2",
+        "BACKENDAI_CLUSTER_HOSTS": "main1,sub1",
+        "BACKENDAI_CLUSTER_REPLICAS": "main:1,sub:1",
+    }
+    assert fetch_json(f"http://{main['address']}/") == {
+        **common,
+        "BACKENDAI_CLUSTER_ROLE": "main",
+        "BACKENDAI_CLUSTER_IDX": "1",
+        "BACKENDAI_CLUSTER_HOST": "main1",
+    }
+    assert fetch_json(f"http://{sub['address']}/") == {
+        **common,
+        "BACKENDAI_CLUSTER_ROLE": "sub",
+        "BACKENDAI_CLUSTER_IDX": "1",
+        "BACKENDAI_CLUSTER_HOST": "sub1",
+        "BACKENDAI_CLUSTER_MAIN_ADDR": main["address"],
+        "BACKENDAI_CLUSTER_ADDRS": f"main1={main['address']}",
+    }
+    # Only main is in the routing table, and the proxy's traffic reaches main.
+    wait_for(lambda: in_routing_table(slug) == {route["id"]}, timeout=5, what="the route in the routing table")
+    assert all(fetch_json(f"{proxy}/e/{slug}/")["BACKENDAI_CLUSTER_ROLE"] == "main" for _ in range(5))
+
+    # The sub dies: the whole route fails and is replaced; its main is stopped too.
+    old_main_container = Route.objects.get(pk=route["id"]).container_id
+    sub_container = RouteMember.objects.get(route_id=route["id"]).container_id
+    kill_replica(sub["node"], sub_container)
+
+    def replaced() -> dict[str, Any] | None:
+        routes = healthy_routes(api, sid, 1)
+        return routes[0] if routes and routes[0]["id"] != route["id"] else None
+
+    new_route = wait_for(replaced, timeout=40, what="a replacement cluster route")
+    assert {m["node"] for m in new_route["members"]} == {"a", "b"}
+    assert not Route.objects.filter(pk=route["id"]).exists()
+    exited = ServiceEvent.objects.get(endpoint_id=sid, kind="route_exited", route_id=route["id"])
+    assert "Cluster member sub1" in exited.message
+    wait_for(
+        lambda: old_main_container not in {i.replica_id for i in replicas_in_engine(main["node"], sid)},
+        timeout=20,
+        what="the old main stopped",
+    )
+    assert len(replicas_in_engine("a", sid)) == len(replicas_in_engine("b", sid)) == 1
+
+    # Terminate stops every member on every node.
+    assert api("owner").delete(f"/api/v1/services/{sid}/").status_code in (200, 202, 204)
+    wait_for(
+        lambda: Endpoint.objects.get(pk=sid).lifecycle == Endpoint.Lifecycle.DESTROYED,
+        timeout=30,
+        what="the service destroyed",
+    )
+    wait_for(
+        lambda: not replicas_in_engine("a", sid) and not replicas_in_engine("b", sid),
+        timeout=20,
+        what="no member left on any node",
+    )
+
+
+def test_cluster_route_with_a_member_on_a_lost_node_moves_and_every_leftover_member_is_swept(
+    live_factory: Callable[..., LiveSystem], api: Any, folder: Folder
+) -> None:
+    system = live_factory(nodes={"a": {}, "b": {}, "c": {}})
+    sid = service(api, folder, replicas=1, cluster_mode="multi-node", cluster_size=2, resources={"cpu": 1})["id"]
+    [route] = wait_for(lambda: healthy_routes(api, sid, 1), timeout=40, what="a healthy cluster route")
+    main_node, sub_node = (m["node"] for m in route["members"])
+    old_main = Route.objects.get(pk=route["id"]).container_id
+
+    # The sub's node goes silent: the replica counts as lost (a half cluster is no replica) and is
+    # recreated on the nodes that are alive; it serves until then, and is forgotten after.
+    system.stop(f"node-{sub_node}")
+    wait_for(lambda: Node.objects.get(name=sub_node).lost_at is not None, timeout=30, what="the sub's node lost")
+
+    def moved() -> dict[str, Any] | None:
+        routes = healthy_routes(api, sid, 1)
+        return routes[0] if routes and routes[0]["id"] != route["id"] else None
+
+    new_route = wait_for(moved, timeout=40, what="the cluster route recreated on alive nodes")
+    assert sub_node not in {m["node"] for m in new_route["members"]}
+    wait_for(lambda: not Route.objects.filter(pk=route["id"]).exists(), timeout=20, what="the lost route forgotten")
+    forgotten = ServiceEvent.objects.get(endpoint_id=sid, kind="route_forgotten", route_id=route["id"])
+    assert f"the node {sub_node} of its cluster member sub1 was lost" in forgotten.message
+    # Its main (on a node that is alive) has no route any more: that node's sweep stops it.
+    wait_for(
+        lambda: old_main not in {i.replica_id for i in replicas_in_engine(main_node, sid)},
+        timeout=20,
+        what="the old main swept",
+    )
+    # The sub's node comes back and sweeps the old sub.
+    system.start_node(sub_node)
+    wait_for(lambda: Node.objects.get(name=sub_node).lost_at is None, timeout=30, what="the sub's node back")
+    wait_for(
+        lambda: {i.labels.get("serving.route") for i in replicas_in_engine(sub_node, sid)} <= {new_route["id"]},
+        timeout=20,
+        what="the old sub swept",
+    )
+    assert healthy_routes(api, sid, 1)
+
+
+def test_multi_node_cluster_larger_than_the_nodes_fails_with_what_was_asked_and_what_is_free(
+    live_factory: Callable[..., LiveSystem], api: Any, folder: Folder
+) -> None:
+    live_factory(nodes={"a": {"NODE_CPU": "2"}, "b": {"NODE_CPU": "2"}})
+    sid = service(api, folder, replicas=1, cluster_mode="multi-node", cluster_size=3, resources={"cpu": 1})["id"]
+    error = wait_for(
+        lambda: next((r["error"] for r in get(api, sid)["routes"] if r["status"] == "failed_to_start"), None),
+        timeout=20,
+        what="a cluster route that did not fit",
+    )
+    assert "cluster size 3 needs 3 distinct nodes" in error and "only 2 have that" in error
+    assert "node a: cpu 2" in error and "node b: cpu 2" in error
+
+    # Single-node mode puts every member on one node, when one has room for all of them.
+    sid = service(
+        api, folder, name="single", replicas=1, cluster_mode="single-node", cluster_size=2, resources={"cpu": 1}
+    )["id"]
+    [route] = wait_for(lambda: healthy_routes(api, sid, 1), timeout=40, what="a healthy single-node cluster route")
+    assert [m["node"] for m in route["members"]] == [route["node"]] * 2
+    assert [m["status"] for m in route["members"]] == ["healthy", "running"]
 
 
 # --- the data plane tells the control plane -----------------------------------------------------

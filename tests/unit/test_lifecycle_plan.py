@@ -155,3 +155,27 @@ def test_rolling_update_drains_old_replicas_that_do_not_serve_at_once() -> None:
     result = plan(ep(1, version=2), [broken_old], NOW)
     assert result.drain == [broken_old.id]
     assert result.create == 1
+
+
+# --- cluster mode (serving.cluster) --------------------------------------------------------------
+
+
+def test_cluster_route_whose_subs_never_all_run_is_replaced_after_the_provision_timeout() -> None:
+    waiting = replace(route("degraded"), members_waiting_since=NOW - PROVISION_TIMEOUT - timedelta(seconds=1))
+    result = plan(ep(1), [waiting], NOW)
+    assert result.drain == [waiting.id] and result.create == 1
+
+
+def test_cluster_route_whose_subs_are_still_starting_is_left_alone() -> None:
+    starting = replace(route("degraded"), members_waiting_since=NOW - timedelta(seconds=5))
+    assert plan(ep(1), [starting], NOW).is_empty()
+
+
+def test_cluster_route_with_a_member_on_a_lost_node_is_treated_as_lost() -> None:
+    # _views folds the members' nodes into node_alive: a healthy one is stranded (serves during the
+    # grace while a replacement is created), anything else is forgotten.
+    healthy = replace(route("healthy", alive=False), lost_since=NOW - timedelta(seconds=1))
+    degraded = replace(route("degraded", alive=False), lost_since=NOW - timedelta(seconds=1))
+    result = plan(ep(2), [healthy, degraded], NOW)
+    assert result.forget == [degraded.id]
+    assert result.create == 2

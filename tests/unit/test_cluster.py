@@ -1,0 +1,74 @@
+"""Cluster mode's pure parts (S4.1): each member's environment and where the members go."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving import cluster
+from serving.cluster import MemberName, NodeFree, member_names, place
+
+GIB = float(1024**3)
+REQUEST = {"cpu": 1.0, "mem": GIB}
+
+
+def test_member_names_are_main_then_subs() -> None:
+    assert [n.host for n in member_names(3)] == ["main1", "sub1", "sub2"]
+    assert [n.host for n in member_names(1)] == ["main1"]
+    with pytest.raises(ValueError):
+        member_names(0)
+
+
+def test_environment_of_every_member_of_a_cluster_of_three() -> None:
+    main = cluster.cluster_env(3, MemberName("main", 1))
+    assert main == {
+        "BACKENDAI_CLUSTER_SIZE": "3",
+        "BACKENDAI_CLUSTER_ROLE": "main",
+        "BACKENDAI_CLUSTER_IDX": "1",
+        "BACKENDAI_CLUSTER_HOST": "main1",
+        "BACKENDAI_CLUSTER_HOSTS": "main1,sub1,sub2",
+        "BACKENDAI_CLUSTER_REPLICAS": "main:1,sub:2",
+    }
+    sub2 = cluster.cluster_env(3, MemberName("sub", 2), {"main1": "10.0.0.2:8000"})
+    assert sub2["BACKENDAI_CLUSTER_ROLE"] == "sub"
+    assert sub2["BACKENDAI_CLUSTER_IDX"] == "2"
+    assert sub2["BACKENDAI_CLUSTER_HOST"] == "sub2"
+    assert sub2["BACKENDAI_CLUSTER_HOSTS"] == "main1,sub1,sub2"
+    assert sub2["BACKENDAI_CLUSTER_REPLICAS"] == "main:1,sub:2"
+    assert sub2["BACKENDAI_CLUSTER_MAIN_ADDR"] == "10.0.0.2:8000"
+    assert sub2["BACKENDAI_CLUSTER_ADDRS"] == "main1=10.0.0.2:8000"
+
+
+def test_a_member_is_not_listed_among_its_own_peers_and_a_plain_replica_is_a_cluster_of_one() -> None:
+    main = cluster.cluster_env(2, MemberName("main", 1), {"main1": "10.0.0.2:8000"})
+    assert "BACKENDAI_CLUSTER_ADDRS" not in main and "BACKENDAI_CLUSTER_MAIN_ADDR" not in main
+    single = cluster.cluster_env(1, MemberName("main", 1))
+    assert single["BACKENDAI_CLUSTER_HOSTS"] == "main1"
+    assert single["BACKENDAI_CLUSTER_REPLICAS"] == "main:1"
+    with pytest.raises(ValueError):
+        cluster.cluster_env(2, MemberName("sub", 2))
+
+
+def test_multi_node_puts_each_member_on_a_distinct_node_in_preference_order() -> None:
+    nodes = [NodeFree("b", {"cpu": 4.0, "mem": 8 * GIB}), NodeFree("a", {"cpu": 2.0, "mem": 8 * GIB})]
+    assert place(REQUEST, 2, True, nodes).nodes == ("b", "a")
+    # A node without room is skipped, not doubled up.
+    nodes = [NodeFree("full", {"cpu": 0.5, "mem": 8 * GIB}), *nodes]
+    assert place(REQUEST, 2, True, nodes).nodes == ("b", "a")
+
+
+def test_multi_node_with_too_few_nodes_says_what_was_asked_and_what_is_free() -> None:
+    nodes = [NodeFree("a", {"cpu": 8.0, "mem": 8 * GIB}), NodeFree("b", {"cpu": 0.5, "mem": 8 * GIB})]
+    result = place(REQUEST, 2, True, nodes)
+    assert result.nodes == ()
+    # Node a could hold both, but multi-node never packs two members on one node.
+    assert "cluster size 2 needs 2 distinct nodes" in result.reason
+    assert "cpu 1" in result.reason and "only 1 has that" in result.reason
+    assert "node a: cpu 8" in result.reason and "node b: cpu 0.5" in result.reason
+    assert "single-node cluster mode" in result.reason
+
+
+def test_single_node_puts_every_member_on_one_node_with_room_for_all() -> None:
+    nodes = [NodeFree("small", {"cpu": 1.5, "mem": 8 * GIB}), NodeFree("big", {"cpu": 3.0, "mem": 8 * GIB})]
+    assert place(REQUEST, 3, False, nodes).nodes == ("big", "big", "big")
+    result = place(REQUEST, 4, False, nodes)
+    assert result.nodes == () and "cluster size 4 needs cpu 4" in result.reason and "one node" in result.reason
