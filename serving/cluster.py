@@ -12,11 +12,12 @@ one in the routing table, so the proxy sends traffic to main only) and N-1 ``sub
 * ``BACKENDAI_CLUSTER_HOSTS``     every host name, comma separated (``main1,sub1,sub2``)
 * ``BACKENDAI_CLUSTER_REPLICAS``  members per role (``main:1,sub:2``)
 
-and, to reach the others (Backend.AI resolves the host names on its overlay network; we have no
-such network across engines, so addresses are given instead): main starts first, and each sub
-starts once main runs, with
+and, to reach the others: the engine puts the members on one network where each reaches the others
+by host name, as Backend.AI's cluster network does (``ReplicaSpec.cluster``; the local engine
+peers their network namespaces on one machine, Docker gives them a bridge network of their own).
+Main starts first, and each sub starts once main runs, with
 
-* ``BACKENDAI_CLUSTER_MAIN_ADDR``  ``host:port`` of main's server as its node's engine reports it,
+* ``BACKENDAI_CLUSTER_MAIN_ADDR``  ``host:port`` of main's server as the members reach it,
 * ``BACKENDAI_CLUSTER_ADDRS``      ``main1=host:port`` for every member already running (main's).
 
 That is the head/worker rendezvous of Ray, torch.distributed (``MASTER_ADDR``) and vLLM's

@@ -15,6 +15,7 @@ from serving.engines.base import (
     LABEL_NODE,
     LABEL_ROLE,
     LABEL_ROUTE,
+    ClusterPeering,
     Mount,
     ReplicaSpec,
 )
@@ -153,6 +154,12 @@ def build_spec(
             LABEL_NODE: node.name if node is not None else "",
             LABEL_ROLE: me.host if member is not None else "main",
         },
+        # The engine joins the members on one network where each reaches the others by host name.
+        cluster=(
+            ClusterPeering(key=str(route.pk), host=me.host, hosts=tuple(n.host for n in cluster.member_names(size)))
+            if size > 1
+            else None
+        ),
     )
     health = effective.health_check
     config = (

@@ -54,6 +54,16 @@ class PreStartActionSpec:
 
 
 @dataclass(frozen=True)
+class ClusterPeering:
+    """Which cluster (S4.1, ``serving.cluster``) a replica is a member of, so the engine can let the
+    members reach each other by host name, as on Backend.AI's cluster network, and nothing else."""
+
+    key: str  # the route's id: members carrying the same key form one cluster
+    host: str  # this member's host name: main1, sub1, ...
+    hosts: tuple[str, ...]  # every member's host name, main first
+
+
+@dataclass(frozen=True)
 class ReplicaSpec:
     """Everything needed to start one replica container/sandbox. Plain data, no ORM."""
 
@@ -72,6 +82,7 @@ class ReplicaSpec:
     mem_bytes: int = 1 << 30
     accelerators: Mapping[str, float] = field(default_factory=dict)  # e.g. {"cuda.shares": 0.5}
     labels: Mapping[str, str] = field(default_factory=dict)
+    cluster: ClusterPeering | None = None  # set for the members of a cluster of two or more
 
 
 class ReplicaState(enum.StrEnum):

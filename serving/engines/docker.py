@@ -11,6 +11,13 @@ worker that restarts finds its replicas again with ``list()`` (DESIGN.md §3). C
   never the host network, and the Docker socket (or a folder holding it) can not be mounted;
 * the server's port is published on 127.0.0.1 (a setting) at a host port the engine picks, so
   replicas of one service never collide and ports are never exhausted (S4.3, S10);
+* cluster mode (S4.1): the members of one cluster share a user-defined bridge network of their own
+  (``ms-cluster-<route>``, made with the first member, removed with the last) where each has its
+  host name (main1, sub1, ...) as alias, as on Backend.AI; a sub's ``BACKENDAI_CLUSTER_MAIN_ADDR``
+  and ``BACKENDAI_CLUSTER_ADDRS`` are main's address on that network (the published 127.0.0.1
+  port means nothing inside a container). Containers of other networks can not reach it (Docker's
+  isolation between bridges). One daemon owns the network, so the members must share one Docker
+  host: several node workers on one machine do, real hosts would need an overlay (Swarm) network;
 * pre-start actions (S2.3) run inside the container by ``bootstrap.py``, bind-mounted read-only
   at /opt/modelserve with a JSON plan written to a per-replica folder under ``state_dir``;
 * every Docker call is bounded in time (30 s, 2 s for the liveness ping) and every Docker error
@@ -38,12 +45,14 @@ from typing import Any
 import docker
 import docker.errors
 import requests
-from docker.types import DeviceRequest, LogConfig
+from docker.types import DeviceRequest, EndpointConfig, LogConfig
 from docker.types import Mount as DockerMount
 
 from serving.engines.base import (
     LABEL_INSTALLATION,
+    LABEL_ROLE,
     LABEL_ROUTE,
+    ClusterPeering,
     EngineError,
     ImageNotFound,
     ReplicaInfo,
@@ -62,6 +71,8 @@ PING_TIMEOUT = 2.0
 PIDS_LIMIT = 1024
 MIB = 1 << 20
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
+CLUSTER_NETWORK_PREFIX = "ms-cluster-"
+LABEL_CLUSTER = "serving.cluster"  # on a cluster's network: the route (key) it belongs to
 BUILD_HINT = (
     "build it on this node with `make image` (scripts/build-image.sh, for modelserve/python:3.11) "
     "or load it with `docker load -i IMAGE.tar` / `docker pull IMAGE` by hand; "
@@ -286,7 +297,16 @@ class DockerEngine:
             kwargs["device_requests"] = device_requests
 
         container = None
+        network: str | None = None
         try:
+            if spec.cluster is not None:
+                network = self._cluster_network(client, spec.cluster)
+                del kwargs["network_mode"]
+                kwargs["network"] = network
+                kwargs["networking_config"] = {
+                    network: EndpointConfig(client.api._version, aliases=[spec.cluster.host])
+                }
+                kwargs["environment"].update(self._peer_env(client, spec.cluster, network, spec.port))
             with self._errors(f"create the container {spec.name}"):
                 try:
                     container = client.containers.create(spec.image, **kwargs)
@@ -307,6 +327,8 @@ class DockerEngine:
             if container is not None:
                 with contextlib.suppress(Exception):
                     container.remove(force=True, v=True)
+            if network is not None:
+                self._remove_network_if_unused(client, network)
             if plan_dir is not None:
                 shutil.rmtree(plan_dir, ignore_errors=True)
             raise
@@ -318,6 +340,11 @@ class DockerEngine:
         except ReplicaNotFound:
             return
         plan_dirs = self._plan_dirs(container)
+        networks = [
+            name
+            for name in ((container.attrs.get("NetworkSettings") or {}).get("Networks") or {})
+            if name.startswith(CLUSTER_NETWORK_PREFIX)
+        ]
         with self._errors(f"stop replica {replica_id}"):
             with contextlib.suppress(docker.errors.NotFound):
                 # The API takes whole seconds; round up so a short grace is never zero by accident.
@@ -332,6 +359,8 @@ class DockerEngine:
                     raise
         for path in plan_dirs:
             shutil.rmtree(path, ignore_errors=True)
+        for name in networks:
+            self._remove_network_if_unused(self._client(), name)
 
     def inspect(self, replica_id: str) -> ReplicaInfo:
         return self._info(self._container(replica_id))
@@ -402,6 +431,55 @@ class DockerEngine:
             with contextlib.suppress(ReplicaNotFound):
                 infos.append(self._info(container))
         return infos
+
+    # --- cluster networks -------------------------------------------------------------------------
+
+    def _cluster_network(self, client: docker.DockerClient, cluster: ClusterPeering) -> str:
+        """The cluster's own bridge network, made by whichever member comes first."""
+        name = f"{CLUSTER_NETWORK_PREFIX}{cluster.key}"
+        labels = {LABEL_CLUSTER: cluster.key}
+        if self.installation:
+            labels[LABEL_INSTALLATION] = self.installation
+        with self._errors(f"make the cluster network {name}"):
+            # The daemon's name filter matches parts of names too.
+            if any(n.name == name for n in client.networks.list(names=[name])):
+                return name
+            try:
+                client.networks.create(name, driver="bridge", labels=labels, check_duplicate=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # another member made it meanwhile
+                    raise
+        return name
+
+    def _peer_env(
+        self, client: docker.DockerClient, cluster: ClusterPeering, network: str, port: int
+    ) -> dict[str, str]:
+        """Main's address on the cluster network, for a sub: what the node reports (a port published
+        on its loopback) can not be reached from inside a container."""
+        if cluster.host == "main1":
+            return {}
+        with self._errors(f"look up the main member on {network}"):
+            found = client.containers.list(filters={"label": [f"{LABEL_ROUTE}={cluster.key}"], "network": network})
+        for other in found:
+            if (other.labels or {}).get(LABEL_ROLE) != "main":
+                continue
+            address = (((other.attrs.get("NetworkSettings") or {}).get("Networks") or {}).get(network) or {}).get(
+                "IPAddress"
+            )
+            if address:
+                main = f"{address}:{port}"
+                return {"BACKENDAI_CLUSTER_MAIN_ADDR": main, "BACKENDAI_CLUSTER_ADDRS": f"main1={main}"}
+        return {}
+
+    def _remove_network_if_unused(self, client: docker.DockerClient, name: str) -> None:
+        """Remove a cluster network once no container is attached any more (its last member)."""
+        with contextlib.suppress(Exception):
+            for network in client.networks.list(names=[name]):
+                if network.name != name:
+                    continue
+                network.reload()
+                if not network.attrs.get("Containers"):
+                    network.remove()
 
     # --- helpers ----------------------------------------------------------------------------------
 

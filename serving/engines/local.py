@@ -32,6 +32,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -46,6 +47,7 @@ from typing import Any
 
 from serving import prestart
 from serving.engines.base import (
+    ClusterPeering,
     EngineError,
     ReplicaInfo,
     ReplicaNotFound,
@@ -66,6 +68,11 @@ JOIN_FAILED = 111  # the supervisor could not put the sandbox into its cgroups /
 # Address blocks and interface names are a machine-wide resource: several engines (node workers,
 # test suites) can run on one host, so claims live in one registry, not per state dir.
 NET_REGISTRY = Path(os.environ.get("MODELSERVE_NET_REGISTRY", "/run/modelserve/net"))
+# Cluster peering (see _sync_cluster): the iptables chain jumped to from FORWARD, and the comment
+# every rule of one cluster carries, so a cluster's rules are found, replaced and swept by its key.
+PEER_CHAIN = "MODELSERVE-FWD"
+PEER_COMMENT = "modelserve-peer "
+PEER_ROUTE_PROTO = "static"  # how our routes inside a member's namespace are told from the kernel's
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 START_TIMEOUT = 10.0
@@ -195,6 +202,7 @@ class LocalEngine:
         self._bwrap = shutil.which("bwrap", path=HOST_PATH)
         self._ip = shutil.which("ip", path=HOST_PATH)
         self._pasta = shutil.which("pasta", path=HOST_PATH)
+        self._iptables = shutil.which("iptables", path=HOST_PATH)
 
     # --- availability -----------------------------------------------------------------------------
 
@@ -421,6 +429,200 @@ class LocalEngine:
         lines += f"netns del {self._netns(replica_id)}\n"
         _run(self._ip, "-force", "-batch", "-", stdin=lines, check=False)
 
+    # --- cluster peering --------------------------------------------------------------------------
+    #
+    # The members of one cluster (S4.1) reach each other, as on Backend.AI's cluster network, and
+    # nothing else reaches them this way. Each sandbox has no default route, so by itself it reaches
+    # only the host. For the members of a cluster (on any node of this machine: one kernel):
+    #   * inside each member's namespace a /32 route to every other member via its host-side veth;
+    #   * IPv4 forwarding on just those host-side veths (Linux checks the input interface's flag,
+    #     so the machine-wide ip_forward is left alone);
+    #   * in the chain MODELSERVE-FWD (jumped to from FORWARD) an ACCEPT per ordered pair of members,
+    #     and one DROP of any other traffic between addresses of the subnet: a replica of another
+    #     service can not use the forwarding to reach a member even if it had a route;
+    #   * a generated /etc/hosts in each member mapping main1, sub1, ... to the members' addresses.
+    # The state is the registry's clusters/<key>/<host> entries (machine-wide, under its lock);
+    # _sync_cluster makes routes, rules and hosts files match the live entries, so a start, a stop
+    # and the orphan sweep all converge the same way, whatever a crashed worker left.
+
+    def _peering_unavailable(self) -> str | None:
+        if not self._rootful:
+            return (
+                "cluster members can not reach each other without root (pasta gives each sandbox only "
+                "a port of the host); run the node worker as root or use the Docker engine"
+            )
+        if self._iptables is None:
+            return (
+                "cluster members can not reach each other: iptables is missing; "
+                "install it with `apt-get install iptables`"
+            )
+        return None
+
+    @staticmethod
+    def _cluster_dir(registry: Path, key: str) -> Path:
+        if not re.fullmatch(r"[0-9a-zA-Z-]{1,64}", key):
+            raise EngineError(f"The cluster key {key!r} is not valid.")
+        return registry / "clusters" / key
+
+    def _join_cluster(
+        self, registry: Path, cluster: ClusterPeering, replica_dir: Path, network: Mapping[str, Any], address: str
+    ) -> None:
+        """Record this member (caller holds the registry lock) and peer the cluster's live members."""
+        if not re.fullmatch(r"[a-z]+[0-9]+", cluster.host):
+            raise EngineError(f"The cluster host name {cluster.host!r} is not valid.")
+        members = self._cluster_dir(registry, cluster.key)
+        members.mkdir(parents=True, exist_ok=True)
+        entry = {
+            "replica_dir": str(replica_dir),
+            "address": address,
+            "gateway": self._addresses(int(network["index"]))[0],
+            "netns": network["netns"],
+            "host_if": network["host_if"],
+            "subnet": str(self.subnet),
+        }
+        _write_atomic(members / cluster.host, json.dumps(entry))
+        self._sync_cluster(registry, cluster.key)
+
+    def _leave_cluster(self, key: str, host: str, replica_dir: Path) -> None:
+        with self._registry_lock() as registry:
+            entry = self._cluster_dir(registry, key) / host
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if Path(json.loads(entry.read_text())["replica_dir"]) == replica_dir:
+                    entry.unlink()
+            self._sync_cluster(registry, key)
+
+    def _live_members(self, registry: Path, key: str) -> dict[str, dict[str, Any]]:
+        """The cluster's members whose replica still exists; entries of gone ones are dropped."""
+        members: dict[str, dict[str, Any]] = {}
+        folder = self._cluster_dir(registry, key)
+        if not folder.is_dir():
+            return members
+        for entry in sorted(folder.iterdir()):
+            if entry.name.endswith(".tmp"):
+                continue
+            try:
+                data = dict(json.loads(entry.read_text()))
+                alive = Path(data["replica_dir"]).is_dir() and Path(f"/run/netns/{data['netns']}").exists()
+            except (OSError, ValueError, KeyError):
+                alive = False
+            if alive:
+                members[entry.name] = data
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+        return members
+
+    def _sync_cluster(self, registry: Path, key: str) -> None:
+        """Make the routes, forwarding flags, firewall rules and hosts files of cluster ``key``
+        match its live members (caller holds the registry lock)."""
+        assert self._ip is not None
+        members = self._live_members(registry, key)
+        for host, me in members.items():
+            others = {h: m for h, m in members.items() if h != host}
+            self._write_hosts(Path(me["replica_dir"]) / "hosts", members)
+            with contextlib.suppress(OSError):  # the interface is gone with a member being removed
+                Path(f"/proc/sys/net/ipv4/conf/{me['host_if']}/forwarding").write_text("1" if others else "0")
+            shown = _run(self._ip, "-n", me["netns"], "-4", "route", "show", "proto", PEER_ROUTE_PROTO, check=False)
+            present = {line.split()[0].removesuffix("/32") for line in shown.stdout.splitlines() if line.strip()}
+            wanted = {m["address"] for m in others.values()}
+            lines = [f"route del {a}/32 proto {PEER_ROUTE_PROTO}" for a in sorted(present - wanted)]
+            lines += [
+                f"route replace {a}/32 via {me['gateway']} dev eth0 proto {PEER_ROUTE_PROTO}"
+                for a in sorted(wanted - present)
+            ]
+            if lines:
+                _run(self._ip, "-n", me["netns"], "-force", "-batch", "-", stdin="".join(f"{ln}\n" for ln in lines))
+        pairs = {(a["address"], b["address"]) for ha, a in members.items() for hb, b in members.items() if ha != hb}
+        self._sync_rules(key, pairs)
+        if not members:
+            with contextlib.suppress(OSError):
+                self._cluster_dir(registry, key).rmdir()
+
+    @staticmethod
+    def _write_hosts(path: Path, members: Mapping[str, Mapping[str, Any]]) -> None:
+        """Rewrite in place: the sandbox sees the file through a bind mount of this very inode (a
+        rename would leave it the old one). Written before truncating, so it is never empty."""
+        text = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        text += "".join(f"{m['address']}\t{host}\n" for host, m in members.items())
+        with contextlib.suppress(OSError), path.open("r+" if path.exists() else "w") as handle:
+            handle.write(text)
+            handle.truncate()
+
+    def _iptables_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        assert self._iptables is not None
+        return _run(self._iptables, "-w", "5", *args, check=check)
+
+    def _peer_rules(self) -> list[list[str]]:
+        """Our ACCEPT rules in the chain, as argument lists of `iptables -S`."""
+        listed = self._iptables_run("-S", PEER_CHAIN, check=False)
+        if listed.returncode != 0:
+            return []
+        rules = []
+        for line in listed.stdout.splitlines():
+            words = shlex.split(line)
+            if words[:2] == ["-A", PEER_CHAIN] and any(w.startswith(PEER_COMMENT) for w in words):
+                rules.append(words)
+        return rules
+
+    @staticmethod
+    def _rule_key(words: list[str]) -> str:
+        return next((w.removeprefix(PEER_COMMENT) for w in words if w.startswith(PEER_COMMENT)), "")
+
+    @staticmethod
+    def _rule_pair(words: list[str]) -> tuple[str, str]:
+        def value(flag: str) -> str:
+            return words[words.index(flag) + 1].removesuffix("/32") if flag in words else ""
+
+        return value("-s"), value("-d")
+
+    def _sync_rules(self, key: str, pairs: set[tuple[str, str]]) -> None:
+        if self._iptables is None:
+            return
+        rules = self._peer_rules()
+        present = {self._rule_pair(r): r for r in rules if self._rule_key(r) == key}
+        for pair, words in present.items():
+            if pair not in pairs:
+                self._iptables_run("-D", *words[1:], check=False)
+        if pairs - present.keys():
+            self._ensure_chain()
+            for source, destination in sorted(pairs - present.keys()):
+                self._iptables_run(
+                    "-I", PEER_CHAIN, "1", "-s", f"{source}/32", "-d", f"{destination}/32",
+                    "-m", "comment", "--comment", f"{PEER_COMMENT}{key}", "-j", "ACCEPT",
+                )  # fmt: skip
+        elif not pairs and not any(self._rule_key(r) != key for r in rules):
+            self._remove_chain()  # no cluster peers any more: leave FORWARD as it was
+
+    def _ensure_chain(self) -> None:
+        if self._iptables_run("-S", PEER_CHAIN, check=False).returncode != 0:
+            self._iptables_run("-N", PEER_CHAIN, check=False)
+        subnet = str(self.subnet)
+        drop = ["-s", subnet, "-d", subnet, "-j", "DROP"]
+        if self._iptables_run("-C", PEER_CHAIN, *drop, check=False).returncode != 0:
+            self._iptables_run("-A", PEER_CHAIN, *drop)
+        # First in FORWARD: Docker's FORWARD policy is DROP, and its chains must not decide first.
+        if self._iptables_run("-C", "FORWARD", "-j", PEER_CHAIN, check=False).returncode != 0:
+            self._iptables_run("-I", "FORWARD", "1", "-j", PEER_CHAIN)
+
+    def _remove_chain(self) -> None:
+        if self._iptables_run("-S", PEER_CHAIN, check=False).returncode != 0:
+            return
+        while self._iptables_run("-D", "FORWARD", "-j", PEER_CHAIN, check=False).returncode == 0:
+            pass
+        self._iptables_run("-F", PEER_CHAIN, check=False)
+        self._iptables_run("-X", PEER_CHAIN, check=False)
+
+    def _sweep_clusters(self, registry: Path) -> int:
+        """Peer again every cluster this registry knows (caller holds its lock), dropping gone
+        members, and remove rules of clusters with no member left; returns rules removed."""
+        before = len(self._peer_rules()) if self._iptables is not None else 0
+        clusters = registry / "clusters"
+        keys = {c.name for c in clusters.iterdir() if c.is_dir()} if clusters.is_dir() else set()
+        for key in sorted(keys):
+            self._sync_cluster(registry, key)
+        after = len(self._peer_rules()) if self._iptables is not None else 0
+        return max(0, before - after)
+
     @staticmethod
     def _free_port() -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -489,9 +691,12 @@ class LocalEngine:
         ]  # fmt: skip
         return args
 
-    def _bwrap_args(self, spec: ReplicaSpec, replica_dir: Path, with_plan: bool) -> list[str]:
+    def _bwrap_args(self, spec: ReplicaSpec, replica_dir: Path, with_plan: bool, hosts_file: bool = False) -> list[str]:
         """Everything but the command, for ``bwrap --args`` (no quoting, no ARG_MAX worries)."""
         args = self._root_args()
+        if hosts_file:
+            # Over the host's /etc/hosts: the cluster's host names (main1, sub1, ...) resolve.
+            args += ["--ro-bind", str(replica_dir / "hosts"), "/etc/hosts"]
         if with_plan:
             args += ["--ro-bind", str(BOOTSTRAP), f"{BOOTSTRAP_DIR}/bootstrap.py"]
             args += ["--ro-bind", str(replica_dir / "plan.json"), f"{BOOTSTRAP_DIR}/plan.json"]
@@ -556,8 +761,13 @@ class LocalEngine:
             "created": time.time(),
             "network": {},
             "cgroups": {},
+            "cluster": {"key": spec.cluster.key, "host": spec.cluster.host} if spec.cluster else None,
         }
         notes: list[str] = []
+        peering = self._peering_unavailable() if spec.cluster else None
+        if peering:
+            notes.append(peering)
+            meta["cluster"] = None
         try:
             if self._rootful:
                 # Claim a block, make the namespace and the cgroups under one machine-wide lock, so
@@ -573,7 +783,11 @@ class LocalEngine:
                     }
                     _write_atomic(replica_dir / "spec.json", json.dumps(meta))
                     meta["host"] = self._setup_netns(replica_id, index)
-                    meta["cgroups"], notes = self._make_cgroups(replica_id, spec)
+                    if spec.cluster and meta["cluster"]:
+                        self._join_cluster(registry, spec.cluster, replica_dir, meta["network"], meta["host"])
+                        notes.append(f"cluster member {spec.cluster.host}: reaches its peers by host name")
+                    meta["cgroups"], cgroup_notes = self._make_cgroups(replica_id, spec)
+                    notes += cgroup_notes
             else:
                 replica_dir.mkdir()
                 meta["network"] = {"mode": "pasta"}
@@ -596,7 +810,7 @@ class LocalEngine:
             argv, with_plan = self._command(spec, notes)
             if with_plan:
                 _write_atomic(replica_dir / "plan.json", json.dumps(prestart.plan(spec)))
-            bwrap_args = self._bwrap_args(spec, replica_dir, with_plan)
+            bwrap_args = self._bwrap_args(spec, replica_dir, with_plan, hosts_file=bool(meta["cluster"]))
             (replica_dir / "args").write_bytes(b"".join(a.encode() + b"\0" for a in bwrap_args))
             (replica_dir / "cgroups").write_text("".join(p + "\n" for p in self._procs_files(meta["cgroups"])))
             command = [str(self._bwrap), "--args", "3", "--", *argv]
@@ -911,6 +1125,11 @@ class LocalEngine:
         replica_dir = self.state_dir / replica_id
         network = meta.get("network") or {}
         index = network.get("index")
+        cluster = meta.get("cluster") or {}
+        if cluster.get("key") and cluster.get("host"):
+            # First, while its namespace still exists: the peers forget it and its rules go.
+            with contextlib.suppress(EngineError):
+                self._leave_cluster(str(cluster["key"]), str(cluster["host"]), replica_dir)
         if network.get("mode") == "netns":
             self._teardown_netns(replica_id, index)
         cgroups = meta.get("cgroups") or {}
@@ -995,6 +1214,7 @@ class LocalEngine:
                     (registry / str(index)).unlink()
             live_ids = {owner.name for owner in live.values()}
             live_links = {self._host_if(index) for index in live}
+            removed += self._sweep_clusters(registry)
             prefix = f"{self.netns_prefix}-"
             for line in _run(self._ip, "netns", "list", check=False).stdout.splitlines():
                 name = line.split()[0] if line.strip() else ""

@@ -23,7 +23,9 @@ import pytest
 
 from serving.engines.base import (
     LABEL_ENDPOINT,
+    LABEL_ROLE,
     LABEL_ROUTE,
+    ClusterPeering,
     Engine,
     EngineError,
     ImageNotFound,
@@ -514,3 +516,96 @@ def test_docker_errors_become_sentences(engine: DockerEngine) -> None:
         engine.stop(info.replica_id, grace=1)
     # Neither the refused start nor the failed one left a container or a plan folder behind.
     assert not engine.state_dir.exists() or list(engine.state_dir.iterdir()) == []
+
+
+# --- cluster mode (S4.1) ----------------------------------------------------------------------------
+
+# /whoami: the member's host name; /peer: main by name and by BACKENDAI_CLUSTER_MAIN_ADDR; /fetch: any URL.
+PEER_SERVER = r"""
+import json, os, urllib.parse, urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.read().decode()
+    except Exception as exc:
+        return "failed: %s" % exc
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        url = urllib.parse.urlparse(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if url.path == "/peer":
+            body = json.dumps({
+                "by_name": get("http://main1:8000/whoami"),
+                "by_main_addr": get("http://%s/whoami" % os.environ.get("BACKENDAI_CLUSTER_MAIN_ADDR", "")),
+            })
+        elif url.path == "/fetch":
+            body = get(query["url"])
+        else:
+            body = os.environ.get("BACKENDAI_CLUSTER_HOST", "")
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
+"""
+
+
+@needs_docker
+def test_cluster_members_on_two_nodes_reach_each_other_by_name_and_others_can_not(
+    engine: DockerEngine, docker_client: Any, bootstrap_path: Path, model_folder: Path, tmp_path: Path
+) -> None:
+    (model_folder / "peer.py").write_text(PEER_SERVER)
+    key = str(uuid.uuid4())
+    network = f"ms-cluster-{key}"
+    node_b = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "b")
+
+    def member(host: str) -> ReplicaSpec:
+        return make_spec(
+            model_folder,
+            command=("python3", "/models/peer.py"),
+            # As the control plane fills them in: main's port published on its node's loopback.
+            env={"BACKENDAI_CLUSTER_HOST": host, "BACKENDAI_CLUSTER_MAIN_ADDR": "127.0.0.1:1"},
+            labels={
+                LABEL_ENDPOINT: f"ep-{RUN_ID}",
+                LABEL_ROUTE: key,
+                LABEL_ROLE: "main" if host == "main1" else host,
+                TEST_LABEL: RUN_ID,
+            },
+            cluster=ClusterPeering(key=key, host=host, hosts=("main1", "sub1")),
+        )
+
+    main = engine.start(member("main1"))
+    sub = node_b.start(member("sub1"))
+    outsider = engine.start(make_spec(model_folder, command=("python3", "/models/peer.py")))
+    try:
+        for info in (main, sub, outsider):
+            wait_until(lambda info=info: http_get(info.port, "/whoami") is not None, 30, "the replica to answer")
+        peer = json.loads(http_get(sub.port, "/peer") or b"{}")
+        assert peer == {"by_name": "main1", "by_main_addr": "main1"}
+        assert http_get(main.port, "/fetch?url=http://sub1:8000/whoami") == b"sub1"
+        # A container outside the cluster's network can not connect to a member.
+        main_ip = docker_client.containers.get(main.replica_id).attrs["NetworkSettings"]["Networks"][network][
+            "IPAddress"
+        ]
+        # (Dropped, not refused: the replica's own 2 s timeout ends the attempt, so wait longer here.)
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{outsider.port}/fetch?url=http://{main_ip}:8000/whoami", timeout=10
+        ) as response:
+            answer = response.read()
+        assert answer.startswith(b"failed:"), answer
+        # Nor does the host name mean anything there.
+        assert (http_get(outsider.port, "/fetch?url=http://main1:8000/whoami") or b"").startswith(b"failed:")
+    finally:
+        node_b.stop(sub.replica_id, grace=0)
+        assert [n.name for n in docker_client.networks.list(names=[network])] == [network]  # main still on it
+        engine.stop(main.replica_id, grace=0)
+        engine.stop(outsider.replica_id, grace=0)
+    assert [n.name for n in docker_client.networks.list(names=[network])] == []

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from serving.engines.base import Mount, PreStartActionSpec, ReplicaSpec, ReplicaState
-from serving.engines.local import CGROUP_PARENT, CGROUP_ROOT, LocalEngine
+from serving.engines.base import ClusterPeering, Mount, PreStartActionSpec, ReplicaSpec, ReplicaState
+from serving.engines.local import CGROUP_PARENT, CGROUP_ROOT, NET_REGISTRY, PEER_CHAIN, LocalEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "mt"  # not the platform's "ms": cleanup_orphans() here never touches a running installation
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
 
 # A tiny server for the model folder: answers questions about the sandbox it runs in.
 SERVER = r"""
-import http.server, json, os, subprocess, sys, urllib.parse
+import http.server, json, os, subprocess, sys, urllib.parse, urllib.request
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -63,6 +63,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 with open(q["path"], "w") as f:
                     f.write("x")
                 body = "written"
+            elif url.path == "/fetch":  # what this sandbox gets from another address (cluster peers)
+                with urllib.request.urlopen(q["url"], timeout=2) as answer:
+                    body = answer.read().decode()
             elif url.path == "/spawn":
                 child = subprocess.Popen(["sleep", q["seconds"]])
                 body = str(child.pid)
@@ -464,3 +467,103 @@ def test_cleanup_orphans_removes_what_a_crash_left(engine: LocalEngine, model: P
     assert serving(engine, survivor.replica_id) == (200, "ok")
     leftovers = [p.name for p in (CGROUP_ROOT / "memory" / CGROUP_PARENT).iterdir() if p.name.startswith(PREFIX)]
     assert leftovers == [f"{PREFIX}-{survivor.replica_id}"]
+
+
+# --- cluster peering (S4.1) -------------------------------------------------------------------------
+
+
+def peer_rules(key: str) -> list[str]:
+    out = subprocess.run(["iptables", "-w", "5", "-S"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if key in line]
+
+
+def drop_packets() -> int:
+    """Packets the chain's DROP (other traffic between sandboxes) has dropped so far."""
+    listed = subprocess.run(
+        ["iptables", "-w", "5", "-L", PEER_CHAIN, "-v", "-x", "-n"], capture_output=True, text=True, check=False
+    ).stdout
+    return sum(int(line.split()[0]) for line in listed.splitlines() if " DROP " in f" {line} ")
+
+
+def member(model: Path, key: str, host: str) -> ReplicaSpec:
+    return spec(model, name=f"ms-{key}-{host}", cluster=ClusterPeering(key=key, host=host, hosts=("main1", "sub1")))
+
+
+@pytest.mark.skipif(shutil.which("iptables") is None, reason="iptables is not installed (apt-get install iptables)")
+def test_cluster_members_on_two_nodes_reach_each_other_by_name_and_nothing_else_reaches_them(
+    model: Path, tmp_path: Path
+) -> None:
+    key = f"k{os.getpid()}{int(time.monotonic() * 1000) % 100000}"
+    node_a = LocalEngine(tmp_path / "a", netns_prefix=PREFIX)
+    node_b = LocalEngine(tmp_path / "b", netns_prefix=PREFIX)
+    started: list[tuple[LocalEngine, str]] = []
+    try:
+        main = node_a.start(member(model, key, "main1"))
+        started.append((node_a, main.replica_id))
+        serving(node_a, main.replica_id)
+        sub = node_b.start(member(model, key, "sub1"))
+        started.append((node_b, sub.replica_id))
+        outsider = node_b.start(spec(model, name="ms-outsider"))
+        started.append((node_b, outsider.replica_id))
+        serving(node_b, outsider.replica_id)
+
+        # By name (the generated /etc/hosts) and by address, both ways; main started alone and
+        # learnt sub1 when it joined.
+        main_pid = serving(node_a, main.replica_id, "/pid")[1]
+        assert serving(node_b, sub.replica_id, "/fetch?url=http://main1:8000/pid") == (200, main_pid)
+        assert serving(node_b, sub.replica_id, f"/fetch?url=http://{main.host}:8000/pid") == (200, main_pid)
+        sub_pid = serving(node_b, sub.replica_id, "/pid")[1]
+        assert serving(node_a, main.replica_id, "/fetch?url=http://sub1:8000/pid") == (200, sub_pid)
+        assert serving(node_a, main.replica_id, "/read?path=/etc/hosts")[1].endswith(
+            f"{main.host}\tmain1\n{sub.host}\tsub1\n"
+        )
+
+        # A replica of another service has no route to the members...
+        status, body = serving(node_b, outsider.replica_id, f"/fetch?url=http://{main.host}:8000/pid")
+        assert status == 500 and "unreachable" in body
+        # ...and with one forged (as if it could), the host's firewall drops what it sends.
+        outsider_meta = json.loads((tmp_path / "b" / outsider.replica_id / "spec.json").read_text())
+        gateway = node_b._addresses(outsider_meta["network"]["index"])[0]
+        subprocess.run(
+            ["ip", "-n", outsider_meta["network"]["netns"], "route", "add", "10.213.0.0/16", "via", gateway],
+            check=True,
+        )
+        dropped = drop_packets()
+        status, body = serving(node_b, outsider.replica_id, f"/fetch?url=http://{main.host}:8000/pid")
+        assert status == 500 and main_pid not in body
+        forwarding = Path(f"/proc/sys/net/ipv4/conf/{outsider_meta['network']['host_if']}/forwarding").read_text()
+        if forwarding.strip() == "1":  # else the kernel did not even forward it
+            assert drop_packets() > dropped
+        assert len(peer_rules(key)) == 2  # main1 -> sub1 and sub1 -> main1
+
+        # A member stopping takes its peering with it; the last one leaves no rule, route or entry.
+        node_b.stop(sub.replica_id, grace=0)
+        assert peer_rules(key) == []
+        main_meta = json.loads((tmp_path / "a" / main.replica_id / "spec.json").read_text())
+        routes = subprocess.run(
+            ["ip", "-n", main_meta["network"]["netns"], "route", "show", "proto", "static"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert routes.strip() == ""
+        assert "sub1" not in serving(node_a, main.replica_id, "/read?path=/etc/hosts")[1]
+        node_a.stop(main.replica_id, grace=0)
+        assert not (NET_REGISTRY / "clusters" / key).exists()
+        assert main_meta["network"]["netns"] not in netns_names()
+    finally:
+        for engine, replica_id in started:
+            engine.stop(replica_id, grace=0)
+    assert peer_rules(key) == []
+
+
+@pytest.mark.skipif(shutil.which("iptables") is None, reason="iptables is not installed (apt-get install iptables)")
+def test_cleanup_orphans_removes_the_peering_of_a_crashed_cluster(model: Path, tmp_path: Path) -> None:
+    key = f"c{os.getpid()}{int(time.monotonic() * 1000) % 100000}"
+    crashed = LocalEngine(tmp_path / "crashed", netns_prefix=PREFIX)
+    crashed.start(member(model, key, "main1"))
+    crashed.start(member(model, key, "sub1"))
+    assert len(peer_rules(key)) == 2
+    shutil.rmtree(crashed.state_dir)  # the worker's state is lost; rules, namespaces and processes remain
+
+    assert LocalEngine(tmp_path / "other", netns_prefix=PREFIX).cleanup_orphans() >= 2
+    assert peer_rules(key) == []
+    assert not (NET_REGISTRY / "clusters" / key).exists()

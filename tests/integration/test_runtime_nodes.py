@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -299,6 +301,118 @@ def test_multi_node_cluster_one_member_per_node_main_serves_a_dead_sub_replaces_
         timeout=20,
         what="no member left on any node",
     )
+
+
+# Every member runs it: /whoami says which member answers, /peer is a sub asking main (by its host
+# name and by BACKENDAI_CLUSTER_MAIN_ADDR), /fetch tries any address from inside the replica.
+PEER_SERVER = """\
+import json, os, urllib.parse, urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.read().decode()
+    except Exception as exc:
+        return "failed: %s" % exc
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        url = urllib.parse.urlparse(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if url.path == "/peer":
+            body = json.dumps({
+                "by_name": get("http://main1:8000/whoami"),
+                "by_main_addr": get("http://%s/whoami" % os.environ.get("BACKENDAI_CLUSTER_MAIN_ADDR", "")),
+            })
+        elif url.path == "/fetch":
+            body = get(query["url"])
+        else:
+            body = os.environ.get("BACKENDAI_CLUSTER_HOST", "")
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
+"""
+PEER_DEFINITION = SIMPLE_DEFINITION.replace(
+    '[python3, -m, http.server, --directory, /models, "8000"]', "[python3, /models/peer.py]"
+)
+
+
+def fetch_text(url: str) -> str:
+    """The body at ``url``, waiting for a member that runs but may not listen yet (a sub's route is
+    healthy once main is and the sub's sandbox runs)."""
+
+    def attempt() -> str | None:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return str(answer.read().decode())
+        except OSError:
+            return None
+
+    return str(wait_for(attempt, timeout=10, what=f"an answer from {url}"))
+
+
+def firewall_rules() -> str:
+    return subprocess.run(["iptables", "-w", "5", "-S"], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="cluster peering on the local engine needs root (network namespaces)")
+@pytest.mark.skipif(shutil.which("iptables") is None, reason="iptables is not installed (apt-get install iptables)")
+def test_multi_node_cluster_sub_reaches_main_by_name_and_address_and_another_service_can_not(
+    live_factory: Callable[..., LiveSystem], api: Any, personas: dict[str, Any]
+) -> None:
+    live_factory(nodes={"a": {}, "b": {}})
+    folder = FolderFactory(
+        owner=personas["owner"],
+        name="peers",
+        files={"model-definition.yaml": PEER_DEFINITION, "peer.py": PEER_SERVER},
+    )
+    sid = service(api, folder, replicas=1, cluster_mode="multi-node", cluster_size=2, resources={"cpu": 1})["id"]
+    other = service(api, folder, name="svc-other", replicas=1, resources={"cpu": 1})["id"]
+    [route] = wait_for(lambda: healthy_routes(api, sid, 1), timeout=40, what="a healthy cluster route")
+    [outsider] = wait_for(
+        lambda: healthy_routes(api, other, 1), timeout=40, what="a healthy replica of another service"
+    )
+    main, sub = route["members"]
+    assert main["node"] != sub["node"]
+
+    # The sub, on the other node, opens connections to main: by host name and by the address it got.
+    assert json.loads(fetch_text(f"http://{sub['address']}/peer")) == {"by_name": "main1", "by_main_addr": "main1"}
+    # Main reaches its sub by name too.
+    assert fetch_text(f"http://{main['address']}/fetch?url=http://sub1:8000/whoami") == "sub1"
+    # A replica of another service on this machine can not connect to a member.
+    for address in (main["address"], sub["address"]):
+        answer = fetch_text(f"http://{outsider['host']}:{outsider['port']}/fetch?url=http://{address}/whoami")
+        assert answer.startswith("failed:"), answer
+    assert route["id"] in firewall_rules()
+
+    # Terminated: no rule, namespace or link of the cluster remains on the machine.
+    members = [engine_of(n).list() for n in ("a", "b")]
+    networks = [
+        json.loads((Path(engine_of(n).state_dir) / i.replica_id / "spec.json").read_text())["network"]
+        for n, infos in zip(("a", "b"), members, strict=True)
+        for i in infos
+        if i.labels.get("serving.route") == route["id"]
+    ]
+    assert len(networks) == 2
+    assert api("owner").delete(f"/api/v1/services/{sid}/").status_code in (200, 202, 204)
+    wait_for(
+        lambda: not replicas_in_engine("a", sid) and not replicas_in_engine("b", sid),
+        timeout=30,
+        what="no member left on any node",
+    )
+    assert route["id"] not in firewall_rules()
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    for network in networks:
+        assert network["netns"] not in namespaces
+        assert not Path(f"/sys/class/net/{network['host_if']}").exists()
 
 
 def test_cluster_route_with_a_member_on_a_lost_node_moves_and_every_leftover_member_is_swept(
