@@ -12,9 +12,10 @@ What a laptop without Docker gets, and what most tests use (a sandbox is up in ~
   hands /home/work (and a workdir bwrap made in it) to that user and execs ``setpriv`` (util-linux),
   which takes the uid/gid, clears the groups and drops every capability, bounding set included,
   before the pre-start runner or the start command starts: both run as that user, with /home/work
-  theirs, /tmp and /var/tmp sticky and world-writable, the model folder read-only whatever its
-  modes. No user namespace: the uid is the host's, so the host sees (and kills, and accounts) the
-  replica's processes as before. An engine not running as root runs replicas as its own user;
+  theirs, /tmp and /var/tmp sticky and world-writable, the model folder read-only (and readable
+  where its modes let others read: storage writes 0644/0755 files). No user namespace: the uid
+  is the host's, so the host sees (and kills, and accounts) the replica's processes as before.
+  An engine not running as root runs replicas as its own user;
 * as root: one network namespace per replica with a veth pair (one /30 per replica out of the
   ``subnet`` setting), so two replicas of a service both listen on the definition's port and the
   host reaches each at its own address. The server must listen on 0.0.0.0 (or the namespace's
