@@ -603,6 +603,7 @@ class LocalEngine:
         with contextlib.suppress(OSError), path.open("r+" if path.exists() else "w") as handle:
             handle.write(text)
             handle.truncate()
+            os.fchmod(handle.fileno(), 0o644)  # the replica's unprivileged user resolves names with it
 
     def _iptables_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         assert self._iptables is not None
@@ -909,6 +910,8 @@ class LocalEngine:
             argv, with_plan = self._command(spec, notes)
             if with_plan:
                 _write_atomic(replica_dir / "plan.json", json.dumps(prestart.plan(spec)))
+                # Read by the replica's unprivileged user, whatever the worker's umask.
+                (replica_dir / "plan.json").chmod(0o644)
             bwrap_args = self._bwrap_args(spec, replica_dir, with_plan, hosts_file=bool(meta["cluster"]))
             (replica_dir / "args").write_bytes(b"".join(a.encode() + b"\0" for a in bwrap_args))
             (replica_dir / "cgroups").write_text("".join(p + "\n" for p in self._procs_files(meta["cgroups"])))

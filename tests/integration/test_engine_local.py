@@ -285,7 +285,11 @@ def test_pre_start_actions_and_server_run_as_the_unprivileged_user(
         PreStartActionSpec("write_file", {"filename": "/tmp/prestart.txt", "body": "tmp"}),
     )
     mounts = (Mount(str(model), "/models", read_only=True), Mount(str(data), "/home/work/data", read_only=False))
-    info = engine.start(spec(model, mounts=mounts, pre_start_actions=actions, workdir="/home/work/app/run"))
+    umask = os.umask(0o077)  # a worker with a strict umask: the files the replica reads stay readable
+    try:
+        info = engine.start(spec(model, mounts=mounts, pre_start_actions=actions, workdir="/home/work/app/run"))
+    finally:
+        os.umask(umask)
     assert serving(engine, info.replica_id, "/read?path=config.txt") == (200, "made by prestart")
     lines = list(engine.logs(info.replica_id))
     assert "[prestart] action 0 (run_command) out: 65534" in lines, lines
