@@ -203,6 +203,10 @@ DEFAULT_IMAGE = env_str("DEFAULT_IMAGE", "modelserve/python:3.11")
 STORAGE_ROOT = Path(env_str("STORAGE_ROOT", str(VAR_DIR / "storage")))
 DEFAULT_FOLDER_QUOTA = env_int("DEFAULT_FOLDER_QUOTA", 50 * 1024**3, minimum=0)
 ENGINE_STATE_DIR = Path(env_str("ENGINE_STATE_DIR", str(VAR_DIR / "engine")))
+# Who replicas of the local engine run as when it runs as root (nobody/nogroup by default; 0 and 0
+# keep them root without capabilities). An engine not running as root runs them as its own user.
+LOCAL_ENGINE_UID = env_int("LOCAL_ENGINE_UID", 65534, minimum=0)
+LOCAL_ENGINE_GID = env_int("LOCAL_ENGINE_GID", 65534, minimum=0)
 
 # --- REST API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

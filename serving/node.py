@@ -80,7 +80,9 @@ def _make_engine(choice: str) -> Engine:
             return docker_engine
         if choice == "docker":
             raise EngineError("SERVING_ENGINE=docker but no Docker daemon answers; start dockerd or use local.")
-    return LocalEngine(state_dir=state_dir / f"local-{node_name()}")
+    return LocalEngine(
+        state_dir=state_dir / f"local-{node_name()}", uid=settings.LOCAL_ENGINE_UID, gid=settings.LOCAL_ENGINE_GID
+    )
 
 
 # --- registration and heartbeat ------------------------------------------------------------------

@@ -6,6 +6,16 @@ What a laptop without Docker gets, and what most tests use (a sandbox is up in ~
   lives outside /usr), the model folder is bound read-only at its mount path, /home/work and /tmp
   are private tmpfs, own PID/IPC/UTS/cgroup namespaces, every capability dropped, the environment
   cleared; nothing else of the host (the platform's files, other folders) is there;
+* the replica runs as an unprivileged user, as Backend.AI runs kernels as ``work``: uid/gid 65534
+  (nobody/nogroup) unless the engine is given another (settings ``LOCAL_ENGINE_UID``/``_GID``). As
+  root, bwrap keeps just CHOWN/SETUID/SETGID/SETPCAP for a one-line prelude inside the sandbox that
+  hands /home/work (and a workdir bwrap made in it) to that user and execs ``setpriv`` (util-linux),
+  which takes the uid/gid, clears the groups and drops every capability, bounding set included,
+  before the pre-start runner or the start command starts: both run as that user, with /home/work
+  theirs, /tmp and /var/tmp sticky and world-writable, the model folder read-only (and readable
+  where its modes let others read: storage writes 0644/0755 files). No user namespace: the uid
+  is the host's, so the host sees (and kills, and accounts) the replica's processes as before.
+  An engine not running as root runs replicas as its own user;
 * as root: one network namespace per replica with a veth pair (one /30 per replica out of the
   ``subnet`` setting), so two replicas of a service both listen on the definition's port and the
   host reaches each at its own address. The server must listen on 0.0.0.0 (or the namespace's
@@ -64,7 +74,13 @@ DEFAULT_PIDS_LIMIT = 1024
 BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
 BOOTSTRAP_DIR = "/opt/modelserve"  # where the pre-start runner and its plan appear in the sandbox
 BOOTSTRAP_FAILED = prestart.BOOTSTRAP_FAILED_EXIT
-JOIN_FAILED = 111  # the supervisor could not put the sandbox into its cgroups / rlimit
+JOIN_FAILED = 111  # the supervisor could not put the sandbox into its cgroups / rlimit, or hand it its home
+# Who replicas run as when the engine runs as root (nobody/nogroup: owns no file of the host).
+DEFAULT_UID = DEFAULT_GID = 65534
+MAX_ID = 4_294_967_294  # (uid_t)-1 means "unchanged" to the kernel
+# Kept by bwrap for the prelude only: setpriv drops them all before the replica's own code runs.
+PRELUDE_CAPS = ("CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
+PRIVATE_TMPFS = ("/home/work", "/tmp", "/var/tmp")  # noqa: S108  (the sandbox's own tmpfs)
 # Address blocks and interface names are a machine-wide resource: several engines (node workers,
 # test suites) can run on one host, so claims live in one registry, not per state dir.
 NET_REGISTRY = Path(os.environ.get("MODELSERVE_NET_REGISTRY", "/run/modelserve/net"))
@@ -80,6 +96,8 @@ MIB = 1 << 20
 # Sandbox paths a mount may not cover: the sandbox's own skeleton and the pre-start runner.
 RESERVED_TARGETS = ("/usr", "/etc", "/proc", "/dev", "/bin", "/sbin", "/lib", "/lib64", BOOTSTRAP_DIR)
 # Readable by uid 0 even without capabilities (it owns them); not the replica's business.
+# The host's read-only skeleton in the sandbox: directories there exist already.
+SKELETON = ("/usr", "/etc", "/proc", "/dev", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 ETC_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-")
 ETC_SECRET_DIRS = ("/etc/ssl/private",)
 
@@ -160,6 +178,21 @@ def _all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
+def _parent_dirs(target: str) -> list[str]:
+    """``--dir`` for the ancestors of a bind target: bwrap makes missing ones mode 0700, which the
+    replica's unprivileged user could not pass (an existing directory is left as it is)."""
+    chain: list[str] = []
+    parent = os.path.dirname(os.path.normpath(target))
+    while parent not in ("/", ""):
+        chain.append(parent)
+        parent = os.path.dirname(parent)
+    args: list[str] = []
+    for path in reversed(chain):
+        if not any(path == s or path.startswith(s + "/") for s in SKELETON):
+            args += ["--dir", path]
+    return args
+
+
 def _pidns_inode(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}/ns/pid").st_ino
@@ -177,8 +210,18 @@ class LocalEngine:
         subnet: str = "10.213.0.0/16",
         python_prefix: str | None = None,
         pids_limit: int = DEFAULT_PIDS_LIMIT,
+        uid: int = DEFAULT_UID,
+        gid: int = DEFAULT_GID,
     ) -> None:
         self.state_dir = Path(state_dir)
+        for what, value, setting in (("uid", uid, "LOCAL_ENGINE_UID"), ("gid", gid, "LOCAL_ENGINE_GID")):
+            if not 0 <= value <= MAX_ID:
+                raise EngineError(
+                    f"The local engine's replica {what} {value} is not a valid {what}; set {setting} to a "
+                    f"number from 0 to {MAX_ID} (65534 is nobody/nogroup)."
+                )
+        # Used only when the engine runs as root; 0/0 keeps replicas as (capability-less) root.
+        self.uid, self.gid = uid, gid
         try:
             self.subnet = ipaddress.ip_network(subnet)
         except ValueError as exc:
@@ -203,6 +246,7 @@ class LocalEngine:
         self._ip = shutil.which("ip", path=HOST_PATH)
         self._pasta = shutil.which("pasta", path=HOST_PATH)
         self._iptables = shutil.which("iptables", path=HOST_PATH)
+        self._setpriv = shutil.which("setpriv", path=HOST_PATH)
 
     # --- availability -----------------------------------------------------------------------------
 
@@ -216,6 +260,12 @@ class LocalEngine:
         if os.geteuid() == 0:
             if self._ip is None:
                 return "iproute2 is not installed; install it with `apt-get install iproute2`"
+            if self._drops_to_user and self._setpriv is None:
+                return (
+                    "setpriv is missing, which makes replicas run as an unprivileged user; install it "
+                    "with `apt-get install util-linux` (or set LOCAL_ENGINE_UID=0 and LOCAL_ENGINE_GID=0 to "
+                    "run them as root without capabilities)"
+                )
             return None
         if self._pasta is None:
             return (
@@ -227,6 +277,12 @@ class LocalEngine:
     @property
     def _rootful(self) -> bool:
         return os.geteuid() == 0
+
+    @property
+    def _drops_to_user(self) -> bool:
+        """Whether replicas switch to ``uid``/``gid`` inside the sandbox (an engine not running as
+        root runs them as its own user, and can not switch)."""
+        return self._rootful and (self.uid, self.gid) != (0, 0)
 
     # --- layout -----------------------------------------------------------------------------------
 
@@ -547,6 +603,7 @@ class LocalEngine:
         with contextlib.suppress(OSError), path.open("r+" if path.exists() else "w") as handle:
             handle.write(text)
             handle.truncate()
+            os.fchmod(handle.fileno(), 0o644)  # the replica's unprivileged user resolves names with it
 
     def _iptables_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         assert self._iptables is not None
@@ -679,13 +736,13 @@ class LocalEngine:
         # the platform's own tree, nothing else of that tree becomes visible.
         for path in self._python_dirs():
             if os.path.islink(path):
-                args += ["--symlink", os.readlink(path), path]
+                args += [*_parent_dirs(path), "--symlink", os.readlink(path), path]
             elif os.path.isdir(path):
-                args += ["--ro-bind", path, path]
+                args += [*_parent_dirs(path), "--ro-bind", path, path]
         args += [
-            "--tmpfs", "/home/work",
-            "--tmpfs", "/tmp",  # noqa: S108  (the sandbox's own tmpfs)
-            "--tmpfs", "/var/tmp",  # noqa: S108
+            "--perms", "0755", "--tmpfs", "/home/work",  # handed to the replica's user by the prelude
+            "--perms", "1777", "--tmpfs", "/tmp",  # noqa: S108  (the sandbox's own tmpfs)
+            "--perms", "1777", "--tmpfs", "/var/tmp",  # noqa: S108
             "--dev", "/dev",
             "--proc", "/proc",
         ]  # fmt: skip
@@ -698,11 +755,13 @@ class LocalEngine:
             # Over the host's /etc/hosts: the cluster's host names (main1, sub1, ...) resolve.
             args += ["--ro-bind", str(replica_dir / "hosts"), "/etc/hosts"]
         if with_plan:
+            args += [*_parent_dirs(f"{BOOTSTRAP_DIR}/bootstrap.py")]
             args += ["--ro-bind", str(BOOTSTRAP), f"{BOOTSTRAP_DIR}/bootstrap.py"]
             args += ["--ro-bind", str(replica_dir / "plan.json"), f"{BOOTSTRAP_DIR}/plan.json"]
         # Parents before children, so a mount inside another one lands on top of it.
         for mount in sorted(spec.mounts, key=lambda m: os.path.normpath(m.target).count("/")):
-            args += ["--ro-bind" if mount.read_only else "--bind", mount.source, os.path.normpath(mount.target)]
+            target = os.path.normpath(mount.target)
+            args += [*_parent_dirs(target), "--ro-bind" if mount.read_only else "--bind", mount.source, target]
         workdir = spec.workdir or "/home/work"
         hostname = re.sub(r"[^A-Za-z0-9-]", "-", spec.name)[:63].strip("-") or "replica"
         path = SANDBOX_PATH + (f":{self.python_prefix}/bin" if self.python_prefix else "")
@@ -721,12 +780,53 @@ class LocalEngine:
         ]  # fmt: skip
         if self._rootful:
             args += ["--cap-drop", "ALL"]
+            if self._drops_to_user:
+                for cap in PRELUDE_CAPS:
+                    args += ["--cap-add", cap]
         for key, value in spec.env.items():
             args += ["--setenv", key, value]
         return args
 
     def _command(self, spec: ReplicaSpec, notes: list[str]) -> tuple[list[str], bool]:
         """The argv bwrap runs, and whether it goes through the pre-start runner."""
+        argv, with_plan = self._replica_command(spec, notes)
+        if not self._drops_to_user:
+            return argv, with_plan
+        assert self._setpriv is not None
+        notes.append(f"runs as uid {self.uid}, gid {self.gid}")
+        # As root with PRELUDE_CAPS: hand the home to the user, then become it for good. setpriv
+        # execs in place, so the server keeps the pid the engine watches and signals.
+        owned = " ".join(shlex.quote(d) for d in self._home_dirs(spec))
+        prelude = 'exec "$@"'
+        if owned:
+            prelude = (
+                f"chown {self.uid}:{self.gid} {owned} || "
+                f"{{ echo '[engine] could not hand /home/work to uid {self.uid}'; exit {JOIN_FAILED}; }}\n{prelude}"
+            )
+        setpriv = [
+            self._setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--",
+        ]  # fmt: skip
+        return ["/bin/sh", "-c", prelude, "prelude", *setpriv, *argv], with_plan
+
+    @staticmethod
+    def _home_dirs(spec: ReplicaSpec) -> list[str]:
+        """The sandbox's own directories the replica's user must own: /home/work and whatever bwrap
+        makes for the workdir inside a private tmpfs. Never a mount: a host folder keeps its owner."""
+        targets = [os.path.normpath(m.target) for m in spec.mounts]
+
+        def mounted(path: str) -> bool:
+            return any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets)
+
+        dirs = ["/home/work"]
+        workdir = os.path.normpath(spec.workdir or "/home/work")
+        for root in PRIVATE_TMPFS:
+            if workdir.startswith(root + "/"):
+                parts = workdir.removeprefix(root + "/").split("/")
+                dirs += [f"{root}/{'/'.join(parts[: i + 1])}" for i in range(len(parts))]
+        return [d for d in dict.fromkeys(dirs) if not mounted(d)]
+
+    def _replica_command(self, spec: ReplicaSpec, notes: list[str]) -> tuple[list[str], bool]:
         assert spec.command is not None
         if spec.pre_start_actions:
             # The runner handles the shell form and its fallback itself.
@@ -810,6 +910,8 @@ class LocalEngine:
             argv, with_plan = self._command(spec, notes)
             if with_plan:
                 _write_atomic(replica_dir / "plan.json", json.dumps(prestart.plan(spec)))
+                # Read by the replica's unprivileged user, whatever the worker's umask.
+                (replica_dir / "plan.json").chmod(0o644)
             bwrap_args = self._bwrap_args(spec, replica_dir, with_plan, hosts_file=bool(meta["cluster"]))
             (replica_dir / "args").write_bytes(b"".join(a.encode() + b"\0" for a in bwrap_args))
             (replica_dir / "cgroups").write_text("".join(p + "\n" for p in self._procs_files(meta["cgroups"])))

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from serving.engines.base import ClusterPeering, Mount, PreStartActionSpec, ReplicaSpec, ReplicaState
+from serving.engines.base import ClusterPeering, EngineError, Mount, PreStartActionSpec, ReplicaSpec, ReplicaState
 from serving.engines.local import CGROUP_PARENT, CGROUP_ROOT, NET_REGISTRY, PEER_CHAIN, LocalEngine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +56,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 body = str(os.getpid())
             elif url.path == "/env":
                 body = json.dumps(dict(os.environ))
+            elif url.path == "/stat":  # owner uid, gid of a path, and who is asking, and from where
+                found = os.stat(q["path"])
+                body = json.dumps([found.st_uid, found.st_gid, os.getuid(), os.getgid(), os.getcwd()])
             elif url.path == "/read":
                 with open(q["path"]) as f:
                     body = f.read()
@@ -269,6 +272,53 @@ def test_pre_start_actions_run_in_order_then_the_shell_command(engine: LocalEngi
     assert temp_path.endswith(".py")
     assert f"shell sees hi and {temp_path}" in text
     assert serving(engine, info.replica_id, f"/read?path={temp_path}") == (200, "print('temp')\n")
+
+
+def test_pre_start_actions_and_server_run_as_the_unprivileged_user(
+    engine: LocalEngine, model: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    actions = (
+        PreStartActionSpec("run_command", {"command": ["id", "-u"]}),
+        PreStartActionSpec("write_file", {"filename": "/home/work/app/run/config.txt", "body": "made by prestart"}),
+        PreStartActionSpec("write_file", {"filename": "/tmp/prestart.txt", "body": "tmp"}),
+    )
+    mounts = (Mount(str(model), "/models", read_only=True), Mount(str(data), "/home/work/data", read_only=False))
+    umask = os.umask(0o077)  # a worker with a strict umask: the files the replica reads stay readable
+    try:
+        info = engine.start(spec(model, mounts=mounts, pre_start_actions=actions, workdir="/home/work/app/run"))
+    finally:
+        os.umask(umask)
+    assert serving(engine, info.replica_id, "/read?path=config.txt") == (200, "made by prestart")
+    lines = list(engine.logs(info.replica_id))
+    assert "[prestart] action 0 (run_command) out: 65534" in lines, lines
+    assert "[engine] runs as uid 65534, gid 65534" in lines, lines
+    for path in ("/home/work/app/run/config.txt", "/tmp/prestart.txt", "/home/work/app"):
+        status, body = serving(engine, info.replica_id, f"/stat?path={path}")
+        assert status == 200 and json.loads(body) == [65534, 65534, 65534, 65534, "/home/work/app/run"], (path, body)
+    # A host folder mounted inside the home keeps its owner: the engine hands over only its own tmpfs.
+    assert (data.stat().st_uid, data.stat().st_gid) == (0, 0)
+    status, body = serving(engine, info.replica_id, "/write?path=/home/work/data/x")
+    assert status == 500 and "Permission denied" in body, body
+
+
+def test_replicas_stay_root_without_capabilities_when_configured_so(tmp_path: Path, model: Path) -> None:
+    local = LocalEngine(tmp_path / "state", netns_prefix=PREFIX, uid=0, gid=0)
+    try:
+        info = local.start(spec(model))
+        status, body = serving(local, info.replica_id, "/stat?path=/home/work")
+        assert status == 200 and json.loads(body)[:4] == [0, 0, 0, 0], body
+    finally:
+        for replica in local.list():
+            local.stop(replica.replica_id, grace=0)
+
+
+def test_a_replica_user_that_is_no_id_is_refused_with_the_setting_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=r"LOCAL_ENGINE_UID to a number from 0 to 4294967294"):
+        LocalEngine(tmp_path / "state", netns_prefix=PREFIX, uid=-1)
+    with pytest.raises(EngineError, match=r"set LOCAL_ENGINE_GID"):
+        LocalEngine(tmp_path / "state", netns_prefix=PREFIX, gid=1 << 32)
 
 
 def test_failing_pre_start_action_is_reported_with_its_index(engine: LocalEngine, model: Path) -> None:

@@ -7,6 +7,9 @@ and the OOM kill being reported. Here, from *inside* a replica, what those do no
 
 * the kernel's view: NoNewPrivs is 1 and no capability is effective (so a setuid binary or a
   remount can not undo the rest);
+* on the local engine: the replica is not root but nobody (or the configured uid/gid) with no
+  supplementary group and an empty bounding set, owns its /home/work, can write /tmp, and can not
+  read a root-only file of its own model folder;
 * the model mount stays read-only even after ``mount -o remount,rw``; a symlink planted in the
   folder does not lead out of it;
 * the platform's own files (``var/``: database, secret keys; the storage root's other folders; the
@@ -84,6 +87,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
         facts = {
             "no_new_privs": status("NoNewPrivs"),
+            "ids": [os.getuid(), os.geteuid(), os.getgid(), os.getegid()],
+            "groups": os.getgroups(),
+            "cap_bnd": status("CapBnd"),
+            "home": [os.environ.get("HOME"), os.stat("/home/work").st_uid],
             "cap_eff": status("CapEff"),
             "remount": remount(),
             "read": {p: attempt(lambda p=p: open(p).read()) for p in query.get("read", [])},
@@ -184,16 +191,53 @@ def _local_spec(layout: Layout, **extra: Any) -> Any:
     return local_tests.spec(layout.model, mounts=(Mount(str(layout.model), "/models", read_only=True),), **extra)
 
 
-@needs_local
-def test_local_replica_is_confined(local_engine: Any, tmp_path: Path) -> None:
-    layout = Layout(tmp_path)
-    info = local_engine.start(_local_spec(layout))
+def _unprivileged_facts(engine: Any, layout: Layout) -> dict[str, Any]:
+    """What a replica of ``engine`` sees, with the checks every replica passes done."""
+    root_only = layout.model / "root-only.txt"
+    root_only.write_text("only root reads this")
+    root_only.chmod(0o600)
+    info = engine.start(_local_spec(layout))
     # The host's end of the replica's veth pair (a /30: the host has the address below the replica's).
     host = str(ipaddress.ip_address(info.host) - 1)
-    query = layout.query(Path(local_engine.state_dir), host=host)
-    status, body = local_tests.serving(local_engine, info.replica_id, "/?" + query)
+    query = (
+        layout.query(Path(engine.state_dir), host=host)
+        + "&"
+        + urllib.parse.urlencode(
+            {"read": "/models/root-only.txt", "write": ["/tmp/scratch", "/var/tmp/scratch"]}, doseq=True
+        )
+    )
+    status, body = local_tests.serving(engine, info.replica_id, "/?" + query)
     assert status == 200, body
-    check(json.loads(body), layout)
+    facts = json.loads(body)
+    check({**facts, "read": {k: v for k, v in facts["read"].items() if k != "/models/root-only.txt"}}, layout)
+    assert facts["read"]["/models/root-only.txt"] == "Permission denied", facts["read"]
+    assert facts["write"]["/tmp/scratch"].startswith("ok"), facts["write"]
+    assert facts["write"]["/var/tmp/scratch"].startswith("ok"), facts["write"]
+    assert int(facts["cap_bnd"], 16) == 0, facts  # nothing a later exec could get back
+    return dict(facts)
+
+
+@needs_local
+def test_local_replica_is_confined_and_runs_as_nobody(local_engine: Any, tmp_path: Path) -> None:
+    facts = _unprivileged_facts(local_engine, Layout(tmp_path))
+    assert facts["ids"] == [65534, 65534, 65534, 65534], facts
+    assert facts["groups"] in ([], [65534]), facts  # no supplementary group of root's
+    assert facts["home"] == ["/home/work", 65534], facts
+
+
+@needs_local
+def test_local_replica_runs_as_the_configured_user(tmp_path: Path) -> None:
+    from serving.engines.local import LocalEngine
+
+    engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX, uid=4321, gid=4322)
+    try:
+        facts = _unprivileged_facts(engine, Layout(tmp_path))
+    finally:
+        for info in engine.list():
+            engine.stop(info.replica_id, grace=0)
+    assert facts["ids"] == [4321, 4321, 4322, 4322], facts
+    assert facts["groups"] in ([], [4322]), facts
+    assert facts["home"] == ["/home/work", 4321], facts
 
 
 @needs_local
