@@ -155,7 +155,7 @@ def cluster_summary(endpoint: Endpoint) -> str:
 
 def route_members(route: Route) -> list[dict[str, Any]]:
     """The containers of a cluster-mode replica as the API shows them (main first), each with its
-    status in words; empty for a replica of one container, whose row needs no list."""
+    status in words and a sub's error; empty for a replica of one container, whose row needs no list."""
     from serving.api.serializers import RouteSerializer
 
     members = RouteSerializer().get_members(route)
@@ -166,6 +166,8 @@ def route_members(route: Route) -> list[dict[str, Any]]:
     for member in members:
         labels = route_labels if member["role"] == "main" else member_labels
         member["status_label"] = str(labels.get(member["status"], member["status"]))
+        if member["role"] == "main":
+            member["error"] = ""  # the route's own error, in the row's Error cell already
     return members
 
 

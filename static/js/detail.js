@@ -114,7 +114,7 @@
     $(".r-logs", row).hidden = false;
   }
   // A cluster-mode replica lists its containers (main first, as the API gives them): host name, node,
-  // status and, for a failed one, its error. A replica of one container shows no list.
+  // status and, for a failed sub, its error. A replica of one container shows no list.
   function fillMembers(row, members) {
     const list = $(".r-members", row);
     const many = Array.isArray(members) && members.length > 1;
@@ -129,8 +129,10 @@
       const labels = member.role === "main" ? routeStatuses : memberStatuses;
       $(".m-status", item).textContent = String(labels[member.status] || member.status);
       const error = $(".m-error", item);
-      error.textContent = member.error || "";
-      error.hidden = !member.error;
+      // Main's error is the route's own, in the row's Error cell already.
+      const text = member.role === "main" ? "" : member.error || "";
+      error.textContent = text;
+      error.hidden = !text;
       return item;
     });
     list.replaceChildren(...items);

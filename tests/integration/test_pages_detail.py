@@ -126,7 +126,7 @@ def test_user_text_is_escaped(browser: Any, service: Endpoint) -> None:
 
 def members_of(html: str, route: Route) -> list[str]:
     """The member lines of one route's row, as text (tags dropped, whitespace folded)."""
-    row = html.split(f'<tr data-id="{route.pk}">')[1].split("</tr>")[0]
+    row = html.split(f'<tr data-id="{route.pk}">')[1].split("</tr>", maxsplit=1)[0]
     items = re.findall(r"<li class=\"member[^\"]*\"[^>]*>(.*?)</li>", row, flags=re.S)
     return [" ".join(re.sub(r"<[^>]+>", " ", item).split()) for item in items]
 
@@ -173,7 +173,9 @@ def test_cluster_routes_list_their_members_and_a_plain_route_does_not(
 
     # A replica of one container looks as before: no member list, no cluster line.
     plain = actions.do_create_service(acting_user=personas["owner"], name="plain-one", folder=folder)
-    single = Route.objects.create(endpoint=plain, node=node_a, status=Route.Status.HEALTHY, host="127.0.0.1", port=41003)
+    single = Route.objects.create(
+        endpoint=plain, node=node_a, status=Route.Status.HEALTHY, host="127.0.0.1", port=41003
+    )
     html = browser("owner").get(page(plain)).content.decode()
     assert members_of(html, single) == []
     assert '<ul class="r-members" aria-label="Cluster members" hidden>' in " ".join(html.split())
