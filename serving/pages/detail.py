@@ -18,6 +18,7 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import Prefetch
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import Resolver404, URLPattern, path, resolve, reverse
@@ -29,7 +30,7 @@ from rest_framework.exceptions import ValidationError as DRFValidationError
 from serving import actions, slots
 from serving.access import access_endpoint, can_write_endpoint
 from serving.api.serializers import RuleSerializer, TokenCreateSerializer
-from serving.models import AutoScalingRule, Endpoint, EndpointStatus, EndpointToken, Route
+from serving.models import AutoScalingRule, Endpoint, EndpointStatus, EndpointToken, Route, RouteMember
 from serving.pages.services import MODEL_NAME_VARIABLES, field_errors, offers_chat
 from storage.models import Folder
 
@@ -141,6 +142,35 @@ def _settings_rows(endpoint: Endpoint) -> list[tuple[str, Any]]:
     return rows
 
 
+def cluster_summary(endpoint: Endpoint) -> str:
+    """What the header says of a cluster-mode service (S4.1), "" for a plain one (cluster of one)."""
+    if endpoint.cluster_size <= 1:
+        return ""
+    if endpoint.cluster_mode == Endpoint.ClusterMode.MULTI_NODE:
+        return _("Multi-node cluster: %(size)s containers per replica, each on its own node") % {
+            "size": endpoint.cluster_size
+        }
+    return _("Single-node cluster: %(size)s containers per replica, on one node") % {"size": endpoint.cluster_size}
+
+
+def route_members(route: Route) -> list[dict[str, Any]]:
+    """The containers of a cluster-mode replica as the API shows them (main first), each with its
+    status in words and a sub's error; empty for a replica of one container, whose row needs no list."""
+    from serving.api.serializers import RouteSerializer
+
+    members = RouteSerializer().get_members(route)
+    if len(members) < 2:
+        return []
+    route_labels = dict(Route.Status.choices)
+    member_labels = dict(RouteMember.Status.choices)
+    for member in members:
+        labels = route_labels if member["role"] == "main" else member_labels
+        member["status_label"] = str(labels.get(member["status"], member["status"]))
+        if member["role"] == "main":
+            member["error"] = ""  # the route's own error, in the row's Error cell already
+    return members
+
+
 def _uuid(value: Any) -> Any:
     import uuid
 
@@ -193,7 +223,13 @@ def _render_detail(
     status: int = 200,
 ) -> HttpResponse:
     user = request.user
-    routes = list(endpoint.routes.select_related("node"))
+    routes = list(
+        endpoint.routes.select_related("node").prefetch_related(
+            Prefetch("members", queryset=RouteMember.objects.select_related("node"))
+        )
+    )
+    for route in routes:
+        route.member_rows = route_members(route)  # type: ignore[attr-defined]
     service_status = endpoint.compute_status(routes)
     can_write = can_write_endpoint(user, endpoint)
     rules = list(endpoint.rules.all())
@@ -243,6 +279,8 @@ def _render_detail(
         "events": list(endpoint.events.select_related("actor")[:EVENTS_SHOWN]),
         "route_statuses": {value: str(label) for value, label in Route.Status.choices},
         "status_labels": {value: str(label) for value, label in EndpointStatus.choices},
+        "member_statuses": {value: str(label) for value, label in RouteMember.Status.choices},
+        "cluster_summary": cluster_summary(endpoint),
         **_rule_choices(),
     }
     return render(request, "serving/detail.html", context, status=status)

@@ -1,4 +1,4 @@
-// The service page: routes and status live over /ws/services/<id>/ (through live.js), the event and
+// The service page: routes (with a cluster's members) and status live over /ws/services/<id>/ (through live.js), the event and
 // decision logs refreshed on each change, per-route error details and logs (followed live), metric charts (SVG, every 5 s), copy
 // buttons, local dates and the terminate confirmation. Every change itself is a plain form post, so
 // the page works without this script; this only keeps what it shows up to date.
@@ -12,6 +12,7 @@
   const read = (id) => JSON.parse(document.getElementById(id).textContent);
   const routeStatuses = read("route-statuses");
   const statusLabels = read("status-labels");
+  const memberStatuses = read("member-statuses");
   const format = (template, values) => template.replace(/%\((\w+)\)s/g, (_, key) => String(values[key]));
   const $ = (selector, root) => (root || document).querySelector(selector);
 
@@ -106,10 +107,35 @@
     badge.className = "status status-" + String(route.status).replace(/_/g, "");
     badge.textContent = String(routeStatuses[route.status] || route.status).toUpperCase();
     $(".r-ratio", row).textContent = Number(route.traffic_ratio).toFixed(2);
+    fillMembers(row, route.members);
     $(".r-error .error-text", row).textContent = route.error || "";
     const hasError = route.error || (route.error_detail && Object.keys(route.error_detail).length);
     $(".r-error-detail", row).hidden = !hasError;
     $(".r-logs", row).hidden = false;
+  }
+  // A cluster-mode replica lists its containers (main first, as the API gives them): host name, node,
+  // status and, for a failed sub, its error. A replica of one container shows no list.
+  function fillMembers(row, members) {
+    const list = $(".r-members", row);
+    const many = Array.isArray(members) && members.length > 1;
+    list.hidden = !many;
+    if (!many) { list.replaceChildren(); return; }
+    const items = members.map((member) => {
+      const item = $("#member-item").content.firstElementChild.cloneNode(true);
+      item.dataset.host = member.host_name;
+      item.className = "member member-" + String(member.status).replace(/_/g, "");
+      $(".m-host", item).textContent = member.host_name;
+      $(".m-node", item).textContent = member.node ? format(t.i18nMemberNode, { name: member.node }) : t.i18nMemberNoNode;
+      const labels = member.role === "main" ? routeStatuses : memberStatuses;
+      $(".m-status", item).textContent = String(labels[member.status] || member.status);
+      const error = $(".m-error", item);
+      // Main's error is the route's own, in the row's Error cell already.
+      const text = member.role === "main" ? "" : member.error || "";
+      error.textContent = text;
+      error.hidden = !text;
+      return item;
+    });
+    list.replaceChildren(...items);
   }
   function wireRoute(row) {
     $(".r-error-detail", row).onclick = () => showError(row.dataset.id);
@@ -334,6 +360,11 @@
     const routes = service.routes || [];
     const healthy = routes.filter((route) => route.status === "healthy").length;
     $("#svc-replicas").textContent = format(t.i18nReplicas, { healthy: healthy, desired: service.desired_replicas });
+    const size = Number(service.cluster_size) || 1;
+    const cluster = $("#svc-cluster");
+    cluster.hidden = size <= 1;
+    cluster.textContent = size <= 1 ? ""
+      : format(service.cluster_mode === "multi-node" ? t.i18nClusterMulti : t.i18nClusterSingle, { size: size });
     renderRoutes(routes);
     routesTable.dataset.live = "1";
   }

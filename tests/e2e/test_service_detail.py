@@ -12,12 +12,13 @@ import urllib.request
 import uuid
 from typing import Any
 
+import pytest
 from playwright.sync_api import expect
 
 from serving import actions
 from serving.consumers import notify_endpoint_changed
-from serving.models import AutoScalingRule, Endpoint, EndpointToken, Route
-from tests.e2e.conftest import Web, fast_health_checks, off_loop
+from serving.models import AutoScalingRule, Endpoint, EndpointToken, Node, Route, RouteMember
+from tests.e2e.conftest import ARTIFACTS, Web, _engine_ready, fast_health_checks, off_loop
 from tests.live import wait_for
 
 
@@ -47,8 +48,22 @@ def test_service_page_routes_live_tokens_rules_terminate(
             "log_tail": "starting\n<b>not bold</b>\nexit 1",
         },
     )
+    # The failed replica is a cluster whose sub could not start: its row lists both members, the
+    # sub's error in words.
+    RouteMember.objects.create(
+        route=failed,
+        idx=1,
+        node=Node.objects.create(name="node-b"),
+        status=RouteMember.Status.FAILED,
+        error={"message": "sub1 exited with code 3 before main was reachable"},
+    )
     off_loop(notify_endpoint_changed, str(endpoint.pk))
     expect(page.locator("#routes tbody tr")).to_have_count(2)
+    members = page.locator(f'#routes tr[data-id="{failed.pk}"] .r-members li')
+    expect(members).to_have_text(["main1 · no node yet · failed to start", re.compile(r"^sub1 · node node-b · failed")])
+    expect(members.nth(1).locator(".m-error")).to_have_text("sub1 exited with code 3 before main was reachable")
+    expect(members.nth(1).locator(".m-error")).to_be_visible()
+    page.locator("#routes-section").screenshot(path=str(ARTIFACTS / "service-cluster-member-error.png"))
     expect(page.locator("#svc-status")).to_have_text("HEALTHY")
     row = page.locator(f'#routes tr[data-id="{failed.pk}"]')
     expect(row.locator(".r-status")).to_have_text("FAILED TO START")
@@ -273,3 +288,82 @@ def test_metric_charts_draw_the_last_ten_minutes_and_say_when_there_is_no_data(
     expect(page.locator("#metrics-state")).to_have_text("Updates every 5 seconds.")
     shot = screenshot(page, "service-page-charts")
     page.locator("#metrics").screenshot(path=str(shot.with_name("service-charts.png")))
+
+
+def test_a_multi_node_cluster_shows_its_members_on_their_nodes_live(
+    web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any], screenshot: Any
+) -> None:
+    """Two node workers (a, b) and a multi-node cluster of size 2: the route's row lists main and
+    sub, each on its own node, as they start; a sub that dies takes its replica with it, and the
+    replacement's members appear in the open page without a reload."""
+    from tests.integration.conftest import _stop_every_replica
+
+    reason = _engine_ready()
+    if reason:
+        pytest.skip(reason)
+    system = web.system
+    system.start_control()
+    system.start_node("a")
+    system.start_node("b")
+    system.start_beat()
+    try:
+        for name in ("a", "b"):
+            wait_for(
+                lambda name=name: Node.objects.filter(name=name, heartbeat_at__isnull=False).exists(),  # type: ignore[misc]
+                timeout=30,
+                what=f"node {name!r} to register",
+            )
+        folder = example_folder("simple-http-server", name="simple")
+        fast_health_checks(folder)
+        endpoint = off_loop(
+            actions.do_create_service,
+            acting_user=personas["owner"],
+            name="cluster-two",
+            folder=folder,
+            cluster_mode="multi-node",
+            cluster_size=2,
+            resources={"cpu": 1},
+        )
+        page = page_as("owner")
+        page.goto(f"/services/{endpoint.pk}/")
+        expect(page.locator("#svc-cluster")).to_have_text(
+            "Multi-node cluster: 2 containers per replica, each on its own node"
+        )
+        expect(page.locator("#svc-status")).to_have_text("HEALTHY", timeout=45_000)
+        route = Route.objects.get(endpoint=endpoint, status=Route.Status.HEALTHY)
+        sub = RouteMember.objects.select_related("node").get(route=route)
+        assert route.node is not None and sub.node is not None and {route.node.name, sub.node.name} == {"a", "b"}
+        members = page.locator(f'#routes tr[data-id="{route.pk}"] .r-members li')
+        expect(members).to_have_text(
+            [f"main1 · node {route.node.name} · healthy", f"sub1 · node {sub.node.name} · running"]
+        )
+        screenshot(page, "service-cluster-members")
+
+        # The sub dies: the whole replica is replaced, and the page shows the new one's members.
+        from tests.integration.test_runtime_nodes import kill_replica
+
+        kill_replica(sub.node.name, sub.container_id)
+        expect(page.locator(f'#routes tr[data-id="{route.pk}"]')).to_have_count(0, timeout=45_000)
+        new_route = wait_for(
+            lambda: Route.objects.filter(endpoint=endpoint, status=Route.Status.HEALTHY).exclude(pk=route.pk).first(),
+            timeout=45,
+            what="a replacement cluster route",
+        )
+        row = page.locator(f'#routes tr[data-id="{new_route.pk}"]')
+        expect(row.locator(".r-members li .m-host")).to_have_text(["main1", "sub1"], timeout=15_000)
+        expect(row.locator(".r-members li .m-status")).to_have_text(["healthy", "running"], timeout=15_000)
+
+        ja = page_as("owner", language="ja")
+        ja.goto(f"/services/{endpoint.pk}/")
+        expect(ja.locator("#svc-cluster")).to_contain_text("マルチノードクラスター")
+        expect(ja.locator(f'#routes tr[data-id="{new_route.pk}"] .r-members li').first).to_contain_text("ノード")
+        screenshot(ja, "service-cluster-members-ja")
+        narrow = page_as("owner", width=390)
+        narrow.goto(f"/services/{endpoint.pk}/")
+        expect(narrow.locator(f'#routes tr[data-id="{new_route.pk}"] .r-members li')).to_have_count(2)
+        shot = screenshot(narrow, "service-cluster-members-390")
+        narrow.locator("#routes-section").screenshot(path=str(shot.with_name("service-cluster-routes-390.png")))
+    finally:
+        for name in ("beat", "control", "node-a", "node-b"):
+            system.stop(name)
+        _stop_every_replica()

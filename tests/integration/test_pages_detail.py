@@ -9,11 +9,21 @@ import zoneinfo
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 
 from serving import actions
-from serving.models import AutoScalingRule, Endpoint, EndpointToken, Route, ScalingEvent, ServiceEvent
+from serving.models import (
+    AutoScalingRule,
+    Endpoint,
+    EndpointToken,
+    Node,
+    Route,
+    RouteMember,
+    ScalingEvent,
+    ServiceEvent,
+)
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
@@ -112,6 +122,64 @@ def test_user_text_is_escaped(browser: Any, service: Endpoint) -> None:
     html = browser("owner").get(page(service)).content.decode()
     assert hostile not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def members_of(html: str, route: Route) -> list[str]:
+    """The member lines of one route's row, as text (tags dropped, whitespace folded)."""
+    row = html.split(f'<tr data-id="{route.pk}">')[1].split("</tr>", maxsplit=1)[0]
+    items = re.findall(r"<li class=\"member[^\"]*\"[^>]*>(.*?)</li>", row, flags=re.S)
+    return [" ".join(re.sub(r"<[^>]+>", " ", item).split()) for item in items]
+
+
+def test_cluster_routes_list_their_members_and_a_plain_route_does_not(
+    browser: Any, personas: dict[str, Any], folder: Folder
+) -> None:
+    cluster = actions.do_create_service(
+        acting_user=personas["owner"],
+        name="clustered",
+        folder=folder,
+        cluster_mode="multi-node",
+        cluster_size=3,
+        resources={"cpu": 1},
+    )
+    node_a, node_b, node_c = (Node.objects.create(name=name) for name in ("a", "b", "c"))
+    route = Route.objects.create(
+        endpoint=cluster, node=node_a, status=Route.Status.HEALTHY, host="127.0.0.1", port=41001
+    )
+    RouteMember.objects.create(
+        route=route, idx=1, node=node_b, status=RouteMember.Status.RUNNING, host="127.0.0.1", port=41002
+    )
+    RouteMember.objects.create(
+        route=route,
+        idx=2,
+        node=node_c,
+        status=RouteMember.Status.FAILED,
+        error={"message": "sub2 <exited> with code 3"},
+    )
+    html = browser("owner").get(page(cluster)).content.decode()
+    assert members_of(html, route) == [
+        "main1 · node a · healthy",
+        "sub1 · node b · running",
+        "sub2 · node c · failed sub2 &lt;exited&gt; with code 3",
+    ]
+    assert 'class="member member-failed"' in html
+    assert "Multi-node cluster: 3 containers per replica, each on its own node" in html
+    # In Japanese too.
+    ja = browser("owner")
+    ja.cookies[settings.LANGUAGE_COOKIE_NAME] = "ja"
+    html_ja = ja.get(page(cluster)).content.decode()
+    assert "マルチノード" in html_ja
+    assert "ノード b" in " ".join(members_of(html_ja, route))
+
+    # A replica of one container looks as before: no member list, no cluster line.
+    plain = actions.do_create_service(acting_user=personas["owner"], name="plain-one", folder=folder)
+    single = Route.objects.create(
+        endpoint=plain, node=node_a, status=Route.Status.HEALTHY, host="127.0.0.1", port=41003
+    )
+    html = browser("owner").get(page(plain)).content.decode()
+    assert members_of(html, single) == []
+    assert '<ul class="r-members" aria-label="Cluster members" hidden>' in " ".join(html.split())
+    assert 'id="svc-cluster" hidden' in html
 
 
 # --- clear errors and retry ----------------------------------------------------------------------

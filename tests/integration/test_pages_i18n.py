@@ -65,6 +65,9 @@ def test_the_service_pages_in_japanese(personas: dict[str, Any], folder: Folder)
     assert "echo-ja" in listing
     launcher = client.get(reverse("serving:new") + f"?folder={folder.pk}").content.decode()
     assert "推論ランタイムバリアント" in launcher and "レプリカ数" in launcher and "追加マウント" in launcher
+    # The cluster fields say what multi-node and single-node do.
+    hint = launcher.split('id="cluster-hint">')[1].split("</p>", maxsplit=1)[0]
+    assert "マルチノードは" in hint and "シングルノードは" in hint
     detail = client.get(reverse("serving:detail", kwargs={"pk": endpoint.pk})).content.decode()
     assert "ルーティング" in detail and "トークンを生成" in detail and "自動スケーリングルール" in detail
     assert "Generate token" not in detail

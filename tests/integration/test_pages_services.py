@@ -317,3 +317,11 @@ def test_services_list_socket_sends_changes_only_to_who_may_see(personas: dict[s
     assert got["teammate"]["service"]["can_write"] is False
     assert got["admin"]["service"]["id"] == str(endpoint.pk)
     assert got["stranger"] is True  # received nothing
+
+
+def test_launcher_explains_the_cluster_fields(browser: Any, folder: Folder) -> None:
+    html = browser("owner").get(f"/services/new/?folder={folder.pk}").content.decode()
+    hint = html.split('id="cluster-hint">')[1].split("</p>", maxsplit=1)[0]
+    assert "Multi-node puts each container on a different node" in hint
+    assert "single-node puts them all on one node" in hint
+    assert 'aria-describedby="err-cluster_size cluster-hint"' in html
