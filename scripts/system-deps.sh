@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # System packages the product uses: redis-server (broker, routing table), bubblewrap (the local
-# engine's sandbox) and, for the e2e tests only, chromium. Installed with apt when we are root; otherwise we say exactly what to install.
+# engine's sandbox) and, for the e2e tests only, chromium and a Japanese font. Installed with apt when we are root; otherwise we say exactly what to install.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 # The e2e tests' browser (tests/e2e, Playwright with executable_path); they skip, saying so, without it.
+# A Japanese font too (3.5 MB), or the Japanese screenshots show boxes where the text should be.
 optional=()
 [ -x /usr/bin/chromium ] || optional+=(chromium)
+{ command -v fc-list >/dev/null 2>&1 && [ -n "$(fc-list :lang=ja 2>/dev/null)" ]; } || optional+=(fonts-ipafont-gothic)
 [ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} ${optional[*]} with apt-get"
