@@ -339,6 +339,13 @@ class Target:
     host: str
     port: int | None
     healthy: bool
+    member: str = ""  # a cluster's sub member ("sub1"): kernel stats only, main alone serves
+
+    @property
+    def replica(self) -> str:
+        """The sample's replica key: one per container, so S6.1's kernel average is over every
+        container backing the endpoint, a cluster's sub members included."""
+        return f"{self.route_id[:8]}.{self.member}" if self.member else self.route_id[:8]
 
 
 class NodeSampler:
@@ -399,7 +406,11 @@ class NodeSampler:
         targets = await asyncio.to_thread(self._targets)
         semaphore = asyncio.Semaphore(self.concurrency)
         jobs = [self._kernel(t, now) for t in targets if t.container_id]
-        jobs += [self._inference(session, semaphore, t, now) for t in targets if t.healthy and t.host and t.port]
+        jobs += [
+            self._inference(session, semaphore, t, now)
+            for t in targets
+            if t.healthy and t.host and t.port and not t.member
+        ]
         points: list[Point] = []
         for result in await asyncio.gather(*jobs, return_exceptions=True):
             if isinstance(result, list):
@@ -411,22 +422,27 @@ class NodeSampler:
     def _targets(self) -> list[Target]:
         from django.db import close_old_connections
 
-        from serving.models import Route
+        from serving.models import Route, RouteMember
         from serving.node import STARTING_MARK
 
         close_old_connections()
+        live = [Route.Status.HEALTHY, Route.Status.DEGRADED, Route.Status.UNHEALTHY]
         rows = (
-            Route.objects.filter(
-                node__name=self.node,
-                status__in=[Route.Status.HEALTHY, Route.Status.DEGRADED, Route.Status.UNHEALTHY],
-            )
+            Route.objects.filter(node__name=self.node, status__in=live)
             .exclude(container_id__in=["", STARTING_MARK])
             .values_list("pk", "endpoint_id", "container_id", "host", "port", "status")
         )
-        return [
+        targets = [
             Target(str(pk), str(eid), cid, host, port, status == Route.Status.HEALTHY)
             for pk, eid, cid, host, port, status in rows
         ]
+        subs = (
+            RouteMember.objects.filter(node__name=self.node, status=RouteMember.Status.RUNNING, route__status__in=live)
+            .exclude(container_id__in=["", STARTING_MARK])
+            .values_list("route_id", "route__endpoint_id", "container_id", "idx")
+        )
+        targets += [Target(str(rid), str(eid), cid, "", None, False, f"sub{idx}") for rid, eid, cid, idx in subs]
+        return targets
 
     async def _kernel(self, target: Target, now: float) -> list[Point]:
         if target.container_id in self._busy:
@@ -437,9 +453,10 @@ class NodeSampler:
         try:
             stats = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
         except Exception as exc:
-            self._warn_once(target.route_id, f"kernel stats of replica {target.route_id[:8]}: {exc!r}")
+            self._warn_once(target.replica, f"kernel stats of replica {target.replica}: {exc!r}")
             return []
-        return kernel_points(target.endpoint_id, target.route_id[:8], stats, now)
+        self._warned.discard(target.replica)
+        return kernel_points(target.endpoint_id, target.replica, stats, now)
 
     async def _inference(self, session: Any, semaphore: asyncio.Semaphore, target: Target, now: float) -> list[Point]:
         import aiohttp

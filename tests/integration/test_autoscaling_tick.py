@@ -18,7 +18,7 @@ from django.conf import settings
 
 from serving import autoscaling, metrics
 from serving.engines.base import ReplicaStats
-from serving.models import AutoScalingRule, Endpoint, Node, Route, ScalingEvent, ServiceEvent
+from serving.models import AutoScalingRule, Endpoint, Node, Route, RouteMember, ScalingEvent, ServiceEvent
 from serving.routing import get_redis
 
 pytestmark = pytest.mark.django_db
@@ -340,3 +340,36 @@ def test_the_service_cooldown_setting_and_rules_through_the_api(endpoint: Endpoi
     assert shown[0]["rule"]["metric"] == "llm_echo_requests_waiting"
     schema = api("owner").get("/api/schema/").content.decode()
     assert "clamped" in schema
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_node_sampler_counts_every_container_of_a_cluster(endpoint: Endpoint, servers: tuple[int, int]) -> None:
+    """S6.1: kernel metrics are over every container backing the endpoint, so a cluster's sub members
+    on this node are sampled too (kernel only: main alone serves and has /metrics)."""
+    good_port, _ = servers
+    here = Node.objects.create(name="n1")
+    there = Node.objects.create(name="n2")
+    route = Route.objects.create(
+        endpoint=endpoint, node=there, status="healthy", container_id="main", host="127.0.0.1", port=good_port
+    )
+    RouteMember.objects.create(route=route, idx=1, node=here, status="running", container_id="sub-1", port=good_port)
+    RouteMember.objects.create(route=route, idx=2, node=here, status="pending")
+    RouteMember.objects.create(route=route, idx=3, node=there, status="running", container_id="sub-3")
+    gone = Route.objects.create(endpoint=endpoint, node=there, status="terminating", container_id="old")
+    RouteMember.objects.create(route=gone, idx=1, node=here, status="running", container_id="sub-old")
+    engine = FakeEngine()
+    sampler = metrics.NodeSampler("n1", engine=lambda: engine, clock=lambda: T0)
+
+    async def one_round() -> list[metrics.Point]:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            return await sampler.sample(session)
+
+    try:
+        points = asyncio.run(one_round())
+    finally:
+        sampler.stop()
+    assert engine.calls == ["sub-1"]
+    assert {(p.source, p.replica) for p in points} == {("kernel", f"{str(route.pk)[:8]}.sub1")}
+    assert {p.metric for p in points} == {"cpu_percent", "mem_bytes", "mem_percent"}
