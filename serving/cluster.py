@@ -57,6 +57,18 @@ def member_names(size: int) -> list[MemberName]:
     return [MemberName(MAIN, 1), *(MemberName(SUB, i) for i in range(1, size))]
 
 
+def parse_member(raw: str | None) -> MemberName:
+    """A member's host name as a user writes it (``main1``, ``sub2``; empty or ``main`` is main).
+
+    Raises ValueError with a sentence saying what is accepted."""
+    text = (raw or "").strip().lower()
+    if text in ("", MAIN, "main1"):
+        return MemberName(MAIN, 1)
+    if text.startswith(SUB) and text[len(SUB) :].isdigit() and 1 <= int(text[len(SUB) :]) <= 999:
+        return MemberName(SUB, int(text[len(SUB) :]))
+    raise ValueError(f"member must be a cluster member's host name: main1, or sub1, sub2, ... (got {text[:40]!r})")
+
+
 def cluster_env(size: int, me: MemberName, addresses: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variables of one member; ``addresses`` maps host names (main1, ...) to ``host:port`` of
     the members already running when it starts."""

@@ -224,7 +224,8 @@ class ServiceListConsumer(AsyncJsonWebsocketConsumer):
 
 
 class RouteLogConsumer(AsyncJsonWebsocketConsumer):
-    """``/ws/services/<id>/routes/<route_id>/logs/?tail=N``: a replica's log, live (serving.logfollow).
+    """``/ws/services/<id>/routes/<route_id>/logs/?tail=N&member=sub1``: a replica's log, live
+    (serving.logfollow); ``member`` picks a cluster-mode replica's container (default main1).
 
     Sends ``{"type": "lines", "lines": [...]}`` (first the last ``tail`` lines, default 200, then every
     new line), ``{"type": "following", "node": ...}`` once the node streams, and last
@@ -242,13 +243,17 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         kwargs = self.scope["url_route"]["kwargs"]
-        route = await self._route(str(kwargs["service_id"]), str(kwargs["route_id"]))
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        route = await self._route(
+            str(kwargs["service_id"]), str(kwargs["route_id"]), (query.get("member") or [None])[0]
+        )
         if route is None:
             await self.close(code=CLOSE_NOT_FOUND)
             return
         await self.accept()
-        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         try:
+            if isinstance(route, str):
+                raise ValueError(route)
             tail = logfollow.parse_tail((query.get("tail") or [None])[0])
         except ValueError as exc:
             await self.send_json({"type": "end", "reason": "bad-request", "message": str(exc)})
@@ -282,7 +287,9 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
             await events.aclose()
 
     @database_sync_to_async
-    def _route(self, service_id: str, route_id: str) -> Any:
+    def _route(self, service_id: str, route_id: str, member: str | None) -> Any:
+        """The log's RouteRef; None for a stranger or an unknown route; a str saying what is wrong
+        with ``member`` (said once the socket is open: the route is the reader's to see)."""
         from serving import logfollow
         from serving.access import access_endpoint
         from serving.models import Route
@@ -292,7 +299,12 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
         except Http404:
             return None
         route = Route.objects.select_related("node").filter(pk=route_id, endpoint=endpoint).first()
-        return logfollow.RouteRef.of(route) if route is not None else None
+        if route is None:
+            return None
+        try:
+            return logfollow.RouteRef.of(logfollow.log_source(route, member))
+        except (ValueError, LookupError) as exc:
+            return str(exc)
 
 
 websocket_urlpatterns = [

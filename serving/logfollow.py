@@ -270,9 +270,28 @@ class RouteRef:
     kept: tuple[str, ...]  # the log tail the route's error kept (a replica that failed to start)
 
     @classmethod
-    def of(cls, route: Any) -> RouteRef:
-        kept = str((route.error or {}).get("log_tail") or "").splitlines()
-        return cls(str(route.pk), route.node.name if route.node else None, route.container_id or "", tuple(kept))
+    def of(cls, source: Any) -> RouteRef:
+        """From a Route or one of its RouteMembers (serving.logfollow.log_source)."""
+        kept = str((source.error or {}).get("log_tail") or "").splitlines()
+        route_id = str(getattr(source, "route_id", None) or source.pk)
+        return cls(route_id, source.node.name if source.node else None, source.container_id or "", tuple(kept))
+
+
+def log_source(route: Any, member: str | None) -> Any:
+    """Whose log is asked for: the route itself (its main member, the default) or one of a
+    cluster-mode route's sub members (``sub1``, ...), each a container of its own, maybe on
+    another node. Raises ValueError for a name that is not a member's host name and LookupError
+    when the route has no such member; both say what the route has."""
+    from serving.cluster import MAIN, parse_member
+
+    name = parse_member(member)
+    if name.role == MAIN:
+        return route
+    found = route.members.select_related("node").filter(idx=name.idx).first()
+    if found is None:
+        have = ", ".join(["main1", *(f"sub{idx}" for idx in route.members.values_list("idx", flat=True))])
+        raise LookupError(f"This replica has no member {name.host}; its members are {have}.")
+    return found
 
 
 @dataclass(frozen=True)

@@ -395,6 +395,7 @@ class RouteLogsSerializer(serializers.Serializer[dict[str, Any]]):
     """The answer of the per-route logs API (for the schema; the view returns plain data)."""
 
     route = serializers.UUIDField()
+    member = serializers.CharField(help_text="Whose log: main1, or a cluster's sub1, sub2, ...")
     node = serializers.CharField(allow_null=True)
     lines = serializers.ListField(child=serializers.CharField())
     truncated = serializers.BooleanField()

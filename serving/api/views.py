@@ -12,7 +12,7 @@ from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -246,12 +246,17 @@ class RouteLogsView(APIView):
         parameters=[
             OpenApiParameter("tail", int, description="How many of the last lines (1-5000, default 200)."),
             OpenApiParameter(
+                "member",
+                str,
+                description="A cluster-mode replica's container: main1 (default) or sub1, sub2, ... (see `members`).",
+            ),
+            OpenApiParameter(
                 "follow",
                 bool,
                 description="Stream the log as text/plain as it grows, until the replica is gone (default no).",
             ),
         ],
-        responses={200: s.RouteLogsSerializer, 503: dict},
+        responses={200: s.RouteLogsSerializer, 404: dict, 503: dict},
     )
     def get(self, request: Request, service_id: str, route_id: str) -> Response | StreamingHttpResponse:
         endpoint = access_endpoint(request.user, service_id)
@@ -261,10 +266,20 @@ class RouteLogsView(APIView):
             tail = logfollow.parse_tail(raw)
         except ValueError as exc:
             raise ValidationError({"tail": str(exc)}) from None
-        if request.query_params.get("follow", "").lower() in ("1", "true", "yes"):
-            return _follow_response(logfollow.RouteRef.of(route), tail)
+        member = request.query_params.get("member")
         try:
-            return Response(nodebus.route_logs(route, tail))
+            source = logfollow.log_source(route, member)
+        except ValueError as exc:
+            raise ValidationError({"member": str(exc)}) from None
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+        if request.query_params.get("follow", "").lower() in ("1", "true", "yes"):
+            return _follow_response(logfollow.RouteRef.of(source), tail)
+        try:
+            answer = nodebus.route_logs(source, tail)
+            answer["route"] = str(route.pk)
+            answer["member"] = "main1" if source is route else source.host_name
+            return Response(answer)
         except nodebus.NodeUnavailable as exc:
             raise NodeNotAnswering(str(exc)) from None
 

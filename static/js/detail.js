@@ -193,15 +193,32 @@
   let shown = [];
   let follower = null;
 
+  // A cluster-mode replica is several containers: the picker chooses whose log (main1 by default).
+  const memberPick = $(".logs-member", logsDialog);
   function showLogs(id) {
     logsRoute = id;
     $(".logs-route", logsDialog).textContent = String(id).slice(0, 8);
+    const route = routesById.get(String(id));
+    const members = route && Array.isArray(route.members) ? route.members : [];
+    memberPick.replaceChildren(...members.map((member) => {
+      const option = document.createElement("option");
+      option.value = member.host_name;
+      option.textContent = member.node ? member.host_name + " (" + format(t.i18nMemberNode, { name: member.node }) + ")"
+        : member.host_name;
+      return option;
+    }));
+    memberPick.closest("label").hidden = members.length < 2;
     if (!logsDialog.open && typeof logsDialog.showModal === "function") {
       followBox.checked = canFollow;
       logsDialog.showModal();
     }
     reloadLogs();
   }
+  function logsQuery() {
+    const member = memberPick.closest("label").hidden ? "" : memberPick.value;
+    return "?tail=200" + (member && member !== "main1" ? "&member=" + encodeURIComponent(member) : "");
+  }
+  memberPick.addEventListener("change", reloadLogs);
   function reloadLogs() {
     if (followBox.checked) followLogs(); else loadLogs();
   }
@@ -226,7 +243,7 @@
     stopFollowing();
     logsState.textContent = t.i18nLogsLoading;
     const socket = new WebSocket(window.modelserveLive.socketURL(
-      "/ws/services/" + serviceId + "/routes/" + logsRoute + "/logs/?tail=200"));
+      "/ws/services/" + serviceId + "/routes/" + logsRoute + "/logs/" + logsQuery()));
     follower = socket;
     let fresh = true;
     let ended = false;
@@ -265,7 +282,7 @@
   function loadLogs() {
     stopFollowing();
     logsState.textContent = t.i18nLogsLoading;
-    getJSON(api + "routes/" + logsRoute + "/logs/?tail=200").then(({ status, body }) => {
+    getJSON(api + "routes/" + logsRoute + "/logs/" + logsQuery()).then(({ status, body }) => {
       if (followBox.checked) return; // Follow was turned on meanwhile: the socket shows the log
       if (status === 200) {
         const lines = Array.isArray(body.lines) ? body.lines : [];
@@ -280,7 +297,8 @@
         setLines([], false);
         logsState.textContent = t.i18nLogsUnavailable;
       } else {
-        const reason = (body && (body.detail || (body.tail && body.tail.join(" ")))) || "HTTP " + status;
+        const field = body && (body.tail || body.member);
+        const reason = (body && (body.detail || (field && [].concat(field).join(" ")))) || "HTTP " + status;
         logsState.textContent = format(t.i18nLogsFailed, { reason: reason });
       }
     }).catch(() => { logsState.textContent = format(t.i18nLogsFailed, { reason: t.i18nNetwork }); });

@@ -353,6 +353,22 @@ def test_a_multi_node_cluster_shows_its_members_on_their_nodes_live(
         expect(row.locator(".r-members li .m-host")).to_have_text(["main1", "sub1"], timeout=15_000)
         expect(row.locator(".r-members li .m-status")).to_have_text(["healthy", "running"], timeout=15_000)
 
+        # Each member's log: the dialog's picker chooses the container, followed live on its own node.
+        new_sub = RouteMember.objects.select_related("node").get(route=new_route)
+        row.get_by_role("button", name="Logs").click()
+        logs = page.locator("#logs-dialog")
+        picker = logs.get_by_label("Container")
+        expect(picker.locator("option")).to_have_text(
+            [f"main1 (node {new_route.node.name})", f"sub1 (node {new_sub.node.name})"]  # type: ignore[union-attr]
+        )
+        expect(logs.locator(".logs-lines")).to_contain_text("GET / HTTP", timeout=15_000)  # main's health checks
+        picker.select_option("sub1")
+        expect(logs.locator(".logs-state")).to_contain_text("Following the log live", timeout=15_000)
+        expect(logs.locator(".logs-lines")).to_contain_text("preparing /home/work")
+        expect(logs.locator(".logs-lines")).not_to_contain_text("GET / HTTP")  # no one checks a sub's health
+        screenshot(page, "service-cluster-member-log")
+        logs.get_by_role("button", name="Close").click()
+
         ja = page_as("owner", language="ja")
         ja.goto(f"/services/{endpoint.pk}/")
         expect(ja.locator("#svc-cluster")).to_contain_text("マルチノードクラスター")

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from serving import node as node_module
 from serving.engines.base import ReplicaNotFound
-from serving.models import Node, Route
+from serving.models import Node, Route, RouteMember
 from serving.nodebus import NodeListener
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
@@ -84,6 +84,7 @@ def test_tail_from_the_node(api: Any, service_id: str, listening_node: FakeEngin
     body = api("owner").get(url(service_id, route, "?tail=3")).json()
     assert body == {
         "route": str(route.pk),
+        "member": "main1",
         "node": "logs-node",
         "lines": ["line 498", "line 499", "line 500"],
         "truncated": True,
@@ -109,7 +110,7 @@ def test_route_never_placed_or_started_needs_no_node(api: Any, service_id: str) 
         error={"kind": "resources", "message": "Not enough resources"},
     )
     body = api("owner").get(url(service_id, route)).json()
-    assert body == {"route": str(route.pk), "node": None, "lines": [], "truncated": False}
+    assert body == {"route": str(route.pk), "member": "main1", "node": None, "lines": [], "truncated": False}
 
 
 def test_node_not_answering_is_a_503_that_says_so(api: Any, service_id: str) -> None:
@@ -128,3 +129,30 @@ def test_access_and_bad_tail(api: Any, service_id: str) -> None:
         assert response.status_code == 400 and "tail" in response.json()
     # A route of another service is not found through this one.
     assert api("owner").get(f"/api/v1/services/{service_id}/routes/{route.pk}x/logs/").status_code == 404
+
+
+def test_a_cluster_members_log_comes_from_its_own_container(
+    api: Any, service_id: str, listening_node: FakeEngine
+) -> None:
+    """``member=sub1`` reads the sub's container on the sub's node; main1 (the default) the route's."""
+    route = make_route(service_id, "nobody-listens", container_id="c-main")
+    node = Node.objects.create(name="logs-node", heartbeat_at=timezone.now())
+    RouteMember.objects.create(route=route, idx=1, node=node, status="running", container_id="c-1")
+    RouteMember.objects.create(route=route, idx=2, status="failed", error={"log_tail": "sub2 said\nbye"})
+    body = api("teammate").get(url(service_id, route, "?member=sub1&tail=2")).json()
+    assert body == {
+        "route": str(route.pk),
+        "member": "sub1",
+        "node": "logs-node",
+        "lines": ["line 499", "line 500"],
+        "truncated": True,
+    }
+    assert api("owner").get(url(service_id, route, "?member=sub2")).json()["lines"] == ["sub2 said", "bye"]
+    # main1 is the route itself: its node does not answer here, and the 503 says so.
+    assert api("owner").get(url(service_id, route, "?member=main1")).status_code == 503
+    missing = api("owner").get(url(service_id, route, "?member=sub3"))
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == "This replica has no member sub3; its members are main1, sub1, sub2."
+    bad = api("owner").get(url(service_id, route, "?member=worker"))
+    assert bad.status_code == 400 and "main1, or sub1, sub2" in bad.json()["member"]
+    assert api("stranger").get(url(service_id, route, "?member=sub1")).status_code == 404

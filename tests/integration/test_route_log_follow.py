@@ -22,7 +22,7 @@ from django.utils import timezone
 from serving import node as node_module
 from serving.engines.base import Mount, ReplicaInfo, ReplicaSpec
 from serving.engines.local import LocalEngine
-from serving.models import Node, Route
+from serving.models import Node, Route, RouteMember
 from serving.nodebus import NodeListener
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
@@ -218,6 +218,51 @@ def test_the_end_of_the_replica_is_the_last_message(
     end = run(scenario())[-1]
     assert end["reason"] in ("ended", "gone")
     assert "no more lines will come" in end["message"]
+    wait_for(lambda: listener.follows.active() == [], timeout=5, what="the follow thread to end")
+
+
+def test_a_cluster_sub_members_log_is_followed_and_a_bad_member_is_said_so(
+    personas: dict[str, Any], service_id: str, replica: ReplicaInfo, listener: NodeListener
+) -> None:
+    """``member=sub1`` follows the sub's own container (here the real replica) on its own node, while
+    the route's main container sits on a node that does not answer."""
+    route = make_route(service_id, "c-main", node="nobody-listens")
+    RouteMember.objects.create(
+        route=route,
+        idx=1,
+        node=Node.objects.get_or_create(name=NODE)[0],
+        status="running",
+        container_id=replica.replica_id,
+    )
+    cookie = cookie_of(personas["teammate"])
+    base = f"/ws/services/{service_id}/routes/{route.pk}/logs/"
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        sub = socket_for(base + "?member=sub1&tail=20", cookie)
+        assert (await sub.connect(timeout=5))[0]
+        followed = await receive_until(sub, lambda m: m["type"] == "following")
+        marker = f"/sub-{uuid.uuid4().hex}"
+        await asyncio.to_thread(request, replica, marker)
+        followed += await receive_until(sub, lambda m: m["type"] == "lines" and any(marker in x for x in m["lines"]))
+        await sub.disconnect()
+        bad = socket_for(base + "?member=sub7", cookie)
+        assert (await bad.connect(timeout=5))[0]
+        missing = await receive_until(bad, lambda m: m["type"] == "end")
+        main = socket_for(base + "?member=main1", cookie)
+        assert (await main.connect(timeout=5))[0]
+        ended = await receive_until(main, lambda m: m["type"] == "end")
+        return followed, missing, ended
+
+    followed, missing, ended = run(scenario())
+    assert {"type": "following", "node": NODE} in followed
+    assert missing == [
+        {
+            "type": "end",
+            "reason": "bad-request",
+            "message": "This replica has no member sub7; its members are main1, sub1.",
+        }
+    ]
+    assert ended[-1]["reason"] == "node" and "Node nobody-listens is not answering" in ended[-1]["message"]
     wait_for(lambda: listener.follows.active() == [], timeout=5, what="the follow thread to end")
 
 

@@ -18,6 +18,28 @@ def test_member_names_are_main_then_subs() -> None:
         member_names(0)
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, MemberName("main", 1)),
+        ("", MemberName("main", 1)),
+        ("main", MemberName("main", 1)),
+        ("Main1", MemberName("main", 1)),
+        ("sub1", MemberName("sub", 1)),
+        (" sub12 ", MemberName("sub", 12)),
+    ],
+)
+def test_a_member_is_named_by_its_host_name(raw: str | None, expected: MemberName) -> None:
+    assert cluster.parse_member(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["main2", "sub0", "sub", "sub-1", "worker1", "sub1000", "sub1; rm", "x" * 500])
+def test_anything_else_is_refused_with_what_is_accepted(raw: str) -> None:
+    with pytest.raises(ValueError, match=r"main1, or sub1, sub2") as caught:
+        cluster.parse_member(raw)
+    assert len(str(caught.value)) < 200
+
+
 def test_environment_of_every_member_of_a_cluster_of_three() -> None:
     main = cluster.cluster_env(3, MemberName("main", 1))
     assert main == {
