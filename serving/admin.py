@@ -200,21 +200,7 @@ class EndpointTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(AutoScalingRule)
 class AutoScalingRuleAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = (
-        "endpoint",
-        "direction",
-        "source",
-        "metric",
-        "comparator",
-        "threshold",
-        "step",
-        "min_replicas",
-        "max_replicas",
-        "cooldown",
-        "enabled",
-        "last_triggered_at",
-        "last_decision",
-    )
+    list_display = ("endpoint", *AutoScalingRule.SETTINGS, "enabled", "last_triggered_at", "last_decision")
     list_filter = ("direction", "source", "enabled")
     search_fields = ("endpoint__name", "metric")
     readonly_fields = ("last_triggered_at", "last_decision", "created_at")

@@ -33,25 +33,10 @@
   }
   function copyText(value, button) {
     const label = button.firstChild;
-    const done = () => {
+    window.modelserveCopy(value).then(() => {
       label.textContent = t.i18nCopied;
       setTimeout(() => { label.textContent = t.i18nCopy; }, 1500);
-    };
-    if (navigator.clipboard && window.isSecureContext) {
-      navigator.clipboard.writeText(value).then(done, () => fallbackCopy(value, done));
-    } else {
-      fallbackCopy(value, done);
-    }
-  }
-  function fallbackCopy(value, done) {
-    const area = document.createElement("textarea");
-    area.value = value;
-    area.setAttribute("readonly", "");
-    area.style.position = "fixed";
-    area.style.opacity = "0";
-    document.body.appendChild(area);
-    area.select();
-    try { document.execCommand("copy"); done(); } finally { area.remove(); }
+    }, () => {});
   }
   function getJSON(url) {
     return fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" }).then((response) =>

@@ -250,19 +250,7 @@
       validateButton.focus();
     });
     document.getElementById("validate-copy").addEventListener("click", () => {
-      const value = log.textContent;
-      const done = () => { state.textContent = t.i18nCopied; };
-      if (navigator.clipboard && window.isSecureContext) {
-        navigator.clipboard.writeText(value).then(done, () => {});
-      } else {
-        const range = document.createRange();
-        range.selectNodeContents(log);
-        const selection = window.getSelection();
-        selection.removeAllRanges();
-        selection.addRange(range);
-        document.execCommand("copy");
-        done();
-      }
+      window.modelserveCopy(log.textContent).then(() => { state.textContent = t.i18nCopied; }, () => {});
     });
   }
 })();

@@ -27,26 +27,11 @@
 
   // --- copy buttons and dates -------------------------------------------------------------------
   function copyText(value, button) {
-    const done = () => {
-      const label = button.firstChild;
+    const label = button.firstChild;
+    window.modelserveCopy(value).then(() => {
       label.textContent = text.copied;
       setTimeout(() => { label.textContent = text.copy; }, 1500);
-    };
-    if (navigator.clipboard && window.isSecureContext) {
-      navigator.clipboard.writeText(value).then(done, () => fallbackCopy(value, done));
-    } else {
-      fallbackCopy(value, done);
-    }
-  }
-  function fallbackCopy(value, done) {
-    const area = document.createElement("textarea");
-    area.value = value;
-    area.setAttribute("readonly", "");
-    area.style.position = "fixed";
-    area.style.opacity = "0";
-    document.body.appendChild(area);
-    area.select();
-    try { document.execCommand("copy"); done(); } finally { area.remove(); }
+    }, () => {});
   }
   function wireRow(row) {
     row.querySelectorAll("button.copy").forEach((button) => {

@@ -197,6 +197,9 @@ def test_a_real_replica_turns_healthy_and_its_log_opens(
     call_replica(route, marker)
     expect(lines).to_contain_text(f"GET {marker}", timeout=10_000)
     screenshot(page, "service-route-log")
+    logs.get_by_role("button", name="Copy log").click()
+    expect(logs.get_by_role("button", name="Copied")).to_be_visible()
+    assert marker in page.evaluate("navigator.clipboard.readText()")
 
     # The view stays at the bottom as lines come (a health check every 0.5 s) ...
     wait_for(lambda: lines.evaluate("e => e.scrollHeight > e.clientHeight + 40"), timeout=30, what="a long log")
