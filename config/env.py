@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from urllib.parse import unquote, urlparse
 
@@ -57,6 +58,16 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_ip(name: str, default: str, *, hint: str = "") -> str:
+    """An IP address (v4 or v6), as written."""
+    value = (os.environ.get(name) or default).strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an IP address{'; ' + hint if hint else ''}.") from None
+    return value
 
 
 def env_choice(name: str, default: str, choices: set[str]) -> str:

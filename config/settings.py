@@ -15,6 +15,7 @@ from config.env import (
     env_choice,
     env_float,
     env_int,
+    env_ip,
     env_list,
     env_str,
 )
@@ -191,7 +192,12 @@ SERVING_ENGINE = env_choice("SERVING_ENGINE", "auto", {"auto", "docker", "local"
 SERVING_PROXY_URL = env_str("SERVING_PROXY_URL", "http://127.0.0.1:8080").rstrip("/")
 SERVING_DOMAIN = env_str("SERVING_DOMAIN", "")
 NODE_NAME = env_str("NODE_NAME", "local")
-NODE_ADDRESS = env_str("NODE_ADDRESS", "127.0.0.1")
+# Where this node's replicas are reached (the proxy, other nodes' cluster members): the Docker
+# engine publishes their ports on this address. 127.0.0.1 keeps them on this machine; with several
+# hosts, the host's address on the network the proxies are on (and firewall it to them).
+NODE_ADDRESS = env_ip(
+    "NODE_ADDRESS", "127.0.0.1", hint="use an address of this host that the proxies can reach, e.g. 10.0.0.5"
+)
 NODE_RESOURCE_GROUP = env_str("NODE_RESOURCE_GROUP", "default")
 # Capacity a node advertises; accelerators are modelled (there is no GPU here): "cuda.shares=4".
 NODE_CPU = env_float("NODE_CPU", 0.0, minimum=0.0)  # 0 = the host's core count

@@ -8,6 +8,7 @@ All state lives in the DB and in the engine's labels, never only in memory (DESI
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -72,7 +73,9 @@ def _make_engine(choice: str) -> Engine:
         except ImportError:
             DockerEngine = None  # type: ignore[assignment,misc]
         docker_engine = (
-            DockerEngine(state_dir=state_dir / "docker", installation=settings.REDIS_PREFIX)
+            DockerEngine(
+                state_dir=state_dir / "docker", installation=settings.REDIS_PREFIX, publish_host=settings.NODE_ADDRESS
+            )
             if DockerEngine is not None
             else None
         )
@@ -80,6 +83,13 @@ def _make_engine(choice: str) -> Engine:
             return docker_engine
         if choice == "docker":
             raise EngineError("SERVING_ENGINE=docker but no Docker daemon answers; start dockerd or use local.")
+    if not ipaddress.ip_address(settings.NODE_ADDRESS).is_loopback:
+        log.warning(
+            "NODE_ADDRESS=%s: the local engine's replicas are reachable from this machine only (each in a "
+            "network namespace of its own); a proxy on another host can not reach them. Use Docker for nodes "
+            "on several hosts, or run the proxy on this host.",
+            settings.NODE_ADDRESS,
+        )
     return LocalEngine(
         state_dir=state_dir / f"local-{node_name()}", uid=settings.LOCAL_ENGINE_UID, gid=settings.LOCAL_ENGINE_GID
     )

@@ -365,6 +365,50 @@ def test_installations_sharing_a_daemon_never_see_each_other(
         theirs.stop(b.replica_id, grace=1)
 
 
+def a_host_address() -> str | None:
+    """An IPv4 address of this host that is not loopback nor a Docker bridge's, like a LAN address."""
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], check=False, capture_output=True, text=True
+    )
+    for line in out.stdout.splitlines():
+        words = line.split()
+        if len(words) > 3 and not words[1].startswith(("docker", "br-", "veth", "ms")):
+            return words[3].split("/")[0]
+    return None
+
+
+@needs_docker
+def test_a_node_publishes_replicas_on_its_node_address(
+    docker_client: Any, bootstrap_path: Path, model_folder: Path, tmp_path: Path, settings: Any
+) -> None:
+    """NODE_ADDRESS is where other hosts (the proxy, a cluster's members) reach this node's
+    replicas: the Docker engine publishes their ports there, and reports that address."""
+    from serving import node
+
+    address = a_host_address()
+    if address is None:
+        pytest.skip("this host has no network address besides loopback and Docker's bridges")
+    settings.NODE_ADDRESS = address
+    made = node._make_engine("docker")
+    assert isinstance(made, DockerEngine) and made.publish_host == address
+    engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", publish_host=address)
+    info = engine.start(make_spec(model_folder))
+    try:
+        assert (info.host, engine.inspect(info.replica_id).host) == (address, address)
+
+        def get(host: str) -> bytes | None:
+            try:
+                with urllib.request.urlopen(f"http://{host}:{info.port}/", timeout=2) as response:
+                    return bytes(response.read())
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                return None
+
+        assert b"the weights" in wait_until(lambda: get(address), 15, f"the replica to answer on {address}")
+        assert get("127.0.0.1") is None  # published there only
+    finally:
+        engine.stop(info.replica_id, grace=1)
+
+
 @needs_docker
 def test_killed_replica_is_reported_exited(engine: DockerEngine, docker_client: Any, model_folder: Path) -> None:
     info = engine.start(make_spec(model_folder))
