@@ -171,6 +171,7 @@ def test_lost_node_routes_move_and_its_orphans_are_swept_when_it_returns(
     # After NODE_LOST_AFTER the node is lost and its route is recreated on node a. Its replica (still
     # running: only its worker stopped) serves until the replacement is healthy, never fewer than 2.
     wait_for(lambda: Node.objects.get(name="b").lost_at is not None, timeout=30, what="node b lost")
+    lost_after = time.monotonic() - started
     fewest = 2
 
     def both_on_a() -> list[dict[str, Any]] | None:
@@ -180,6 +181,10 @@ def test_lost_node_routes_move_and_its_orphans_are_swept_when_it_returns(
         return healthy if len(healthy) == 2 and all(r["node"] == "a" for r in healthy) else None
 
     moved = wait_for(both_on_a, timeout=30, what="both routes healthy on node a")
+    print(
+        f"\n[fault 6: node b's worker stopped] lost after {lost_after:.1f} s (NODE_LOST_AFTER 5 s), both replicas "
+        f"healthy on node a {time.monotonic() - started:.1f} s after the stop; fewest healthy meanwhile: {fewest}"
+    )
     assert fewest == 2, "a healthy replica of the lost node left traffic before its replacement was ready"
     assert on_b["id"] not in {r["id"] for r in moved}
     forgotten = ServiceEvent.objects.get(endpoint_id=sid, kind="route_forgotten", route_id=on_b["id"])
