@@ -10,6 +10,23 @@ import pytest
 # The Redis key prefix of the session is set by tests/redis_isolation.py, before settings load.
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: object) -> Iterator[None]:
+    """pytest-django's, plus: on PostgreSQL, end every other session of the test database before it
+    is dropped. A connection opened by one of asgiref's or a sampler's threads is never closed by
+    the test runner, and PostgreSQL refuses to drop a database in use, so each run left one behind."""
+    yield
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:  # type: ignore[attr-defined]
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _isolated_dirs(settings: object, tmp_path_factory: pytest.TempPathFactory) -> None:
     root = tmp_path_factory.getbasetemp()
