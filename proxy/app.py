@@ -427,7 +427,12 @@ class Proxy:
             for down in list(self.downstreams):
                 ex = down.current
                 if ex is None:
-                    if down.tunnel is None and down.last_active < keepalive_cut:
+                    if down.tunnel is not None:
+                        # A websocket silent both ways that long: a peer vanished without a FIN (a
+                        # laptop closed, a NAT forgot it). Closing one side closes the other.
+                        if down.last_active < idle_cut:
+                            down.transport.close()
+                    elif down.last_active < keepalive_cut:
                         down.transport.close()
                 elif ex.held:
                     continue

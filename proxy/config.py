@@ -11,7 +11,7 @@ variable, like the web app's typed env helpers (config/env.py).
 | TOKEN_HMAC_KEY / VAR_DIR | -, <repo>/var | the token digest key, else the file $VAR_DIR/token_hmac_key |
 | SERVING_DOMAIN | (off) | also route by host name: <slug>.<SERVING_DOMAIN> |
 | PROXY_KEEP_TOKEN | false | forward the platform token to the replica instead of removing it |
-| PROXY_IDLE_TIMEOUT | 300 | seconds without a byte either way before a request is cut (504) |
+| PROXY_IDLE_TIMEOUT | 300 | seconds without a byte either way before a request is cut (504), or a websocket closed |
 | PROXY_TOTAL_TIMEOUT | 0 (none) | a hard cap on a whole request, seconds; LLM streams can be long |
 | PROXY_CONNECT_TIMEOUT | 5 | seconds to open a connection to a replica |
 | PROXY_QUEUE_LIMIT | 256 | requests in flight per healthy route; an endpoint admits limit x routes |

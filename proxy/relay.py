@@ -537,6 +537,7 @@ class Downstream(asyncio.Protocol):
 
     def _tunnel_data(self, data: bytes) -> None:
         if self.tunnel is not None:
+            self.last_active = _monotonic()  # a silent tunnel is cut after PROXY_IDLE_TIMEOUT
             self.tunnel.transport.write(data)
             return
         ex = self.current
@@ -819,6 +820,7 @@ class Upstream(asyncio.Protocol):
         ex = self.ex
         if ex is None:
             if self.tunnel is not None:
+                self.tunnel.last_active = _monotonic()
                 self.tunnel.transport.write(data)
             else:
                 self.close()  # a pooled connection talking out of turn: not to be trusted
@@ -982,6 +984,7 @@ class Upstream(asyncio.Protocol):
         self.tunnel = down
         down.tunnel = self
         down.current = None
+        down.last_active = _monotonic()
         if ex.early:
             self.transport.write(b"".join(ex.early))
             ex.early = None

@@ -762,6 +762,43 @@ def test_websocket_is_proxied(proxy: Proxy, backends: Callable[..., Backend]) ->
     assert refused == 401  # no token, no websocket
 
 
+def test_a_silent_websocket_is_closed_after_the_idle_timeout_a_busy_one_is_not(
+    backends: Callable[..., Backend],
+) -> None:
+    """A tunnel whose peer vanished without a FIN would otherwise hold two sockets for ever."""
+    import asyncio
+
+    import aiohttp
+
+    short = Proxy(PROXY_IDLE_TIMEOUT="1")
+    try:
+        aux = backends(aux=True)
+        slug = new_slug()
+        short.publish(slug, [aux.route()], public=True)
+        wait_for(lambda: short.call(slug, "headers")[0] == 200, what="the entry")
+
+        async def talk() -> tuple[int, float]:
+            url = f"ws://127.0.0.1:{short.port}/e/{slug}/ws"
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                loop = asyncio.get_running_loop()
+                busy_until = loop.time() + 3.0  # three idle timeouts, talking every 0.3 s
+                answers, quiet_since = 0, loop.time()
+                while loop.time() < busy_until:
+                    await ws.send_str("ping")
+                    assert (await ws.receive(timeout=5)).data == "echo: ping"
+                    answers, quiet_since = answers + 1, loop.time()  # the last byte through
+                    await asyncio.sleep(0.3)
+                message = await ws.receive(timeout=10)  # silence: the proxy closes the tunnel
+                assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+                return answers, loop.time() - quiet_since
+
+        answers, closed_after = asyncio.run(talk())
+        assert answers >= 8
+        assert 0.9 <= closed_after <= 3.5  # 1 s of silence, found by the once-a-second sweep
+    finally:
+        short.close()
+
+
 def test_request_is_held_until_a_route_appears(backends: Callable[..., Backend]) -> None:
     held = Proxy(PROXY_HOLD_SECONDS="5")
     try:
