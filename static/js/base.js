@@ -28,3 +28,19 @@ window.modelserveCopy = function copy(value) {
   }
   return fallback();
 };
+
+// A <time datetime="..."> in the reader's time zone and the page's language (the server renders
+// UTC as a fallback). Every one on the page is shown so once it has loaded; pages that add rows
+// later call this for them.
+window.modelserveLocalTime = function localTime(time, withSeconds) {
+  const when = new Date(time.getAttribute("datetime"));
+  if (isNaN(when)) return;
+  time.textContent = when.toLocaleString(document.documentElement.lang || undefined, withSeconds
+    ? { dateStyle: "medium", timeStyle: "medium" } : { dateStyle: "medium", timeStyle: "short" });
+  time.title = time.getAttribute("datetime");
+  time.dataset.local = "1";
+};
+document.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll("time[datetime]:not([data-local])").forEach((time) =>
+    window.modelserveLocalTime(time, time.hasAttribute("data-seconds")));
+});

@@ -17,13 +17,7 @@
   const $ = (selector, root) => (root || document).querySelector(selector);
 
   // --- small helpers ----------------------------------------------------------------------------
-  function localTime(time, withSeconds) {
-    const when = new Date(time.getAttribute("datetime"));
-    if (isNaN(when)) return;
-    time.textContent = when.toLocaleString(undefined, withSeconds
-      ? { dateStyle: "medium", timeStyle: "medium" } : { dateStyle: "medium", timeStyle: "short" });
-    time.title = time.getAttribute("datetime");
-  }
+  const localTime = window.modelserveLocalTime;
   function timeCell(iso, withSeconds) {
     const time = document.createElement("time");
     time.setAttribute("datetime", iso);

@@ -38,13 +38,7 @@
       button.hidden = false;
       button.onclick = () => copyText(button.dataset.copy, button);
     });
-    row.querySelectorAll("time[datetime]").forEach((time) => {
-      const when = new Date(time.getAttribute("datetime"));
-      if (!isNaN(when)) {
-        time.textContent = when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
-        time.title = time.getAttribute("datetime");
-      }
-    });
+    row.querySelectorAll("time[datetime]").forEach((time) => window.modelserveLocalTime(time, false));
     row.querySelectorAll("a.terminate").forEach((link) => { link.onclick = openTerminate; });
   }
 

@@ -103,6 +103,10 @@ def test_the_whole_story(story: Web, page_as: Any, personas: dict[str, Any], scr
     expect(page.locator("#run table.problems")).to_have_count(0)
     for name in ("model-definition.yaml", "service-definition.toml", "server.py"):
         assert (folder.host_path / name).read_bytes() == (EXAMPLE / name).read_bytes()
+    # Modified times in the reader's time zone (the browser's), not the server's UTC.
+    stamp = page.locator("table.files tbody time").first
+    expect(stamp).to_have_attribute("data-local", "1")
+    assert stamp.text_content() != stamp.evaluate("e => e.getAttribute('datetime')")
     shot(page, "explorer-uploaded")
     # Seconds, not minutes, between health checks (the story must not wait on the defaults).
     fast_health_checks(folder)
