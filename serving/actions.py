@@ -167,6 +167,12 @@ def _normalize_resources(raw: Mapping[str, Any] | None) -> dict[str, float]:
         raise ValidationError({"resources": str(exc)}) from None
 
 
+# Linux refuses to exec a process with one "KEY=value" string of MAX_ARG_STRLEN (128 KiB) or more
+# ("argument list too long"), and arguments plus environment share a limit of a few MiB.
+MAX_ENV_VARIABLE_BYTES = 128 * 1024
+MAX_ENV_TOTAL_BYTES = 1024 * 1024
+
+
 def _check_environ(environ: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in environ.items():
@@ -184,7 +190,23 @@ def _check_environ(environ: Mapping[str, Any]) -> dict[str, str]:
         text = str(value).lower() if isinstance(value, bool) else str(value)
         if "\x00" in text:
             raise ValidationError({"environ": f"{key}: the value must not contain NUL bytes."})
+        size = len(f"{key}={text}".encode())
+        if size >= MAX_ENV_VARIABLE_BYTES:
+            raise ValidationError(
+                {
+                    "environ": f"{key}: the variable is {size:,} bytes; the kernel starts no process with one of "
+                    f"{MAX_ENV_VARIABLE_BYTES // 1024} KiB or more. Put large data in a file in the model folder."
+                }
+            )
         out[key] = text
+    total = sum(len(f"{key}={text}".encode()) + 1 for key, text in out.items())
+    if total > MAX_ENV_TOTAL_BYTES:
+        raise ValidationError(
+            {
+                "environ": f"The environment variables add up to {total:,} bytes; at most "
+                f"{MAX_ENV_TOTAL_BYTES // 1024} KiB fit. Put large data in a file in the model folder."
+            }
+        )
     return out
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
@@ -123,7 +123,14 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         try:
             actions.do_modify_service(original, acting_user=request.user, changes=changed)  # type: ignore[arg-type]
         except ValidationError as exc:
-            self.message_user(request, "; ".join(exc.messages), level=messages.ERROR)
+            request._modify_refused = True  # type: ignore[attr-defined]
+            self.message_user(request, _("Not saved: %(why)s") % {"why": "; ".join(exc.messages)}, level=messages.ERROR)
+
+    def response_change(self, request: HttpRequest, obj: Endpoint) -> HttpResponse:
+        # A refused edit is not "changed successfully": back to the form, with the reason only.
+        if getattr(request, "_modify_refused", False):
+            return HttpResponseRedirect(request.path)
+        return super().response_change(request, obj)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # terminate instead: it stops the replicas

@@ -473,7 +473,9 @@ def _sync_members(engine: Engine, now: datetime) -> int:
 
 def _our_replicas(engine: Engine) -> Iterator[ReplicaInfo]:
     for info in engine.list({LABEL_NODE: node_name()}):
-        if LABEL_ROUTE in info.labels:
+        # A validation's replica is no route's (the Docker engine still gives it a route label, its
+        # container name): the validation sweep below ends it once its run is over, never earlier.
+        if LABEL_ROUTE in info.labels and LABEL_VALIDATION not in info.labels:
             yield info
 
 

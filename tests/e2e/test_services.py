@@ -134,8 +134,11 @@ def test_launcher_creates_a_service_from_the_example_folder(
     ja = page_as("owner", language="ja")
     ja.goto(f"/services/new/?folder={folder.pk}")
     screenshot(ja, "launcher-ja")
+    # A folder name may be 64 characters: its option must not widen the page past a phone's width.
+    example_folder("simple-http-server", name="a-model-folder-with-a-name-as-long-as-the-rules-allow-64-chars-x")
     narrow = page_as("owner", width=390)
     narrow.goto(f"/services/new/?folder={folder.pk}")
+    assert narrow.evaluate("document.documentElement.scrollWidth") <= 390
     screenshot(narrow, "launcher-390")
 
 

@@ -57,3 +57,23 @@ def test_admin_actions_go_through_the_actions_layer(client: Any, personas: dict[
     service.refresh_from_db()
     assert service.lifecycle == Endpoint.Lifecycle.DESTROYING
     assert service.events.filter(kind="terminating", actor=personas["admin"]).exists()
+
+
+def test_a_refused_edit_is_not_reported_as_saved(rf: Any, personas: dict[str, Any], service: Endpoint) -> None:
+    from django.contrib.messages.storage.fallback import FallbackStorage
+
+    model_admin = admin.site._registry[Endpoint]
+    url = reverse("admin:serving_endpoint_change", args=[service.pk])
+    request = rf.post(url)
+    request.user = personas["admin"]
+    request.session = {}
+    request._messages = FallbackStorage(request)
+    form = type("Form", (), {"changed_data": ["resources"], "cleaned_data": {"resources": {"cpu": "lots"}}})()
+    model_admin.save_model(request, service, form, change=True)
+    response = model_admin.response_change(request, service)
+    texts = [str(m) for m in request._messages]
+    assert (response.status_code, response.url) == (302, url)  # back to the form, not the list
+    assert any("Not saved" in t and "lots" in t for t in texts), texts
+    assert not any("successfully" in t for t in texts), texts
+    service.refresh_from_db()
+    assert service.resources.get("cpu") != "lots"

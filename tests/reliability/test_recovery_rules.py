@@ -144,3 +144,43 @@ def test_a_start_claimed_before_the_worker_began_is_redone_and_its_replica_stopp
     assert engine.stopped == [f"c-{interrupted.pk}"] and sent == [str(interrupted.pk)]
     assert Route.objects.get(pk=interrupted.pk).container_id == ""  # claimable again
     assert Route.objects.get(pk=under_way.pk).container_id == "starting"  # a start under way: untouched
+
+
+@pytest.mark.django_db
+def test_a_running_validation_replica_is_no_orphan_even_with_a_route_label(
+    monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """The Docker engine labels every container with a route (a validation's gets its container
+    name); the node's sync must leave a validation's replica to the validation sweep, which keeps it
+    until the run is finished, instead of stopping it as an orphan seconds into the run."""
+    from serving import node, routing, validation
+    from serving.engines.base import LABEL_NODE, LABEL_ROUTE, LABEL_VALIDATION
+
+    settings.NODE_NAME = "local"
+    run_id = validation.new_id()
+    validation.save_request(validation.ValidationRequest(id=run_id, user_id=1, node="local", config={}, timeout=60))
+    routing.get_redis().set(f"{settings.REDIS_PREFIX}:validation:{run_id}:started", time.time())
+    validation.publish(run_id, "lifecycle", message="Replica started; waiting for it to be healthy.")
+    info = type(
+        "Info",
+        (),
+        {
+            "replica_id": "c-validation",
+            "labels": {LABEL_NODE: "local", LABEL_ROUTE: "ms-c1d17a2e5536", LABEL_VALIDATION: run_id},
+        },
+    )()
+
+    class Engine:
+        stopped: list[str] = []
+
+        def list(self, labels: dict[str, str] | None = None) -> list[Any]:
+            return [info] if not labels or all(info.labels.get(k) == v for k, v in labels.items()) else []
+
+        def stop(self, replica_id: str, grace: float = 0) -> None:
+            self.stopped.append(replica_id)
+
+    engine = Engine()
+    monkeypatch.setattr(node, "get_engine", lambda: engine)
+    assert node.sync()["orphans"] == 0 and engine.stopped == []  # the run is under way: kept
+    validation.publish(run_id, "finished", outcome="healthy", message="ok")
+    assert node.sync()["orphans"] == 1 and engine.stopped == ["c-validation"]  # over: removed once
