@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
@@ -93,3 +95,26 @@ def test_a_stranger_can_not_watch(live_system: LiveSystem, api: Any, personas: d
         return bool(connected)
 
     assert asyncio.run(try_connect()) is False
+
+
+@pytest.mark.docker
+def test_validation_on_docker_runs_until_healthy_and_leaves_no_container(
+    live_factory: Callable[..., LiveSystem], api: Any, personas: dict[str, Any], settings: Any
+) -> None:
+    """On Docker a validation's container carries a route label too (its name); the node's orphan
+    sweep must leave it to the validation, or every validation slower than one sync fails with
+    "the replica does not exist (any more)"."""
+    from serving.engines.base import LABEL_VALIDATION
+    from tests.reliability.test_replica_faults import docker_engine_or_skip
+
+    engine = docker_engine_or_skip(settings)
+    live_factory(SERVING_ENGINE="docker")
+    source = ROOT / "examples" / "simple-http-server"
+    folder = FolderFactory(
+        owner=personas["owner"], name="simple", files={p.name: p.read_text() for p in source.iterdir() if p.is_file()}
+    )
+    validation_id = validate(api, folder)
+    events = asyncio.run(collect(validation_id, personas["owner"], timeout=60))
+    assert events[-1]["outcome"] == "healthy", "\n".join(map(str, events))
+    assert any(e["kind"] == "log" and "preparing /home/work" in e.get("line", "") for e in events)
+    assert not [i for i in engine.list() if i.labels.get(LABEL_VALIDATION) == validation_id]
