@@ -20,7 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from serving import faults, scheduler
-from serving.models import Endpoint, Node, Route, RouteMember
+from serving.models import Endpoint, Node, Route, RouteMember, ServiceEvent
 
 log = logging.getLogger(__name__)
 
@@ -362,9 +362,11 @@ def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
                 to_start.append(by_id[route_id])
 
         for _ in range(result.create):
-            route = _place_route(endpoint, now)
-            if route.status == Route.Status.PROVISIONING:
-                to_start.append(route)
+            placed = _place_route(endpoint, now)
+            if placed is None:
+                break  # no node is alive: a later tick places them once one reports in
+            if placed.status == Route.Status.PROVISIONING:
+                to_start.append(placed)
 
         if result.destroyed:
             Endpoint.objects.filter(pk=endpoint.pk).update(
@@ -389,14 +391,40 @@ def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
     return result
 
 
-def _place_route(endpoint: Endpoint, now: datetime) -> Route:
-    """Create one route on a node chosen by the scheduler, or a failed one saying why (S4.4)."""
+WAITING_EVENT_EVERY = timedelta(minutes=5)
+
+
+def _wait_for_a_node(endpoint: Endpoint, reason: str, now: datetime) -> None:
+    """No node of the service's group is alive: place nothing and say so in its event log (at most
+    every WAITING_EVENT_EVERY). Failing the replicas instead would make a restart of the whole
+    product (workers up before the node's first heartbeat) look like failed starts, and count
+    towards MAX_START_FAILURES."""
+    from serving import actions
+
+    said = ServiceEvent.objects.filter(
+        endpoint=endpoint, kind="waiting_for_node", created_at__gte=now - WAITING_EVENT_EVERY
+    ).exists()
+    if not said:
+        actions.record_event(
+            endpoint,
+            "waiting_for_node",
+            f"{reason} Its replicas are placed as soon as a node reports in.",
+            level="warning",
+        )
+
+
+def _place_route(endpoint: Endpoint, now: datetime) -> Route | None:
+    """Create one route on a node chosen by the scheduler, or a failed one saying why (S4.4);
+    None when no node is alive to place it on (it waits, see _wait_for_a_node)."""
     from serving import actions
 
     request = scheduler.replica_request(endpoint)
     if endpoint.cluster_size > 1:
         return _place_cluster_route(endpoint, request, now)
     choice = scheduler.choose_node(endpoint, request, now)
+    if choice.waiting:
+        _wait_for_a_node(endpoint, choice.reason, now)
+        return None
     if choice.node is None:
         route = Route.objects.create(
             endpoint=endpoint,
@@ -421,12 +449,16 @@ def _place_route(endpoint: Endpoint, now: datetime) -> Route:
     return route
 
 
-def _place_cluster_route(endpoint: Endpoint, request: dict[str, float], now: datetime) -> Route:
+def _place_cluster_route(endpoint: Endpoint, request: dict[str, float], now: datetime) -> Route | None:
     """A cluster route: the main member on the first chosen node, a RouteMember per sub on the
-    others (serving.cluster); or a failed route saying what was asked and what is free."""
+    others (serving.cluster); or a failed route saying what was asked and what is free; None when
+    no node is alive."""
     from serving import actions
 
     choice = scheduler.choose_nodes(endpoint, request, now)
+    if choice.waiting:
+        _wait_for_a_node(endpoint, choice.reason, now)
+        return None
     if not choice.nodes:
         route = Route.objects.create(
             endpoint=endpoint,

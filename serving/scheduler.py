@@ -44,6 +44,9 @@ class NodeView:
 class Choice:
     node: Node | None
     reason: str = ""
+    # No node of the group is alive at all (none started yet, or every worker restarting): the
+    # replica waits for one instead of failing; a start failure would count towards giving up.
+    waiting: bool = False
 
 
 def replica_request(endpoint: Endpoint) -> dict[str, float]:
@@ -119,7 +122,7 @@ def choose_node(endpoint: Endpoint, request: Mapping[str, float], now: datetime)
     views = node_views(endpoint, candidates)
     ranked = rank_nodes(request, views)
     if not ranked:
-        return Choice(None, explain_no_fit(request, views, group))
+        return Choice(None, explain_no_fit(request, views, group), waiting=not views)
     by_name = {n.name: n for n in candidates}
     return Choice(by_name[ranked[0].name])
 
@@ -128,6 +131,7 @@ def choose_node(endpoint: Endpoint, request: Mapping[str, float], now: datetime)
 class ClusterChoice:
     nodes: tuple[Node, ...]  # one per member, main first; empty when it does not fit
     reason: str = ""
+    waiting: bool = False  # as Choice.waiting
 
 
 def choose_nodes(endpoint: Endpoint, request: Mapping[str, float], now: datetime) -> ClusterChoice:
@@ -143,7 +147,7 @@ def choose_nodes(endpoint: Endpoint, request: Mapping[str, float], now: datetime
     ]
     views = node_views(endpoint, candidates)
     if not views:
-        return ClusterChoice((), explain_no_fit(request, views, group))
+        return ClusterChoice((), explain_no_fit(request, views, group), waiting=True)
     # The scheduler's preference (spread, then most free CPU) over every node, fitting or not, so
     # that the reason can list them all.
     ranked = rank_nodes({}, views)
