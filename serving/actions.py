@@ -7,7 +7,7 @@ nothing outside the database ever sees a change that was rolled back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -249,6 +249,27 @@ class ServiceConfig:
     project: Project | None
 
 
+def field_problems(field: str, value: Any) -> list[str]:
+    """What is wrong with one launcher field on its own; the API asks this of every field it was
+    given, so that one answer lists them all (DRF reports field errors before any cross-field
+    rule runs). The actions check them again, with the rules that span fields."""
+    checks: dict[str, Callable[[Any], Any]] = {
+        "environ": _check_environ,
+        "resources": _normalize_resources,
+        "model_mount": lambda path: _check_mount_path(path, "model_mount"),
+        "model_definition_path": _check_definition_path,
+    }
+    check = checks.get(field)
+    if check is None or value in (None, "", {}):
+        return []
+    try:
+        check(value)
+    except ValidationError as exc:
+        found = exc.message_dict.values() if hasattr(exc, "error_dict") else [exc.messages]
+        return [message for messages in found for message in messages]
+    return []
+
+
 def check_service_config(
     *,
     acting_user: User,
@@ -276,22 +297,39 @@ def check_service_config(
     """
     from serving import launcher
 
-    _check_runtime(runtime)
-    _check_model_folder(folder)
-    _check_mount_path(model_mount, "model_mount")
+    # Every check runs and every problem is reported at once, each under its field: a launcher
+    # that shows one error per submit makes the user fix them one round trip at a time.
+    errors: dict[str, list[str]] = {}
+
+    def attempt(check: Callable[..., Any], *args: Any, fallback: Any = None) -> Any:
+        try:
+            return check(*args)
+        except ValidationError as exc:
+            found = exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
+            for field, messages in found.items():
+                errors.setdefault(field, []).extend(messages)
+            return fallback
+
+    attempt(_check_runtime, runtime)
+    attempt(_check_model_folder, folder)
+    attempt(_check_mount_path, model_mount, "model_mount")
     if model_definition_path:
-        _check_definition_path(model_definition_path)
+        attempt(_check_definition_path, model_definition_path)
     visible = Folder.objects.visible_to(acting_user)
-    mounts = _check_extra_mounts(list(extra_mounts or []), model_mount, visible)
-    defaults = launcher.folder_defaults(folder, runtime)
+    mounts = attempt(_check_extra_mounts, list(extra_mounts or []), model_mount, visible, fallback=[])
+    defaults = (
+        launcher.folder_defaults(folder, runtime if runtime in RUNTIMES else "custom")
+        if folder is not None
+        else launcher.FolderDefaults()
+    )
     if preset is not None:
         resource_slots = preset.slots()
     elif resources:
-        resource_slots = _normalize_resources(resources)
+        resource_slots = attempt(_normalize_resources, resources, fallback={})
     else:
         resource_slots = dict(defaults.resources)
-    merged_environ = {**defaults.environ, **_check_environ(dict(environ or {}))}
-    _check_cluster_mode(cluster_mode)
+    merged_environ = {**defaults.environ, **attempt(_check_environ, dict(environ or {}), fallback={})}
+    attempt(_check_cluster_mode, cluster_mode)
     config = ServiceConfig(
         name=name,
         folder=folder,
@@ -310,9 +348,14 @@ def check_service_config(
         preset=preset,
         project=project,
     )
-    _build(config, acting_user).full_clean(
-        exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False
+    endpoint = _build(config, acting_user)
+    attempt(
+        lambda: endpoint.full_clean(
+            exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False
+        )
     )
+    if errors:
+        raise ValidationError(errors)
     return config
 
 

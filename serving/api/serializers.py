@@ -9,6 +9,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from accounts.models import Project
+from serving import actions
 from serving.models import (
     AutoScalingRule,
     Endpoint,
@@ -18,6 +19,7 @@ from serving.models import (
     Route,
     ScalingEvent,
     ServiceEvent,
+    endpoint_name_validator,
 )
 from serving.runtimes import RUNTIMES
 from storage.models import Folder
@@ -140,7 +142,9 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
 class _ServiceInputFields(serializers.Serializer[Any]):
     """Fields shared by create, validate and modify; cross-field rules live in the actions."""
 
-    name = serializers.CharField(max_length=24)
+    # The model's own rule, here too: a bad name is reported with the other fields' errors, not
+    # only once they are fixed.
+    name = serializers.CharField(validators=[endpoint_name_validator])
     folder = serializers.UUIDField()
     runtime = serializers.ChoiceField(choices=list(RUNTIMES), default="custom")
     replicas = serializers.IntegerField(min_value=0, max_value=64, default=1)
@@ -161,6 +165,25 @@ class _ServiceInputFields(serializers.Serializer[Any]):
 
     def _user(self) -> Any:
         return self.context["request"].user
+
+    @staticmethod
+    def _on_its_own(field: str, value: Any) -> Any:
+        problems = actions.field_problems(field, value)
+        if problems:
+            raise serializers.ValidationError(problems)
+        return value
+
+    def validate_environ(self, value: Any) -> Any:
+        return self._on_its_own("environ", value)
+
+    def validate_resources(self, value: Any) -> Any:
+        return self._on_its_own("resources", value)
+
+    def validate_model_mount(self, value: str) -> str:
+        return str(self._on_its_own("model_mount", value))
+
+    def validate_model_definition_path(self, value: str) -> str:
+        return str(self._on_its_own("model_definition_path", value))
 
     def validate_folder(self, value: Any) -> Folder:
         folder = Folder.objects.visible_to(self._user()).filter(pk=value).first()

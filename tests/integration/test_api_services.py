@@ -92,6 +92,25 @@ def test_bad_input_names_the_field(api: Any, folder: Folder, extra: dict[str, An
     assert not Endpoint.objects.exists()
 
 
+def test_every_problem_is_reported_at_once_under_its_field(api: Any, folder: Folder) -> None:
+    """One submit shows every error, not one per round trip (the launcher puts each by its field)."""
+    body = {
+        "name": "ab",
+        "environ": {"1BAD": "x"},
+        "resources": {"cpu": "lots"},
+        "model_mount": "relative",
+    }
+    response = create(api, "owner", folder, **body)
+    assert response.status_code == 400
+    errors = response.json()
+    assert set(errors) >= {"name", "environ", "resources", "model_mount"}, errors
+    assert "4 to 24 characters" in errors["name"][0]
+    # A field the serializer refuses comes with the name's error too.
+    errors = create(api, "owner", folder, name="ab", replicas=-1).json()
+    assert set(errors) == {"name", "replicas"}, errors
+    assert not Endpoint.objects.exists()
+
+
 def test_folder_must_be_a_model_folder_and_extra_mounts_must_not(api: Any, folder: Folder, personas: Any) -> None:
     data = FolderFactory(owner=personas["owner"], usage_mode=Folder.UsageMode.DATA, name="data")
     response = create(api, "owner", data)
