@@ -161,10 +161,16 @@ def _is_uuid(value: object) -> bool:
 
 
 def _normalize_resources(raw: Mapping[str, Any] | None) -> dict[str, float]:
+    from serving.definitions import replica_mem_problem
+
     try:
-        return slots.normalize(raw or {})
+        normalized = slots.normalize(raw or {})
     except slots.SlotError as exc:
         raise ValidationError({"resources": str(exc)}) from None
+    too_little = replica_mem_problem(normalized.get("mem", 0.0))
+    if too_little:
+        raise ValidationError({"resources": f"mem: {too_little}."})
+    return normalized
 
 
 # Linux refuses to exec a process with one "KEY=value" string of MAX_ARG_STRLEN (128 KiB) or more

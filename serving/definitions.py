@@ -201,6 +201,22 @@ def _fail(file: str, message: str, line: int | None = None, column: int | None =
 # --- small shared parsers ------------------------------------------------------------------------
 
 
+# Less than this can not start a Python server (Docker itself refuses under 6 MB): a `mem = 1`
+# meant a gigabyte, and a bare number is bytes.
+MIN_REPLICA_MEM = 16 * 1024 * 1024
+
+
+def replica_mem_problem(mem: float) -> str | None:
+    """Why ``mem`` bytes is too little for one replica, or None; 0 means "not limited"."""
+    if 0 < mem < MIN_REPLICA_MEM:
+        return (
+            f"{int(mem):,} byte{'' if int(mem) == 1 else 's'} is too little memory for a replica (at least "
+            "16 MiB); write a size with "
+            'its unit such as "512mb" or "8gb": a bare number is bytes'
+        )
+    return None
+
+
 def parse_mem(value: str | int | float) -> int:
     """A memory size -> bytes. Binary units: ``"8gb"``, ``"8g"``, ``"8GiB"``, ``"512m"``,
     ``"512MiB"``, ``"512Mi"``, ``"1.5g"``, ``"64k"``; a plain number (or digits) is bytes.
@@ -1144,6 +1160,11 @@ class _Service:
                     out["mem"] = parse_mem(value)
                 except MemSizeError as exc:
                     self.c.add(where, str(exc))
+                    continue
+                too_little = replica_mem_problem(out["mem"])
+                if too_little:
+                    self.c.add(where, too_little)
+                    del out["mem"]
                 continue
             if key != "cpu" and not _ACCELERATOR_KEY.match(key):
                 self.c.add(where, 'unknown resource; use cpu, mem or an accelerator such as "cuda.shares"')

@@ -80,6 +80,7 @@ def test_explicit_values_override_the_service_definition(api: Any, folder: Folde
         ({"environ": {"1BAD": "x"}}, "environ"),
         ({"environ": {"A": "x" * (128 * 1024)}}, "environ"),
         ({"environ": {f"V{i}": "x" * (100 * 1024) for i in range(11)}}, "environ"),
+        ({"resources": {"mem": 1}}, "resources"),  # 1 byte: meant "1g"
         ({"model_mount": "relative"}, "model_mount"),
         ({"model_mount": "/proc"}, "model_mount"),
         ({"preset": "nope"}, "preset"),
