@@ -6,7 +6,8 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, parsers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -44,3 +45,13 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
     return drf_exception_handler(exc, context)
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """The site's 404. Under /api/ a path no view matches (``/api/v1/services/garbage/``) answers
+    in the API's shape, JSON, like every other API error, not with the HTML page."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {"detail": f"No API endpoint at {request.path[:200]}; the endpoints are listed at /api/docs/."}, status=404
+        )
+    return defaults.page_not_found(request, exception)

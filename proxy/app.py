@@ -259,7 +259,8 @@ class Proxy:
                 return (
                     "malformed_token",
                     "The Authorization header does not hold a service token: "
-                    "send 'Authorization: BackendAI <token>' with a token from the service page.",
+                    "send 'Authorization: BackendAI <token>' or 'Bearer <token>' (an OpenAI client's api_key) "
+                    "with a token from the service page.",
                 )
             lookup = parsed.lookup
             known = endpoint.tokens.get(lookup)

@@ -197,7 +197,8 @@ def _rule_choices() -> dict[str, Any]:
     return {
         "directions": AutoScalingRule.Direction.choices,
         "sources": [c for c in AutoScalingRule.Source.choices],
-        "comparators": [(value, value) for value in AutoScalingRule.Comparator.values],
+        # "> (GREATER_THAN)": the sign reads at a glance, the name is what the API and admin use.
+        "comparators": [(value, f"{label} ({value})") for value, label in AutoScalingRule.Comparator.choices],
         "aggregations": AutoScalingRule.Aggregation.choices,
     }
 

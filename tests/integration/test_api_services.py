@@ -291,3 +291,16 @@ def test_schema_and_docs_are_served(api: Any, client: Any) -> None:
         "description": schema["components"]["securitySchemes"]["apiKey"]["description"],
     }
     assert {"apiKey": []} in schema["paths"]["/api/v1/services/"]["get"]["security"]
+
+
+def test_an_api_path_no_view_matches_answers_json(api: Any, client: Any) -> None:
+    """``/api/v1/services/garbage/`` (not a UUID): the API's error shape, not the site's HTML 404."""
+    for who in ("owner", None):
+        response = api(who).get("/api/v1/services/garbage/")
+        assert response.status_code == 404
+        assert response["Content-Type"] == "application/json"
+        assert response.json()["detail"].startswith("No API endpoint at /api/v1/services/garbage/")
+    page = client.get("/no-such-page/")
+    assert page.status_code == 404 and page["Content-Type"].startswith("text/html")
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 301 and icon["Location"].endswith("img/favicon.svg")
