@@ -2,8 +2,8 @@
 
 Every test session gets its own Redis key prefix, so the suite never touches a running
 installation's keys, and two suites on one machine (SQLite and PostgreSQL, or a developer's beside
-CI) never take each other's Celery tasks; and a proxy address nobody answers on (below). Setting it from conftest.py was too late: pytest-django had already read
-the settings, and every run shared the default prefix.
+CI) never take each other's Celery tasks; and a proxy address nobody answers on (below). Setting
+them from conftest.py was too late: pytest-django had already read the settings.
 """
 
 from __future__ import annotations
