@@ -130,8 +130,22 @@
     const list = $("ul", problems);
     list.textContent = "";
     (values.problems || []).forEach((problem) => {
+      // Where, as the folder page says it: file, field, line, then what is wrong.
       const item = document.createElement("li");
-      item.textContent = problem.message || String(problem);
+      if (problem.file) {
+        const where = [problem.file, problem.field].filter(Boolean).map((text) => {
+          const code = document.createElement("code");
+          code.textContent = text;
+          return code;
+        });
+        where.forEach((code, i) => item.append(i ? " " : "", code));
+        if (problem.line) {
+          const line = t.i18nLine.replace("%(line)s", String(problem.line)) + (problem.column ? ":" + problem.column : "");
+          item.append(" (" + line + ")");
+        }
+        item.append(": ");
+      }
+      item.append(problem.message || String(problem));
       list.appendChild(item);
     });
     problems.hidden = !(values.problems || []).length;

@@ -4,6 +4,7 @@ modify), terminate with confirmation, and the Validate dialog streaming a real r
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from serving import actions
@@ -104,6 +105,16 @@ def test_launcher_checks_the_name_as_you_type_and_shows_server_errors(
     assert page.get_by_label("Service name").input_value() == "fine-name"  # nothing typed is lost
     screenshot(page, "launcher-errors")
     assert not Endpoint.objects.exists()
+
+    # Another folder chosen in the page: its definition's problems say file, field and line.
+    broken = example_folder("simple-http-server", name="broken")
+    toml = Path(broken.host_path) / "service-definition.toml"
+    toml.write_text(toml.read_text().replace('mem = "256mb"', 'mem = "lots"'))
+    page.goto(f"/services/new/?folder={folder.pk}")
+    page.locator("#f-folder").select_option(str(broken.pk))
+    problem = page.locator("#problems li")
+    expect_text(problem, "service-definition.toml custom.resource_slots.mem (line ")
+    expect_text(problem, "'lots' is not a memory size")
 
 
 def test_launcher_creates_a_service_from_the_example_folder(

@@ -139,6 +139,23 @@ def test_launcher_prefills_from_run_this_model(browser: Any, folder: Folder) -> 
     assert 'value="MODEL_NAME"' in page and 'value="simple"' in page
 
 
+def test_launcher_says_where_a_definition_file_is_wrong(browser: Any, personas: dict[str, Any]) -> None:
+    """File, field and line, as the folder page says them, not the message alone."""
+    broken = FolderFactory(
+        owner=personas["owner"],
+        name="broken",
+        files={
+            "model-definition.yaml": SIMPLE_DEFINITION,
+            "service-definition.toml": "[custom.environment]\nimage = 'x'\narchitecture = 'x86_64'\n"
+            "[custom.resource_slots]\nmem = 'lots'\n",
+        },
+    )
+    page = browser("owner").get(f"/services/new/?folder={broken.pk}&runtime=custom").content.decode()
+    assert "<code>service-definition.toml</code> <code>custom.resource_slots.mem</code> (line 5:1): " in page
+    ja = browser("owner").get(f"/services/new/?folder={broken.pk}&runtime=custom", HTTP_ACCEPT_LANGUAGE="ja")
+    assert "(5 行目:1)" in ja.content.decode()
+
+
 def test_folder_list_run_this_model_opens_the_launcher(browser: Any, folder: Folder) -> None:
     page = browser("owner").get("/folders/?tab=model").content.decode()
     assert f"/services/new/?folder={folder.pk}" in page
