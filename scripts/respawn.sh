@@ -3,7 +3,7 @@
 # every process under honcho, which stops them ALL when one exits, so a worker that crashed (a
 # library bug on a Redis restart, an out-of-memory kill) would take the whole product down instead
 # of being replaced. Usage: scripts/respawn.sh NAME COMMAND [ARGS...]
-# A clean exit (0) or SIGTERM/SIGINT (forwarded to the command) ends it; any other exit restarts the
+# A clean exit (0) or SIGTERM/SIGINT/SIGHUP (forwarded as SIGTERM to the command) ends it; any other exit restarts the
 # command after 1 s, doubling up to 30 s while it keeps dying within a minute of its start.
 set -u
 name=$1
@@ -14,11 +14,19 @@ stop() {
   stopping=1
   if [ "$child" -gt 0 ]; then kill -TERM "$child" 2>/dev/null; fi
 }
-trap stop TERM INT
+trap stop TERM INT HUP
 delay=1
 while :; do
   started=$(date +%s)
-  "$@" &
+  # In a session of its own: Ctrl-C in the terminal signals the whole foreground process group, and
+  # a Celery worker's pool processes died of it mid-shutdown (WorkerLostError tracebacks on every
+  # stop). The command is stopped by the TERM this wrapper forwards, as a supervisor would.
+  # (A background subshell is no group leader, so setsid execs in place: $! is the command.)
+  if command -v setsid >/dev/null 2>&1; then
+    (exec setsid "$@") &
+  else
+    "$@" &
+  fi
   child=$!
   wait "$child"
   code=$?

@@ -47,3 +47,40 @@ def test_every_long_running_process_of_make_run_is_respawned() -> None:
     for line in (ROOT / "Procfile").read_text().splitlines():
         name, command = line.split(":", 1)
         assert command.split()[:2] == ["scripts/respawn.sh", name], line
+
+
+CHILD = """
+import signal, sys, time
+log = open(sys.argv[1], "a")
+def said(what, then=None):
+    def handler(*_):
+        log.write(what + "\\n")
+        log.flush()
+        if then is not None:
+            sys.exit(then)
+    return handler
+signal.signal(signal.SIGINT, said("INT"))
+signal.signal(signal.SIGTERM, said("TERM", 0))
+open(sys.argv[2], "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_ctrl_c_reaches_the_command_only_as_the_wrappers_sigterm(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals the whole foreground process group; a Celery worker's pool
+    processes used to die of it mid-shutdown. The command runs in a session of its own, so it
+    hears only the SIGTERM its wrapper forwards."""
+    log, ready = tmp_path / "signals", tmp_path / "ready"
+    wrapper = subprocess.Popen(
+        [RESPAWN, "demo", str(ROOT / ".venv" / "bin" / "python"), "-c", CHILD, str(log), str(ready)],
+        start_new_session=True,  # the wrapper leads a process group, as a terminal's foreground job
+    )
+    try:
+        wait_for(ready.exists, timeout=15, what="the command to start")
+        os.killpg(wrapper.pid, signal.SIGINT)  # what Ctrl-C does
+        assert wrapper.wait(timeout=10) == 0
+        assert log.read_text().splitlines() == ["TERM"]
+    finally:
+        if wrapper.poll() is None:
+            os.killpg(wrapper.pid, signal.SIGKILL)
