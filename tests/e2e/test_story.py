@@ -108,6 +108,16 @@ def test_the_whole_story(story: Web, page_as: Any, personas: dict[str, Any], scr
     expect(stamp).to_have_attribute("data-local", "1")
     assert stamp.text_content() != stamp.evaluate("e => e.getAttribute('datetime')")
     shot(page, "explorer-uploaded")
+    # On a phone the files stack as cards: nothing runs off the screen.
+    narrow = page_as("owner", language=language, width=390)
+    narrow.goto(page.url)
+    wide = narrow.evaluate(  # what sticks out, should the check fail
+        "[...document.querySelectorAll('main *')].filter(e => e.getBoundingClientRect().right > 391)"
+        ".map(e => e.tagName + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))"
+    )
+    assert narrow.evaluate("document.documentElement.scrollWidth") <= 390, wide
+    shot(narrow, "explorer-390")
+    narrow.close()
     # Seconds, not minutes, between health checks (the story must not wait on the defaults).
     fast_health_checks(folder)
 
