@@ -255,6 +255,11 @@ class ServiceConfig:
     project: Project | None
 
 
+def _by_field(exc: ValidationError) -> dict[str, list[str]]:
+    """A ValidationError's messages by field (``detail`` for one about the whole request)."""
+    return exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
+
+
 def field_problems(field: str, value: Any) -> list[str]:
     """What is wrong with one launcher field on its own; the API asks this of every field it was
     given, so that one answer lists them all (DRF reports field errors before any cross-field
@@ -271,8 +276,7 @@ def field_problems(field: str, value: Any) -> list[str]:
     try:
         check(value)
     except ValidationError as exc:
-        found = exc.message_dict.values() if hasattr(exc, "error_dict") else [exc.messages]
-        return [message for messages in found for message in messages]
+        return [message for messages in _by_field(exc).values() for message in messages]
     return []
 
 
@@ -311,8 +315,7 @@ def check_service_config(
         try:
             return check(*args)
         except ValidationError as exc:
-            found = exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages}
-            for field, messages in found.items():
+            for field, messages in _by_field(exc).items():
                 errors.setdefault(field, []).extend(messages)
             return fallback
 
