@@ -84,3 +84,27 @@ def test_ctrl_c_reaches_the_command_only_as_the_wrappers_sigterm(tmp_path: Path)
     finally:
         if wrapper.poll() is None:
             os.killpg(wrapper.pid, signal.SIGKILL)
+
+
+def test_a_command_that_ignores_sigterm_is_killed_with_its_children_before_honcho_gives_up(tmp_path: Path) -> None:
+    """honcho SIGKILLs the wrapper's group 5 s after its SIGTERM; the command, in a session of its
+    own, would outlive that (a second worker on the queue, the port taken at the next start)."""
+    pids = tmp_path / "pids"
+    script = f"trap '' TERM; sleep 300 & echo $$ $! > {pids}; wait"
+    wrapper = subprocess.Popen(
+        [RESPAWN, "stubborn", "bash", "-c", script], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, timeout=15, what="the command")
+        shell, sleeper = (int(p) for p in pids.read_text().split())
+        started = time.monotonic()
+        os.killpg(wrapper.pid, signal.SIGTERM)  # what honcho does first
+        assert wrapper.wait(timeout=10) != 0
+        assert time.monotonic() - started < 5.0  # before honcho's SIGKILL
+        _, err = wrapper.communicate()
+        assert "stubborn did not stop within 4s of SIGTERM; killing it" in err
+        for pid in (shell, sleeper):
+            wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), timeout=5, what=f"process {pid} gone")  # type: ignore[misc]
+    finally:
+        if wrapper.poll() is None:
+            os.killpg(wrapper.pid, signal.SIGKILL)
