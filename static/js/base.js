@@ -15,7 +15,9 @@ window.modelserveCopy = function copy(value) {
     area.setAttribute("readonly", "");
     area.style.position = "fixed";
     area.style.opacity = "0";
-    document.body.appendChild(area);
+    // Inside the open modal dialog if there is one: the rest of the page is inert while it is open,
+    // and a textarea there could not be selected (the copy would be empty, yet "succeed").
+    (document.querySelector("dialog[open]") || document.body).appendChild(area);
     area.select();
     try {
       if (document.execCommand("copy")) resolve(); else reject(new Error("copy refused"));
