@@ -60,13 +60,13 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-def env_ip(name: str, default: str, *, hint: str = "") -> str:
-    """An IP address (v4 or v6), as written."""
+def env_ipv4(name: str, default: str, *, hint: str = "") -> str:
+    """An IPv4 address, as written (addresses built from it are ``host:port``, with no brackets)."""
     value = (os.environ.get(name) or default).strip()
     try:
-        ipaddress.ip_address(value)
+        ipaddress.IPv4Address(value)
     except ValueError:
-        raise ConfigError(f"{name}={value!r} is not an IP address{'; ' + hint if hint else ''}.") from None
+        raise ConfigError(f"{name}={value!r} is not an IPv4 address{'; ' + hint if hint else ''}.") from None
     return value
 
 

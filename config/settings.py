@@ -15,7 +15,7 @@ from config.env import (
     env_choice,
     env_float,
     env_int,
-    env_ip,
+    env_ipv4,
     env_list,
     env_str,
 )
@@ -195,7 +195,7 @@ NODE_NAME = env_str("NODE_NAME", "local")
 # Where this node's replicas are reached (the proxy, other nodes' cluster members): the Docker
 # engine publishes their ports on this address. 127.0.0.1 keeps them on this machine; with several
 # hosts, the host's address on the network the proxies are on (and firewall it to them).
-NODE_ADDRESS = env_ip(
+NODE_ADDRESS = env_ipv4(
     "NODE_ADDRESS", "127.0.0.1", hint="use an address of this host that the proxies can reach, e.g. 10.0.0.5"
 )
 NODE_RESOURCE_GROUP = env_str("NODE_RESOURCE_GROUP", "default")
