@@ -126,6 +126,16 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             request._modify_refused = True  # type: ignore[attr-defined]
             self.message_user(request, _("Not saved: %(why)s") % {"why": "; ".join(exc.messages)}, level=messages.ERROR)
 
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        # Nothing of a refused edit is saved: not its autoscaling rules (inline) either.
+        if not getattr(request, "_modify_refused", False):
+            super().save_related(request, form, formsets, change)
+
+    def log_change(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        if getattr(request, "_modify_refused", False):
+            return None  # no "Changed ..." history entry for an edit that was refused
+        return super().log_change(request, obj, message)
+
     def response_change(self, request: HttpRequest, obj: Endpoint) -> HttpResponse:
         # A refused edit is not "changed successfully": back to the form, with the reason only.
         if getattr(request, "_modify_refused", False):

@@ -77,3 +77,8 @@ def test_a_refused_edit_is_not_reported_as_saved(rf: Any, personas: dict[str, An
     assert not any("successfully" in t for t in texts), texts
     service.refresh_from_db()
     assert service.resources.get("cpu") != "lots"
+    # The same form's inline rows (autoscaling rules) and the history entry are not saved either.
+    saved: list[str] = []
+    formset = type("Formset", (), {"save": lambda self: saved.append("rules")})()
+    model_admin.save_related(request, form, [formset], change=True)
+    assert saved == [] and model_admin.log_change(request, service, "Changed resources.") is None
