@@ -432,7 +432,7 @@ class Proxy:
                         # A websocket silent both ways that long: a peer vanished without a FIN (a
                         # laptop closed, a NAT forgot it). Closing one side closes the other.
                         if down.last_active < idle_cut:
-                            down.transport.close()
+                            down.transport.abort()  # a dead peer reads nothing: do not wait to flush
                     elif down.last_active < keepalive_cut:
                         down.transport.close()
                 elif ex.held:
