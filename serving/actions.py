@@ -23,6 +23,7 @@ from serving.models import (
     AutoScalingRule,
     Endpoint,
     EndpointToken,
+    Node,
     ResourcePreset,
     Route,
     ServiceEvent,
@@ -196,6 +197,14 @@ def _check_environ(environ: Mapping[str, Any]) -> dict[str, str]:
         text = str(value).lower() if isinstance(value, bool) else str(value)
         if "\x00" in text:
             raise ValidationError({"environ": f"{key}: the value must not contain NUL bytes."})
+        out[key] = text
+    return _check_environ_size(out)
+
+
+def _check_environ_size(environ: dict[str, str]) -> dict[str, str]:
+    """The kernel's limits on what a process is started with (checked again once the folder's
+    service-definition.toml defaults are merged in: they count too)."""
+    for key, text in environ.items():
         size = len(f"{key}={text}".encode())
         if size >= MAX_ENV_VARIABLE_BYTES:
             raise ValidationError(
@@ -204,8 +213,7 @@ def _check_environ(environ: Mapping[str, Any]) -> dict[str, str]:
                     f"{MAX_ENV_VARIABLE_BYTES // 1024} KiB or more. Put large data in a file in the model folder."
                 }
             )
-        out[key] = text
-    total = sum(len(f"{key}={text}".encode()) + 1 for key, text in out.items())
+    total = sum(len(f"{key}={text}".encode()) + 1 for key, text in environ.items())
     if total > MAX_ENV_TOTAL_BYTES:
         raise ValidationError(
             {
@@ -213,7 +221,7 @@ def _check_environ(environ: Mapping[str, Any]) -> dict[str, str]:
                 f"{MAX_ENV_TOTAL_BYTES // 1024} KiB fit. Put large data in a file in the model folder."
             }
         )
-    return out
+    return environ
 
 
 def _check_cluster_mode(cluster_mode: str) -> None:
@@ -223,6 +231,20 @@ def _check_cluster_mode(cluster_mode: str) -> None:
         raise ValidationError(
             {"cluster_mode": f"Unknown cluster mode {cluster_mode!r}; choose single-node or multi-node."}
         )
+
+
+def _check_resource_group(group: str) -> None:
+    """A group some node serves (or ``default``, which a fresh installation's first node joins):
+    a replica of a group no node has ever served would wait for a node for ever."""
+    if group == "default" or Node.objects.filter(resource_group=group).exists():
+        return
+    known = sorted({"default", *Node.objects.values_list("resource_group", flat=True)})
+    raise ValidationError(
+        {
+            "resource_group": f"No node serves resource group {group!r}; the groups are: {', '.join(known)}. "
+            f"A node joins a group with NODE_RESOURCE_GROUP={group}."
+        }
+    )
 
 
 def _check_runtime(runtime: str) -> None:
@@ -338,7 +360,10 @@ def check_service_config(
     else:
         resource_slots = dict(defaults.resources)
     merged_environ = {**defaults.environ, **attempt(_check_environ, dict(environ or {}), fallback={})}
+    if "environ" not in errors:
+        attempt(_check_environ_size, merged_environ)
     attempt(_check_cluster_mode, cluster_mode)
+    attempt(_check_resource_group, resource_group or "default")
     config = ServiceConfig(
         name=name,
         folder=folder,
@@ -484,6 +509,8 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
             _check_mount_path(value, "model_mount")
         elif field == "model_definition_path" and value:
             _check_definition_path(value)
+        elif field == "resource_group" and value != endpoint.resource_group:
+            _check_resource_group(value or "default")
         elif field == "extra_mounts":
             value = _check_extra_mounts(list(value or []), changes.get("model_mount", endpoint.model_mount), visible)
         elif (

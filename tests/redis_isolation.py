@@ -19,6 +19,8 @@ os.environ["TEST_DB_SUFFIX"] = _run
 # Services' URLs point at a port where nothing listens, unless a test starts a proxy and says where:
 # with the default (127.0.0.1:8080), a `make run` beside the suite answered the chat relay's calls
 # and the access matrix saw that installation's answers instead of its own.
-with socket.socket() as _probe:
-    _probe.bind(("127.0.0.1", 0))
-    os.environ["SERVING_PROXY_URL"] = f"http://127.0.0.1:{_probe.getsockname()[1]}"
+# The port stays bound (not listening) for the whole session: connecting is refused, and no test
+# server binding port 0 can be given it meanwhile.
+_nobody = socket.socket()
+_nobody.bind(("127.0.0.1", 0))
+os.environ["SERVING_PROXY_URL"] = f"http://127.0.0.1:{_nobody.getsockname()[1]}"

@@ -304,3 +304,39 @@ def test_an_api_path_no_view_matches_answers_json(api: Any, client: Any) -> None
     assert page.status_code == 404 and page["Content-Type"].startswith("text/html")
     icon = client.get("/favicon.ico")
     assert icon.status_code == 301 and icon["Location"].endswith("img/favicon.svg")
+
+
+def test_the_folders_environment_defaults_count_towards_the_kernels_limit(api: Any, personas: Any) -> None:
+    """600 KiB typed in the launcher is fine alone; with 500 KiB of the folder's defaults merged in,
+    no process could be started with it: refused at create, not at every start."""
+    big = "x" * (100 * 1024)
+    toml = "[custom.environment]\nimage = 'modelserve/python:3.11'\narchitecture = 'x86_64'\n[custom.environ]\n"
+    toml += "".join(f"D{i} = '{big}'\n" for i in range(5))
+    folder = FolderFactory(
+        owner=personas["owner"],
+        name="heavy",
+        files={"model-definition.yaml": SIMPLE_DEFINITION, "service-definition.toml": toml},
+    )
+    assert create(api, "owner", folder, name="light", environ={"U0": "x"}).status_code == 201
+    response = create(api, "owner", folder, name="heavy", environ={f"U{i}": big for i in range(6)})
+    assert response.status_code == 400
+    assert "The environment variables add up to" in response.json()["environ"][0]
+
+
+def test_a_resource_group_no_node_serves_is_refused(api: Any, folder: Folder) -> None:
+    """Else its replicas would wait for a node for ever (a typo, say)."""
+    from django.utils import timezone
+
+    from serving.models import Node
+
+    response = create(api, "owner", folder, resource_group="gpu-nodes")
+    assert response.status_code == 400
+    assert response.json()["resource_group"] == [
+        "No node serves resource group 'gpu-nodes'; the groups are: default. "
+        "A node joins a group with NODE_RESOURCE_GROUP=gpu-nodes."
+    ]
+    Node.objects.create(name="g1", resource_group="gpu-nodes", heartbeat_at=timezone.now())
+    created = create(api, "owner", folder, resource_group="gpu-nodes")
+    assert created.status_code == 201
+    moved = api("owner").patch(f"/api/v1/services/{created.json()['id']}/", {"resource_group": "gpu"}, format="json")
+    assert moved.status_code == 400 and "the groups are: default, gpu-nodes" in moved.json()["resource_group"][0]
