@@ -284,4 +284,4 @@ def test_run_panel_shows_problems_with_file_field_and_line(browser: Any, persona
     assert "<code>model-definition.yaml</code>" in body and "models[0].service.port" in body
     assert "<code>service-definition.toml</code>" in body and "custom.resource_slots.cpu" in body
     port_line = broken_yaml.splitlines().index('      port: "eighty"') + 1
-    assert f"<td>{port_line}:" in body
+    assert f'<td data-label="Line">{port_line}:' in body
