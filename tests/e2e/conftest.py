@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.live import ROOT, LiveSystem, wait_for
+from tests.live import ROOT, LiveSystem, deadline_ms, wait_for
 
 # Playwright's sync API runs an event loop in this thread; the test's own ORM calls are synchronous
 # and safe (the server is another process), so Django's async guard must not refuse them.
@@ -66,8 +66,10 @@ def pytest_configure(config: pytest.Config) -> None:
 # open, and every later test that uses async_to_sync (Django's ASGI tests) would fail in that thread.
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # An assertion without its own timeout waits Playwright's 5 s, stretched like every deadline.
+    expect.set_options(timeout=deadline_ms(5))
     with sync_playwright() as playwright:
         instance = playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -187,7 +189,7 @@ def page_as(
             cookies.append({**session_cookie(personas[who]), "url": web.url})
         context.add_cookies(cookies)
         page = context.new_page()
-        page.set_default_timeout(15_000)
+        page.set_default_timeout(deadline_ms(15))
         page.console_errors = []  # type: ignore[attr-defined]
         page.on(
             "console",

@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 from serving import actions
 from serving.models import EndpointToken, Route
 from tests.e2e.conftest import Web, fast_health_checks, off_loop
-from tests.live import free_port, wait_for
+from tests.live import deadline_ms, free_port, wait_for
 
 # What the browser console may report here: the refusals this test provokes on purpose.
 EXPECTED_CONSOLE = re.compile(r"401|503|ERR_CONNECTION_REFUSED|Failed to load resource")
@@ -131,7 +131,7 @@ def test_chat_streams_from_llm_echo_through_the_proxy(
     page.locator("#service-token").dispatch_event("change")
     expect(page.locator("#model")).to_have_value("llm-echo")
     send(page, "anyone there?")
-    expect(page.locator("#chat-error")).to_contain_text("No healthy replica (503)", timeout=10_000)
+    expect(page.locator("#chat-error")).to_contain_text("No healthy replica (503)", timeout=deadline_ms(10))
     expect(page.locator("#prompt")).to_have_value("anyone there?")
     screenshot(page, "chat-error-503")
 

@@ -19,7 +19,7 @@ from serving import actions
 from serving.consumers import notify_endpoint_changed
 from serving.models import AutoScalingRule, Endpoint, EndpointToken, Node, Route, RouteMember
 from tests.e2e.conftest import ARTIFACTS, Web, _engine_ready, fast_health_checks, off_loop
-from tests.live import wait_for
+from tests.live import deadline_ms, wait_for
 
 
 def test_service_page_routes_live_tokens_rules_terminate(
@@ -180,7 +180,7 @@ def test_a_real_replica_turns_healthy_and_its_log_opens(
     )
     page = page_as("owner")
     page.goto(f"/services/{endpoint.pk}/")
-    expect(page.locator("#svc-status")).to_have_text("HEALTHY", timeout=45_000)
+    expect(page.locator("#svc-status")).to_have_text("HEALTHY", timeout=deadline_ms(45))
     route = wait_for(lambda: Route.objects.filter(endpoint=endpoint, status="healthy").first(), what="a healthy route")
     row = page.locator(f'#routes tr[data-id="{route.pk}"]')
     expect(row.locator(".r-node")).to_have_text("local")
@@ -188,14 +188,14 @@ def test_a_real_replica_turns_healthy_and_its_log_opens(
     logs = page.locator("#logs-dialog")
     lines = logs.locator(".logs-lines")
     # llm-echo logs every request (ECHO_ACCESS_LOG=1): the health checks are in its log.
-    expect(lines).to_contain_text("GET /health", timeout=15_000)
+    expect(lines).to_contain_text("GET /health", timeout=deadline_ms(15))
     expect(logs.get_by_label("Follow")).to_be_checked()
     expect(logs.locator(".logs-state")).to_contain_text("Following the log live")
 
     # A line the replica writes now appears in the open dialog, without reopening or refreshing it.
     marker = f"/written-while-open-{uuid.uuid4().hex[:8]}"
     call_replica(route, marker)
-    expect(lines).to_contain_text(f"GET {marker}", timeout=10_000)
+    expect(lines).to_contain_text(f"GET {marker}", timeout=deadline_ms(10))
     screenshot(page, "service-route-log")
     logs.get_by_role("button", name="Copy log").click()
     expect(logs.get_by_role("button", name="Copied")).to_be_visible()
@@ -209,7 +209,7 @@ def test_a_real_replica_turns_healthy_and_its_log_opens(
     lines.evaluate("e => { e.scrollTop = 0; }")
     marker = f"/while-scrolled-up-{uuid.uuid4().hex[:8]}"
     call_replica(route, marker)
-    expect(lines).to_contain_text(f"GET {marker}", timeout=10_000)
+    expect(lines).to_contain_text(f"GET {marker}", timeout=deadline_ms(10))
     assert lines.evaluate("e => e.scrollTop") == 0
 
     # Follow off: no new lines; the dialog closed: the node ends the follow (its lease is gone).
@@ -218,7 +218,7 @@ def test_a_real_replica_turns_healthy_and_its_log_opens(
     marker = f"/not-followed-{uuid.uuid4().hex[:8]}"
     call_replica(route, marker)
     logs.get_by_label("Follow").check()
-    expect(lines).to_contain_text(f"GET {marker}", timeout=10_000)  # the tail, read again
+    expect(lines).to_contain_text(f"GET {marker}", timeout=deadline_ms(10))  # the tail, read again
     assert follow_leases(), "the open dialog holds a lease"
     logs.get_by_role("button", name="Close").click()
     wait_for(lambda: not follow_leases(), timeout=10, what="the follow's lease to go with the dialog")
@@ -332,7 +332,7 @@ def test_a_multi_node_cluster_shows_its_members_on_their_nodes_live(
         expect(page.locator("#svc-cluster")).to_have_text(
             "Multi-node cluster: 2 containers per replica, each on its own node"
         )
-        expect(page.locator("#svc-status")).to_have_text("HEALTHY", timeout=45_000)
+        expect(page.locator("#svc-status")).to_have_text("HEALTHY", timeout=deadline_ms(45))
         route = Route.objects.get(endpoint=endpoint, status=Route.Status.HEALTHY)
         sub = RouteMember.objects.select_related("node").get(route=route)
         assert route.node is not None and sub.node is not None and {route.node.name, sub.node.name} == {"a", "b"}
@@ -346,15 +346,15 @@ def test_a_multi_node_cluster_shows_its_members_on_their_nodes_live(
         from tests.integration.test_runtime_nodes import kill_replica
 
         kill_replica(sub.node.name, sub.container_id)
-        expect(page.locator(f'#routes tr[data-id="{route.pk}"]')).to_have_count(0, timeout=45_000)
+        expect(page.locator(f'#routes tr[data-id="{route.pk}"]')).to_have_count(0, timeout=deadline_ms(45))
         new_route = wait_for(
             lambda: Route.objects.filter(endpoint=endpoint, status=Route.Status.HEALTHY).exclude(pk=route.pk).first(),
             timeout=45,
             what="a replacement cluster route",
         )
         row = page.locator(f'#routes tr[data-id="{new_route.pk}"]')
-        expect(row.locator(".r-members li .m-host")).to_have_text(["main1", "sub1"], timeout=15_000)
-        expect(row.locator(".r-members li .m-status")).to_have_text(["healthy", "running"], timeout=15_000)
+        expect(row.locator(".r-members li .m-host")).to_have_text(["main1", "sub1"], timeout=deadline_ms(15))
+        expect(row.locator(".r-members li .m-status")).to_have_text(["healthy", "running"], timeout=deadline_ms(15))
 
         # Each member's log: the dialog's picker chooses the container, followed live on its own node.
         new_sub = RouteMember.objects.select_related("node").get(route=new_route)
@@ -364,9 +364,11 @@ def test_a_multi_node_cluster_shows_its_members_on_their_nodes_live(
         expect(picker.locator("option")).to_have_text(
             [f"main1 (node {new_route.node.name})", f"sub1 (node {new_sub.node.name})"]  # type: ignore[union-attr]
         )
-        expect(logs.locator(".logs-lines")).to_contain_text("GET / HTTP", timeout=15_000)  # main's health checks
+        expect(logs.locator(".logs-lines")).to_contain_text(
+            "GET / HTTP", timeout=deadline_ms(15)
+        )  # main's health checks
         picker.select_option("sub1")
-        expect(logs.locator(".logs-state")).to_contain_text("Following the log live", timeout=15_000)
+        expect(logs.locator(".logs-state")).to_contain_text("Following the log live", timeout=deadline_ms(15))
         expect(logs.locator(".logs-lines")).to_contain_text("preparing /home/work")
         expect(logs.locator(".logs-lines")).not_to_contain_text("GET / HTTP")  # no one checks a sub's health
         screenshot(page, "service-cluster-member-log")

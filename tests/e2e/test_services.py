@@ -11,7 +11,7 @@ from serving import actions
 from serving.consumers import notify_endpoint_changed
 from serving.models import Endpoint, Route
 from tests.e2e.conftest import Web, fast_health_checks, off_loop
-from tests.live import wait_for
+from tests.live import deadline_ms, wait_for
 
 
 def row(page: Any, endpoint: Endpoint) -> Any:
@@ -183,7 +183,7 @@ def test_validate_streams_the_log_until_finished_then_the_service_runs(
     dialog = page.locator("#validate-dialog")
     dialog.wait_for(state="visible")
     outcome = page.locator("#validate-outcome")
-    outcome.wait_for(state="visible", timeout=90_000)
+    outcome.wait_for(state="visible", timeout=deadline_ms(90))
     log = page.locator("#validate-log").inner_text()
     assert "Finished: healthy" in log, log
     assert "preparing /home/work" in log, log  # the pre-start action's log line, streamed
@@ -210,7 +210,7 @@ def test_validate_of_a_broken_folder_says_why(live: Web, page_as: Any, example_f
     page.get_by_label("Service name").fill("broken-one")
     page.get_by_role("button", name="Validate").click()
     outcome = page.locator("#validate-outcome")
-    outcome.wait_for(state="visible", timeout=90_000)
+    outcome.wait_for(state="visible", timeout=deadline_ms(90))
     assert "It did not work" in outcome.inner_text()
     assert "no_such_module_here" in page.locator("#validate-log").inner_text()
 
@@ -219,4 +219,4 @@ def expect_text(locator: Any, text: str, timeout: float = 15) -> None:
     """Wait until the element's text contains ``text`` (live updates arrive without a reload)."""
     from playwright.sync_api import expect
 
-    expect(locator).to_contain_text(text, timeout=timeout * 1000)
+    expect(locator).to_contain_text(text, timeout=deadline_ms(timeout))

@@ -24,7 +24,7 @@ from playwright.sync_api import expect
 from serving.models import AutoScalingRule, Endpoint, EndpointToken, Route
 from storage.models import Folder
 from tests.e2e.conftest import ROOT, Web, fast_health_checks
-from tests.live import wait_for
+from tests.live import deadline_ms, wait_for
 
 PASSWORD = "a-story-password-1"
 EXAMPLE = ROOT / "examples" / "llm-echo"
@@ -97,7 +97,7 @@ def test_the_whole_story(story: Web, page_as: Any, personas: dict[str, Any], scr
     expect(page.locator("#upload-progress li.failed")).to_have_count(0)
     shot(page, "explorer-uploading")
     # The page refreshes itself when every upload is done: the files are listed, and it can run.
-    expect(page.locator("table.files tbody tr")).to_have_count(len(files), timeout=10_000)
+    expect(page.locator("table.files tbody tr")).to_have_count(len(files), timeout=deadline_ms(10))
     run = page.locator("#run a.button.primary")
     expect(run).to_be_visible()
     expect(page.locator("#run table.problems")).to_have_count(0)
@@ -138,7 +138,7 @@ def test_the_whole_story(story: Web, page_as: Any, personas: dict[str, Any], scr
     page.locator("#validate-button").click()
     dialog = page.locator("#validate-dialog")
     expect(dialog).to_be_visible()
-    expect(page.locator("#validate-outcome")).to_be_visible(timeout=60_000)
+    expect(page.locator("#validate-outcome")).to_be_visible(timeout=deadline_ms(60))
     expect(dialog).to_have_attribute("data-outcome", "healthy")
     expect(page.locator("#validate-outcome")).to_have_class(re.compile(r"\bok\b"))
     log = page.locator("#validate-log").inner_text()
@@ -156,7 +156,7 @@ def test_the_whole_story(story: Web, page_as: Any, personas: dict[str, Any], scr
     page.wait_for_url(re.compile(rf"/services/{endpoint.pk}/$"))
     expect(page.locator(".messages li.success")).to_be_visible()
     shot(page, "service-created")
-    expect(page.locator("#svc-status")).to_have_class(re.compile(r"status-healthy"), timeout=45_000)
+    expect(page.locator("#svc-status")).to_have_class(re.compile(r"status-healthy"), timeout=deadline_ms(45))
     expect(page.locator("#routes tbody tr .status-healthy")).to_have_count(1)
     expect(page.locator("#routes tbody tr .r-node")).to_have_text("local")
     shot(page, "service-healthy")
@@ -223,7 +223,7 @@ def test_the_whole_story(story: Web, page_as: Any, personas: dict[str, Any], scr
     shot(page, "modify")
     page.locator("#launcher button[type=submit]").click()
     page.wait_for_url(re.compile(rf"/services/{endpoint.pk}/$"))
-    expect(page.locator("#routes tbody tr .status-healthy")).to_have_count(2, timeout=45_000)
+    expect(page.locator("#routes tbody tr .status-healthy")).to_have_count(2, timeout=deadline_ms(45))
     expect(page.locator("#svc-status")).to_have_class(re.compile(r"status-healthy"))
     endpoint.refresh_from_db()
     assert endpoint.desired_replicas == 2
@@ -246,7 +246,7 @@ def test_the_whole_story(story: Web, page_as: Any, personas: dict[str, Any], scr
     # While its replicas stop, the row offers nothing that no longer works (no chat, modify, terminate).
     expect(page.locator(f"#services tr[data-id='{endpoint.pk}'] .svc-actions a:visible")).to_have_count(0)
     shot(page, "services-terminating")
-    expect(page.locator(f"#services tr[data-id='{endpoint.pk}']")).to_have_count(0, timeout=30_000)
+    expect(page.locator(f"#services tr[data-id='{endpoint.pk}']")).to_have_count(0, timeout=deadline_ms(30))
     expect(page.locator("#services-empty")).to_be_visible()
     wait_for(lambda: not Route.objects.filter(endpoint=endpoint).exists(), timeout=30, what="the replicas to stop")
     shot(page, "services-after")

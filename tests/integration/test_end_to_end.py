@@ -52,7 +52,13 @@ def test_llm_echo_through_the_proxy(live_system: LiveSystem, api: Any, personas:
     # A token works as soon as the call that created it has returned; a healthy route takes traffic
     # within 1 s of the API reporting it.
     deadline = time.monotonic() + 1.0
-    wait_for(lambda: call(url + "v1/models", token) == 200, timeout=1.0, interval=0.02, what="token + route live")
+    wait_for(
+        lambda: call(url + "v1/models", token) == 200,
+        timeout=1.0,
+        interval=0.02,
+        what="token + route live",
+        promise=True,
+    )
     assert time.monotonic() <= deadline + 0.05
 
     from openai import OpenAI
@@ -72,7 +78,13 @@ def test_llm_echo_through_the_proxy(live_system: LiveSystem, api: Any, personas:
 
     # Revoked: refused within 1 s.
     assert api("owner").delete(f"/api/v1/services/{sid}/tokens/{issued['id']}/").status_code == 204
-    wait_for(lambda: call(url + "v1/models", token) == 401, timeout=1.0, interval=0.02, what="revocation in 1 s")
+    wait_for(
+        lambda: call(url + "v1/models", token) == 401,
+        timeout=1.0,
+        interval=0.02,
+        what="revocation in 1 s",
+        promise=True,
+    )
 
     # Open to public: no token needed.
     api("owner").patch(f"/api/v1/services/{sid}/", {"open_to_public": True}, format="json")

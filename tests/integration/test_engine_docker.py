@@ -36,6 +36,7 @@ from serving.engines.base import (
     ReplicaState,
 )
 from serving.engines.docker import DockerEngine
+from tests.live import wait_for
 
 IMAGE = "modelserve/python:3.11"
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,14 +116,7 @@ needs_docker = pytest.mark.docker
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last value: {last!r})")
+    return wait_for(condition, timeout=timeout, interval=interval, what=what)
 
 
 def http_get(port: int, path: str = "/") -> bytes | None:

@@ -25,6 +25,7 @@ import pytest
 
 from serving.engines.base import ClusterPeering, EngineError, Mount, PreStartActionSpec, ReplicaSpec, ReplicaState
 from serving.engines.local import CGROUP_PARENT, CGROUP_ROOT, NET_REGISTRY, PEER_CHAIN, LocalEngine
+from tests.live import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "mt"  # not the platform's "ms": cleanup_orphans() here never touches a running installation
@@ -100,14 +101,7 @@ def settings() -> types.SimpleNamespace:
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last value: {last!r})")
+    return wait_for(condition, timeout=timeout, interval=interval, what=what)
 
 
 def fetch(host: str, port: int, path: str = "/") -> tuple[int, str] | None:

@@ -305,14 +305,14 @@ def test_services_list_socket_sends_changes_only_to_who_may_see(personas: dict[s
         for who in ("owner", "teammate", "stranger", "admin"):
             communicator = WebsocketCommunicator(application, "/ws/services/")
             communicator.scope["user"] = personas[who]
-            connected, _ = await communicator.connect()
+            connected, _ = await communicator.connect(timeout=5)
             assert connected
             sockets[who] = communicator
         anonymous = WebsocketCommunicator(application, "/ws/services/")
         from django.contrib.auth.models import AnonymousUser
 
         anonymous.scope["user"] = AnonymousUser()
-        connected, _ = await anonymous.connect()
+        connected, _ = await anonymous.connect(timeout=5)
         assert not connected
         from channels.db import database_sync_to_async
 

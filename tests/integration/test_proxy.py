@@ -322,7 +322,7 @@ def test_every_auth_case(proxy: Proxy, backends: Callable[..., Backend]) -> None
     # Revocation = the entry republished without the token: refused within 1 s.
     proxy.publish(private, [backend.route()], grant=())
     started = time.monotonic()
-    wait_for(lambda: proxy.call(private, token=good.token)[0] == 401, timeout=1.0, what="revocation")
+    wait_for(lambda: proxy.call(private, token=good.token)[0] == 401, timeout=1.0, what="revocation", promise=True)
     assert time.monotonic() - started < 1.0
 
     # Last use of each token reaches Redis in a batch (lookup -> epoch), never a write per request.
@@ -669,7 +669,7 @@ def test_route_changes_apply_within_a_second(proxy: Proxy, backends: Callable[..
     assert host_seen() == f"127.0.0.1:{aux_a.port}"
     proxy.publish(slug, [aux_b.route()], public=True)  # a -> b, as when a replica is replaced
     started = time.monotonic()
-    wait_for(lambda: host_seen() == f"127.0.0.1:{aux_b.port}", timeout=1.0, what="the new route")
+    wait_for(lambda: host_seen() == f"127.0.0.1:{aux_b.port}", timeout=1.0, what="the new route", promise=True)
     assert time.monotonic() - started < 1.0
 
     # A change written to the hash without an announcement (a lost message) heals at the resync.
@@ -681,7 +681,7 @@ def test_route_changes_apply_within_a_second(proxy: Proxy, backends: Callable[..
     # Removal: the endpoint disappears (entry null), then it is unknown.
     proxy.redis.hdel(f"{proxy.prefix}:routing", slug)
     proxy.redis.publish(f"{proxy.prefix}:routing:updates", json.dumps({"slug": slug, "entry": None}))
-    wait_for(lambda: proxy.call(slug, "headers")[0] == 404, timeout=1.0, what="removal")
+    wait_for(lambda: proxy.call(slug, "headers")[0] == 404, timeout=1.0, what="removal", promise=True)
 
 
 # --- streaming, OpenAI client, websockets --------------------------------------------------------

@@ -27,7 +27,7 @@ from serving.nodebus import NodeListener
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 from tests.integration.conftest import _engine_ready
-from tests.live import wait_for
+from tests.live import deadline_for, wait_for
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -140,7 +140,7 @@ def socket_for(path: str, cookie: bytes) -> WebsocketCommunicator:
 async def receive_until(socket: WebsocketCommunicator, wanted: Any, timeout: float = 15) -> list[dict[str, Any]]:
     """Messages until one satisfies ``wanted`` (it included)."""
     got: list[dict[str, Any]] = []
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + deadline_for(timeout)
     while True:
         left = deadline - asyncio.get_running_loop().time()
         assert left > 0, f"timed out; got {got!r}"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,11 @@ def test_create_serve_recover_scale_terminate(live_system: LiveSystem, api: Any,
     assert api("owner").get(f"/api/v1/services/{sid}/").status_code == 404
 
 
+def reconcile_ticks(system: LiveSystem) -> int:
+    """How many reconcile ticks the control worker has finished (its log says each one)."""
+    return len(re.findall(r"Task serving\.tasks\.reconcile_all\[[^\]]+\] succeeded", system.log("control")))
+
+
 def test_bad_definition_fails_then_clear_and_retry_recovers(
     live_system: LiveSystem, api: Any, personas: dict[str, Any], settings: Any
 ) -> None:
@@ -111,7 +116,8 @@ def test_bad_definition_fails_then_clear_and_retry_recovers(
     assert errors and "models[0].service.port" in errors[0]
     # It gave up: no new attempts while the file stays broken.
     attempts = ServiceEvent.objects.filter(endpoint_id=sid, kind="route_failed").count()
-    time.sleep(1.5)  # three reconcile ticks
+    done = reconcile_ticks(live_system)
+    wait_for(lambda: reconcile_ticks(live_system) >= done + 3, timeout=10, what="three more reconcile ticks")
     assert ServiceEvent.objects.filter(endpoint_id=sid, kind="route_failed").count() == attempts
 
     (folder.host_path / "model-definition.yaml").write_text(SIMPLE_DEFINITION)

@@ -224,9 +224,23 @@ ENV_ECHO_DEFINITION = SIMPLE_DEFINITION.replace(
 )
 
 
+def fetch_text(url: str) -> str:
+    """The body at ``url``, waiting for a member that runs but may not listen yet (a sub's route is
+    healthy once main is and the sub's sandbox runs)."""
+
+    def attempt() -> str | None:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return str(answer.read().decode())
+        except OSError:
+            return None
+
+    return str(wait_for(attempt, timeout=10, what=f"an answer from {url}"))
+
+
 def fetch_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        return dict(json.loads(answer.read()))
+    """The JSON at ``url``, waiting like fetch_text."""
+    return dict(json.loads(fetch_text(url)))
 
 
 def test_multi_node_cluster_one_member_per_node_main_serves_a_dead_sub_replaces_the_route(
@@ -348,20 +362,6 @@ ThreadingHTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
 PEER_DEFINITION = SIMPLE_DEFINITION.replace(
     '[python3, -m, http.server, --directory, /models, "8000"]', "[python3, /models/peer.py]"
 )
-
-
-def fetch_text(url: str) -> str:
-    """The body at ``url``, waiting for a member that runs but may not listen yet (a sub's route is
-    healthy once main is and the sub's sandbox runs)."""
-
-    def attempt() -> str | None:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as answer:
-                return str(answer.read().decode())
-        except OSError:
-            return None
-
-    return str(wait_for(attempt, timeout=10, what=f"an answer from {url}"))
 
 
 def firewall_rules() -> str:

@@ -27,7 +27,7 @@ BROKEN = (
 async def collect(validation_id: str, user: Any, timeout: float = 30) -> list[dict[str, Any]]:
     communicator = WebsocketCommunicator(application, f"/ws/validations/{validation_id}/")
     communicator.scope["user"] = user
-    connected, _ = await communicator.connect()
+    connected, _ = await communicator.connect(timeout=5)
     assert connected
     events: list[dict[str, Any]] = []
     try:
@@ -90,7 +90,7 @@ def test_a_stranger_can_not_watch(live_system: LiveSystem, api: Any, personas: d
     async def try_connect() -> bool:
         communicator = WebsocketCommunicator(application, f"/ws/validations/{validation_id}/")
         communicator.scope["user"] = personas["stranger"]
-        connected, _ = await communicator.connect()
+        connected, _ = await communicator.connect(timeout=5)
         await communicator.disconnect()
         return bool(connected)
 

@@ -67,7 +67,9 @@ def test_tokens_at_the_proxy(
     with django_capture_on_commit_callbacks(execute=True):
         token_id, token = issue(owner, world)
     # "A token works at the proxy as soon as the call that created it has returned" (DESIGN §7).
-    wait_for(lambda: proxy.call(slug, "headers", token=token)[0] == 200, timeout=1.0, what="the new token")
+    wait_for(
+        lambda: proxy.call(slug, "headers", token=token)[0] == 200, timeout=1.0, what="the new token", promise=True
+    )
     for scheme in ("BackendAI", "Bearer", "backendai", "bearer"):
         status, _, body = proxy.call(slug, "headers", token=token, scheme=scheme)
         assert status == 200, scheme
@@ -98,21 +100,26 @@ def test_tokens_at_the_proxy(
     # Expired: the row's expiry passes, the table is republished.
     with django_capture_on_commit_callbacks(execute=True):
         expiring_id, expiring = issue(owner, world)
-    wait_for(lambda: proxy.call(slug, "headers", token=expiring)[0] == 200, timeout=1.0, what="the second token")
+    wait_for(
+        lambda: proxy.call(slug, "headers", token=expiring)[0] == 200,
+        timeout=1.0,
+        what="the second token",
+        promise=True,
+    )
     from django.utils import timezone
 
     from serving.models import EndpointToken
 
     EndpointToken.objects.filter(pk=expiring_id).update(expires_at=timezone.now())
     routing.publish_endpoint(str(world.service.pk))
-    wait_for(lambda: proxy.call(slug, "headers", token=expiring)[0] == 401, timeout=1.0, what="expiry")
+    wait_for(lambda: proxy.call(slug, "headers", token=expiring)[0] == 401, timeout=1.0, what="expiry", promise=True)
 
     # Revoked through the API: refused within 1 s of the DELETE's answer.
     with django_capture_on_commit_callbacks(execute=True):
         response = owner.delete(f"/api/v1/services/{world.service.pk}/tokens/{token_id}/")
     assert response.status_code == 204
     revoked_at = time.monotonic()
-    wait_for(lambda: proxy.call(slug, "headers", token=token)[0] == 401, timeout=1.0, what="revocation")
+    wait_for(lambda: proxy.call(slug, "headers", token=token)[0] == 401, timeout=1.0, what="revocation", promise=True)
     elapsed = time.monotonic() - revoked_at
     print(f"revocation effective at the proxy after {elapsed * 1000:.0f} ms")
     assert elapsed < 1.0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +19,7 @@ from django.conf import settings
 from serving import logfollow
 from serving.engines.base import ReplicaNotFound
 from serving.logfollow import Follows, lease_key, stream_key
+from tests import live
 
 
 class QuietEngine:
@@ -88,13 +88,7 @@ def follows(engine: QuietEngine) -> Iterator[Follows]:
 
 
 def wait_for(condition: Any, what: str, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+    return live.wait_for(condition, timeout=timeout, interval=0.01, what=what)
 
 
 def start(follows: Follows, client: redis.Redis, container: str = "c-1", lease: bool = True) -> str:
