@@ -27,9 +27,10 @@ from hypothesis import strategies as st
 import proxy.app
 from serving.definitions import DefinitionError, parse_model_definition, parse_service_definition
 from storage.fs import MAX_NAME_BYTES, FolderFS, FsError, check_name, join, split_path
+from tests.live import deadline_for, deadline_ms
 from tests.unit.test_proxy_protocol import World
 
-FAST = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=200, deadline=deadline_ms(2), suppress_health_check=[HealthCheck.too_slow])
 
 # --- definition parsers: hostile YAML and TOML shapes --------------------------------------------------
 
@@ -79,7 +80,7 @@ def test_hostile_yaml_is_refused_quickly(text: str) -> None:
     started = time.monotonic()
     with contextlib.suppress(DefinitionError):
         parse_model_definition(text)
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < deadline_for(3.0)
     assert not Path("/tmp/modelserve-fuzz-pwned").exists()
 
 
@@ -88,7 +89,7 @@ def test_hostile_toml_is_refused_quickly(text: str) -> None:
     started = time.monotonic()
     with contextlib.suppress(DefinitionError):
         parse_service_definition(text)
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < deadline_for(3.0)
 
 
 # YAML built from the constructs that make parsers misbehave: anchors, aliases, tags, flow and
@@ -165,7 +166,7 @@ def test_every_folder_operation_on_arbitrary_paths_stays_inside(tmp_path: Path) 
     before = sorted(p.name for p in outside.iterdir())
     fs = FolderFS(root)
 
-    @settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=150, deadline=deadline_ms(2), suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(_segment, min_size=1, max_size=5).map("/".join), st.sampled_from(range(7)))
     def run(path: str, op: int) -> None:
         try:
@@ -284,7 +285,9 @@ class _Requests:
 STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=300, deadline=deadline_ms(2), suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(pieces())
 def test_the_proxy_answers_4xx_or_closes_never_raises_hangs_or_smuggles(packets: list[bytes]) -> None:
     w = World(replicas=1)

@@ -33,6 +33,7 @@ from serving.definitions import (
     resolve_service_defaults,
     validate_model_folder,
 )
+from tests.live import deadline_for
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -697,7 +698,7 @@ def test_alias_bomb_is_refused_quickly() -> None:
     bomb += "models: *i\n"
     start = time.monotonic()
     found = problems(bomb)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < deadline_for(1.0)
     assert found == [
         ("", "YAML anchors (&name) are not allowed in definition files; remove the anchor and write values out", 1)
     ]
@@ -754,7 +755,7 @@ def test_deep_nesting_is_refused_quickly() -> None:
     assert "nested deeper" in found[0][1]
     found = problems("".join("  " * i + f"k{i}:\n" for i in range(300)))
     assert "nested deeper" in found[0][1]
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < deadline_for(2.0)
 
 
 def test_nesting_just_under_the_limit_is_only_a_type_error() -> None:
@@ -766,7 +767,7 @@ def test_too_many_values_are_refused_quickly() -> None:
     start = time.monotonic()
     found = problems("models:\n" + "  - 1\n" * 100_000)
     assert "more than 20000 values" in found[0][1]
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < deadline_for(2.0)
 
 
 def test_huge_text_is_refused_before_parsing() -> None:
@@ -775,7 +776,7 @@ def test_huge_text_is_refused_before_parsing() -> None:
     assert "larger than 1024 KiB" in problems(big)[0][1]
     assert "larger than 1024 KiB" in problems(big.encode())[0][1]
     assert "larger than 1024 KiB" in problems(big, parse_service_definition)[0][1]
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < deadline_for(0.5)
 
 
 def test_huge_file_is_refused_by_its_size_before_reading(tmp_path: Path) -> None:
@@ -785,7 +786,7 @@ def test_huge_file_is_refused_by_its_size_before_reading(tmp_path: Path) -> None
     start = time.monotonic()
     with pytest.raises(DefinitionError) as info:
         load_model_definition(path)
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < deadline_for(0.5)
     assert info.value.problems[0].message == "the file is 1073741824 bytes; a definition file must be at most 1024 KiB"
     result = validate_model_folder(tmp_path)
     assert not result.ok and "bytes" in result.problems[0].message
@@ -1057,7 +1058,7 @@ def test_toml_hostile_input() -> None:
     assert "can not be read as TOML" in problems("a = " + "9" * 100_000, parse_service_definition)[0][1]
     many = "".join(f"[t{i}.extra]\nx = 1\n" for i in range(1000))
     assert len(problems(many, parse_service_definition)) == MAX_PROBLEMS + 1
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < deadline_for(2.0)
 
 
 # --- files and folders ------------------------------------------------------------------------------
