@@ -2,7 +2,6 @@
 # Build the local example image (default modelserve/python:3.11) with no registry at all:
 # static busybox + the host's Debian python3.11 and its stdlib (+ bash, so service definitions
 # that say `shell: /bin/bash` work), assembled as a rootfs and loaded with `docker import`.
-# Adapted from ../shared/recipes/build-pyimage.sh so the project does not depend on that folder.
 #
 # Usage: scripts/build-image.sh [--force] [TAG]
 #   Idempotent: does nothing when TAG already exists, unless --force.

@@ -6,7 +6,7 @@
 #   falls back to DOCKERD_MODE=sandbox (vfs, no bridge) when full does not come up (then the
 #   Docker engine's port publishing does not work; the local engine is the better choice).
 # Then builds the example image (scripts/build-image.sh; skipped when it exists).
-# Adapted from ../shared/recipes/docker-up.sh; stop it with `kill $(cat /var/run/dockerd-ci.pid)`.
+# Stop it with `kill $(cat /var/run/dockerd-ci.pid)`.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOG=${DOCKERD_LOG:-/var/log/dockerd-ci.log}
