@@ -159,11 +159,13 @@ class LiveSystem:
     def start_web(self) -> str:
         """The web process (daphne: pages, API, websockets) on a free loopback port; returns its URL."""
         port = free_port()
+        url = f"http://127.0.0.1:{port}"
         self._spawn(
             "web",
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+            # Its pages' origin: only they may open its websockets (WEB_ORIGINS follows SITE_URL).
+            SITE_URL=url,
         )
-        url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _answers(f"{url}/healthz"), timeout=30, what="the web process (daphne) to answer")
         return url
 

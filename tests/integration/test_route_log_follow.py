@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
@@ -134,7 +135,9 @@ def run(coro: Any) -> Any:
 def socket_for(path: str, cookie: bytes) -> WebsocketCommunicator:
     from config.asgi import application
 
-    return WebsocketCommunicator(application, path, headers=[(b"origin", b"http://testserver"), (b"cookie", cookie)])
+    return WebsocketCommunicator(
+        application, path, headers=[(b"origin", settings.WEB_ORIGINS[0].encode()), (b"cookie", cookie)]
+    )
 
 
 async def receive_until(socket: WebsocketCommunicator, wanted: Any, timeout: float = 15) -> list[dict[str, Any]]:
