@@ -1,14 +1,28 @@
-"""ASGI guards in front of the whole application (config/asgi.py): who may open a websocket.
+"""ASGI guards in front of the whole application (config/asgi.py): who may open a websocket, and
+which address a request comes from.
+
+Origins
+-------
 
 Channels' ``AllowedHostsOriginValidator`` compares only the host name of an Origin with
 ALLOWED_HOSTS. The proxy serves replicas (code anyone with an account uploads) on the web app's host
 name at another port, and a browser sends the web app's session cookie to every port of its host:
 a replica's page could open a victim's ``/ws/services/<id>/`` and read the service's environment and
 logs. Here an Origin must be exactly one of WEB_ORIGINS, scheme and port included.
+
+Client addresses
+----------------
+The failed-login and failed-API-key limits count per client address (accounts/ratelimit.py).
+``daphne --proxy-headers`` took the left-most X-Forwarded-For of any peer as that address, so a
+client changed "its" address at every attempt and was never limited. Here X-Forwarded-For is read
+only from a peer in WEB_TRUSTED_PROXIES (the TLS terminators in front of daphne), right to left,
+skipping the trusted hops: the first address no trusted proxy vouches for is the client. From any
+other peer the header is dropped, so nothing behind this can mistake it for a fact.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -63,3 +77,56 @@ class WebOriginValidator:
             ", ".join(settings.WEB_ORIGINS),
         )
         return await WebsocketDenier()(scope, receive, send)
+
+
+def _trusted(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # a unix socket path, or no address at all
+    return any(ip in network for network in settings.WEB_TRUSTED_PROXIES)
+
+
+def client_from_forwarded(peer: str, forwarded_for: list[str]) -> str:
+    """The client's address for a request ``peer`` passed on with these X-Forwarded-For headers.
+
+    Only a trusted peer's header is read, and only as far back as trusted proxies vouch: each hop
+    appends the address it saw, so the right-most entries are facts and the left-most is whatever the
+    client wrote. A malformed entry ends the walk at the hop that passed it on."""
+    if not forwarded_for or not _trusted(peer):
+        return peer
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+    client = peer
+    for hop in reversed(hops):
+        try:
+            address = str(ipaddress.ip_address(hop.removeprefix("[").split("]")[0]))
+        except ValueError:
+            return client
+        client = address
+        if not _trusted(address):
+            return address
+    return client
+
+
+class TrustedProxyHeaders:
+    """Sets ``scope["client"]`` (Django's REMOTE_ADDR) from X-Forwarded-For of trusted proxies only,
+    for HTTP and websockets; drops the header from any other peer (see the module docstring)."""
+
+    def __init__(self, application: Any) -> None:
+        self.application = application
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> Any:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.application(scope, receive, send)
+        headers = list(scope.get("headers") or ())
+        forwarded = [bytes(v).decode("latin-1") for k, v in headers if k.lower() == b"x-forwarded-for"]
+        if not forwarded:
+            return await self.application(scope, receive, send)
+        peer = scope.get("client") or (None, 0)
+        peer_host = str(peer[0] or "")
+        scope = dict(scope)
+        if _trusted(peer_host):
+            scope["client"] = (client_from_forwarded(peer_host, forwarded), 0)
+        else:
+            scope["headers"] = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
+        return await self.application(scope, receive, send)

@@ -141,6 +141,26 @@ def loopback_variants(origin: str) -> list[str]:
     return [origin, *(f"{parts.scheme}://{name}{suffix}" for name in LOOPBACK_NAMES if name != host)]
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def env_networks(name: str, default: list[str]) -> tuple[Network, ...]:
+    """IP addresses and CIDR ranges, comma-separated (empty: none). No ``*``: trusting every peer's
+    forwarding headers is trusting every client's word."""
+    raw = os.environ.get(name)
+    items = default if raw is None else [item.strip() for item in raw.split(",") if item.strip()]
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{name}: {item!r} is not an IP address or CIDR range; list the addresses of the TLS "
+                "terminators or load balancers in front of the web app, e.g. 10.0.0.2,10.1.0.0/24."
+            ) from None
+    return tuple(networks)
+
+
 def env_choice(name: str, default: str, choices: set[str]) -> str:
     value = os.environ.get(name, default) or default
     if value not in choices:

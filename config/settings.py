@@ -18,6 +18,7 @@ from config.env import (
     env_int,
     env_ipv4,
     env_list,
+    env_networks,
     env_origins,
     env_str,
     env_url_origin,
@@ -71,6 +72,10 @@ if env_str("CSRF_TRUSTED_ORIGINS", ""):
         "the same list guards the forms and the websockets."
     )
 CSRF_TRUSTED_ORIGINS = list(WEB_ORIGINS)
+# Peers whose X-Forwarded-For is believed (config/asgi_guards.py): the TLS terminators or load
+# balancers in front of daphne. None by default: `make run` puts nothing in front of it, and from
+# anyone else the header is the client's own claim (it would reset every per-address limit).
+WEB_TRUSTED_PROXIES = env_networks("WEB_TRUSTED_PROXIES", [])
 
 INSTALLED_APPS = [
     "daphne",
@@ -290,6 +295,10 @@ CONTENT_SECURITY_POLICY_BY_VIEW = {
 # (accounts/ratelimit.py): past the limit, HTTP 429 until the window ends.
 LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, minimum=1)
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
+# And per username from every address together, in the same window: guessing one user's password
+# from many addresses (a botnet, or a client that could still pose as others) is capped too. Higher
+# than the per-address limit, so one person's typos elsewhere do not lock the user out.
+LOGIN_USERNAME_FAILURE_LIMIT = env_int("LOGIN_USERNAME_FAILURE_LIMIT", 30, minimum=1)
 API_KEY_FAILURE_LIMIT = env_int("API_KEY_FAILURE_LIMIT", 100, minimum=1)
 API_KEY_FAILURE_WINDOW = env_int("API_KEY_FAILURE_WINDOW", 900, minimum=1)
 

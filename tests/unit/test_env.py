@@ -63,3 +63,22 @@ def test_csrf_trusted_origins_is_replaced_by_web_origins() -> None:
         check=False,
     )
     assert out.returncode != 0 and "set WEB_ORIGINS instead" in out.stderr
+
+
+def test_web_trusted_proxies_are_addresses_or_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipaddress import ip_network
+
+    from config.env import env_networks
+
+    monkeypatch.delenv("WEB_TRUSTED_PROXIES", raising=False)
+    assert env_networks("WEB_TRUSTED_PROXIES", []) == ()
+    monkeypatch.setenv("WEB_TRUSTED_PROXIES", "10.0.0.2, 10.1.0.0/24,::1")
+    assert env_networks("WEB_TRUSTED_PROXIES", []) == (
+        ip_network("10.0.0.2/32"),
+        ip_network("10.1.0.0/24"),
+        ip_network("::1/128"),
+    )
+    for bad in ("*", "lb.example", "10.0.0.0/33"):
+        monkeypatch.setenv("WEB_TRUSTED_PROXIES", bad)
+        with pytest.raises(ConfigError, match="is not an IP address or CIDR range"):
+            env_networks("WEB_TRUSTED_PROXIES", [])
