@@ -105,13 +105,14 @@ class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _snapshot(self) -> dict[str, Any] | None:
-        from serving.access import access_endpoint
+        from serving.access import access_endpoint, current_user
         from serving.api.serializers import ServiceSerializer
         from serving.api.views import _with_routes
         from serving.models import Endpoint
 
         try:
-            endpoint = access_endpoint(self.scope["user"], self.endpoint_id, include_destroyed=True)
+            # The user as they are now: the socket may have been open for hours.
+            endpoint = access_endpoint(current_user(self.scope["user"].pk), self.endpoint_id, include_destroyed=True)
         except Http404:
             return None
         return dict(ServiceSerializer(_with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)).data)
@@ -208,12 +209,12 @@ class ServiceListConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _snapshot(self, endpoint_id: str) -> dict[str, Any] | None:
-        from serving.access import access_endpoint, can_write_endpoint
+        from serving.access import access_endpoint, can_write_endpoint, current_user
         from serving.api.serializers import ServiceSerializer
         from serving.api.views import _with_routes
         from serving.models import Endpoint
 
-        user = self.scope["user"]
+        user = current_user(self.scope["user"].pk)  # as they are now, not as they were at connect
         try:
             endpoint = access_endpoint(user, endpoint_id, include_destroyed=True)
         except Http404:
@@ -234,6 +235,7 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
     """
 
     pump: asyncio.Task[None] | None = None
+    grant: Any = None  # serving.access.ReadGrant, re-checked while the log streams
 
     async def connect(self) -> None:
         from serving import logfollow
@@ -273,7 +275,7 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
     async def _pump(self, route: Any, tail: int) -> None:
         from serving import logfollow
 
-        events = logfollow.follow(route, tail)
+        events = logfollow.follow(route, tail, access_lost=database_sync_to_async(self.grant.lost))
         try:
             async for event in events:
                 if isinstance(event, logfollow.Lines):
@@ -282,7 +284,8 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
                     await self.send_json({"type": "following", "node": event.node})
                 else:
                     await self.send_json({"type": "end", "reason": event.reason, "message": event.message})
-                    await self.close()
+                    # Lost access closes like a stranger's connect is refused (4404).
+                    await self.close(code=CLOSE_NOT_FOUND if event.reason == logfollow.REVOKED else None)
         finally:
             await events.aclose()
 
@@ -291,13 +294,14 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
         """The log's RouteRef; None for a stranger or an unknown route; a str saying what is wrong
         with ``member`` (said once the socket is open: the route is the reader's to see)."""
         from serving import logfollow
-        from serving.access import access_endpoint
+        from serving.access import ReadGrant, access_endpoint
         from serving.models import Route
 
         try:
             endpoint = access_endpoint(self.scope["user"], service_id)
         except Http404:
             return None
+        self.grant = ReadGrant.of_scope(self.scope, str(endpoint.pk))
         route = Route.objects.select_related("node").filter(pk=route_id, endpoint=endpoint).first()
         if route is None:
             return None

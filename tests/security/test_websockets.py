@@ -203,3 +203,38 @@ def test_every_web_origin_opens_a_socket_and_passes_the_csrf_check(personas: dic
             "/accounts/logout/", HTTP_ORIGIN=origin, HTTP_X_CSRFTOKEN=token, HTTP_HOST="127.0.0.1:8000"
         )
         assert (response.status_code != 403) is allowed, (origin, response.status_code)
+
+
+def test_a_demoted_operators_open_sockets_stop_showing_other_users_services(personas: dict[str, Any]) -> None:
+    """Issue 13, attack 8 on the service sockets: they send only on a change, and check access
+    then, but with the user loaded at connect; an operator demoted since kept seeing every service
+    (environment included) for as long as the page stayed open."""
+    world = build_world(personas["owner"], personas["project"])
+    admin = personas["admin"]
+    cookie = cookie_of("admin", personas)
+
+    async def scenario() -> tuple[Any, Any, Any, Any]:
+        service = WebsocketCommunicator(
+            _application(),
+            f"/ws/services/{world.service.pk}/",
+            headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())],
+        )
+        listing = WebsocketCommunicator(
+            _application(), "/ws/services/", headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())]
+        )
+        assert (await service.connect(timeout=5))[0] and (await listing.connect(timeout=5))[0]
+        assert (await service.receive_json_from(timeout=5))["type"] == "service"
+        admin.is_superuser = False
+        await database_sync_to_async(admin.save)(update_fields=["is_superuser"])
+        await database_sync_to_async(notify_endpoint_changed)(str(world.service.pk))
+        got = (
+            await service.receive_json_from(timeout=5),
+            await service.receive_output(timeout=5),
+            await listing.receive_json_from(timeout=5),
+        )
+        await listing.disconnect()
+        return (*got, None)
+
+    gone, closed, listed, _ = run(scenario())
+    assert gone == {"type": "gone"} and closed == {"type": "websocket.close", "code": 4404}
+    assert listed == {"type": "gone", "id": str(world.service.pk)}
