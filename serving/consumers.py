@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -127,6 +128,7 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
 
     validation_id: str
     last_seq: int = 0
+    checked_at: float = 0.0
 
     async def connect(self) -> None:
         from serving import validation
@@ -136,10 +138,10 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.validation_id = str(self.scope["url_route"]["kwargs"]["validation_id"])
-        owner = await database_sync_to_async(validation.owner_of)(self.validation_id)
-        if owner is None or (owner != user.pk and not user.is_superuser):
+        if not await self._may_read():
             await self.close(code=CLOSE_NOT_FOUND)
             return
+        self.checked_at = asyncio.get_running_loop().time()
         await self.channel_layer.group_add(validation.group_name(self.validation_id), self.channel_name)
         await self.accept()
         for event in await database_sync_to_async(validation.history)(self.validation_id):
@@ -152,7 +154,30 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_discard(validation.group_name(self.validation_id), self.channel_name)
 
     async def validation_event(self, message: dict[str, Any]) -> None:
+        from serving import logfollow
+
+        # Re-checked while the run streams (at most every ACCESS_CHECK s, not per line): a user
+        # disabled, or an operator demoted, stops reading another user's run.
+        now = asyncio.get_running_loop().time()
+        if now - self.checked_at >= logfollow.ACCESS_CHECK:
+            self.checked_at = now
+            if not await self._may_read():
+                # In the run's own vocabulary (events have a kind), so the launcher shows it as a line.
+                why = "You can no longer read this validation, so its log ended."
+                await self.send_json({"kind": logfollow.REVOKED, "at": time.time(), "message": why})
+                await self.close(code=CLOSE_NOT_FOUND)
+                return
         await self._forward(message["event"])
+
+    @database_sync_to_async
+    def _may_read(self) -> bool:
+        """Its owner, or an operator; the user as the database has them now."""
+        from serving import validation
+        from serving.access import current_user
+
+        user = current_user(self.scope["user"].pk)
+        owner = validation.owner_of(self.validation_id)
+        return user is not None and owner is not None and (owner == user.pk or user.is_superuser)
 
     async def _forward(self, event: dict[str, Any]) -> None:
         seq = int(event.get("seq", 0))

@@ -238,3 +238,35 @@ def test_a_demoted_operators_open_sockets_stop_showing_other_users_services(pers
     gone, closed, listed, _ = run(scenario())
     assert gone == {"type": "gone"} and closed == {"type": "websocket.close", "code": 4404}
     assert listed == {"type": "gone", "id": str(world.service.pk)}
+
+
+def test_a_demoted_operators_validation_socket_stops_streaming(
+    personas: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13, attack 8 on the validation log: an operator watching another user's run, demoted
+    since, gets no more of it once the socket re-checks (every ACCESS_CHECK seconds)."""
+    from serving import logfollow, validation
+
+    monkeypatch.setattr(logfollow, "ACCESS_CHECK", 0.0)
+    world = build_world(personas["owner"], personas["project"])
+    admin = personas["admin"]
+    cookie = cookie_of("admin", personas)
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        socket = WebsocketCommunicator(
+            _application(),
+            f"/ws/validations/{world.validation_id}/",
+            headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())],
+        )
+        assert (await socket.connect(timeout=5))[0]
+        await database_sync_to_async(validation.publish)(world.validation_id, "log", line="before")
+        before = await socket.receive_json_from(timeout=5)
+        admin.is_superuser = False
+        await database_sync_to_async(admin.save)(update_fields=["is_superuser"])
+        await database_sync_to_async(validation.publish)(world.validation_id, "log", line="secret after")
+        return before, await socket.receive_json_from(timeout=5), await socket.receive_output(timeout=5)
+
+    before, ended, closed = run(scenario())
+    assert before["line"] == "before"
+    assert ended["kind"] == "revoked" and "can no longer read this validation" in ended["message"]
+    assert "secret after" not in str(ended) and closed == {"type": "websocket.close", "code": 4404}
