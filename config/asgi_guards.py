@@ -99,13 +99,22 @@ def client_from_forwarded(peer: str, forwarded_for: list[str]) -> str:
     client = peer
     for hop in reversed(hops):
         try:
-            address = str(ipaddress.ip_address(hop.removeprefix("[").split("]")[0]))
+            address = str(ipaddress.ip_address(_without_port(hop)))
         except ValueError:
             return client
         client = address
         if not _trusted(address):
             return address
     return client
+
+
+def _without_port(hop: str) -> str:
+    """``[2001:db8::1]:443`` and ``192.0.2.1:443`` (some proxies add the port) as bare addresses."""
+    if hop.startswith("["):
+        return hop[1:].split("]", maxsplit=1)[0]
+    if hop.count(":") == 1:
+        return hop.split(":", maxsplit=1)[0]
+    return hop
 
 
 class TrustedProxyHeaders:

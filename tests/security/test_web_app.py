@@ -358,6 +358,7 @@ def test_a_clients_own_forwarded_for_is_not_its_address(settings: Any) -> None:
     assert _guard_sees(settings, "10.0.0.2", ["192.0.2.99, 198.51.100.7"])[0] == "198.51.100.7"
     assert _guard_sees(settings, "10.0.0.2", ["192.0.2.99", "198.51.100.7, 10.0.0.3"])[0] == "198.51.100.7"
     assert _guard_sees(settings, "10.0.0.2", ["2001:DB8::1"])[0] == "2001:db8::1"
+    assert _guard_sees(settings, "10.0.0.2", ["[2001:db8::1]:443, 198.51.100.8:5123"])[0] == "198.51.100.8"
     assert _guard_sees(settings, "10.0.0.2", ["192.0.2.99, not-an-address"])[0] == "10.0.0.2"
     assert _guard_sees(settings, "10.0.0.2", ["10.0.0.4"])[0] == "10.0.0.4"  # only proxies: the farthest
     assert _guard_sees(settings, "10.0.0.2", [])[0] == "10.0.0.2"
