@@ -1,9 +1,10 @@
 """Counting failed authentications: a fixed window per key in Django's cache (Redis, settings.CACHES).
 
-Used by the login page (per username and client address) and by API key authentication (per client
-address). The window starts at the first failure and lasts ``window`` seconds; at ``limit`` failures
-the key is blocked until the window ends. When the cache is unreachable the limiter lets requests
-through (logged): a Redis outage must not lock everyone out of the web app.
+Used by the login page (per username and client address, and per username alone) and by API key
+authentication (per client address). The window starts at the first failure and lasts ``window``
+seconds; at ``limit`` failures the key is blocked until the window ends. When the cache is
+unreachable the limiter lets requests through (logged): a Redis outage must not lock everyone out
+of the web app.
 """
 
 from __future__ import annotations
@@ -52,5 +53,6 @@ class FailureLimiter:
 
 
 def client_address(meta: dict[str, str]) -> str:
-    """The peer address (REMOTE_ADDR; X-Forwarded-For is not trusted: anyone can send it)."""
+    """The client's address: REMOTE_ADDR, which config/asgi_guards.py takes from X-Forwarded-For only
+    when the peer is one of WEB_TRUSTED_PROXIES (anyone can send the header)."""
     return meta.get("REMOTE_ADDR") or "-"

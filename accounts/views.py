@@ -19,19 +19,31 @@ def login_limiter() -> FailureLimiter:
     return FailureLimiter("login", settings.LOGIN_FAILURE_LIMIT, settings.LOGIN_FAILURE_WINDOW)
 
 
+def username_limiter() -> FailureLimiter:
+    return FailureLimiter("login-username", settings.LOGIN_USERNAME_FAILURE_LIMIT, settings.LOGIN_FAILURE_WINDOW)
+
+
 class LoginView(auth_views.LoginView):
-    """Django's login, with failed attempts limited per username and client address (HTTP 429)."""
+    """Django's login, with failed attempts limited per username and client address, and per username
+    from every address together (HTTP 429).
+
+    The per-username count is not reset by a successful login: it caps the guesses at one user's
+    password per window however they are spread, and the owner logging in between two guesses must
+    not hand the guesser a fresh allowance. Its price, that a guesser can keep the user locked out,
+    is why its limit is higher than the per-address one (LOGIN_USERNAME_FAILURE_LIMIT)."""
 
     template_name = "accounts/login.html"
     redirect_authenticated_user = True
 
+    def _username(self) -> str:
+        return str(self.request.POST.get("username", ""))[:300].strip().casefold()
+
     def _limit_key(self) -> tuple[str, str]:
-        username = str(self.request.POST.get("username", ""))[:300].strip().casefold()
-        return username, client_address(self.request.META)
+        return self._username(), client_address(self.request.META)
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         limiter = login_limiter()
-        if limiter.blocked(*self._limit_key()):
+        if limiter.blocked(*self._limit_key()) or username_limiter().blocked(self._username()):
             # Checked before the password: while blocked, even the right one is not tried.
             minutes = max(1, round(limiter.window / 60))
             message = gettext("Too many failed login attempts for this username. Try again in %(minutes)d minutes.") % {
@@ -45,6 +57,7 @@ class LoginView(auth_views.LoginView):
 
     def form_invalid(self, form: AuthenticationForm) -> HttpResponse:
         login_limiter().record_failure(*self._limit_key())
+        username_limiter().record_failure(self._username())
         return super().form_invalid(form)
 
     def form_valid(self, form: AuthenticationForm) -> HttpResponse:

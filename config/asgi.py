@@ -11,15 +11,20 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the app registry loaded)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from config.asgi_guards import TrustedProxyHeaders, WebOriginValidator  # noqa: E402
 from serving.consumers import websocket_urlpatterns  # noqa: E402
 from storage.asgi import streaming_uploads  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        # File uploads are streamed to disk by storage/asgi.py before Django would hold them in memory.
-        "http": streaming_uploads(django_asgi_app),  # type: ignore[arg-type]  # Django types scope as a dict
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
-    }
+# The client address comes from X-Forwarded-For of WEB_TRUSTED_PROXIES only (daphne runs without
+# --proxy-headers, which believed any client's claim); the rate limits count per that address.
+application = TrustedProxyHeaders(
+    ProtocolTypeRouter(
+        {
+            # File uploads are streamed to disk by storage/asgi.py before Django would hold them in memory.
+            "http": streaming_uploads(django_asgi_app),  # type: ignore[arg-type]  # Django types scope as a dict
+            # Every websocket route: only pages of the web app's own origins (WEB_ORIGINS, port included).
+            "websocket": WebOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        }
+    )
 )

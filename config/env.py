@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit
 
 
 class ConfigError(ValueError):
@@ -68,6 +68,97 @@ def env_ipv4(name: str, default: str, *, hint: str = "") -> str:
     except ValueError:
         raise ConfigError(f"{name}={value!r} is not an IPv4 address{'; ' + hint if hint else ''}.") from None
     return value
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, as a browser writes it in an Origin header: lower case, the
+    scheme's default port left out. ValueError with a sentence when it is not an http(s) address."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r} is not a URL like http://host:port") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// address with a host name")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{url!r} holds a user name; an origin is only scheme://host:port")
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6, written in brackets in URLs and origins
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def env_url_origin(name: str, default: str) -> str:
+    """An http(s) address (a path is allowed); checked like an origin so a typo stops the process."""
+    value = (os.environ.get(name) or default).strip()
+    try:
+        origin_of(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}; e.g. https://modelserve.example.com.") from None
+    return value.rstrip("/")
+
+
+def env_origins(name: str, default: list[str]) -> list[str]:
+    """Exact origins, comma-separated: ``scheme://host[:port]``, no path and no wildcard (an origin
+    either is the site or is not; a pattern is how a sibling site on another port gets in)."""
+    raw = os.environ.get(name)
+    items = default if raw is None else [item.strip() for item in raw.split(",") if item.strip()]
+    origins: list[str] = []
+    for item in items:
+        if "*" in item:
+            raise ConfigError(
+                f"{name}: {item!r} has a wildcard; list every origin exactly, e.g. https://ms.example.com."
+            )
+        try:
+            parts = urlsplit(item)
+            origin = origin_of(item)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{name}: {exc}; list origins like https://ms.example.com or http://10.0.0.5:8000."
+            ) from None
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"{name}: {item!r} has a path; an origin is only scheme://host[:port], e.g. {origin}.")
+        if origin not in origins:
+            origins.append(origin)
+    return origins
+
+
+def loopback_variants(origin: str) -> list[str]:
+    """The origin, and when its host is a loopback name, the same scheme and port under the other
+    loopback names (a browser on the machine may open any of them)."""
+    parts = urlsplit(origin)
+    host = parts.netloc.rsplit(":", 1)[0] if not parts.netloc.endswith("]") else parts.netloc
+    if host not in LOOPBACK_NAMES:
+        return [origin]
+    suffix = parts.netloc[len(host) :]
+    return [origin, *(f"{parts.scheme}://{name}{suffix}" for name in LOOPBACK_NAMES if name != host)]
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def env_networks(name: str, default: list[str]) -> tuple[Network, ...]:
+    """IP addresses and CIDR ranges, comma-separated (empty: none). No ``*``: trusting every peer's
+    forwarding headers is trusting every client's word."""
+    raw = os.environ.get(name)
+    items = default if raw is None else [item.strip() for item in raw.split(",") if item.strip()]
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{name}: {item!r} is not an IP address or CIDR range; list the addresses of the TLS "
+                "terminators or load balancers in front of the web app, e.g. 10.0.0.2,10.1.0.0/24."
+            ) from None
+    return tuple(networks)
 
 
 def env_choice(name: str, default: str, choices: set[str]) -> str:

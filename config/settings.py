@@ -10,6 +10,7 @@ import secrets
 from pathlib import Path
 
 from config.env import (
+    ConfigError,
     database_from_url,
     env_bool,
     env_choice,
@@ -17,7 +18,12 @@ from config.env import (
     env_int,
     env_ipv4,
     env_list,
+    env_networks,
+    env_origins,
     env_str,
+    env_url_origin,
+    loopback_variants,
+    origin_of,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -48,8 +54,28 @@ SECRET_KEY = env_str("SECRET_KEY", "") or _persistent_secret("secret_key")
 TOKEN_HMAC_KEY = env_str("TOKEN_HMAC_KEY", "") or _persistent_secret("token_hmac_key")
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
-CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
-SITE_URL = env_str("SITE_URL", "http://127.0.0.1:8000")
+# Where people open the web app. Procfile's daphne listens on WEB_PORT, so `WEB_PORT=9000 make run`
+# needs nothing else; behind TLS or on another address, set SITE_URL=https://ms.example.com.
+WEB_PORT = env_int("WEB_PORT", 8000, minimum=1)
+SITE_URL = env_url_origin("SITE_URL", f"http://127.0.0.1:{WEB_PORT}")
+# The exact origins (scheme://host[:port]) whose pages may open the web app's websockets and post
+# its forms (config/asgi_guards.py, Django's CSRF check). Exact, port included: a replica's page
+# served through the proxy has the web app's host name on another port, and browsers send the
+# session cookie to every port of a host, so "same host name" would let it read a victim's secrets.
+# Default: SITE_URL's origin (for a loopback SITE_URL, under every loopback name).
+WEB_ORIGINS = env_origins("WEB_ORIGINS", loopback_variants(origin_of(SITE_URL)))
+if (_site_origin := origin_of(SITE_URL)) not in WEB_ORIGINS:
+    WEB_ORIGINS.insert(0, _site_origin)
+if env_str("CSRF_TRUSTED_ORIGINS", ""):
+    raise ConfigError(
+        "CSRF_TRUSTED_ORIGINS is no longer read: set WEB_ORIGINS instead (exact origins, no wildcards); "
+        "the same list guards the forms and the websockets."
+    )
+CSRF_TRUSTED_ORIGINS = list(WEB_ORIGINS)
+# Peers whose X-Forwarded-For is believed (config/asgi_guards.py): the TLS terminators or load
+# balancers in front of daphne. None by default: `make run` puts nothing in front of it, and from
+# anyone else the header is the client's own claim (it would reset every per-address limit).
+WEB_TRUSTED_PROXIES = env_networks("WEB_TRUSTED_PROXIES", [])
 
 INSTALLED_APPS = [
     "daphne",
@@ -269,6 +295,10 @@ CONTENT_SECURITY_POLICY_BY_VIEW = {
 # (accounts/ratelimit.py): past the limit, HTTP 429 until the window ends.
 LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, minimum=1)
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
+# And per username from every address together, in the same window: guessing one user's password
+# from many addresses (a botnet, or a client that could still pose as others) is capped too. Higher
+# than the per-address limit, so one person's typos elsewhere do not lock the user out.
+LOGIN_USERNAME_FAILURE_LIMIT = env_int("LOGIN_USERNAME_FAILURE_LIMIT", 30, minimum=1)
 API_KEY_FAILURE_LIMIT = env_int("API_KEY_FAILURE_LIMIT", 100, minimum=1)
 API_KEY_FAILURE_WINDOW = env_int("API_KEY_FAILURE_WINDOW", 900, minimum=1)
 

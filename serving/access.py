@@ -7,6 +7,7 @@ Tokens may be issued by anyone who can read the service: teammates call it too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -36,3 +37,76 @@ def access_endpoint(user: Any, endpoint_id: Any, *, write: bool = False, include
     if write and not can_write_endpoint(user, endpoint):
         raise PermissionDenied("Only the owner, a project manager or an operator can change this service.")
     return endpoint
+
+
+def current_user(user_id: Any) -> Any:
+    """The user as the database has them now, or None when deleted or disabled: a long-lived
+    connection must not keep deciding with the user it loaded at connect (an operator since
+    demoted would still see every service)."""
+    from accounts.models import User
+
+    return User.objects.filter(pk=user_id, is_active=True).first()
+
+
+@dataclass(frozen=True)
+class ReadGrant:
+    """What let someone open a long-lived stream of a service (a replica's live log): who, through
+    which credential, for which service. Streams re-check it while they run (``lost``): being allowed
+    when the stream opened is not being allowed an hour later."""
+
+    user_id: Any
+    endpoint_id: str
+    api_key_id: Any = None  # when the stream was opened with an API key
+    session_key: str | None = None  # when it was opened with a login session
+
+    @classmethod
+    def of_request(cls, request: Any, endpoint: Endpoint) -> ReadGrant:
+        """From a DRF request (its API key, else its session when the session logged the user in)."""
+        from accounts.models import ApiKey
+
+        api_key = request.auth if isinstance(request.auth, ApiKey) else None
+        session = getattr(request._request, "session", None)
+        session_key = None
+        if api_key is None and session is not None and str(session.get("_auth_user_id")) == str(request.user.pk):
+            session_key = session.session_key
+        return cls(request.user.pk, str(endpoint.pk), getattr(api_key, "pk", None), session_key)
+
+    @classmethod
+    def of_scope(cls, scope: dict[str, Any], endpoint_id: str) -> ReadGrant:
+        """From a websocket's scope (Channels' AuthMiddlewareStack: the login session)."""
+        session = scope.get("session")
+        return cls(scope["user"].pk, str(endpoint_id), None, getattr(session, "session_key", None))
+
+    def lost(self) -> str | None:
+        """None while the grant holds; else the sentence to end the stream with. Gone are: the user
+        (deleted or disabled), the API key (revoked or expired), the session (logged out), the
+        right to read the service (removed from its project, no longer an operator), the service
+        itself (terminated). A reader who lost the right learns nothing more about the service."""
+        from accounts.models import ApiKey
+
+        user = current_user(self.user_id)
+        gone = "You can no longer read this service, so its live log ended."
+        if user is None:
+            return gone
+        if self.api_key_id is not None and not ApiKey.objects.active().filter(pk=self.api_key_id).exists():
+            return "The API key this stream was opened with was revoked or expired, so the live log ended."
+        if self.session_key is not None and not _session_exists(self.session_key):
+            return "You were logged out, so the live log ended."
+        try:
+            endpoint = access_endpoint(user, self.endpoint_id, include_destroyed=True)
+        except Http404:
+            return gone
+        if endpoint.lifecycle != Endpoint.Lifecycle.CREATED:
+            return "The service was terminated, so its live log ended."
+        return None
+
+
+def _session_exists(session_key: str) -> bool:
+    from importlib import import_module
+
+    from django.conf import settings
+
+    if settings.SESSION_ENGINE.endswith("signed_cookies"):
+        return True  # nothing kept on the server to end: such a session can not be revoked
+    store = import_module(settings.SESSION_ENGINE).SessionStore
+    return bool(store().exists(session_key))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -105,13 +106,14 @@ class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _snapshot(self) -> dict[str, Any] | None:
-        from serving.access import access_endpoint
+        from serving.access import access_endpoint, current_user
         from serving.api.serializers import ServiceSerializer
         from serving.api.views import _with_routes
         from serving.models import Endpoint
 
         try:
-            endpoint = access_endpoint(self.scope["user"], self.endpoint_id, include_destroyed=True)
+            # The user as they are now: the socket may have been open for hours.
+            endpoint = access_endpoint(current_user(self.scope["user"].pk), self.endpoint_id, include_destroyed=True)
         except Http404:
             return None
         return dict(ServiceSerializer(_with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)).data)
@@ -126,6 +128,7 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
 
     validation_id: str
     last_seq: int = 0
+    checked_at: float = 0.0
 
     async def connect(self) -> None:
         from serving import validation
@@ -135,10 +138,10 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.validation_id = str(self.scope["url_route"]["kwargs"]["validation_id"])
-        owner = await database_sync_to_async(validation.owner_of)(self.validation_id)
-        if owner is None or (owner != user.pk and not user.is_superuser):
+        if not await self._may_read():
             await self.close(code=CLOSE_NOT_FOUND)
             return
+        self.checked_at = asyncio.get_running_loop().time()
         await self.channel_layer.group_add(validation.group_name(self.validation_id), self.channel_name)
         await self.accept()
         for event in await database_sync_to_async(validation.history)(self.validation_id):
@@ -151,7 +154,30 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_discard(validation.group_name(self.validation_id), self.channel_name)
 
     async def validation_event(self, message: dict[str, Any]) -> None:
+        from serving import logfollow
+
+        # Re-checked while the run streams (at most every ACCESS_CHECK s, not per line): a user
+        # disabled, or an operator demoted, stops reading another user's run.
+        now = asyncio.get_running_loop().time()
+        if now - self.checked_at >= logfollow.ACCESS_CHECK:
+            self.checked_at = now
+            if not await self._may_read():
+                # In the run's own vocabulary (events have a kind), so the launcher shows it as a line.
+                why = "You can no longer read this validation, so its log ended."
+                await self.send_json({"kind": logfollow.REVOKED, "at": time.time(), "message": why})
+                await self.close(code=CLOSE_NOT_FOUND)
+                return
         await self._forward(message["event"])
+
+    @database_sync_to_async
+    def _may_read(self) -> bool:
+        """Its owner, or an operator; the user as the database has them now."""
+        from serving import validation
+        from serving.access import current_user
+
+        user = current_user(self.scope["user"].pk)
+        owner = validation.owner_of(self.validation_id)
+        return user is not None and owner is not None and (owner == user.pk or user.is_superuser)
 
     async def _forward(self, event: dict[str, Any]) -> None:
         seq = int(event.get("seq", 0))
@@ -208,12 +234,12 @@ class ServiceListConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _snapshot(self, endpoint_id: str) -> dict[str, Any] | None:
-        from serving.access import access_endpoint, can_write_endpoint
+        from serving.access import access_endpoint, can_write_endpoint, current_user
         from serving.api.serializers import ServiceSerializer
         from serving.api.views import _with_routes
         from serving.models import Endpoint
 
-        user = self.scope["user"]
+        user = current_user(self.scope["user"].pk)  # as they are now, not as they were at connect
         try:
             endpoint = access_endpoint(user, endpoint_id, include_destroyed=True)
         except Http404:
@@ -234,6 +260,7 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
     """
 
     pump: asyncio.Task[None] | None = None
+    grant: Any = None  # serving.access.ReadGrant, re-checked while the log streams
 
     async def connect(self) -> None:
         from serving import logfollow
@@ -273,7 +300,7 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
     async def _pump(self, route: Any, tail: int) -> None:
         from serving import logfollow
 
-        events = logfollow.follow(route, tail)
+        events = logfollow.follow(route, tail, access_lost=database_sync_to_async(self.grant.lost))
         try:
             async for event in events:
                 if isinstance(event, logfollow.Lines):
@@ -282,7 +309,8 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
                     await self.send_json({"type": "following", "node": event.node})
                 else:
                     await self.send_json({"type": "end", "reason": event.reason, "message": event.message})
-                    await self.close()
+                    # Lost access closes like a stranger's connect is refused (4404).
+                    await self.close(code=CLOSE_NOT_FOUND if event.reason == logfollow.REVOKED else None)
         finally:
             await events.aclose()
 
@@ -291,13 +319,14 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
         """The log's RouteRef; None for a stranger or an unknown route; a str saying what is wrong
         with ``member`` (said once the socket is open: the route is the reader's to see)."""
         from serving import logfollow
-        from serving.access import access_endpoint
+        from serving.access import ReadGrant, access_endpoint
         from serving.models import Route
 
         try:
             endpoint = access_endpoint(self.scope["user"], service_id)
         except Http404:
             return None
+        self.grant = ReadGrant.of_scope(self.scope, str(endpoint.pk))
         route = Route.objects.select_related("node").filter(pk=route_id, endpoint=endpoint).first()
         if route is None:
             return None

@@ -30,7 +30,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,9 @@ LEASE_TTL = 10.0  # seconds a follow lives after the last refresh of its lease
 LEASE_REFRESH = 3.0  # how often the reader refreshes it
 LEASE_CHECK = 1.0  # how often a node looks at the leases of its follows
 START_TIMEOUT = 3.0  # how long the web waits for the node to take a follow on
+# How often the web re-checks that the reader may still read the service (serving.access.ReadGrant):
+# a reader removed from the project, or a terminated service, stops getting lines within this long.
+ACCESS_CHECK = 2.0
 MAX_FOLLOWS = 32  # per node: each is a thread and an engine log stream
 MAX_LINE = 8192  # longer lines are cut
 STREAM_CAP = 5000  # entries a follow's list keeps when its reader falls behind
@@ -62,6 +65,7 @@ NOT_RUNNING = "not-running"
 NODE = "node"
 BUSY = "busy"
 ERROR = "error"
+REVOKED = "revoked"  # the reader may no longer read the service (or it was terminated)
 
 
 def lease_key(follow_id: str) -> str:
@@ -328,8 +332,17 @@ def node_listens(node: str) -> bool:
         client.close()
 
 
-async def follow(route: RouteRef, tail: int, start_timeout: float = START_TIMEOUT) -> AsyncGenerator[Event, None]:
+async def follow(
+    route: RouteRef,
+    tail: int,
+    start_timeout: float = START_TIMEOUT,
+    *,
+    access_lost: Callable[[], Awaitable[str | None]] | None = None,
+) -> AsyncGenerator[Event, None]:
     """The last ``tail`` lines of the route's replica, then each new line, then one End.
+
+    ``access_lost`` is asked every ACCESS_CHECK seconds whether the reader may still read; a
+    sentence ends the follow with ``End(REVOKED, sentence)`` before another line is passed on.
 
     Cancel it (or close it) to stop: the lease is deleted at once, so the node stops its thread at
     its next lease check rather than after LEASE_TTL.
@@ -372,7 +385,14 @@ async def follow(route: RouteRef, tail: int, start_timeout: float = START_TIMEOU
         started = False
         deadline = loop.time() + start_timeout
         refresh_at = loop.time() + LEASE_REFRESH
+        access_at = loop.time() + ACCESS_CHECK
         while True:
+            if access_lost is not None and loop.time() >= access_at:
+                access_at = loop.time() + ACCESS_CHECK
+                why = await access_lost()
+                if why:
+                    yield End(REVOKED, why)
+                    return
             try:
                 popped = await client.blpop([stream_key(follow_id)], timeout=0.5)
                 if loop.time() >= refresh_at:

@@ -547,7 +547,10 @@ def _early_scope(request: Any, channel: Any) -> Scope | None:
     client = [str(request.client.host), request.client.port] if hasattr(request.client, "host") else None
     scheme = "https" if request.isSecure() else "http"
     server = request.channel.factory.server
-    if server.proxy_forwarded_address_header:  # daphne --proxy-headers, as `make run` starts it
+    # daphne --proxy-headers: the Procfile no longer passes it (it believed any client's X-Forwarded-For;
+    # config/asgi_guards.py reads it from WEB_TRUSTED_PROXIES only), but a daphne started with it gets
+    # the same scope for an early-started upload as for any other request.
+    if server.proxy_forwarded_address_header:
         from daphne.utils import parse_x_forwarded_for
 
         client, scheme = parse_x_forwarded_for(

@@ -38,6 +38,7 @@ def _isolated_dirs(settings: object, tmp_path_factory: pytest.TempPathFactory) -
     # client is 127.0.0.1: without this, one test's refusals would throttle another's. The limiter
     # itself is tested with small limits in tests/security/test_web_app.py.
     settings.LOGIN_FAILURE_LIMIT = settings.API_KEY_FAILURE_LIMIT = 10**9  # type: ignore[attr-defined]
+    settings.LOGIN_USERNAME_FAILURE_LIMIT = 10**9  # type: ignore[attr-defined]
 
 
 @pytest.fixture

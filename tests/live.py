@@ -184,11 +184,14 @@ class LiveSystem:
     def start_web(self) -> str:
         """The web process (daphne: pages, API, websockets) on a free loopback port; returns its URL."""
         port = free_port()
+        url = f"http://127.0.0.1:{port}"
         self._spawn(
             "web",
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+            # The Procfile's command line, flags included: what `make run` starts is what is tested.
+            procfile_command("web", WEB_HOST="127.0.0.1", WEB_PORT=str(port)),
+            # Its pages' origin: only they may open its websockets (WEB_ORIGINS follows SITE_URL).
+            SITE_URL=url,
         )
-        url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _answers(f"{url}/healthz"), timeout=30, what="the web process (daphne) to answer")
         return url
 
@@ -222,3 +225,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def procfile_command(process: str, **env: str) -> list[str]:
+    """The Procfile's command of ``process`` without its respawn.sh wrapper, ``${VAR:-default}``
+    expanded from ``env`` (else the default), and ``.venv/bin/X`` run as ``python -m X`` with this
+    interpreter (``.venv/bin/python`` as this interpreter)."""
+    import re
+    import shlex
+
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() != process:
+            continue
+        words = shlex.split(command)
+        if words[:2] == ["scripts/respawn.sh", process]:
+            words = words[2:]
+        expanded = [re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1), m.group(2)), word) for word in words]
+        program = expanded[0]
+        if program.startswith(".venv/bin/"):
+            module = program.removeprefix(".venv/bin/")
+            return [sys.executable, *([] if module == "python" else ["-m", module]), *expanded[1:]]
+        return expanded
+    raise LookupError(f"the Procfile has no process {process!r}")

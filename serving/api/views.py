@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+from channels.db import database_sync_to_async
 from django.db.models import Prefetch, QuerySet
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
@@ -18,7 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from serving import actions, logfollow, nodebus
-from serving.access import access_endpoint, can_write_endpoint
+from serving.access import ReadGrant, access_endpoint, can_write_endpoint
 from serving.api import serializers as s
 from serving.models import (
     AutoScalingRule,
@@ -274,7 +275,7 @@ class RouteLogsView(APIView):
         except LookupError as exc:
             raise NotFound(str(exc)) from None
         if request.query_params.get("follow", "").lower() in ("1", "true", "yes"):
-            return _follow_response(logfollow.RouteRef.of(source), tail)
+            return _follow_response(logfollow.RouteRef.of(source), tail, ReadGrant.of_request(request, endpoint))
         try:
             answer = nodebus.route_logs(source, tail)
             answer["route"] = str(route.pk)
@@ -284,7 +285,7 @@ class RouteLogsView(APIView):
             raise NodeNotAnswering(str(exc)) from None
 
 
-def _follow_response(route: logfollow.RouteRef, tail: int) -> StreamingHttpResponse:
+def _follow_response(route: logfollow.RouteRef, tail: int, grant: ReadGrant) -> StreamingHttpResponse:
     from serving.node import STARTING_MARK
 
     if route.node and route.container_id not in ("", STARTING_MARK) and not logfollow.node_listens(route.node):
@@ -295,7 +296,9 @@ def _follow_response(route: logfollow.RouteRef, tail: int) -> StreamingHttpRespo
         )
 
     async def lines() -> AsyncIterator[bytes]:
-        events = logfollow.follow(route, tail)
+        # Re-checked while the log streams: removed from the project, or the service terminated,
+        # and the stream ends within logfollow.ACCESS_CHECK seconds.
+        events = logfollow.follow(route, tail, access_lost=database_sync_to_async(grant.lost))
         try:
             async for event in events:
                 if isinstance(event, logfollow.Lines):

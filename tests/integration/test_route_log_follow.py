@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
@@ -134,7 +135,9 @@ def run(coro: Any) -> Any:
 def socket_for(path: str, cookie: bytes) -> WebsocketCommunicator:
     from config.asgi import application
 
-    return WebsocketCommunicator(application, path, headers=[(b"origin", b"http://testserver"), (b"cookie", cookie)])
+    return WebsocketCommunicator(
+        application, path, headers=[(b"origin", settings.WEB_ORIGINS[0].encode()), (b"cookie", cookie)]
+    )
 
 
 async def receive_until(socket: WebsocketCommunicator, wanted: Any, timeout: float = 15) -> list[dict[str, Any]]:
@@ -358,3 +361,88 @@ def test_http_follow_through_daphne_ends_when_the_client_hangs_up(
         wait_for(lambda: listener.follows.active() == [], timeout=10, what="the node's follow to end")
     finally:
         system.stop_all()
+
+
+# --- open streams end when access is lost (issue 13, attack 8) --------------------------------------
+
+LOSSES = ["removed from the project", "service terminated"]
+
+
+def lose_access(loss: str, personas: dict[str, Any], service_id: str) -> None:
+    """What takes the teammate's right to read the service's logs away."""
+    from rest_framework.test import APIClient
+
+    from accounts.models import Membership
+
+    if loss == "removed from the project":
+        assert Membership.objects.filter(user=personas["teammate"], project=personas["project"]).delete()[0] == 1
+    else:
+        owner = APIClient()
+        owner.force_authenticate(personas["owner"])
+        assert owner.delete(f"/api/v1/services/{service_id}/").status_code in (200, 202, 204)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_log_socket_stops_streaming_when_access_is_lost(
+    personas: dict[str, Any], service_id: str, replica: ReplicaInfo, listener: NodeListener, loss: str
+) -> None:
+    """A teammate follows a replica's log; they are removed from the project (or the service is
+    terminated): within a few seconds the socket says why and closes, and no line written after
+    reaches it."""
+    route = make_route(service_id, replica.replica_id)
+    cookie = cookie_of(personas["teammate"])
+
+    async def scenario() -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+        socket = socket_for(f"/ws/services/{service_id}/routes/{route.pk}/logs/", cookie)
+        assert (await socket.connect(timeout=5))[0]
+        await receive_until(socket, lambda m: m["type"] == "following")
+        await asyncio.to_thread(lose_access, loss, personas, service_id)
+        lost_at = asyncio.get_running_loop().time()
+        got = await receive_until(socket, lambda m: m["type"] == "end", timeout=10)
+        took = asyncio.get_running_loop().time() - lost_at
+        closed = await socket.receive_output(timeout=5)
+        return got, took, closed
+
+    got, took, closed = run(scenario())
+    assert got[-1]["reason"] == "revoked", got
+    expected = "can no longer read this service" if loss.startswith("removed") else "service was terminated"
+    assert expected in got[-1]["message"]
+    assert took < 5, f"the socket streamed {took:.1f} s after access was lost"
+    assert closed == {"type": "websocket.close", "code": 4404}
+    wait_for(lambda: listener.follows.active() == [], timeout=5, what="the node's follow thread to end")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_an_http_log_follow_stops_streaming_when_access_is_lost(
+    personas: dict[str, Any], service_id: str, replica: ReplicaInfo, listener: NodeListener, loss: str
+) -> None:
+    """``curl -N .../logs/?follow=1`` as a teammate: removed from the project (or the service
+    terminated), the stream's last line says why within a few seconds, and the response ends."""
+    route = make_route(service_id, replica.replica_id)
+    url = f"/api/v1/services/{service_id}/routes/{route.pk}/logs/"
+
+    async def scenario() -> tuple[str, float]:
+        client = AsyncClient()
+        await client.aforce_login(personas["teammate"])
+        response = await client.get(url, {"follow": "1", "tail": "5"})
+        assert response.status_code == 200
+        received = b""
+
+        async def read_to_the_end() -> None:
+            nonlocal received
+            async for chunk in response.streaming_content:
+                received += chunk
+
+        reader = asyncio.create_task(read_to_the_end())
+        await asyncio.sleep(0)
+        await asyncio.to_thread(wait_for, listener.follows.active, 5, 0.05, "the node to follow")
+        await asyncio.to_thread(lose_access, loss, personas, service_id)
+        lost_at = asyncio.get_running_loop().time()
+        await asyncio.wait_for(reader, timeout=10)
+        return received.decode(), asyncio.get_running_loop().time() - lost_at
+
+    body, took = run(scenario())
+    expected = "can no longer read this service" if loss.startswith("removed") else "service was terminated"
+    assert body.splitlines()[-1].startswith("-- ") and expected in body.splitlines()[-1], body[-400:]
+    assert took < 5, f"the stream went on {took:.1f} s after access was lost"
+    wait_for(lambda: listener.follows.active() == [], timeout=5, what="the node's follow thread to end")

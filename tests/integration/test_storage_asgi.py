@@ -442,8 +442,8 @@ def live_daphne(tmp_path_factory: pytest.TempPathFactory) -> Any:
     folder_id, token = out[-2], out[-1]
     port = _free_port()
     log = (tmp_path / "daphne.log").open("wb")
-    # --proxy-headers as in the Procfile: the early-started uploads must honour it too.
-    command = [str(Path(python).parent / "daphne"), "--proxy-headers", "-b", "127.0.0.1", "-p", str(port)]
+    # As in the Procfile (no --proxy-headers: forwarding headers are config/asgi_guards.py's business).
+    command = [str(Path(python).parent / "daphne"), "-b", "127.0.0.1", "-p", str(port)]
     server = subprocess.Popen(
         [*command, "streamed_app:application"],
         cwd=REPO,

@@ -307,6 +307,85 @@ def test_api_key_failures_are_limited_per_address(settings: Any, world: World) -
     assert good.status_code == 200
 
 
+def test_login_guessing_from_many_addresses_is_limited_per_username(settings: Any) -> None:
+    """Issue 13, attack 5 (its second half): whoever can change addresses at will (a botnet, or a
+    client that could pose as others) gets LOGIN_USERNAME_FAILURE_LIMIT guesses at one user's
+    password per window, in all; a successful login in between does not give them more."""
+    settings.LOGIN_FAILURE_LIMIT, settings.LOGIN_USERNAME_FAILURE_LIMIT, settings.LOGIN_FAILURE_WINDOW = 3, 5, 900
+    user = _user()
+    addresses = iter(f"198.51.100.{n}" for n in range(1, 250))
+    for _ in range(4):
+        assert _login(user.username, "wrong", address=next(addresses)).status_code == 200
+    assert _login(user.username, "correct horse battery", address=next(addresses)).status_code == 302
+    assert _login(user.username.upper(), "wrong", address=next(addresses)).status_code == 200  # the 5th
+    blocked = _login(user.username, "correct horse battery", address=next(addresses))
+    assert blocked.status_code == 429 and blocked["Retry-After"] == "900"
+    assert "Too many failed login attempts for this username" in blocked.content.decode()
+    # Another user, from the same addresses, is not affected.
+    assert _login(_user().username, "correct horse battery", address="198.51.100.1").status_code == 302
+
+
+def _guard_sees(settings: Any, peer: str, forwarded: list[str]) -> tuple[str, list[str]]:
+    """(the client address, the X-Forwarded-For headers) the application behind the guard gets."""
+    from config.asgi_guards import TrustedProxyHeaders
+
+    seen: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen["client"] = scope["client"][0]
+        seen["xff"] = [v.decode() for k, v in scope["headers"] if k == b"x-forwarded-for"]
+
+    scope = {
+        "type": "http",
+        "client": (peer, 40000),
+        "headers": [(b"host", b"ms"), *((b"x-forwarded-for", value.encode()) for value in forwarded)],
+    }
+    async_to_sync(TrustedProxyHeaders(app))(scope, None, None)
+    return seen["client"], seen["xff"]
+
+
+def test_a_clients_own_forwarded_for_is_not_its_address(settings: Any) -> None:
+    """Issue 13, attack 5: X-Forwarded-For is believed only from WEB_TRUSTED_PROXIES (none by default),
+    and then only as far back as trusted proxies vouch for it."""
+    from ipaddress import ip_network
+
+    assert settings.WEB_TRUSTED_PROXIES == ()  # the default: nothing sits in front of daphne
+    # From anyone untrusted (loopback included by default) the header is dropped, not believed.
+    assert _guard_sees(settings, "127.0.0.1", ["192.0.2.99"]) == ("127.0.0.1", [])
+    settings.WEB_TRUSTED_PROXIES = (ip_network("10.0.0.0/24"),)
+    assert _guard_sees(settings, "203.0.113.5", ["10.0.0.9, 192.0.2.99"]) == ("203.0.113.5", [])
+    # Behind a trusted terminator: the address it saw, not what the client wrote before it.
+    assert _guard_sees(settings, "10.0.0.2", ["192.0.2.99, 198.51.100.7"])[0] == "198.51.100.7"
+    assert _guard_sees(settings, "10.0.0.2", ["192.0.2.99", "198.51.100.7, 10.0.0.3"])[0] == "198.51.100.7"
+    assert _guard_sees(settings, "10.0.0.2", ["2001:DB8::1"])[0] == "2001:db8::1"
+    assert _guard_sees(settings, "10.0.0.2", ["[2001:db8::1]:443, 198.51.100.8:5123"])[0] == "198.51.100.8"
+    assert _guard_sees(settings, "10.0.0.2", ["192.0.2.99, not-an-address"])[0] == "10.0.0.2"
+    assert _guard_sees(settings, "10.0.0.2", ["10.0.0.4"])[0] == "10.0.0.4"  # only proxies: the farthest
+    assert _guard_sees(settings, "10.0.0.2", [])[0] == "10.0.0.2"
+
+
+def test_api_key_guessing_with_a_spoofed_forwarded_for_is_still_limited(settings: Any, world: World) -> None:
+    """Issue 13, attack 5 through the ASGI application daphne serves: a new X-Forwarded-For at every
+    attempt does not make a new address."""
+    from channels.testing import HttpCommunicator
+
+    from config.asgi import application
+
+    settings.API_KEY_FAILURE_LIMIT = 3
+    peer = f"203.0.113.{uuid.uuid4().int % 250 + 1}"
+    wrong = "Token " + world.api_key_secret[:-4] + "AAAA"
+
+    def get(authorization: str, n: int) -> int:
+        headers = [(b"authorization", authorization.encode()), (b"x-forwarded-for", f"192.0.2.{n}".encode())]
+        communicator = HttpCommunicator(application, "GET", "/api/v1/services/", headers=headers)
+        communicator.scope["client"] = (peer, 50000 + n)
+        communicator.scope["server"] = ("127.0.0.1", 8000)
+        return int(async_to_sync(communicator.get_response)(timeout=10)["status"])
+
+    assert [get(wrong, n) for n in range(3)] == [401, 401, 401]
+    assert get(f"Token {world.api_key_secret}", 3) == 429
+
+
 # --- XSS: every user-provided string a page shows is escaped -----------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The websocket routes of the access matrix, through the real ASGI application (config.asgi: origin
 check, session cookie, the consumers), with every persona: a stranger's connect is refused, a
-stranger's socket never receives another user's service, and another site's page can not connect."""
+stranger's socket never receives another user's service, and another site's page can not connect,
+not even a replica's page served by the proxy on the web app's own host name (issue 13, attack 2)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
 from django.test import Client
 
 from serving.consumers import notify_endpoint_changed, websocket_urlpatterns
@@ -40,15 +42,20 @@ def ws_path(route: str, world: World) -> str:
     return "/" + re.sub(r"<(?:\w+:)?(\w+)>", lambda m: str(values[m.group(1)]), route)
 
 
+def web_origin() -> str:
+    """The origin the web app's own pages have (SITE_URL's)."""
+    return str(settings.WEB_ORIGINS[0])
+
+
 def run(coro: Any) -> Any:
     # In a thread of its own: a browser session (tests/e2e) may hold an event loop in this one.
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def attempt(path: str, cookie: str, origin: str = "http://testserver") -> tuple[bool, Any, Any]:
+async def attempt(path: str, cookie: str, origin: str | None = None) -> tuple[bool, Any, Any]:
     """(connected, close code or subprotocol, the first message or None)."""
-    headers = [(b"origin", origin.encode())]
+    headers = [(b"origin", (origin or web_origin()).encode())]
     if cookie:
         headers.append((b"cookie", cookie.encode()))
     communicator = WebsocketCommunicator(_application(), path, headers=headers)
@@ -95,7 +102,7 @@ def test_a_strangers_list_socket_hears_nothing_of_others(personas: dict[str, Any
             communicator = WebsocketCommunicator(
                 _application(),
                 "/ws/services/",
-                headers=[(b"origin", b"http://testserver"), (b"cookie", cookie.encode())],
+                headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())],
             )
             connected, _ = await communicator.connect(timeout=5)
             assert connected, who
@@ -137,3 +144,129 @@ def test_a_route_is_not_followed_through_another_service(personas: dict[str, Any
         attempt(f"/ws/services/{world.service.pk}/routes/{world.route.pk}/logs/", cookie_of("owner", personas))
     )
     assert connected and first == {"type": "lines", "lines": ["owner-only-log-line"]}
+
+
+def _proxy_port_origins() -> list[str]:
+    """Where a replica's page is served from: the proxy, on the web app's host names."""
+    from urllib.parse import urlsplit
+
+    port = urlsplit(settings.SERVING_PROXY_URL).port or 80
+    return [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
+
+
+@pytest.mark.parametrize("route", [str(p.pattern) for p in websocket_urlpatterns])
+def test_a_replica_page_served_through_the_proxy_can_not_open_a_socket(personas: dict[str, Any], route: str) -> None:
+    """Issue 13, attack 2: a page a tenant's replica serves through the proxy has the web app's host
+    name on the proxy's port; the victim's browser sends it the web app's session cookie, so the
+    Origin check must compare the port too, on every websocket route."""
+    world = build_world(personas["owner"], personas["project"])
+    path = ws_path(route, world)
+    cookie = cookie_of("owner", personas)
+    for origin in _proxy_port_origins():
+        connected, detail, first = run(attempt(path, cookie, origin=origin))
+        assert (connected, first) == (False, None), f"{path} opened from {origin}: {detail} {first}"
+    # The same browser on the web app's own pages still connects (the owner may read all of these).
+    connected, detail, _ = run(attempt(path, cookie))
+    assert connected, f"{path} from {web_origin()}: {detail}"
+
+
+@pytest.mark.parametrize("origin", [None, "http://127.0.0.1", "https://127.0.0.1:8000", "http://127.0.0.1:8000.evil"])
+def test_only_the_exact_web_origins_open_a_socket(personas: dict[str, Any], origin: str | None) -> None:
+    """No Origin, the default port, another scheme, a longer host: none is the web app's origin."""
+    world = build_world(personas["owner"], personas["project"])
+    headers = [(b"cookie", cookie_of("owner", personas).encode())]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+
+    async def connect() -> bool:
+        communicator = WebsocketCommunicator(_application(), f"/ws/services/{world.service.pk}/", headers=headers)
+        connected, _ = await communicator.connect(timeout=5)
+        await communicator.disconnect()
+        return bool(connected)
+
+    assert run(connect()) is False
+
+
+def test_every_web_origin_opens_a_socket_and_passes_the_csrf_check(personas: dict[str, Any]) -> None:
+    """The websockets and Django's CSRF check trust the same origins: WEB_ORIGINS."""
+    world = build_world(personas["owner"], personas["project"])
+    assert settings.CSRF_TRUSTED_ORIGINS == settings.WEB_ORIGINS
+    for origin in settings.WEB_ORIGINS:
+        connected, detail, _ = run(attempt(f"/ws/services/{world.service.pk}/", cookie_of("owner", personas), origin))
+        assert connected, f"{origin}: {detail}"
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(personas["owner"])
+    client.get("/services/")
+    token = client.cookies["csrftoken"].value
+    for origin, allowed in [(_proxy_port_origins()[0], False), (settings.WEB_ORIGINS[0], True)]:
+        response = client.post(
+            "/accounts/logout/", HTTP_ORIGIN=origin, HTTP_X_CSRFTOKEN=token, HTTP_HOST="127.0.0.1:8000"
+        )
+        assert (response.status_code != 403) is allowed, (origin, response.status_code)
+
+
+def test_a_demoted_operators_open_sockets_stop_showing_other_users_services(personas: dict[str, Any]) -> None:
+    """Issue 13, attack 8 on the service sockets: they send only on a change, and check access
+    then, but with the user loaded at connect; an operator demoted since kept seeing every service
+    (environment included) for as long as the page stayed open."""
+    world = build_world(personas["owner"], personas["project"])
+    admin = personas["admin"]
+    cookie = cookie_of("admin", personas)
+
+    async def scenario() -> tuple[Any, Any, Any, Any]:
+        service = WebsocketCommunicator(
+            _application(),
+            f"/ws/services/{world.service.pk}/",
+            headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())],
+        )
+        listing = WebsocketCommunicator(
+            _application(), "/ws/services/", headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())]
+        )
+        assert (await service.connect(timeout=5))[0] and (await listing.connect(timeout=5))[0]
+        assert (await service.receive_json_from(timeout=5))["type"] == "service"
+        admin.is_superuser = False
+        await database_sync_to_async(admin.save)(update_fields=["is_superuser"])
+        await database_sync_to_async(notify_endpoint_changed)(str(world.service.pk))
+        got = (
+            await service.receive_json_from(timeout=5),
+            await service.receive_output(timeout=5),
+            await listing.receive_json_from(timeout=5),
+        )
+        await listing.disconnect()
+        return (*got, None)
+
+    gone, closed, listed, _ = run(scenario())
+    assert gone == {"type": "gone"} and closed == {"type": "websocket.close", "code": 4404}
+    assert listed == {"type": "gone", "id": str(world.service.pk)}
+
+
+def test_a_demoted_operators_validation_socket_stops_streaming(
+    personas: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13, attack 8 on the validation log: an operator watching another user's run, demoted
+    since, gets no more of it once the socket re-checks (every ACCESS_CHECK seconds)."""
+    from serving import logfollow, validation
+
+    monkeypatch.setattr(logfollow, "ACCESS_CHECK", 0.0)
+    world = build_world(personas["owner"], personas["project"])
+    admin = personas["admin"]
+    cookie = cookie_of("admin", personas)
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        socket = WebsocketCommunicator(
+            _application(),
+            f"/ws/validations/{world.validation_id}/",
+            headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())],
+        )
+        assert (await socket.connect(timeout=5))[0]
+        await database_sync_to_async(validation.publish)(world.validation_id, "log", line="before")
+        before = await socket.receive_json_from(timeout=5)
+        admin.is_superuser = False
+        await database_sync_to_async(admin.save)(update_fields=["is_superuser"])
+        await database_sync_to_async(validation.publish)(world.validation_id, "log", line="secret after")
+        return before, await socket.receive_json_from(timeout=5), await socket.receive_output(timeout=5)
+
+    before, ended, closed = run(scenario())
+    assert before["line"] == "before"
+    assert ended["kind"] == "revoked" and "can no longer read this validation" in ended["message"]
+    assert "secret after" not in str(ended) and closed == {"type": "websocket.close", "code": 4404}
