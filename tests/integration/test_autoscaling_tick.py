@@ -84,6 +84,21 @@ def test_points_round_trip_and_old_ones_are_trimmed(endpoint: Endpoint) -> None:
     assert 0 < get_redis().ttl(key) <= settings.METRICS_RETENTION + 60
 
 
+def test_reading_values_alone_gives_the_values_of_the_same_window(endpoint: Endpoint) -> None:
+    """The tick's read (values only, one string per window from Redis) selects exactly what the
+    read with times does, bounds included, and skips a member it cannot read the same way."""
+    eid = str(endpoint.pk)
+    values = [0.1, 1e-05, 2.5e20, -3.0, 7.0, 0.30000000000000004]
+    metrics.record([metrics.Point("proxy", eid, "rps", T0 + i, v) for i, v in enumerate(values)], now=T0 + 10)
+    key = metrics.series_key(settings.REDIS_PREFIX, "proxy", eid, "rps")
+    get_redis().zadd(key, {"garbage|x|": T0 + 2.5, "|T0|": T0 + 3.5})  # a foreign writer's members
+    wanted = [(eid, "proxy", "rps", T0 + 1), (eid, "proxy", "rps", T0 + 100), (eid, "proxy", "nothing", T0)]
+    with_times = metrics.read_many(wanted, T0 + 4)
+    alone = metrics.read_many(wanted, T0 + 4, with_times=False)
+    assert alone == [[v for _, v in samples] for samples in with_times]
+    assert alone == [[1e-05, 2.5e20, -3.0, 7.0], [], []]  # T0 + 1 and T0 + 4 are inside
+
+
 def test_the_chart_contract(endpoint: Endpoint, api: Any) -> None:
     eid = str(endpoint.pk)
     now = time.time()
