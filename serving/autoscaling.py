@@ -221,9 +221,10 @@ _RULE_FIELDS = (
 def tick(now: datetime | None = None, client: Any = None) -> int:
     """Evaluate every live endpoint's rules; returns how many endpoints changed their count.
 
-    One query for the rules, one for their endpoints, one Redis round trip for every rule's window;
-    then, only for what changed: the decisions (bulk), the rules' states, and per scaled endpoint a
-    compare-and-set on its desired count and an immediate reconcile.
+    One query for the rules, one for their endpoints, one Redis round trip for every rule's window
+    (values only); then, only for what changed: the decisions (bulk), the rules' states, and for the
+    scaled endpoints one transaction (``_apply_scaling``): a compare-and-set on each desired count,
+    the writes in bulk, and an immediate reconcile of each.
     """
     from django.db import transaction
     from django.utils import timezone

@@ -5,6 +5,8 @@ create, drain or forget, and whether the endpoint is now destroyed. ``reconcile(
 shell: it locks the endpoint row, feeds ``plan()``, writes the rows and sends engine work to the
 nodes' queues after commit. It is idempotent and safe to run on several workers at once (the row
 lock serialises planners; route status changes are compare-and-set) and safe to kill at any line.
+The beat's tick (``reconcile_many``) runs the same shell over batches of endpoints, one transaction
+per batch, so that its cost is a few queries per batch rather than a dozen per endpoint.
 """
 
 from __future__ import annotations
