@@ -13,8 +13,13 @@ is timed (process CPU and wall; Redis's own time is in the wall figure only) in 
 * **10% scale**: 100 endpoints cross the scale-out threshold: 100 compare-and-sets, events, audit
   lines and immediate reconciles (the Celery enqueue is replaced by a counter: no worker runs here).
 
-Target: under 0.5 s of CPU per tick for 1,000 endpoints x 2 rules (issue 7). The last line reads
-``autoscale tick cpu s: S (target 0.5, ratio R)``.
+Target: under 0.5 s of CPU per tick for 1,000 endpoints x 2 rules (issue 7) on the slowest machine
+we support, about 4x slower than the README's (issue 21). Every CPU figure is also printed as a ratio
+to ``bench/reference.py``'s fixed pure-Python workload, timed in the same run, which is what to
+compare between machines: the reference takes 0.21 s on the README's machine, so about 0.84 s on one
+4x slower, where 0.5 s of tick is 0.5/0.84 = 0.6x reference. The last line reads
+``autoscale tick cpu s: S (target 0.5, ratio R); ratio to reference: steady S, 10% scale out O
+(target 0.6)``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import reference  # noqa: E402
+
 TARGET_TICK_CPU = 0.5
+# The tick's target in units of the reference workload (see the module docstring).
+TARGET_TICK_REF = 0.6
 
 
 def setup_django(workdir: Path) -> None:
@@ -121,6 +131,7 @@ def main() -> None:
     parser.add_argument("--endpoints", type=int, default=1000)
     args = parser.parse_args()
 
+    ref = reference.measure()
     with tempfile.TemporaryDirectory(prefix="bench-autoscale-") as tmp:
         setup_django(Path(tmp))
         from serving import metrics, routing, tasks
@@ -139,18 +150,21 @@ def main() -> None:
                 at = now + 1 + i
                 hot = ids[i * args.endpoints // 10 : (i + 1) * args.endpoints // 10]
                 metrics.record([metrics.Point("proxy", str(e), "in_flight", at, 500.0) for e in hot], now=at)
-                scaling.append(timed(at))
+                # A millisecond later: the tick's clock is a datetime (microseconds), and a window that
+                # ends a rounding error before the hot sample would not see it (no scale-out measured).
+                scaling.append(timed(at + 0.001))
             scaled = Endpoint.objects.filter(desired_replicas=3).count()
         finally:
             client = routing.get_redis()
             for key in client.scan_iter(f"{os.environ['REDIS_PREFIX']}:*", count=5000):
                 client.delete(key)
+    ref = min(ref, reference.measure())  # again after the work: the fastest run is the figure
 
     rules = 2 * args.endpoints
     print()
     print(
         f"{f'autoscaling tick, {args.endpoints} endpoints x 2 rules':44} {'cpu s':>8} {'wall s':>8} "
-        f"{'target s':>9} {'ratio':>7}"
+        f"{'target s':>9} {'ratio':>7} {'x ref':>7} {'target':>7}"
     )
     rows = [
         (
@@ -168,12 +182,22 @@ def main() -> None:
         ),
     ]
     for label, cpu, wall, note in rows:
-        print(f"{label:44} {cpu:8.3f} {wall:8.3f} {TARGET_TICK_CPU:9.1f} {cpu / TARGET_TICK_CPU:7.2f}   {note}")
+        print(
+            f"{label:44} {cpu:8.3f} {wall:8.3f} {TARGET_TICK_CPU:9.1f} {cpu / TARGET_TICK_CPU:7.2f} "
+            f"{reference.ratio(cpu, ref):7.2f} {TARGET_TICK_REF:7.1f}   {note}"
+        )
+    print(reference.describe(ref))
     worst = max(row[1] for row in rows)
-    print(f"rules evaluated per tick: {rules}; worst tick cpu < {TARGET_TICK_CPU:g} s: {worst < TARGET_TICK_CPU}")
-    steady_cpu = rows[0][1]
     print(
-        f"autoscale tick cpu s: {steady_cpu:.3f} (target {TARGET_TICK_CPU:g}, ratio {steady_cpu / TARGET_TICK_CPU:.2f})"
+        f"rules evaluated per tick: {rules}; worst tick cpu < {TARGET_TICK_CPU:g} s: {worst < TARGET_TICK_CPU}; "
+        f"< {TARGET_TICK_REF:g}x reference: {reference.ratio(worst, ref) < TARGET_TICK_REF}"
+    )
+    steady_cpu, scale_cpu = rows[0][1], rows[2][1]
+    print(
+        f"autoscale tick cpu s: {steady_cpu:.3f} (target {TARGET_TICK_CPU:g}, "
+        f"ratio {steady_cpu / TARGET_TICK_CPU:.2f}); "
+        f"ratio to reference: steady {reference.ratio(steady_cpu, ref):.2f}, "
+        f"10% scale out {reference.ratio(scale_cpu, ref):.2f} (target {TARGET_TICK_REF:g})"
     )
 
 

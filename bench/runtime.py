@@ -10,10 +10,16 @@
 * **one reconcile tick over 1,000 endpoints with 3 routes each** (no engine is touched: engine work
   is sent to the nodes' queues, replaced here by counting stubs, i.e. fake engines): the steady state
   (nothing to do, the tick every beat pays) and a churned tick where 10% of the endpoints lost a
-  replica. Target: under 1 s of CPU per tick. The routing table's full publish of the tick
-  (``routing.publish_all``) is measured beside it.
+  replica. Target: under 1 s of CPU per tick on the slowest machine we support, which is about 4x
+  slower than the README's (issue 21); in machine-independent units, under 1.2x the reference (see
+  below). The routing table's full publish of the tick (``routing.publish_all``) is measured beside it.
 
-The last line reads ``create->running local s: L; reconcile tick cpu s: C (target 1.0)``.
+Every CPU figure is also printed as a ratio to ``bench/reference.py``'s fixed pure-Python workload,
+timed in the same run: the ratio is what to compare between machines. The reference takes 0.21 s on
+the README's machine, so about 0.84 s on one 4x slower, where 1 s of tick is 1/0.84 = 1.2x reference.
+
+The last line reads ``create->running local s: L; reconcile tick cpu s: C (target 1.0); ratio to
+reference: steady S, 10% replaced R (target 1.2)``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import reference  # noqa: E402
+
 TARGET_TICK_CPU = 1.0
+# The tick's target in units of the reference workload (see the module docstring).
+TARGET_TICK_REF = 1.2
 TARGET_RUNNING = {"local": 2.0, "docker": 5.0}
 
 FAST_DEFINITION = """\
@@ -233,6 +244,7 @@ def main() -> None:
     parser.add_argument("--skip-engines", action="store_true", help="only the reconcile tick")
     args = parser.parse_args()
 
+    ref = reference.measure()
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
         workdir = Path(tmp)
         setup_django(workdir)
@@ -245,6 +257,7 @@ def main() -> None:
             reason = docker_unavailable(workdir)
             results["docker"] = reason or bench_create_to_running("docker", args.rounds, workdir)
         tick = bench_reconcile_tick(args.endpoints, args.routes)
+    ref = min(ref, reference.measure())  # again after the work: the fastest run is the figure
 
     print()
     print(
@@ -266,24 +279,36 @@ def main() -> None:
         )
     print()
     label = f"reconcile tick, {args.endpoints} endpoints x {args.routes} routes"
-    print(f"{label:40} {'cpu s':>10} {'wall s':>10} {'target s':>9} {'ratio':>7}")
+    print(f"{label:40} {'cpu s':>10} {'wall s':>10} {'target s':>9} {'ratio':>7} {'x ref':>7} {'target':>7}")
     print(
         f"{'  steady (nothing to do)':40} {tick['steady_cpu']:10.3f} {tick['steady_wall']:10.3f} "
-        f"{TARGET_TICK_CPU:9.1f} {tick['steady_cpu'] / TARGET_TICK_CPU:7.2f}"
+        f"{TARGET_TICK_CPU:9.1f} {tick['steady_cpu'] / TARGET_TICK_CPU:7.2f} "
+        f"{reference.ratio(tick['steady_cpu'], ref):7.2f} {TARGET_TICK_REF:7.1f}"
     )
     print(
         f"{'  10% lost a replica':40} {tick['churn_cpu']:10.3f} {tick['churn_wall']:10.3f} "
-        f"{TARGET_TICK_CPU:9.1f} {tick['churn_cpu'] / TARGET_TICK_CPU:7.2f}   ({tick['created']:.0f} routes created)"
+        f"{TARGET_TICK_CPU:9.1f} {tick['churn_cpu'] / TARGET_TICK_CPU:7.2f} "
+        f"{reference.ratio(tick['churn_cpu'], ref):7.2f} {TARGET_TICK_REF:7.1f}"
+        f"   ({tick['created']:.0f} routes created)"
     )
     if "publish_cpu" in tick:
-        print(f"{'  + routing table full publish':40} {tick['publish_cpu']:10.3f} {tick['publish_wall']:10.3f}")
+        print(
+            f"{'  + routing table full publish':40} {tick['publish_cpu']:10.3f} {tick['publish_wall']:10.3f} "
+            f"{'':9} {'':7} {reference.ratio(tick['publish_cpu'], ref):7.2f}"
+        )
+    print(reference.describe(ref))
     worst = max(tick["steady_cpu"], tick["churn_cpu"])
     measured = local_running == local_running  # not NaN
     print(
-        f"targets: tick cpu < {TARGET_TICK_CPU:g} s: {worst < TARGET_TICK_CPU}; local running < "
+        f"targets: tick cpu < {TARGET_TICK_CPU:g} s: {worst < TARGET_TICK_CPU}; "
+        f"tick < {TARGET_TICK_REF:g}x reference: {reference.ratio(worst, ref) < TARGET_TICK_REF}; local running < "
         f"{TARGET_RUNNING['local']:g} s: {local_running < TARGET_RUNNING['local'] if measured else 'not measured'}"
     )
-    print(f"create->running local s: {local_running:.3f}; reconcile tick cpu s: {tick['steady_cpu']:.3f} (target 1.0)")
+    print(
+        f"create->running local s: {local_running:.3f}; reconcile tick cpu s: {tick['steady_cpu']:.3f} (target 1.0); "
+        f"ratio to reference: steady {reference.ratio(tick['steady_cpu'], ref):.2f}, "
+        f"10% replaced {reference.ratio(tick['churn_cpu'], ref):.2f} (target {TARGET_TICK_REF:g})"
+    )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,24 @@ def record_event(
     data: Mapping[str, Any] | None = None,
 ) -> ServiceEvent:
     """Append one line to a service's audit/lifecycle log."""
-    return ServiceEvent.objects.create(
+    event = new_event(endpoint, kind, message, actor=actor, level=level, route_id=route_id, data=data)
+    event.save(force_insert=True)
+    return event
+
+
+def new_event(
+    endpoint: Endpoint | None,
+    kind: str,
+    message: str,
+    *,
+    actor: User | None = None,
+    level: str = ServiceEvent.Level.INFO,
+    route_id: Any = None,
+    data: Mapping[str, Any] | None = None,
+) -> ServiceEvent:
+    """The line ``record_event`` appends, not yet saved: loops that log many lines in one
+    transaction (the reconcile and autoscaling ticks) write them with one ``bulk_create``."""
+    return ServiceEvent(
         endpoint=endpoint,
         kind=kind,
         message=message,

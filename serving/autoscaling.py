@@ -70,7 +70,11 @@ class Decision:
 
 def aggregate(samples: Iterable[tuple[float, float]], how: str, window: float, now: float) -> float | None:
     """Aggregate the samples of the last ``window`` seconds; None when there are none."""
-    values = [value for at, value in samples if now - window <= at <= now]
+    return combine([value for at, value in samples if now - window <= at <= now], how)
+
+
+def combine(values: list[float], how: str) -> float | None:
+    """Aggregate values already taken from the window (``aggregate`` without the time filter)."""
     if not values:
         return None
     if how == "max":
@@ -217,14 +221,15 @@ _RULE_FIELDS = (
 def tick(now: datetime | None = None, client: Any = None) -> int:
     """Evaluate every live endpoint's rules; returns how many endpoints changed their count.
 
-    One query for the rules, one for their endpoints, one Redis round trip for every rule's window;
-    then, only for what changed: the decisions (bulk), the rules' states, and per scaled endpoint a
-    compare-and-set on its desired count and an immediate reconcile.
+    One query for the rules, one for their endpoints, one Redis round trip for every rule's window
+    (values only); then, only for what changed: the decisions (bulk), the rules' states, and for the
+    scaled endpoints one transaction (``_apply_scaling``): a compare-and-set on each desired count,
+    the writes in bulk, and an immediate reconcile of each.
     """
     from django.db import transaction
     from django.utils import timezone
 
-    from serving import actions, metrics, tasks
+    from serving import metrics
     from serving.models import AutoScalingRule, Endpoint, ScalingEvent
 
     now = now or timezone.now()
@@ -285,13 +290,15 @@ def tick(now: datetime | None = None, client: Any = None) -> int:
         for endpoint_id, rules in rules_by_endpoint.items()
         for rule in rules
     ]
-    series = iter(metrics.read_many(wanted, now_ts, client=client))
+    # Redis selects each window by time (since = now - window, until = now, both inclusive, as in
+    # ``aggregate``), so the values alone are read: half the reply to parse.
+    series = iter(metrics.read_many(wanted, now_ts, client=client, with_times=False))
 
     events: list[ScalingEvent] = []
     states: dict[str, list[int]] = {}  # new last_decision -> rules
     scaled: list[tuple[Any, int, int, list[Decision]]] = []
     for endpoint_id, rules in rules_by_endpoint.items():
-        observed = {rule.id: aggregate(next(series), rule.aggregation, rule.window, now_ts) for rule in rules}
+        observed = {rule.id: combine(next(series), rule.aggregation) for rule in rules}
         if endpoint_id not in endpoints:
             continue
         current, endpoint_cooldown, last_scaled = endpoints[endpoint_id]
@@ -320,40 +327,84 @@ def tick(now: datetime | None = None, client: Any = None) -> int:
         for state, ids in states.items():
             AutoScalingRule.objects.filter(pk__in=ids).update(last_decision=state)
 
-    changed = 0
-    for endpoint_id, current, new, decisions in scaled:
-        with transaction.atomic():
-            # Compare-and-set: act only if nobody changed the count since we read it.
-            acted = bool(
-                Endpoint.objects.filter(
-                    pk=endpoint_id, desired_replicas=current, lifecycle=Endpoint.Lifecycle.CREATED
-                ).update(desired_replicas=new, last_scaled_at=now, updated_at=now)
+    return _apply_scaling(scaled, last_decision, now) if scaled else 0
+
+
+def _apply_scaling(
+    scaled: list[tuple[Any, int, int, list[Decision]]], last_decision: Mapping[int, str], now: datetime
+) -> int:
+    """Write the tick's scalings in one transaction: per endpoint a compare-and-set of its desired
+    count (the rows are locked and their count checked against the one evaluated, then updated by
+    (old, new) group with the same condition), and in bulk the decisions, the rules' states, the audit
+    lines and, after the commit, a reconcile per scaled endpoint. Returns how many were scaled."""
+    from django.db import transaction
+
+    from serving import actions, tasks
+    from serving.models import AutoScalingRule, Endpoint, ScalingEvent, ServiceEvent
+
+    with transaction.atomic():
+        # Locked (PostgreSQL: FOR UPDATE; SQLite: the transaction holds the write lock), so the
+        # count read here is the one the update replaces; the update says so again.
+        locked = {
+            endpoint.pk: endpoint
+            for endpoint in Endpoint.objects.select_for_update().filter(
+                pk__in=[endpoint_id for endpoint_id, *_ in scaled], lifecycle=Endpoint.Lifecycle.CREATED
             )
+        }
+        groups: dict[tuple[int, int], list[Any]] = {}
+        for endpoint_id, current, new, _ in scaled:
+            endpoint = locked.get(endpoint_id)
+            if endpoint is not None and endpoint.desired_replicas == current:
+                groups.setdefault((current, new), []).append(endpoint_id)
+        acted_ids: set[Any] = set()
+        for (current, new), ids in groups.items():
+            updated = Endpoint.objects.filter(
+                pk__in=ids, desired_replicas=current, lifecycle=Endpoint.Lifecycle.CREATED
+            ).update(desired_replicas=new, last_scaled_at=now, updated_at=now)
+            if updated != len(ids):  # cannot happen under the lock; never act on a guess
+                raise RuntimeError(f"autoscaling: {updated} of {len(ids)} locked endpoints updated")
+            acted_ids.update(ids)
+
+        events: list[ScalingEvent] = []
+        triggered: list[AutoScalingRule] = []
+        states: dict[str, list[int]] = {}
+        lines = []
+        for endpoint_id, current, new, decisions in scaled:
+            acted = endpoint_id in acted_ids
             for decision in decisions:
                 if decision.acted and not acted:
                     decision = Decision(
                         decision.rule, decision.observed, current, current, False, "the count changed meanwhile"
                     )
                 if decision.acted or decision.key != last_decision[decision.rule.id]:
-                    ScalingEvent.objects.bulk_create([_event(endpoint_id, decision, now, acted=decision.acted)])
-                    AutoScalingRule.objects.filter(pk=decision.rule.id).update(
-                        last_decision=(decision.reason if decision.acted else decision.key)[:255],
-                        **({"last_triggered_at": now} if decision.acted else {}),
-                    )
+                    events.append(_event(endpoint_id, decision, now, acted=decision.acted))
+                    if decision.acted:
+                        triggered.append(
+                            AutoScalingRule(
+                                pk=decision.rule.id, last_decision=decision.reason[:255], last_triggered_at=now
+                            )
+                        )
+                    else:
+                        states.setdefault(decision.key[:255], []).append(decision.rule.id)
             if acted:
-                changed += 1
-                endpoint = Endpoint.objects.get(pk=endpoint_id)
                 winner = next(d for d in decisions if d.acted)
-                actions.record_event(
-                    endpoint,
-                    "scaled",
-                    f"Autoscaling: replicas {current} -> {new} ({winner.rule.source}:{winner.reason}).",
-                    data={"old": current, "new": new, "rule_id": winner.rule.id},
+                lines.append(
+                    actions.new_event(
+                        locked[endpoint_id],
+                        "scaled",
+                        f"Autoscaling: replicas {current} -> {new} ({winner.rule.source}:{winner.reason}).",
+                        data={"old": current, "new": new, "rule_id": winner.rule.id},
+                    )
                 )
                 # Reconcile at once; the reconcile's route changes tell the open pages (a page update
                 # from here too would cost a channel-layer round trip per scaled service and tick).
                 transaction.on_commit(partial(tasks.enqueue_reconcile, str(endpoint_id)))
-    return changed
+        ScalingEvent.objects.bulk_create(events, batch_size=500)
+        AutoScalingRule.objects.bulk_update(triggered, ["last_decision", "last_triggered_at"], batch_size=500)
+        for state, rule_ids in states.items():
+            AutoScalingRule.objects.filter(pk__in=rule_ids).update(last_decision=state)
+        ServiceEvent.objects.bulk_create(lines, batch_size=500)
+    return len(acted_ids)
 
 
 def _event(endpoint_id: Any, decision: Decision, now: datetime, *, acted: bool) -> Any:

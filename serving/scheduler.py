@@ -1,7 +1,7 @@
 """Choose a node for a new replica: enough free slots, the right resource group, spread out.
 
-The maths is pure (``rank_nodes``); ``choose_node`` reads the rows and locks the chosen node's row
-until the caller's transaction commits, so two planners never both take the last free slots.
+The maths is pure (``rank_nodes``); ``choose_node`` reads the rows and locks the candidate nodes'
+rows until the caller's transaction commits, so two planners never both take the last free slots.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def explain_no_fit(request: Mapping[str, float], nodes: list[NodeView], group: s
     )
 
 
-def node_views(endpoint: Endpoint, candidates: list[Node]) -> list[NodeView]:
+def held_slots(candidates: list[Node]) -> dict[int, dict[str, float]]:
+    """What the routes (and cluster sub members) on each node hold, by node id."""
     used: dict[int, dict[str, float]] = {n.pk: {} for n in candidates}
-    same: Counter[int] = Counter()
     holding = Route.objects.filter(node__in=candidates, status__in=HOLDING)
     # Summed in the database by distinct reservation: a node's routes mostly share a few shapes, so
     # a placement reads a few rows however many replicas run (the tick's cost, bench/runtime.py).
@@ -93,37 +93,82 @@ def node_views(endpoint: Endpoint, candidates: list[Node]) -> list[NodeView]:
     members = RouteMember.objects.filter(node__in=candidates, route__status__in=HOLDING)
     for node_id, resources, count in members.values_list("node_id", "resources").annotate(count=Count("id")).order_by():
         used[node_id] = slots.add(used[node_id], {k: float(v) * count for k, v in (resources or {}).items()})
+    return used
+
+
+def same_endpoint_routes(endpoint: Endpoint, candidates: list[Node]) -> Counter[int]:
+    """How many of the endpoint's running (not terminating) routes each node has, by node id."""
+    same: Counter[int] = Counter()
     for node_id, count in (
-        holding.filter(endpoint=endpoint)
+        Route.objects.filter(node__in=candidates, status__in=HOLDING, endpoint=endpoint)
         .exclude(status=Route.Status.TERMINATING)
         .values_list("node_id")
         .annotate(count=Count("id"))
         .order_by()
     ):
         same[node_id] += count
+    return same
+
+
+def _views(candidates: list[Node], used: Mapping[int, Mapping[str, float]], same: Mapping[int, int]) -> list[NodeView]:
     return [
         NodeView(
             name=n.name,
             capacity={k: float(v) for k, v in n.capacity.items()},
             used=used[n.pk],
-            same_endpoint_routes=same[n.pk],
+            same_endpoint_routes=same.get(n.pk, 0),
         )
         for n in candidates
     ]
 
 
-def choose_node(endpoint: Endpoint, request: Mapping[str, float], now: datetime) -> Choice:
+def node_views(endpoint: Endpoint, candidates: list[Node]) -> list[NodeView]:
+    return _views(candidates, held_slots(candidates), same_endpoint_routes(endpoint, candidates))
+
+
+class NodePool:
+    """The alive, schedulable nodes of one resource group, their rows locked until the caller's
+    transaction commits, and what their routes hold; ``hold`` adds a placement made through it.
+
+    So one transaction can place many replicas with one read (the reconcile tick places a batch of
+    endpoints' replicas this way): nobody else places on these nodes before the commit, and every
+    placement of ours is counted, so the in-memory sums stay what a fresh read would give (or more:
+    a route stopped meanwhile by its node frees its slots only for the next transaction).
+    """
+
+    def __init__(self, group: str, now: datetime) -> None:
+        self.group = group
+        self.nodes = [
+            n
+            for n in Node.objects.select_for_update().filter(schedulable=True, resource_group=group).order_by("name")
+            if n.is_alive(now)
+        ]
+        self.used = held_slots(self.nodes)
+
+    def views(self, same: Mapping[int, int]) -> list[NodeView]:
+        return _views(self.nodes, self.used, same)
+
+    def hold(self, node: Node, request: Mapping[str, float]) -> None:
+        self.used[node.pk] = slots.add(self.used[node.pk], request)
+
+
+def choose_node(
+    endpoint: Endpoint,
+    request: Mapping[str, float],
+    now: datetime,
+    pool: NodePool | None = None,
+    same: Mapping[int, int] | None = None,
+) -> Choice:
+    """The node for one more replica of ``endpoint``. ``pool`` (its resource group's) and ``same``
+    (its routes per node) come from a caller that places several replicas in one transaction;
+    without them they are read here. The caller ``hold``s the chosen node's slots in its pool."""
     group = endpoint.resource_group or "default"
-    candidates = [
-        n
-        for n in Node.objects.select_for_update().filter(schedulable=True, resource_group=group).order_by("name")
-        if n.is_alive(now)
-    ]
-    views = node_views(endpoint, candidates)
+    pool = pool or NodePool(group, now)
+    views = pool.views(same if same is not None else same_endpoint_routes(endpoint, pool.nodes))
     ranked = rank_nodes(request, views)
     if not ranked:
         return Choice(None, explain_no_fit(request, views, group), waiting=not views)
-    by_name = {n.name: n for n in candidates}
+    by_name = {n.name: n for n in pool.nodes}
     return Choice(by_name[ranked[0].name])
 
 
@@ -134,18 +179,21 @@ class ClusterChoice:
     waiting: bool = False  # as Choice.waiting
 
 
-def choose_nodes(endpoint: Endpoint, request: Mapping[str, float], now: datetime) -> ClusterChoice:
+def choose_nodes(
+    endpoint: Endpoint,
+    request: Mapping[str, float],
+    now: datetime,
+    pool: NodePool | None = None,
+    same: Mapping[int, int] | None = None,
+) -> ClusterChoice:
     """Nodes for every member of one route (``serving.cluster.place`` states the rule); locks the
-    candidates' rows like ``choose_node``."""
+    candidates' rows like ``choose_node``, and takes ``pool`` and ``same`` as it does."""
     size = max(1, endpoint.cluster_size)
     multi = endpoint.cluster_mode == Endpoint.ClusterMode.MULTI_NODE
     group = endpoint.resource_group or "default"
-    candidates = [
-        n
-        for n in Node.objects.select_for_update().filter(schedulable=True, resource_group=group).order_by("name")
-        if n.is_alive(now)
-    ]
-    views = node_views(endpoint, candidates)
+    pool = pool or NodePool(group, now)
+    candidates = pool.nodes
+    views = pool.views(same if same is not None else same_endpoint_routes(endpoint, candidates))
     if not views:
         return ClusterChoice((), explain_no_fit(request, views, group), waiting=True)
     # The scheduler's preference (spread, then most free CPU) over every node, fitting or not, so

@@ -84,6 +84,21 @@ def test_points_round_trip_and_old_ones_are_trimmed(endpoint: Endpoint) -> None:
     assert 0 < get_redis().ttl(key) <= settings.METRICS_RETENTION + 60
 
 
+def test_reading_values_alone_gives_the_values_of_the_same_window(endpoint: Endpoint) -> None:
+    """The tick's read (values only, one string per window from Redis) selects exactly what the
+    read with times does, bounds included, and skips a member it cannot read the same way."""
+    eid = str(endpoint.pk)
+    values = [0.1, 1e-05, 2.5e20, -3.0, 7.0, 0.30000000000000004]
+    metrics.record([metrics.Point("proxy", eid, "rps", T0 + i, v) for i, v in enumerate(values)], now=T0 + 10)
+    key = metrics.series_key(settings.REDIS_PREFIX, "proxy", eid, "rps")
+    get_redis().zadd(key, {"garbage|x|": T0 + 2.5, "|T0|": T0 + 3.5})  # a foreign writer's members
+    wanted = [(eid, "proxy", "rps", T0 + 1), (eid, "proxy", "rps", T0 + 100), (eid, "proxy", "nothing", T0)]
+    with_times = metrics.read_many(wanted, T0 + 4)
+    alone = metrics.read_many(wanted, T0 + 4, with_times=False)
+    assert alone == [[v for _, v in samples] for samples in with_times]
+    assert alone == [[1e-05, 2.5e20, -3.0, 7.0], [], []]  # T0 + 1 and T0 + 4 are inside
+
+
 def test_the_chart_contract(endpoint: Endpoint, api: Any) -> None:
     eid = str(endpoint.pk)
     now = time.time()
@@ -373,3 +388,59 @@ def test_the_node_sampler_counts_every_container_of_a_cluster(endpoint: Endpoint
     assert engine.calls == ["sub-1"]
     assert {(p.source, p.replica) for p in points} == {("kernel", f"{str(route.pk)[:8]}.sub1")}
     assert {p.metric for p in points} == {"cpu_percent", "mem_bytes", "mem_percent"}
+
+
+@pytest.mark.parametrize("count", [20, 120])
+def test_a_tick_costs_a_bounded_number_of_queries(
+    personas: dict[str, Any],
+    _no_reconcile: list[str],
+    django_capture_on_commit_callbacks: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+) -> None:
+    """However many services scale in one tick, the tick's writes are a handful of bulk queries
+    (issue 21), and each scaled service gets what a tick that scales one gets; a count a user
+    changed meanwhile is still left alone, the others of the batch scale."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    endpoints = [
+        Endpoint.objects.create(name=f"fleet-{i:03d}", owner=personas["owner"], project=personas["project"])
+        for i in range(count)
+    ]
+    rules = {e.pk: add_rule(e) for e in endpoints}
+    for e in endpoints:
+        feed(e, "in_flight", [(1, 1.0)])
+    autoscaling.tick(at(2))  # every rule's first state
+
+    with CaptureQueriesContext(connection) as steady:
+        assert autoscaling.tick(at(3)) == 0
+    assert len(steady.captured_queries) <= 4
+
+    hot, meddled = endpoints[: count // 4], endpoints[0]
+    for e in hot:
+        feed(e, "in_flight", [(4, 50.0)])
+    read = metrics.read_many
+
+    def user_scales_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        Endpoint.objects.filter(pk=meddled.pk).update(desired_replicas=3)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "read_many", user_scales_meanwhile)
+    with CaptureQueriesContext(connection) as scaling, django_capture_on_commit_callbacks(execute=True):
+        assert autoscaling.tick(at(5)) == len(hot) - 1
+    assert len(scaling.captured_queries) <= 16, [q["sql"][:80] for q in scaling.captured_queries]
+
+    scaled = [e for e in hot if e is not meddled]
+    assert sorted(_no_reconcile) == sorted(str(e.pk) for e in scaled)
+    assert set(Endpoint.objects.filter(desired_replicas=2).values_list("pk", flat=True)) == {e.pk for e in scaled}
+    assert Endpoint.objects.get(pk=meddled.pk).desired_replicas == 3
+    for e in scaled:
+        assert events(e)[-1] == (rules[e.pk].pk, True, 1, 2, "in_flight 25.5 > 5")
+        rule = AutoScalingRule.objects.get(pk=rules[e.pk].pk)
+        assert rule.last_triggered_at == at(5) and rule.last_decision.startswith("in_flight 25.5 > 5")
+        [line] = ServiceEvent.objects.filter(endpoint=e, kind="scaled")
+        assert line.data == {"old": 1, "new": 2, "rule_id": rule.pk}
+    assert events(meddled)[-1] == (rules[meddled.pk].pk, False, 1, 1, "the count changed meanwhile")
+    assert AutoScalingRule.objects.get(pk=rules[meddled.pk].pk).last_triggered_at is None
+    assert not ServiceEvent.objects.filter(endpoint=meddled, kind="scaled").exists()
