@@ -50,7 +50,13 @@ REPLACING_FIELDS = frozenset(
 )
 # Mount targets that would hide what the replica needs to run.
 SYSTEM_PATHS = frozenset({"", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/lib", "/tmp", "/opt/modelserve"})  # noqa: S108
-MODIFIABLE_FIELDS = REPLACING_FIELDS | {"desired_replicas", "open_to_public", "name", "scaling_cooldown"}
+MODIFIABLE_FIELDS = REPLACING_FIELDS | {
+    "desired_replicas",
+    "open_to_public",
+    "forward_cookies",
+    "name",
+    "scaling_cooldown",
+}
 
 
 def record_event(
@@ -264,6 +270,7 @@ class ServiceConfig:
     runtime: str
     replicas: int
     open_to_public: bool
+    forward_cookies: bool
     image: str
     resources: dict[str, float]
     environ: dict[str, str]
@@ -310,6 +317,7 @@ def check_service_config(
     runtime: str = "custom",
     replicas: int = 1,
     open_to_public: bool = False,
+    forward_cookies: bool = False,
     image: str = "",
     resources: Mapping[str, Any] | None = None,
     environ: Mapping[str, Any] | None = None,
@@ -370,6 +378,7 @@ def check_service_config(
         runtime=runtime,
         replicas=replicas,
         open_to_public=open_to_public,
+        forward_cookies=forward_cookies,
         image=image or defaults.image or settings.DEFAULT_IMAGE,
         resources=resource_slots,
         environ=merged_environ,
@@ -412,6 +421,7 @@ def _build(config: ServiceConfig, owner: User) -> Endpoint:
         cluster_size=config.cluster_size,
         environ=config.environ,
         open_to_public=config.open_to_public,
+        forward_cookies=config.forward_cookies,
     )
 
 
@@ -539,7 +549,7 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
         actor=acting_user,
         data={"changes": shown, "spec_version": endpoint.spec_version},
     )
-    _publish_routing(endpoint.pk)  # e.g. open_to_public applies in the proxy at once
+    _publish_routing(endpoint.pk)  # e.g. open_to_public, forward_cookies apply in the proxy at once
     _kick(endpoint.pk)
     return endpoint
 

@@ -96,6 +96,16 @@ class Endpoint(models.Model):
     cluster_size = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(16)])
     environ = models.JSONField(default=dict, blank=True)
     open_to_public = models.BooleanField(default=False)
+    # The proxy strips Cookie from requests and Set-Cookie from answers unless this is on (for an
+    # app that keeps its own session); the platform's own cookies are removed even then, so the
+    # web app's session never reaches a replica (proxy/relay.py, README "Security model").
+    forward_cookies = models.BooleanField(
+        default=False,
+        help_text=_(
+            "Pass the caller's cookies to the replicas and their Set-Cookie back (the platform's own "
+            "session, CSRF and language cookies never pass)."
+        ),
+    )
     lifecycle = models.CharField(max_length=16, choices=Lifecycle.choices, default=Lifecycle.CREATED)
     # Bumped whenever a change needs new replicas (image, definition, resources, environment):
     # routes of an older version are replaced one at a time (rolling update, S4.5).
