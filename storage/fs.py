@@ -66,6 +66,10 @@ class PathRefused(FsError):
     """The path itself is not acceptable (traversal, symlink, bad name)."""
 
 
+class SymlinkRefused(PathRefused):
+    """``path`` (the file asked for, or a directory on its way) is a symbolic link: never followed."""
+
+
 class PathNotFound(FsError):
     status = 404
     code = "not_found"
@@ -209,7 +213,7 @@ def _translate(exc: OSError, shown: str, dir_fd: int | None = None, name: str | 
     """An OSError from a *at() call on a user path as a sentence for the user."""
     code = exc.errno
     if code == errno.ELOOP:
-        return PathRefused(
+        return SymlinkRefused(
             f"'{shown}' is a symbolic link. Links are never followed, so nothing outside the folder can be "
             "reached through one.",
             shown,
@@ -391,6 +395,12 @@ class FolderFS:
         except BaseException:
             os.close(fd)
             raise
+
+    def read_small(self, path: str, limit: int) -> bytes:
+        """A regular file's bytes, at most ``limit + 1`` of them (one more than allowed says "too big");
+        as ``open_read``, a symlink anywhere on the path is refused, never followed."""
+        with self.open_read(path) as handle:
+            return handle.read(limit + 1)
 
     def preview(self, path: str, limit: int = PREVIEW_LIMIT) -> tuple[str, int, bool]:
         """(text, size, truncated) of a small text file: UTF-8, no NUL bytes; binary files are refused."""
