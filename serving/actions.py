@@ -253,6 +253,13 @@ def _check_resource_group(group: str) -> None:
     )
 
 
+def _check_shared_definition(endpoint: Endpoint) -> None:
+    """Private mounts only with a model folder the owner alone can write (Endpoint.shared_definition_problem)."""
+    problem = endpoint.shared_definition_problem()
+    if problem:
+        raise ValidationError({"folder": problem})
+
+
 def _check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ValidationError({"runtime": f"Unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}."})
@@ -392,6 +399,7 @@ def check_service_config(
         project=project,
     )
     endpoint = _build(config, acting_user)
+    attempt(_check_shared_definition, endpoint)
     attempt(
         lambda: endpoint.full_clean(
             exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False
@@ -535,6 +543,8 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     _check_cluster_mode(endpoint.cluster_mode)
     if not applied:
         return endpoint
+    if {"model_folder", "extra_mounts"} & applied.keys():
+        _check_shared_definition(endpoint)
     endpoint.full_clean(exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False)
     if REPLACING_FIELDS & applied.keys():
         endpoint.spec_version += 1

@@ -157,6 +157,40 @@ class Endpoint(models.Model):
         """True when starts failed too often in a row; only "clear errors and retry" resumes."""
         return self.retries >= settings.MAX_START_FAILURES
 
+    def shared_definition_problem(self) -> str | None:
+        """Why this service may not run as configured, or None (issue 13, "project folders").
+
+        A service that mounts private folders (extra mounts that belong to a user, not a project)
+        may only use a model folder that its owner alone can write: a private folder of the owner.
+        Whoever can write the model folder decides what the replica runs (its model definition's
+        start command and pre-start actions), and the replica can read and write every mount; so a
+        project-shared model folder would let any member of the project read the owner's private
+        folders through the owner's service.
+        """
+        from storage.models import Folder
+
+        folder = self.model_folder
+        if folder is None or (folder.project_id is None and folder.owner_id == self.owner_id):
+            return None
+        ids = [str(m.get("folder")) for m in self.extra_mounts or [] if isinstance(m, dict)]
+        private = list(
+            Folder.objects.filter(pk__in=ids, project__isnull=True).order_by("name").values_list("name", flat=True)
+        )
+        if not private:
+            return None
+        names = ", ".join(repr(n) for n in private)
+        writers = (
+            f"every member of project {folder.project.name!r}"
+            if folder.project_id is not None and folder.project is not None
+            else f"its owner {folder.owner.username!r}"
+        )
+        return (
+            f"Model folder {folder.name!r} can be changed by {writers}, and whoever changes its model definition "
+            f"decides what this service runs, with the private folder(s) {names} mounted. Use a model folder "
+            "only you can write (a private model folder of your own, e.g. a copy of this one), or mount no "
+            "private folders (use project folders for shared data)."
+        )
+
     def count_failed_start(self) -> None:
         """One more consecutive failed start (S4.4); atomic, so concurrent failures all count."""
         Endpoint.objects.filter(pk=self.pk).update(retries=models.F("retries") + 1)
