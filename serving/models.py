@@ -161,27 +161,26 @@ class Endpoint(models.Model):
         """Why this service may not run as configured, or None (issue 13, "project folders").
 
         A service that mounts private folders (extra mounts that belong to a user, not a project)
-        may only use a model folder that its owner alone can write: a private folder of the owner.
-        Whoever can write the model folder decides what the replica runs (its model definition's
-        start command and pre-start actions), and the replica can read and write every mount; so a
-        project-shared model folder would let any member of the project read the owner's private
-        folders through the owner's service.
+        may only use a model folder that the owner of those folders alone can write: a private
+        model folder of that same user (in practice, the service's owner's own). Whoever can write
+        the model folder decides what the replica runs (its model definition's start command and
+        pre-start actions), and the replica can read and write every mount; so a project-shared
+        model folder would let any member of the project read the owner's private folders through
+        the owner's service, and another user's model folder would let that user read them.
         """
         from storage.models import Folder
 
         folder = self.model_folder
-        if folder is None or (folder.project_id is None and folder.owner_id == self.owner_id):
+        if folder is None:
             return None
         ids = [str(m.get("folder")) for m in self.extra_mounts or [] if isinstance(m, dict)]
-        private = list(
-            Folder.objects.filter(pk__in=ids, project__isnull=True).order_by("name").values_list("name", flat=True)
-        )
-        if not private:
+        private = list(Folder.objects.filter(pk__in=ids, project__isnull=True).select_related("owner").order_by("name"))
+        if not private or (folder.project_id is None and all(m.owner_id == folder.owner_id for m in private)):
             return None
-        names = ", ".join(repr(n) for n in private)
+        names = ", ".join(f"{m.name!r} (of {m.owner.username})" for m in private)
         writers = (
             f"every member of project {folder.project.name!r}"
-            if folder.project_id is not None and folder.project is not None
+            if folder.project is not None
             else f"its owner {folder.owner.username!r}"
         )
         return (

@@ -133,6 +133,24 @@ def test_modify_can_not_switch_to_a_shared_model_folder_or_add_a_private_mount(
         )
 
 
+def test_manager_can_not_mount_their_private_folder_on_a_teammates_service(
+    api: Any, personas: dict[str, Any], folders: dict[str, Folder]
+) -> None:
+    """The other way round: the teammate alone writes their model folder, so the manager's private
+    folder must not be mounted next to it (the manager may modify the project's services)."""
+    mate_model = FolderFactory(owner=personas["teammate"], name="mate-model", files=FILES)
+    created = api("teammate").post(
+        "/api/v1/services/", {**body(mate_model), "project": personas["project"].pk}, format="json"
+    )
+    assert created.status_code == 201, created.content
+    mount = {"extra_mounts": body(mate_model, folders["private_data"])["extra_mounts"]}
+    message = refusal(api("owner").patch(f"/api/v1/services/{created.json()['id']}/", mount, format="json"))
+    assert "its owner 'teammate'" in message and "'my-secrets' (of owner)" in message
+    # The teammate's own private data next to their own model folder is theirs to mount.
+    own = {"extra_mounts": body(mate_model, folders["teammate_data"])["extra_mounts"]}
+    assert api("teammate").patch(f"/api/v1/services/{created.json()['id']}/", own, format="json").status_code == 200
+
+
 def test_launcher_page_shows_the_rule_next_to_the_folder(personas: dict[str, Any], folders: dict[str, Folder]) -> None:
     from django.test import Client
 
