@@ -212,6 +212,7 @@ def test_launcher_sets_and_modify_clears_forward_cookies(browser: Any, folder: F
     assert endpoint.forward_cookies is True
     page = client.get(f"/services/{endpoint.pk}/modify/").content.decode()
     assert 'id="f-cookies" name="forward_cookies" checked' in page
+    assert "callers&#x27; cookies reach the replicas" in client.get(f"/services/{endpoint.pk}/").content.decode()
     response = client.post(f"/services/{endpoint.pk}/modify/", form(folder))  # the box unticked
     assert response.status_code == 302, response.content.decode()[:2000]
     endpoint.refresh_from_db()
