@@ -236,3 +236,26 @@ def test_a_crashed_uploads_hold_expires(folder: Folder, token: str, settings: An
     wait_for(lambda: put("late.bin") == 201, timeout=10, interval=0.2, what="the crashed upload's hold to expire")
     assert time.monotonic() - started < 5
     assert files_of(folder) == ["late.bin"] and temp_files(folder) == []
+
+
+def test_without_redis_an_upload_is_refused_not_let_past_the_limits(
+    folder: Folder, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    import redis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # (closed again: nobody answers there)
+    monkeypatch.setattr(quota, "_client", redis.Redis(port=dead, socket_connect_timeout=0.5, socket_timeout=0.5))
+
+    async def run() -> tuple[int | None, Any]:
+        upload = Upload(f"/api/v1/folders/{folder.pk}/files/x.bin", token, length(MB))
+        if not await upload.answered():
+            await upload.send(b"x" * MB, more=False)
+        return await upload.answer()
+
+    status, body = async_to_sync(run)()
+    assert status == 503 and "Redis does not answer" in body["detail"] and "nothing was saved" in body["detail"]
+    assert files_of(folder) == [] and temp_files(folder) == []
