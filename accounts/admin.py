@@ -17,6 +17,7 @@ class MembershipInline(admin.TabularInline):
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
     list_display = ("username", "email", "is_superuser", "is_active", "date_joined", "last_login")
+    fieldsets = (*(BaseUserAdmin.fieldsets or ()), (_("Storage"), {"fields": ("storage_limit",)}))
 
 
 @admin.register(Project)

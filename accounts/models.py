@@ -6,6 +6,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -14,6 +15,14 @@ from django.utils.translation import gettext_lazy as _
 
 class User(AbstractUser):
     """A person. Superusers are operators: they see and manage everything (S9)."""
+
+    # Overrides USER_STORAGE_LIMIT for this user (bytes in every folder they own); empty: the setting.
+    storage_limit = models.BigIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text=_("bytes in all the folders this user owns; empty: USER_STORAGE_LIMIT; 0: no limit"),
+    )
 
     def project_ids(self) -> list[int]:
         return list(self.memberships.values_list("project_id", flat=True))

@@ -234,6 +234,12 @@ MAX_START_FAILURES = env_int("MAX_START_FAILURES", 5, minimum=1)
 DEFAULT_IMAGE = env_str("DEFAULT_IMAGE", "modelserve/python:3.11")
 STORAGE_ROOT = Path(env_str("STORAGE_ROOT", str(VAR_DIR / "storage")))
 DEFAULT_FOLDER_QUOTA = env_int("DEFAULT_FOLDER_QUOTA", 50 * 1024**3, minimum=0)
+# The most bytes one user's folders may hold in all (every folder they own, project folders too),
+# uploads in progress included; a user's own storage_limit (admin) overrides it. 0: no such limit.
+USER_STORAGE_LIMIT = env_int("USER_STORAGE_LIMIT", 200 * 1024**3, minimum=0)
+# How long the bytes of an upload in progress stay held without news from it (storage/quota.py):
+# a crashed upload's share of a quota comes back after this long.
+UPLOAD_HOLD_SECONDS = env_float("UPLOAD_HOLD_SECONDS", 120.0, minimum=1.0)
 ENGINE_STATE_DIR = Path(env_str("ENGINE_STATE_DIR", str(VAR_DIR / "engine")))
 # Who replicas of the local engine run as when it runs as root (nobody/nogroup by default; 0 and 0
 # keep them root without capabilities). An engine not running as root runs them as its own user.

@@ -43,7 +43,7 @@ import time
 
 from proxy.admin import Admin
 from proxy.config import Config
-from proxy.relay import UNSAFE_REUSE_SECONDS, Downstream, Exchange, Upstream
+from proxy.relay import UNSAFE_REUSE_SECONDS, Downstream, Exchange, Upstream, keep_app_cookies
 from proxy.report import Reporter
 from proxy.table import Endpoint, Route, Table
 from serving import tokens
@@ -187,6 +187,11 @@ class Proxy:
         # An HTTP/1.0 client's request goes as HTTP/1.0: the replica then never answers chunked.
         ex.line = b"%b %b %b\r\n" % (ex.method, path, b"HTTP/1.1" if ex.version11 else b"HTTP/1.0")
         parts = ex.hparts
+        cookie = ex.cookie
+        if cookie is not None and endpoint.forward_cookies:
+            cookie = keep_app_cookies(cookie, endpoint.platform_cookies)
+            if cookie:
+                parts.append(b"Cookie: %b\r\n" % cookie)
         if forward_auth and auth is not None:
             parts.append(b"Authorization: %b\r\n" % auth)
         peer = ex.down.peer

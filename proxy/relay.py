@@ -54,7 +54,9 @@ IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 UNSAFE_REUSE_SECONDS = 1.0
 
 # Request headers the proxy sets or consumes itself; every other header is forwarded as received.
-(H_DROP, H_AUTH, H_HOST, H_XFF, H_XFP, H_XFH, H_RID, H_CONN, H_TE, H_UPGRADE, H_EXPECT, H_IDEMPOTENCY) = range(12)
+(H_DROP, H_AUTH, H_HOST, H_XFF, H_XFP, H_XFH, H_RID, H_CONN, H_TE, H_UPGRADE, H_EXPECT, H_IDEMPOTENCY, H_COOKIE) = (
+    range(13)
+)
 REQUEST_HEADERS = {
     b"authorization": H_AUTH,
     b"host": H_HOST,
@@ -69,6 +71,10 @@ REQUEST_HEADERS = {
     b"expect": H_EXPECT,
     b"idempotency-key": H_IDEMPOTENCY,
     b"x-idempotency-key": H_IDEMPOTENCY,
+    # Held back until the endpoint is known: by default no cookie reaches a replica, since with the
+    # web app on the same host name the browser would send the platform's session to whoever owns
+    # the service (Endpoint.forward_cookies; see keep_app_cookies).
+    b"cookie": H_COOKIE,
     b"keep-alive": H_DROP,
     b"te": H_DROP,
     b"trailer": H_DROP,
@@ -80,8 +86,11 @@ REQUEST_HEADERS = {
 CONNECTION_OPTIONS = frozenset((b"", b"close", b"keep-alive", b"upgrade"))
 # Headers never removed because a Connection header names them: the framing and the target.
 NEVER_NOMINATED = frozenset((b"content-length", b"transfer-encoding", b"host"))
-# Response headers that make the verbatim relay wrong (hop-by-hop ones), searched in the raw head.
-RESPONSE_HOP_SEARCH = re.compile(rb"\r\n(?:connection|keep-alive|proxy-|te|trailer|upgrade)[ \t]*:", re.IGNORECASE)
+# Response headers that make the verbatim relay wrong, searched in the raw head: hop-by-hop ones, and
+# Set-Cookie (a replica must not set cookies on the caller's browser, at least not the platform's).
+RESPONSE_HOP_SEARCH = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-|te|trailer|upgrade|set-cookie)[ \t]*:", re.IGNORECASE
+)
 RESPONSE_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"te", b"trailer", b"upgrade", b"transfer-encoding"))
 
 # How a response body goes to the client.
@@ -154,6 +163,26 @@ def _drop_nominated(ex: Exchange) -> None:
         ex.rid = None
     if b"idempotency-key" in names or b"x-idempotency-key" in names:
         ex.idempotency_key = False
+    if b"cookie" in names:
+        ex.cookie = None
+
+
+def cookie_name(pair: bytes) -> bytes:
+    """The name of one ``name=value`` (a Cookie pair, or a Set-Cookie value), lower case."""
+    return pair.partition(b"=")[0].strip().lower()
+
+
+def keep_app_cookies(header: bytes, platform: frozenset[bytes]) -> bytes:
+    """A Cookie header's pairs without the platform's cookies (names compared in lower case, so
+    ``SessionId`` goes too: a replica's framework might match names loosely)."""
+    return b"; ".join(pair.strip() for pair in header.split(b";") if pair.strip() and cookie_name(pair) not in platform)
+
+
+def passes_set_cookie(ex: Exchange, value: bytes) -> bool:
+    """A replica's Set-Cookie reaches the caller only when its service forwards cookies, and never
+    for a platform cookie's name (it could log the caller out, or fix their CSRF token)."""
+    endpoint = ex.endpoint
+    return endpoint is not None and endpoint.forward_cookies and cookie_name(value) not in endpoint.platform_cookies
 
 
 def connection_options(value: bytes) -> list[bytes]:
@@ -179,6 +208,7 @@ class Exchange:
     keep_alive = True
     head_request = False
     auth: bytes | None = None
+    cookie: bytes | None = None  # the Cookie header(s), joined; forwarded only as the endpoint allows
     host: bytes | None = None
     xff: bytes | None = None
     xfp: bytes | None = None
@@ -650,6 +680,9 @@ class Downstream(asyncio.Protocol):
             ex.host = value
         elif kind == H_AUTH:
             ex.auth = value
+        elif kind == H_COOKIE:
+            # (RFC 9113 8.2.3's way of joining several Cookie fields; HTTP/1.1 clients send one.)
+            ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value
         elif kind == H_XFF:
             ex.xff = value if ex.xff is None else ex.xff + b", " + value
         elif kind == H_RID:
@@ -911,6 +944,9 @@ class Upstream(asyncio.Protocol):
             elif name == b"transfer-encoding":
                 chunked = chunked or b"chunked" in value.lower()
                 continue
+            elif name == b"set-cookie":
+                if not passes_set_cookie(ex, value):
+                    continue
             elif name in RESPONSE_HOP_BY_HOP or name.startswith(b"proxy-"):
                 if status == 101 and name in (b"connection", b"upgrade"):
                     kept.append(line)

@@ -39,6 +39,20 @@ log = logging.getLogger("proxy.table")
 _random = random.random
 _monotonic = time.monotonic
 
+# The web app's cookies under Django's default names: removed even when an entry names none (an
+# entry from an older control plane), besides the names the entry gives (serving/routing.py).
+DEFAULT_PLATFORM_COOKIES = frozenset((b"sessionid", b"csrftoken", b"django_language"))
+_cookie_sets: dict[tuple[str, ...], frozenset[bytes]] = {}
+
+
+def platform_cookies(names: Any) -> frozenset[bytes]:
+    """The cookie names (lower case) never passed to or from a replica; one shared set per list."""
+    key = tuple(str(n) for n in names or ())
+    found = _cookie_sets.get(key)
+    if found is None:
+        found = _cookie_sets[key] = DEFAULT_PLATFORM_COOKIES | {n.lower().encode("latin-1") for n in key}
+    return found
+
 
 class Route:
     """One healthy replica of an endpoint, with its pool of idle keep-alive connections."""
@@ -94,9 +108,11 @@ class Endpoint:
     __slots__ = (
         "capacity",
         "cumulative",
+        "forward_cookies",
         "id",
         "in_flight",
         "name",
+        "platform_cookies",
         "public",
         "raw",
         "routes",
@@ -113,6 +129,8 @@ class Endpoint:
         self.id = ""
         self.name = ""
         self.public = False
+        self.forward_cookies = False  # cookies pass both ways, except the platform's own
+        self.platform_cookies = DEFAULT_PLATFORM_COOKIES
         self.status = ""
         self.routes: list[Route] = []
         self.capacity = 1  # routes counted for the in-flight limit (at least one: held requests)
@@ -144,6 +162,8 @@ class Endpoint:
         self.id = str(entry.get("id", ""))
         self.name = str(entry.get("name", "") or self.slug)
         self.public = bool(entry.get("public"))
+        self.forward_cookies = entry.get("forward_cookies") is True
+        self.platform_cookies = platform_cookies(entry.get("platform_cookies"))
         self.status = str(entry.get("status", "") or "")
         self.tokens = tokens
         cumulative: list[float] = []

@@ -50,7 +50,13 @@ REPLACING_FIELDS = frozenset(
 )
 # Mount targets that would hide what the replica needs to run.
 SYSTEM_PATHS = frozenset({"", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/lib", "/tmp", "/opt/modelserve"})  # noqa: S108
-MODIFIABLE_FIELDS = REPLACING_FIELDS | {"desired_replicas", "open_to_public", "name", "scaling_cooldown"}
+MODIFIABLE_FIELDS = REPLACING_FIELDS | {
+    "desired_replicas",
+    "open_to_public",
+    "forward_cookies",
+    "name",
+    "scaling_cooldown",
+}
 
 
 def record_event(
@@ -264,6 +270,13 @@ def _check_resource_group(group: str) -> None:
     )
 
 
+def _check_shared_definition(endpoint: Endpoint) -> None:
+    """Private mounts only with a model folder the owner alone can write (Endpoint.shared_definition_problem)."""
+    problem = endpoint.shared_definition_problem()
+    if problem:
+        raise ValidationError({"folder": problem})
+
+
 def _check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ValidationError({"runtime": f"Unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}."})
@@ -281,6 +294,7 @@ class ServiceConfig:
     runtime: str
     replicas: int
     open_to_public: bool
+    forward_cookies: bool
     image: str
     resources: dict[str, float]
     environ: dict[str, str]
@@ -327,6 +341,7 @@ def check_service_config(
     runtime: str = "custom",
     replicas: int = 1,
     open_to_public: bool = False,
+    forward_cookies: bool = False,
     image: str = "",
     resources: Mapping[str, Any] | None = None,
     environ: Mapping[str, Any] | None = None,
@@ -387,6 +402,7 @@ def check_service_config(
         runtime=runtime,
         replicas=replicas,
         open_to_public=open_to_public,
+        forward_cookies=forward_cookies,
         image=image or defaults.image or settings.DEFAULT_IMAGE,
         resources=resource_slots,
         environ=merged_environ,
@@ -400,6 +416,7 @@ def check_service_config(
         project=project,
     )
     endpoint = _build(config, acting_user)
+    attempt(_check_shared_definition, endpoint)
     attempt(
         lambda: endpoint.full_clean(
             exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False
@@ -429,6 +446,7 @@ def _build(config: ServiceConfig, owner: User) -> Endpoint:
         cluster_size=config.cluster_size,
         environ=config.environ,
         open_to_public=config.open_to_public,
+        forward_cookies=config.forward_cookies,
     )
 
 
@@ -542,6 +560,8 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     _check_cluster_mode(endpoint.cluster_mode)
     if not applied:
         return endpoint
+    if {"model_folder", "extra_mounts"} & applied.keys():
+        _check_shared_definition(endpoint)
     endpoint.full_clean(exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False)
     if REPLACING_FIELDS & applied.keys():
         endpoint.spec_version += 1
@@ -556,7 +576,7 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
         actor=acting_user,
         data={"changes": shown, "spec_version": endpoint.spec_version},
     )
-    _publish_routing(endpoint.pk)  # e.g. open_to_public applies in the proxy at once
+    _publish_routing(endpoint.pk)  # e.g. open_to_public, forward_cookies apply in the proxy at once
     _kick(endpoint.pk)
     return endpoint
 

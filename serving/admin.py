@@ -100,7 +100,7 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         ("preset", "resource_group"),
         ("cluster_mode", "cluster_size"),
         "environ",
-        "open_to_public",
+        ("open_to_public", "forward_cookies"),
         ("spec_version", "retries"),
         ("created_at", "updated_at", "destroyed_at"),
     )

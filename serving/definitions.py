@@ -1,7 +1,10 @@
 """Parse and validate ``model-definition.yaml`` (S2) and ``service-definition.toml`` (S3).
 
-Pure: no Django, no I/O except the size-capped ``load_*`` helpers and ``validate_model_folder``,
-which read files and hand their bytes to the pure parsers. The parsers return frozen dataclasses or
+Pure: no Django, no I/O except the size-capped ``load_*`` helpers, ``read_folder_file`` and
+``validate_model_folder``, which read files and hand their bytes to the pure parsers. Every one of
+them reads through ``storage.fs`` (each path component opened without following a symlink): a
+folder's content is written by users and by replicas, and a symlink planted there must never make
+the platform read a host file (issue 13). The parsers return frozen dataclasses or
 raise one ``DefinitionError`` that lists *every* problem found, each with the file, the field path
 (``models[0].service.port``), the line and column where known, and a sentence that says what is
 wrong and how to fix it.
@@ -30,7 +33,6 @@ import json
 import math
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path, PurePosixPath
@@ -45,6 +47,7 @@ from yaml.reader import ReaderError
 
 if TYPE_CHECKING:
     from serving.runtimes import EffectiveService
+    from storage.fs import FolderFS
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_DEPTH = 64  # nested mappings/lists; a real definition file uses about 6
@@ -1248,23 +1251,63 @@ def resolve_service_defaults(definition: ServiceDefinition, runtime: str) -> Lau
 # --- files on disk -------------------------------------------------------------------------------
 
 
-def _read_capped(path: Path, file: str) -> bytes:
-    """The bytes of a regular file of at most MAX_FILE_BYTES; the size is checked before reading."""
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise _fail(file, "is not a regular file")
-        if info.st_size > MAX_FILE_BYTES:
-            raise _fail(
-                file,
-                f"the file is {info.st_size} bytes; a definition file must be at most {MAX_FILE_BYTES // 1024} KiB",
+SYMLINK_PROBLEM = "is a symbolic link; upload the file itself into the model folder"
+
+
+def _fs_problem(exc: Exception, relative: str) -> str:
+    """What a storage.fs refusal means for a definition file, as a sentence for its Problem."""
+    from storage import fs
+
+    if isinstance(exc, fs.SymlinkRefused):
+        if exc.path and exc.path != relative:
+            return (
+                f"is outside the model folder: {exc.path!r} on its path is a symbolic link, and links are never "
+                "followed; upload the directory itself"
             )
-        with open(path, "rb") as handle:
+        return SYMLINK_PROBLEM
+    if isinstance(exc, fs.PathNotFound):
+        return "can not be read: No such file or directory"
+    if isinstance(exc, fs.NotAFile | fs.PathConflict):
+        return "is not a regular file"
+    return f"can not be read: {getattr(exc, 'message', exc)}"
+
+
+def read_folder_file(folder_fs: FolderFS, relative: str, file: str | None = None) -> bytes | None:
+    """A definition file's bytes read through storage.fs, size-capped; None when it is absent.
+
+    A symlink (the file, or a directory on its path), a directory, a pipe or a file over
+    MAX_FILE_BYTES is a DefinitionError naming ``file`` (default ``relative``); nothing is followed,
+    and the size is checked on the opened file before a byte is read."""
+    from storage import fs
+
+    name = file or relative
+    try:
+        with folder_fs.open_read(relative) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise _fail(
+                    name, f"the file is {size} bytes; a definition file must be at most {MAX_FILE_BYTES // 1024} KiB"
+                )
             data = handle.read(MAX_FILE_BYTES + 1)
+    except fs.PathNotFound:
+        return None
+    except fs.FsError as exc:
+        raise _fail(name, _fs_problem(exc, relative)) from None
     except OSError as exc:
-        raise _fail(file, f"can not be read: {exc.strerror or exc}") from None
+        raise _fail(name, f"can not be read: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:
-        raise _fail(file, f"the file is larger than {MAX_FILE_BYTES // 1024} KiB; a definition file is small text")
+        raise _fail(name, f"the file is larger than {MAX_FILE_BYTES // 1024} KiB; a definition file is small text")
+    return data
+
+
+def _read_capped(path: Path, file: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES. The directory is the caller's (an
+    operator's path, or a folder's root); the file in it is opened without following a symlink."""
+    from storage.fs import FolderFS
+
+    data = read_folder_file(FolderFS(os.path.realpath(path.parent)), path.name, file)
+    if data is None:
+        raise _fail(file, "can not be read: No such file or directory")
     return data
 
 
@@ -1333,39 +1376,47 @@ def _safe_relative(definition_path: str) -> str | None:
     return pure.as_posix()
 
 
-def _regular_file_in(folder: Path, relative: str, c: _Collector) -> Path | None:
-    """``folder/relative`` when it is a regular file inside the folder; symlinks are reported, not followed."""
-    candidate = folder / relative
+def _regular_file_in(folder_fs: FolderFS, relative: str, c: _Collector) -> bool:
+    """Whether ``relative`` is a regular file inside the folder (through storage.fs); a symlink, on
+    the file or on its path, is reported, not followed. Reading it later refuses a swapped-in link
+    again, so no check-then-use race leads outside."""
+    from storage import fs
+
     try:
-        info = os.lstat(candidate)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        c.add("", f"can not be read: {exc.strerror or exc}")
-        return None
-    if stat.S_ISLNK(info.st_mode):
-        c.add("", "is a symbolic link; upload the file itself into the model folder")
-        return None
-    try:
-        inside = candidate.resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError):
-        inside = False
-    if not inside:
-        c.add("", "is outside the model folder (a directory on its path is a symbolic link)")
-        return None
-    if not stat.S_ISREG(info.st_mode):
+        entry = folder_fs.stat(relative)
+    except fs.PathNotFound:
+        return False
+    except fs.FsError as exc:
+        c.add("", _fs_problem(exc, relative))
+        return False
+    if entry.type == "symlink":
+        c.add("", SYMLINK_PROBLEM)
+        return False
+    if entry.type != "file":
         c.add("", "is not a regular file")
-        return None
-    return candidate
+        return False
+    return True
+
+
+def _folder_fs(folder: Path) -> FolderFS:
+    from storage.fs import FolderFS
+
+    return FolderFS(os.path.realpath(folder))
 
 
 def find_model_definition(folder: Path, definition_path: str | None = None) -> Path | None:
     """The model definition file to use: ``definition_path`` when set (for the default name, falling
-    back to ``model-definition.yml`` as the original does), else ``.yaml`` then ``.yml``."""
+    back to ``model-definition.yml`` as the original does), else ``.yaml`` then ``.yml``. Only a
+    regular file counts: a symlink is not followed (storage.fs)."""
+    from storage import fs
+
+    folder_fs = _folder_fs(folder)
     for name in _definition_candidates(definition_path):
-        path = folder / name
-        if path.is_file():
-            return path
+        try:
+            if folder_fs.stat(name).type == "file":
+                return folder / name
+        except fs.FsError:
+            continue
     return None
 
 
@@ -1399,6 +1450,9 @@ def validate_model_folder(
             None,
             runtime,
         )
+    # The folder the operator named is theirs (resolved once); what is inside it is read without
+    # following links, as the platform itself reads a folder.
+    folder_fs = _folder_fs(folder)
     variant = RUNTIMES.get(runtime)
     if variant is None:
         problems.append(Problem("", "runtime", f"unknown runtime {_show(runtime)}; use one of {', '.join(RUNTIMES)}"))
@@ -1419,9 +1473,9 @@ def validate_model_folder(
         else:
             for name in _definition_candidates(relative):
                 c = _Collector(name)
-                found = _regular_file_in(folder, name, c)
+                found = _regular_file_in(folder_fs, name, c)
                 problems.extend(c.problems)
-                if found is not None:
+                if found:
                     used = name
                     break
                 if c.problems:
@@ -1438,7 +1492,10 @@ def validate_model_folder(
                 )
             if used is not None:
                 try:
-                    model_definition = load_model_definition(folder / used, used, model_mount=model_mount)
+                    data = read_folder_file(folder_fs, used)
+                    if data is None:  # removed since it was found
+                        raise _fail(used, "can not be read: No such file or directory")
+                    model_definition = parse_model_definition(data, used, model_mount=model_mount)
                 except DefinitionError as exc:
                     problems.extend(exc.problems)
                 if model_definition is not None and model_definition.primary.service is None:
@@ -1453,11 +1510,14 @@ def validate_model_folder(
     service_definition: ServiceDefinition | None = None
     defaults: LauncherDefaults | None = None
     c = _Collector(SERVICE_DEFINITION_NAME)
-    service_path = _regular_file_in(folder, SERVICE_DEFINITION_NAME, c)
+    service_found = _regular_file_in(folder_fs, SERVICE_DEFINITION_NAME, c)
     problems.extend(c.problems)
-    if service_path is not None:
+    if service_found:
         try:
-            service_definition = load_service_definition(service_path, SERVICE_DEFINITION_NAME)
+            data = read_folder_file(folder_fs, SERVICE_DEFINITION_NAME)
+            if data is None:
+                raise _fail(SERVICE_DEFINITION_NAME, "can not be read: No such file or directory")
+            service_definition = parse_service_definition(data, SERVICE_DEFINITION_NAME)
             defaults = resolve_service_defaults(service_definition, runtime)
         except DefinitionError as exc:
             problems.extend(exc.problems)

@@ -96,6 +96,16 @@ class Endpoint(models.Model):
     cluster_size = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(16)])
     environ = models.JSONField(default=dict, blank=True)
     open_to_public = models.BooleanField(default=False)
+    # The proxy strips Cookie from requests and Set-Cookie from answers unless this is on (for an
+    # app that keeps its own session); the platform's own cookies are removed even then, so the
+    # web app's session never reaches a replica (proxy/relay.py, README "Security model").
+    forward_cookies = models.BooleanField(
+        default=False,
+        help_text=_(
+            "Pass the caller's cookies to the replicas and their Set-Cookie back (the platform's own "
+            "session, CSRF and language cookies never pass)."
+        ),
+    )
     lifecycle = models.CharField(max_length=16, choices=Lifecycle.choices, default=Lifecycle.CREATED)
     # Bumped whenever a change needs new replicas (image, definition, resources, environment):
     # routes of an older version are replaced one at a time (rolling update, S4.5).
@@ -146,6 +156,39 @@ class Endpoint(models.Model):
     def gave_up(self) -> bool:
         """True when starts failed too often in a row; only "clear errors and retry" resumes."""
         return self.retries >= settings.MAX_START_FAILURES
+
+    def shared_definition_problem(self) -> str | None:
+        """Why this service may not run as configured, or None (issue 13, "project folders").
+
+        A service that mounts private folders (extra mounts that belong to a user, not a project)
+        may only use a model folder that the owner of those folders alone can write: a private
+        model folder of that same user (in practice, the service's owner's own). Whoever can write
+        the model folder decides what the replica runs (its model definition's start command and
+        pre-start actions), and the replica can read and write every mount; so a project-shared
+        model folder would let any member of the project read the owner's private folders through
+        the owner's service, and another user's model folder would let that user read them.
+        """
+        from storage.models import Folder
+
+        folder = self.model_folder
+        if folder is None:
+            return None
+        ids = [str(m.get("folder")) for m in self.extra_mounts or [] if isinstance(m, dict)]
+        private = list(Folder.objects.filter(pk__in=ids, project__isnull=True).select_related("owner").order_by("name"))
+        if not private or (folder.project_id is None and all(m.owner_id == folder.owner_id for m in private)):
+            return None
+        names = ", ".join(f"{m.name!r} (of {m.owner.username})" for m in private)
+        writers = (
+            f"every member of project {folder.project.name!r}"
+            if folder.project is not None
+            else f"its owner {folder.owner.username!r}"
+        )
+        return (
+            f"Model folder {folder.name!r} can be changed by {writers}, and whoever changes its model definition "
+            f"decides what this service runs, with the private folder(s) {names} mounted. Use a model folder "
+            "only you can write (a private model folder of your own, e.g. a copy of this one), or mount no "
+            "private folders (use project folders for shared data)."
+        )
 
     def count_failed_start(self) -> None:
         """One more consecutive failed start (S4.4); atomic, so concurrent failures all count."""

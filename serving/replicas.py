@@ -89,6 +89,11 @@ def build_spec(
     """The container to start for ``route`` (its main, or the sub ``member`` in cluster mode), and the
     health check that applies to it. ``addresses``: the running members' ``host:port`` by host name."""
     endpoint = route.endpoint
+    # Checked again here, for a service that was configured before the rule (or whose folders changed):
+    # no replica starts with private mounts and a model definition others can edit.
+    problem = endpoint.shared_definition_problem()
+    if problem:
+        raise SpecError("folder", problem)
     runtime = runtimes.get_runtime(endpoint.runtime)
     definition = load_definition(route) if runtime.needs_definition_file else None
     try:

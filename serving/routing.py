@@ -60,7 +60,17 @@ def build_entry(endpoint: Endpoint, routes: list[Route], active_tokens: list[End
             if r.status == Route.Status.HEALTHY and r.host and r.port and r.traffic_ratio > 0
         ],
         "tokens": {t.lookup: {"digest": t.digest, "expires": t.expires_at.timestamp()} for t in active_tokens},
+        # Off: the proxy removes every cookie both ways. On: it still removes the web app's own
+        # cookies, named here as this installation configures them (the proxy has no Django).
+        "forward_cookies": endpoint.forward_cookies,
+        "platform_cookies": platform_cookie_names(),
     }
+
+
+def platform_cookie_names() -> list[str]:
+    """The web app's cookies, which must never reach a replica: the session would let its owner act
+    as the caller on the platform, and the CSRF and language cookies are the platform's too."""
+    return sorted({settings.SESSION_COOKIE_NAME, settings.CSRF_COOKIE_NAME, settings.LANGUAGE_COOKIE_NAME})
 
 
 def publish_endpoint(endpoint_id: str) -> None:

@@ -134,6 +134,7 @@ def _transient_route(request: ValidationRequest) -> Route:
     endpoint = Endpoint(
         id=uuid.UUID(request.id),
         name=config["name"],
+        owner_id=request.user_id,  # (whose private mounts these are: Endpoint.shared_definition_problem)
         runtime=config["runtime"],
         model_folder=Folder.objects.filter(pk=config["folder"]).first(),
         model_mount=config["model_mount"],

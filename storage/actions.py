@@ -16,8 +16,9 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
 from accounts.models import Project, User
-from storage.fs import Budget, Entry, FolderFS, Upload, commit_uploads, format_bytes
+from storage.fs import Budget, Entry, FolderFS, QuotaExceeded, Upload, commit_uploads, format_bytes
 from storage.models import Folder
+from storage.quota import Hold
 
 logger = logging.getLogger("storage.audit")
 
@@ -153,24 +154,49 @@ def do_upload_file(
     *,
     acting_user: User,
     content_length: int | None = None,
+    hold: Hold | None = None,
 ) -> tuple[Entry, bool]:
     """Write one file from a stream of chunks: quota checked before and during, moved in place when complete.
 
     Returns (entry, created). On any error (quota, disk full, client gone) nothing in the folder changes.
+    Its bytes are held while it streams (storage/quota.py), so a parallel upload sees them as taken,
+    and they count towards the folder owner's storage limit too. ``hold``: made beforehand, in a
+    thread that may use the database (the streaming path writes in a thread of its own).
     """
-    with folder_fs(folder).begin_upload(path, quota=folder.effective_quota, content_length=content_length) as upload:
-        for chunk in chunks:
-            upload.write(chunk)
-        entry, created = upload.commit()
+    fs = folder_fs(folder)
+    used = fs.usage()
+    hold = (hold or Hold(folder)).start(used)
+    try:
+        with fs.begin_upload(
+            path, quota=folder.effective_quota, content_length=content_length, used=used, holder=hold
+        ) as upload:
+            for chunk in chunks:
+                upload.write(chunk)
+            entry, created = upload.commit()
+    finally:
+        hold.release()  # (after the commit: for an instant the bytes count twice, never zero times)
     logger.info("folder %s: %s uploaded %r (%d bytes)", folder.pk, acting_user, entry.path, entry.size)
     return entry, created
 
 
-def begin_uploads(folder: Folder) -> tuple[FolderFS, Budget]:
-    """The filesystem and a shared byte budget for a request that uploads many files (multipart)."""
+def begin_uploads(
+    folder: Folder, content_length: int | None = None, hold: Hold | None = None
+) -> tuple[FolderFS, Budget]:
+    """The filesystem and a shared byte budget for a request that uploads many files (multipart).
+
+    The request's declared length (files and form framing) is held at once against the quota and
+    the owner's limit (storage/quota.py); release it with ``budget.release()`` when the request ends.
+    """
     fs = folder_fs(folder)
     used = fs.usage()
-    return fs, Budget(folder.effective_quota - used, used=used)
+    budget = Budget(folder.effective_quota - used, used=used, holder=(hold or Hold(folder)).start(used))
+    if content_length:
+        try:
+            # (Not more than the quota leaves: the framing is not stored, the files are checked as they come.)
+            budget.hold(min(content_length, budget.allowed))
+        except QuotaExceeded as exc:
+            raise QuotaExceeded(f"The upload was not saved: {exc.message}") from None
+    return fs, budget
 
 
 def do_commit_uploads(folder: Folder, uploads: list[Upload], *, acting_user: User) -> list[tuple[Entry, bool]]:

@@ -53,6 +53,7 @@ from storage import actions, fs
 from storage.access import access_folder
 from storage.models import Folder
 from storage.multipart import FormParser
+from storage.quota import Hold
 
 logger = logging.getLogger(__name__)
 
@@ -125,11 +126,13 @@ async def _handle(scope: Scope, receive: Receive, send: Send, url_name: str, kwa
     try:
         multipart = url_name == "folder-upload"
         user, folder, csrf_deferred = await sync_to_async(_authorize)(request, kwargs["folder_id"], multipart)
+        # (What the quota's hold reads from the database, read here: the upload runs in another thread.)
+        hold = await sync_to_async(Hold)(folder)
         if not multipart:
-            status, body = await _put(request, receive, user, folder, kwargs["path"])
+            status, body = await _put(request, receive, user, folder, kwargs["path"], hold)
             await _respond(send, status, body)
             return
-        status, body = await _multipart(request, receive, user, folder, csrf_deferred)
+        status, body = await _multipart(request, receive, user, folder, csrf_deferred, hold)
         after = _next_url(request)
         if after:  # the plain HTML form (no JavaScript) goes back to the explorer
             await _respond(send, 303, body, {"Location": after})
@@ -311,7 +314,9 @@ def _content_length(request: ASGIRequest) -> int | None:
     return value if value >= 0 else None
 
 
-async def _put(request: ASGIRequest, receive: Receive, user: Any, folder: Folder, path: str) -> tuple[int, Any]:
+async def _put(
+    request: ASGIRequest, receive: Receive, user: Any, folder: Folder, path: str, hold: Hold
+) -> tuple[int, Any]:
     body = _Body(receive)
     upload = functools.partial(
         actions.do_upload_file,
@@ -320,6 +325,7 @@ async def _put(request: ASGIRequest, receive: Receive, user: Any, folder: Folder
         body.iter_sync(),
         acting_user=user,
         content_length=_content_length(request),
+        hold=hold,
     )
     # Not thread_sensitive: the write must not queue behind (or block) the requests that use the DB.
     entry, created = await sync_to_async(upload, thread_sensitive=False)()
@@ -338,7 +344,7 @@ def _check_deferred_csrf(request: ASGIRequest, post: QueryDict) -> None:
 
 
 async def _multipart(
-    request: ASGIRequest, receive: Receive, user: Any, folder: Folder, csrf_deferred: bool
+    request: ASGIRequest, receive: Receive, user: Any, folder: Folder, csrf_deferred: bool, hold: Hold
 ) -> tuple[int, Any]:
     directory = request.GET.get("path", "")
     body = _Body(receive)
@@ -346,7 +352,7 @@ async def _multipart(
     def parse_and_commit() -> list[Any]:
         from storage.uploads import FILES_FIELD, FolderUploadHandler
 
-        handler = FolderUploadHandler(folder, directory, django_request=request)
+        handler = FolderUploadHandler(folder, directory, django_request=request, hold=hold)
         try:
             form = FormParser(request.META.get("CONTENT_TYPE", ""), handler, settings.DEFAULT_CHARSET)
             post, files = form.parse(body.iter_sync())

@@ -31,7 +31,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 MAX_NAME_BYTES = 255  # NAME_MAX on Linux filesystems
 MAX_PATH_BYTES = 4096  # PATH_MAX
@@ -42,6 +42,8 @@ UPLOAD_DIR = ".modelserve-uploads"
 # second guard, so a file created an instant ago and not yet locked is never swept.
 STALE_UPLOAD_SECONDS = 60.0
 PREVIEW_LIMIT = 256 * 1024
+# An upload of undeclared length holds this much beyond what it wrote (Budget.take, storage/quota.py).
+STREAM_AHEAD = 4 * 1024 * 1024
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted by a container must not hang the server; regular files ignore it.
@@ -64,6 +66,10 @@ class FsError(Exception):
 
 class PathRefused(FsError):
     """The path itself is not acceptable (traversal, symlink, bad name)."""
+
+
+class SymlinkRefused(PathRefused):
+    """``path`` (the file asked for, or a directory on its way) is a symbolic link: never followed."""
 
 
 class PathNotFound(FsError):
@@ -209,7 +215,7 @@ def _translate(exc: OSError, shown: str, dir_fd: int | None = None, name: str | 
     """An OSError from a *at() call on a user path as a sentence for the user."""
     code = exc.errno
     if code == errno.ELOOP:
-        return PathRefused(
+        return SymlinkRefused(
             f"'{shown}' is a symbolic link. Links are never followed, so nothing outside the folder can be "
             "reached through one.",
             shown,
@@ -392,6 +398,12 @@ class FolderFS:
             os.close(fd)
             raise
 
+    def read_small(self, path: str, limit: int) -> bytes:
+        """A regular file's bytes, at most ``limit + 1`` of them (one more than allowed says "too big");
+        as ``open_read``, a symlink anywhere on the path is refused, never followed."""
+        with self.open_read(path) as handle:
+            return handle.read(limit + 1)
+
     def preview(self, path: str, limit: int = PREVIEW_LIMIT) -> tuple[str, int, bool]:
         """(text, size, truncated) of a small text file: UTF-8, no NUL bytes; binary files are refused."""
         with self.open_read(path) as handle:
@@ -409,7 +421,8 @@ class FolderFS:
         raise NotText(f"'{path}' is not UTF-8 text; download it instead.", path)
 
     def usage(self) -> int:
-        """Bytes used by the folder's files (what the quota counts); uploads in progress are not counted."""
+        """Bytes used by the folder's files (what the quota counts); uploads in progress are not counted
+        here: they are held in Redis while they stream (storage/quota.py)."""
         with self._dir(()) as fd:
             return _tree_size(fd, skip_root_name=UPLOAD_DIR)
 
@@ -489,12 +502,13 @@ class FolderFS:
         content_length: int | None = None,
         budget: Budget | None = None,
         used: int | None = None,
+        holder: Holder | None = None,
     ) -> Upload:
         """Start writing ``path``: checks the path and the quota now, counts bytes as they come."""
         parts = split_path(path)
         if path.endswith("/"):
             raise PathRefused(f"'{path}' ends with '/'; an upload needs a file name.", path)
-        return Upload(self, parts, quota=quota, content_length=content_length, budget=budget, used=used)
+        return Upload(self, parts, quota=quota, content_length=content_length, budget=budget, used=used, holder=holder)
 
     @contextmanager
     def _upload_dir(self) -> Iterator[int]:
@@ -560,19 +574,60 @@ def format_bytes(size: int) -> str:
     return f"{size} bytes"  # pragma: no cover
 
 
+class Holder(Protocol):
+    """Bytes held for uploads in progress, shared by every process (storage/quota.py): without it,
+    parallel uploads would each see the whole free quota while they stream."""
+
+    def hold(self, total: int, allowed: int, want: int) -> int:
+        """Hold at least ``total`` bytes for this request, up to ``want`` (so the next chunks need no
+        round trip), of ``allowed`` free in the folder; returns the bytes now held. Raises
+        QuotaExceeded with a sentence when the other uploads in progress leave too little."""
+
+    def touch(self) -> None:
+        """Keep the bytes held while the upload lives (a crashed one's hold expires)."""
+
+    def check_commit(self, added: int) -> None:
+        """Just before files are moved into place: raises QuotaExceeded when ``added`` bytes more
+        would pass a limit wider than the folder (its owner's storage limit)."""
+
+    def release(self) -> None:
+        """The request is over (saved or not): its bytes are no longer held."""
+
+
 class Budget:
     """Bytes an upload request may still write: shared by the files of one multipart request."""
 
-    def __init__(self, allowed: int, used: int | None = None) -> None:
+    def __init__(self, allowed: int, used: int | None = None, holder: Holder | None = None) -> None:
         self.allowed = max(allowed, 0)
         self.taken = 0
         self.used = used  # the folder's usage when the request began, if measured
+        self.holder = holder
+        self.held = 0  # bytes the holder holds for this request
+
+    def hold(self, size: int, ahead: int = 0) -> None:
+        """Hold ``size`` more bytes than taken so far (a declared length, or the next chunk and
+        ``ahead`` more); raises QuotaExceeded when uploads in progress elsewhere leave too little."""
+        holder = self.holder
+        if holder is None:
+            return
+        need = self.taken + size
+        if need > self.held:
+            self.held = holder.hold(need, self.allowed, max(min(need + ahead, self.allowed), need))
+        else:
+            holder.touch()
 
     def take(self, size: int) -> bool:
         if self.taken + size > self.allowed:
             return False
+        # A stream of unknown length holds a little ahead: one round trip per STREAM_AHEAD bytes.
+        self.hold(size, STREAM_AHEAD)
         self.taken += size
         return True
+
+    def release(self) -> None:
+        if self.holder is not None:
+            self.holder.release()
+            self.held = 0
 
 
 class Upload:
@@ -591,6 +646,7 @@ class Upload:
         content_length: int | None,
         budget: Budget | None = None,
         used: int | None = None,
+        holder: Holder | None = None,
     ) -> None:
         self.fs = fs
         self.parts = parts
@@ -605,7 +661,7 @@ class Upload:
         # Replacing a file frees its old size: the new one may use it.
         replaced = self._existing_size()
         if budget is None:
-            budget = Budget(quota - self.used_at_start + replaced)
+            budget = Budget(quota - self.used_at_start + replaced, holder=holder)
         else:
             budget.allowed += replaced
         self.budget = budget
@@ -619,7 +675,16 @@ class Upload:
                     f"{format_bytes(free)} free; the folder is unchanged. Ask an operator.",
                     self.path,
                 )
+            # The declared size is held at once, before a byte is written: a parallel upload then
+            # sees it as taken.
+            self._hold(content_length)
         self._open_temp()
+
+    def _hold(self, size: int) -> None:
+        try:
+            self.budget.hold(size)
+        except QuotaExceeded as exc:
+            raise QuotaExceeded(f"'{self.path}' was not saved: {exc.message}", self.path) from None
 
     @property
     def path(self) -> str:
@@ -663,7 +728,12 @@ class Upload:
         if self._fd is None:
             raise RuntimeError("upload already finished")
         size = len(data)
-        if not self.budget.take(size):
+        try:
+            fits = self.budget.take(size)
+        except QuotaExceeded as exc:  # uploads in progress elsewhere hold the rest
+            self.abort()
+            raise QuotaExceeded(f"'{self.path}' was not saved: {exc.message}", self.path) from None
+        if not fits:
             self.abort()
             raise QuotaExceeded(self._quota_message(self.written + size), self.path)
         view = memoryview(data)
@@ -742,6 +812,12 @@ def commit_uploads(fs: FolderFS, uploads: list[Upload]) -> list[tuple[Entry, boo
             total = sum(u.written for u in uploads)
             if used - replaced_total + total > quota:
                 raise QuotaExceeded(uploads[0]._quota_message(total, used), uploads[0].path)
+            holder = uploads[0].budget.holder
+            if holder is not None:
+                try:
+                    holder.check_commit(total - replaced_total)
+                except QuotaExceeded as exc:
+                    raise QuotaExceeded(f"'{uploads[0].path}' was not saved: {exc.message}", uploads[0].path) from None
             for upload in uploads:
                 with fs._dir(upload.parts[:-1], create=True) as parent:
                     name = upload.parts[-1]

@@ -37,6 +37,14 @@ def _is_file(folder_fs: FolderFS, name: str) -> bool:
         return False
 
 
+def _exists(folder_fs: FolderFS, name: str) -> bool:
+    try:
+        folder_fs.stat(name)
+    except fsmod.FsError:
+        return False
+    return True
+
+
 def store_info(folder: Folder) -> StoreInfo:
     folder_fs = FolderFS(folder.host_path)
     found = next((name for name in MODEL_DEFINITION_NAMES if _is_file(folder_fs, name)), None)
@@ -46,15 +54,11 @@ def store_info(folder: Folder) -> StoreInfo:
 
 
 def _read(folder_fs: FolderFS, name: str) -> bytes:
-    """A definition file's bytes, size-capped; every way it can fail is a Problem naming the file."""
-    try:
-        with folder_fs.open_read(name) as handle:
-            data = handle.read(definitions.MAX_FILE_BYTES + 1)
-    except fsmod.FsError as exc:
-        raise DefinitionError([Problem(name, "", exc.message)]) from None
-    if len(data) > definitions.MAX_FILE_BYTES:
-        limit = definitions.MAX_FILE_BYTES // 1024
-        raise DefinitionError([Problem(name, "", f"the file is larger than {limit} KiB; a definition file is small")])
+    """A definition file's bytes, size-capped and never through a symlink (serving.definitions'
+    reader, so the launcher words every problem as ``validate_model_folder`` does)."""
+    data = definitions.read_folder_file(folder_fs, name)
+    if data is None:
+        raise DefinitionError([Problem(name, "", "does not exist in this folder")])
     return data
 
 
@@ -72,8 +76,11 @@ def launcher_values(folder: Folder, runtime: str = "custom", definition_path: st
     if variant is None:
         problems.append(Problem("", "runtime", f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}"))
 
+    # The first default name present at all: a symlink there is then read, refused and reported
+    # ("is a symbolic link"), rather than called missing.
     model_definition_path = definition_path or next(
-        (name for name in MODEL_DEFINITION_NAMES if _is_file(folder_fs, name)), MODEL_DEFINITION_NAMES[0]
+        (name for name in MODEL_DEFINITION_NAMES if _is_file(folder_fs, name)),
+        next((name for name in MODEL_DEFINITION_NAMES if _exists(folder_fs, name)), MODEL_DEFINITION_NAMES[0]),
     )
     needs_definition = variant is None or variant.needs_definition_file
     present = False

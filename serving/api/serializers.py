@@ -116,6 +116,7 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
             "cluster_size",
             "environ",
             "open_to_public",
+            "forward_cookies",
             "owner",
             "project",
             "lifecycle",
@@ -149,6 +150,13 @@ class _ServiceInputFields(serializers.Serializer[Any]):
     runtime = serializers.ChoiceField(choices=list(RUNTIMES), default="custom")
     replicas = serializers.IntegerField(min_value=0, max_value=64, default=1)
     open_to_public = serializers.BooleanField(default=False)
+    forward_cookies = serializers.BooleanField(
+        default=False,
+        help_text=(
+            "Pass callers' cookies to the replicas and their Set-Cookie back (off: the proxy removes both). "
+            "The web app's own session, CSRF and language cookies are removed even when on."
+        ),
+    )
     image = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
     resources = serializers.DictField(required=False, default=dict)
     environ = serializers.DictField(required=False, default=dict)

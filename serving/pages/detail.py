@@ -137,6 +137,12 @@ def _settings_rows(endpoint: Endpoint) -> list[tuple[str, Any]]:
             + (_(", cluster size %(size)s") % {"size": endpoint.cluster_size} if endpoint.cluster_size > 1 else ""),
         ),
         (_("Open to public"), _("yes: no token needed") if endpoint.open_to_public else _("no: callers need a token")),
+        (
+            _("Forward cookies"),
+            _("yes: callers' cookies reach the replicas (never this site's own)")
+            if endpoint.forward_cookies
+            else _("no: the proxy removes cookies both ways"),
+        ),
         (_("Owner"), endpoint.owner.username + (f" · {endpoint.project.name}" if endpoint.project else "")),
     ]
     return rows

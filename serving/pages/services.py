@@ -38,6 +38,7 @@ MODEL_NAME_VARIABLES = ("MODEL_NAME", "BACKEND_MODEL_NAME")
 FORM_FIELDS = (
     "name",
     "open_to_public",
+    "forward_cookies",
     "project",
     "folder",
     "runtime",
@@ -181,6 +182,7 @@ def form_to_api(post: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "name": post.get("name", "").strip(),
         "open_to_public": post.get("open_to_public") in {"on", "true", "1"},
+        "forward_cookies": post.get("forward_cookies") in {"on", "true", "1"},
         "folder": post.get("folder", ""),
         "runtime": post.get("runtime", "custom"),
         "model_mount": post.get("model_mount", "").strip() or "/models",
@@ -285,6 +287,7 @@ class LauncherValues:
 
     name: str = ""
     open_to_public: bool = False
+    forward_cookies: bool = False
     project: str = ""
     folder: str = ""
     runtime: str = "custom"
@@ -309,6 +312,7 @@ class LauncherValues:
         return cls(
             name=post.get("name", ""),
             open_to_public=post.get("open_to_public") in {"on", "true", "1"},
+            forward_cookies=post.get("forward_cookies") in {"on", "true", "1"},
             project=post.get("project", ""),
             folder=post.get("folder", ""),
             runtime=post.get("runtime", "custom"),
@@ -334,6 +338,7 @@ class LauncherValues:
         values = cls(
             name=endpoint.name,
             open_to_public=endpoint.open_to_public,
+            forward_cookies=endpoint.forward_cookies,
             project=str(endpoint.project_id or ""),
             folder=str(endpoint.model_folder_id or ""),
             runtime=endpoint.runtime,
@@ -535,6 +540,7 @@ def _values_as_post(values: LauncherValues) -> dict[str, Any]:
     post = _FakePost(
         name=values.name,
         open_to_public="on" if values.open_to_public else "",
+        forward_cookies="on" if values.forward_cookies else "",
         project=values.project,
         folder=values.folder,
         runtime=values.runtime,

@@ -82,3 +82,25 @@ def test_a_refused_edit_is_not_reported_as_saved(rf: Any, personas: dict[str, An
     formset = type("Formset", (), {"save": lambda self: saved.append("rules")})()
     model_admin.save_related(request, form, [formset], change=True)
     assert saved == [] and model_admin.log_change(request, service, "Changed resources.") is None
+
+
+def test_an_operator_sets_forward_cookies_and_a_users_storage_limit(
+    rf: Any, personas: dict[str, Any], service: Endpoint
+) -> None:
+    from django.contrib.messages.storage.fallback import FallbackStorage
+
+    from accounts.models import User
+
+    request = rf.post("/")
+    request.user = personas["admin"]
+    request.session = {}
+    request._messages = FallbackStorage(request)
+    form = type("Form", (), {"changed_data": ["forward_cookies"], "cleaned_data": {"forward_cookies": True}})()
+    admin.site._registry[Endpoint].save_model(request, service, form, change=True)
+    service.refresh_from_db()
+    assert service.forward_cookies is True
+    assert service.events.filter(kind="modified", actor=personas["admin"]).exists()
+    # The admin forms show both fields.
+    assert "forward_cookies" in str(admin.site._registry[Endpoint].fields)
+    user_admin = admin.site._registry[User]
+    assert any("storage_limit" in options["fields"] for _, options in user_admin.fieldsets)

@@ -113,7 +113,11 @@ def test_every_problem_is_reported_at_once_under_its_field(api: Any, folder: Fol
 
 
 def test_folder_must_be_a_model_folder_and_extra_mounts_must_not(api: Any, folder: Folder, personas: Any) -> None:
-    data = FolderFactory(owner=personas["owner"], usage_mode=Folder.UsageMode.DATA, name="data")
+    # (A project data folder: with the project's model folder, a private one is refused, see
+    # tests/security/test_project_folder_definition.py.)
+    data = FolderFactory(
+        owner=personas["owner"], project=personas["project"], usage_mode=Folder.UsageMode.DATA, name="data"
+    )
     response = create(api, "owner", data)
     assert response.status_code == 400
     assert "model folder" in response.json()["folder"][0]

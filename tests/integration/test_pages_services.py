@@ -204,6 +204,22 @@ def test_launcher_creates_through_the_api_path(browser: Any, folder: Folder, per
     assert ServiceEvent.objects.filter(endpoint=endpoint, kind="created").exists()
 
 
+def test_launcher_sets_and_modify_clears_forward_cookies(browser: Any, folder: Folder) -> None:
+    client = browser("owner")
+    assert 'name="forward_cookies"' in client.get("/services/new/").content.decode()
+    assert client.post("/services/new/", form(folder, forward_cookies="on")).status_code == 302
+    endpoint = Endpoint.objects.get(name="my-service")
+    assert endpoint.forward_cookies is True
+    page = client.get(f"/services/{endpoint.pk}/modify/").content.decode()
+    assert 'id="f-cookies" name="forward_cookies" checked' in page
+    assert "callers&#x27; cookies reach the replicas" in client.get(f"/services/{endpoint.pk}/").content.decode()
+    response = client.post(f"/services/{endpoint.pk}/modify/", form(folder))  # the box unticked
+    assert response.status_code == 302, response.content.decode()[:2000]
+    endpoint.refresh_from_db()
+    assert endpoint.forward_cookies is False
+    assert ServiceEvent.objects.get(endpoint=endpoint, kind="modified").data["changes"]["forward_cookies"] is False
+
+
 def test_launcher_refuses_a_stranger_s_folder(browser: Any, folder: Folder) -> None:
     response = browser("stranger").post("/services/new/", form(folder))
     assert response.status_code == 200  # the form again, with the errors

@@ -163,7 +163,7 @@ def test_oversized_definition_refused(api: Any, personas: dict[str, Any]) -> Non
         owner=personas["owner"], name="huge", files={"model-definition.yaml": "#" * (1024 * 1024 + 5)}
     )
     (problem,) = launcher(api, folder)["problems"]
-    assert "larger than 1024 KiB" in problem["message"]
+    assert "at most 1024 KiB" in problem["message"]  # (worded as validate_model_folder words it)
 
 
 @pytest.mark.parametrize(("who", "status"), [("owner", 200), ("teammate", 200), ("admin", 200), ("stranger", 404)])

@@ -494,3 +494,35 @@ def test_trust_is_by_address_including_ipv4_mapped_ipv6() -> None:
     assert config.trusts("10.1.2.3") and config.trusts("::ffff:10.1.2.3")
     assert not config.trusts("10.2.0.1") and not config.trusts("") and not config.trusts("/run/proxy.sock")
     assert not Config(trusted_proxies=()).trusts("127.0.0.1") and Config(trusted_proxies=None).trusts("8.8.8.8")
+
+
+# --- cookies (issue 13): the web app's session never reaches a replica -------------------------------
+
+BROWSER = "Cookie: sessionid=S; csrftoken=C\r\nCookie: app=1; SessionID=S2;django_language=ja\r\n"
+SETS = b"Set-Cookie: sessionid=evil; Path=/\r\nset-cookie: app=2\r\nSet-Cookie:  csrftoken=x\r\n"
+
+
+def test_cookies_are_removed_both_ways_by_default() -> None:
+    w = World()
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\n" + BROWSER)
+    assert b"ookie" not in w.to_replica()
+    w.replicas[0].data_received(b"HTTP/1.1 200 OK\r\n" + SETS + b"Content-Length: 2\r\n\r\nok")
+    assert w.to_client == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert w.route.idle == [w.replicas[0]]  # the slow path still pools the connection
+
+
+def test_forward_cookies_keeps_the_apps_cookies_only() -> None:
+    w = World(forward_cookies=True, platform_cookies=["ms_session"])
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\n" + BROWSER + "Cookie: ms_session=M; theme=dark\r\n")
+    assert b"Cookie: app=1; theme=dark\r\n" in w.to_replica()
+    assert b"=S" not in w.to_replica() and b"=C" not in w.to_replica() and b"=M" not in w.to_replica()
+    w.replicas[0].data_received(
+        b"HTTP/1.1 200 OK\r\n" + SETS + b"Set-Cookie: MS_SESSION=x\r\nContent-Length: 2\r\n\r\nok"
+    )
+    assert w.to_client == b"HTTP/1.1 200 OK\r\nset-cookie: app=2\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_a_cookie_header_named_in_connection_is_dropped_even_when_forwarded() -> None:
+    w = World(forward_cookies=True)
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\nConnection: Cookie\r\nCookie: app=1\r\n")
+    assert b"ookie" not in w.to_replica()

@@ -1,0 +1,188 @@
+"""Issue 13, item 10: a teammate must not reach a manager's private folders through a shared model folder.
+
+Every member of a project may write a project folder's files, and whoever writes a model folder's
+``model-definition.yaml`` decides what its services run (start command, pre-start actions). A
+service also mounts its owner's private folders, read-write. So a manager's service with a
+project-shared model folder and a private mount would run a teammate's code next to the manager's
+private data. The rule (Endpoint.shared_definition_problem): a service that mounts private folders
+may only use a model folder its owner alone can write. Create, validate and modify refuse anything
+else, for the API, the launcher and the admin alike, and a replica of a service configured before
+the rule does not start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from serving import actions, replicas
+from serving.models import Endpoint, Route
+from storage.models import Folder
+from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+pytestmark = pytest.mark.django_db
+
+FILES = {"model-definition.yaml": SIMPLE_DEFINITION}
+
+
+@pytest.fixture
+def folders(personas: dict[str, Any]) -> dict[str, Folder]:
+    owner, project = personas["owner"], personas["project"]
+    general = Folder.UsageMode.GENERAL
+    return {
+        "shared_model": FolderFactory(owner=owner, project=project, name="team-model", files=FILES),
+        "private_model": FolderFactory(owner=owner, name="my-model", files=FILES),
+        "private_data": FolderFactory(owner=owner, name="my-secrets", usage_mode=general),
+        "project_data": FolderFactory(owner=owner, project=project, name="team-data", usage_mode=general),
+        "teammate_data": FolderFactory(owner=personas["teammate"], name="mate-secrets", usage_mode=general),
+        "admin_data": FolderFactory(owner=personas["admin"], name="ops-secrets", usage_mode=general),
+    }
+
+
+def body(model: Folder, *mounts: Folder, name: str = "svc-one") -> dict[str, Any]:
+    return {
+        "name": name,
+        "folder": str(model.pk),
+        "extra_mounts": [{"folder": str(m.pk), "target": f"/home/work/{m.name}"} for m in mounts],
+    }
+
+
+def refusal(response: Any) -> str:
+    assert response.status_code == 400, response.content
+    return " ".join(response.json()["folder"])
+
+
+def test_teammate_can_not_reach_the_managers_private_folder_through_a_shared_model_definition(
+    api: Any, folders: dict[str, Folder]
+) -> None:
+    # The premise: a teammate may rewrite the shared folder's model definition.
+    written = api("teammate").put(
+        f"/api/v1/folders/{folders['shared_model'].pk}/files/model-definition.yaml",
+        data=SIMPLE_DEFINITION.replace("http.server", "cat /home/work/my-secrets/*"),
+        content_type="application/octet-stream",
+    )
+    assert written.status_code in (200, 201), written.content
+
+    # So the manager's service may not run that definition with their private folder mounted.
+    for path in ("/api/v1/services/", "/api/v1/services/validate/"):
+        message = refusal(
+            api("owner").post(path, body(folders["shared_model"], folders["private_data"]), format="json")
+        )
+        assert "'team-model'" in message and "every member of project 'team'" in message
+        assert "'my-secrets'" in message
+        assert "only you can write" in message and "project folders" in message  # how to fix it
+    assert not Endpoint.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("who", "model", "mounts", "allowed"),
+    [
+        ("owner", "private_model", ["private_data"], True),  # the owner alone writes both
+        ("owner", "shared_model", ["project_data"], True),  # nothing private to reach
+        ("owner", "shared_model", [], True),
+        ("owner", "shared_model", ["project_data", "private_data"], False),
+        ("teammate", "shared_model", ["teammate_data"], False),  # the manager could reach the teammate's
+        ("teammate", "private_model", [], None),  # not theirs: no such folder
+        ("stranger", "shared_model", [], None),
+        ("admin", "shared_model", ["admin_data"], False),  # operators are not exempt: it is their data
+        ("admin", "private_model", ["admin_data"], False),  # another user's model folder: they write it
+    ],
+)
+def test_private_mounts_need_a_model_folder_only_the_owner_writes(
+    api: Any, folders: dict[str, Folder], who: str, model: str, mounts: list[str], allowed: bool | None
+) -> None:
+    response = api(who).post("/api/v1/services/", body(folders[model], *(folders[m] for m in mounts)), format="json")
+    if allowed:
+        assert response.status_code == 201, response.content
+    elif allowed is None:
+        assert response.status_code == 400 and "No such folder" in str(response.json()["folder"])
+    else:
+        assert "only you can write" in refusal(response)
+
+
+def test_modify_can_not_switch_to_a_shared_model_folder_or_add_a_private_mount(
+    api: Any, personas: dict[str, Any], folders: dict[str, Folder]
+) -> None:
+    private = api("owner").post(
+        "/api/v1/services/", body(folders["private_model"], folders["private_data"]), format="json"
+    )
+    shared = api("owner").post(
+        "/api/v1/services/", body(folders["shared_model"], folders["project_data"], name="svc-two"), format="json"
+    )
+    assert private.status_code == shared.status_code == 201
+    to_shared = {"folder": str(folders["shared_model"].pk)}
+    add_private = {
+        "extra_mounts": body(folders["private_model"], folders["project_data"], folders["private_data"])["extra_mounts"]
+    }
+    for who in ("owner", "admin"):
+        assert "only you can write" in refusal(
+            api(who).patch(f"/api/v1/services/{private.json()['id']}/", to_shared, format="json")
+        )
+        assert "only you can write" in refusal(
+            api(who).patch(f"/api/v1/services/{shared.json()['id']}/", add_private, format="json")
+        )
+    assert Endpoint.objects.get(pk=private.json()["id"]).model_folder == folders["private_model"]
+    assert len(Endpoint.objects.get(pk=shared.json()["id"]).extra_mounts) == 1
+    # The admin site saves through do_modify_service: the same rule.
+    with pytest.raises(actions.ValidationError, match="only you can write"):
+        actions.do_modify_service(
+            Endpoint.objects.get(pk=private.json()["id"]),
+            acting_user=personas["admin"],
+            changes={"model_folder": folders["shared_model"]},
+        )
+
+
+def test_manager_can_not_mount_their_private_folder_on_a_teammates_service(
+    api: Any, personas: dict[str, Any], folders: dict[str, Folder]
+) -> None:
+    """The other way round: the teammate alone writes their model folder, so the manager's private
+    folder must not be mounted next to it (the manager may modify the project's services)."""
+    mate_model = FolderFactory(owner=personas["teammate"], name="mate-model", files=FILES)
+    created = api("teammate").post(
+        "/api/v1/services/", {**body(mate_model), "project": personas["project"].pk}, format="json"
+    )
+    assert created.status_code == 201, created.content
+    mount = {"extra_mounts": body(mate_model, folders["private_data"])["extra_mounts"]}
+    message = refusal(api("owner").patch(f"/api/v1/services/{created.json()['id']}/", mount, format="json"))
+    assert "its owner 'teammate'" in message and "'my-secrets' (of owner)" in message
+    # The teammate's own private data next to their own model folder is theirs to mount.
+    own = {"extra_mounts": body(mate_model, folders["teammate_data"])["extra_mounts"]}
+    assert api("teammate").patch(f"/api/v1/services/{created.json()['id']}/", own, format="json").status_code == 200
+
+
+def test_launcher_page_shows_the_rule_next_to_the_folder(personas: dict[str, Any], folders: dict[str, Folder]) -> None:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(personas["owner"])
+    response = client.post(
+        "/services/new/",
+        {
+            "name": "svc-page",
+            "folder": str(folders["shared_model"].pk),
+            "runtime": "custom",
+            "mount_folder": [str(folders["private_data"].pk)],
+            "mount_target": ["/home/work/secrets"],
+        },
+    )
+    assert response.status_code == 200  # the form again
+    error = response.content.decode().split('id="err-folder"', 1)[1].split("</p>", 1)[0]
+    assert "only you can write" in error
+    assert not Endpoint.objects.exists()
+
+
+def test_a_service_configured_before_the_rule_starts_no_replica(
+    personas: dict[str, Any], folders: dict[str, Folder]
+) -> None:
+    endpoint = Endpoint.objects.create(
+        name="legacy",
+        owner=personas["owner"],
+        project=personas["project"],
+        model_folder=folders["shared_model"],
+        extra_mounts=[{"folder": str(folders["private_data"].pk), "target": "/home/work/secrets"}],
+    )
+    route = Route.objects.create(endpoint=endpoint, node=None, status=Route.Status.PROVISIONING, error={})
+    with pytest.raises(replicas.SpecError) as info:
+        replicas.build_spec(route)
+    assert info.value.kind == "folder" and "only you can write" in str(info.value)
