@@ -74,6 +74,10 @@ DEFAULT_PIDS_LIMIT = 1024
 BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
 BOOTSTRAP_DIR = "/opt/modelserve"  # where the pre-start runner and its plan appear in the sandbox
 BOOTSTRAP_FAILED = prestart.BOOTSTRAP_FAILED_EXIT
+# The user's environment variables, handed to the replica's own process only (see _command).
+ENV_FILE_NAME = "environ"
+ENV_FILE = f"{BOOTSTRAP_DIR}/{ENV_FILE_NAME}"
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 JOIN_FAILED = 111  # the supervisor could not put the sandbox into its cgroups / rlimit, or hand it its home
 # Who replicas run as when the engine runs as root (nobody/nogroup: owns no file of the host).
 DEFAULT_UID = DEFAULT_GID = 65534
@@ -247,6 +251,9 @@ class LocalEngine:
         self._pasta = shutil.which("pasta", path=HOST_PATH)
         self._iptables = shutil.which("iptables", path=HOST_PATH)
         self._setpriv = shutil.which("setpriv", path=HOST_PATH)
+        # The prelude runs as root: it calls its helpers by absolute path, never through a PATH.
+        self._chown = shutil.which("chown", path=HOST_PATH)
+        self._cat = shutil.which("cat", path=HOST_PATH)
 
     # --- availability -----------------------------------------------------------------------------
 
@@ -266,6 +273,8 @@ class LocalEngine:
                     "with `apt-get install util-linux` (or set LOCAL_ENGINE_UID=0 and LOCAL_ENGINE_GID=0 to "
                     "run them as root without capabilities)"
                 )
+            if self._drops_to_user and (self._chown is None or self._cat is None):
+                return "chown or cat is missing; install them with `apt-get install coreutils`"
             return None
         if self._pasta is None:
             return (
@@ -697,7 +706,8 @@ class LocalEngine:
         if not 0 < spec.port < 65536:
             raise EngineError(f"The port {spec.port} is not a TCP port (1-65535).")
         for key in spec.env:
-            if not key or "=" in key or "\0" in key or "\0" in spec.env[key]:
+            # A shell hands the variables to the replica (see _command): names must be its names.
+            if not ENV_NAME.fullmatch(key) or "\0" in spec.env[key]:
                 raise EngineError(f"The environment variable name {key!r} is not valid.")
         for mount in spec.mounts:
             target = os.path.normpath(mount.target)
@@ -754,10 +764,13 @@ class LocalEngine:
         if hosts_file:
             # Over the host's /etc/hosts: the cluster's host names (main1, sub1, ...) resolve.
             args += ["--ro-bind", str(replica_dir / "hosts"), "/etc/hosts"]
-        if with_plan:
+        if with_plan or self._drops_to_user:
             args += [*_parent_dirs(f"{BOOTSTRAP_DIR}/bootstrap.py")]
+        if with_plan:
             args += ["--ro-bind", str(BOOTSTRAP), f"{BOOTSTRAP_DIR}/bootstrap.py"]
             args += ["--ro-bind", str(replica_dir / "plan.json"), f"{BOOTSTRAP_DIR}/plan.json"]
+        if self._drops_to_user:
+            args += ["--ro-bind", str(replica_dir / ENV_FILE_NAME), ENV_FILE]
         # Parents before children, so a mount inside another one lands on top of it.
         for mount in sorted(spec.mounts, key=lambda m: os.path.normpath(m.target).count("/")):
             target = os.path.normpath(mount.target)
@@ -783,8 +796,10 @@ class LocalEngine:
             if self._drops_to_user:
                 for cap in PRELUDE_CAPS:
                     args += ["--cap-add", cap]
-        for key, value in spec.env.items():
-            args += ["--setenv", key, value]
+        if not self._drops_to_user:
+            # Nothing privileged runs before the replica's own process: it may have them at once.
+            for key, value in spec.env.items():
+                args += ["--setenv", key, value]
         return args
 
     def _command(self, spec: ReplicaSpec, notes: list[str]) -> tuple[list[str], bool]:
@@ -792,22 +807,38 @@ class LocalEngine:
         argv, with_plan = self._replica_command(spec, notes)
         if not self._drops_to_user:
             return argv, with_plan
-        assert self._setpriv is not None
+        assert self._setpriv is not None and self._chown is not None and self._cat is not None
         notes.append(f"runs as uid {self.uid}, gid {self.gid}")
         # As root with PRELUDE_CAPS: hand the home to the user, then become it for good. setpriv
         # execs in place, so the server keeps the pid the engine watches and signals.
+        #
+        # The prelude and every program it runs are root with CHOWN/SETUID/SETGID: not one byte of
+        # the user's environment may reach them, or LD_PRELOAD=/models/evil.so (or PATH, GCONV_PATH,
+        # BASH_ENV, ...) runs the user's code as root. So bwrap starts it with the engine's fixed
+        # environment only, it calls its helpers by absolute path, and it opens the user's variables
+        # (a root-only file, never on a command line the host's users could read) as fd 5 for the
+        # last step: a shell that already is the replica's user exports them and execs the server.
         owned = " ".join(shlex.quote(d) for d in self._home_dirs(spec))
-        prelude = 'exec "$@"'
+        prelude = (
+            f"exec 5< {ENV_FILE} || "
+            f"{{ echo '[engine] could not read the environment of the replica'; exit {JOIN_FAILED}; }}\n"
+            'exec "$@"'
+        )
         if owned:
             prelude = (
-                f"chown {self.uid}:{self.gid} {owned} || "
+                f"{self._chown} {self.uid}:{self.gid} {owned} || "
                 f"{{ echo '[engine] could not hand /home/work to uid {self.uid}'; exit {JOIN_FAILED}; }}\n{prelude}"
             )
         setpriv = [
             self._setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--",
         ]  # fmt: skip
-        return ["/bin/sh", "-c", prelude, "prelude", *setpriv, *argv], with_plan
+        handoff = (
+            f'eval "$({self._cat} <&5)" || '
+            f"{{ echo '[engine] could not set the environment variables of the replica'; exit {JOIN_FAILED}; }}\n"
+            'exec 5<&-\nexec "$@"'
+        )
+        return ["/bin/sh", "-c", prelude, "prelude", *setpriv, "/bin/sh", "-c", handoff, "sh", *argv], with_plan
 
     @staticmethod
     def _home_dirs(spec: ReplicaSpec) -> list[str]:
@@ -912,6 +943,8 @@ class LocalEngine:
                 _write_atomic(replica_dir / "plan.json", json.dumps(prestart.plan(spec)))
                 # Read by the replica's unprivileged user, whatever the worker's umask.
                 (replica_dir / "plan.json").chmod(0o644)
+            if self._drops_to_user:
+                self._write_environ(replica_dir / ENV_FILE_NAME, spec.env)
             bwrap_args = self._bwrap_args(spec, replica_dir, with_plan, hosts_file=bool(meta["cluster"]))
             (replica_dir / "args").write_bytes(b"".join(a.encode() + b"\0" for a in bwrap_args))
             (replica_dir / "cgroups").write_text("".join(p + "\n" for p in self._procs_files(meta["cgroups"])))
@@ -936,6 +969,15 @@ class LocalEngine:
                 self._cleanup(replica_id, meta)
             raise
         return self.inspect(replica_id)
+
+    @staticmethod
+    def _write_environ(path: Path, env: Mapping[str, str]) -> None:
+        """The user's variables as shell assignments for the last step of the prelude, readable by
+        root only: they may hold secrets, and only the prelude (root) opens the file."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(handle.fileno(), 0o600)  # whatever the worker's umask or a leftover file said
+            handle.writelines(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
 
     def _launch(self, replica_dir: Path, command: list[str], env: dict[str, str]) -> None:
         launcher = subprocess.run(
