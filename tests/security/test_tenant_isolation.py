@@ -4,7 +4,8 @@ tenant, each tried for real and shown not to work.
 * Local engine: a user's environment (``LD_PRELOAD`` of a shared object uploaded into the model
   folder, ``PATH``, ``BASH_ENV``, ...) must never reach the prelude that runs as uid 0 with
   CHOWN/SETUID/SETGID before the sandbox drops to ``nobody``: the shared object's constructor must
-  never run as root, and no setuid-root file may appear on a read-write mount.
+  never run as root, and no setuid-root file may appear on a read-write mount. Loader variables are
+  refused where users set them (API, launcher, ``service-definition.toml``), as defence in depth.
 """
 
 from __future__ import annotations
@@ -140,3 +141,44 @@ def test_a_setuid_root_file_on_an_extra_mount_gives_the_replica_no_privileges(
     assert {"nosuid", "nodev"} <= set(data_mount.split()[5].split(",")), data_mount
     lines = list(local_engine.logs(info.replica_id))
     assert "[prestart] action 0 (run_command) out: 65534" in lines, lines
+
+
+# --- refused where users set them (defence in depth) ------------------------------------------------
+
+LOADER_NAMES = ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH", "GLIBC_TUNABLES", "LOCPATH"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", LOADER_NAMES)
+def test_ld_preload_in_a_services_environment_is_refused_with_a_sentence(api: Any, personas: Any, name: str) -> None:
+    from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+    folder = FolderFactory(owner=personas["owner"], name="evil", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = {"name": "evil", "folder": str(folder.pk), "runtime": "custom", "environ": {name: "/models/evil.so"}}
+    for url in ("/api/v1/services/", "/api/v1/services/validate/"):
+        response = api("owner").post(url, body, format="json")
+        assert response.status_code == 400, response.json()
+        message = response.json()["environ"][0]
+        assert message.startswith(f"{name} is refused: it makes the dynamic loader") and "start command" in message
+    # Nor by modifying a service that was created without it.
+    created = api("owner").post("/api/v1/services/", {**body, "environ": {"OK": "1"}}, format="json")
+    assert created.status_code == 201, created.json()
+    url = f"/api/v1/services/{created.json()['id']}/"
+    response = api("owner").patch(url, {"environ": {name: "/models/evil.so"}}, format="json")
+    assert response.status_code == 400 and response.json()["environ"][0].startswith(f"{name} is refused")
+    # Variables that merely look alike stay allowed.
+    for harmless in ("TMPDIR", "XLD_PRELOAD", "MY_LD_PRELOAD"):
+        response = api("owner").patch(url, {"environ": {harmless: "x"}}, format="json")
+        assert response.status_code == 200, response.json()
+
+
+@pytest.mark.parametrize("name", LOADER_NAMES)
+def test_ld_preload_in_a_folders_service_definition_is_refused_with_a_sentence(name: str) -> None:
+    from serving.definitions import DefinitionError, parse_service_definition
+
+    toml = f"[custom.environment]\nimage = 'x'\narchitecture = 'x86_64'\n[custom.environ]\n{name} = '/models/evil.so'\n"
+    with pytest.raises(DefinitionError) as info:
+        parse_service_definition(toml)
+    [problem] = info.value.problems
+    assert problem.field == f"custom.environ.{name}" and problem.line == 5, problem
+    assert problem.message.startswith(f"{name} is refused: it makes the dynamic loader"), problem.message
