@@ -74,7 +74,10 @@ def _make_engine(choice: str) -> Engine:
             DockerEngine = None  # type: ignore[assignment,misc]
         docker_engine = (
             DockerEngine(
-                state_dir=state_dir / "docker", installation=settings.REDIS_PREFIX, publish_host=settings.NODE_ADDRESS
+                state_dir=state_dir / "docker",
+                installation=settings.REDIS_PREFIX,
+                publish_host=settings.NODE_ADDRESS,
+                egress=settings.SERVING_REPLICA_EGRESS,
             )
             if DockerEngine is not None
             else None

@@ -11,6 +11,18 @@ worker that restarts finds its replicas again with ``list()`` (DESIGN.md §3). C
   never the host network, and the Docker socket (or a folder holding it) can not be mounted;
 * the server's port is published on 127.0.0.1 (a setting) at a host port the engine picks, so
   replicas of one service never collide and ports are never exhausted (S4.3, S10);
+* tenants apart (issue 13): replicas are never on Docker's default bridge, where every container
+  reaches every other. A plain replica joins the installation's replica network
+  (``ms-replicas[-<installation>]``), a bridge with inter-container communication off, so it
+  reaches no other replica (of another service or its own) by its address there, while the proxy
+  reaches it through its published port. Docker keeps different bridges apart, so other containers
+  on the daemon do not reach it either. With ``egress="deny"`` (``SERVING_REPLICA_EGRESS``) the
+  replica and cluster networks' bridges get iptables rules dropping every connection a replica
+  opens to anything outside its own network: the host's addresses (INPUT) and everything the host
+  routes to (DOCKER-USER); answers on the published ports still flow. Docker's ``internal``
+  networks would do that too, but Docker publishes no port of a container on one. Either way a
+  replica can not open a connection to the node's own address: replicas' ports are published
+  there, and a replica calling another service's replica that way would skip the proxy's tokens;
 * cluster mode (S4.1): the members of one cluster share a user-defined bridge network of their own
   (``ms-cluster-<route>``, made with the first member, removed with the last) where each has its
   host name (main1, sub1, ...) as alias, as on Backend.AI; a sub's ``BACKENDAI_CLUSTER_MAIN_ADDR``
@@ -31,11 +43,15 @@ from __future__ import annotations
 import builtins
 import codecs
 import contextlib
+import hashlib
+import ipaddress
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -72,7 +88,16 @@ PIDS_LIMIT = 1024
 MIB = 1 << 20
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
 CLUSTER_NETWORK_PREFIX = "ms-cluster-"
+REPLICA_NETWORK = "ms-replicas"  # + "-<installation>": every plain replica's network
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+EGRESS_CHOICES = ("allow", "deny")
+# Every iptables rule the engine adds carries this comment and its bridge's name, so the rules of
+# a removed network are found and removed with it.
+RULE_COMMENT = "modelserve-replicas "
+HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABEL_CLUSTER = "serving.cluster"  # on a cluster's network: the route (key) it belongs to
+LABEL_NETWORK = "serving.network"  # on the replica network: "replicas"
 BUILD_HINT = (
     "build it on this node with `make image` (scripts/build-image.sh, for modelserve/python:3.11) "
     "or load it with `docker load -i IMAGE.tar` / `docker pull IMAGE` by hand; "
@@ -185,6 +210,8 @@ class DockerEngine:
         timeout: float = API_TIMEOUT,
         ping_timeout: float = PING_TIMEOUT,
         installation: str = "",
+        egress: str = "allow",
+        replica_network: str | None = None,
     ) -> None:
         """
         ``client_factory`` is called with ``timeout=`` (seconds) and must return a DockerClient.
@@ -193,7 +220,16 @@ class DockerEngine:
         ``gpus``: the node has NVIDIA GPUs and the NVIDIA runtime; without it cuda.* slots are refused.
         ``cap_add``: capabilities an installation's images need back (none for ours).
         ``installation``: labels every container with it and lists only those that carry it.
+        ``egress``: "allow" (replicas reach what the host reaches, but not other replicas) or "deny"
+        (replicas reach nothing outside their own network; needs root and iptables on the node).
+        ``replica_network``: the network plain replicas join (default ms-replicas[-<installation>]).
         """
+        if egress not in EGRESS_CHOICES:
+            raise EngineError(f"SERVING_REPLICA_EGRESS={egress!r} is not one of {', '.join(EGRESS_CHOICES)}.")
+        self.egress = egress
+        self.replica_network = replica_network or (
+            f"{REPLICA_NETWORK}-{installation}" if installation else REPLICA_NETWORK
+        )
         self._client_factory = client_factory
         self.bootstrap_path = Path(bootstrap_path) if bootstrap_path is not None else BOOTSTRAP
         self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
@@ -206,6 +242,8 @@ class DockerEngine:
         self.installation = installation
         self._client_lock = threading.Lock()
         self._client_instance: docker.DockerClient | None = None
+        self._iptables = shutil.which("iptables", path=HOST_PATH)
+        self._rules_lock = threading.Lock()
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -283,7 +321,6 @@ class DockerEngine:
             "cap_drop": ["ALL"],
             "cap_add": list(self.cap_add) or None,
             "privileged": False,
-            "network_mode": "bridge",
             # Bounded logs: a chatty server must not fill the node's disk.
             "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
         }
@@ -299,9 +336,10 @@ class DockerEngine:
         container = None
         network: str | None = None
         try:
-            if spec.cluster is not None:
+            if spec.cluster is None:
+                network = kwargs["network"] = self._replica_network(client)
+            else:
                 network = self._cluster_network(client, spec.cluster)
-                del kwargs["network_mode"]
                 kwargs["network"] = network
                 kwargs["networking_config"] = {
                     network: EndpointConfig(client.api._version, aliases=[spec.cluster.host])
@@ -309,7 +347,14 @@ class DockerEngine:
                 kwargs["environment"].update(self._peer_env(client, spec.cluster, network, spec.port))
             with self._errors(f"create the container {spec.name}"):
                 try:
-                    container = client.containers.create(spec.image, **kwargs)
+                    try:
+                        container = client.containers.create(spec.image, **kwargs)
+                    except docker.errors.NotFound as exc:
+                        # The last replica of the network stopped meanwhile and took it along.
+                        if spec.cluster is not None or "network" not in _explain(exc):
+                            raise
+                        network = kwargs["network"] = self._replica_network(client)
+                        container = client.containers.create(spec.image, **kwargs)
                 except docker.errors.ImageNotFound as exc:  # removed since we looked it up
                     raise ImageNotFound(f"The image {spec.image} is not on this node; {BUILD_HINT}.") from exc
                 except docker.errors.APIError as exc:
@@ -343,7 +388,9 @@ class DockerEngine:
         networks = [
             name
             for name in ((container.attrs.get("NetworkSettings") or {}).get("Networks") or {})
-            if name.startswith(CLUSTER_NETWORK_PREFIX)
+            # Any installation's replica network: an engine of another installation (stop_replicas,
+            # a test) may stop the last replica of one.
+            if name.startswith((CLUSTER_NETWORK_PREFIX, REPLICA_NETWORK)) or name == self.replica_network
         ]
         with self._errors(f"stop replica {replica_id}"):
             with contextlib.suppress(docker.errors.NotFound):
@@ -432,24 +479,116 @@ class DockerEngine:
                 infos.append(self._info(container))
         return infos
 
-    # --- cluster networks -------------------------------------------------------------------------
+    # --- networks ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _bridge_name(network: str) -> str:
+        """The host interface of one of our networks: named by us, so firewall rules can name it
+        before and after Docker's own id is known (15 characters at most, the kernel's limit)."""
+        return "msr" + hashlib.sha256(network.encode()).hexdigest()[:12]
+
+    def _ensure_network(self, client: docker.DockerClient, name: str, labels: Mapping[str, str], icc: bool) -> str:
+        """Make the bridge network ``name`` unless it exists, then its firewall rules."""
+        bridge = self._bridge_name(name)
+        with self._errors(f"make the network {name}"):
+            # The daemon's name filter matches parts of names too.
+            found = [n for n in client.networks.list(names=[name]) if n.name == name]
+            if found:
+                options = found[0].attrs.get("Options") or {}
+                bridge = options.get(BRIDGE_NAME_OPTION) or f"br-{found[0].id[:12]}"
+                if not icc and options.get(ICC_OPTION) != "false":
+                    raise EngineError(
+                        f"The network {name} lets its containers reach each other; remove it "
+                        f"(`docker network rm {name}`) so the platform makes it again with that switched off."
+                    )
+            else:
+                options = {BRIDGE_NAME_OPTION: bridge}
+                if not icc:
+                    options[ICC_OPTION] = "false"
+                labels = {**labels, **({LABEL_INSTALLATION: self.installation} if self.installation else {})}
+                try:
+                    client.networks.create(name, driver="bridge", options=options, labels=labels, check_duplicate=True)
+                except docker.errors.APIError:
+                    # Another replica made it meanwhile: Docker says so with a 409, or (the bridge's
+                    # name is ours, so a second network of that name can never be made) with
+                    # "networks have same bridge name".
+                    if not any(n.name == name for n in client.networks.list(names=[name])):
+                        raise
+        self._guard_bridge(bridge)
+        return name
+
+    def _replica_network(self, client: docker.DockerClient) -> str:
+        """The network of plain replicas: one bridge, no traffic between its containers."""
+        return self._ensure_network(client, self.replica_network, {LABEL_NETWORK: "replicas"}, icc=False)
 
     def _cluster_network(self, client: docker.DockerClient, cluster: ClusterPeering) -> str:
         """The cluster's own bridge network, made by whichever member comes first."""
         name = f"{CLUSTER_NETWORK_PREFIX}{cluster.key}"
-        labels = {LABEL_CLUSTER: cluster.key}
-        if self.installation:
-            labels[LABEL_INSTALLATION] = self.installation
-        with self._errors(f"make the cluster network {name}"):
-            # The daemon's name filter matches parts of names too.
-            if any(n.name == name for n in client.networks.list(names=[name])):
-                return name
-            try:
-                client.networks.create(name, driver="bridge", labels=labels, check_duplicate=True)
-            except docker.errors.APIError as exc:
-                if exc.status_code != 409:  # another member made it meanwhile
-                    raise
-        return name
+        return self._ensure_network(client, name, {LABEL_CLUSTER: cluster.key}, icc=True)
+
+    # --- firewall rules of our bridges --------------------------------------------------------------
+
+    def _guarded_address(self) -> str | None:
+        """The node's address replicas' ports are published on, unless it is a loopback one (a
+        container's 127.0.0.1 is its own: it never reaches the host's)."""
+        try:
+            loopback = ipaddress.ip_address(self.publish_host).is_loopback
+        except ValueError:
+            return None
+        return None if loopback else self.publish_host
+
+    def _bridge_rules(self, bridge: str) -> builtins.list[builtins.list[str]]:
+        """The rules (chain first) that keep the replicas on ``bridge`` where they belong."""
+        comment = ["-m", "comment", "--comment", f"{RULE_COMMENT}{bridge}"]
+        new = ["-m", "conntrack", "--ctstate", "NEW"]
+        rules: builtins.list[builtins.list[str]] = []
+        if self.egress == "deny":
+            # Connections the replicas open to the host itself (any of its addresses), and to
+            # whatever the host routes to. Answers to connections made to them are not NEW.
+            rules.append(["INPUT", "-i", bridge, *new, *comment, "-j", "DROP"])
+            rules.append([self._forward_chain(), "-i", bridge, "!", "-o", bridge, *new, *comment, "-j", "DROP"])
+        elif (address := self._guarded_address()) is not None:
+            rules.append(["INPUT", "-i", bridge, "-d", f"{address}/32", *new, *comment, "-j", "DROP"])
+        return rules
+
+    def _forward_chain(self) -> str:
+        # Docker jumps to DOCKER-USER first in FORWARD, before its own accepts; without it
+        # (dockerd --iptables=false) our rule goes first in FORWARD itself.
+        return "DOCKER-USER" if self._iptables_run("-S", "DOCKER-USER", check=False).returncode == 0 else "FORWARD"
+
+    def _iptables_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        if self._iptables is None or os.geteuid() != 0:
+            raise EngineError(
+                "SERVING_REPLICA_EGRESS=deny (and a NODE_ADDRESS other than 127.0.0.1) need firewall rules "
+                "on the node: run the node worker as root with iptables installed (`apt-get install iptables`)."
+            )
+        done = subprocess.run([self._iptables, "-w", "5", *args], capture_output=True, text=True, check=False)
+        if check and done.returncode != 0:
+            raise EngineError(f"The firewall rule `iptables {' '.join(args)}` failed: {done.stderr.strip()}.")
+        return done
+
+    def _guard_bridge(self, bridge: str) -> None:
+        """Add the bridge's rules that are missing (idempotent; several workers may race here)."""
+        rules = self._bridge_rules(bridge)
+        if not rules:
+            return
+        with self._rules_lock:
+            for chain, *rule in rules:
+                if self._iptables_run("-C", chain, *rule, check=False).returncode != 0:
+                    self._iptables_run("-I", chain, "1", *rule)
+
+    def _unguard_bridge(self, bridge: str) -> None:
+        """Remove every rule of ours that names ``bridge`` (its network is gone)."""
+        if self._iptables is None or os.geteuid() != 0:
+            return
+        with self._rules_lock:
+            for chain in ("INPUT", "DOCKER-USER", "FORWARD"):
+                listed = self._iptables_run("-S", chain, check=False)
+                for line in listed.stdout.splitlines():
+                    if f'"{RULE_COMMENT}{bridge}"' in line or f"{RULE_COMMENT}{bridge} " in line:
+                        words = shlex.split(line)
+                        if words[:2] == ["-A", chain]:
+                            self._iptables_run("-D", *words[1:], check=False)
 
     def _peer_env(
         self, client: docker.DockerClient, cluster: ClusterPeering, network: str, port: int
@@ -472,14 +611,19 @@ class DockerEngine:
         return {}
 
     def _remove_network_if_unused(self, client: docker.DockerClient, name: str) -> None:
-        """Remove a cluster network once no container is attached any more (its last member)."""
+        """Remove a cluster network once no container is attached any more (its last member), and
+        the replica network with its last replica: each network holds one of the daemon's few
+        address pools (about 30 by default), so none is left behind for ever."""
         with contextlib.suppress(Exception):
             for network in client.networks.list(names=[name]):
                 if network.name != name:
                     continue
                 network.reload()
                 if not network.attrs.get("Containers"):
+                    bridge = (network.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION)
                     network.remove()
+                    if bridge:
+                        self._unguard_bridge(bridge)
 
     # --- helpers ----------------------------------------------------------------------------------
 

@@ -1,6 +1,11 @@
 """Tenant isolation (issue 13): attacks one tenant's replica could make on the host or on another
 tenant, each tried for real and shown not to work.
 
+* Docker: replicas of different services share no network where they reach each other: a
+  replica of service A can not reach service B's replica by its container address, nor by the
+  port published on the node's address (that would skip the proxy's tokens); with
+  ``SERVING_REPLICA_EGRESS=deny`` it reaches none of the host's addresses either, while the
+  proxy's way in, the published port, still works.
 * Local engine: a user's environment (``LD_PRELOAD`` of a shared object uploaded into the model
   folder, ``PATH``, ``BASH_ENV``, ...) must never reach the prelude that runs as uid 0 with
   CHOWN/SETUID/SETGID before the sandbox drops to ``nobody``: the shared object's constructor must
@@ -10,18 +15,29 @@ tenant, each tried for real and shown not to work.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from serving.engines.base import Mount, PreStartActionSpec
+from serving.engines.base import LABEL_ENDPOINT, Mount, PreStartActionSpec
+from tests.integration import test_engine_docker as docker_tests
 from tests.integration import test_engine_local as local_tests
+from tests.integration.test_engine_docker import bootstrap_path, docker_client  # noqa: F401  (fixtures)
+from tests.security.test_confinement import PROBE
 
 needs_local = pytest.mark.skipif(local_tests._why_not() is not None, reason=str(local_tests._why_not()))
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed (apt-get install gcc)")
@@ -182,3 +198,141 @@ def test_ld_preload_in_a_folders_service_definition_is_refused_with_a_sentence(n
     [problem] = info.value.problems
     assert problem.field == f"custom.environ.{name}" and problem.line == 5, problem
     assert problem.message.startswith(f"{name} is refused: it makes the dynamic loader"), problem.message
+
+
+# --- Docker: networks ---------------------------------------------------------------------------------
+
+
+def host_address() -> str | None:
+    """The host's own address on its main network (not a loopback one), if it has one."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.123", 9))  # no packet is sent: this only picks the route's source
+        address = str(probe.getsockname()[0])
+        return None if address.startswith("127.") else address
+    return None
+
+
+@contextlib.contextmanager
+def host_listener() -> Iterator[int]:
+    """A TCP port the host answers on all its addresses: what a replica must not reach with deny."""
+    server = socket.create_server(("0.0.0.0", 0), backlog=64)
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                server.accept()[0].close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def fetch(host: str, port: int, path: str = "/") -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=20) as answer:
+            return str(answer.read().decode())
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def container_address(client: Any, replica_id: str) -> str:
+    networks = client.api.inspect_container(replica_id)["NetworkSettings"]["Networks"]
+    return str(next(n["IPAddress"] for n in networks.values() if n.get("IPAddress")))
+
+
+def probe_model(tmp_path: Path) -> Path:
+    folder = tmp_path / f"probe-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    (folder / "server.py").write_text(PROBE)
+    return folder
+
+
+def service_replica(engine: Any, model: Path, service: str) -> Any:
+    spec = docker_tests.make_spec(model)
+    return engine.start(
+        docker_tests.make_spec(model, labels={**spec.labels, LABEL_ENDPOINT: f"{service}-{docker_tests.RUN_ID}"})
+    )
+
+
+def connects(engine: Any, info: Any, targets: list[str]) -> dict[str, str]:
+    """What the replica ``info`` gets when it opens a connection to each ``host:port``."""
+    query = urllib.parse.urlencode({"connect": targets}, doseq=True)
+    host = engine.publish_host
+    body = docker_tests.wait_until(lambda: fetch(host, info.port, "/?" + query), 30, "the probe replica")
+    return dict(json.loads(body)["connect"])
+
+
+@pytest.mark.docker
+def test_a_replica_of_one_service_can_not_reach_another_services_replica_on_docker(
+    docker_client: Any,  # noqa: F811
+    bootstrap_path: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from serving.engines.docker import DockerEngine
+
+    address = host_address()
+    engine = DockerEngine(
+        bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", publish_host=address or "127.0.0.1"
+    )
+    model = probe_model(tmp_path)
+    started = []
+    try:
+        with host_listener() as port:
+            a = service_replica(engine, model, "service-a")
+            started.append(a)
+            b = service_replica(engine, model, "service-b")
+            started.append(b)
+            b_inside = f"{container_address(docker_client, b.replica_id)}:8000"
+            targets = [b_inside, f"GATEWAY:{port}"]
+            if address:
+                targets.append(f"{address}:{b.port}")  # B's published port on the node's address
+            # B serves (the proxy's way in, its published port, works) before A tries it.
+            b_answers = docker_tests.wait_until(lambda: fetch(engine.publish_host, b.port), 30, "service B")
+            reached = connects(engine, a, targets)
+    finally:
+        for info in started:
+            engine.stop(info.replica_id, grace=0)
+    assert b_answers
+    assert not reached[b_inside].startswith("ok"), reached
+    if address:
+        assert not reached[f"{address}:{b.port}"].startswith("ok"), reached
+    # With egress allowed the host answers: the probe can connect, so the refusals above mean it.
+    assert reached[f"GATEWAY:{port}"].startswith("ok"), reached
+
+
+@pytest.mark.docker
+def test_with_egress_denied_a_docker_replica_reaches_none_of_the_hosts_addresses(
+    docker_client: Any,  # noqa: F811
+    bootstrap_path: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from serving.engines.docker import DockerEngine
+
+    network = f"ms-replicas-t{docker_tests.RUN_ID}"
+    engine = DockerEngine(
+        bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", egress="deny", replica_network=network
+    )
+    model = probe_model(tmp_path)
+    started = []
+    try:
+        with host_listener() as port:
+            a = service_replica(engine, model, "service-a")
+            started.append(a)
+            targets = [f"GATEWAY:{port}", f"172.17.0.1:{port}"]  # docker0: another of the host's addresses
+            if address := host_address():
+                targets.append(f"{address}:{port}")
+            reached = connects(engine, a, targets)  # the published port answers: the way in works
+    finally:
+        for info in started:
+            engine.stop(info.replica_id, grace=0)
+        engine._remove_network_if_unused(docker_client, network)
+    assert {target: result for target, result in reached.items() if result.startswith("ok")} == {}, reached
+    rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+    assert engine._bridge_name(network) not in rules  # removed with its network
