@@ -78,6 +78,8 @@ def _make_engine(choice: str) -> Engine:
                 installation=settings.REDIS_PREFIX,
                 publish_host=settings.NODE_ADDRESS,
                 egress=settings.SERVING_REPLICA_EGRESS,
+                uid=settings.DOCKER_REPLICA_UID,
+                gid=settings.DOCKER_REPLICA_GID,
             )
             if DockerEngine is not None
             else None

@@ -9,6 +9,12 @@ worker that restarts finds its replicas again with ``list()`` (DESIGN.md §3). C
   and every stop waits the whole grace period;
 * locked down: every capability dropped, ``no-new-privileges``, a pids limit, never privileged,
   never the host network, and the Docker socket (or a folder holding it) can not be mounted;
+* not root (issue 13): replicas run as ``uid``:``gid`` (65534, nobody/nogroup, by default; settings
+  ``DOCKER_REPLICA_UID``/``_GID``), whatever user the image names, so what they write on a
+  read-write mount is not root's on the host and a read-write mount is writable only where the
+  folder's modes let that user write (as on the local engine). ``/home/work`` is a private tmpfs
+  owned by that user (the image's one belongs to root), ``HOME`` points there. When a replica
+  stops, setuid/setgid bits of files on its read-write mounts are cleared (``mounts.py``);
 * the server's port is published on 127.0.0.1 (a setting) at a host port the engine picks, so
   replicas of one service never collide and ports are never exhausted (S4.3, S10);
 * tenants apart (issue 13): replicas are never on Docker's default bridge, where every container
@@ -64,6 +70,7 @@ import requests
 from docker.types import DeviceRequest, EndpointConfig, LogConfig
 from docker.types import Mount as DockerMount
 
+from serving.engines import mounts as mount_hygiene
 from serving.engines.base import (
     LABEL_INSTALLATION,
     LABEL_ROLE,
@@ -85,6 +92,9 @@ DEFAULT_STATE_DIR = Path(__file__).resolve().parents[2] / "var" / "engine" / "do
 API_TIMEOUT = 30.0
 PING_TIMEOUT = 2.0
 PIDS_LIMIT = 1024
+DEFAULT_UID = DEFAULT_GID = 65534  # nobody/nogroup: owns no file of the host
+MAX_ID = 4_294_967_294
+HOME = "/home/work"
 MIB = 1 << 20
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
 CLUSTER_NETWORK_PREFIX = "ms-cluster-"
@@ -212,6 +222,8 @@ class DockerEngine:
         installation: str = "",
         egress: str = "allow",
         replica_network: str | None = None,
+        uid: int = DEFAULT_UID,
+        gid: int = DEFAULT_GID,
     ) -> None:
         """
         ``client_factory`` is called with ``timeout=`` (seconds) and must return a DockerClient.
@@ -223,7 +235,15 @@ class DockerEngine:
         ``egress``: "allow" (replicas reach what the host reaches, but not other replicas) or "deny"
         (replicas reach nothing outside their own network; needs root and iptables on the node).
         ``replica_network``: the network plain replicas join (default ms-replicas[-<installation>]).
+        ``uid``/``gid``: who replicas run as (0 and 0: root without capabilities, not for tenants).
         """
+        for what, value, setting in (("uid", uid, "DOCKER_REPLICA_UID"), ("gid", gid, "DOCKER_REPLICA_GID")):
+            if not 0 <= value <= MAX_ID:
+                raise EngineError(
+                    f"The Docker replicas' {what} {value} is not a valid {what}; set {setting} to a number "
+                    f"from 0 to {MAX_ID} (65534 is nobody/nogroup)."
+                )
+        self.uid, self.gid = uid, gid
         if egress not in EGRESS_CHOICES:
             raise EngineError(f"SERVING_REPLICA_EGRESS={egress!r} is not one of {', '.join(EGRESS_CHOICES)}.")
         self.egress = egress
@@ -305,10 +325,19 @@ class DockerEngine:
             entrypoint, command = argv[:1], argv[1:]
         # else: the image's own entrypoint and command (NIM, "Predefined Image Command").
 
+        environment = dict(spec.env)
+        tmpfs: dict[str, str] = {}
+        if not any(os.path.normpath(m.target) == HOME for m in spec.mounts):
+            # The image's /home/work belongs to root: the replica's user gets a private one, as on
+            # the local engine (in memory, so it counts against the memory limit).
+            tmpfs[HOME] = f"exec,uid={self.uid},gid={self.gid},mode=0755"
+            environment.setdefault("HOME", HOME)
         kwargs: dict[str, Any] = {
             "name": spec.name,
             "labels": labels,
-            "environment": dict(spec.env),
+            "environment": environment,
+            "user": f"{self.uid}:{self.gid}",
+            "tmpfs": tmpfs or None,
             "entrypoint": entrypoint,
             "command": command,
             "working_dir": spec.workdir or None,
@@ -385,6 +414,11 @@ class DockerEngine:
         except ReplicaNotFound:
             return
         plan_dirs = self._plan_dirs(container)
+        writable = [
+            str(m.get("Source"))
+            for m in container.attrs.get("Mounts") or []
+            if m.get("Type") == "bind" and m.get("RW") and m.get("Source")
+        ]
         networks = [
             name
             for name in ((container.attrs.get("NetworkSettings") or {}).get("Networks") or {})
@@ -406,6 +440,9 @@ class DockerEngine:
                     raise
         for path in plan_dirs:
             shutil.rmtree(path, ignore_errors=True)
+        for source in writable:
+            # Gone, so it can set no bit again: what it left is made harmless for the host.
+            mount_hygiene.strip_setid_bits(source)
         for name in networks:
             self._remove_network_if_unused(self._client(), name)
 

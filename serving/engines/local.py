@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from serving import prestart
+from serving.engines import mounts as mount_hygiene
 from serving.engines.base import (
     ClusterPeering,
     EngineError,
@@ -893,6 +894,8 @@ class LocalEngine:
             "network": {},
             "cgroups": {},
             "cluster": {"key": spec.cluster.key, "host": spec.cluster.host} if spec.cluster else None,
+            # Cleared of setuid/setgid bits when the replica stops (serving/engines/mounts.py).
+            "writable": [m.source for m in spec.mounts if not m.read_only],
         }
         notes: list[str] = []
         peering = self._peering_unavailable() if spec.cluster else None
@@ -1262,6 +1265,9 @@ class LocalEngine:
             if record is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(record[0], signal.SIGKILL)
+        for source in meta.get("writable") or []:
+            # Gone, so it can set no bit again: what it left is made harmless for the host.
+            mount_hygiene.strip_setid_bits(str(source))
         self._cleanup(replica_id, meta)
 
     def _cleanup(self, replica_id: str, meta: Mapping[str, Any]) -> None:

@@ -89,12 +89,13 @@ def build_evil_so(folder: Path, tmp_path: Path) -> Path:
     return target
 
 
-def setuid_root_files(folder: Path) -> list[str]:
+def setuid_files(folder: Path) -> list[str]:
+    """Files under ``folder`` that would run with their owner's (root's, or nobody's) privileges."""
     found = []
     for path in folder.rglob("*"):
         info = path.lstat()
-        if info.st_uid == 0 and info.st_mode & (stat.S_ISUID | stat.S_ISGID):
-            found.append(path.name)
+        if stat.S_ISREG(info.st_mode) and info.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            found.append(f"{path.name} uid={info.st_uid}")
     return found
 
 
@@ -127,7 +128,8 @@ def test_ld_preload_from_the_model_folder_never_runs_as_root_in_the_sandbox_prel
     ran_as = {int(p.name.split("-")[2]) for p in data.glob("ran-as-*")}
     # The user's own process does load it (their business: it runs as nobody), the prelude never.
     assert ran_as == {65534}, sorted(p.name for p in data.iterdir())
-    assert setuid_root_files(data) == [], sorted(p.name for p in data.iterdir())
+    # Not root's (the prelude never ran it), and nobody's setuid bit cleared once the replica stopped.
+    assert setuid_files(data) == [], sorted(p.name for p in data.iterdir())
     assert not list(data.glob("fake-chown-*")), sorted(p.name for p in data.iterdir())
     leftovers = [p for p in data.glob("rootshell-*") if p.stat().st_uid == 0]
     assert leftovers == []
@@ -336,3 +338,86 @@ def test_with_egress_denied_a_docker_replica_reaches_none_of_the_hosts_addresses
     assert {target: result for target, result in reached.items() if result.startswith("ok")} == {}, reached
     rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
     assert engine._bridge_name(network) not in rules  # removed with its network
+
+
+# --- Docker: what replicas leave on read-write mounts ------------------------------------------------
+
+# Run by the replica: who am I, then a copy of a shell made setuid, then some bytes for the quota.
+PLANT = (
+    "id -u > /data/whoami; cp /bin/busybox /data/shell; chmod 6755 /data/shell; "
+    "mkdir -p /data/sub && cp /data/shell /data/sub/shell2 && chmod 4755 /data/sub/shell2; "
+    "head -c 65536 /dev/zero > /data/blob; touch /data/done; exec sleep 600"
+)
+
+
+def privileged_files(folder: Path) -> list[str]:
+    """Files under ``folder`` that belong to root, or that would run with their owner's privileges."""
+    found = []
+    for path in [folder, *folder.rglob("*")]:
+        info = path.lstat()
+        if info.st_uid == 0 or info.st_gid == 0 or (stat.S_ISREG(info.st_mode) and info.st_mode & 0o6000):
+            found.append(f"{path.relative_to(folder)} uid={info.st_uid} mode={oct(info.st_mode)}")
+    return found
+
+
+@pytest.mark.docker
+def test_a_docker_replica_leaves_no_root_owned_or_setuid_file_on_a_read_write_mount(
+    docker_client: Any,  # noqa: F811
+    bootstrap_path: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from serving.engines.docker import DockerEngine
+
+    engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 12345, 12345)  # a folder the replica's user may write, as an operator set it up
+    data.chmod(0o777)
+    spec = docker_tests.make_spec(command=("sh", "-c", PLANT), mounts=(Mount(str(data), "/data", read_only=False),))
+    info = engine.start(spec)
+    try:
+        docker_tests.wait_until((data / "done").exists, 30, "the replica to write its files")
+        assert (data / "whoami").read_text().strip() == "65534"
+        # Home and /tmp are the replica's own, as on the local engine.
+        done = docker_client.containers.get(info.replica_id).exec_run(["sh", "-c", "touch /home/work/x /tmp/x"])
+        assert done.exit_code == 0, done.output
+    finally:
+        engine.stop(info.replica_id, grace=0)
+    assert privileged_files(data) == [], privileged_files(data)
+    assert (data / "blob").stat().st_size == 65536  # the data itself stays
+
+
+@pytest.mark.docker
+@pytest.mark.django_db
+def test_what_a_docker_replica_writes_counts_against_the_folders_quota_and_refuses_uploads(
+    docker_client: Any,  # noqa: F811
+    bootstrap_path: Path,  # noqa: F811
+    tmp_path: Path,
+    api: Any,
+    personas: Any,
+) -> None:
+    """What is enforced: usage is measured from the folder's files at every upload and read-back,
+    so a replica's 64 KiB in a 32 KiB folder show in ``used_bytes`` and refuse further uploads. Not
+    enforced: a replica writing past the quota while it runs (that needs filesystem quotas)."""
+    from serving.engines.docker import DockerEngine
+    from tests.factories import FolderFactory
+
+    folder = FolderFactory(owner=personas["owner"], name="scratch", usage_mode="data", quota_bytes=32 * 1024)
+    data = Path(folder.host_path)
+    os.chown(data, 12345, 12345)  # writable by the replica's user, as an operator set it up
+    data.chmod(0o777)
+    engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state")
+    spec = docker_tests.make_spec(command=("sh", "-c", PLANT), mounts=(Mount(str(data), "/data", read_only=False),))
+    info = engine.start(spec)
+    try:
+        docker_tests.wait_until((data / "done").exists, 30, "the replica to write its files")
+    finally:
+        engine.stop(info.replica_id, grace=0)
+    used = api("owner").get(f"/api/v1/folders/{folder.pk}/").json()["used_bytes"]
+    assert used >= 65536, used
+    refused = api("owner").put(
+        f"/api/v1/folders/{folder.pk}/files/more.bin", b"x" * 10, content_type="application/octet-stream"
+    )
+    assert refused.status_code == 413, refused.content
+    assert "would exceed the folder's quota of 32.0 KiB" in refused.json()["detail"], refused.json()
+    assert privileged_files(data) == [], privileged_files(data)
