@@ -52,6 +52,7 @@ import contextlib
 import hashlib
 import ipaddress
 import json
+import logging
 import math
 import os
 import shlex
@@ -84,6 +85,8 @@ from serving.engines.base import (
     ReplicaState,
     ReplicaStats,
 )
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
 BOOTSTRAP_DIR = "/opt/modelserve"  # where the runner and its plan appear inside the container
@@ -264,6 +267,7 @@ class DockerEngine:
         self._client_instance: docker.DockerClient | None = None
         self._iptables = shutil.which("iptables", path=HOST_PATH)
         self._rules_lock = threading.Lock()
+        self._warned_unguarded = False
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -331,7 +335,8 @@ class DockerEngine:
             # The image's /home/work belongs to root: the replica's user gets a private one, as on
             # the local engine (in memory, so it counts against the memory limit).
             tmpfs[HOME] = f"exec,uid={self.uid},gid={self.gid},mode=0755"
-            environment.setdefault("HOME", HOME)
+        # The user's passwd entry, if the image has one, would say /nonexistent (nobody's).
+        environment.setdefault("HOME", HOME)
         kwargs: dict[str, Any] = {
             "name": spec.name,
             "labels": labels,
@@ -608,6 +613,17 @@ class DockerEngine:
         """Add the bridge's rules that are missing (idempotent; several workers may race here)."""
         rules = self._bridge_rules(bridge)
         if not rules:
+            return
+        if self.egress == "allow" and (self._iptables is None or os.geteuid() != 0):
+            # Hardening only, not a switch someone turned on: a worker that is not root (the docker
+            # group is enough for Docker) keeps starting replicas, and says once what is missing.
+            if not self._warned_unguarded:
+                self._warned_unguarded = True
+                log.warning(
+                    "Docker replicas can open connections to NODE_ADDRESS=%s, where other replicas' ports "
+                    "are published: run the node worker as root with iptables so the engine can stop that.",
+                    self.publish_host,
+                )
             return
         with self._rules_lock:
             for chain, *rule in rules:

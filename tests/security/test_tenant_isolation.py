@@ -421,3 +421,25 @@ def test_what_a_docker_replica_writes_counts_against_the_folders_quota_and_refus
     assert refused.status_code == 413, refused.content
     assert "would exceed the folder's quota of 32.0 KiB" in refused.json()["detail"], refused.json()
     assert privileged_files(data) == [], privileged_files(data)
+
+
+def test_egress_deny_without_firewall_rights_refuses_to_start_and_allow_only_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """deny is a promise: a node that can not keep it (no root, no iptables) starts no replica;
+    allow's guard of NODE_ADDRESS is hardening, so a worker without root only says what it lacks."""
+    from serving.engines.base import EngineError
+    from serving.engines.docker import DockerEngine
+
+    denied = DockerEngine(state_dir=tmp_path, egress="deny")
+    denied._iptables = None
+    with pytest.raises(EngineError, match=r"SERVING_REPLICA_EGRESS=deny .* run the node worker as root with iptables"):
+        denied._guard_bridge("msrtest")
+    allowed = DockerEngine(state_dir=tmp_path, publish_host="10.0.0.5")
+    allowed._iptables = None
+    allowed._guard_bridge("msrtest")
+    assert "can open connections to NODE_ADDRESS=10.0.0.5" in caplog.text
+    with pytest.raises(EngineError, match=r"SERVING_REPLICA_EGRESS='open' is not one of allow, deny"):
+        DockerEngine(state_dir=tmp_path, egress="open")
+    with pytest.raises(EngineError, match=r"set DOCKER_REPLICA_UID to a number"):
+        DockerEngine(state_dir=tmp_path, uid=-1)
