@@ -96,7 +96,10 @@ def _make_engine(choice: str) -> Engine:
             settings.NODE_ADDRESS,
         )
     return LocalEngine(
-        state_dir=state_dir / f"local-{node_name()}", uid=settings.LOCAL_ENGINE_UID, gid=settings.LOCAL_ENGINE_GID
+        state_dir=state_dir / f"local-{node_name()}",
+        uid=settings.LOCAL_ENGINE_UID,
+        gid=settings.LOCAL_ENGINE_GID,
+        egress=settings.SERVING_REPLICA_EGRESS,
     )
 
 

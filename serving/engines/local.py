@@ -93,6 +93,7 @@ NET_REGISTRY = Path(os.environ.get("MODELSERVE_NET_REGISTRY", "/run/modelserve/n
 # every rule of one cluster carries, so a cluster's rules are found, replaced and swept by its key.
 PEER_CHAIN = "MODELSERVE-FWD"
 PEER_COMMENT = "modelserve-peer "
+EGRESS_COMMENT = "modelserve-egress "  # + the netns prefix: the INPUT rule of SERVING_REPLICA_EGRESS=deny
 PEER_ROUTE_PROTO = "static"  # how our routes inside a member's namespace are told from the kernel's
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -217,8 +218,14 @@ class LocalEngine:
         pids_limit: int = DEFAULT_PIDS_LIMIT,
         uid: int = DEFAULT_UID,
         gid: int = DEFAULT_GID,
+        egress: str = "allow",
     ) -> None:
         self.state_dir = Path(state_dir)
+        if egress not in ("allow", "deny"):
+            raise EngineError(f"SERVING_REPLICA_EGRESS={egress!r} is not one of allow, deny.")
+        # A sandbox has no route past the host anyway; "deny" also keeps it off the host's own
+        # addresses (services listening on 0.0.0.0), see _deny_host_input.
+        self.egress = egress
         for what, value, setting in (("uid", uid, "LOCAL_ENGINE_UID"), ("gid", gid, "LOCAL_ENGINE_GID")):
             if not 0 <= value <= MAX_ID:
                 raise EngineError(
@@ -494,6 +501,34 @@ class LocalEngine:
         lines = f"link del {self._host_if(index)}\n" if index is not None else ""
         lines += f"netns del {self._netns(replica_id)}\n"
         _run(self._ip, "-force", "-batch", "-", stdin=lines, check=False)
+
+    # --- egress ---------------------------------------------------------------------------------
+
+    def _input_rule(self) -> list[str]:
+        """Drops every connection a sandbox opens to the host itself, through any of this engine's
+        host-side veths (``<prefix>h<block>``); answers to the host's own connections (health
+        checks, the proxy) are not NEW and pass."""
+        return [
+            "INPUT", "-i", f"{self.netns_prefix}h+", "-m", "conntrack", "--ctstate", "NEW",
+            "-m", "comment", "--comment", f"{EGRESS_COMMENT}{self.netns_prefix}", "-j", "DROP",
+        ]  # fmt: skip
+
+    def _deny_host_input(self) -> None:
+        if self._iptables is None:
+            raise EngineError(
+                "SERVING_REPLICA_EGRESS=deny needs iptables on the node to keep replicas off the host's "
+                "addresses; install it with `apt-get install iptables`."
+            )
+        chain, *rule = self._input_rule()
+        if self._iptables_run("-C", chain, *rule, check=False).returncode != 0:
+            self._iptables_run("-I", chain, "1", *rule)
+
+    def _allow_host_input(self) -> None:
+        """Remove the rule (no replica of this engine's prefix is left)."""
+        if self._iptables is not None:
+            chain, *rule = self._input_rule()
+            while self._iptables_run("-D", chain, *rule, check=False).returncode == 0:
+                pass
 
     # --- cluster peering --------------------------------------------------------------------------
     #
@@ -916,6 +951,8 @@ class LocalEngine:
                         "host_if": self._host_if(index),
                     }
                     _write_atomic(replica_dir / "spec.json", json.dumps(meta))
+                    if self.egress == "deny":
+                        self._deny_host_input()
                     meta["host"] = self._setup_netns(replica_id, index)
                     if spec.cluster and meta["cluster"]:
                         self._join_cluster(registry, spec.cluster, replica_dir, meta["network"], meta["host"])
@@ -1364,6 +1401,8 @@ class LocalEngine:
                     (registry / str(index)).unlink()
             live_ids = {owner.name for owner in live.values()}
             live_links = {self._host_if(index) for index in live}
+            if not any(Path(f"/sys/class/net/{link}").exists() for link in live_links):
+                self._allow_host_input()  # a leftover of a deny engine with no replica left
             removed += self._sweep_clusters(registry)
             prefix = f"{self.netns_prefix}-"
             for line in _run(self._ip, "netns", "list", check=False).stdout.splitlines():

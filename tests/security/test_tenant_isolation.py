@@ -161,6 +161,40 @@ def test_a_setuid_root_file_on_an_extra_mount_gives_the_replica_no_privileges(
     assert "[prestart] action 0 (run_command) out: 65534" in lines, lines
 
 
+@needs_local
+def test_with_egress_denied_a_local_replica_reaches_none_of_the_hosts_addresses(tmp_path: Path) -> None:
+    """A sandbox has no route past the host; with deny it does not reach the host itself either
+    (a service listening on 0.0.0.0), while the host still reaches the replica."""
+    import ipaddress
+
+    from serving.engines.local import LocalEngine
+
+    model = probe_model(tmp_path)
+    results = {}
+    with host_listener() as port:
+        for egress in ("allow", "deny"):
+            engine = LocalEngine(tmp_path / f"state-{egress}", netns_prefix=local_tests.PREFIX, egress=egress)
+            try:
+                info = engine.start(local_tests.spec(model))
+                host = str(ipaddress.ip_address(info.host) - 1)  # the host's end of the replica's veth
+                targets = [f"{host}:{port}"]
+                if address := host_address():
+                    targets.append(f"{address}:{port}")  # no route there (either way): never reached
+                query = urllib.parse.urlencode({"connect": targets}, doseq=True)
+                url = (info.host, info.port, "/?" + query)
+                body = local_tests.wait_until(lambda url=url: fetch(*url), 30, "the probe")
+                results[egress] = json.loads(body)["connect"]
+            finally:
+                for replica in engine.list():
+                    engine.stop(replica.replica_id, grace=0)
+                engine.cleanup_orphans()
+    veth = next(iter(results["allow"]))  # the host's end of the replica's veth
+    assert results["allow"][veth].startswith("ok"), results  # so the refusals below mean it
+    assert not any(result.startswith("ok") for result in results["deny"].values()), results
+    rules = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True, check=True).stdout
+    assert f"modelserve-egress {local_tests.PREFIX}" not in rules  # gone with the last replica
+
+
 # --- refused where users set them (defence in depth) ------------------------------------------------
 
 LOADER_NAMES = ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH", "GLIBC_TUNABLES", "LOCPATH"]
