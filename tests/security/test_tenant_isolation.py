@@ -5,7 +5,11 @@ tenant, each tried for real and shown not to work.
   replica of service A can not reach service B's replica by its container address, nor by the
   port published on the node's address (that would skip the proxy's tokens); with
   ``SERVING_REPLICA_EGRESS=deny`` it reaches none of the host's addresses either, while the
-  proxy's way in, the published port, still works.
+  proxy's way in, the published port, still works, and cluster members still reach each other.
+  The local engine's sandboxes, with deny, do not reach the host either.
+* Docker: a replica runs as nobody, so what it writes on a read-write mount is not root's; the
+  setuid bits it sets there are cleared when it stops (on both engines); what it wrote counts
+  against the folder's quota at the next upload.
 * Local engine: a user's environment (``LD_PRELOAD`` of a shared object uploaded into the model
   folder, ``PATH``, ``BASH_ENV``, ...) must never reach the prelude that runs as uid 0 with
   CHOWN/SETUID/SETGID before the sandbox drops to ``nobody``: the shared object's constructor must
@@ -159,6 +163,61 @@ def test_a_setuid_root_file_on_an_extra_mount_gives_the_replica_no_privileges(
     assert {"nosuid", "nodev"} <= set(data_mount.split()[5].split(",")), data_mount
     lines = list(local_engine.logs(info.replica_id))
     assert "[prestart] action 0 (run_command) out: 65534" in lines, lines
+
+
+@pytest.mark.docker
+def test_with_egress_denied_cluster_members_still_reach_each_other_and_not_the_host(
+    docker_client: Any,  # noqa: F811
+    bootstrap_path: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    import http.server
+
+    from serving.engines.base import LABEL_ROLE, LABEL_ROUTE, ClusterPeering
+    from serving.engines.docker import DockerEngine
+
+    address = host_address()
+    if address is None:
+        pytest.skip("this host has no address besides loopback to try")
+    host_server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=host_server.serve_forever, daemon=True).start()
+    engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", egress="deny")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "peer.py").write_text(docker_tests.PEER_SERVER)
+    key = str(uuid.uuid4())
+
+    def member(host: str) -> Any:
+        return docker_tests.make_spec(
+            model,
+            command=("python3", "/models/peer.py"),
+            env={"BACKENDAI_CLUSTER_HOST": host},
+            labels={
+                LABEL_ROUTE: key,
+                LABEL_ROLE: "main" if host == "main1" else host,
+                docker_tests.TEST_LABEL: docker_tests.RUN_ID,
+            },
+            cluster=ClusterPeering(key=key, host=host, hosts=("main1", "sub1")),
+        )
+
+    started = []
+    try:
+        started.append(engine.start(member("main1")))
+        started.append(engine.start(member("sub1")))
+        main, sub = started
+        for info in started:
+            docker_tests.wait_until(lambda info=info: fetch("127.0.0.1", info.port, "/whoami"), 30, "a member")
+        assert fetch("127.0.0.1", main.port, "/fetch?url=http://sub1:8000/whoami") == "sub1"
+        assert fetch("127.0.0.1", sub.port, "/fetch?url=http://main1:8000/whoami") == "main1"
+        host_url = f"http://{address}:{host_server.server_address[1]}/"
+        assert urllib.request.urlopen(host_url, timeout=5).status == 200  # the host itself answers
+        assert (fetch("127.0.0.1", main.port, f"/fetch?url={host_url}") or "").startswith("failed:")
+    finally:
+        for info in started:
+            engine.stop(info.replica_id, grace=0)
+        host_server.shutdown()
+    rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+    assert engine._bridge_name(f"ms-cluster-{key}") not in rules  # gone with the cluster's network
 
 
 @needs_local
