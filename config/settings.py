@@ -245,6 +245,14 @@ ENGINE_STATE_DIR = Path(env_str("ENGINE_STATE_DIR", str(VAR_DIR / "engine")))
 # keep them root without capabilities). An engine not running as root runs them as its own user.
 LOCAL_ENGINE_UID = env_int("LOCAL_ENGINE_UID", 65534, minimum=0)
 LOCAL_ENGINE_GID = env_int("LOCAL_ENGINE_GID", 65534, minimum=0)
+# Who Docker replicas run as, whatever the image says (nobody/nogroup by default): what they write
+# on read-write mounts is not root's on the host. 0 and 0 keep them root without capabilities.
+DOCKER_REPLICA_UID = env_int("DOCKER_REPLICA_UID", 65534, minimum=0)
+DOCKER_REPLICA_GID = env_int("DOCKER_REPLICA_GID", 65534, minimum=0)
+# What replicas may open connections to besides their own network: "allow" = whatever the host
+# reaches on Docker (never another replica), the host only on the local engine; "deny" = nothing,
+# not even the host (firewall rules: root and iptables).
+SERVING_REPLICA_EGRESS = env_choice("SERVING_REPLICA_EGRESS", "allow", {"allow", "deny"})
 
 # --- REST API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

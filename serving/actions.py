@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import Project, User
-from serving import slots, tokens
+from serving import definitions, slots, tokens
 from serving.models import (
     AutoScalingRule,
     Endpoint,
@@ -215,6 +215,8 @@ def _check_environ(environ: Mapping[str, Any]) -> dict[str, str]:
             raise ValidationError(
                 {"environ": f"{key!r} is not a valid environment variable name (letters, digits, _)."}
             )
+        if problem := definitions.loader_variable_problem(key):
+            raise ValidationError({"environ": problem})
         if isinstance(value, (dict, list)) or value is None:
             raise ValidationError({"environ": f"{key}: the value must be a string."})
         text = str(value).lower() if isinstance(value, bool) else str(value)

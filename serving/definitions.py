@@ -63,6 +63,27 @@ MODEL_PATH_PLACEHOLDER = "{model_path}"
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+# glibc's "unsecure" variables (sysdeps/generic/unsecvars.h) that make the dynamic loader or libc
+# load code, or read or write files, named by whoever set them: in a privileged process that is
+# the user's code running as root. The engines hand users' variables only to the replica's own,
+# unprivileged process; refusing these where users set them is defence in depth (issue 13). Left
+# out on purpose: TMPDIR and TZDIR (no code is loaded; servers legitimately set them) and the
+# MALLOC_* tunables other than MALLOC_TRACE (which writes a file).
+LOADER_VARIABLES = frozenset(
+    {
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "GLIBC_TUNABLES",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "MALLOC_TRACE",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+    }
+)
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,18}\Z")
 _FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,3})?\Z")
 _ACCELERATOR_KEY = re.compile(r"[a-z][a-z0-9_-]{0,31}\.[a-z][a-z0-9_-]{0,31}\Z")
@@ -1192,6 +1213,8 @@ class _Service:
                 self.c.add(
                     where, "is not a valid environment variable name; use letters, digits and _ (not first a digit)"
                 )
+            elif problem := loader_variable_problem(key):
+                self.c.add(where, problem)
             elif isinstance(value, bool):
                 out[key] = "true" if value else "false"
             elif isinstance(value, str):
@@ -1204,6 +1227,21 @@ class _Service:
             else:
                 self.c.add(where, f"must be a string, number or true/false, got {_show(value)}; put it in quotes")
         return out
+
+
+def loader_variable_problem(name: str) -> str | None:
+    """Why the environment variable ``name`` is refused in a service's environment, as a sentence
+    that names it, or None. ``LD_*`` (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, ...) and glibc's other
+    loader variables would make every program of the replica, the platform's own privileged
+    start-up steps included, load code or files the user chose."""
+    if not (name.startswith("LD_") or name in LOADER_VARIABLES):
+        return None
+    return (
+        f"{name} is refused: it makes the dynamic loader or the C library load code or files it names "
+        "into every program of the replica, the platform's own start-up steps included. Set it inside "
+        f"the start command instead (for example `env {name}=... python3 server.py`), where it reaches "
+        "only your server."
+    )
 
 
 def parse_service_definition(data: bytes | str, file: str = SERVICE_DEFINITION_NAME) -> ServiceDefinition:

@@ -74,7 +74,12 @@ def _make_engine(choice: str) -> Engine:
             DockerEngine = None  # type: ignore[assignment,misc]
         docker_engine = (
             DockerEngine(
-                state_dir=state_dir / "docker", installation=settings.REDIS_PREFIX, publish_host=settings.NODE_ADDRESS
+                state_dir=state_dir / "docker",
+                installation=settings.REDIS_PREFIX,
+                publish_host=settings.NODE_ADDRESS,
+                egress=settings.SERVING_REPLICA_EGRESS,
+                uid=settings.DOCKER_REPLICA_UID,
+                gid=settings.DOCKER_REPLICA_GID,
             )
             if DockerEngine is not None
             else None
@@ -91,7 +96,10 @@ def _make_engine(choice: str) -> Engine:
             settings.NODE_ADDRESS,
         )
     return LocalEngine(
-        state_dir=state_dir / f"local-{node_name()}", uid=settings.LOCAL_ENGINE_UID, gid=settings.LOCAL_ENGINE_GID
+        state_dir=state_dir / f"local-{node_name()}",
+        uid=settings.LOCAL_ENGINE_UID,
+        gid=settings.LOCAL_ENGINE_GID,
+        egress=settings.SERVING_REPLICA_EGRESS,
     )
 
 

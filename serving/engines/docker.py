@@ -9,8 +9,26 @@ worker that restarts finds its replicas again with ``list()`` (DESIGN.md §3). C
   and every stop waits the whole grace period;
 * locked down: every capability dropped, ``no-new-privileges``, a pids limit, never privileged,
   never the host network, and the Docker socket (or a folder holding it) can not be mounted;
+* not root (issue 13): replicas run as ``uid``:``gid`` (65534, nobody/nogroup, by default; settings
+  ``DOCKER_REPLICA_UID``/``_GID``), whatever user the image names, so what they write on a
+  read-write mount is not root's on the host and a read-write mount is writable only where the
+  folder's modes let that user write (as on the local engine). ``/home/work`` is a private tmpfs
+  owned by that user (the image's one belongs to root), ``HOME`` points there. When a replica
+  stops, setuid/setgid bits of files on its read-write mounts are cleared (``mounts.py``);
 * the server's port is published on 127.0.0.1 (a setting) at a host port the engine picks, so
   replicas of one service never collide and ports are never exhausted (S4.3, S10);
+* tenants apart (issue 13): replicas are never on Docker's default bridge, where every container
+  reaches every other. A plain replica joins the installation's replica network
+  (``ms-replicas[-<installation>]``), a bridge with inter-container communication off, so it
+  reaches no other replica (of another service or its own) by its address there, while the proxy
+  reaches it through its published port. Docker keeps different bridges apart, so other containers
+  on the daemon do not reach it either. With ``egress="deny"`` (``SERVING_REPLICA_EGRESS``) the
+  replica and cluster networks' bridges get iptables rules dropping every connection a replica
+  opens to anything outside its own network: the host's addresses (INPUT) and everything the host
+  routes to (DOCKER-USER); answers on the published ports still flow. Docker's ``internal``
+  networks would do that too, but Docker publishes no port of a container on one. Either way a
+  replica can not open a connection to the node's own address: replicas' ports are published
+  there, and a replica calling another service's replica that way would skip the proxy's tokens;
 * cluster mode (S4.1): the members of one cluster share a user-defined bridge network of their own
   (``ms-cluster-<route>``, made with the first member, removed with the last) where each has its
   host name (main1, sub1, ...) as alias, as on Backend.AI; a sub's ``BACKENDAI_CLUSTER_MAIN_ADDR``
@@ -31,11 +49,16 @@ from __future__ import annotations
 import builtins
 import codecs
 import contextlib
+import hashlib
+import ipaddress
 import json
+import logging
 import math
 import os
+import shlex
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -48,6 +71,7 @@ import requests
 from docker.types import DeviceRequest, EndpointConfig, LogConfig
 from docker.types import Mount as DockerMount
 
+from serving.engines import mounts as mount_hygiene
 from serving.engines.base import (
     LABEL_INSTALLATION,
     LABEL_ROLE,
@@ -62,6 +86,8 @@ from serving.engines.base import (
     ReplicaStats,
 )
 
+log = logging.getLogger(__name__)
+
 BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
 BOOTSTRAP_DIR = "/opt/modelserve"  # where the runner and its plan appear inside the container
 BOOTSTRAP_FAILED = 97  # bootstrap.py's exit code for "a pre-start action failed"
@@ -69,10 +95,22 @@ DEFAULT_STATE_DIR = Path(__file__).resolve().parents[2] / "var" / "engine" / "do
 API_TIMEOUT = 30.0
 PING_TIMEOUT = 2.0
 PIDS_LIMIT = 1024
+DEFAULT_UID = DEFAULT_GID = 65534  # nobody/nogroup: owns no file of the host
+MAX_ID = 4_294_967_294
+HOME = "/home/work"
 MIB = 1 << 20
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
 CLUSTER_NETWORK_PREFIX = "ms-cluster-"
+REPLICA_NETWORK = "ms-replicas"  # + "-<installation>": every plain replica's network
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+EGRESS_CHOICES = ("allow", "deny")
+# Every iptables rule the engine adds carries this comment and its bridge's name, so the rules of
+# a removed network are found and removed with it.
+RULE_COMMENT = "modelserve-replicas "
+HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABEL_CLUSTER = "serving.cluster"  # on a cluster's network: the route (key) it belongs to
+LABEL_NETWORK = "serving.network"  # on the replica network: "replicas"
 BUILD_HINT = (
     "build it on this node with `make image` (scripts/build-image.sh, for modelserve/python:3.11) "
     "or load it with `docker load -i IMAGE.tar` / `docker pull IMAGE` by hand; "
@@ -185,6 +223,10 @@ class DockerEngine:
         timeout: float = API_TIMEOUT,
         ping_timeout: float = PING_TIMEOUT,
         installation: str = "",
+        egress: str = "allow",
+        replica_network: str | None = None,
+        uid: int = DEFAULT_UID,
+        gid: int = DEFAULT_GID,
     ) -> None:
         """
         ``client_factory`` is called with ``timeout=`` (seconds) and must return a DockerClient.
@@ -193,7 +235,24 @@ class DockerEngine:
         ``gpus``: the node has NVIDIA GPUs and the NVIDIA runtime; without it cuda.* slots are refused.
         ``cap_add``: capabilities an installation's images need back (none for ours).
         ``installation``: labels every container with it and lists only those that carry it.
+        ``egress``: "allow" (replicas reach what the host reaches, but not other replicas) or "deny"
+        (replicas reach nothing outside their own network; needs root and iptables on the node).
+        ``replica_network``: the network plain replicas join (default ms-replicas[-<installation>]).
+        ``uid``/``gid``: who replicas run as (0 and 0: root without capabilities, not for tenants).
         """
+        for what, value, setting in (("uid", uid, "DOCKER_REPLICA_UID"), ("gid", gid, "DOCKER_REPLICA_GID")):
+            if not 0 <= value <= MAX_ID:
+                raise EngineError(
+                    f"The Docker replicas' {what} {value} is not a valid {what}; set {setting} to a number "
+                    f"from 0 to {MAX_ID} (65534 is nobody/nogroup)."
+                )
+        self.uid, self.gid = uid, gid
+        if egress not in EGRESS_CHOICES:
+            raise EngineError(f"SERVING_REPLICA_EGRESS={egress!r} is not one of {', '.join(EGRESS_CHOICES)}.")
+        self.egress = egress
+        self.replica_network = replica_network or (
+            f"{REPLICA_NETWORK}-{installation}" if installation else REPLICA_NETWORK
+        )
         self._client_factory = client_factory
         self.bootstrap_path = Path(bootstrap_path) if bootstrap_path is not None else BOOTSTRAP
         self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
@@ -206,6 +265,9 @@ class DockerEngine:
         self.installation = installation
         self._client_lock = threading.Lock()
         self._client_instance: docker.DockerClient | None = None
+        self._iptables = shutil.which("iptables", path=HOST_PATH)
+        self._rules_lock = threading.Lock()
+        self._warned_unguarded = False
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -267,10 +329,20 @@ class DockerEngine:
             entrypoint, command = argv[:1], argv[1:]
         # else: the image's own entrypoint and command (NIM, "Predefined Image Command").
 
+        environment = dict(spec.env)
+        tmpfs: dict[str, str] = {}
+        if not any(os.path.normpath(m.target) == HOME for m in spec.mounts):
+            # The image's /home/work belongs to root: the replica's user gets a private one, as on
+            # the local engine (in memory, so it counts against the memory limit).
+            tmpfs[HOME] = f"exec,uid={self.uid},gid={self.gid},mode=0755"
+        # The user's passwd entry, if the image has one, would say /nonexistent (nobody's).
+        environment.setdefault("HOME", HOME)
         kwargs: dict[str, Any] = {
             "name": spec.name,
             "labels": labels,
-            "environment": dict(spec.env),
+            "environment": environment,
+            "user": f"{self.uid}:{self.gid}",
+            "tmpfs": tmpfs or None,
             "entrypoint": entrypoint,
             "command": command,
             "working_dir": spec.workdir or None,
@@ -283,7 +355,6 @@ class DockerEngine:
             "cap_drop": ["ALL"],
             "cap_add": list(self.cap_add) or None,
             "privileged": False,
-            "network_mode": "bridge",
             # Bounded logs: a chatty server must not fill the node's disk.
             "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
         }
@@ -299,9 +370,10 @@ class DockerEngine:
         container = None
         network: str | None = None
         try:
-            if spec.cluster is not None:
+            if spec.cluster is None:
+                network = kwargs["network"] = self._replica_network(client)
+            else:
                 network = self._cluster_network(client, spec.cluster)
-                del kwargs["network_mode"]
                 kwargs["network"] = network
                 kwargs["networking_config"] = {
                     network: EndpointConfig(client.api._version, aliases=[spec.cluster.host])
@@ -309,7 +381,14 @@ class DockerEngine:
                 kwargs["environment"].update(self._peer_env(client, spec.cluster, network, spec.port))
             with self._errors(f"create the container {spec.name}"):
                 try:
-                    container = client.containers.create(spec.image, **kwargs)
+                    try:
+                        container = client.containers.create(spec.image, **kwargs)
+                    except docker.errors.NotFound as exc:
+                        # The last replica of the network stopped meanwhile and took it along.
+                        if spec.cluster is not None or "network" not in _explain(exc):
+                            raise
+                        network = kwargs["network"] = self._replica_network(client)
+                        container = client.containers.create(spec.image, **kwargs)
                 except docker.errors.ImageNotFound as exc:  # removed since we looked it up
                     raise ImageNotFound(f"The image {spec.image} is not on this node; {BUILD_HINT}.") from exc
                 except docker.errors.APIError as exc:
@@ -340,10 +419,17 @@ class DockerEngine:
         except ReplicaNotFound:
             return
         plan_dirs = self._plan_dirs(container)
+        writable = [
+            str(m.get("Source"))
+            for m in container.attrs.get("Mounts") or []
+            if m.get("Type") == "bind" and m.get("RW") and m.get("Source")
+        ]
         networks = [
             name
             for name in ((container.attrs.get("NetworkSettings") or {}).get("Networks") or {})
-            if name.startswith(CLUSTER_NETWORK_PREFIX)
+            # Any installation's replica network: an engine of another installation (stop_replicas,
+            # a test) may stop the last replica of one.
+            if name.startswith((CLUSTER_NETWORK_PREFIX, REPLICA_NETWORK)) or name == self.replica_network
         ]
         with self._errors(f"stop replica {replica_id}"):
             with contextlib.suppress(docker.errors.NotFound):
@@ -359,6 +445,9 @@ class DockerEngine:
                     raise
         for path in plan_dirs:
             shutil.rmtree(path, ignore_errors=True)
+        for source in writable:
+            # Gone, so it can set no bit again: what it left is made harmless for the host.
+            mount_hygiene.strip_setid_bits(source)
         for name in networks:
             self._remove_network_if_unused(self._client(), name)
 
@@ -432,24 +521,127 @@ class DockerEngine:
                 infos.append(self._info(container))
         return infos
 
-    # --- cluster networks -------------------------------------------------------------------------
+    # --- networks ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _bridge_name(network: str) -> str:
+        """The host interface of one of our networks: named by us, so firewall rules can name it
+        before and after Docker's own id is known (15 characters at most, the kernel's limit)."""
+        return "msr" + hashlib.sha256(network.encode()).hexdigest()[:12]
+
+    def _ensure_network(self, client: docker.DockerClient, name: str, labels: Mapping[str, str], icc: bool) -> str:
+        """Make the bridge network ``name`` unless it exists, then its firewall rules."""
+        bridge = self._bridge_name(name)
+        with self._errors(f"make the network {name}"):
+            # The daemon's name filter matches parts of names too.
+            found = [n for n in client.networks.list(names=[name]) if n.name == name]
+            if found:
+                options = found[0].attrs.get("Options") or {}
+                bridge = options.get(BRIDGE_NAME_OPTION) or f"br-{found[0].id[:12]}"
+                if not icc and options.get(ICC_OPTION) != "false":
+                    raise EngineError(
+                        f"The network {name} lets its containers reach each other; remove it "
+                        f"(`docker network rm {name}`) so the platform makes it again with that switched off."
+                    )
+            else:
+                options = {BRIDGE_NAME_OPTION: bridge}
+                if not icc:
+                    options[ICC_OPTION] = "false"
+                labels = {**labels, **({LABEL_INSTALLATION: self.installation} if self.installation else {})}
+                try:
+                    client.networks.create(name, driver="bridge", options=options, labels=labels, check_duplicate=True)
+                except docker.errors.APIError:
+                    # Another replica made it meanwhile: Docker says so with a 409, or (the bridge's
+                    # name is ours, so a second network of that name can never be made) with
+                    # "networks have same bridge name".
+                    if not any(n.name == name for n in client.networks.list(names=[name])):
+                        raise
+        self._guard_bridge(bridge)
+        return name
+
+    def _replica_network(self, client: docker.DockerClient) -> str:
+        """The network of plain replicas: one bridge, no traffic between its containers."""
+        return self._ensure_network(client, self.replica_network, {LABEL_NETWORK: "replicas"}, icc=False)
 
     def _cluster_network(self, client: docker.DockerClient, cluster: ClusterPeering) -> str:
         """The cluster's own bridge network, made by whichever member comes first."""
         name = f"{CLUSTER_NETWORK_PREFIX}{cluster.key}"
-        labels = {LABEL_CLUSTER: cluster.key}
-        if self.installation:
-            labels[LABEL_INSTALLATION] = self.installation
-        with self._errors(f"make the cluster network {name}"):
-            # The daemon's name filter matches parts of names too.
-            if any(n.name == name for n in client.networks.list(names=[name])):
-                return name
-            try:
-                client.networks.create(name, driver="bridge", labels=labels, check_duplicate=True)
-            except docker.errors.APIError as exc:
-                if exc.status_code != 409:  # another member made it meanwhile
-                    raise
-        return name
+        return self._ensure_network(client, name, {LABEL_CLUSTER: cluster.key}, icc=True)
+
+    # --- firewall rules of our bridges --------------------------------------------------------------
+
+    def _guarded_address(self) -> str | None:
+        """The node's address replicas' ports are published on, unless it is a loopback one (a
+        container's 127.0.0.1 is its own: it never reaches the host's)."""
+        try:
+            loopback = ipaddress.ip_address(self.publish_host).is_loopback
+        except ValueError:
+            return None
+        return None if loopback else self.publish_host
+
+    def _bridge_rules(self, bridge: str) -> builtins.list[builtins.list[str]]:
+        """The rules (chain first) that keep the replicas on ``bridge`` where they belong."""
+        comment = ["-m", "comment", "--comment", f"{RULE_COMMENT}{bridge}"]
+        new = ["-m", "conntrack", "--ctstate", "NEW"]
+        rules: builtins.list[builtins.list[str]] = []
+        if self.egress == "deny":
+            # Connections the replicas open to the host itself (any of its addresses), and to
+            # whatever the host routes to. Answers to connections made to them are not NEW.
+            rules.append(["INPUT", "-i", bridge, *new, *comment, "-j", "DROP"])
+            rules.append([self._forward_chain(), "-i", bridge, "!", "-o", bridge, *new, *comment, "-j", "DROP"])
+        elif (address := self._guarded_address()) is not None:
+            rules.append(["INPUT", "-i", bridge, "-d", f"{address}/32", *new, *comment, "-j", "DROP"])
+        return rules
+
+    def _forward_chain(self) -> str:
+        # Docker jumps to DOCKER-USER first in FORWARD, before its own accepts; without it
+        # (dockerd --iptables=false) our rule goes first in FORWARD itself.
+        return "DOCKER-USER" if self._iptables_run("-S", "DOCKER-USER", check=False).returncode == 0 else "FORWARD"
+
+    def _iptables_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        if self._iptables is None or os.geteuid() != 0:
+            raise EngineError(
+                "SERVING_REPLICA_EGRESS=deny (and a NODE_ADDRESS other than 127.0.0.1) need firewall rules "
+                "on the node: run the node worker as root with iptables installed (`apt-get install iptables`)."
+            )
+        done = subprocess.run([self._iptables, "-w", "5", *args], capture_output=True, text=True, check=False)
+        if check and done.returncode != 0:
+            raise EngineError(f"The firewall rule `iptables {' '.join(args)}` failed: {done.stderr.strip()}.")
+        return done
+
+    def _guard_bridge(self, bridge: str) -> None:
+        """Add the bridge's rules that are missing (idempotent; several workers may race here)."""
+        rules = self._bridge_rules(bridge)
+        if not rules:
+            return
+        if self.egress == "allow" and (self._iptables is None or os.geteuid() != 0):
+            # Hardening only, not a switch someone turned on: a worker that is not root (the docker
+            # group is enough for Docker) keeps starting replicas, and says once what is missing.
+            if not self._warned_unguarded:
+                self._warned_unguarded = True
+                log.warning(
+                    "Docker replicas can open connections to NODE_ADDRESS=%s, where other replicas' ports "
+                    "are published: run the node worker as root with iptables so the engine can stop that.",
+                    self.publish_host,
+                )
+            return
+        with self._rules_lock:
+            for chain, *rule in rules:
+                if self._iptables_run("-C", chain, *rule, check=False).returncode != 0:
+                    self._iptables_run("-I", chain, "1", *rule)
+
+    def _unguard_bridge(self, bridge: str) -> None:
+        """Remove every rule of ours that names ``bridge`` (its network is gone)."""
+        if self._iptables is None or os.geteuid() != 0:
+            return
+        with self._rules_lock:
+            for chain in ("INPUT", "DOCKER-USER", "FORWARD"):
+                listed = self._iptables_run("-S", chain, check=False)
+                for line in listed.stdout.splitlines():
+                    if f'"{RULE_COMMENT}{bridge}"' in line or f"{RULE_COMMENT}{bridge} " in line:
+                        words = shlex.split(line)
+                        if words[:2] == ["-A", chain]:
+                            self._iptables_run("-D", *words[1:], check=False)
 
     def _peer_env(
         self, client: docker.DockerClient, cluster: ClusterPeering, network: str, port: int
@@ -472,14 +664,19 @@ class DockerEngine:
         return {}
 
     def _remove_network_if_unused(self, client: docker.DockerClient, name: str) -> None:
-        """Remove a cluster network once no container is attached any more (its last member)."""
+        """Remove a cluster network once no container is attached any more (its last member), and
+        the replica network with its last replica: each network holds one of the daemon's few
+        address pools (about 30 by default), so none is left behind for ever."""
         with contextlib.suppress(Exception):
             for network in client.networks.list(names=[name]):
                 if network.name != name:
                     continue
                 network.reload()
                 if not network.attrs.get("Containers"):
+                    bridge = (network.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION)
                     network.remove()
+                    if bridge:
+                        self._unguard_bridge(bridge)
 
     # --- helpers ----------------------------------------------------------------------------------
 

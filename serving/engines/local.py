@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from serving import prestart
+from serving.engines import mounts as mount_hygiene
 from serving.engines.base import (
     ClusterPeering,
     EngineError,
@@ -74,6 +75,10 @@ DEFAULT_PIDS_LIMIT = 1024
 BOOTSTRAP = Path(__file__).with_name("bootstrap.py")
 BOOTSTRAP_DIR = "/opt/modelserve"  # where the pre-start runner and its plan appear in the sandbox
 BOOTSTRAP_FAILED = prestart.BOOTSTRAP_FAILED_EXIT
+# The user's environment variables, handed to the replica's own process only (see _command).
+ENV_FILE_NAME = "environ"
+ENV_FILE = f"{BOOTSTRAP_DIR}/{ENV_FILE_NAME}"
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 JOIN_FAILED = 111  # the supervisor could not put the sandbox into its cgroups / rlimit, or hand it its home
 # Who replicas run as when the engine runs as root (nobody/nogroup: owns no file of the host).
 DEFAULT_UID = DEFAULT_GID = 65534
@@ -88,6 +93,7 @@ NET_REGISTRY = Path(os.environ.get("MODELSERVE_NET_REGISTRY", "/run/modelserve/n
 # every rule of one cluster carries, so a cluster's rules are found, replaced and swept by its key.
 PEER_CHAIN = "MODELSERVE-FWD"
 PEER_COMMENT = "modelserve-peer "
+EGRESS_COMMENT = "modelserve-egress "  # + the netns prefix: the INPUT rule of SERVING_REPLICA_EGRESS=deny
 PEER_ROUTE_PROTO = "static"  # how our routes inside a member's namespace are told from the kernel's
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -212,8 +218,14 @@ class LocalEngine:
         pids_limit: int = DEFAULT_PIDS_LIMIT,
         uid: int = DEFAULT_UID,
         gid: int = DEFAULT_GID,
+        egress: str = "allow",
     ) -> None:
         self.state_dir = Path(state_dir)
+        if egress not in ("allow", "deny"):
+            raise EngineError(f"SERVING_REPLICA_EGRESS={egress!r} is not one of allow, deny.")
+        # A sandbox has no route past the host anyway; "deny" also keeps it off the host's own
+        # addresses (services listening on 0.0.0.0), see _deny_host_input.
+        self.egress = egress
         for what, value, setting in (("uid", uid, "LOCAL_ENGINE_UID"), ("gid", gid, "LOCAL_ENGINE_GID")):
             if not 0 <= value <= MAX_ID:
                 raise EngineError(
@@ -247,6 +259,9 @@ class LocalEngine:
         self._pasta = shutil.which("pasta", path=HOST_PATH)
         self._iptables = shutil.which("iptables", path=HOST_PATH)
         self._setpriv = shutil.which("setpriv", path=HOST_PATH)
+        # The prelude runs as root: it calls its helpers by absolute path, never through a PATH.
+        self._chown = shutil.which("chown", path=HOST_PATH)
+        self._cat = shutil.which("cat", path=HOST_PATH)
 
     # --- availability -----------------------------------------------------------------------------
 
@@ -266,6 +281,8 @@ class LocalEngine:
                     "with `apt-get install util-linux` (or set LOCAL_ENGINE_UID=0 and LOCAL_ENGINE_GID=0 to "
                     "run them as root without capabilities)"
                 )
+            if self._drops_to_user and (self._chown is None or self._cat is None):
+                return "chown or cat is missing; install them with `apt-get install coreutils`"
             return None
         if self._pasta is None:
             return (
@@ -485,6 +502,34 @@ class LocalEngine:
         lines += f"netns del {self._netns(replica_id)}\n"
         _run(self._ip, "-force", "-batch", "-", stdin=lines, check=False)
 
+    # --- egress ---------------------------------------------------------------------------------
+
+    def _input_rule(self) -> list[str]:
+        """Drops every connection a sandbox opens to the host itself, through any of this engine's
+        host-side veths (``<prefix>h<block>``); answers to the host's own connections (health
+        checks, the proxy) are not NEW and pass."""
+        return [
+            "INPUT", "-i", f"{self.netns_prefix}h+", "-m", "conntrack", "--ctstate", "NEW",
+            "-m", "comment", "--comment", f"{EGRESS_COMMENT}{self.netns_prefix}", "-j", "DROP",
+        ]  # fmt: skip
+
+    def _deny_host_input(self) -> None:
+        if self._iptables is None:
+            raise EngineError(
+                "SERVING_REPLICA_EGRESS=deny needs iptables on the node to keep replicas off the host's "
+                "addresses; install it with `apt-get install iptables`."
+            )
+        chain, *rule = self._input_rule()
+        if self._iptables_run("-C", chain, *rule, check=False).returncode != 0:
+            self._iptables_run("-I", chain, "1", *rule)
+
+    def _allow_host_input(self) -> None:
+        """Remove the rule (no replica of this engine's prefix is left)."""
+        if self._iptables is not None:
+            chain, *rule = self._input_rule()
+            while self._iptables_run("-D", chain, *rule, check=False).returncode == 0:
+                pass
+
     # --- cluster peering --------------------------------------------------------------------------
     #
     # The members of one cluster (S4.1) reach each other, as on Backend.AI's cluster network, and
@@ -697,7 +742,8 @@ class LocalEngine:
         if not 0 < spec.port < 65536:
             raise EngineError(f"The port {spec.port} is not a TCP port (1-65535).")
         for key in spec.env:
-            if not key or "=" in key or "\0" in key or "\0" in spec.env[key]:
+            # A shell hands the variables to the replica (see _command): names must be its names.
+            if not ENV_NAME.fullmatch(key) or "\0" in spec.env[key]:
                 raise EngineError(f"The environment variable name {key!r} is not valid.")
         for mount in spec.mounts:
             target = os.path.normpath(mount.target)
@@ -754,10 +800,13 @@ class LocalEngine:
         if hosts_file:
             # Over the host's /etc/hosts: the cluster's host names (main1, sub1, ...) resolve.
             args += ["--ro-bind", str(replica_dir / "hosts"), "/etc/hosts"]
-        if with_plan:
+        if with_plan or self._drops_to_user:
             args += [*_parent_dirs(f"{BOOTSTRAP_DIR}/bootstrap.py")]
+        if with_plan:
             args += ["--ro-bind", str(BOOTSTRAP), f"{BOOTSTRAP_DIR}/bootstrap.py"]
             args += ["--ro-bind", str(replica_dir / "plan.json"), f"{BOOTSTRAP_DIR}/plan.json"]
+        if self._drops_to_user:
+            args += ["--ro-bind", str(replica_dir / ENV_FILE_NAME), ENV_FILE]
         # Parents before children, so a mount inside another one lands on top of it.
         for mount in sorted(spec.mounts, key=lambda m: os.path.normpath(m.target).count("/")):
             target = os.path.normpath(mount.target)
@@ -783,8 +832,10 @@ class LocalEngine:
             if self._drops_to_user:
                 for cap in PRELUDE_CAPS:
                     args += ["--cap-add", cap]
-        for key, value in spec.env.items():
-            args += ["--setenv", key, value]
+        if not self._drops_to_user:
+            # Nothing privileged runs before the replica's own process: it may have them at once.
+            for key, value in spec.env.items():
+                args += ["--setenv", key, value]
         return args
 
     def _command(self, spec: ReplicaSpec, notes: list[str]) -> tuple[list[str], bool]:
@@ -792,22 +843,38 @@ class LocalEngine:
         argv, with_plan = self._replica_command(spec, notes)
         if not self._drops_to_user:
             return argv, with_plan
-        assert self._setpriv is not None
+        assert self._setpriv is not None and self._chown is not None and self._cat is not None
         notes.append(f"runs as uid {self.uid}, gid {self.gid}")
         # As root with PRELUDE_CAPS: hand the home to the user, then become it for good. setpriv
         # execs in place, so the server keeps the pid the engine watches and signals.
+        #
+        # The prelude and every program it runs are root with CHOWN/SETUID/SETGID: not one byte of
+        # the user's environment may reach them, or LD_PRELOAD=/models/evil.so (or PATH, GCONV_PATH,
+        # BASH_ENV, ...) runs the user's code as root. So bwrap starts it with the engine's fixed
+        # environment only, it calls its helpers by absolute path, and it opens the user's variables
+        # (a root-only file, never on a command line the host's users could read) as fd 5 for the
+        # last step: a shell that already is the replica's user exports them and execs the server.
         owned = " ".join(shlex.quote(d) for d in self._home_dirs(spec))
-        prelude = 'exec "$@"'
+        prelude = (
+            f"exec 5< {ENV_FILE} || "
+            f"{{ echo '[engine] could not read the environment of the replica'; exit {JOIN_FAILED}; }}\n"
+            'exec "$@"'
+        )
         if owned:
             prelude = (
-                f"chown {self.uid}:{self.gid} {owned} || "
+                f"{self._chown} {self.uid}:{self.gid} {owned} || "
                 f"{{ echo '[engine] could not hand /home/work to uid {self.uid}'; exit {JOIN_FAILED}; }}\n{prelude}"
             )
         setpriv = [
             self._setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--",
         ]  # fmt: skip
-        return ["/bin/sh", "-c", prelude, "prelude", *setpriv, *argv], with_plan
+        handoff = (
+            f'eval "$({self._cat} <&5)" || '
+            f"{{ echo '[engine] could not set the environment variables of the replica'; exit {JOIN_FAILED}; }}\n"
+            'exec 5<&-\nexec "$@"'
+        )
+        return ["/bin/sh", "-c", prelude, "prelude", *setpriv, "/bin/sh", "-c", handoff, "sh", *argv], with_plan
 
     @staticmethod
     def _home_dirs(spec: ReplicaSpec) -> list[str]:
@@ -862,6 +929,8 @@ class LocalEngine:
             "network": {},
             "cgroups": {},
             "cluster": {"key": spec.cluster.key, "host": spec.cluster.host} if spec.cluster else None,
+            # Cleared of setuid/setgid bits when the replica stops (serving/engines/mounts.py).
+            "writable": [m.source for m in spec.mounts if not m.read_only],
         }
         notes: list[str] = []
         peering = self._peering_unavailable() if spec.cluster else None
@@ -882,6 +951,8 @@ class LocalEngine:
                         "host_if": self._host_if(index),
                     }
                     _write_atomic(replica_dir / "spec.json", json.dumps(meta))
+                    if self.egress == "deny":
+                        self._deny_host_input()
                     meta["host"] = self._setup_netns(replica_id, index)
                     if spec.cluster and meta["cluster"]:
                         self._join_cluster(registry, spec.cluster, replica_dir, meta["network"], meta["host"])
@@ -912,6 +983,8 @@ class LocalEngine:
                 _write_atomic(replica_dir / "plan.json", json.dumps(prestart.plan(spec)))
                 # Read by the replica's unprivileged user, whatever the worker's umask.
                 (replica_dir / "plan.json").chmod(0o644)
+            if self._drops_to_user:
+                self._write_environ(replica_dir / ENV_FILE_NAME, spec.env)
             bwrap_args = self._bwrap_args(spec, replica_dir, with_plan, hosts_file=bool(meta["cluster"]))
             (replica_dir / "args").write_bytes(b"".join(a.encode() + b"\0" for a in bwrap_args))
             (replica_dir / "cgroups").write_text("".join(p + "\n" for p in self._procs_files(meta["cgroups"])))
@@ -936,6 +1009,15 @@ class LocalEngine:
                 self._cleanup(replica_id, meta)
             raise
         return self.inspect(replica_id)
+
+    @staticmethod
+    def _write_environ(path: Path, env: Mapping[str, str]) -> None:
+        """The user's variables as shell assignments for the last step of the prelude, readable by
+        root only: they may hold secrets, and only the prelude (root) opens the file."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(handle.fileno(), 0o600)  # whatever the worker's umask or a leftover file said
+            handle.writelines(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
 
     def _launch(self, replica_dir: Path, command: list[str], env: dict[str, str]) -> None:
         launcher = subprocess.run(
@@ -1220,6 +1302,9 @@ class LocalEngine:
             if record is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(record[0], signal.SIGKILL)
+        for source in meta.get("writable") or []:
+            # Gone, so it can set no bit again: what it left is made harmless for the host.
+            mount_hygiene.strip_setid_bits(str(source))
         self._cleanup(replica_id, meta)
 
     def _cleanup(self, replica_id: str, meta: Mapping[str, Any]) -> None:
@@ -1316,6 +1401,8 @@ class LocalEngine:
                     (registry / str(index)).unlink()
             live_ids = {owner.name for owner in live.values()}
             live_links = {self._host_if(index) for index in live}
+            if not any(Path(f"/sys/class/net/{link}").exists() for link in live_links):
+                self._allow_host_input()  # a leftover of a deny engine with no replica left
             removed += self._sweep_clusters(registry)
             prefix = f"{self.netns_prefix}-"
             for line in _run(self._ip, "netns", "list", check=False).stdout.splitlines():
