@@ -134,11 +134,11 @@ def main() -> None:
     ref = reference.measure()
     with tempfile.TemporaryDirectory(prefix="bench-autoscale-") as tmp:
         setup_django(Path(tmp))
-        from serving import metrics, routing, tasks
+        from serving import dispatch, metrics, routing
         from serving.models import Endpoint, ScalingEvent
 
         kicked = [0]
-        tasks.enqueue_reconcile = lambda endpoint_id: kicked.__setitem__(0, kicked[0] + 1)  # type: ignore[assignment]
+        dispatch.enqueue_reconcile = lambda endpoint_id: kicked.__setitem__(0, kicked[0] + 1)  # type: ignore[assignment]
         now = time.time()
         ids = build(args.endpoints, now)
         try:

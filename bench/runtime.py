@@ -164,7 +164,7 @@ def docker_unavailable(workdir: Path) -> str | None:
 def bench_reconcile_tick(endpoints: int, routes_per: int) -> dict[str, float]:
     from django.utils import timezone
 
-    from serving import lifecycle, routing, tasks
+    from serving import dispatch, events, lifecycle, routing
     from serving.models import Endpoint, Node, Route
 
     owner = make_owner()
@@ -196,9 +196,9 @@ def bench_reconcile_tick(endpoints: int, routes_per: int) -> dict[str, float]:
         for n in range(routes_per)
     )
     sent = {"start": 0, "stop": 0, "changed": 0}
-    tasks.send_start = lambda route: sent.__setitem__("start", sent["start"] + 1)  # type: ignore[assignment]
-    tasks.send_stop = lambda route, countdown=0.0: sent.__setitem__("stop", sent["stop"] + 1)  # type: ignore[assignment]
-    tasks.after_routes_changed = lambda endpoint_id: sent.__setitem__("changed", sent["changed"] + 1)  # type: ignore[assignment]
+    dispatch.send_start = lambda route: sent.__setitem__("start", sent["start"] + 1)  # type: ignore[assignment]
+    dispatch.send_stop = lambda route, countdown=0.0: sent.__setitem__("stop", sent["stop"] + 1)  # type: ignore[assignment]
+    events.after_routes_changed = lambda endpoint_id: sent.__setitem__("changed", sent["changed"] + 1)  # type: ignore[assignment]
 
     def tick() -> tuple[float, float]:
         Node.objects.filter(pk=node.pk).update(heartbeat_at=timezone.now())

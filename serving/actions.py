@@ -18,7 +18,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import Project, User
-from serving import definitions, slots, tokens
+from serving import definitions, dispatch, events, slots, tokens
+from serving.events import record_event
 from serving.models import (
     AutoScalingRule,
     Endpoint,
@@ -26,7 +27,6 @@ from serving.models import (
     Node,
     ResourcePreset,
     Route,
-    ServiceEvent,
 )
 from serving.runtimes import RUNTIMES
 from storage.models import Folder
@@ -59,53 +59,11 @@ MODIFIABLE_FIELDS = REPLACING_FIELDS | {
 }
 
 
-def record_event(
-    endpoint: Endpoint | None,
-    kind: str,
-    message: str,
-    *,
-    actor: User | None = None,
-    level: str = ServiceEvent.Level.INFO,
-    route_id: Any = None,
-    data: Mapping[str, Any] | None = None,
-) -> ServiceEvent:
-    """Append one line to a service's audit/lifecycle log."""
-    event = new_event(endpoint, kind, message, actor=actor, level=level, route_id=route_id, data=data)
-    event.save(force_insert=True)
-    return event
-
-
-def new_event(
-    endpoint: Endpoint | None,
-    kind: str,
-    message: str,
-    *,
-    actor: User | None = None,
-    level: str = ServiceEvent.Level.INFO,
-    route_id: Any = None,
-    data: Mapping[str, Any] | None = None,
-) -> ServiceEvent:
-    """The line ``record_event`` appends, not yet saved: loops that log many lines in one
-    transaction (the reconcile and autoscaling ticks) write them with one ``bulk_create``."""
-    return ServiceEvent(
-        endpoint=endpoint,
-        kind=kind,
-        message=message,
-        actor=actor if actor is not None and actor.is_authenticated else None,
-        level=level,
-        route_id=route_id,
-        data=dict(data or {}),
-    )
-
-
 def _kick(endpoint_id: Any) -> None:
     """Reconcile the endpoint right after the commit instead of waiting for the next beat tick,
     and tell open pages (services list, service page) that it changed."""
-    from serving import tasks
-    from serving.consumers import notify_endpoint_changed
-
-    transaction.on_commit(lambda: tasks.enqueue_reconcile(str(endpoint_id)))
-    transaction.on_commit(lambda: notify_endpoint_changed(str(endpoint_id)))
+    transaction.on_commit(lambda: dispatch.enqueue_reconcile(str(endpoint_id)))
+    transaction.on_commit(lambda: events.notify_endpoint_changed(str(endpoint_id)))
 
 
 # --- validation shared by create and modify ------------------------------------------------------
@@ -484,7 +442,7 @@ def do_validate_service(*, acting_user: User, timeout: float | None = None, **fi
 
     Its events and log stream to the websocket ``/ws/validations/<id>/`` until ``finished``.
     """
-    from serving import scheduler, tasks, validation
+    from serving import scheduler, validation
 
     config = check_service_config(acting_user=acting_user, **fields)
     endpoint = _build(config, acting_user)
@@ -513,7 +471,7 @@ def do_validate_service(*, acting_user: User, timeout: float | None = None, **fi
     )
     validation.save_request(request)
     validation.publish(validation_id, "lifecycle", message=f"Validation queued on node {choice.node.name}.")
-    tasks.validate_service.apply_async(args=[validation_id], queue=choice.node.queue, retry=False)
+    dispatch.send_validation(validation_id, choice.node)
     return validation_id
 
 

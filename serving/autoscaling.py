@@ -337,9 +337,11 @@ def _apply_scaling(
     count (the rows are locked and their count checked against the one evaluated, then updated by
     (old, new) group with the same condition), and in bulk the decisions, the rules' states, the audit
     lines and, after the commit, a reconcile per scaled endpoint. Returns how many were scaled."""
+    # Imported here, not at the top: the evaluation above is pure and imports no Django.
     from django.db import transaction
 
-    from serving import actions, tasks
+    from serving import dispatch
+    from serving import events as audit
     from serving.models import AutoScalingRule, Endpoint, ScalingEvent, ServiceEvent
 
     with transaction.atomic():
@@ -389,7 +391,7 @@ def _apply_scaling(
             if acted:
                 winner = next(d for d in decisions if d.acted)
                 lines.append(
-                    actions.new_event(
+                    audit.new_event(
                         locked[endpoint_id],
                         "scaled",
                         f"Autoscaling: replicas {current} -> {new} ({winner.rule.source}:{winner.reason}).",
@@ -398,7 +400,7 @@ def _apply_scaling(
                 )
                 # Reconcile at once; the reconcile's route changes tell the open pages (a page update
                 # from here too would cost a channel-layer round trip per scaled service and tick).
-                transaction.on_commit(partial(tasks.enqueue_reconcile, str(endpoint_id)))
+                transaction.on_commit(partial(dispatch.enqueue_reconcile, str(endpoint_id)))
         ScalingEvent.objects.bulk_create(events, batch_size=500)
         AutoScalingRule.objects.bulk_update(triggered, ["last_decision", "last_triggered_at"], batch_size=500)
         for state, rule_ids in states.items():

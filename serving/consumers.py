@@ -13,61 +13,17 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from channels.layers import get_channel_layer
 from django.http import Http404
 from django.urls import path
+
+from serving.events import LIST_OPERATORS_GROUP, endpoint_group, list_owner_group, list_project_group
 
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
-
-
-def endpoint_group(endpoint_id: str) -> str:
-    return f"endpoint.{endpoint_id}"
-
-
-# The services list listens per principal: a user's own services, each of their projects', and (for
-# operators) everyone's. A change is sent to the groups of the service's owner and project only.
-LIST_OPERATORS_GROUP = "services.operators"
-
-
-def list_owner_group(user_id: object) -> str:
-    return f"services.owner.{user_id}"
-
-
-def list_project_group(project_id: object) -> str:
-    return f"services.project.{project_id}"
-
-
-def notify_endpoint_changed(endpoint_id: str) -> None:
-    """Tell every open service page and services list that the service or its routes changed (best effort)."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        async_to_sync(layer.group_send)(endpoint_group(endpoint_id), {"type": "service.changed"})
-        _notify_lists(layer, endpoint_id)
-    except Exception as exc:  # the channel layer is Redis: a page update is not worth failing for
-        log.debug("live update for endpoint %s not sent: %s", endpoint_id, exc)
-
-
-def _notify_lists(layer: Any, endpoint_id: str) -> None:
-    from serving.models import Endpoint
-
-    row = Endpoint.objects.filter(pk=endpoint_id).values_list("owner_id", "project_id").first()
-    if row is None:
-        return
-    owner_id, project_id = row
-    groups = [list_owner_group(owner_id), LIST_OPERATORS_GROUP]
-    if project_id is not None:
-        groups.append(list_project_group(project_id))
-    message = {"type": "services.changed", "id": str(endpoint_id)}
-    for group in groups:
-        async_to_sync(layer.group_send)(group, message)
 
 
 class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):

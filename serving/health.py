@@ -31,6 +31,7 @@ from typing import Any
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
+from serving import dispatch, events
 from serving.models import Endpoint, Route, RouteMember
 
 log = logging.getLogger(__name__)
@@ -114,14 +115,12 @@ def time_to_unhealthy(config: HealthConfig, after_healthy: bool) -> float:
 
 
 def _after_change(endpoint_id: str) -> None:
-    from serving import tasks
 
-    transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
+    transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
 
 
 def record_status(route_id: str, old_status: str, new: ProbeState, now: datetime, reason: str = "") -> bool:
     """Write a probe outcome with compare-and-set on the old status; returns True if it applied."""
-    from serving import actions, tasks
 
     with transaction.atomic():
         fields: dict[str, Any] = {
@@ -152,11 +151,11 @@ def record_status(route_id: str, old_status: str, new: ProbeState, now: datetime
                 Route.objects.filter(pk=route_id).update(healthy_since=now)
             # A replica that became healthy proves the configuration works: retries start over.
             Endpoint.objects.filter(pk=endpoint.pk).update(retries=0)
-            actions.record_event(endpoint, "route_healthy", f"Replica {route_id[:8]} is healthy.", route_id=route_id)
+            events.record_event(endpoint, "route_healthy", f"Replica {route_id[:8]} is healthy.", route_id=route_id)
         elif new.status == UNHEALTHY:
             if route.healthy_since is None:
                 endpoint.count_failed_start()
-            actions.record_event(
+            events.record_event(
                 endpoint,
                 "route_unhealthy",
                 f"Replica {route_id[:8]} is unhealthy: {reason}",
@@ -164,14 +163,13 @@ def record_status(route_id: str, old_status: str, new: ProbeState, now: datetime
                 route_id=route_id,
             )
             endpoint_id = str(endpoint.pk)
-            transaction.on_commit(lambda: tasks.enqueue_reconcile(endpoint_id))
+            transaction.on_commit(lambda: dispatch.enqueue_reconcile(endpoint_id))
         _after_change(str(endpoint.pk))
     return True
 
 
 def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
     """A replica's process ended on its own: mark it at once (not after the retries)."""
-    from serving import actions, tasks
 
     exit_code = getattr(info, "exit_code", None)
     engine_error = getattr(info, "error", "") or ""
@@ -190,7 +188,7 @@ def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
         endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
         if never_healthy:
             endpoint.count_failed_start()
-        actions.record_event(
+        events.record_event(
             endpoint,
             "route_exited",
             f"Replica {str(route.pk)[:8]}: {message}",
@@ -208,9 +206,9 @@ def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
 
             stop_all_members(route)
         else:
-            transaction.on_commit(lambda: tasks.send_stop(Route.objects.select_related("node").get(pk=route.pk)))
-        transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
-        transaction.on_commit(lambda: tasks.enqueue_reconcile(endpoint_id))
+            transaction.on_commit(lambda: dispatch.send_stop(Route.objects.select_related("node").get(pk=route.pk)))
+        transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
+        transaction.on_commit(lambda: dispatch.enqueue_reconcile(endpoint_id))
 
 
 def check_exited(route_id: str, now: datetime | None = None) -> bool:

@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from serving import faults, scheduler
+from serving import dispatch, events, faults, scheduler
 from serving.models import Endpoint, Node, Route, RouteMember, ServiceEvent
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ def _reconcile_locked(endpoint_ids: list[str], now: datetime, *, robust: bool) -
         clustered = waiting or any(e.cluster_size > 1 for e in endpoints)
         member_nodes = _member_nodes(route_ids) if route_ids and clustered else {}
         alive, lost = _node_states(now)
-        events: list[ServiceEvent] = []
+        lines: list[ServiceEvent] = []
         batch: list[_Work] = []
         for endpoint in endpoints:
             routes = routes_of[endpoint.pk]
@@ -370,26 +370,25 @@ def _reconcile_locked(endpoint_ids: list[str], now: datetime, *, robust: bool) -
             work = _Work(endpoint, plan(ev, rvs, now), routes)
             results[str(endpoint.pk)] = work.plan
             if not work.plan.is_empty():
-                _release(work, alive, now, events)
+                _release(work, alive, now, lines)
                 batch.append(work)
         placer = _Placer(now)
         for work in batch:
             for _ in range(work.plan.create):
-                placed = _place_route(work, placer, now, events)
+                placed = _place_route(work, placer, now, lines)
                 if placed is None:
                     break  # no node is alive: a later tick places them once one reports in
                 if placed.status == Route.Status.PROVISIONING:
                     work.to_start.append(placed)
         placer.save()
-        ServiceEvent.objects.bulk_create(events)
+        ServiceEvent.objects.bulk_create(lines)
         for work in batch:
             transaction.on_commit(partial(_after_commit, work), robust=robust)
     return results
 
 
-def _release(work: _Work, alive: set[int], now: datetime, events: list[ServiceEvent]) -> None:
+def _release(work: _Work, alive: set[int], now: datetime, lines: list[ServiceEvent]) -> None:
     """Execute the plan's parts that free or stop routes (and the endpoint's end), not placements."""
-    from serving import actions
 
     endpoint, result = work.endpoint, work.plan
     by_id = {str(r.pk): r for r in work.routes}
@@ -409,8 +408,8 @@ def _release(work: _Work, alive: set[int], now: datetime, events: list[ServiceEv
             )
         else:
             reason = "its stop was never confirmed"
-        events.append(
-            actions.new_event(
+        lines.append(
+            events.new_event(
                 endpoint,
                 "route_forgotten",
                 f"Replica {route_id[:8]} removed: {reason}.",
@@ -430,8 +429,8 @@ def _release(work: _Work, alive: set[int], now: datetime, events: list[ServiceEv
             },
         ):
             endpoint.count_failed_start()
-            events.append(
-                actions.new_event(
+            lines.append(
+                events.new_event(
                     endpoint,
                     "route_failed",
                     f"Replica {route_id[:8]} was never started by its node.",
@@ -446,8 +445,8 @@ def _release(work: _Work, alive: set[int], now: datetime, events: list[ServiceEv
             status=Route.Status.TERMINATING, updated_at=now
         ):
             work.to_stop.append((route, DRAIN_DELAY if route.status == Route.Status.HEALTHY else 0.0))
-            events.append(
-                actions.new_event(
+            lines.append(
+                events.new_event(
                     endpoint,
                     "route_draining",
                     f"Replica {route_id[:8]} ({route.status}) is being stopped.",
@@ -464,41 +463,39 @@ def _release(work: _Work, alive: set[int], now: datetime, events: list[ServiceEv
         Endpoint.objects.filter(pk=endpoint.pk).update(
             lifecycle=Endpoint.Lifecycle.DESTROYED, destroyed_at=now, updated_at=now
         )
-        events.append(
-            actions.new_event(endpoint, "destroyed", f"Service {endpoint.name!r} terminated; every replica is stopped.")
+        lines.append(
+            events.new_event(endpoint, "destroyed", f"Service {endpoint.name!r} terminated; every replica is stopped.")
         )
 
 
 def _after_commit(work: _Work) -> None:
-    from serving import tasks
 
     if work.to_start or work.to_stop:
         faults.crash_point("reconcile.committed")
     # The routing table first: a drained replica leaves the proxies before it is stopped.
     if not work.plan.is_empty():
-        tasks.after_routes_changed(str(work.endpoint.pk))
+        events.after_routes_changed(str(work.endpoint.pk))
     for route in work.to_start:
-        tasks.send_start(route)
+        dispatch.send_start(route)
     for route, delay in work.to_stop:
-        tasks.send_stop(route, countdown=delay)
+        dispatch.send_stop(route, countdown=delay)
 
 
 WAITING_EVENT_EVERY = timedelta(minutes=5)
 
 
-def _wait_for_a_node(endpoint: Endpoint, reason: str, now: datetime, events: list[ServiceEvent]) -> None:
+def _wait_for_a_node(endpoint: Endpoint, reason: str, now: datetime, lines: list[ServiceEvent]) -> None:
     """No node of the service's group is alive: place nothing and say so in its event log (at most
     every WAITING_EVENT_EVERY). Failing the replicas instead would make a restart of the whole
     product (workers up before the node's first heartbeat) look like failed starts, and count
     towards MAX_START_FAILURES."""
-    from serving import actions
 
     said = ServiceEvent.objects.filter(
         endpoint=endpoint, kind="waiting_for_node", created_at__gte=now - WAITING_EVENT_EVERY
     ).exists()
     if not said:
-        events.append(
-            actions.new_event(
+        lines.append(
+            events.new_event(
                 endpoint,
                 "waiting_for_node",
                 f"{reason} Its replicas are placed as soon as a node reports in.",
@@ -518,20 +515,19 @@ def _same_endpoint_routes(work: _Work) -> Counter[int]:
     return same
 
 
-def _place_route(work: _Work, placer: _Placer, now: datetime, events: list[ServiceEvent]) -> Route | None:
+def _place_route(work: _Work, placer: _Placer, now: datetime, lines: list[ServiceEvent]) -> Route | None:
     """Create one route on a node chosen by the scheduler, or a failed one saying why (S4.4);
     None when no node is alive to place it on (it waits, see _wait_for_a_node). The row is
     written with the batch's (``_Placer.save``)."""
-    from serving import actions
 
     endpoint = work.endpoint
     request = scheduler.replica_request(endpoint)
     pool = placer.pool(endpoint)
     if endpoint.cluster_size > 1:
-        return _place_cluster_route(work, placer, pool, request, now, events)
+        return _place_cluster_route(work, placer, pool, request, now, lines)
     choice = scheduler.choose_node(endpoint, request, now, pool=pool, same=_same_endpoint_routes(work))
     if choice.waiting:
-        _wait_for_a_node(endpoint, choice.reason, now, events)
+        _wait_for_a_node(endpoint, choice.reason, now, lines)
         return None
     if choice.node is None:
         route = Route(
@@ -543,7 +539,7 @@ def _place_route(work: _Work, placer: _Placer, now: datetime, events: list[Servi
         )
         placer.routes.append(route)
         endpoint.count_failed_start()
-        events.append(actions.new_event(endpoint, "route_failed", choice.reason, level="error", route_id=route.pk))
+        lines.append(events.new_event(endpoint, "route_failed", choice.reason, level="error", route_id=route.pk))
         return route
     route = Route(
         endpoint=endpoint,
@@ -555,8 +551,8 @@ def _place_route(work: _Work, placer: _Placer, now: datetime, events: list[Servi
     placer.routes.append(route)
     pool.hold(choice.node, request)
     work.placed.append(route)
-    events.append(
-        actions.new_event(
+    lines.append(
+        events.new_event(
             endpoint,
             "route_created",
             f"Replica {str(route.pk)[:8]} placed on node {choice.node.name}.",
@@ -572,17 +568,16 @@ def _place_cluster_route(
     pool: scheduler.NodePool,
     request: dict[str, float],
     now: datetime,
-    events: list[ServiceEvent],
+    lines: list[ServiceEvent],
 ) -> Route | None:
     """A cluster route: the main member on the first chosen node, a RouteMember per sub on the
     others (serving.cluster); or a failed route saying what was asked and what is free; None when
     no node is alive."""
-    from serving import actions
 
     endpoint = work.endpoint
     choice = scheduler.choose_nodes(endpoint, request, now, pool=pool, same=_same_endpoint_routes(work))
     if choice.waiting:
-        _wait_for_a_node(endpoint, choice.reason, now, events)
+        _wait_for_a_node(endpoint, choice.reason, now, lines)
         return None
     if not choice.nodes:
         route = Route(
@@ -594,7 +589,7 @@ def _place_cluster_route(
         )
         placer.routes.append(route)
         endpoint.count_failed_start()
-        events.append(actions.new_event(endpoint, "route_failed", choice.reason, level="error", route_id=route.pk))
+        lines.append(events.new_event(endpoint, "route_failed", choice.reason, level="error", route_id=route.pk))
         return route
     main, *subs = choice.nodes
     route = Route(
@@ -612,8 +607,8 @@ def _place_cluster_route(
         pool.hold(node, request)
     work.placed.append(route)
     where = ", ".join([f"main1 on {main.name}", *(f"sub{i} on {n.name}" for i, n in enumerate(subs, start=1))])
-    events.append(
-        actions.new_event(
+    lines.append(
+        events.new_event(
             endpoint,
             "route_created",
             f"Replica {str(route.pk)[:8]} (cluster of {len(choice.nodes)}) placed: {where}.",

@@ -21,7 +21,7 @@ from django.db import close_old_connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from serving import faults, replicas
+from serving import dispatch, events, faults, replicas
 from serving.engines.base import (
     LABEL_ENDPOINT,
     LABEL_NODE,
@@ -152,7 +152,6 @@ def heartbeat(now: datetime | None = None) -> Node:
 
 
 def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
-    from serving import actions, tasks
 
     with transaction.atomic():
         updated = Route.objects.filter(pk=route.pk, status=Route.Status.PROVISIONING).update(
@@ -164,7 +163,7 @@ def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
         if updated:
             endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
             endpoint.count_failed_start()
-            actions.record_event(
+            events.record_event(
                 endpoint,
                 "route_failed",
                 f"Replica {str(route.pk)[:8]} failed to start: {message}",
@@ -173,13 +172,13 @@ def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
                 data={"kind": kind},
             )
             endpoint_id = str(endpoint.pk)
-            transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
-            transaction.on_commit(lambda: tasks.enqueue_reconcile(endpoint_id))
+            transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
+            transaction.on_commit(lambda: dispatch.enqueue_reconcile(endpoint_id))
 
 
 def start_route(route_id: str) -> None:
     """Start the container of a provisioning route placed on this node. Idempotent."""
-    from serving import actions, health, tasks
+    from serving import health
 
     route = Route.objects.select_related("endpoint", "endpoint__model_folder", "node").filter(pk=route_id).first()
     if route is None or route.status != Route.Status.PROVISIONING:
@@ -220,18 +219,18 @@ def start_route(route_id: str) -> None:
             # Drained while we were starting it: do not leave it running.
             transaction.on_commit(lambda: _stop_quietly(engine, info.replica_id))
             return
-        actions.record_event(
+        events.record_event(
             route.endpoint,
             "route_started",
             f"Replica {str(route.pk)[:8]} started on node {node_name()} at {info.host}:{info.port}.",
             route_id=route.pk,
         )
         endpoint_id = str(route.endpoint_id)
-        transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
+        transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
         transaction.on_commit(health.refresh_soon)  # probe it from now on, not at the next re-read
         # Cluster mode: the subs start now that main has an address they can be given.
         for member in RouteMember.objects.filter(route=route, status=RouteMember.Status.PENDING).select_related("node"):
-            transaction.on_commit(lambda member=member: tasks.send_member_start(member))  # type: ignore[misc]
+            transaction.on_commit(lambda member=member: dispatch.send_member_start(member))  # type: ignore[misc]
 
 
 def recover_interrupted_starts(before: datetime) -> int:
@@ -239,7 +238,6 @@ def recover_interrupted_starts(before: datetime) -> int:
     they may have left running and start them again. Called once as the node worker starts, for
     claims made before this worker process began (one node worker per node, DESIGN.md §1), so a start
     under way is never taken. Returns how many were restarted."""
-    from serving import tasks
 
     engine = get_engine()
     restarted = 0
@@ -253,7 +251,7 @@ def recover_interrupted_starts(before: datetime) -> int:
             container_id="", updated_at=timezone.now()
         ):
             log.warning("route %s: its start was interrupted (its worker stopped); starting it again", route.pk)
-            tasks.send_start(route)
+            dispatch.send_start(route)
             restarted += 1
     return restarted
 
@@ -267,7 +265,6 @@ def _stop_quietly(engine: Engine, replica_id: str) -> None:
 
 def stop_route(route_id: str) -> None:
     """Stop a terminating route's container and delete the row. Idempotent; never stuck."""
-    from serving import actions, tasks
 
     route = Route.objects.select_related("endpoint").filter(pk=route_id).first()
     if route is None or route.status != Route.Status.TERMINATING:
@@ -287,9 +284,9 @@ def stop_route(route_id: str) -> None:
     # Cluster mode: every sub member is stopped by its own node. Should a message be lost, the member
     # is an orphan of that node's sweep once this row (and its members with it) is gone.
     for member in RouteMember.objects.filter(route=route).exclude(container_id="").select_related("node"):
-        tasks.send_member_stop(member)
+        dispatch.send_member_stop(member)
     Route.objects.filter(pk=route.pk, status=Route.Status.TERMINATING).delete()
-    actions.record_event(
+    events.record_event(
         endpoint,
         "route_stopped",
         f"Replica {route_id[:8]} stopped" + (f" (engine said: {error})" if error else "") + ".",
@@ -297,8 +294,8 @@ def stop_route(route_id: str) -> None:
         route_id=route_id,
     )
     endpoint_id = str(endpoint.pk)
-    tasks.after_routes_changed(endpoint_id)
-    tasks.enqueue_reconcile(endpoint_id)  # e.g. a terminating service becomes destroyed
+    events.after_routes_changed(endpoint_id)
+    dispatch.enqueue_reconcile(endpoint_id)  # e.g. a terminating service becomes destroyed
 
 
 # --- cluster members (serving.cluster) ----------------------------------------------------------
@@ -306,7 +303,6 @@ def stop_route(route_id: str) -> None:
 
 def start_member(member_id: str) -> None:
     """Start a sub member of a cluster route placed on this node, once its main runs. Idempotent."""
-    from serving import actions, tasks
 
     member = (
         RouteMember.objects.select_related("route", "route__endpoint", "route__endpoint__model_folder", "node")
@@ -351,7 +347,7 @@ def start_member(member_id: str) -> None:
             # Its route was stopped or failed while we were starting it: do not leave it running.
             transaction.on_commit(lambda: _stop_quietly(engine, info.replica_id))
             return
-        actions.record_event(
+        events.record_event(
             route.endpoint,
             "member_started",
             f"Cluster member {host_name} of replica {str(route.pk)[:8]} started on node {node_name()} "
@@ -359,7 +355,7 @@ def start_member(member_id: str) -> None:
             route_id=route.pk,
         )
         endpoint_id = str(route.endpoint_id)
-        transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
+        transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
 
 
 def stop_member(route_id: str, container_id: str) -> None:
@@ -387,7 +383,6 @@ def fail_cluster_route(route: Route, member: RouteMember, kind: str, message: st
     and all its containers are stopped at once; one that served is drained like any exited replica
     (``terminating``: its node stops main and sends every sub its stop).
     """
-    from serving import actions, tasks
 
     now = timezone.now()
     live = [Route.Status.PROVISIONING, Route.Status.DEGRADED, Route.Status.HEALTHY, Route.Status.UNHEALTHY]
@@ -405,7 +400,7 @@ def fail_cluster_route(route: Route, member: RouteMember, kind: str, message: st
         endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
         if never_healthy:
             endpoint.count_failed_start()
-        actions.record_event(
+        events.record_event(
             endpoint,
             "route_failed" if never_healthy else "route_exited",
             f"Replica {str(route.pk)[:8]}: {message} The whole replica is replaced.",
@@ -417,15 +412,14 @@ def fail_cluster_route(route: Route, member: RouteMember, kind: str, message: st
         if never_healthy:
             stop_all_members(route, main_container=route.container_id)
         else:
-            transaction.on_commit(lambda: tasks.send_stop(Route.objects.select_related("node").get(pk=route.pk)))
-        transaction.on_commit(lambda: tasks.after_routes_changed(endpoint_id))
-        transaction.on_commit(lambda: tasks.enqueue_reconcile(endpoint_id))
+            transaction.on_commit(lambda: dispatch.send_stop(Route.objects.select_related("node").get(pk=route.pk)))
+        transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
+        transaction.on_commit(lambda: dispatch.enqueue_reconcile(endpoint_id))
 
 
 def stop_all_members(route: Route, main_container: str = "") -> None:
     """Inside a transaction: after commit, stop the main container (when given) and every sub member
     of ``route`` on their nodes, and forget their containers (a failed route keeps its row)."""
-    from serving import tasks
 
     members = list(RouteMember.objects.filter(route=route).exclude(container_id="").select_related("node"))
     # Every member leaves pending/starting/running: a start under way then finds its row changed and
@@ -437,9 +431,9 @@ def stop_all_members(route: Route, main_container: str = "") -> None:
     main_node = Node.objects.filter(pk=route.node_id).first() if route.node_id is not None else None
     for member in members:
         if member.container_id != STARTING_MARK:
-            transaction.on_commit(lambda member=member: tasks.send_member_stop(member))  # type: ignore[misc]
+            transaction.on_commit(lambda member=member: dispatch.send_member_stop(member))  # type: ignore[misc]
     if main_container and main_container != STARTING_MARK and main_node is not None:
-        transaction.on_commit(lambda: tasks.send_container_stop(main_node, route_id, main_container))
+        transaction.on_commit(lambda: dispatch.send_container_stop(main_node, route_id, main_container))
 
 
 def _sync_members(engine: Engine, now: datetime) -> int:

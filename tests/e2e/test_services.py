@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from serving import actions
-from serving.consumers import notify_endpoint_changed
+from serving.events import notify_endpoint_changed
 from serving.models import Endpoint, Route
 from tests.e2e.conftest import Web, fast_health_checks, off_loop
 from tests.live import deadline_ms, wait_for

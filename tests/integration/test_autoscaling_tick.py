@@ -38,7 +38,7 @@ def endpoint(personas: dict[str, Any]) -> Endpoint:
 @pytest.fixture(autouse=True)
 def _no_reconcile(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     kicked: list[str] = []
-    monkeypatch.setattr("serving.tasks.enqueue_reconcile", kicked.append)
+    monkeypatch.setattr("serving.dispatch.enqueue_reconcile", kicked.append)
     return kicked
 
 

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 
-from serving import actions
+from serving import actions, events
 from serving.models import (
     AutoScalingRule,
     Endpoint,
@@ -118,7 +118,7 @@ def test_public_service_snippets_need_no_token(browser: Any, personas: dict[str,
 def test_user_text_is_escaped(browser: Any, service: Endpoint) -> None:
     hostile = "<img src=x onerror=alert(1)>"
     Route.objects.create(endpoint=service, status=Route.Status.UNHEALTHY, error={"message": hostile})
-    actions.record_event(service, "note", hostile)
+    events.record_event(service, "note", hostile)
     html = browser("owner").get(page(service)).content.decode()
     assert hostile not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html

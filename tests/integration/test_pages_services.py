@@ -12,10 +12,12 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
 from serving import actions
-from serving.consumers import notify_endpoint_changed, websocket_urlpatterns
+from serving.consumers import websocket_urlpatterns
+from serving.events import notify_endpoint_changed
 from serving.models import Endpoint, ServiceEvent
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
+from tests.live import deadline_for
 
 SERVICE_DEFINITION = """\
 [custom.environment]
@@ -321,21 +323,21 @@ def test_services_list_socket_sends_changes_only_to_who_may_see(personas: dict[s
         for who in ("owner", "teammate", "stranger", "admin"):
             communicator = WebsocketCommunicator(application, "/ws/services/")
             communicator.scope["user"] = personas[who]
-            connected, _ = await communicator.connect(timeout=5)
+            connected, _ = await communicator.connect(timeout=deadline_for(5))
             assert connected
             sockets[who] = communicator
         anonymous = WebsocketCommunicator(application, "/ws/services/")
         from django.contrib.auth.models import AnonymousUser
 
         anonymous.scope["user"] = AnonymousUser()
-        connected, _ = await anonymous.connect(timeout=5)
+        connected, _ = await anonymous.connect(timeout=deadline_for(5))
         assert not connected
         from channels.db import database_sync_to_async
 
         await database_sync_to_async(notify_endpoint_changed)(str(endpoint.pk))
         got: dict[str, Any] = {}
         for who in ("owner", "teammate", "admin"):
-            got[who] = await sockets[who].receive_json_from(timeout=5)
+            got[who] = await sockets[who].receive_json_from(timeout=deadline_for(5))
         got["stranger"] = await sockets["stranger"].receive_nothing(timeout=0.5)
         for communicator in sockets.values():
             await communicator.disconnect()

@@ -14,7 +14,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from serving import lifecycle, scheduler, tasks
+from serving import dispatch, events, lifecycle, scheduler
 from serving.models import Endpoint, Node, Route, ServiceEvent
 
 pytestmark = pytest.mark.django_db
@@ -29,9 +29,9 @@ MAX_QUERIES_CHURNED = 25
 def sent(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     """The tick's messages to nodes, proxies and pages, recorded instead of sent."""
     out: dict[str, list[Any]] = {"start": [], "stop": [], "changed": []}
-    monkeypatch.setattr(tasks, "send_start", out["start"].append)
-    monkeypatch.setattr(tasks, "send_stop", lambda route, countdown=0.0: out["stop"].append((route, countdown)))
-    monkeypatch.setattr(tasks, "after_routes_changed", out["changed"].append)
+    monkeypatch.setattr(dispatch, "send_start", out["start"].append)
+    monkeypatch.setattr(dispatch, "send_stop", lambda route, countdown=0.0: out["stop"].append((route, countdown)))
+    monkeypatch.setattr(events, "after_routes_changed", out["changed"].append)
     return out
 
 

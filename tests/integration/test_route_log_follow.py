@@ -167,7 +167,7 @@ def test_new_lines_arrive_and_the_follow_ends_when_the_socket_closes(
 
     async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         socket = socket_for(path, cookie)
-        connected, _ = await socket.connect(timeout=5)
+        connected, _ = await socket.connect(timeout=deadline_for(5))
         assert connected
         before = await receive_until(socket, lambda m: m["type"] == "following")
         assert listener.follows.active(), "the node follows the log"
@@ -193,7 +193,7 @@ def test_a_strangers_socket_is_refused_as_not_found(
 
     async def attempt() -> tuple[bool, Any]:
         socket = socket_for(f"/ws/services/{service_id}/routes/{route.pk}/logs/", cookie)
-        result = await socket.connect(timeout=5)
+        result = await socket.connect(timeout=deadline_for(5))
         if result[0]:
             await socket.disconnect()
         return result
@@ -210,11 +210,11 @@ def test_the_end_of_the_replica_is_the_last_message(
 
     async def scenario() -> list[dict[str, Any]]:
         socket = socket_for(f"/ws/services/{service_id}/routes/{route.pk}/logs/", cookie)
-        assert (await socket.connect(timeout=5))[0]
+        assert (await socket.connect(timeout=deadline_for(5)))[0]
         await receive_until(socket, lambda m: m["type"] == "following")
         await asyncio.to_thread(engine.stop, replica.replica_id, 1)
         got = await receive_until(socket, lambda m: m["type"] == "end")
-        closed = await socket.receive_output(timeout=5)
+        closed = await socket.receive_output(timeout=deadline_for(5))
         assert closed["type"] == "websocket.close"
         return got
 
@@ -242,17 +242,17 @@ def test_a_cluster_sub_members_log_is_followed_and_a_bad_member_is_said_so(
 
     async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         sub = socket_for(base + "?member=sub1&tail=20", cookie)
-        assert (await sub.connect(timeout=5))[0]
+        assert (await sub.connect(timeout=deadline_for(5)))[0]
         followed = await receive_until(sub, lambda m: m["type"] == "following")
         marker = f"/sub-{uuid.uuid4().hex}"
         await asyncio.to_thread(request, replica, marker)
         followed += await receive_until(sub, lambda m: m["type"] == "lines" and any(marker in x for x in m["lines"]))
         await sub.disconnect()
         bad = socket_for(base + "?member=sub7", cookie)
-        assert (await bad.connect(timeout=5))[0]
+        assert (await bad.connect(timeout=deadline_for(5)))[0]
         missing = await receive_until(bad, lambda m: m["type"] == "end")
         main = socket_for(base + "?member=main1", cookie)
-        assert (await main.connect(timeout=5))[0]
+        assert (await main.connect(timeout=deadline_for(5)))[0]
         ended = await receive_until(main, lambda m: m["type"] == "end")
         return followed, missing, ended
 
@@ -275,7 +275,7 @@ def test_a_node_that_does_not_answer_is_said_so(personas: dict[str, Any], servic
 
     async def scenario() -> list[dict[str, Any]]:
         socket = socket_for(f"/ws/services/{service_id}/routes/{route.pk}/logs/", cookie)
-        assert (await socket.connect(timeout=5))[0]
+        assert (await socket.connect(timeout=deadline_for(5)))[0]
         return await receive_until(socket, lambda m: m["type"] == "end")
 
     [end] = run(scenario())
@@ -394,13 +394,13 @@ def test_a_log_socket_stops_streaming_when_access_is_lost(
 
     async def scenario() -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
         socket = socket_for(f"/ws/services/{service_id}/routes/{route.pk}/logs/", cookie)
-        assert (await socket.connect(timeout=5))[0]
+        assert (await socket.connect(timeout=deadline_for(5)))[0]
         await receive_until(socket, lambda m: m["type"] == "following")
         await asyncio.to_thread(lose_access, loss, personas, service_id)
         lost_at = asyncio.get_running_loop().time()
         got = await receive_until(socket, lambda m: m["type"] == "end", timeout=10)
         took = asyncio.get_running_loop().time() - lost_at
-        closed = await socket.receive_output(timeout=5)
+        closed = await socket.receive_output(timeout=deadline_for(5))
         return got, took, closed
 
     got, took, closed = run(scenario())

@@ -14,7 +14,7 @@ from django.conf import settings
 
 from serving.consumers import websocket_urlpatterns
 from tests.factories import FolderFactory
-from tests.live import ROOT, LiveSystem
+from tests.live import ROOT, LiveSystem, deadline_for
 
 # The consumers behind the session middleware, with the user put in the scope as that middleware does.
 application = URLRouter(websocket_urlpatterns)
@@ -27,7 +27,7 @@ BROKEN = (
 async def collect(validation_id: str, user: Any, timeout: float = 30) -> list[dict[str, Any]]:
     communicator = WebsocketCommunicator(application, f"/ws/validations/{validation_id}/")
     communicator.scope["user"] = user
-    connected, _ = await communicator.connect(timeout=5)
+    connected, _ = await communicator.connect(timeout=deadline_for(5))
     assert connected
     events: list[dict[str, Any]] = []
     try:
@@ -90,7 +90,7 @@ def test_a_stranger_can_not_watch(live_system: LiveSystem, api: Any, personas: d
     async def try_connect() -> bool:
         communicator = WebsocketCommunicator(application, f"/ws/validations/{validation_id}/")
         communicator.scope["user"] = personas["stranger"]
-        connected, _ = await communicator.connect(timeout=5)
+        connected, _ = await communicator.connect(timeout=deadline_for(5))
         await communicator.disconnect()
         return bool(connected)
 

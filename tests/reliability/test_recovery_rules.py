@@ -110,7 +110,7 @@ def test_a_start_claimed_before_the_worker_began_is_redone_and_its_replica_stopp
 ) -> None:
     from django.utils import timezone
 
-    from serving import node, tasks
+    from serving import dispatch, node
     from serving.engines.base import LABEL_ROUTE
     from serving.models import Endpoint, Node, Route
 
@@ -139,7 +139,7 @@ def test_a_start_claimed_before_the_worker_began_is_redone_and_its_replica_stopp
     engine = Engine()
     sent: list[str] = []
     monkeypatch.setattr(node, "get_engine", lambda: engine)
-    monkeypatch.setattr(tasks, "send_start", lambda route: sent.append(str(route.pk)))
+    monkeypatch.setattr(dispatch, "send_start", lambda route: sent.append(str(route.pk)))
     assert node.recover_interrupted_starts(worker_began) == 1
     assert engine.stopped == [f"c-{interrupted.pk}"] and sent == [str(interrupted.pk)]
     assert Route.objects.get(pk=interrupted.pk).container_id == ""  # claimable again

@@ -16,7 +16,9 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
-from serving.consumers import notify_endpoint_changed, websocket_urlpatterns
+from serving.consumers import websocket_urlpatterns
+from serving.events import notify_endpoint_changed
+from tests.live import deadline_for
 from tests.security import rules as r
 from tests.security.world import World, build_world
 
@@ -59,11 +61,11 @@ async def attempt(path: str, cookie: str, origin: str | None = None) -> tuple[bo
     if cookie:
         headers.append((b"cookie", cookie.encode()))
     communicator = WebsocketCommunicator(_application(), path, headers=headers)
-    connected, detail = await communicator.connect(timeout=5)
+    connected, detail = await communicator.connect(timeout=deadline_for(5))
     first = None
     if connected:
         if not await communicator.receive_nothing(timeout=0.3):
-            first = await communicator.receive_json_from(timeout=1)
+            first = await communicator.receive_json_from(timeout=deadline_for(1))
         await communicator.disconnect()
     return connected, detail, first
 
@@ -104,12 +106,12 @@ def test_a_strangers_list_socket_hears_nothing_of_others(personas: dict[str, Any
                 "/ws/services/",
                 headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())],
             )
-            connected, _ = await communicator.connect(timeout=5)
+            connected, _ = await communicator.connect(timeout=deadline_for(5))
             assert connected, who
             sockets[who] = communicator
         await database_sync_to_async(notify_endpoint_changed)(str(world.service.pk))
         got = {
-            "teammate": await sockets["teammate"].receive_json_from(timeout=5),
+            "teammate": await sockets["teammate"].receive_json_from(timeout=deadline_for(5)),
             "stranger_silent": await sockets["stranger"].receive_nothing(timeout=0.5),
         }
         for communicator in sockets.values():
@@ -180,7 +182,7 @@ def test_only_the_exact_web_origins_open_a_socket(personas: dict[str, Any], orig
 
     async def connect() -> bool:
         communicator = WebsocketCommunicator(_application(), f"/ws/services/{world.service.pk}/", headers=headers)
-        connected, _ = await communicator.connect(timeout=5)
+        connected, _ = await communicator.connect(timeout=deadline_for(5))
         await communicator.disconnect()
         return bool(connected)
 
@@ -222,15 +224,17 @@ def test_a_demoted_operators_open_sockets_stop_showing_other_users_services(pers
         listing = WebsocketCommunicator(
             _application(), "/ws/services/", headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())]
         )
-        assert (await service.connect(timeout=5))[0] and (await listing.connect(timeout=5))[0]
-        assert (await service.receive_json_from(timeout=5))["type"] == "service"
+        assert (await service.connect(timeout=deadline_for(5)))[0] and (await listing.connect(timeout=deadline_for(5)))[
+            0
+        ]
+        assert (await service.receive_json_from(timeout=deadline_for(5)))["type"] == "service"
         admin.is_superuser = False
         await database_sync_to_async(admin.save)(update_fields=["is_superuser"])
         await database_sync_to_async(notify_endpoint_changed)(str(world.service.pk))
         got = (
-            await service.receive_json_from(timeout=5),
-            await service.receive_output(timeout=5),
-            await listing.receive_json_from(timeout=5),
+            await service.receive_json_from(timeout=deadline_for(5)),
+            await service.receive_output(timeout=deadline_for(5)),
+            await listing.receive_json_from(timeout=deadline_for(5)),
         )
         await listing.disconnect()
         return (*got, None)
@@ -258,13 +262,17 @@ def test_a_demoted_operators_validation_socket_stops_streaming(
             f"/ws/validations/{world.validation_id}/",
             headers=[(b"origin", web_origin().encode()), (b"cookie", cookie.encode())],
         )
-        assert (await socket.connect(timeout=5))[0]
+        assert (await socket.connect(timeout=deadline_for(5)))[0]
         await database_sync_to_async(validation.publish)(world.validation_id, "log", line="before")
-        before = await socket.receive_json_from(timeout=5)
+        before = await socket.receive_json_from(timeout=deadline_for(5))
         admin.is_superuser = False
         await database_sync_to_async(admin.save)(update_fields=["is_superuser"])
         await database_sync_to_async(validation.publish)(world.validation_id, "log", line="secret after")
-        return before, await socket.receive_json_from(timeout=5), await socket.receive_output(timeout=5)
+        return (
+            before,
+            await socket.receive_json_from(timeout=deadline_for(5)),
+            await socket.receive_output(timeout=deadline_for(5)),
+        )
 
     before, ended, closed = run(scenario())
     assert before["line"] == "before"
