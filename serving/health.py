@@ -115,14 +115,18 @@ def time_to_unhealthy(config: HealthConfig, after_healthy: bool) -> float:
 
 
 def _after_change(endpoint_id: str) -> None:
-
     transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
 
 
 def record_status(route_id: str, old_status: str, new: ProbeState, now: datetime, reason: str = "") -> bool:
     """Write a probe outcome with compare-and-set on the old status; returns True if it applied."""
-
     with transaction.atomic():
+        if new.status != old_status:
+            # A change of status writes the endpoint too: lock it before the route, the reconcile's
+            # order (it holds a batch of endpoints while it writes their routes).
+            owner = Route.objects.filter(pk=route_id).values_list("endpoint_id", flat=True).first()
+            if owner is None or Endpoint.objects.select_for_update().filter(pk=owner).first() is None:
+                return False
         fields: dict[str, Any] = {
             "consecutive_failures": new.failures,
             "last_probe_at": now,
@@ -181,11 +185,13 @@ def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
     never_healthy = route.healthy_since is None
     new_status = Route.Status.FAILED_TO_START if never_healthy else Route.Status.TERMINATING
     with transaction.atomic():
+        # The endpoint first, then its route: the reconcile's lock order (it holds a batch of
+        # endpoints while it writes their routes; the other order deadlocks against it).
+        endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
         if not Route.objects.filter(pk=route.pk, status=route.status, container_id=route.container_id).update(
             status=new_status, error=error, updated_at=now
         ):
             return
-        endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
         if never_healthy:
             endpoint.count_failed_start()
         events.record_event(

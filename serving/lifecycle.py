@@ -327,8 +327,19 @@ class _Placer:
         self.routes: list[Route] = []
         self.members: list[RouteMember] = []
 
+    @staticmethod
+    def group_of(endpoint: Endpoint) -> str:
+        return endpoint.resource_group or "default"
+
+    def lock(self, endpoints: list[Endpoint]) -> None:
+        """Lock the nodes of every group these endpoints place in, groups in name order: two
+        batches that took them in the order of their first placement would deadlock."""
+        for group in sorted({self.group_of(e) for e in endpoints}):
+            if group not in self.pools:
+                self.pools[group] = scheduler.NodePool(group, self.now)
+
     def pool(self, endpoint: Endpoint) -> scheduler.NodePool:
-        group = endpoint.resource_group or "default"
+        group = self.group_of(endpoint)
         if group not in self.pools:
             self.pools[group] = scheduler.NodePool(group, self.now)
         return self.pools[group]
@@ -373,6 +384,7 @@ def _reconcile_locked(endpoint_ids: list[str], now: datetime, *, robust: bool) -
                 _release(work, alive, now, lines)
                 batch.append(work)
         placer = _Placer(now)
+        placer.lock([work.endpoint for work in batch if work.plan.create])
         for work in batch:
             for _ in range(work.plan.create):
                 placed = _place_route(work, placer, now, lines)
@@ -469,7 +481,6 @@ def _release(work: _Work, alive: set[int], now: datetime, lines: list[ServiceEve
 
 
 def _after_commit(work: _Work) -> None:
-
     if work.to_start or work.to_stop:
         faults.crash_point("reconcile.committed")
     # The routing table first: a drained replica leaves the proxies before it is stopped.

@@ -152,8 +152,10 @@ def heartbeat(now: datetime | None = None) -> Node:
 
 
 def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
-
     with transaction.atomic():
+        # The endpoint first, then its route: the order of the reconcile, which holds a batch of
+        # endpoints while it writes their routes (the other order deadlocks against it).
+        endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
         updated = Route.objects.filter(pk=route.pk, status=Route.Status.PROVISIONING).update(
             status=Route.Status.FAILED_TO_START,
             error={"kind": kind, "message": message, **extra},
@@ -161,7 +163,6 @@ def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
             updated_at=timezone.now(),
         )
         if updated:
-            endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
             endpoint.count_failed_start()
             events.record_event(
                 endpoint,
@@ -383,12 +384,13 @@ def fail_cluster_route(route: Route, member: RouteMember, kind: str, message: st
     and all its containers are stopped at once; one that served is drained like any exited replica
     (``terminating``: its node stops main and sends every sub its stop).
     """
-
     now = timezone.now()
     live = [Route.Status.PROVISIONING, Route.Status.DEGRADED, Route.Status.HEALTHY, Route.Status.UNHEALTHY]
     error = {"kind": kind, "message": message, "member": member.host_name, **extra}
     never_healthy = route.healthy_since is None
     with transaction.atomic():
+        # The endpoint first, then its rows: the reconcile's lock order (see _fail_start).
+        endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
         RouteMember.objects.filter(pk=member.pk).update(
             status=RouteMember.Status.FAILED, error=error, container_id="", updated_at=now
         )
@@ -397,7 +399,6 @@ def fail_cluster_route(route: Route, member: RouteMember, kind: str, message: st
             fields.update(status=Route.Status.FAILED_TO_START, container_id="")
         if not Route.objects.filter(pk=route.pk, status__in=live).update(**fields):
             return  # already failed, stopping or gone: whoever did that stops the members
-        endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
         if never_healthy:
             endpoint.count_failed_start()
         events.record_event(
