@@ -44,6 +44,7 @@ lint: $(STAMP)
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check --quiet config accounts storage serving proxy || (echo "run: $(VENV)/bin/ruff format ." && false)
 	@$(VENV)/bin/mypy config accounts storage serving proxy
+	@set -o pipefail; $(VENV)/bin/lint-imports --no-cache --no-logo | grep -v "^$$"
 
 bench: deps
 	@scripts/ensure-redis.sh
