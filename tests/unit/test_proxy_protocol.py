@@ -522,6 +522,39 @@ def test_forward_cookies_keeps_the_apps_cookies_only() -> None:
     assert w.to_client == b"HTTP/1.1 200 OK\r\nset-cookie: app=2\r\nContent-Length: 2\r\n\r\nok"
 
 
+@pytest.mark.parametrize(
+    "set_cookie",
+    [
+        b"=sessionid=attacker",  # a nameless cookie: the browser sends back "sessionid=attacker"
+        b" = sessionid=attacker; Path=/",
+        b"=MS_SESSION=attacker",
+        b"sessionid",  # no "=": nameless too (RFC 6265bis), its value sent back alone
+        b"app=sessionid=attacker",  # a value that reads as the platform's cookie to a loose parser
+        b"=theme=dark",  # nameless, whatever it holds
+    ],
+)
+def test_forward_cookies_drops_nameless_and_platform_looking_set_cookies(set_cookie: bytes) -> None:
+    w = World(forward_cookies=True, platform_cookies=["ms_session"])
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\n")
+    w.replicas[0].data_received(b"HTTP/1.1 200 OK\r\nSet-Cookie: " + set_cookie + b"\r\nContent-Length: 2\r\n\r\nok")
+    assert w.to_client == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_forward_cookies_removes_the_domain_attribute() -> None:
+    # Under SERVING_DOMAIN a Domain attribute would set the cookie for every sibling service's host.
+    w = World(forward_cookies=True)
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: s.models.example\r\n")
+    w.replicas[0].data_received(
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: app=1; Domain=models.example; Path=/; HttpOnly\r\n"
+        b"set-cookie: b=2;domain=.models.example\r\nSet-Cookie: c=3; Path=/domain\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    assert w.to_client == (
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: app=1; Path=/; HttpOnly\r\nSet-Cookie: b=2\r\n"
+        b"Set-Cookie: c=3; Path=/domain\r\nContent-Length: 2\r\n\r\nok"
+    )
+
+
 def test_a_cookie_header_named_in_connection_is_dropped_even_when_forwarded() -> None:
     w = World(forward_cookies=True)
     w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\nConnection: Cookie\r\nCookie: app=1\r\n")
