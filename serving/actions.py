@@ -237,6 +237,21 @@ def _check_shared_definition(endpoint: Endpoint) -> None:
         raise ValidationError({"folder": problem})
 
 
+def _check_forward_cookies(forward_cookies: bool) -> None:
+    """Cookies reach a service only when it has a host name of its own: with path-based addresses
+    (``SERVING_PROXY_URL/e/<slug>/``) every service shares one origin, so a cookie one service
+    sets would be sent to every other tenant's service, and their pages could read it."""
+    if forward_cookies and not settings.SERVING_DOMAIN:
+        raise ValidationError(
+            {
+                "forward_cookies": "Forward cookies needs each service on its own host name: here every service "
+                "shares the proxy's address, so another tenant's service would receive and read these cookies. "
+                "Ask the operator to set SERVING_DOMAIN (services then answer at <slug>.<domain>), or leave "
+                "this off."
+            }
+        )
+
+
 def _check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ValidationError({"runtime": f"Unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}."})
@@ -282,6 +297,7 @@ def field_problems(field: str, value: Any) -> list[str]:
         "resources": _normalize_resources,
         "model_mount": lambda path: _check_mount_path(path, "model_mount"),
         "model_definition_path": _check_definition_path,
+        "forward_cookies": _check_forward_cookies,
     }
     check = checks.get(field)
     if check is None or value in (None, "", {}):
@@ -334,6 +350,7 @@ def check_service_config(
             return fallback
 
     attempt(_check_runtime, runtime)
+    attempt(_check_forward_cookies, forward_cookies)
     attempt(_check_model_folder, folder)
     attempt(_check_mount_path, model_mount, "model_mount")
     if model_definition_path:
@@ -504,6 +521,8 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
             _check_mount_path(value, "model_mount")
         elif field == "model_definition_path" and value:
             _check_definition_path(value)
+        elif field == "forward_cookies" and value and not endpoint.forward_cookies:
+            _check_forward_cookies(value)
         elif field == "resource_group" and value != endpoint.resource_group:
             _check_resource_group(value or "default")
         elif field == "extra_mounts":
