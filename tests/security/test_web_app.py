@@ -325,6 +325,36 @@ def test_login_guessing_from_many_addresses_is_limited_per_username(settings: An
     assert _login(_user().username, "correct horse battery", address="198.51.100.1").status_code == 302
 
 
+def _fullwidth(name: str) -> str:
+    """``rl-ab12`` in fullwidth forms (U+FF52...): NFKC gives the name back, so Django logs it in."""
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in name)
+
+
+def _double_struck(name: str) -> str:
+    """Letters and digits as mathematical double-struck ones (U+1D563...), NFKC-equal too."""
+    return "".join(
+        chr(0x1D552 + ord(c) - ord("a")) if "a" <= c <= "z" else chr(0x1D7D8 + ord(c) - ord("0")) if c.isdigit() else c
+        for c in name
+    )
+
+
+def test_unicode_variants_of_a_username_share_its_login_limits(settings: Any) -> None:
+    """Django's UsernameField applies NFKC before authenticating, so "alice" in fullwidth or
+    double-struck letters are guesses at alice's password: they count against alice's limits, per address and in all."""
+    settings.LOGIN_FAILURE_LIMIT, settings.LOGIN_USERNAME_FAILURE_LIMIT, settings.LOGIN_FAILURE_WINDOW = 3, 5, 900
+    user = _user()
+    for variant in (_fullwidth, _double_struck):
+        assert _login(variant(user.username), "correct horse battery", address="192.0.2.1").status_code == 302
+    # Per username and address: three variants from one address use up its three guesses.
+    for name in (_fullwidth(user.username), _double_struck(user.username), user.username.upper()):
+        assert _login(name, "wrong", address="192.0.2.50").status_code == 200
+    assert _login(user.username, "correct horse battery", address="192.0.2.50").status_code == 429
+    # Per username in all: the variants from other addresses are the 4th and 5th guesses.
+    assert _login(_fullwidth(user.username).upper(), "wrong", address="192.0.2.51").status_code == 200
+    assert _login(_double_struck(user.username), "wrong", address="192.0.2.52").status_code == 200
+    assert _login(user.username, "correct horse battery", address="192.0.2.53").status_code == 429
+
+
 def _guard_sees(settings: Any, peer: str, forwarded: list[str]) -> tuple[str, list[str]]:
     """(the client address, the X-Forwarded-For headers) the application behind the guard gets."""
     from config.asgi_guards import TrustedProxyHeaders
