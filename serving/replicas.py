@@ -91,7 +91,7 @@ def build_spec(
     endpoint = route.endpoint
     # Checked again here, for a service that was configured before the rule (or whose folders changed):
     # no replica starts with private mounts and a model definition others can edit.
-    problem = endpoint.shared_definition_problem()
+    problem = endpoint.shared_definition_problem(name_folders=False)
     if problem:
         raise SpecError("folder", problem)
     runtime = runtimes.get_runtime(endpoint.runtime)

@@ -70,8 +70,8 @@ def test_teammate_can_not_reach_the_managers_private_folder_through_a_shared_mod
             api("owner").post(path, body(folders["shared_model"], folders["private_data"]), format="json")
         )
         assert "'team-model'" in message and "every member of project 'team'" in message
-        assert "'my-secrets'" in message
-        assert "only you can write" in message and "project folders" in message  # how to fix it
+        assert "private folders 'my-secrets' of 'owner'" in message
+        assert "only 'owner' can write" in message and "project folders" in message  # how to fix it
     assert not Endpoint.objects.exists()
 
 
@@ -92,13 +92,14 @@ def test_teammate_can_not_reach_the_managers_private_folder_through_a_shared_mod
 def test_private_mounts_need_a_model_folder_only_the_owner_writes(
     api: Any, folders: dict[str, Folder], who: str, model: str, mounts: list[str], allowed: bool | None
 ) -> None:
+    # The mounts' owner is named (not "you"): here, whoever creates the service.
     response = api(who).post("/api/v1/services/", body(folders[model], *(folders[m] for m in mounts)), format="json")
     if allowed:
         assert response.status_code == 201, response.content
     elif allowed is None:
         assert response.status_code == 400 and "No such folder" in str(response.json()["folder"])
     else:
-        assert "only you can write" in refusal(response)
+        assert f"only {who!r} can write" in refusal(response)
 
 
 def test_modify_can_not_switch_to_a_shared_model_folder_or_add_a_private_mount(
@@ -115,17 +116,17 @@ def test_modify_can_not_switch_to_a_shared_model_folder_or_add_a_private_mount(
     add_private = {
         "extra_mounts": body(folders["private_model"], folders["project_data"], folders["private_data"])["extra_mounts"]
     }
-    for who in ("owner", "admin"):
-        assert "only you can write" in refusal(
+    for who in ("owner", "admin"):  # the admin reads whose folders they are, not "you"
+        assert "only 'owner' can write" in refusal(
             api(who).patch(f"/api/v1/services/{private.json()['id']}/", to_shared, format="json")
         )
-        assert "only you can write" in refusal(
+        assert "only 'owner' can write" in refusal(
             api(who).patch(f"/api/v1/services/{shared.json()['id']}/", add_private, format="json")
         )
     assert Endpoint.objects.get(pk=private.json()["id"]).model_folder == folders["private_model"]
     assert len(Endpoint.objects.get(pk=shared.json()["id"]).extra_mounts) == 1
     # The admin site saves through do_modify_service: the same rule.
-    with pytest.raises(actions.ValidationError, match="only you can write"):
+    with pytest.raises(actions.ValidationError, match="only 'owner' can write"):
         actions.do_modify_service(
             Endpoint.objects.get(pk=private.json()["id"]),
             acting_user=personas["admin"],
@@ -145,7 +146,9 @@ def test_manager_can_not_mount_their_private_folder_on_a_teammates_service(
     assert created.status_code == 201, created.content
     mount = {"extra_mounts": body(mate_model, folders["private_data"])["extra_mounts"]}
     message = refusal(api("owner").patch(f"/api/v1/services/{created.json()['id']}/", mount, format="json"))
-    assert "its owner 'teammate'" in message and "'my-secrets' (of owner)" in message
+    assert "its owner 'teammate'" in message and "'my-secrets' of 'owner'" in message
+    # Said to the manager about their own folder: "only 'owner'", never "only you" (it is not theirs).
+    assert "only 'owner' can write" in message and "you" not in message
     # The teammate's own private data next to their own model folder is theirs to mount.
     own = {"extra_mounts": body(mate_model, folders["teammate_data"])["extra_mounts"]}
     assert api("teammate").patch(f"/api/v1/services/{created.json()['id']}/", own, format="json").status_code == 200
@@ -168,7 +171,7 @@ def test_launcher_page_shows_the_rule_next_to_the_folder(personas: dict[str, Any
     )
     assert response.status_code == 200  # the form again
     error = response.content.decode().split('id="err-folder"', 1)[1].split("</p>", 1)[0]
-    assert "only you can write" in error
+    assert "only &#x27;owner&#x27; can write" in error
     assert not Endpoint.objects.exists()
 
 
@@ -185,4 +188,6 @@ def test_a_service_configured_before_the_rule_starts_no_replica(
     route = Route.objects.create(endpoint=endpoint, node=None, status=Route.Status.PROVISIONING, error={})
     with pytest.raises(replicas.SpecError) as info:
         replicas.build_spec(route)
-    assert info.value.kind == "folder" and "only you can write" in str(info.value)
+    assert info.value.kind == "folder" and "only 'owner' can write" in str(info.value)
+    # A replica's error is seen by every member of the project: whose, not which, private folders.
+    assert "private folders of 'owner'" in str(info.value) and "secrets" not in str(info.value)
