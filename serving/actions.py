@@ -252,6 +252,14 @@ def _check_forward_cookies(forward_cookies: bool) -> None:
         )
 
 
+def _check_scale_up(endpoint: Endpoint) -> None:
+    """More replicas only of a service whose replicas may start (a service configured before the
+    project-folder rule runs on, but gets no replica that would only fail at start)."""
+    problem = endpoint.shared_definition_problem()
+    if problem:
+        raise ValidationError({"desired_replicas": problem})
+
+
 def _check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ValidationError({"runtime": f"Unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}."})
@@ -507,6 +515,7 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     if unknown:
         raise ValidationError({"detail": f"These fields can not be modified: {', '.join(sorted(unknown))}."})
     applied: dict[str, Any] = {}
+    old_replicas = endpoint.desired_replicas
     visible = Folder.objects.visible_to(acting_user)
     for field, value in changes.items():
         if field == "model_folder":
@@ -539,8 +548,13 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     _check_cluster_mode(endpoint.cluster_mode)
     if not applied:
         return endpoint
-    if {"model_folder", "extra_mounts"} & applied.keys():
+    # Every change that places new replicas is checked, not only a change of the folders: a service
+    # configured before the rule would otherwise get replicas that all fail at start
+    # (replicas.build_spec), until MAX_START_FAILURES.
+    if REPLACING_FIELDS & applied.keys():
         _check_shared_definition(endpoint)
+    elif applied.get("desired_replicas", 0) > old_replicas:
+        _check_scale_up(endpoint)
     endpoint.full_clean(exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False)
     if REPLACING_FIELDS & applied.keys():
         endpoint.spec_version += 1
@@ -562,10 +576,14 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
 
 @transaction.atomic
 def do_scale(endpoint: Endpoint, replicas: int, *, acting_user: User | None, reason: str = "") -> bool:
-    """Set the desired replica count; returns False when the service is not live (nothing done)."""
+    """Set the desired replica count; returns False when the service is not live (nothing done).
+    A scale-up of a service whose replicas can not start (Endpoint.shared_definition_problem) is
+    refused with that sentence."""
     if replicas < 0 or replicas > 64:
         raise ValidationError({"desired_replicas": "Replicas must be between 0 and 64."})
     old = endpoint.desired_replicas
+    if replicas > old:
+        _check_scale_up(endpoint)
     changed = Endpoint.objects.filter(pk=endpoint.pk, lifecycle=Endpoint.Lifecycle.CREATED).update(
         desired_replicas=replicas, updated_at=timezone.now()
     )

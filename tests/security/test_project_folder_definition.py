@@ -191,3 +191,81 @@ def test_a_service_configured_before_the_rule_starts_no_replica(
     assert info.value.kind == "folder" and "only 'owner' can write" in str(info.value)
     # A replica's error is seen by every member of the project: whose, not which, private folders.
     assert "private folders of 'owner'" in str(info.value) and "secrets" not in str(info.value)
+
+
+def _legacy(personas: dict[str, Any], folders: dict[str, Folder]) -> Endpoint:
+    """A service configured before the rule: project-shared model folder, private mount."""
+    return Endpoint.objects.create(
+        name="legacy",
+        owner=personas["owner"],
+        project=personas["project"],
+        model_folder=folders["shared_model"],
+        extra_mounts=[{"folder": str(folders["private_data"].pk), "target": "/home/work/secrets"}],
+    )
+
+
+@pytest.mark.parametrize(
+    "change", [{"environ": {"A": "1"}}, {"image": "modelserve/python:3.12"}, {"resources": {"cpu": 2}}]
+)
+def test_modify_of_a_legacy_service_that_replaces_replicas_is_refused(
+    api: Any, personas: dict[str, Any], folders: dict[str, Folder], change: dict[str, Any]
+) -> None:
+    """Issue 13 review, item D: the rule ran only when the folders changed, so an environment or image
+    change of a service configured before it placed replicas that all failed at start."""
+    endpoint = _legacy(personas, folders)
+    message = refusal(api("owner").patch(f"/api/v1/services/{endpoint.pk}/", change, format="json"))
+    assert "only 'owner' can write" in message
+    endpoint.refresh_from_db()
+    assert endpoint.spec_version == 1 and endpoint.environ == {}
+    # What replaces no replica still applies (e.g. the name, or opening it to the public).
+    response = api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"open_to_public": True}, format="json")
+    assert response.status_code == 200, response.content
+
+
+def test_a_legacy_service_is_not_scaled_up_but_may_scale_down(
+    api: Any, personas: dict[str, Any], folders: dict[str, Folder]
+) -> None:
+    endpoint = _legacy(personas, folders)
+    response = api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"replicas": 3}, format="json")
+    assert response.status_code == 400 and "only 'owner' can write" in str(response.json()["desired_replicas"])
+    with pytest.raises(actions.ValidationError, match="only 'owner' can write"):
+        actions.do_scale(endpoint, 2, acting_user=personas["owner"])
+    endpoint.refresh_from_db()
+    assert endpoint.desired_replicas == 1
+    assert actions.do_scale(endpoint, 0, acting_user=personas["owner"]) is True
+    assert api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"replicas": 1}, format="json").status_code == 400
+
+
+def test_autoscaling_records_the_refusal_instead_of_scaling_a_legacy_service(
+    personas: dict[str, Any], folders: dict[str, Folder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from serving import autoscaling, metrics
+    from serving.models import AutoScalingRule, ScalingEvent
+
+    monkeypatch.setattr("serving.dispatch.enqueue_reconcile", lambda endpoint_id: None)
+    endpoint = _legacy(personas, folders)
+    rule = AutoScalingRule.objects.create(
+        endpoint=endpoint,
+        direction="out",
+        source="proxy",
+        metric="in_flight",
+        comparator="GREATER_THAN",
+        threshold=5,
+        step=1,
+        min_replicas=1,
+        max_replicas=3,
+        cooldown=30,
+        window=20,
+    )
+    t0 = 1_800_000_000.0
+    metrics.record([metrics.Point("proxy", str(endpoint.pk), "in_flight", t0 + 8, 9.0)], now=t0 + 8)
+    for tick in (10, 12):
+        assert autoscaling.tick(datetime.fromtimestamp(t0 + tick, tz=UTC)) == 0
+    endpoint.refresh_from_db()
+    assert endpoint.desired_replicas == 1
+    decision = ScalingEvent.objects.get(endpoint=endpoint, rule=rule)  # recorded once, not per tick
+    assert not decision.acted and (decision.old_replicas, decision.new_replicas) == (1, 1)
+    assert decision.reason.startswith("Model folder 'team-model' can be changed by every member of project")
+    assert "secrets" not in decision.reason  # every member reads the decisions: no folder names
