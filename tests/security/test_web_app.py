@@ -573,3 +573,36 @@ def test_the_chat_relay_never_serves_a_replicas_page_or_script(hostile_replica: 
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert "sandbox" in headers["Content-Security-Policy"]
     assert django_settings.CONTENT_SECURITY_POLICY not in headers.values()
+
+
+# --- make run says so when the web app listens beyond loopback with the default SITE_URL ----------
+
+SITE_CHECK = str(ROOT / "scripts" / "site_check.sh")
+
+
+@pytest.mark.parametrize(
+    ("web_host", "site_url", "allowed_hosts", "expected"),
+    [
+        ("127.0.0.1", "", "", None),  # the defaults of `make run`
+        ("::1", "", "", None),
+        ("localhost", "", "", None),
+        ("192.0.2.10", "http://192.0.2.10:8000", "", None),  # SITE_URL set: nothing to say
+        ("192.0.2.10", "", "", "SITE_URL=http://192.0.2.10:9000 ALLOWED_HOSTS=192.0.2.10,localhost,127.0.0.1"),
+        ("192.0.2.10", "", "192.0.2.10", "SITE_URL=http://192.0.2.10:9000 make run"),
+        ("2001:db8::5", "", "", "SITE_URL=http://[2001:db8::5]:9000 ALLOWED_HOSTS=[2001:db8::5],"),
+        ("0.0.0.0", "", "x", "SITE_URL=http://"),  # every address: this machine's first, if it says
+    ],
+)
+def test_make_run_warns_when_listening_beyond_loopback_without_site_url(
+    web_host: str, site_url: str, allowed_hosts: str, expected: str | None
+) -> None:
+    """Issue 13 review, item F: websockets from an address other than SITE_URL's are refused with only
+    a server log line, so `WEB_HOST=0.0.0.0 make run` looked working but never updated live."""
+    out = subprocess.run(
+        [SITE_CHECK, web_host, "9000", site_url, allowed_hosts], capture_output=True, text=True, check=True
+    ).stdout
+    if expected is None:
+        assert out == ""
+    else:
+        assert "WARNING" in out and expected in out and ":9000" in out, out
+    assert "scripts/site_check.sh" in (ROOT / "scripts" / "run.sh").read_text()
