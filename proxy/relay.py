@@ -183,7 +183,8 @@ def keep_app_cookies(header: bytes, platform: frozenset[bytes]) -> bytes:
 def forwarded_set_cookie(ex: Exchange, value: bytes) -> bytes | None:
     """A replica's Set-Cookie value as the caller gets it, or None when it is not passed on.
 
-    Passed only when the service forwards cookies, and never:
+    Passed only when the service forwards cookies and was called on its own host name (see
+    ``Proxy.dispatch``), and never:
 
     * for a platform cookie's name (it could log the caller out, or fix their CSRF token);
     * without a name (no ``=`` before the first ``;``, or nothing before the ``=``): a browser
@@ -195,7 +196,7 @@ def forwarded_set_cookie(ex: Exchange, value: bytes) -> bytes | None:
     for its sibling services' host names. The value is rebuilt only when it names one.
     """
     endpoint = ex.endpoint
-    if endpoint is None or not endpoint.forward_cookies:
+    if endpoint is None or not ex.forward_cookies:
         return None
     platform = endpoint.platform_cookies
     pair, semicolon, attributes = value.partition(b";")
@@ -235,6 +236,7 @@ class Exchange:
     head_request = False
     auth: bytes | None = None
     cookie: bytes | None = None  # the Cookie header(s), joined; forwarded only as the endpoint allows
+    forward_cookies = False  # cookies pass both ways (the endpoint's choice, on its own host name)
     host: bytes | None = None
     xff: bytes | None = None
     xfp: bytes | None = None

@@ -155,7 +155,7 @@ class _ServiceInputFields(serializers.Serializer[Any]):
         help_text=(
             "Pass callers' cookies to the replicas and their Set-Cookie back (off: the proxy removes both). "
             "The web app's own session, CSRF and language cookies are removed even when on. "
-            "Needs SERVING_DOMAIN (each service on its own host name); refused otherwise."
+            "Needs SERVING_DOMAIN (each service on its own host name; cookies pass only there); refused otherwise."
         ),
     )
     image = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
