@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from django.conf import settings
@@ -36,7 +37,11 @@ class LoginView(auth_views.LoginView):
     redirect_authenticated_user = True
 
     def _username(self) -> str:
-        return str(self.request.POST.get("username", ""))[:300].strip().casefold()
+        """The name the limits count under: as Django's UsernameField sees it (NFKC, so a fullwidth
+        or a mathematical double-struck "alice" logs in as ``alice``), and case-folded; else each
+        variant got fresh guesses."""
+        name = str(self.request.POST.get("username", ""))[:300].strip()
+        return unicodedata.normalize("NFKC", name).casefold().strip()
 
     def _limit_key(self) -> tuple[str, str]:
         return self._username(), client_address(self.request.META)

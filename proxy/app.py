@@ -187,11 +187,15 @@ class Proxy:
         # An HTTP/1.0 client's request goes as HTTP/1.0: the replica then never answers chunked.
         ex.line = b"%b %b %b\r\n" % (ex.method, path, b"HTTP/1.1" if ex.version11 else b"HTTP/1.0")
         parts = ex.hparts
-        cookie = ex.cookie
-        if cookie is not None and endpoint.forward_cookies:
-            cookie = keep_app_cookies(cookie, endpoint.platform_cookies)
-            if cookie:
-                parts.append(b"Cookie: %b\r\n" % cookie)
+        # Cookies pass only on the service's own host name (<slug>.<SERVING_DOMAIN>): at /e/<slug>/
+        # every service shares the proxy's origin, and so would each other's cookies.
+        if endpoint.forward_cookies and not prefix:
+            ex.forward_cookies = True
+            cookie = ex.cookie
+            if cookie is not None:
+                cookie = keep_app_cookies(cookie, endpoint.platform_cookies)
+                if cookie:
+                    parts.append(b"Cookie: %b\r\n" % cookie)
         if forward_auth and auth is not None:
             parts.append(b"Authorization: %b\r\n" % auth)
         peer = ex.down.peer

@@ -91,6 +91,8 @@ NEVER_NOMINATED = frozenset((b"content-length", b"transfer-encoding", b"host"))
 RESPONSE_HOP_SEARCH = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-|te|trailer|upgrade|set-cookie)[ \t]*:", re.IGNORECASE
 )
+# A Set-Cookie attribute named Domain (rare: only then is a forwarded Set-Cookie rewritten).
+DOMAIN_SEARCH = re.compile(rb"domain", re.IGNORECASE)
 RESPONSE_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"te", b"trailer", b"upgrade", b"transfer-encoding"))
 
 # How a response body goes to the client.
@@ -178,11 +180,36 @@ def keep_app_cookies(header: bytes, platform: frozenset[bytes]) -> bytes:
     return b"; ".join(pair.strip() for pair in header.split(b";") if pair.strip() and cookie_name(pair) not in platform)
 
 
-def passes_set_cookie(ex: Exchange, value: bytes) -> bool:
-    """A replica's Set-Cookie reaches the caller only when its service forwards cookies, and never
-    for a platform cookie's name (it could log the caller out, or fix their CSRF token)."""
+def forwarded_set_cookie(ex: Exchange, value: bytes) -> bytes | None:
+    """A replica's Set-Cookie value as the caller gets it, or None when it is not passed on.
+
+    Passed only when the service forwards cookies and was called on its own host name (see
+    ``Proxy.dispatch``), and never:
+
+    * for a platform cookie's name (it could log the caller out, or fix their CSRF token);
+    * without a name (no ``=`` before the first ``;``, or nothing before the ``=``): a browser
+      (RFC 6265bis) stores a nameless cookie and sends back its value alone, so
+      ``=sessionid=<attacker's>`` would come back as the platform's session (a login CSRF). For the
+      same reason a value that starts with ``<platform cookie>=`` is refused too.
+
+    A ``Domain`` attribute is removed: under SERVING_DOMAIN it would let one service set cookies
+    for its sibling services' host names. The value is rebuilt only when it names one.
+    """
     endpoint = ex.endpoint
-    return endpoint is not None and endpoint.forward_cookies and cookie_name(value) not in endpoint.platform_cookies
+    if endpoint is None or not ex.forward_cookies:
+        return None
+    platform = endpoint.platform_cookies
+    pair, semicolon, attributes = value.partition(b";")
+    name, equals, cookie_value = pair.partition(b"=")
+    name = name.strip().lower()
+    if not equals or not name or name in platform:
+        return None
+    if b"=" in cookie_value and cookie_value.partition(b"=")[0].strip().lower() in platform:
+        return None
+    if semicolon and DOMAIN_SEARCH.search(attributes) is not None:
+        kept = [a for a in attributes.split(b";") if a.partition(b"=")[0].strip().lower() != b"domain"]
+        return b";".join([pair.strip(), *kept])
+    return value
 
 
 def connection_options(value: bytes) -> list[bytes]:
@@ -209,6 +236,7 @@ class Exchange:
     head_request = False
     auth: bytes | None = None
     cookie: bytes | None = None  # the Cookie header(s), joined; forwarded only as the endpoint allows
+    forward_cookies = False  # cookies pass both ways (the endpoint's choice, on its own host name)
     host: bytes | None = None
     xff: bytes | None = None
     xfp: bytes | None = None
@@ -945,8 +973,11 @@ class Upstream(asyncio.Protocol):
                 chunked = chunked or b"chunked" in value.lower()
                 continue
             elif name == b"set-cookie":
-                if not passes_set_cookie(ex, value):
+                forwarded = forwarded_set_cookie(ex, value)
+                if forwarded is None:
                     continue
+                if forwarded is not value:
+                    line = b"Set-Cookie: " + forwarded
             elif name in RESPONSE_HOP_BY_HOP or name.startswith(b"proxy-"):
                 if status == 101 and name in (b"connection", b"upgrade"):
                     kept.append(line)

@@ -13,6 +13,7 @@ echo
 echo "  modelserve is starting:  http://$web_host:$web_port/   (admin: http://$web_host:$web_port/admin/)"
 echo "  endpoints are served by the proxy at ${SERVING_PROXY_URL:-http://127.0.0.1:8080}"
 echo "  Ctrl-C stops everything."
+scripts/site_check.sh "$web_host" "$web_port" "${SITE_URL:-}" "${ALLOWED_HOSTS:-}"
 scripts/host_check.sh "${SITE_URL:-http://$web_host:$web_port}" "${SERVING_PROXY_URL:-http://127.0.0.1:8080}" "${SERVING_DOMAIN:-}"
 echo
 .venv/bin/honcho start -f Procfile

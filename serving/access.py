@@ -77,36 +77,61 @@ class ReadGrant:
         session = scope.get("session")
         return cls(scope["user"].pk, str(endpoint_id), None, getattr(session, "session_key", None))
 
-    def lost(self) -> str | None:
-        """None while the grant holds; else the sentence to end the stream with. Gone are: the user
-        (deleted or disabled), the API key (revoked or expired), the session (logged out), the
-        right to read the service (removed from its project, no longer an operator), the service
-        itself (terminated). A reader who lost the right learns nothing more about the service."""
+    def reader(self) -> tuple[Any, str | None]:
+        """(the user as they are now, None) while the user and the credential hold, whatever the
+        service; else (None, the sentence to end the stream with). The service sockets ask only
+        this (they go on showing a terminated service, and re-check access to it themselves)."""
         from accounts.models import ApiKey
 
         user = current_user(self.user_id)
-        gone = "You can no longer read this service, so its live log ended."
         if user is None:
-            return gone
+            return None, READ_GONE
         if self.api_key_id is not None and not ApiKey.objects.active().filter(pk=self.api_key_id).exists():
-            return "The API key this stream was opened with was revoked or expired, so the live log ended."
-        if self.session_key is not None and not _session_exists(self.session_key):
-            return "You were logged out, so the live log ended."
+            return None, "The API key this stream was opened with was revoked or expired, so the live log ended."
+        if self.session_key is not None and not _session_holds(self.session_key, user):
+            return None, "You were logged out (or your password changed), so the live log ended."
+        return user, None
+
+    def lost(self) -> str | None:
+        """None while the grant holds; else the sentence to end the stream with. Gone are: the user
+        (deleted or disabled), the API key (revoked or expired), the session (logged out, or no
+        longer valid since a password change), the right to read the service (removed from its
+        project, no longer an operator), the service itself (terminated). A reader who lost the
+        right learns nothing more about the service."""
+        user, why = self.reader()
+        if user is None:
+            return why
         try:
             endpoint = access_endpoint(user, self.endpoint_id, include_destroyed=True)
         except Http404:
-            return gone
+            return READ_GONE
         if endpoint.lifecycle != Endpoint.Lifecycle.CREATED:
             return "The service was terminated, so its live log ended."
         return None
 
 
-def _session_exists(session_key: str) -> bool:
+READ_GONE = "You can no longer read this service, so its live log ended."
+
+
+def _session_holds(session_key: str, user: Any) -> bool:
+    """The session still logs ``user`` in: it exists (not logged out) and its auth hash is the
+    user's current one (a password change invalidates every other session: Django's get_user
+    flushes such a session on its next request, but a socket makes none). Read only: unlike
+    get_user, nothing is flushed or cycled here."""
     from importlib import import_module
 
     from django.conf import settings
+    from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
+    from django.utils.crypto import constant_time_compare
 
     if settings.SESSION_ENGINE.endswith("signed_cookies"):
         return True  # nothing kept on the server to end: such a session can not be revoked
     store = import_module(settings.SESSION_ENGINE).SessionStore
-    return bool(store().exists(session_key))
+    data = store(session_key).load()  # {} when logged out or expired
+    if str(data.get(SESSION_KEY)) != str(user.pk):
+        return False
+    session_hash = data.get(HASH_SESSION_KEY)
+    if not session_hash:
+        return False
+    hashes = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
+    return any(constant_time_compare(session_hash, known) for known in hashes)

@@ -237,6 +237,29 @@ def _check_shared_definition(endpoint: Endpoint) -> None:
         raise ValidationError({"folder": problem})
 
 
+def _check_forward_cookies(forward_cookies: bool) -> None:
+    """Cookies reach a service only when it has a host name of its own: with path-based addresses
+    (``SERVING_PROXY_URL/e/<slug>/``) every service shares one origin, so a cookie one service
+    sets would be sent to every other tenant's service, and their pages could read it."""
+    if forward_cookies and not settings.SERVING_DOMAIN:
+        raise ValidationError(
+            {
+                "forward_cookies": "Forward cookies needs each service on its own host name: here every service "
+                "shares the proxy's address, so another tenant's service would receive and read these cookies. "
+                "Ask the operator to set SERVING_DOMAIN (services then answer at <slug>.<domain>), or leave "
+                "this off."
+            }
+        )
+
+
+def _check_scale_up(endpoint: Endpoint) -> None:
+    """More replicas only of a service whose replicas may start (a service configured before the
+    project-folder rule runs on, but gets no replica that would only fail at start)."""
+    problem = endpoint.shared_definition_problem()
+    if problem:
+        raise ValidationError({"desired_replicas": problem})
+
+
 def _check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ValidationError({"runtime": f"Unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}."})
@@ -282,6 +305,7 @@ def field_problems(field: str, value: Any) -> list[str]:
         "resources": _normalize_resources,
         "model_mount": lambda path: _check_mount_path(path, "model_mount"),
         "model_definition_path": _check_definition_path,
+        "forward_cookies": _check_forward_cookies,
     }
     check = checks.get(field)
     if check is None or value in (None, "", {}):
@@ -334,6 +358,7 @@ def check_service_config(
             return fallback
 
     attempt(_check_runtime, runtime)
+    attempt(_check_forward_cookies, forward_cookies)
     attempt(_check_model_folder, folder)
     attempt(_check_mount_path, model_mount, "model_mount")
     if model_definition_path:
@@ -490,6 +515,7 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     if unknown:
         raise ValidationError({"detail": f"These fields can not be modified: {', '.join(sorted(unknown))}."})
     applied: dict[str, Any] = {}
+    old_replicas = endpoint.desired_replicas
     visible = Folder.objects.visible_to(acting_user)
     for field, value in changes.items():
         if field == "model_folder":
@@ -504,6 +530,8 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
             _check_mount_path(value, "model_mount")
         elif field == "model_definition_path" and value:
             _check_definition_path(value)
+        elif field == "forward_cookies" and value and not endpoint.forward_cookies:
+            _check_forward_cookies(value)
         elif field == "resource_group" and value != endpoint.resource_group:
             _check_resource_group(value or "default")
         elif field == "extra_mounts":
@@ -520,8 +548,13 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     _check_cluster_mode(endpoint.cluster_mode)
     if not applied:
         return endpoint
-    if {"model_folder", "extra_mounts"} & applied.keys():
+    # Every change that places new replicas is checked, not only a change of the folders: a service
+    # configured before the rule would otherwise get replicas that all fail at start
+    # (replicas.build_spec), until MAX_START_FAILURES.
+    if REPLACING_FIELDS & applied.keys():
         _check_shared_definition(endpoint)
+    elif applied.get("desired_replicas", 0) > old_replicas:
+        _check_scale_up(endpoint)
     endpoint.full_clean(exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False)
     if REPLACING_FIELDS & applied.keys():
         endpoint.spec_version += 1
@@ -543,10 +576,14 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
 
 @transaction.atomic
 def do_scale(endpoint: Endpoint, replicas: int, *, acting_user: User | None, reason: str = "") -> bool:
-    """Set the desired replica count; returns False when the service is not live (nothing done)."""
+    """Set the desired replica count; returns False when the service is not live (nothing done).
+    A scale-up of a service whose replicas can not start (Endpoint.shared_definition_problem) is
+    refused with that sentence."""
     if replicas < 0 or replicas > 64:
         raise ValidationError({"desired_replicas": "Replicas must be between 0 and 64."})
     old = endpoint.desired_replicas
+    if replicas > old:
+        _check_scale_up(endpoint)
     changed = Endpoint.objects.filter(pk=endpoint.pk, lifecycle=Endpoint.Lifecycle.CREATED).update(
         desired_replicas=replicas, updated_at=timezone.now()
     )

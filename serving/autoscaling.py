@@ -354,9 +354,17 @@ def _apply_scaling(
             .order_by("pk")  # the reconcile's lock order: two orders of one set deadlock
         }
         groups: dict[tuple[int, int], list[Any]] = {}
+        refused: dict[Any, str] = {}
         for endpoint_id, current, new, _ in scaled:
             endpoint = locked.get(endpoint_id)
-            if endpoint is not None and endpoint.desired_replicas == current:
+            if endpoint is None or endpoint.desired_replicas != current:
+                continue
+            # No more replicas that would only fail at start (a service configured before the
+            # project-folder rule): the decision records why instead (actions.do_scale refuses too).
+            problem = endpoint.shared_definition_problem(name_folders=False) if new > current else None
+            if problem:
+                refused[endpoint_id] = problem
+            else:
                 groups.setdefault((current, new), []).append(endpoint_id)
         acted_ids: set[Any] = set()
         for (current, new), ids in groups.items():
@@ -375,9 +383,8 @@ def _apply_scaling(
             acted = endpoint_id in acted_ids
             for decision in decisions:
                 if decision.acted and not acted:
-                    decision = Decision(
-                        decision.rule, decision.observed, current, current, False, "the count changed meanwhile"
-                    )
+                    why = refused.get(endpoint_id, "the count changed meanwhile")
+                    decision = Decision(decision.rule, decision.observed, current, current, False, why)
                 if decision.acted or decision.key != last_decision[decision.rule.id]:
                     events.append(_event(endpoint_id, decision, now, acted=decision.acted))
                     if decision.acted:

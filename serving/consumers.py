@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
+# What ServiceListConsumer._snapshot answers once its reader's user or session is gone.
+LOGGED_OUT: dict[str, Any] = {}
 
 
 class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
@@ -62,14 +64,18 @@ class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _snapshot(self) -> dict[str, Any] | None:
-        from serving.access import access_endpoint, current_user
+        from serving.access import ReadGrant, access_endpoint
         from serving.api.serializers import ServiceSerializer
         from serving.api.views import _with_routes
         from serving.models import Endpoint
 
+        # The user and their session as they are now: the socket may have been open for hours, and
+        # its reader logged out or changed their password since (the environment holds secrets).
+        user, _ = ReadGrant.of_scope(self.scope, self.endpoint_id).reader()
+        if user is None:
+            return None
         try:
-            # The user as they are now: the socket may have been open for hours.
-            endpoint = access_endpoint(current_user(self.scope["user"].pk), self.endpoint_id, include_destroyed=True)
+            endpoint = access_endpoint(user, self.endpoint_id, include_destroyed=True)
         except Http404:
             return None
         return dict(ServiceSerializer(_with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)).data)
@@ -127,11 +133,12 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _may_read(self) -> bool:
-        """Its owner, or an operator; the user as the database has them now."""
+        """Its owner, or an operator; the user and their session as they are now (logged out, or a
+        password changed since, ends it)."""
         from serving import validation
-        from serving.access import current_user
+        from serving.access import ReadGrant
 
-        user = current_user(self.scope["user"].pk)
+        user, _ = ReadGrant.of_scope(self.scope, "").reader()
         owner = validation.owner_of(self.validation_id)
         return user is not None and owner is not None and (owner == user.pk or user.is_superuser)
 
@@ -171,6 +178,9 @@ class ServiceListConsumer(AsyncJsonWebsocketConsumer):
     async def services_changed(self, event: dict[str, Any]) -> None:
         endpoint_id = str(event["id"])
         snapshot = await self._snapshot(endpoint_id)
+        if snapshot is LOGGED_OUT:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
         if snapshot is None or snapshot.get("lifecycle") == "destroyed":
             await self.send_json({"type": "gone", "id": endpoint_id})
         else:
@@ -190,12 +200,15 @@ class ServiceListConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _snapshot(self, endpoint_id: str) -> dict[str, Any] | None:
-        from serving.access import access_endpoint, can_write_endpoint, current_user
+        from serving.access import ReadGrant, access_endpoint, can_write_endpoint
         from serving.api.serializers import ServiceSerializer
         from serving.api.views import _with_routes
         from serving.models import Endpoint
 
-        user = current_user(self.scope["user"].pk)  # as they are now, not as they were at connect
+        # The user and their session as they are now, not as they were at connect.
+        user, _ = ReadGrant.of_scope(self.scope, endpoint_id).reader()
+        if user is None:
+            return LOGGED_OUT
         try:
             endpoint = access_endpoint(user, endpoint_id, include_destroyed=True)
         except Http404:

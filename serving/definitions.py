@@ -1,6 +1,6 @@
 """Parse and validate ``model-definition.yaml`` (S2) and ``service-definition.toml`` (S3).
 
-Pure: no Django, no I/O except the size-capped ``load_*`` helpers, ``read_folder_file`` and
+Pure: no Django, no I/O except the size-capped ``load_*`` helpers, ``read_folder_file``, ``folder_entry`` and
 ``validate_model_folder``, which read files and hand their bytes to the pure parsers. Every one of
 them reads through ``storage.fs`` (each path component opened without following a symlink): a
 folder's content is written by users and by replicas, and a symlink planted there must never make
@@ -1330,7 +1330,9 @@ def read_folder_file(folder_fs: FolderFS, relative: str, file: str | None = None
     except fs.PathNotFound:
         return None
     except fs.FsError as exc:
-        raise _fail(name, _fs_problem(exc, relative)) from None
+        # Chained (not ``from None``): a replica start tells a node without the folder's data
+        # (StorageUnavailable) from a bad file.
+        raise _fail(name, _fs_problem(exc, relative)) from exc
     except OSError as exc:
         raise _fail(name, f"can not be read: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:
@@ -1414,26 +1416,32 @@ def _safe_relative(definition_path: str) -> str | None:
     return pure.as_posix()
 
 
-def _regular_file_in(folder_fs: FolderFS, relative: str, c: _Collector) -> bool:
-    """Whether ``relative`` is a regular file inside the folder (through storage.fs); a symlink, on
-    the file or on its path, is reported, not followed. Reading it later refuses a swapped-in link
-    again, so no check-then-use race leads outside."""
+def folder_entry(folder_fs: FolderFS, relative: str) -> tuple[str | None, str | None]:
+    """(what ``relative`` is in the folder: "file", "dir", "symlink", ... or None when absent or out
+    of reach; what is wrong with it as a definition file, or None), through storage.fs: a symlink,
+    on the file or on its path, is reported, not followed. Reading it later refuses a swapped-in
+    link again, so no check-then-use race leads outside."""
     from storage import fs
 
     try:
         entry = folder_fs.stat(relative)
     except fs.PathNotFound:
-        return False
+        return None, None
     except fs.FsError as exc:
-        c.add("", _fs_problem(exc, relative))
-        return False
+        return None, _fs_problem(exc, relative)
     if entry.type == "symlink":
-        c.add("", SYMLINK_PROBLEM)
-        return False
+        return entry.type, SYMLINK_PROBLEM
     if entry.type != "file":
-        c.add("", "is not a regular file")
-        return False
-    return True
+        return entry.type, "is not a regular file"
+    return entry.type, None
+
+
+def _regular_file_in(folder_fs: FolderFS, relative: str, c: _Collector) -> bool:
+    """Whether ``relative`` is a regular file inside the folder; what is wrong otherwise goes to ``c``."""
+    kind, problem = folder_entry(folder_fs, relative)
+    if problem:
+        c.add("", problem)
+    return kind == "file"
 
 
 def _folder_fs(folder: Path) -> FolderFS:

@@ -157,7 +157,7 @@ class Endpoint(models.Model):
         """True when starts failed too often in a row; only "clear errors and retry" resumes."""
         return self.retries >= settings.MAX_START_FAILURES
 
-    def shared_definition_problem(self) -> str | None:
+    def shared_definition_problem(self, *, name_folders: bool = True) -> str | None:
         """Why this service may not run as configured, or None (issue 13, "project folders").
 
         A service that mounts private folders (extra mounts that belong to a user, not a project)
@@ -167,6 +167,10 @@ class Endpoint(models.Model):
         pre-start actions), and the replica can read and write every mount; so a project-shared
         model folder would let any member of the project read the owner's private folders through
         the owner's service, and another user's model folder would let that user read them.
+
+        The sentence names the mounts' owner, not "you": who reads it may be a project manager
+        changing a teammate's service. ``name_folders=False`` leaves out the private folders'
+        names, for a replica's error, which every member of the project sees.
         """
         from storage.models import Folder
 
@@ -177,17 +181,27 @@ class Endpoint(models.Model):
         private = list(Folder.objects.filter(pk__in=ids, project__isnull=True).select_related("owner").order_by("name"))
         if not private or (folder.project_id is None and all(m.owner_id == folder.owner_id for m in private)):
             return None
-        names = ", ".join(f"{m.name!r} (of {m.owner.username})" for m in private)
+        by_owner: dict[str, list[str]] = {}
+        for mount in private:
+            by_owner.setdefault(mount.owner.username, []).append(repr(mount.name))
+        owners = sorted(by_owner)
+        if name_folders:
+            mounted = " and ".join(f"{', '.join(by_owner[o])} of {o!r}" for o in owners)
+        else:
+            mounted = "of " + " and ".join(repr(o) for o in owners)
         writers = (
             f"every member of project {folder.project.name!r}"
             if folder.project is not None
             else f"its owner {folder.owner.username!r}"
         )
+        fix = (
+            f"Use a model folder only {owners[0]!r} can write (e.g. a private copy of this one)"
+            if len(owners) == 1
+            else "Mount the private folders of one user only, with a model folder only that user can write"
+        )
         return (
-            f"Model folder {folder.name!r} can be changed by {writers}, and whoever changes its model definition "
-            f"decides what this service runs, with the private folder(s) {names} mounted. Use a model folder "
-            "only you can write (a private model folder of your own, e.g. a copy of this one), or mount no "
-            "private folders (use project folders for shared data)."
+            f"Model folder {folder.name!r} can be changed by {writers}, and so can what this service runs next "
+            f"to the private folders {mounted} it mounts. {fix}, or mount project folders instead."
         )
 
     def count_failed_start(self) -> None:

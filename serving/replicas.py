@@ -21,7 +21,7 @@ from serving.engines.base import (
 )
 from serving.health import TCP_DEFAULT, HealthConfig
 from serving.models import Route, RouteMember
-from storage.fs import FolderFS, FsError, PathNotFound, StorageUnavailable
+from storage.fs import FolderFS, StorageUnavailable
 from storage.models import Folder
 
 
@@ -34,30 +34,6 @@ class SpecError(Exception):
         self.extra = extra
 
 
-def _read_definition_file(fs: FolderFS, relative: str, folder_name: str) -> bytes | None:
-    """The bytes of ``relative`` in the folder, read through storage.fs (every component opened with
-    O_NOFOLLOW: a symlink, ``..`` or a swapped directory can not lead outside); None when absent."""
-    try:
-        with fs.open_read(relative) as handle:
-            data = handle.read(definitions.MAX_FILE_BYTES + 1)
-    except PathNotFound:
-        return None
-    except StorageUnavailable:
-        raise SpecError("folder", f"The model folder {folder_name!r} has no data on this node.") from None
-    except FsError as exc:
-        raise SpecError(
-            "definition",
-            f"The model definition file path {relative!r} can not be used: {exc.message} "
-            "Use a regular file inside the model folder, such as model-definition.yaml.",
-        ) from None
-    if len(data) > definitions.MAX_FILE_BYTES:
-        raise SpecError(
-            "definition",
-            f"{relative} is larger than {definitions.MAX_FILE_BYTES // 1024} KiB; a definition file is small text.",
-        )
-    return data
-
-
 def load_definition(route: Route) -> definitions.ModelDefinition:
     endpoint = route.endpoint
     folder = endpoint.model_folder
@@ -68,7 +44,19 @@ def load_definition(route: Route) -> definitions.ModelDefinition:
     # The default name falls back to .yml, as the original does; an explicit path does not.
     names = definitions.MODEL_DEFINITION_NAMES if wanted == definitions.DEFAULT_MODEL_DEFINITION_PATH else (wanted,)
     for name in names:
-        data = _read_definition_file(fs, name, folder.name)
+        try:
+            # The one reader of definition files (launcher, validation, replica start): through
+            # storage.fs, size-capped; a symlink, a directory or an oversized file is a problem.
+            data = definitions.read_folder_file(fs, name)
+        except definitions.DefinitionError as exc:
+            if isinstance(exc.__cause__, StorageUnavailable):
+                raise SpecError("folder", f"The model folder {folder.name!r} has no data on this node.") from None
+            raise SpecError(
+                "definition",
+                f"The model definition file path {name!r} can not be used: {exc} "
+                f"Use a regular file inside the model folder, such as {definitions.DEFAULT_MODEL_DEFINITION_PATH}.",
+                problems=[p.to_dict() for p in exc.problems],
+            ) from None
         if data is None:
             continue
         try:
@@ -91,7 +79,7 @@ def build_spec(
     endpoint = route.endpoint
     # Checked again here, for a service that was configured before the rule (or whose folders changed):
     # no replica starts with private mounts and a model definition others can edit.
-    problem = endpoint.shared_definition_problem()
+    problem = endpoint.shared_definition_problem(name_folders=False)
     if problem:
         raise SpecError("folder", problem)
     runtime = runtimes.get_runtime(endpoint.runtime)

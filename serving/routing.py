@@ -62,7 +62,9 @@ def build_entry(endpoint: Endpoint, routes: list[Route], active_tokens: list[End
         "tokens": {t.lookup: {"digest": t.digest, "expires": t.expires_at.timestamp()} for t in active_tokens},
         # Off: the proxy removes every cookie both ways. On: it still removes the web app's own
         # cookies, named here as this installation configures them (the proxy has no Django).
-        "forward_cookies": endpoint.forward_cookies,
+        # Never without SERVING_DOMAIN (a service turned on before that rule): with path-based
+        # addresses every service shares one origin and so each other's cookies.
+        "forward_cookies": endpoint.forward_cookies and bool(settings.SERVING_DOMAIN),
         "platform_cookies": platform_cookie_names(),
     }
 

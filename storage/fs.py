@@ -398,12 +398,6 @@ class FolderFS:
             os.close(fd)
             raise
 
-    def read_small(self, path: str, limit: int) -> bytes:
-        """A regular file's bytes, at most ``limit + 1`` of them (one more than allowed says "too big");
-        as ``open_read``, a symlink anywhere on the path is refused, never followed."""
-        with self.open_read(path) as handle:
-            return handle.read(limit + 1)
-
     def preview(self, path: str, limit: int = PREVIEW_LIMIT) -> tuple[str, int, bool]:
         """(text, size, truncated) of a small text file: UTF-8, no NUL bytes; binary files are refused."""
         with self.open_read(path) as handle:

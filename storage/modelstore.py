@@ -31,18 +31,11 @@ class StoreInfo:
 
 
 def _is_file(folder_fs: FolderFS, name: str) -> bool:
-    try:
-        return folder_fs.stat(name).type == "file"
-    except fsmod.FsError:
-        return False
+    return definitions.folder_entry(folder_fs, name)[0] == "file"
 
 
 def _exists(folder_fs: FolderFS, name: str) -> bool:
-    try:
-        folder_fs.stat(name)
-    except fsmod.FsError:
-        return False
-    return True
+    return definitions.folder_entry(folder_fs, name)[0] is not None
 
 
 def store_info(folder: Folder) -> StoreInfo:

@@ -154,7 +154,8 @@ class _ServiceInputFields(serializers.Serializer[Any]):
         default=False,
         help_text=(
             "Pass callers' cookies to the replicas and their Set-Cookie back (off: the proxy removes both). "
-            "The web app's own session, CSRF and language cookies are removed even when on."
+            "The web app's own session, CSRF and language cookies are removed even when on. "
+            "Needs SERVING_DOMAIN (each service on its own host name; cookies pass only there); refused otherwise."
         ),
     )
     image = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
@@ -183,6 +184,9 @@ class _ServiceInputFields(serializers.Serializer[Any]):
 
     def validate_environ(self, value: Any) -> Any:
         return self._on_its_own("environ", value)
+
+    def validate_forward_cookies(self, value: bool) -> bool:
+        return bool(self._on_its_own("forward_cookies", value))
 
     def validate_resources(self, value: Any) -> Any:
         return self._on_its_own("resources", value)

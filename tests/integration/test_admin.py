@@ -85,10 +85,11 @@ def test_a_refused_edit_is_not_reported_as_saved(rf: Any, personas: dict[str, An
 
 
 def test_an_operator_sets_forward_cookies_and_a_users_storage_limit(
-    rf: Any, personas: dict[str, Any], service: Endpoint
+    rf: Any, personas: dict[str, Any], service: Endpoint, settings: Any
 ) -> None:
     from django.contrib.messages.storage.fallback import FallbackStorage
 
+    settings.SERVING_DOMAIN = "models.example.net"  # forward_cookies needs a host name per service
     from accounts.models import User
 
     request = rf.post("/")
@@ -104,3 +105,21 @@ def test_an_operator_sets_forward_cookies_and_a_users_storage_limit(
     assert "forward_cookies" in str(admin.site._registry[Endpoint].fields)
     user_admin = admin.site._registry[User]
     assert any("storage_limit" in options["fields"] for _, options in user_admin.fieldsets)
+
+
+def test_an_operator_can_not_turn_forward_cookies_on_without_serving_domain(
+    rf: Any, personas: dict[str, Any], service: Endpoint, settings: Any
+) -> None:
+    from django.contrib.messages import get_messages
+    from django.contrib.messages.storage.fallback import FallbackStorage
+
+    settings.SERVING_DOMAIN = ""
+    request = rf.post("/")
+    request.user = personas["admin"]
+    request.session = {}
+    request._messages = FallbackStorage(request)
+    form = type("Form", (), {"changed_data": ["forward_cookies"], "cleaned_data": {"forward_cookies": True}})()
+    admin.site._registry[Endpoint].save_model(request, service, form, change=True)
+    service.refresh_from_db()
+    assert service.forward_cookies is False
+    assert any("SERVING_DOMAIN" in str(m) for m in get_messages(request))

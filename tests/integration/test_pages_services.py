@@ -206,7 +206,8 @@ def test_launcher_creates_through_the_api_path(browser: Any, folder: Folder, per
     assert ServiceEvent.objects.filter(endpoint=endpoint, kind="created").exists()
 
 
-def test_launcher_sets_and_modify_clears_forward_cookies(browser: Any, folder: Folder) -> None:
+def test_launcher_sets_and_modify_clears_forward_cookies(browser: Any, folder: Folder, settings: Any) -> None:
+    settings.SERVING_DOMAIN = "models.example.net"  # forward_cookies needs a host name per service
     client = browser("owner")
     assert 'name="forward_cookies"' in client.get("/services/new/").content.decode()
     assert client.post("/services/new/", form(folder, forward_cookies="on")).status_code == 302
@@ -220,6 +221,14 @@ def test_launcher_sets_and_modify_clears_forward_cookies(browser: Any, folder: F
     endpoint.refresh_from_db()
     assert endpoint.forward_cookies is False
     assert ServiceEvent.objects.get(endpoint=endpoint, kind="modified").data["changes"]["forward_cookies"] is False
+
+
+def test_launcher_refuses_forward_cookies_without_serving_domain(browser: Any, folder: Folder, settings: Any) -> None:
+    settings.SERVING_DOMAIN = ""
+    response = browser("owner").post("/services/new/", form(folder, forward_cookies="on"))
+    assert response.status_code == 200
+    assert "set SERVING_DOMAIN" in response.content.decode()
+    assert not Endpoint.objects.filter(name="my-service").exists()
 
 
 def test_launcher_refuses_a_stranger_s_folder(browser: Any, folder: Folder) -> None:

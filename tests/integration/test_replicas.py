@@ -54,5 +54,17 @@ def test_missing_and_oversized_definitions_say_what_to_do(api: Any, folder: Fold
     with pytest.raises(replicas.SpecError, match=r"has no model-definition\.yaml"):
         replicas.build_spec(route_of(api, folder))
     (folder.host_path / "model-definition.yaml").write_bytes(b"#" * (1024 * 1024 + 1))
-    with pytest.raises(replicas.SpecError, match="larger than 1024 KiB"):
+    with pytest.raises(replicas.SpecError, match="at most 1024 KiB"):  # read_folder_file's words
         replicas.build_spec(route_of(api, folder))
+
+
+def test_a_node_without_the_folders_data_says_so(api: Any, folder: Folder) -> None:
+    """The shared reader (definitions.read_folder_file) still tells a missing folder directory (this
+    node has not the folder's data) from a bad definition file."""
+    import shutil
+
+    route = route_of(api, folder)
+    shutil.rmtree(folder.host_path)
+    with pytest.raises(replicas.SpecError, match="has no data on this node") as caught:
+        replicas.build_spec(route)
+    assert caught.value.kind == "folder"

@@ -98,11 +98,16 @@ def _publish(proxy: live_proxy.Proxy, endpoint: Endpoint) -> None:
 
 
 def _call_as_browser(
-    proxy: live_proxy.Proxy, endpoint: Endpoint, cookies: str, set_cookies: str = ""
+    proxy: live_proxy.Proxy, endpoint: Endpoint, cookies: str, set_cookies: str = "", *, own_host: bool = False
 ) -> tuple[dict[str, str], list[str]]:
-    """The replica's view of the request's headers, and the Set-Cookie headers the browser got."""
+    """The replica's view of the request's headers, and the Set-Cookie headers the browser got;
+    ``own_host``: called at <slug>.<SERVING_DOMAIN>, else at the proxy's /e/<slug>/."""
     path = "headers" + (f"?set={set_cookies}" if set_cookies else "")
-    request = urllib.request.Request(proxy.url(endpoint.slug, path), headers={"Cookie": cookies})
+    headers = {"Cookie": cookies}
+    url = proxy.url(endpoint.slug, path)
+    if own_host:
+        url, headers["Host"] = f"http://127.0.0.1:{proxy.port}/{path}", f"{endpoint.slug}.{live_proxy.DOMAIN}"
+    request = urllib.request.Request(url, headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
         seen = json.load(response)["headers"]
@@ -127,8 +132,9 @@ def test_public_service_owner_does_not_steal_the_callers_session_and_csrf_cookie
 
 
 def test_forward_cookies_passes_the_apps_cookie_but_never_the_platform_session(
-    api: Any, personas: dict[str, Any], proxy: live_proxy.Proxy, replica: CookieReplica
+    api: Any, personas: dict[str, Any], proxy: live_proxy.Proxy, replica: CookieReplica, settings: Any
 ) -> None:
+    settings.SERVING_DOMAIN = live_proxy.DOMAIN  # forward_cookies needs a host name per service
     # The platform's cookie names as this installation configures them, not only Django's defaults.
     with override_settings(
         SESSION_COOKIE_NAME="ms_session", CSRF_COOKIE_NAME="ms_csrf", LANGUAGE_COOKIE_NAME="ms_lang"
@@ -142,28 +148,83 @@ def test_forward_cookies_passes_the_apps_cookie_but_never_the_platform_session(
         endpoint,
         BROWSER_COOKIES + "; appsession=app-value-789; ms_session=victim-custom; MS_CSRF=victim-case",
         set_cookies="appsession,sessionid,ms_session,csrftoken",
+        own_host=True,
     )
 
     assert seen.get("cookie") == "appsession=app-value-789"
     assert not any("victim" in value for value in seen.values())
     assert [c.split(";")[0] for c in set_cookies] == ["appsession=from-the-replica"]
+    # At the proxy's shared /e/<slug>/ address every service has one origin: nothing passes there.
+    seen, set_cookies = _call_as_browser(proxy, endpoint, "appsession=app-value-789", set_cookies="appsession")
+    assert "cookie" not in seen and set_cookies == []
 
 
 def test_turning_forward_cookies_off_applies_at_the_proxy(
-    api: Any, personas: dict[str, Any], proxy: live_proxy.Proxy, replica: CookieReplica
+    api: Any, personas: dict[str, Any], proxy: live_proxy.Proxy, replica: CookieReplica, settings: Any
 ) -> None:
+    settings.SERVING_DOMAIN = live_proxy.DOMAIN
     endpoint = _public_service(api, personas["owner"], replica, forward_cookies=True)
     _publish(proxy, endpoint)
-    assert _call_as_browser(proxy, endpoint, "appsession=a")[0].get("cookie") == "appsession=a"
+    assert _call_as_browser(proxy, endpoint, "appsession=a", own_host=True)[0].get("cookie") == "appsession=a"
 
     response = api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"forward_cookies": False}, format="json")
     assert response.status_code == 200, response.content
     endpoint.refresh_from_db()
     _publish(proxy, endpoint)
     live_proxy.wait_for(
-        lambda: "cookie" not in _call_as_browser(proxy, endpoint, "appsession=a")[0],
+        lambda: "cookie" not in _call_as_browser(proxy, endpoint, "appsession=a", own_host=True)[0],
         what="the proxy to stop forwarding cookies",
     )
+
+
+def test_a_replica_can_not_plant_the_platform_session_with_a_nameless_cookie(
+    api: Any, personas: dict[str, Any], proxy: live_proxy.Proxy, replica: CookieReplica, settings: Any
+) -> None:
+    # 'Set-Cookie: =sessionid=x' is stored by browsers as a nameless cookie and sent back as
+    # 'sessionid=x': the attacker's session in the victim's browser (a login CSRF).
+    settings.SERVING_DOMAIN = live_proxy.DOMAIN
+    endpoint = _public_service(api, personas["owner"], replica, forward_cookies=True)
+    _publish(proxy, endpoint)
+    _, set_cookies = _call_as_browser(
+        proxy, endpoint, "appsession=a", set_cookies=",=sessionid,appsession", own_host=True
+    )
+    assert [c.split(";")[0] for c in set_cookies] == ["appsession=from-the-replica"]
+
+
+def test_forward_cookies_is_refused_when_services_share_one_origin(
+    api: Any, personas: dict[str, Any], settings: Any
+) -> None:
+    # Path-based addresses (SERVING_PROXY_URL/e/<slug>/, the default) put every service on one
+    # origin: a cookie one service sets would reach, and be readable by, every other tenant's.
+    settings.SERVING_DOMAIN = ""
+    folder = FolderFactory(owner=personas["owner"], files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = {"name": "cookies-shared", "folder": str(folder.pk), "forward_cookies": True}
+    for path in ("/api/v1/services/", "/api/v1/services/validate/"):
+        response = api("owner").post(path, body, format="json")
+        assert response.status_code == 400, response.content
+        assert "SERVING_DOMAIN" in " ".join(response.json()["forward_cookies"])
+    assert not Endpoint.objects.filter(name="cookies-shared").exists()
+
+    body["forward_cookies"] = False
+    created = api("owner").post("/api/v1/services/", body, format="json")
+    assert created.status_code == 201, created.content
+    url = f"/api/v1/services/{created.json()['id']}/"
+    response = api("owner").patch(url, {"forward_cookies": True}, format="json")
+    assert response.status_code == 400 and "SERVING_DOMAIN" in str(response.json()["forward_cookies"])
+    assert api("owner").get(url).json()["forward_cookies"] is False
+
+
+def test_a_service_that_forwarded_cookies_before_the_rule_stops_at_the_proxy(
+    personas: dict[str, Any], settings: Any
+) -> None:
+    settings.SERVING_DOMAIN = ""
+    folder = FolderFactory(owner=personas["owner"], files={"model-definition.yaml": SIMPLE_DEFINITION})
+    endpoint = Endpoint.objects.create(
+        name="cookies-old", owner=personas["owner"], model_folder=folder, forward_cookies=True
+    )
+    assert routing.build_entry(endpoint, [], [])["forward_cookies"] is False
+    settings.SERVING_DOMAIN = "models.example.net"
+    assert routing.build_entry(endpoint, [], [])["forward_cookies"] is True
 
 
 # --- make run says so when web and proxy share a host name -----------------------------------------

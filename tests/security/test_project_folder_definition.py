@@ -70,8 +70,8 @@ def test_teammate_can_not_reach_the_managers_private_folder_through_a_shared_mod
             api("owner").post(path, body(folders["shared_model"], folders["private_data"]), format="json")
         )
         assert "'team-model'" in message and "every member of project 'team'" in message
-        assert "'my-secrets'" in message
-        assert "only you can write" in message and "project folders" in message  # how to fix it
+        assert "private folders 'my-secrets' of 'owner'" in message
+        assert "only 'owner' can write" in message and "project folders" in message  # how to fix it
     assert not Endpoint.objects.exists()
 
 
@@ -92,13 +92,14 @@ def test_teammate_can_not_reach_the_managers_private_folder_through_a_shared_mod
 def test_private_mounts_need_a_model_folder_only_the_owner_writes(
     api: Any, folders: dict[str, Folder], who: str, model: str, mounts: list[str], allowed: bool | None
 ) -> None:
+    # The mounts' owner is named (not "you"): here, whoever creates the service.
     response = api(who).post("/api/v1/services/", body(folders[model], *(folders[m] for m in mounts)), format="json")
     if allowed:
         assert response.status_code == 201, response.content
     elif allowed is None:
         assert response.status_code == 400 and "No such folder" in str(response.json()["folder"])
     else:
-        assert "only you can write" in refusal(response)
+        assert f"only {who!r} can write" in refusal(response)
 
 
 def test_modify_can_not_switch_to_a_shared_model_folder_or_add_a_private_mount(
@@ -115,17 +116,17 @@ def test_modify_can_not_switch_to_a_shared_model_folder_or_add_a_private_mount(
     add_private = {
         "extra_mounts": body(folders["private_model"], folders["project_data"], folders["private_data"])["extra_mounts"]
     }
-    for who in ("owner", "admin"):
-        assert "only you can write" in refusal(
+    for who in ("owner", "admin"):  # the admin reads whose folders they are, not "you"
+        assert "only 'owner' can write" in refusal(
             api(who).patch(f"/api/v1/services/{private.json()['id']}/", to_shared, format="json")
         )
-        assert "only you can write" in refusal(
+        assert "only 'owner' can write" in refusal(
             api(who).patch(f"/api/v1/services/{shared.json()['id']}/", add_private, format="json")
         )
     assert Endpoint.objects.get(pk=private.json()["id"]).model_folder == folders["private_model"]
     assert len(Endpoint.objects.get(pk=shared.json()["id"]).extra_mounts) == 1
     # The admin site saves through do_modify_service: the same rule.
-    with pytest.raises(actions.ValidationError, match="only you can write"):
+    with pytest.raises(actions.ValidationError, match="only 'owner' can write"):
         actions.do_modify_service(
             Endpoint.objects.get(pk=private.json()["id"]),
             acting_user=personas["admin"],
@@ -145,7 +146,9 @@ def test_manager_can_not_mount_their_private_folder_on_a_teammates_service(
     assert created.status_code == 201, created.content
     mount = {"extra_mounts": body(mate_model, folders["private_data"])["extra_mounts"]}
     message = refusal(api("owner").patch(f"/api/v1/services/{created.json()['id']}/", mount, format="json"))
-    assert "its owner 'teammate'" in message and "'my-secrets' (of owner)" in message
+    assert "its owner 'teammate'" in message and "'my-secrets' of 'owner'" in message
+    # Said to the manager about their own folder: "only 'owner'", never "only you" (it is not theirs).
+    assert "only 'owner' can write" in message and "you" not in message
     # The teammate's own private data next to their own model folder is theirs to mount.
     own = {"extra_mounts": body(mate_model, folders["teammate_data"])["extra_mounts"]}
     assert api("teammate").patch(f"/api/v1/services/{created.json()['id']}/", own, format="json").status_code == 200
@@ -168,7 +171,7 @@ def test_launcher_page_shows_the_rule_next_to_the_folder(personas: dict[str, Any
     )
     assert response.status_code == 200  # the form again
     error = response.content.decode().split('id="err-folder"', 1)[1].split("</p>", 1)[0]
-    assert "only you can write" in error
+    assert "only &#x27;owner&#x27; can write" in error
     assert not Endpoint.objects.exists()
 
 
@@ -185,4 +188,84 @@ def test_a_service_configured_before_the_rule_starts_no_replica(
     route = Route.objects.create(endpoint=endpoint, node=None, status=Route.Status.PROVISIONING, error={})
     with pytest.raises(replicas.SpecError) as info:
         replicas.build_spec(route)
-    assert info.value.kind == "folder" and "only you can write" in str(info.value)
+    assert info.value.kind == "folder" and "only 'owner' can write" in str(info.value)
+    # A replica's error is seen by every member of the project: whose, not which, private folders.
+    assert "private folders of 'owner'" in str(info.value) and "secrets" not in str(info.value)
+
+
+def _legacy(personas: dict[str, Any], folders: dict[str, Folder]) -> Endpoint:
+    """A service configured before the rule: project-shared model folder, private mount."""
+    return Endpoint.objects.create(
+        name="legacy",
+        owner=personas["owner"],
+        project=personas["project"],
+        model_folder=folders["shared_model"],
+        extra_mounts=[{"folder": str(folders["private_data"].pk), "target": "/home/work/secrets"}],
+    )
+
+
+@pytest.mark.parametrize(
+    "change", [{"environ": {"A": "1"}}, {"image": "modelserve/python:3.12"}, {"resources": {"cpu": 2}}]
+)
+def test_modify_of_a_legacy_service_that_replaces_replicas_is_refused(
+    api: Any, personas: dict[str, Any], folders: dict[str, Folder], change: dict[str, Any]
+) -> None:
+    """Issue 13 review, item D: the rule ran only when the folders changed, so an environment or image
+    change of a service configured before it placed replicas that all failed at start."""
+    endpoint = _legacy(personas, folders)
+    message = refusal(api("owner").patch(f"/api/v1/services/{endpoint.pk}/", change, format="json"))
+    assert "only 'owner' can write" in message
+    endpoint.refresh_from_db()
+    assert endpoint.spec_version == 1 and endpoint.environ == {}
+    # What replaces no replica still applies (e.g. the name, or opening it to the public).
+    response = api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"open_to_public": True}, format="json")
+    assert response.status_code == 200, response.content
+
+
+def test_a_legacy_service_is_not_scaled_up_but_may_scale_down(
+    api: Any, personas: dict[str, Any], folders: dict[str, Folder]
+) -> None:
+    endpoint = _legacy(personas, folders)
+    response = api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"replicas": 3}, format="json")
+    assert response.status_code == 400 and "only 'owner' can write" in str(response.json()["desired_replicas"])
+    with pytest.raises(actions.ValidationError, match="only 'owner' can write"):
+        actions.do_scale(endpoint, 2, acting_user=personas["owner"])
+    endpoint.refresh_from_db()
+    assert endpoint.desired_replicas == 1
+    assert actions.do_scale(endpoint, 0, acting_user=personas["owner"]) is True
+    assert api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"replicas": 1}, format="json").status_code == 400
+
+
+def test_autoscaling_records_the_refusal_instead_of_scaling_a_legacy_service(
+    personas: dict[str, Any], folders: dict[str, Folder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from serving import autoscaling, metrics
+    from serving.models import AutoScalingRule, ScalingEvent
+
+    monkeypatch.setattr("serving.dispatch.enqueue_reconcile", lambda endpoint_id: None)
+    endpoint = _legacy(personas, folders)
+    rule = AutoScalingRule.objects.create(
+        endpoint=endpoint,
+        direction="out",
+        source="proxy",
+        metric="in_flight",
+        comparator="GREATER_THAN",
+        threshold=5,
+        step=1,
+        min_replicas=1,
+        max_replicas=3,
+        cooldown=30,
+        window=20,
+    )
+    t0 = 1_800_000_000.0
+    metrics.record([metrics.Point("proxy", str(endpoint.pk), "in_flight", t0 + 8, 9.0)], now=t0 + 8)
+    for tick in (10, 12):
+        assert autoscaling.tick(datetime.fromtimestamp(t0 + tick, tz=UTC)) == 0
+    endpoint.refresh_from_db()
+    assert endpoint.desired_replicas == 1
+    decision = ScalingEvent.objects.get(endpoint=endpoint, rule=rule)  # recorded once, not per tick
+    assert not decision.acted and (decision.old_replicas, decision.new_replicas) == (1, 1)
+    assert decision.reason.startswith("Model folder 'team-model' can be changed by every member of project")
+    assert "secrets" not in decision.reason  # every member reads the decisions: no folder names

@@ -43,7 +43,7 @@ def test_a_terminated_service_ends_its_streams(personas: dict[str, Any], world: 
     assert grant.lost() == "The service was terminated, so its live log ended."
 
 
-@pytest.mark.parametrize("how", ["disabled", "logged out", "demoted operator"])
+@pytest.mark.parametrize("how", ["disabled", "logged out", "password changed", "demoted operator"])
 def test_losing_the_account_session_or_role_ends_a_stream(personas: dict[str, Any], world: World, how: str) -> None:
     user = personas["admin"] if how == "demoted operator" else personas["teammate"]
     grant = _session_grant(user, world)
@@ -53,10 +53,14 @@ def test_losing_the_account_session_or_role_ends_a_stream(personas: dict[str, An
         user.save(update_fields=["is_active"])
     elif how == "logged out":
         Session.objects.filter(session_key=grant.session_key).delete()
+    elif how == "password changed":  # every other session ends; its row stays until next used
+        user.set_password("changed elsewhere")
+        user.save(update_fields=["password"])
+        assert Session.objects.filter(session_key=grant.session_key).exists()
     else:
         user.is_superuser = False
         user.save(update_fields=["is_superuser"])
-    expected = "You were logged out" if how == "logged out" else "You can no longer read this service"
+    expected = "You were logged out" if how in ("logged out", "password changed") else "You can no longer read"
     assert (grant.lost() or "").startswith(expected)
 
 

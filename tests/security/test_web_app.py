@@ -325,6 +325,36 @@ def test_login_guessing_from_many_addresses_is_limited_per_username(settings: An
     assert _login(_user().username, "correct horse battery", address="198.51.100.1").status_code == 302
 
 
+def _fullwidth(name: str) -> str:
+    """``rl-ab12`` in fullwidth forms (U+FF52...): NFKC gives the name back, so Django logs it in."""
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in name)
+
+
+def _double_struck(name: str) -> str:
+    """Letters and digits as mathematical double-struck ones (U+1D563...), NFKC-equal too."""
+    return "".join(
+        chr(0x1D552 + ord(c) - ord("a")) if "a" <= c <= "z" else chr(0x1D7D8 + ord(c) - ord("0")) if c.isdigit() else c
+        for c in name
+    )
+
+
+def test_unicode_variants_of_a_username_share_its_login_limits(settings: Any) -> None:
+    """Django's UsernameField applies NFKC before authenticating, so "alice" in fullwidth or
+    double-struck letters are guesses at alice's password: they count against alice's limits, per address and in all."""
+    settings.LOGIN_FAILURE_LIMIT, settings.LOGIN_USERNAME_FAILURE_LIMIT, settings.LOGIN_FAILURE_WINDOW = 3, 5, 900
+    user = _user()
+    for variant in (_fullwidth, _double_struck):
+        assert _login(variant(user.username), "correct horse battery", address="192.0.2.1").status_code == 302
+    # Per username and address: three variants from one address use up its three guesses.
+    for name in (_fullwidth(user.username), _double_struck(user.username), user.username.upper()):
+        assert _login(name, "wrong", address="192.0.2.50").status_code == 200
+    assert _login(user.username, "correct horse battery", address="192.0.2.50").status_code == 429
+    # Per username in all: the variants from other addresses are the 4th and 5th guesses.
+    assert _login(_fullwidth(user.username).upper(), "wrong", address="192.0.2.51").status_code == 200
+    assert _login(_double_struck(user.username), "wrong", address="192.0.2.52").status_code == 200
+    assert _login(user.username, "correct horse battery", address="192.0.2.53").status_code == 429
+
+
 def _guard_sees(settings: Any, peer: str, forwarded: list[str]) -> tuple[str, list[str]]:
     """(the client address, the X-Forwarded-For headers) the application behind the guard gets."""
     from config.asgi_guards import TrustedProxyHeaders
@@ -543,3 +573,36 @@ def test_the_chat_relay_never_serves_a_replicas_page_or_script(hostile_replica: 
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert "sandbox" in headers["Content-Security-Policy"]
     assert django_settings.CONTENT_SECURITY_POLICY not in headers.values()
+
+
+# --- make run says so when the web app listens beyond loopback with the default SITE_URL ----------
+
+SITE_CHECK = str(ROOT / "scripts" / "site_check.sh")
+
+
+@pytest.mark.parametrize(
+    ("web_host", "site_url", "allowed_hosts", "expected"),
+    [
+        ("127.0.0.1", "", "", None),  # the defaults of `make run`
+        ("::1", "", "", None),
+        ("localhost", "", "", None),
+        ("192.0.2.10", "http://192.0.2.10:8000", "", None),  # SITE_URL set: nothing to say
+        ("192.0.2.10", "", "", "SITE_URL=http://192.0.2.10:9000 ALLOWED_HOSTS=192.0.2.10,localhost,127.0.0.1"),
+        ("192.0.2.10", "", "192.0.2.10", "SITE_URL=http://192.0.2.10:9000 make run"),
+        ("2001:db8::5", "", "", "SITE_URL=http://[2001:db8::5]:9000 ALLOWED_HOSTS=[2001:db8::5],"),
+        ("0.0.0.0", "", "x", "SITE_URL=http://"),  # every address: this machine's first, if it says
+    ],
+)
+def test_make_run_warns_when_listening_beyond_loopback_without_site_url(
+    web_host: str, site_url: str, allowed_hosts: str, expected: str | None
+) -> None:
+    """Issue 13 review, item F: websockets from an address other than SITE_URL's are refused with only
+    a server log line, so `WEB_HOST=0.0.0.0 make run` looked working but never updated live."""
+    out = subprocess.run(
+        [SITE_CHECK, web_host, "9000", site_url, allowed_hosts], capture_output=True, text=True, check=True
+    ).stdout
+    if expected is None:
+        assert out == ""
+    else:
+        assert "WARNING" in out and expected in out and ":9000" in out, out
+    assert "scripts/site_check.sh" in (ROOT / "scripts" / "run.sh").read_text()

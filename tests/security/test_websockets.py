@@ -278,3 +278,63 @@ def test_a_demoted_operators_validation_socket_stops_streaming(
     assert before["line"] == "before"
     assert ended["kind"] == "revoked" and "can no longer read this validation" in ended["message"]
     assert "secret after" not in str(ended) and closed == {"type": "websocket.close", "code": 4404}
+
+
+@pytest.mark.parametrize("how", ["logged out", "password changed"])
+def test_service_sockets_end_when_their_session_does(
+    personas: dict[str, Any], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Issue 13 review, item C: the service, list and validation sockets re-checked the user but not
+    the session, so after a logout (or a password change, which ends every other session) an open
+    page kept receiving the service as the API shows it, environment (secrets) included."""
+    from serving import logfollow, validation
+
+    monkeypatch.setattr(logfollow, "ACCESS_CHECK", 0.0)
+    owner = personas["owner"]
+    world = build_world(owner, personas["project"])
+    browser = Client()
+    browser.force_login(owner)
+    headers = [
+        (b"origin", web_origin().encode()),
+        (b"cookie", f"sessionid={browser.cookies['sessionid'].value}".encode()),
+    ]
+
+    def end_the_session() -> None:
+        if how == "logged out":
+            assert browser.post("/accounts/logout/").status_code == 302
+        else:
+            owner.set_password("a new password, elsewhere")
+            owner.save(update_fields=["password"])
+
+    async def scenario() -> dict[str, Any]:
+        service = WebsocketCommunicator(_application(), f"/ws/services/{world.service.pk}/", headers=headers)
+        listing = WebsocketCommunicator(_application(), "/ws/services/", headers=headers)
+        run_log = WebsocketCommunicator(_application(), f"/ws/validations/{world.validation_id}/", headers=headers)
+        for socket in (service, listing, run_log):
+            assert (await socket.connect(timeout=deadline_for(5)))[0]
+        assert (await service.receive_json_from(timeout=deadline_for(5)))["type"] == "service"
+        # Before: a change reaches both service sockets, a log line the validation socket.
+        await database_sync_to_async(notify_endpoint_changed)(str(world.service.pk))
+        assert (await service.receive_json_from(timeout=deadline_for(5)))["type"] == "service"
+        assert (await listing.receive_json_from(timeout=deadline_for(5)))["type"] == "service"
+        while not await listing.receive_nothing(timeout=0.3):  # once per group it is in (owner, project)
+            assert (await listing.receive_json_from(timeout=deadline_for(1)))["type"] == "service"
+        await database_sync_to_async(validation.publish)(world.validation_id, "log", line="before")
+        assert (await run_log.receive_json_from(timeout=deadline_for(5)))["line"] == "before"
+
+        await database_sync_to_async(end_the_session)()
+        await database_sync_to_async(notify_endpoint_changed)(str(world.service.pk))
+        await database_sync_to_async(validation.publish)(world.validation_id, "log", line="secret after")
+        return {
+            "service": [await service.receive_output(timeout=deadline_for(5)) for _ in range(2)],
+            "listing": await listing.receive_output(timeout=deadline_for(5)),
+            "run_log": [await run_log.receive_output(timeout=deadline_for(5)) for _ in range(2)],
+        }
+
+    got = run(scenario())
+    assert got["service"][0]["text"] == '{"type": "gone"}'
+    assert got["service"][1] == {"type": "websocket.close", "code": 4404}
+    assert got["listing"] == {"type": "websocket.close", "code": 4401}
+    assert "can no longer read this validation" in got["run_log"][0]["text"]
+    assert got["run_log"][1] == {"type": "websocket.close", "code": 4404}
+    assert not world.leaked(str(got)) and "secret after" not in str(got)

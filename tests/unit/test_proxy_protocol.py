@@ -511,9 +511,14 @@ def test_cookies_are_removed_both_ways_by_default() -> None:
     assert w.route.idle == [w.replicas[0]]  # the slow path still pools the connection
 
 
+# A service that forwards cookies does so on its own host name only (SERVING_DOMAIN).
+DOMAIN_CONFIG = Config(token_key="k", domain="models.example")
+OWN_HOST = "GET /x HTTP/1.1\r\nHost: s.models.example\r\n"
+
+
 def test_forward_cookies_keeps_the_apps_cookies_only() -> None:
-    w = World(forward_cookies=True, platform_cookies=["ms_session"])
-    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\n" + BROWSER + "Cookie: ms_session=M; theme=dark\r\n")
+    w = World(config=DOMAIN_CONFIG, forward_cookies=True, platform_cookies=["ms_session"])
+    w.request(OWN_HOST + BROWSER + "Cookie: ms_session=M; theme=dark\r\n")
     assert b"Cookie: app=1; theme=dark\r\n" in w.to_replica()
     assert b"=S" not in w.to_replica() and b"=C" not in w.to_replica() and b"=M" not in w.to_replica()
     w.replicas[0].data_received(
@@ -522,7 +527,49 @@ def test_forward_cookies_keeps_the_apps_cookies_only() -> None:
     assert w.to_client == b"HTTP/1.1 200 OK\r\nset-cookie: app=2\r\nContent-Length: 2\r\n\r\nok"
 
 
+@pytest.mark.parametrize(
+    "set_cookie",
+    [
+        b"=sessionid=attacker",  # a nameless cookie: the browser sends back "sessionid=attacker"
+        b" = sessionid=attacker; Path=/",
+        b"=MS_SESSION=attacker",
+        b"sessionid",  # no "=": nameless too (RFC 6265bis), its value sent back alone
+        b"app=sessionid=attacker",  # a value that reads as the platform's cookie to a loose parser
+        b"=theme=dark",  # nameless, whatever it holds
+    ],
+)
+def test_forward_cookies_drops_nameless_and_platform_looking_set_cookies(set_cookie: bytes) -> None:
+    w = World(config=DOMAIN_CONFIG, forward_cookies=True, platform_cookies=["ms_session"])
+    w.request(OWN_HOST)
+    w.replicas[0].data_received(b"HTTP/1.1 200 OK\r\nSet-Cookie: " + set_cookie + b"\r\nContent-Length: 2\r\n\r\nok")
+    assert w.to_client == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_forward_cookies_removes_the_domain_attribute() -> None:
+    # Under SERVING_DOMAIN a Domain attribute would set the cookie for every sibling service's host.
+    w = World(config=DOMAIN_CONFIG, forward_cookies=True)
+    w.request(OWN_HOST)
+    w.replicas[0].data_received(
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: app=1; Domain=models.example; Path=/; HttpOnly\r\n"
+        b"set-cookie: b=2;domain=.models.example\r\nSet-Cookie: c=3; Path=/domain\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    assert w.to_client == (
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: app=1; Path=/; HttpOnly\r\nSet-Cookie: b=2\r\n"
+        b"Set-Cookie: c=3; Path=/domain\r\nContent-Length: 2\r\n\r\nok"
+    )
+
+
+def test_forward_cookies_passes_nothing_at_the_shared_path_address() -> None:
+    # /e/<slug>/ on the proxy's own address: every service shares that origin, so no cookie passes.
+    w = World(config=DOMAIN_CONFIG, forward_cookies=True)
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: models.example\r\nCookie: app=1\r\n")
+    assert b"ookie" not in w.to_replica()
+    w.replicas[0].data_received(b"HTTP/1.1 200 OK\r\nSet-Cookie: app=2\r\nContent-Length: 2\r\n\r\nok")
+    assert w.to_client == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
 def test_a_cookie_header_named_in_connection_is_dropped_even_when_forwarded() -> None:
-    w = World(forward_cookies=True)
-    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\nConnection: Cookie\r\nCookie: app=1\r\n")
+    w = World(config=DOMAIN_CONFIG, forward_cookies=True)
+    w.request(OWN_HOST + "Connection: Cookie\r\nCookie: app=1\r\n")
     assert b"ookie" not in w.to_replica()
