@@ -284,6 +284,14 @@ class LocalEngine:
             if self._drops_to_user and (self._chown is None or self._cat is None):
                 return "chown or cat is missing; install them with `apt-get install coreutils`"
             return None
+        if self.egress == "deny":
+            # pasta gives the sandbox outbound NAT through the host's own sockets: no firewall rule
+            # of ours sees it, so deny could not be kept.
+            return (
+                "SERVING_REPLICA_EGRESS=deny needs the node worker to run as root (without root the "
+                "sandbox's network goes through pasta, which reaches everything the host reaches); run "
+                "the node worker as root, or set SERVING_REPLICA_EGRESS=allow"
+            )
         if self._pasta is None:
             return (
                 "without root every replica needs pasta for its own network; install it with "
@@ -486,12 +494,30 @@ class LocalEngine:
                 netns,
                 "-batch",
                 "-",
-                stdin=f"addr add {replica_addr}/30 dev eth0\nlink set eth0 up\nlink set lo up\n",
+                stdin=(
+                    f"addr add {replica_addr}/30 dev eth0\nlink set dev eth0 addrgenmode none\n"
+                    "link set eth0 up\nlink set lo up\n"
+                ),
             )
+            # No IPv6 on either end: the iptables rule of SERVING_REPLICA_EGRESS=deny is IPv4 only, and
+            # the kernel's link-local addresses (fe80::) would otherwise let a sandbox reach host
+            # services listening on [::]. A host end without IPv6 drops every IPv6 packet it gets.
+            # (The sandbox's end gets no address either: addrgenmode none, above.)
+            self._disable_ipv6(host_if)
         except EngineError:
             self._teardown_netns(replica_id, index)
             raise
         return replica_addr
+
+    @staticmethod
+    def _disable_ipv6(interface: str) -> None:
+        flag = Path(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6")
+        if not Path("/proc/sys/net/ipv6").exists():
+            return  # a kernel without IPv6: nothing to reach the host with
+        try:
+            flag.write_text("1\n")
+        except OSError as exc:
+            raise EngineError(f"Could not turn IPv6 off on the replica's interface {interface}: {exc}.") from None
 
     def _teardown_netns(self, replica_id: str, index: int | None) -> None:
         if self._ip is None:

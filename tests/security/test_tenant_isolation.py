@@ -27,6 +27,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -252,6 +253,75 @@ def test_with_egress_denied_a_local_replica_reaches_none_of_the_hosts_addresses(
     assert not any(result.startswith("ok") for result in results["deny"].values()), results
     rules = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True, check=True).stdout
     assert f"modelserve-egress {local_tests.PREFIX}" not in rules  # gone with the last replica
+
+
+@needs_local
+def test_with_egress_denied_a_local_replica_reaches_no_host_service_over_ipv6_link_local(tmp_path: Path) -> None:
+    """The deny rule is IPv4; a veth gets IPv6 link-local addresses (fe80::) by default, which
+    would let a sandbox reach a host service listening on [::]. Neither end has IPv6."""
+    if not Path("/proc/sys/net/ipv6").exists():
+        pytest.skip("this kernel has no IPv6")
+    from serving.engines.local import LocalEngine
+
+    model = probe_model(tmp_path)
+    server = socket.create_server(("::", 0), family=socket.AF_INET6, backlog=16)
+    engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX, egress="deny")
+    try:
+        port = int(server.getsockname()[1])
+        info = engine.start(local_tests.spec(model))
+        host_if = engine._meta(info.replica_id)["network"]["host_if"]
+        # The link-local address the kernel would have given the host's end (EUI-64 of its MAC).
+        mac = bytearray(bytes.fromhex(Path(f"/sys/class/net/{host_if}/address").read_text().strip().replace(":", "")))
+        mac[0] ^= 0x02
+        eui = mac[:3] + b"\xff\xfe" + mac[3:]
+        link_local = "fe80::" + ":".join(eui[i : i + 2].hex() for i in range(0, 8, 2))
+        query = urllib.parse.urlencode(
+            {"connect": [f"{link_local}%eth0:{port}", f"ff02::1%eth0:{port}"], "read": ["/proc/net/if_inet6"]},
+            doseq=True,
+        )
+        url = (info.host, info.port, "/?" + query)
+        facts = json.loads(local_tests.wait_until(lambda: fetch(*url), 30, "the probe"))
+        # An address still in duplicate address detection can not be used yet (EADDRNOTAVAIL): an
+        # attacker just waits the second, so does the test.
+        deadline = time.monotonic() + 5
+        while "Cannot assign requested address" in facts["connect"].values() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            facts = json.loads(fetch(*url))
+        assert not any(result.startswith("ok") for result in facts["connect"].values()), facts["connect"]
+        assert Path(f"/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6").read_text().strip() == "1"
+        host_addresses = subprocess.run(
+            ["ip", "-6", "addr", "show", "dev", host_if], capture_output=True, text=True, check=True
+        ).stdout
+        assert "inet6" not in host_addresses, host_addresses
+        # Inside: only the sandbox's own loopback has an IPv6 address.
+        inet6 = facts["read"]["/proc/net/if_inet6"]
+        assert inet6.startswith("ok") and "eth0" not in inet6, inet6
+    finally:
+        for replica in engine.list():
+            engine.stop(replica.replica_id, grace=0)
+        engine.cleanup_orphans()
+        server.close()
+
+
+def test_egress_deny_without_root_is_refused_by_the_local_engine_with_a_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without root the sandbox's network is pasta's, an outbound NAT through the host's own sockets
+    that no firewall rule sees: deny can not be kept, so the engine says so instead of ignoring it."""
+    from serving.engines import local
+    from serving.engines.base import EngineError
+
+    engine = local.LocalEngine(tmp_path / "state", egress="deny")
+    engine._bwrap, engine._pasta = "/usr/bin/bwrap", "/usr/bin/pasta"
+    monkeypatch.setattr(local.os, "geteuid", lambda: 1000)
+    reason = engine.unavailable_reason()
+    assert reason is not None and "SERVING_REPLICA_EGRESS=deny needs the node worker to run as root" in reason
+    assert "set SERVING_REPLICA_EGRESS=allow" in reason
+    with pytest.raises(EngineError, match=r"can not start replicas here: SERVING_REPLICA_EGRESS=deny"):
+        engine.start(local_tests.spec(tmp_path))
+    allowed = local.LocalEngine(tmp_path / "state2", egress="allow")
+    allowed._bwrap, allowed._pasta = "/usr/bin/bwrap", "/usr/bin/pasta"
+    assert allowed.unavailable_reason() is None  # allow without root still runs, through pasta
 
 
 # --- refused where users set them (defence in depth) ------------------------------------------------
