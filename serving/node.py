@@ -145,7 +145,21 @@ def heartbeat(now: datetime | None = None) -> Node:
             resource_group=settings.NODE_RESOURCE_GROUP,
         )
         node.refresh_from_db()
+    share_node_addresses(engine)
     return node
+
+
+def share_node_addresses(engine: Engine) -> None:
+    """Hand the engine every node's address (the Docker engine keeps replicas off all of them, so
+    a replica here can not call a replica published on another node past the proxy's tokens)."""
+    set_addresses = getattr(engine, "set_node_addresses", None)
+    if set_addresses is None:
+        return
+    addresses = Node.objects.exclude(address="").values_list("address", flat=True)
+    try:
+        set_addresses(list(addresses))
+    except EngineError:
+        log.exception("could not update the firewall rules for the nodes' addresses; retrying at the next heartbeat")
 
 
 # --- start and stop ------------------------------------------------------------------------------

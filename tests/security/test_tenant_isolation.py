@@ -497,7 +497,7 @@ def test_with_egress_denied_a_docker_replica_reaches_none_of_the_hosts_addresses
     finally:
         for info in started:
             engine.stop(info.replica_id, grace=0)
-        engine._remove_network_if_unused(docker_client, network)
+        assert engine.remove_replica_network()  # the engine keeps it; the test removes its own
     assert {target: result for target, result in reached.items() if result.startswith("ok")} == {}, reached
     rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
     assert engine._bridge_name(network) not in rules  # removed with its network
@@ -606,3 +606,78 @@ def test_egress_deny_without_firewall_rights_refuses_to_start_and_allow_only_war
         DockerEngine(state_dir=tmp_path, egress="open")
     with pytest.raises(EngineError, match=r"set DOCKER_REPLICA_UID to a number"):
         DockerEngine(state_dir=tmp_path, uid=-1)
+
+
+@contextlib.contextmanager
+def fake_node_address() -> Iterator[str]:
+    """Another node's address, played by an extra address of this host (on lo: no dummy interface
+    module is needed): a replica reaches it the way it reaches a second node's published ports."""
+    tag = uuid.uuid4().bytes
+    address = f"10.254.{tag[0]}.{tag[1] % 250 + 2}"
+    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    try:
+        yield address
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", "lo"], check=False)
+
+
+@pytest.mark.docker
+def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
+    docker_client: Any,  # noqa: F811
+    bootstrap_path: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """With egress allowed a replica reaches what the host reaches, but not any node's address
+    (the Node table's, refreshed at heartbeat): there the other nodes publish their replicas'
+    ports, and calling one that way would skip the proxy's tokens."""
+    if os.geteuid() != 0:
+        pytest.skip("adding an address and firewall rules needs root")
+    from serving.engines.docker import DockerEngine
+
+    network = f"ms-replicas-t{docker_tests.RUN_ID}-nodes"
+    engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", replica_network=network)
+    model = probe_model(tmp_path)
+    started = []
+    try:
+        with host_listener() as port, fake_node_address() as node_b:
+            a = service_replica(engine, model, "service-a")
+            started.append(a)
+            target = f"{node_b}:{port}"
+            before = connects(engine, a, [target])[target]
+            engine.set_node_addresses(["127.0.0.1", node_b])  # node B registered (loopback ignored)
+            during = connects(engine, a, [target])[target]
+            rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+            engine.set_node_addresses(["127.0.0.1"])  # node B left the table: its rules go
+            after = connects(engine, a, [target])[target]
+    finally:
+        for info in started:
+            engine.stop(info.replica_id, grace=0)
+        engine.remove_replica_network()
+    assert before.startswith("ok"), before  # the address answers: the refusal below means it
+    assert not during.startswith("ok"), during
+    assert f"-d {node_b}/32" in rules and engine._bridge_name(network) in rules
+    assert after.startswith("ok"), after
+
+
+@pytest.mark.django_db
+def test_the_node_agent_hands_the_engine_every_nodes_address_at_heartbeat(settings: Any) -> None:
+    from serving import node
+    from serving.models import Node
+
+    class Engine:
+        name = "docker"
+        seen: list[list[str]] = []
+
+        def set_node_addresses(self, addresses: list[str]) -> None:
+            self.seen.append(sorted(addresses))
+
+    Node.objects.create(name="other", address="10.0.0.7")
+    Node.objects.create(name="no-address", address="")
+    settings.NODE_ADDRESS = "10.0.0.5"
+    engine = Engine()
+    node.set_engine(engine)  # type: ignore[arg-type]
+    try:
+        node.heartbeat()
+    finally:
+        node.set_engine(None)
+    assert engine.seen == [["10.0.0.5", "10.0.0.7"]]
