@@ -55,7 +55,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from serving import prestart
+from serving import definitions, prestart
+from serving.definitions import ENV_NAME
 from serving.engines import mounts as mount_hygiene
 from serving.engines.base import (
     ClusterPeering,
@@ -78,7 +79,6 @@ BOOTSTRAP_FAILED = prestart.BOOTSTRAP_FAILED_EXIT
 # The user's environment variables, handed to the replica's own process only (see _command).
 ENV_FILE_NAME = "environ"
 ENV_FILE = f"{BOOTSTRAP_DIR}/{ENV_FILE_NAME}"
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 JOIN_FAILED = 111  # the supervisor could not put the sandbox into its cgroups / rlimit, or hand it its home
 # Who replicas run as when the engine runs as root (nobody/nogroup: owns no file of the host).
 DEFAULT_UID = DEFAULT_GID = 65534
@@ -769,8 +769,12 @@ class LocalEngine:
             raise EngineError(f"The port {spec.port} is not a TCP port (1-65535).")
         for key in spec.env:
             # A shell hands the variables to the replica (see _command): names must be its names.
-            if not ENV_NAME.fullmatch(key) or "\0" in spec.env[key]:
-                raise EngineError(f"The environment variable name {key!r} is not valid.")
+            if not ENV_NAME.match(key) or "\0" in spec.env[key]:
+                raise EngineError(
+                    f"The environment variable {key!r} can not be handed to the replica: a name must be "
+                    f"{definitions.ENV_NAME_RULE}, and a value must not hold NUL bytes; change it in the "
+                    "service's environment."
+                )
         for mount in spec.mounts:
             target = os.path.normpath(mount.target)
             if not mount.target.startswith("/") or target == "/":

@@ -353,6 +353,40 @@ def test_ld_preload_in_a_services_environment_is_refused_with_a_sentence(api: An
         assert response.status_code == 200, response.json()
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", ["MODÈLE", "ÉTAPE", "1ABC", "A-B", "A B", "\uff21\uff22\uff23"])
+def test_a_non_ascii_or_malformed_variable_name_is_refused_at_create_with_a_sentence(
+    api: Any, personas: Any, name: str
+) -> None:
+    """The API took what str.isalpha() takes (MODÈLE), the local engine only ASCII names: the
+    service was created, then failed at start. One rule (definitions.ENV_NAME) refuses it at once."""
+    from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+    folder = FolderFactory(owner=personas["owner"], name="env", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = {"name": "envs", "folder": str(folder.pk), "runtime": "custom", "environ": {name: "x"}}
+    for url in ("/api/v1/services/", "/api/v1/services/validate/"):
+        response = api("owner").post(url, body, format="json")
+        assert response.status_code == 400, response.json()
+        message = response.json()["environ"][0]
+        assert f"{name!r} is not a valid environment variable name" in message, message
+        assert "ASCII letters, digits and _" in message, message
+    created = api("owner").post(
+        "/api/v1/services/", {**body, "environ": {"MODEL_NAME": "x", "_x1": "y"}}, format="json"
+    )
+    assert created.status_code == 201, created.json()
+
+
+def test_the_api_the_folder_definition_and_the_local_engine_share_one_variable_name_rule() -> None:
+    from serving import definitions
+    from serving.engines import local
+
+    assert local.ENV_NAME is definitions.ENV_NAME
+    for good in ("MODEL_NAME", "_x", "a1"):
+        assert definitions.ENV_NAME.match(good)
+    for bad in ("MODÈLE", "1A", "A-B", "A\n", ""):
+        assert not definitions.ENV_NAME.match(bad)
+
+
 @pytest.mark.parametrize("name", LOADER_NAMES)
 def test_ld_preload_in_a_folders_service_definition_is_refused_with_a_sentence(name: str) -> None:
     from serving.definitions import DefinitionError, parse_service_definition
