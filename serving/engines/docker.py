@@ -73,6 +73,7 @@ import requests
 from docker.types import DeviceRequest, EndpointConfig, LogConfig
 from docker.types import Mount as DockerMount
 
+from serving.engines import firewall
 from serving.engines import mounts as mount_hygiene
 from serving.engines.base import (
     LABEL_INSTALLATION,
@@ -87,6 +88,7 @@ from serving.engines.base import (
     ReplicaState,
     ReplicaStats,
 )
+from serving.engines.firewall import DEFAULT_GID, DEFAULT_UID
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,6 @@ DEFAULT_STATE_DIR = Path(__file__).resolve().parents[2] / "var" / "engine" / "do
 API_TIMEOUT = 30.0
 PING_TIMEOUT = 2.0
 PIDS_LIMIT = 1024
-DEFAULT_UID = DEFAULT_GID = 65534  # nobody/nogroup: owns no file of the host
-MAX_ID = 4_294_967_294
 HOME = "/home/work"
 MIB = 1 << 20
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
@@ -106,11 +106,9 @@ CLUSTER_NETWORK_PREFIX = "ms-cluster-"
 REPLICA_NETWORK = "ms-replicas"  # + "-<installation>": every plain replica's network
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
-EGRESS_CHOICES = ("allow", "deny")
 # Every iptables rule the engine adds carries this comment and its bridge's name, so the rules of
 # a removed network are found and removed with it.
 RULE_COMMENT = "modelserve-replicas "
-HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABEL_CLUSTER = "serving.cluster"  # on a cluster's network: the route (key) it belongs to
 LABEL_NETWORK = "serving.network"  # on the replica network: "replicas"
 # Machine-wide: every node worker on this host talks to the same daemon and its networks.
@@ -248,16 +246,11 @@ class DockerEngine:
         ``replica_network``: the network plain replicas join (default ms-replicas[-<installation>]).
         ``uid``/``gid``: who replicas run as (0 and 0: root without capabilities, not for tenants).
         """
-        for what, value, setting in (("uid", uid, "DOCKER_REPLICA_UID"), ("gid", gid, "DOCKER_REPLICA_GID")):
-            if not 0 <= value <= MAX_ID:
-                raise EngineError(
-                    f"The Docker replicas' {what} {value} is not a valid {what}; set {setting} to a number "
-                    f"from 0 to {MAX_ID} (65534 is nobody/nogroup)."
-                )
+        firewall.check_replica_ids(
+            uid, gid, who="The Docker replicas'", uid_setting="DOCKER_REPLICA_UID", gid_setting="DOCKER_REPLICA_GID"
+        )
         self.uid, self.gid = uid, gid
-        if egress not in EGRESS_CHOICES:
-            raise EngineError(f"SERVING_REPLICA_EGRESS={egress!r} is not one of {', '.join(EGRESS_CHOICES)}.")
-        self.egress = egress
+        self.egress = firewall.check_egress(egress)
         self.replica_network = replica_network or (
             f"{REPLICA_NETWORK}-{installation}" if installation else REPLICA_NETWORK
         )
@@ -273,7 +266,7 @@ class DockerEngine:
         self.installation = installation
         self._client_lock = threading.Lock()
         self._client_instance: docker.DockerClient | None = None
-        self._iptables = shutil.which("iptables", path=HOST_PATH)
+        self._iptables = firewall.find_iptables()
         self._rules_lock = threading.Lock()
         self._warned_unguarded = False
         # Every node's address (NODE_ADDRESS of each row in the Node table), refreshed by the node
@@ -661,10 +654,7 @@ class DockerEngine:
                 "SERVING_REPLICA_EGRESS=deny (and a NODE_ADDRESS other than 127.0.0.1) need firewall rules "
                 "on the node: run the node worker as root with iptables installed (`apt-get install iptables`)."
             )
-        done = subprocess.run([self._iptables, "-w", "5", *args], capture_output=True, text=True, check=False)
-        if check and done.returncode != 0:
-            raise EngineError(f"The firewall rule `iptables {' '.join(args)}` failed: {done.stderr.strip()}.")
-        return done
+        return firewall.run_iptables(self._iptables, *args, check=check)
 
     def _guard_bridge(self, bridge: str) -> None:
         """Add the bridge's rules that are missing (idempotent; several workers may race here),

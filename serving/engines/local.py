@@ -57,6 +57,7 @@ from typing import Any
 
 from serving import definitions, prestart
 from serving.definitions import ENV_NAME
+from serving.engines import firewall
 from serving.engines import mounts as mount_hygiene
 from serving.engines.base import (
     ClusterPeering,
@@ -67,6 +68,9 @@ from serving.engines.base import (
     ReplicaState,
     ReplicaStats,
 )
+
+# Who replicas run as when the engine runs as root, and where host tools are found: shared.
+from serving.engines.firewall import DEFAULT_GID, DEFAULT_UID, HOST_PATH
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
@@ -80,9 +84,6 @@ BOOTSTRAP_FAILED = prestart.BOOTSTRAP_FAILED_EXIT
 ENV_FILE_NAME = "environ"
 ENV_FILE = f"{BOOTSTRAP_DIR}/{ENV_FILE_NAME}"
 JOIN_FAILED = 111  # the supervisor could not put the sandbox into its cgroups / rlimit, or hand it its home
-# Who replicas run as when the engine runs as root (nobody/nogroup: owns no file of the host).
-DEFAULT_UID = DEFAULT_GID = 65534
-MAX_ID = 4_294_967_294  # (uid_t)-1 means "unchanged" to the kernel
 # Kept by bwrap for the prelude only: setpriv drops them all before the replica's own code runs.
 PRELUDE_CAPS = ("CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
 PRIVATE_TMPFS = ("/home/work", "/tmp", "/var/tmp")  # noqa: S108  (the sandbox's own tmpfs)
@@ -96,7 +97,6 @@ PEER_COMMENT = "modelserve-peer "
 EGRESS_COMMENT = "modelserve-egress "  # + the netns prefix: the INPUT rule of SERVING_REPLICA_EGRESS=deny
 PEER_ROUTE_PROTO = "static"  # how our routes inside a member's namespace are told from the kernel's
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 START_TIMEOUT = 10.0
 MIB = 1 << 20
 # Sandbox paths a mount may not cover: the sandbox's own skeleton and the pre-start runner.
@@ -221,17 +221,12 @@ class LocalEngine:
         egress: str = "allow",
     ) -> None:
         self.state_dir = Path(state_dir)
-        if egress not in ("allow", "deny"):
-            raise EngineError(f"SERVING_REPLICA_EGRESS={egress!r} is not one of allow, deny.")
         # A sandbox has no route past the host anyway; "deny" also keeps it off the host's own
         # addresses (services listening on 0.0.0.0), see _deny_host_input.
-        self.egress = egress
-        for what, value, setting in (("uid", uid, "LOCAL_ENGINE_UID"), ("gid", gid, "LOCAL_ENGINE_GID")):
-            if not 0 <= value <= MAX_ID:
-                raise EngineError(
-                    f"The local engine's replica {what} {value} is not a valid {what}; set {setting} to a "
-                    f"number from 0 to {MAX_ID} (65534 is nobody/nogroup)."
-                )
+        self.egress = firewall.check_egress(egress)
+        firewall.check_replica_ids(
+            uid, gid, who="The local engine's replica", uid_setting="LOCAL_ENGINE_UID", gid_setting="LOCAL_ENGINE_GID"
+        )
         # Used only when the engine runs as root; 0/0 keeps replicas as (capability-less) root.
         self.uid, self.gid = uid, gid
         try:
@@ -257,7 +252,7 @@ class LocalEngine:
         self._bwrap = shutil.which("bwrap", path=HOST_PATH)
         self._ip = shutil.which("ip", path=HOST_PATH)
         self._pasta = shutil.which("pasta", path=HOST_PATH)
-        self._iptables = shutil.which("iptables", path=HOST_PATH)
+        self._iptables = firewall.find_iptables()
         self._setpriv = shutil.which("setpriv", path=HOST_PATH)
         # The prelude runs as root: it calls its helpers by absolute path, never through a PATH.
         self._chown = shutil.which("chown", path=HOST_PATH)
@@ -678,7 +673,7 @@ class LocalEngine:
 
     def _iptables_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         assert self._iptables is not None
-        return _run(self._iptables, "-w", "5", *args, check=check)
+        return firewall.run_iptables(self._iptables, *args, check=check)
 
     def _peer_rules(self) -> list[list[str]]:
         """Our ACCEPT rules in the chain, as argument lists of `iptables -S`."""
