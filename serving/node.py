@@ -33,7 +33,7 @@ from serving.engines.base import (
     ReplicaNotFound,
     ReplicaState,
 )
-from serving.models import Endpoint, Node, Route, RouteMember
+from serving.models import Endpoint, Node, Route, RouteMember, ServiceEvent
 
 log = logging.getLogger(__name__)
 
@@ -239,12 +239,26 @@ def start_route(route_id: str) -> None:
             f"Replica {str(route.pk)[:8]} started on node {node_name()} at {info.host}:{info.port}.",
             route_id=route.pk,
         )
+        _record_start_warnings(route, info, f"Replica {str(route.pk)[:8]}")
         endpoint_id = str(route.endpoint_id)
         transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
         transaction.on_commit(health.refresh_soon)  # probe it from now on, not at the next re-read
         # Cluster mode: the subs start now that main has an address they can be given.
         for member in RouteMember.objects.filter(route=route, status=RouteMember.Status.PENDING).select_related("node"):
             transaction.on_commit(lambda member=member: dispatch.send_member_start(member))  # type: ignore[misc]
+
+
+def _record_start_warnings(route: Route, info: ReplicaInfo, who: str) -> None:
+    """What the engine noticed at start but did not stop for (a read-write mount the replica's
+    user can not write): a warning on the service's log, as well as a line in the replica's."""
+    for warning in info.warnings:
+        events.record_event(
+            route.endpoint,
+            "replica_warning",
+            f"{who}: {warning}",
+            level=ServiceEvent.Level.WARNING,
+            route_id=route.pk,
+        )
 
 
 def recover_interrupted_starts(before: datetime) -> int:
@@ -368,6 +382,7 @@ def start_member(member_id: str) -> None:
             f"at {info.host}:{info.port}.",
             route_id=route.pk,
         )
+        _record_start_warnings(route, info, f"Cluster member {host_name} of replica {str(route.pk)[:8]}")
         endpoint_id = str(route.endpoint_id)
         transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
 

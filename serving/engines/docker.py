@@ -50,6 +50,7 @@ from __future__ import annotations
 import builtins
 import codecs
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import ipaddress
@@ -373,6 +374,8 @@ class DockerEngine:
 
         container = None
         network: str | None = None
+        warnings = mount_hygiene.unwritable_mounts(spec.mounts, self.uid, self.gid)
+        self._write_notes(spec.name, [f"warning: {warning}" for warning in warnings])
         try:
             for attempt in (1, 2):
                 # The network is made (if need be) and the container created on it under the
@@ -395,7 +398,7 @@ class DockerEngine:
                         container.remove(force=True, v=True)
                     container = None
             assert container is not None
-            return self._info(container)
+            return dataclasses.replace(self._info(container), warnings=tuple(warnings))
         except BaseException:
             # Leave nothing behind: a half-created container would block the name on retry.
             if container is not None:
@@ -405,7 +408,30 @@ class DockerEngine:
                 self._remove_network_if_unused(client, network)
             if plan_dir is not None:
                 shutil.rmtree(plan_dir, ignore_errors=True)
+            self._notes_path(spec.name).unlink(missing_ok=True)
             raise
+
+    def _notes_path(self, name: str) -> Path:
+        return self.state_dir / "notes" / f"{name}.log"
+
+    def _write_notes(self, name: str, notes: builtins.list[str]) -> None:
+        """The engine's own lines for a replica's log (the container's log is the server's only):
+        ``logs()`` shows them first, prefixed ``[engine]`` as on the local engine."""
+        path = self._notes_path(name)
+        if not notes:
+            path.unlink(missing_ok=True)  # a reused name must not show an old replica's notes
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"[engine] {note}\n" for note in notes))
+        except OSError as exc:
+            log.warning("could not keep the engine's notes for %s: %s", name, exc)
+
+    def _notes(self, name: str) -> builtins.list[str]:
+        try:
+            return self._notes_path(name).read_text().splitlines()
+        except OSError:
+            return []
 
     def _network_for(self, client: docker.DockerClient, spec: ReplicaSpec, kwargs: dict[str, Any]) -> str:
         """The replica's network, made if missing; a cluster member's alias and main's address."""
@@ -461,6 +487,7 @@ class DockerEngine:
                     raise
         for path in plan_dirs:
             shutil.rmtree(path, ignore_errors=True)
+        self._notes_path(container.name).unlink(missing_ok=True)
         for source in writable:
             # Gone, so it can set no bit again: what it left is made harmless for the host.
             mount_hygiene.strip_setid_bits(source)
@@ -479,9 +506,12 @@ class DockerEngine:
             stream = container.logs(
                 stdout=True, stderr=True, stream=True, follow=follow, tail=tail if tail >= 0 else "all"
             )
-        return self._log_lines(replica_id, stream, stop if follow else None)
+        return self._log_lines(replica_id, stream, stop if follow else None, tuple(self._notes(container.name)))
 
-    def _log_lines(self, replica_id: str, stream: Any, stop: threading.Event | None) -> Iterator[str]:
+    def _log_lines(
+        self, replica_id: str, stream: Any, stop: threading.Event | None, notes: tuple[str, ...] = ()
+    ) -> Iterator[str]:
+        yield from notes
         done = threading.Event()
         if stop is not None:
             # A quiet replica leaves the reader blocked on the daemon's socket: closing the stream

@@ -36,6 +36,7 @@ finds the replicas again with ``list()``. The image is not used: sandboxes run t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import ipaddress
@@ -1002,6 +1003,10 @@ class LocalEngine:
             limits += f", cpu {spec.cpu:g}" + (" (cfs quota)" if "cpu" in meta["cgroups"] else " (not enforced)")
             limits += f", pids {self.pids_limit}" if "pids" in meta["cgroups"] else ", pids (not enforced)"
             notes.insert(0, f"limits: {limits}")
+            # Who the replica's code runs as: the engine's uid/gid as root, else the worker's own.
+            ids = (self.uid, self.gid) if self._rootful else (os.geteuid(), os.getegid())
+            warnings = mount_hygiene.unwritable_mounts(spec.mounts, *ids)
+            notes += [f"warning: {warning}" for warning in warnings]
 
             argv, with_plan = self._command(spec, notes)
             if with_plan:
@@ -1033,7 +1038,7 @@ class LocalEngine:
             else:
                 self._cleanup(replica_id, meta)
             raise
-        return self.inspect(replica_id)
+        return dataclasses.replace(self.inspect(replica_id), warnings=tuple(warnings))
 
     @staticmethod
     def _write_environ(path: Path, env: Mapping[str, str]) -> None:

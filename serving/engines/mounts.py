@@ -16,6 +16,9 @@ import contextlib
 import logging
 import os
 import stat
+from collections.abc import Iterable
+
+from serving.engines.base import Mount
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,39 @@ def strip_setid_bits(root: str) -> int:
     except OSError:
         return 0  # gone
     return _strip(fd, root)
+
+
+def unwritable_mounts(mounts: Iterable[Mount], uid: int, gid: int) -> list[str]:
+    """A sentence for each read-write mount whose folder the replica's user can not write (by its
+    root directory's owner, group and mode; ACLs aside): the replica still starts, but a server
+    writing its outputs there gets EACCES and nothing says why. Folders are not made writable for
+    it: that is the owner's call."""
+    found = []
+    for mount in mounts:
+        if mount.read_only:
+            continue
+        try:
+            info = os.stat(mount.source)
+        except OSError:
+            continue
+        if info.st_uid == uid:
+            bits = stat.S_IWUSR | stat.S_IXUSR
+        elif info.st_gid == gid:
+            bits = stat.S_IWGRP | stat.S_IXGRP
+        else:
+            bits = stat.S_IWOTH | stat.S_IXOTH
+        if stat.S_ISDIR(info.st_mode) and info.st_mode & bits == bits:
+            continue
+        if not stat.S_ISDIR(info.st_mode) and info.st_mode & (bits & ~stat.S_IXUSR & ~stat.S_IXGRP & ~stat.S_IXOTH):
+            continue
+        found.append(
+            f"The read-write mount {mount.target} ({mount.source}) is not writable by the replica's user "
+            f"(uid {uid}, gid {gid}): it belongs to uid {info.st_uid}, gid {info.st_gid}, mode "
+            f'{stat.S_IMODE(info.st_mode):04o}, so writing there fails with "Permission denied". Make the '
+            f"folder writable by uid {uid} (e.g. `chown {uid}:{gid} {mount.source}` on the node), or mount it "
+            "read-only."
+        )
+    return found
 
 
 def _clear(dir_fd: int, name: str) -> int:

@@ -20,6 +20,7 @@ tenant, each tried for real and shown not to work.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -715,3 +716,94 @@ def test_the_node_agent_hands_the_engine_every_nodes_address_at_heartbeat(settin
     finally:
         node.set_engine(None)
     assert engine.seen == [["10.0.0.5", "10.0.0.7"]]
+
+
+# --- a read-write mount the replica's user can not write: said, not silent ---------------------------
+
+
+def unwritable_data(tmp_path: Path) -> Path:
+    """A folder as storage makes them: 0755, owned by the web app's user (here the test's)."""
+    data = tmp_path / f"outputs-{uuid.uuid4().hex[:6]}"
+    data.mkdir()
+    data.chmod(0o755)
+    return data
+
+
+@needs_local
+def test_a_local_replica_with_a_read_write_mount_it_can_not_write_starts_and_says_so(tmp_path: Path) -> None:
+    from serving.engines.local import LocalEngine
+
+    if os.geteuid() != 0:
+        pytest.skip("without root the replica runs as the worker's user, who owns the folder")
+    data = unwritable_data(tmp_path)
+    engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX)
+    model = probe_model(tmp_path)
+    spec = local_tests.spec(model, mounts=(Mount(str(model), "/models"), Mount(str(data), "/data", read_only=False)))
+    try:
+        info = engine.start(spec)
+        [warning] = info.warnings
+        assert f"The read-write mount /data ({data}) is not writable by the replica's user (uid 65534" in warning
+        assert "or mount it read-only" in warning
+        log = "\n".join(engine.logs(info.replica_id, tail=200))
+        assert f"[engine] warning: {warning}" in log, log
+        # It still starts, and what it meets is the EACCES the warning announced.
+        query = urllib.parse.urlencode({"write": ["/data/out"]}, doseq=True)
+        body = local_tests.wait_until(lambda: fetch(info.host, info.port, "/?" + query), 30, "the probe")
+        assert json.loads(body)["write"]["/data/out"] == "Permission denied"
+    finally:
+        for replica in engine.list():
+            engine.stop(replica.replica_id, grace=0)
+        engine.cleanup_orphans()
+
+
+@pytest.mark.docker
+def test_a_docker_replica_with_a_read_write_mount_it_can_not_write_starts_and_says_so(
+    docker_client: Any,  # noqa: F811
+    bootstrap_path: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from serving.engines.docker import DockerEngine
+
+    data = unwritable_data(tmp_path)
+    writable = unwritable_data(tmp_path)
+    writable.chmod(0o777)
+    engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state")
+    model = probe_model(tmp_path)
+    spec = docker_tests.make_spec(model)
+    spec = dataclasses.replace(
+        spec, mounts=(*spec.mounts, Mount(str(data), "/data", read_only=False), Mount(str(writable), "/out", False))
+    )
+    info = engine.start(spec)
+    try:
+        [warning] = info.warnings  # the 0777 folder is fine
+        assert f"The read-write mount /data ({data}) is not writable by the replica's user (uid 65534" in warning
+        assert engine.inspect(info.replica_id).state.value == "running"
+        lines = list(engine.logs(info.replica_id, tail=50))
+        assert lines[0] == f"[engine] warning: {warning}", lines
+        query = urllib.parse.urlencode({"write": ["/data/out", "/out/ok"]}, doseq=True)
+        body = docker_tests.wait_until(lambda: fetch(engine.publish_host, info.port, "/?" + query), 30, "the probe")
+        assert json.loads(body)["write"] == {"/data/out": "Permission denied", "/out/ok": "ok: None"}
+    finally:
+        engine.stop(info.replica_id, grace=0)
+    assert not engine._notes_path(spec.name).exists()  # gone with the replica
+
+
+@pytest.mark.django_db
+def test_a_start_warning_is_recorded_on_the_services_log(api: Any, personas: Any) -> None:
+    from serving import node
+    from serving.engines.base import ReplicaInfo, ReplicaState
+    from serving.models import Endpoint, Route, ServiceEvent
+    from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+    folder = FolderFactory(owner=personas["owner"], name="warn", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = {"name": "warns", "folder": str(folder.pk), "runtime": "custom", "replicas": 0}
+    created = api("owner").post("/api/v1/services/", body, format="json")
+    assert created.status_code == 201, created.json()
+    route = Route(endpoint=Endpoint.objects.get(pk=created.json()["id"]))
+    info = ReplicaInfo(
+        "c1", "n", ReplicaState.RUNNING, "127.0.0.1", 1, {}, warnings=("The read-write mount /data ...",)
+    )
+    node._record_start_warnings(route, info, "Replica abcd1234")
+    event = ServiceEvent.objects.get(endpoint=route.endpoint, kind="replica_warning")
+    assert event.level == ServiceEvent.Level.WARNING
+    assert event.message == "Replica abcd1234: The read-write mount /data ..."

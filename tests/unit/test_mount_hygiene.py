@@ -123,3 +123,26 @@ def test_the_walk_goes_back_up_through_branches_without_losing_its_place(tmp_pat
             expected.append(target)
     assert strip_setid_bits(str(tmp_path)) == len(expected)
     assert {mode(p) for p in expected} == {0o755}
+
+
+def test_a_read_write_mount_its_user_can_not_write_is_named_with_the_fix(tmp_path: Path) -> None:
+    from serving.engines.base import Mount
+    from serving.engines.mounts import unwritable_mounts
+
+    owner = os.getuid()
+    folders = {}
+    for name, bits in {"private": 0o755, "open": 0o777, "sticky": 0o1777, "group": 0o775}.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        folders[name].chmod(bits)
+    mounts = [Mount(str(path), f"/{name}", read_only=False) for name, path in folders.items()]
+    mounts.append(Mount(str(folders["private"]), "/ro", read_only=True))  # read-only: never a problem
+    gid = os.stat(folders["group"]).st_gid
+    [warning] = unwritable_mounts(mounts, 65534, 65534 if gid != 65534 else 65533)[:1]
+    assert warning.startswith(f"The read-write mount /private ({folders['private']}) is not writable by the replica's")
+    assert f"uid {owner}" in warning and "mode 0755" in warning
+    assert "writable by uid 65534" in warning and "or mount it read-only" in warning
+    names = [w.split()[3] for w in unwritable_mounts(mounts, 65534, 65534 if gid != 65534 else 65533)]
+    assert names == ["/private", "/group"]  # others may write /open and /sticky
+    assert [w.split()[3] for w in unwritable_mounts(mounts, 65534, gid)] == ["/private"]  # its group may
+    assert unwritable_mounts(mounts, owner, -1) == []  # its owner may write them all
