@@ -358,6 +358,8 @@ def test_installations_sharing_a_daemon_never_see_each_other(
     finally:
         ours.stop(a.replica_id, grace=1)
         theirs.stop(b.replica_id, grace=1)
+        # The engine keeps an installation's replica network; a test's made-up ones go with it.
+        assert ours.remove_replica_network() and theirs.remove_replica_network()
 
 
 def a_host_address() -> str | None:
