@@ -26,6 +26,9 @@ from config.env import (
     origin_of,
 )
 
+# Shared with the engines, which check it again (plain constants: no Django, no app loading).
+from serving.engines.firewall import EGRESS_CHOICES
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -252,7 +255,7 @@ DOCKER_REPLICA_GID = env_int("DOCKER_REPLICA_GID", 65534, minimum=0)
 # What replicas may open connections to besides their own network: "allow" = whatever the host
 # reaches on Docker (never another replica), the host only on the local engine; "deny" = nothing,
 # not even the host (firewall rules: root and iptables).
-SERVING_REPLICA_EGRESS = env_choice("SERVING_REPLICA_EGRESS", "allow", {"allow", "deny"})
+SERVING_REPLICA_EGRESS = env_choice("SERVING_REPLICA_EGRESS", "allow", set(EGRESS_CHOICES))
 
 # --- REST API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -164,14 +164,12 @@ MAX_ENV_TOTAL_BYTES = 1024 * 1024
 def _check_environ(environ: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in environ.items():
-        if (
-            not isinstance(key, str)
-            or not key
-            or not (key[0].isalpha() or key[0] == "_")
-            or not all(c.isalnum() or c == "_" for c in key)
-        ):
+        if not isinstance(key, str) or not definitions.ENV_NAME.match(key):
             raise ValidationError(
-                {"environ": f"{key!r} is not a valid environment variable name (letters, digits, _)."}
+                {
+                    "environ": f"{key!r} is not a valid environment variable name; use "
+                    f"{definitions.ENV_NAME_RULE} (e.g. MODEL_NAME)."
+                }
             )
         if problem := definitions.loader_variable_problem(key):
             raise ValidationError({"environ": problem})

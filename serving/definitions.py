@@ -61,7 +61,11 @@ PRE_START_ACTIONS = ("write_file", "write_tempfile", "run_command", "mkdir", "lo
 SERVICE_SECTIONS = ("environment", "resource_slots", "environ")
 MODEL_PATH_PLACEHOLDER = "{model_path}"
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# A variable name both engines can hand on: ASCII only (str.isalpha() would take "MODÈLE", which
+# the local engine's sandbox refuses at start). One rule for the API, the launcher, the folder's
+# service-definition.toml and the engines.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+ENV_NAME_RULE = "ASCII letters, digits and _, not starting with a digit"
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 # glibc's "unsecure" variables (sysdeps/generic/unsecvars.h) that make the dynamic loader or libc
 # load code, or read or write files, named by whoever set them: in a privileged process that is
@@ -1209,10 +1213,8 @@ class _Service:
             return out
         for key, value in raw.items():
             where = field_path(path, key)
-            if not _ENV_NAME.match(key):
-                self.c.add(
-                    where, "is not a valid environment variable name; use letters, digits and _ (not first a digit)"
-                )
+            if not ENV_NAME.match(key):
+                self.c.add(where, f"is not a valid environment variable name; use {ENV_NAME_RULE}")
             elif problem := loader_variable_problem(key):
                 self.c.add(where, problem)
             elif isinstance(value, bool):

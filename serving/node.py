@@ -33,7 +33,7 @@ from serving.engines.base import (
     ReplicaNotFound,
     ReplicaState,
 )
-from serving.models import Endpoint, Node, Route, RouteMember
+from serving.models import Endpoint, Node, Route, RouteMember, ServiceEvent
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,21 @@ def heartbeat(now: datetime | None = None) -> Node:
             resource_group=settings.NODE_RESOURCE_GROUP,
         )
         node.refresh_from_db()
+    share_node_addresses(engine)
     return node
+
+
+def share_node_addresses(engine: Engine) -> None:
+    """Hand the engine every node's address (the Docker engine keeps replicas off all of them, so
+    a replica here can not call a replica published on another node past the proxy's tokens)."""
+    set_addresses = getattr(engine, "set_node_addresses", None)
+    if set_addresses is None:
+        return
+    addresses = Node.objects.exclude(address="").values_list("address", flat=True)
+    try:
+        set_addresses(list(addresses))
+    except EngineError:
+        log.exception("could not update the firewall rules for the nodes' addresses; retrying at the next heartbeat")
 
 
 # --- start and stop ------------------------------------------------------------------------------
@@ -226,12 +240,26 @@ def start_route(route_id: str) -> None:
             f"Replica {str(route.pk)[:8]} started on node {node_name()} at {info.host}:{info.port}.",
             route_id=route.pk,
         )
+        _record_start_warnings(route, info, f"Replica {str(route.pk)[:8]}")
         endpoint_id = str(route.endpoint_id)
         transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
         transaction.on_commit(health.refresh_soon)  # probe it from now on, not at the next re-read
         # Cluster mode: the subs start now that main has an address they can be given.
         for member in RouteMember.objects.filter(route=route, status=RouteMember.Status.PENDING).select_related("node"):
             transaction.on_commit(lambda member=member: dispatch.send_member_start(member))  # type: ignore[misc]
+
+
+def _record_start_warnings(route: Route, info: ReplicaInfo, who: str) -> None:
+    """What the engine noticed at start but did not stop for (a read-write mount the replica's
+    user can not write): a warning on the service's log, as well as a line in the replica's."""
+    for warning in info.warnings:
+        events.record_event(
+            route.endpoint,
+            "replica_warning",
+            f"{who}: {warning}",
+            level=ServiceEvent.Level.WARNING,
+            route_id=route.pk,
+        )
 
 
 def recover_interrupted_starts(before: datetime) -> int:
@@ -355,6 +383,7 @@ def start_member(member_id: str) -> None:
             f"at {info.host}:{info.port}.",
             route_id=route.pk,
         )
+        _record_start_warnings(route, info, f"Cluster member {host_name} of replica {str(route.pk)[:8]}")
         endpoint_id = str(route.endpoint_id)
         transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
 

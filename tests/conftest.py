@@ -65,3 +65,23 @@ def api(personas: dict[str, object]) -> Iterator[object]:
         return client
 
     yield client_for
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The Docker engine keeps an installation's replica network (removing it with its last replica
+    raced with starts); this run's installation (its REDIS_PREFIX) is made up, so its network goes
+    now, or every run would hold one of the daemon's ~30 address pools for ever."""
+    import contextlib
+    import os
+
+    prefix = os.environ.get("REDIS_PREFIX", "")
+    if not prefix.startswith("mstest-"):
+        return
+    with contextlib.suppress(Exception):
+        import docker
+
+        from serving.engines.docker import REPLICA_NETWORK, DockerEngine
+
+        client = docker.from_env(timeout=5)
+        if any(n.name == f"{REPLICA_NETWORK}-{prefix}" for n in client.networks.list(names=[REPLICA_NETWORK])):
+            DockerEngine(client_factory=lambda **_: client, installation=prefix).remove_replica_network()

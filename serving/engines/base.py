@@ -102,6 +102,9 @@ class ReplicaInfo:
     labels: Mapping[str, str]
     exit_code: int | None = None
     error: str = ""  # e.g. "OOM killed", "pre-start action 2 (run_command) failed: ..."
+    # Set by start(): what the replica's owner should know but that does not stop it, e.g. a
+    # read-write mount its user can not write (also a line in the replica's log).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

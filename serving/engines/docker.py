@@ -27,10 +27,11 @@ worker that restarts finds its replicas again with ``list()`` (DESIGN.md §3). C
   opens to anything outside its own network: the host's addresses (INPUT) and everything the host
   routes to (DOCKER-USER); answers on the published ports still flow. Docker's ``internal``
   networks would do that too, but Docker publishes no port of a container on one. Either way a
-  replica can not open a connection to the node's own address: replicas' ports are published
-  there, and a replica calling another service's replica that way would skip the proxy's tokens;
+  replica can not open a connection to any node's address (``set_node_addresses``, from the Node
+  table at each heartbeat): replicas' ports are published there, and a replica calling another
+  service's replica that way, on this node or another, would skip the proxy's tokens;
 * cluster mode (S4.1): the members of one cluster share a user-defined bridge network of their own
-  (``ms-cluster-<route>``, made with the first member, removed with the last) where each has its
+  (``ms-cluster-<route>``, made with the first member, removed with the last, created or running) where each has its
   host name (main1, sub1, ...) as alias, as on Backend.AI; a sub's ``BACKENDAI_CLUSTER_MAIN_ADDR``
   and ``BACKENDAI_CLUSTER_ADDRS`` are main's address on that network (the published 127.0.0.1
   port means nothing inside a container). Containers of other networks can not reach it (Docker's
@@ -49,6 +50,8 @@ from __future__ import annotations
 import builtins
 import codecs
 import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -61,7 +64,7 @@ import signal
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,7 @@ import requests
 from docker.types import DeviceRequest, EndpointConfig, LogConfig
 from docker.types import Mount as DockerMount
 
+from serving.engines import firewall
 from serving.engines import mounts as mount_hygiene
 from serving.engines.base import (
     LABEL_INSTALLATION,
@@ -85,6 +89,7 @@ from serving.engines.base import (
     ReplicaState,
     ReplicaStats,
 )
+from serving.engines.firewall import DEFAULT_GID, DEFAULT_UID
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +100,6 @@ DEFAULT_STATE_DIR = Path(__file__).resolve().parents[2] / "var" / "engine" / "do
 API_TIMEOUT = 30.0
 PING_TIMEOUT = 2.0
 PIDS_LIMIT = 1024
-DEFAULT_UID = DEFAULT_GID = 65534  # nobody/nogroup: owns no file of the host
-MAX_ID = 4_294_967_294
 HOME = "/home/work"
 MIB = 1 << 20
 DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
@@ -104,13 +107,13 @@ CLUSTER_NETWORK_PREFIX = "ms-cluster-"
 REPLICA_NETWORK = "ms-replicas"  # + "-<installation>": every plain replica's network
 ICC_OPTION = "com.docker.network.bridge.enable_icc"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
-EGRESS_CHOICES = ("allow", "deny")
 # Every iptables rule the engine adds carries this comment and its bridge's name, so the rules of
 # a removed network are found and removed with it.
 RULE_COMMENT = "modelserve-replicas "
-HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LABEL_CLUSTER = "serving.cluster"  # on a cluster's network: the route (key) it belongs to
 LABEL_NETWORK = "serving.network"  # on the replica network: "replicas"
+# Machine-wide: every node worker on this host talks to the same daemon and its networks.
+NETWORK_LOCK = Path(os.environ.get("MODELSERVE_DOCKER_NETWORK_LOCK", "/run/modelserve/docker-networks.lock"))
 BUILD_HINT = (
     "build it on this node with `make image` (scripts/build-image.sh, for modelserve/python:3.11) "
     "or load it with `docker load -i IMAGE.tar` / `docker pull IMAGE` by hand; "
@@ -158,6 +161,10 @@ def _docker_errors(what: str, replica: str | None = None, timeout: float = API_T
             f"Docker could not {what}: the engine is unreachable: {_explain(exc)}; "
             "start it with scripts/docker-up.sh or use SERVING_ENGINE=local."
         ) from exc
+
+
+def _network_missing(text: str) -> bool:
+    return "network" in text and "not found" in text
 
 
 def _cpu_percent(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> float | None:
@@ -240,16 +247,11 @@ class DockerEngine:
         ``replica_network``: the network plain replicas join (default ms-replicas[-<installation>]).
         ``uid``/``gid``: who replicas run as (0 and 0: root without capabilities, not for tenants).
         """
-        for what, value, setting in (("uid", uid, "DOCKER_REPLICA_UID"), ("gid", gid, "DOCKER_REPLICA_GID")):
-            if not 0 <= value <= MAX_ID:
-                raise EngineError(
-                    f"The Docker replicas' {what} {value} is not a valid {what}; set {setting} to a number "
-                    f"from 0 to {MAX_ID} (65534 is nobody/nogroup)."
-                )
+        firewall.check_replica_ids(
+            uid, gid, who="The Docker replicas'", uid_setting="DOCKER_REPLICA_UID", gid_setting="DOCKER_REPLICA_GID"
+        )
         self.uid, self.gid = uid, gid
-        if egress not in EGRESS_CHOICES:
-            raise EngineError(f"SERVING_REPLICA_EGRESS={egress!r} is not one of {', '.join(EGRESS_CHOICES)}.")
-        self.egress = egress
+        self.egress = firewall.check_egress(egress)
         self.replica_network = replica_network or (
             f"{REPLICA_NETWORK}-{installation}" if installation else REPLICA_NETWORK
         )
@@ -265,9 +267,12 @@ class DockerEngine:
         self.installation = installation
         self._client_lock = threading.Lock()
         self._client_instance: docker.DockerClient | None = None
-        self._iptables = shutil.which("iptables", path=HOST_PATH)
+        self._iptables = firewall.find_iptables()
         self._rules_lock = threading.Lock()
         self._warned_unguarded = False
+        # Every node's address (NODE_ADDRESS of each row in the Node table), refreshed by the node
+        # agent at each heartbeat (set_node_addresses): replicas' ports are published there.
+        self._node_addresses: frozenset[str] = frozenset()
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -369,38 +374,31 @@ class DockerEngine:
 
         container = None
         network: str | None = None
+        warnings = mount_hygiene.unwritable_mounts(spec.mounts, self.uid, self.gid)
+        self._write_notes(spec.name, [f"warning: {warning}" for warning in warnings])
         try:
-            if spec.cluster is None:
-                network = kwargs["network"] = self._replica_network(client)
-            else:
-                network = self._cluster_network(client, spec.cluster)
-                kwargs["network"] = network
-                kwargs["networking_config"] = {
-                    network: EndpointConfig(client.api._version, aliases=[spec.cluster.host])
-                }
-                kwargs["environment"].update(self._peer_env(client, spec.cluster, network, spec.port))
-            with self._errors(f"create the container {spec.name}"):
+            for attempt in (1, 2):
+                # The network is made (if need be) and the container created on it under the
+                # node's network lock, which _remove_network_if_unused takes too: from then on the
+                # created container is attached, so no worker removes the network under it.
+                with self._network_lock():
+                    network = kwargs["network"] = self._network_for(client, spec, kwargs)
+                    container = self._create(client, spec, kwargs)
                 try:
-                    try:
-                        container = client.containers.create(spec.image, **kwargs)
-                    except docker.errors.NotFound as exc:
-                        # The last replica of the network stopped meanwhile and took it along.
-                        if spec.cluster is not None or "network" not in _explain(exc):
-                            raise
-                        network = kwargs["network"] = self._replica_network(client)
-                        container = client.containers.create(spec.image, **kwargs)
-                except docker.errors.ImageNotFound as exc:  # removed since we looked it up
-                    raise ImageNotFound(f"The image {spec.image} is not on this node; {BUILD_HINT}.") from exc
-                except docker.errors.APIError as exc:
-                    if exc.status_code == 409:
-                        raise EngineError(
-                            f"A container named {spec.name} already exists on this node; stop that replica first."
-                        ) from exc
-                    raise
-            with self._errors(f"start the container {spec.name}"):
-                container.start()
-                container.reload()  # the host port is only known once it runs
-            return self._info(container)
+                    with self._errors(f"start the container {spec.name}"):
+                        container.start()
+                        container.reload()  # the host port is only known once it runs
+                    break
+                except EngineError as exc:
+                    # Removed by hand (or by a worker of an older release) between create and start:
+                    # make it again, once.
+                    if attempt == 2 or not _network_missing(str(exc)):
+                        raise
+                    with contextlib.suppress(Exception):
+                        container.remove(force=True, v=True)
+                    container = None
+            assert container is not None
+            return dataclasses.replace(self._info(container), warnings=tuple(warnings))
         except BaseException:
             # Leave nothing behind: a half-created container would block the name on retry.
             if container is not None:
@@ -410,7 +408,52 @@ class DockerEngine:
                 self._remove_network_if_unused(client, network)
             if plan_dir is not None:
                 shutil.rmtree(plan_dir, ignore_errors=True)
+            self._notes_path(spec.name).unlink(missing_ok=True)
             raise
+
+    def _notes_path(self, name: str) -> Path:
+        return self.state_dir / "notes" / f"{name}.log"
+
+    def _write_notes(self, name: str, notes: builtins.list[str]) -> None:
+        """The engine's own lines for a replica's log (the container's log is the server's only):
+        ``logs()`` shows them first, prefixed ``[engine]`` as on the local engine."""
+        path = self._notes_path(name)
+        if not notes:
+            path.unlink(missing_ok=True)  # a reused name must not show an old replica's notes
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"[engine] {note}\n" for note in notes))
+        except OSError as exc:
+            log.warning("could not keep the engine's notes for %s: %s", name, exc)
+
+    def _notes(self, name: str) -> builtins.list[str]:
+        try:
+            return self._notes_path(name).read_text().splitlines()
+        except OSError:
+            return []
+
+    def _network_for(self, client: docker.DockerClient, spec: ReplicaSpec, kwargs: dict[str, Any]) -> str:
+        """The replica's network, made if missing; a cluster member's alias and main's address."""
+        if spec.cluster is None:
+            return self._replica_network(client)
+        network = self._cluster_network(client, spec.cluster)
+        kwargs["networking_config"] = {network: EndpointConfig(client.api._version, aliases=[spec.cluster.host])}
+        kwargs["environment"].update(self._peer_env(client, spec.cluster, network, spec.port))
+        return network
+
+    def _create(self, client: docker.DockerClient, spec: ReplicaSpec, kwargs: dict[str, Any]) -> Any:
+        with self._errors(f"create the container {spec.name}"):
+            try:
+                return client.containers.create(spec.image, **kwargs)
+            except docker.errors.ImageNotFound as exc:  # removed since we looked it up
+                raise ImageNotFound(f"The image {spec.image} is not on this node; {BUILD_HINT}.") from exc
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    raise EngineError(
+                        f"A container named {spec.name} already exists on this node; stop that replica first."
+                    ) from exc
+                raise
 
     def stop(self, replica_id: str, grace: float = 10.0) -> None:
         """SIGTERM, SIGKILL after ``grace`` s, then remove with its plan folder; gone is fine."""
@@ -424,12 +467,11 @@ class DockerEngine:
             for m in container.attrs.get("Mounts") or []
             if m.get("Type") == "bind" and m.get("RW") and m.get("Source")
         ]
+        # Only a cluster's own network goes with its last member; the replica network stays.
         networks = [
             name
             for name in ((container.attrs.get("NetworkSettings") or {}).get("Networks") or {})
-            # Any installation's replica network: an engine of another installation (stop_replicas,
-            # a test) may stop the last replica of one.
-            if name.startswith((CLUSTER_NETWORK_PREFIX, REPLICA_NETWORK)) or name == self.replica_network
+            if name.startswith(CLUSTER_NETWORK_PREFIX)
         ]
         with self._errors(f"stop replica {replica_id}"):
             with contextlib.suppress(docker.errors.NotFound):
@@ -445,6 +487,7 @@ class DockerEngine:
                     raise
         for path in plan_dirs:
             shutil.rmtree(path, ignore_errors=True)
+        self._notes_path(container.name).unlink(missing_ok=True)
         for source in writable:
             # Gone, so it can set no bit again: what it left is made harmless for the host.
             mount_hygiene.strip_setid_bits(source)
@@ -463,9 +506,12 @@ class DockerEngine:
             stream = container.logs(
                 stdout=True, stderr=True, stream=True, follow=follow, tail=tail if tail >= 0 else "all"
             )
-        return self._log_lines(replica_id, stream, stop if follow else None)
+        return self._log_lines(replica_id, stream, stop if follow else None, tuple(self._notes(container.name)))
 
-    def _log_lines(self, replica_id: str, stream: Any, stop: threading.Event | None) -> Iterator[str]:
+    def _log_lines(
+        self, replica_id: str, stream: Any, stop: threading.Event | None, notes: tuple[str, ...] = ()
+    ) -> Iterator[str]:
+        yield from notes
         done = threading.Event()
         if stop is not None:
             # A quiet replica leaves the reader blocked on the daemon's socket: closing the stream
@@ -570,14 +616,43 @@ class DockerEngine:
 
     # --- firewall rules of our bridges --------------------------------------------------------------
 
-    def _guarded_address(self) -> str | None:
-        """The node's address replicas' ports are published on, unless it is a loopback one (a
-        container's 127.0.0.1 is its own: it never reaches the host's)."""
+    def _guarded_addresses(self) -> builtins.list[str]:
+        """Every node's address replicas' ports are published on (this node's and the others'),
+        but loopback ones (a container's 127.0.0.1 is its own: it never reaches the host's) and
+        IPv6 ones (replica networks are IPv4 only)."""
+        guarded = set()
+        for address in {self.publish_host, *self._node_addresses}:
+            try:
+                parsed = ipaddress.ip_address(address)
+            except ValueError:
+                continue
+            if parsed.version == 4 and not parsed.is_loopback and not parsed.is_unspecified:
+                guarded.add(str(parsed))
+        return sorted(guarded, key=ipaddress.ip_address)
+
+    def set_node_addresses(self, addresses: Iterable[str]) -> None:
+        """The addresses of every node of the installation (the node agent passes the Node table's
+        at each heartbeat): in ``allow`` mode replicas may not open connections to any of them, or
+        a replica on one node would call another node's published replica ports past the proxy's
+        tokens. The rules of our existing bridges follow when the set changes."""
+        wanted = frozenset(a.strip() for a in addresses if a and a.strip())
+        if wanted == self._node_addresses:
+            return
+        before, self._node_addresses = self._node_addresses, wanted
+        if self.egress != "allow" or self._iptables is None or os.geteuid() != 0:
+            return
         try:
-            loopback = ipaddress.ip_address(self.publish_host).is_loopback
-        except ValueError:
-            return None
-        return None if loopback else self.publish_host
+            client = self._client()
+            with self._errors("list the replica networks"):
+                networks = client.networks.list()
+            for network in networks:
+                bridge = (network.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION)
+                ours = network.name == self.replica_network or network.name.startswith(CLUSTER_NETWORK_PREFIX)
+                if bridge and ours:
+                    self._guard_bridge(bridge)
+        except BaseException:
+            self._node_addresses = before  # so the next heartbeat tries again
+            raise
 
     def _bridge_rules(self, bridge: str) -> builtins.list[builtins.list[str]]:
         """The rules (chain first) that keep the replicas on ``bridge`` where they belong."""
@@ -589,8 +664,13 @@ class DockerEngine:
             # whatever the host routes to. Answers to connections made to them are not NEW.
             rules.append(["INPUT", "-i", bridge, *new, *comment, "-j", "DROP"])
             rules.append([self._forward_chain(), "-i", bridge, "!", "-o", bridge, *new, *comment, "-j", "DROP"])
-        elif (address := self._guarded_address()) is not None:
-            rules.append(["INPUT", "-i", bridge, "-d", f"{address}/32", *new, *comment, "-j", "DROP"])
+        else:
+            can = self._guarded_addresses() and self._iptables is not None and os.geteuid() == 0
+            forward = self._forward_chain() if can else "FORWARD"
+            for address in self._guarded_addresses():
+                # This node's address arrives in INPUT, another node's is routed (FORWARD).
+                rules.append(["INPUT", "-i", bridge, "-d", f"{address}/32", *new, *comment, "-j", "DROP"])
+                rules.append([forward, "-i", bridge, "-d", f"{address}/32", *new, *comment, "-j", "DROP"])
         return rules
 
     def _forward_chain(self) -> str:
@@ -604,14 +684,14 @@ class DockerEngine:
                 "SERVING_REPLICA_EGRESS=deny (and a NODE_ADDRESS other than 127.0.0.1) need firewall rules "
                 "on the node: run the node worker as root with iptables installed (`apt-get install iptables`)."
             )
-        done = subprocess.run([self._iptables, "-w", "5", *args], capture_output=True, text=True, check=False)
-        if check and done.returncode != 0:
-            raise EngineError(f"The firewall rule `iptables {' '.join(args)}` failed: {done.stderr.strip()}.")
-        return done
+        return firewall.run_iptables(self._iptables, *args, check=check)
 
     def _guard_bridge(self, bridge: str) -> None:
-        """Add the bridge's rules that are missing (idempotent; several workers may race here)."""
+        """Add the bridge's rules that are missing (idempotent; several workers may race here),
+        and in ``allow`` mode drop those for node addresses no longer in the Node table."""
         rules = self._bridge_rules(bridge)
+        if self.egress == "allow" and self._iptables is not None and os.geteuid() == 0:
+            self._drop_stale_address_rules(bridge, {rule[rule.index("-d") + 1] for rule in rules})
         if not rules:
             return
         if self.egress == "allow" and (self._iptables is None or os.geteuid() != 0):
@@ -630,18 +710,31 @@ class DockerEngine:
                 if self._iptables_run("-C", chain, *rule, check=False).returncode != 0:
                     self._iptables_run("-I", chain, "1", *rule)
 
+    def _drop_stale_address_rules(self, bridge: str, wanted: set[str]) -> None:
+        with self._rules_lock:
+            for chain in ("INPUT", "DOCKER-USER", "FORWARD"):
+                for words in self._our_rules(chain, bridge):
+                    if "-d" in words and words[words.index("-d") + 1] not in wanted:
+                        self._iptables_run("-D", *words[1:], check=False)
+
+    def _our_rules(self, chain: str, bridge: str) -> builtins.list[builtins.list[str]]:
+        """Our rules of ``bridge`` in ``chain``, as argument lists of `iptables -S` (-A first)."""
+        found = []
+        for line in self._iptables_run("-S", chain, check=False).stdout.splitlines():
+            if f'"{RULE_COMMENT}{bridge}"' in line or f"{RULE_COMMENT}{bridge} " in line:
+                words = shlex.split(line)
+                if words[:2] == ["-A", chain]:
+                    found.append(words)
+        return found
+
     def _unguard_bridge(self, bridge: str) -> None:
         """Remove every rule of ours that names ``bridge`` (its network is gone)."""
         if self._iptables is None or os.geteuid() != 0:
             return
         with self._rules_lock:
             for chain in ("INPUT", "DOCKER-USER", "FORWARD"):
-                listed = self._iptables_run("-S", chain, check=False)
-                for line in listed.stdout.splitlines():
-                    if f'"{RULE_COMMENT}{bridge}"' in line or f"{RULE_COMMENT}{bridge} " in line:
-                        words = shlex.split(line)
-                        if words[:2] == ["-A", chain]:
-                            self._iptables_run("-D", *words[1:], check=False)
+                for words in self._our_rules(chain, bridge):
+                    self._iptables_run("-D", *words[1:], check=False)
 
     def _peer_env(
         self, client: docker.DockerClient, cluster: ClusterPeering, network: str, port: int
@@ -663,20 +756,67 @@ class DockerEngine:
                 return {"BACKENDAI_CLUSTER_MAIN_ADDR": main, "BACKENDAI_CLUSTER_ADDRS": f"main1={main}"}
         return {}
 
+    @contextlib.contextmanager
+    def _network_lock(self) -> Iterator[None]:
+        """One lock per host around "make the network and create a container on it" and "remove
+        the network if nothing is attached": node workers are separate processes (prefork), so a
+        threading lock would not keep one from removing a network another is about to use."""
+        for path in (NETWORK_LOCK, self.state_dir / "networks.lock"):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = path.open("a")
+                break
+            except OSError:
+                continue
+        else:
+            raise EngineError(f"Could not open the network lock {NETWORK_LOCK} nor one under {self.state_dir}.")
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _is_replica_network(self, name: str, labels: Mapping[str, str]) -> bool:
+        return (
+            name == self.replica_network or name.startswith(REPLICA_NETWORK) or labels.get(LABEL_NETWORK) == "replicas"
+        )
+
     def _remove_network_if_unused(self, client: docker.DockerClient, name: str) -> None:
-        """Remove a cluster network once no container is attached any more (its last member), and
-        the replica network with its last replica: each network holds one of the daemon's few
-        address pools (about 30 by default), so none is left behind for ever."""
+        """Remove a cluster network once no container, created or running, is attached (its last
+        member left): each holds one of the daemon's few address pools (about 30 by default).
+
+        The replica network (one per installation) is never removed here, nor its rules: keeping
+        it costs one pool, removing it raced with starts in other workers."""
         with contextlib.suppress(Exception):
+            self._remove_network(client, name, replicas_too=False)
+
+    def remove_replica_network(self) -> bool:
+        """Remove this installation's replica network and its firewall rules, if no container is
+        attached (for operators and tests; the engine itself keeps it). True if it was removed."""
+        return self._remove_network(self._client(), self.replica_network, replicas_too=True)
+
+    def _remove_network(self, client: docker.DockerClient, name: str, replicas_too: bool) -> bool:
+        with self._network_lock(), self._errors(f"remove the network {name}"):
             for network in client.networks.list(names=[name]):
                 if network.name != name:
                     continue
                 network.reload()
-                if not network.attrs.get("Containers"):
-                    bridge = (network.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION)
+                if not replicas_too and self._is_replica_network(name, network.attrs.get("Labels") or {}):
+                    return False
+                # Docker lists only running containers in the network's attrs; a created one that
+                # is not started yet is found by the containers' network filter.
+                if network.attrs.get("Containers") or client.containers.list(all=True, filters={"network": name}):
+                    return False
+                bridge = (network.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION)
+                try:
                     network.remove()
-                    if bridge:
-                        self._unguard_bridge(bridge)
+                except docker.errors.NotFound:
+                    return False
+                if bridge:
+                    self._unguard_bridge(bridge)
+                return True
+        return False
 
     # --- helpers ----------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ finds the replicas again with ``list()``. The image is not used: sandboxes run t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import ipaddress
@@ -55,7 +56,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from serving import prestart
+from serving import definitions, prestart
+from serving.definitions import ENV_NAME
+from serving.engines import firewall
 from serving.engines import mounts as mount_hygiene
 from serving.engines.base import (
     ClusterPeering,
@@ -66,6 +69,9 @@ from serving.engines.base import (
     ReplicaState,
     ReplicaStats,
 )
+
+# Who replicas run as when the engine runs as root, and where host tools are found: shared.
+from serving.engines.firewall import DEFAULT_GID, DEFAULT_UID, HOST_PATH
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
@@ -78,11 +84,7 @@ BOOTSTRAP_FAILED = prestart.BOOTSTRAP_FAILED_EXIT
 # The user's environment variables, handed to the replica's own process only (see _command).
 ENV_FILE_NAME = "environ"
 ENV_FILE = f"{BOOTSTRAP_DIR}/{ENV_FILE_NAME}"
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 JOIN_FAILED = 111  # the supervisor could not put the sandbox into its cgroups / rlimit, or hand it its home
-# Who replicas run as when the engine runs as root (nobody/nogroup: owns no file of the host).
-DEFAULT_UID = DEFAULT_GID = 65534
-MAX_ID = 4_294_967_294  # (uid_t)-1 means "unchanged" to the kernel
 # Kept by bwrap for the prelude only: setpriv drops them all before the replica's own code runs.
 PRELUDE_CAPS = ("CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
 PRIVATE_TMPFS = ("/home/work", "/tmp", "/var/tmp")  # noqa: S108  (the sandbox's own tmpfs)
@@ -96,7 +98,6 @@ PEER_COMMENT = "modelserve-peer "
 EGRESS_COMMENT = "modelserve-egress "  # + the netns prefix: the INPUT rule of SERVING_REPLICA_EGRESS=deny
 PEER_ROUTE_PROTO = "static"  # how our routes inside a member's namespace are told from the kernel's
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 START_TIMEOUT = 10.0
 MIB = 1 << 20
 # Sandbox paths a mount may not cover: the sandbox's own skeleton and the pre-start runner.
@@ -221,17 +222,12 @@ class LocalEngine:
         egress: str = "allow",
     ) -> None:
         self.state_dir = Path(state_dir)
-        if egress not in ("allow", "deny"):
-            raise EngineError(f"SERVING_REPLICA_EGRESS={egress!r} is not one of allow, deny.")
         # A sandbox has no route past the host anyway; "deny" also keeps it off the host's own
         # addresses (services listening on 0.0.0.0), see _deny_host_input.
-        self.egress = egress
-        for what, value, setting in (("uid", uid, "LOCAL_ENGINE_UID"), ("gid", gid, "LOCAL_ENGINE_GID")):
-            if not 0 <= value <= MAX_ID:
-                raise EngineError(
-                    f"The local engine's replica {what} {value} is not a valid {what}; set {setting} to a "
-                    f"number from 0 to {MAX_ID} (65534 is nobody/nogroup)."
-                )
+        self.egress = firewall.check_egress(egress)
+        firewall.check_replica_ids(
+            uid, gid, who="The local engine's replica", uid_setting="LOCAL_ENGINE_UID", gid_setting="LOCAL_ENGINE_GID"
+        )
         # Used only when the engine runs as root; 0/0 keeps replicas as (capability-less) root.
         self.uid, self.gid = uid, gid
         try:
@@ -257,7 +253,7 @@ class LocalEngine:
         self._bwrap = shutil.which("bwrap", path=HOST_PATH)
         self._ip = shutil.which("ip", path=HOST_PATH)
         self._pasta = shutil.which("pasta", path=HOST_PATH)
-        self._iptables = shutil.which("iptables", path=HOST_PATH)
+        self._iptables = firewall.find_iptables()
         self._setpriv = shutil.which("setpriv", path=HOST_PATH)
         # The prelude runs as root: it calls its helpers by absolute path, never through a PATH.
         self._chown = shutil.which("chown", path=HOST_PATH)
@@ -284,6 +280,14 @@ class LocalEngine:
             if self._drops_to_user and (self._chown is None or self._cat is None):
                 return "chown or cat is missing; install them with `apt-get install coreutils`"
             return None
+        if self.egress == "deny":
+            # pasta gives the sandbox outbound NAT through the host's own sockets: no firewall rule
+            # of ours sees it, so deny could not be kept.
+            return (
+                "SERVING_REPLICA_EGRESS=deny needs the node worker to run as root (without root the "
+                "sandbox's network goes through pasta, which reaches everything the host reaches); run "
+                "the node worker as root, or set SERVING_REPLICA_EGRESS=allow"
+            )
         if self._pasta is None:
             return (
                 "without root every replica needs pasta for its own network; install it with "
@@ -486,12 +490,30 @@ class LocalEngine:
                 netns,
                 "-batch",
                 "-",
-                stdin=f"addr add {replica_addr}/30 dev eth0\nlink set eth0 up\nlink set lo up\n",
+                stdin=(
+                    f"addr add {replica_addr}/30 dev eth0\nlink set dev eth0 addrgenmode none\n"
+                    "link set eth0 up\nlink set lo up\n"
+                ),
             )
+            # No IPv6 on either end: the iptables rule of SERVING_REPLICA_EGRESS=deny is IPv4 only, and
+            # the kernel's link-local addresses (fe80::) would otherwise let a sandbox reach host
+            # services listening on [::]. A host end without IPv6 drops every IPv6 packet it gets.
+            # (The sandbox's end gets no address either: addrgenmode none, above.)
+            self._disable_ipv6(host_if)
         except EngineError:
             self._teardown_netns(replica_id, index)
             raise
         return replica_addr
+
+    @staticmethod
+    def _disable_ipv6(interface: str) -> None:
+        flag = Path(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6")
+        if not Path("/proc/sys/net/ipv6").exists():
+            return  # a kernel without IPv6: nothing to reach the host with
+        try:
+            flag.write_text("1\n")
+        except OSError as exc:
+            raise EngineError(f"Could not turn IPv6 off on the replica's interface {interface}: {exc}.") from None
 
     def _teardown_netns(self, replica_id: str, index: int | None) -> None:
         if self._ip is None:
@@ -652,7 +674,7 @@ class LocalEngine:
 
     def _iptables_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         assert self._iptables is not None
-        return _run(self._iptables, "-w", "5", *args, check=check)
+        return firewall.run_iptables(self._iptables, *args, check=check)
 
     def _peer_rules(self) -> list[list[str]]:
         """Our ACCEPT rules in the chain, as argument lists of `iptables -S`."""
@@ -743,8 +765,12 @@ class LocalEngine:
             raise EngineError(f"The port {spec.port} is not a TCP port (1-65535).")
         for key in spec.env:
             # A shell hands the variables to the replica (see _command): names must be its names.
-            if not ENV_NAME.fullmatch(key) or "\0" in spec.env[key]:
-                raise EngineError(f"The environment variable name {key!r} is not valid.")
+            if not ENV_NAME.match(key) or "\0" in spec.env[key]:
+                raise EngineError(
+                    f"The environment variable {key!r} can not be handed to the replica: a name must be "
+                    f"{definitions.ENV_NAME_RULE}, and a value must not hold NUL bytes; change it in the "
+                    "service's environment."
+                )
         for mount in spec.mounts:
             target = os.path.normpath(mount.target)
             if not mount.target.startswith("/") or target == "/":
@@ -977,6 +1003,10 @@ class LocalEngine:
             limits += f", cpu {spec.cpu:g}" + (" (cfs quota)" if "cpu" in meta["cgroups"] else " (not enforced)")
             limits += f", pids {self.pids_limit}" if "pids" in meta["cgroups"] else ", pids (not enforced)"
             notes.insert(0, f"limits: {limits}")
+            # Who the replica's code runs as: the engine's uid/gid as root, else the worker's own.
+            ids = (self.uid, self.gid) if self._rootful else (os.geteuid(), os.getegid())
+            warnings = mount_hygiene.unwritable_mounts(spec.mounts, *ids)
+            notes += [f"warning: {warning}" for warning in warnings]
 
             argv, with_plan = self._command(spec, notes)
             if with_plan:
@@ -1008,7 +1038,7 @@ class LocalEngine:
             else:
                 self._cleanup(replica_id, meta)
             raise
-        return self.inspect(replica_id)
+        return dataclasses.replace(self.inspect(replica_id), warnings=tuple(warnings))
 
     @staticmethod
     def _write_environ(path: Path, env: Mapping[str, str]) -> None:

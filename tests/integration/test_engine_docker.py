@@ -8,6 +8,7 @@ run everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -357,6 +358,8 @@ def test_installations_sharing_a_daemon_never_see_each_other(
     finally:
         ours.stop(a.replica_id, grace=1)
         theirs.stop(b.replica_id, grace=1)
+        # The engine keeps an installation's replica network; a test's made-up ones go with it.
+        assert ours.remove_replica_network() and theirs.remove_replica_network()
 
 
 def a_host_address() -> str | None:
@@ -647,3 +650,92 @@ def test_cluster_members_on_two_nodes_reach_each_other_by_name_and_others_can_no
         engine.stop(main.replica_id, grace=0)
         engine.stop(outsider.replica_id, grace=0)
     assert [n.name for n in docker_client.networks.list(names=[network])] == []
+
+
+def iptables_rules() -> str:
+    return subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+
+
+@needs_docker
+def test_the_replica_network_and_its_rules_stay_when_its_last_replica_stops(
+    docker_client: Any, bootstrap_path: Path, model_folder: Path, tmp_path: Path
+) -> None:
+    """Removing the shared replica network with its last replica raced with a start in another
+    worker (a process: no threading lock covers it): the network vanished under a created replica,
+    or its re-made bridge lost its rules to the remover. It costs one address pool: it stays."""
+    if os.geteuid() != 0:
+        pytest.skip("the firewall rules need root")
+    network = f"ms-replicas-t{RUN_ID}-keep"
+    engine = DockerEngine(
+        bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", egress="deny", replica_network=network
+    )
+    bridge = engine._bridge_name(network)
+    try:
+        info = engine.start(make_spec(model_folder))
+        engine.stop(info.replica_id, grace=0)
+        assert [n.name for n in docker_client.networks.list(names=[network])] == [network]
+        assert f"modelserve-replicas {bridge}" in iptables_rules()
+        engine._remove_network_if_unused(docker_client, network)  # what a stop elsewhere would call
+        assert [n.name for n in docker_client.networks.list(names=[network])] == [network]
+    finally:
+        assert engine.remove_replica_network()  # an operator's (or a test's) explicit removal
+    assert [n.name for n in docker_client.networks.list(names=[network])] == []
+    assert bridge not in iptables_rules()
+
+
+@needs_docker
+def test_a_cluster_network_stays_while_a_created_member_is_attached(
+    engine: DockerEngine, docker_client: Any, model_folder: Path
+) -> None:
+    """Docker lists only running containers on a network, and removes a network under a created
+    one (whose start then fails with "network not found"): a created member keeps it."""
+    key = str(uuid.uuid4())
+    network = f"ms-cluster-{key}"
+    spec = make_spec(
+        model_folder,
+        labels={LABEL_ENDPOINT: f"ep-{RUN_ID}", LABEL_ROUTE: key, LABEL_ROLE: "main", TEST_LABEL: RUN_ID},
+        cluster=ClusterPeering(key=key, host="main1", hosts=("main1", "sub1")),
+    )
+    main = engine.start(spec)
+    # Another worker's member, created but not started yet.
+    created = docker_client.containers.create(
+        IMAGE, ["sleep", "60"], name=f"mstest-{RUN_ID}-created", network=network, labels={TEST_LABEL: RUN_ID}
+    )
+    try:
+        engine.stop(main.replica_id, grace=0)
+        assert [n.name for n in docker_client.networks.list(names=[network])] == [network]
+        created.start()  # its network is still there
+        created.remove(force=True)
+        engine._remove_network_if_unused(docker_client, network)
+        assert [n.name for n in docker_client.networks.list(names=[network])] == []
+    finally:
+        with contextlib.suppress(Exception):
+            created.remove(force=True)
+        with contextlib.suppress(Exception):
+            docker_client.networks.get(network).remove()
+
+
+@needs_docker
+def test_a_start_remakes_a_network_removed_between_create_and_start(
+    docker_client: Any, bootstrap_path: Path, model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    network = f"ms-replicas-t{RUN_ID}-gone"
+    engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", replica_network=network)
+    create = engine._create
+    calls = []
+
+    def create_then_lose_the_network(*args: Any) -> Any:
+        container = create(*args)
+        calls.append(container.id)
+        if len(calls) == 1:
+            docker_client.networks.get(network).remove()  # by hand, or by an older worker
+        return container
+
+    monkeypatch.setattr(engine, "_create", create_then_lose_the_network)
+    try:
+        info = engine.start(make_spec(model_folder))
+        assert len(calls) == 2 and engine.inspect(info.replica_id).state is ReplicaState.RUNNING
+        assert wait_until(lambda: http_get(info.port, "/"), 30, "the replica to answer")
+        engine.stop(info.replica_id, grace=0)
+    finally:
+        engine.remove_replica_network()

@@ -20,6 +20,7 @@ tenant, each tried for real and shown not to work.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -254,6 +256,75 @@ def test_with_egress_denied_a_local_replica_reaches_none_of_the_hosts_addresses(
     assert f"modelserve-egress {local_tests.PREFIX}" not in rules  # gone with the last replica
 
 
+@needs_local
+def test_with_egress_denied_a_local_replica_reaches_no_host_service_over_ipv6_link_local(tmp_path: Path) -> None:
+    """The deny rule is IPv4; a veth gets IPv6 link-local addresses (fe80::) by default, which
+    would let a sandbox reach a host service listening on [::]. Neither end has IPv6."""
+    if not Path("/proc/sys/net/ipv6").exists():
+        pytest.skip("this kernel has no IPv6")
+    from serving.engines.local import LocalEngine
+
+    model = probe_model(tmp_path)
+    server = socket.create_server(("::", 0), family=socket.AF_INET6, backlog=16)
+    engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX, egress="deny")
+    try:
+        port = int(server.getsockname()[1])
+        info = engine.start(local_tests.spec(model))
+        host_if = engine._meta(info.replica_id)["network"]["host_if"]
+        # The link-local address the kernel would have given the host's end (EUI-64 of its MAC).
+        mac = bytearray(bytes.fromhex(Path(f"/sys/class/net/{host_if}/address").read_text().strip().replace(":", "")))
+        mac[0] ^= 0x02
+        eui = mac[:3] + b"\xff\xfe" + mac[3:]
+        link_local = "fe80::" + ":".join(eui[i : i + 2].hex() for i in range(0, 8, 2))
+        query = urllib.parse.urlencode(
+            {"connect": [f"{link_local}%eth0:{port}", f"ff02::1%eth0:{port}"], "read": ["/proc/net/if_inet6"]},
+            doseq=True,
+        )
+        url = (info.host, info.port, "/?" + query)
+        facts = json.loads(local_tests.wait_until(lambda: fetch(*url), 30, "the probe"))
+        # An address still in duplicate address detection can not be used yet (EADDRNOTAVAIL): an
+        # attacker just waits the second, so does the test.
+        deadline = time.monotonic() + 5
+        while "Cannot assign requested address" in facts["connect"].values() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            facts = json.loads(fetch(*url))
+        assert not any(result.startswith("ok") for result in facts["connect"].values()), facts["connect"]
+        assert Path(f"/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6").read_text().strip() == "1"
+        host_addresses = subprocess.run(
+            ["ip", "-6", "addr", "show", "dev", host_if], capture_output=True, text=True, check=True
+        ).stdout
+        assert "inet6" not in host_addresses, host_addresses
+        # Inside: only the sandbox's own loopback has an IPv6 address.
+        inet6 = facts["read"]["/proc/net/if_inet6"]
+        assert inet6.startswith("ok") and "eth0" not in inet6, inet6
+    finally:
+        for replica in engine.list():
+            engine.stop(replica.replica_id, grace=0)
+        engine.cleanup_orphans()
+        server.close()
+
+
+def test_egress_deny_without_root_is_refused_by_the_local_engine_with_a_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without root the sandbox's network is pasta's, an outbound NAT through the host's own sockets
+    that no firewall rule sees: deny can not be kept, so the engine says so instead of ignoring it."""
+    from serving.engines import local
+    from serving.engines.base import EngineError
+
+    engine = local.LocalEngine(tmp_path / "state", egress="deny")
+    engine._bwrap, engine._pasta = "/usr/bin/bwrap", "/usr/bin/pasta"
+    monkeypatch.setattr(local.os, "geteuid", lambda: 1000)
+    reason = engine.unavailable_reason()
+    assert reason is not None and "SERVING_REPLICA_EGRESS=deny needs the node worker to run as root" in reason
+    assert "set SERVING_REPLICA_EGRESS=allow" in reason
+    with pytest.raises(EngineError, match=r"can not start replicas here: SERVING_REPLICA_EGRESS=deny"):
+        engine.start(local_tests.spec(tmp_path))
+    allowed = local.LocalEngine(tmp_path / "state2", egress="allow")
+    allowed._bwrap, allowed._pasta = "/usr/bin/bwrap", "/usr/bin/pasta"
+    assert allowed.unavailable_reason() is None  # allow without root still runs, through pasta
+
+
 # --- refused where users set them (defence in depth) ------------------------------------------------
 
 LOADER_NAMES = ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH", "GLIBC_TUNABLES", "LOCPATH"]
@@ -281,6 +352,40 @@ def test_ld_preload_in_a_services_environment_is_refused_with_a_sentence(api: An
     for harmless in ("TMPDIR", "XLD_PRELOAD", "MY_LD_PRELOAD"):
         response = api("owner").patch(url, {"environ": {harmless: "x"}}, format="json")
         assert response.status_code == 200, response.json()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", ["MODÈLE", "ÉTAPE", "1ABC", "A-B", "A B", "\uff21\uff22\uff23"])
+def test_a_non_ascii_or_malformed_variable_name_is_refused_at_create_with_a_sentence(
+    api: Any, personas: Any, name: str
+) -> None:
+    """The API took what str.isalpha() takes (MODÈLE), the local engine only ASCII names: the
+    service was created, then failed at start. One rule (definitions.ENV_NAME) refuses it at once."""
+    from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+    folder = FolderFactory(owner=personas["owner"], name="env", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = {"name": "envs", "folder": str(folder.pk), "runtime": "custom", "environ": {name: "x"}}
+    for url in ("/api/v1/services/", "/api/v1/services/validate/"):
+        response = api("owner").post(url, body, format="json")
+        assert response.status_code == 400, response.json()
+        message = response.json()["environ"][0]
+        assert f"{name!r} is not a valid environment variable name" in message, message
+        assert "ASCII letters, digits and _" in message, message
+    created = api("owner").post(
+        "/api/v1/services/", {**body, "environ": {"MODEL_NAME": "x", "_x1": "y"}}, format="json"
+    )
+    assert created.status_code == 201, created.json()
+
+
+def test_the_api_the_folder_definition_and_the_local_engine_share_one_variable_name_rule() -> None:
+    from serving import definitions
+    from serving.engines import local
+
+    assert local.ENV_NAME is definitions.ENV_NAME
+    for good in ("MODEL_NAME", "_x", "a1"):
+        assert definitions.ENV_NAME.match(good)
+    for bad in ("MODÈLE", "1A", "A-B", "A\n", ""):
+        assert not definitions.ENV_NAME.match(bad)
 
 
 @pytest.mark.parametrize("name", LOADER_NAMES)
@@ -427,7 +532,7 @@ def test_with_egress_denied_a_docker_replica_reaches_none_of_the_hosts_addresses
     finally:
         for info in started:
             engine.stop(info.replica_id, grace=0)
-        engine._remove_network_if_unused(docker_client, network)
+        assert engine.remove_replica_network()  # the engine keeps it; the test removes its own
     assert {target: result for target, result in reached.items() if result.startswith("ok")} == {}, reached
     rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
     assert engine._bridge_name(network) not in rules  # removed with its network
@@ -536,3 +641,169 @@ def test_egress_deny_without_firewall_rights_refuses_to_start_and_allow_only_war
         DockerEngine(state_dir=tmp_path, egress="open")
     with pytest.raises(EngineError, match=r"set DOCKER_REPLICA_UID to a number"):
         DockerEngine(state_dir=tmp_path, uid=-1)
+
+
+@contextlib.contextmanager
+def fake_node_address() -> Iterator[str]:
+    """Another node's address, played by an extra address of this host (on lo: no dummy interface
+    module is needed): a replica reaches it the way it reaches a second node's published ports."""
+    tag = uuid.uuid4().bytes
+    address = f"10.254.{tag[0]}.{tag[1] % 250 + 2}"
+    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    try:
+        yield address
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", "lo"], check=False)
+
+
+@pytest.mark.docker
+def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
+    docker_client: Any,  # noqa: F811
+    bootstrap_path: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """With egress allowed a replica reaches what the host reaches, but not any node's address
+    (the Node table's, refreshed at heartbeat): there the other nodes publish their replicas'
+    ports, and calling one that way would skip the proxy's tokens."""
+    if os.geteuid() != 0:
+        pytest.skip("adding an address and firewall rules needs root")
+    from serving.engines.docker import DockerEngine
+
+    network = f"ms-replicas-t{docker_tests.RUN_ID}-nodes"
+    engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", replica_network=network)
+    model = probe_model(tmp_path)
+    started = []
+    try:
+        with host_listener() as port, fake_node_address() as node_b:
+            a = service_replica(engine, model, "service-a")
+            started.append(a)
+            target = f"{node_b}:{port}"
+            before = connects(engine, a, [target])[target]
+            engine.set_node_addresses(["127.0.0.1", node_b])  # node B registered (loopback ignored)
+            during = connects(engine, a, [target])[target]
+            rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+            engine.set_node_addresses(["127.0.0.1"])  # node B left the table: its rules go
+            after = connects(engine, a, [target])[target]
+    finally:
+        for info in started:
+            engine.stop(info.replica_id, grace=0)
+        engine.remove_replica_network()
+    assert before.startswith("ok"), before  # the address answers: the refusal below means it
+    assert not during.startswith("ok"), during
+    assert f"-d {node_b}/32" in rules and engine._bridge_name(network) in rules
+    assert after.startswith("ok"), after
+
+
+@pytest.mark.django_db
+def test_the_node_agent_hands_the_engine_every_nodes_address_at_heartbeat(settings: Any) -> None:
+    from serving import node
+    from serving.models import Node
+
+    class Engine:
+        name = "docker"
+        seen: list[list[str]] = []
+
+        def set_node_addresses(self, addresses: list[str]) -> None:
+            self.seen.append(sorted(addresses))
+
+    Node.objects.create(name="other", address="10.0.0.7")
+    Node.objects.create(name="no-address", address="")
+    settings.NODE_ADDRESS = "10.0.0.5"
+    engine = Engine()
+    node.set_engine(engine)  # type: ignore[arg-type]
+    try:
+        node.heartbeat()
+    finally:
+        node.set_engine(None)
+    assert engine.seen == [["10.0.0.5", "10.0.0.7"]]
+
+
+# --- a read-write mount the replica's user can not write: said, not silent ---------------------------
+
+
+def unwritable_data(tmp_path: Path) -> Path:
+    """A folder as storage makes them: 0755, owned by the web app's user (here the test's)."""
+    data = tmp_path / f"outputs-{uuid.uuid4().hex[:6]}"
+    data.mkdir()
+    data.chmod(0o755)
+    return data
+
+
+@needs_local
+def test_a_local_replica_with_a_read_write_mount_it_can_not_write_starts_and_says_so(tmp_path: Path) -> None:
+    from serving.engines.local import LocalEngine
+
+    if os.geteuid() != 0:
+        pytest.skip("without root the replica runs as the worker's user, who owns the folder")
+    data = unwritable_data(tmp_path)
+    engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX)
+    model = probe_model(tmp_path)
+    spec = local_tests.spec(model, mounts=(Mount(str(model), "/models"), Mount(str(data), "/data", read_only=False)))
+    try:
+        info = engine.start(spec)
+        [warning] = info.warnings
+        assert f"The read-write mount /data ({data}) is not writable by the replica's user (uid 65534" in warning
+        assert "or mount it read-only" in warning
+        log = "\n".join(engine.logs(info.replica_id, tail=200))
+        assert f"[engine] warning: {warning}" in log, log
+        # It still starts, and what it meets is the EACCES the warning announced.
+        query = urllib.parse.urlencode({"write": ["/data/out"]}, doseq=True)
+        body = local_tests.wait_until(lambda: fetch(info.host, info.port, "/?" + query), 30, "the probe")
+        assert json.loads(body)["write"]["/data/out"] == "Permission denied"
+    finally:
+        for replica in engine.list():
+            engine.stop(replica.replica_id, grace=0)
+        engine.cleanup_orphans()
+
+
+@pytest.mark.docker
+def test_a_docker_replica_with_a_read_write_mount_it_can_not_write_starts_and_says_so(
+    docker_client: Any,  # noqa: F811
+    bootstrap_path: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from serving.engines.docker import DockerEngine
+
+    data = unwritable_data(tmp_path)
+    writable = unwritable_data(tmp_path)
+    writable.chmod(0o777)
+    engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state")
+    model = probe_model(tmp_path)
+    spec = docker_tests.make_spec(model)
+    spec = dataclasses.replace(
+        spec, mounts=(*spec.mounts, Mount(str(data), "/data", read_only=False), Mount(str(writable), "/out", False))
+    )
+    info = engine.start(spec)
+    try:
+        [warning] = info.warnings  # the 0777 folder is fine
+        assert f"The read-write mount /data ({data}) is not writable by the replica's user (uid 65534" in warning
+        assert engine.inspect(info.replica_id).state.value == "running"
+        lines = list(engine.logs(info.replica_id, tail=50))
+        assert lines[0] == f"[engine] warning: {warning}", lines
+        query = urllib.parse.urlencode({"write": ["/data/out", "/out/ok"]}, doseq=True)
+        body = docker_tests.wait_until(lambda: fetch(engine.publish_host, info.port, "/?" + query), 30, "the probe")
+        assert json.loads(body)["write"] == {"/data/out": "Permission denied", "/out/ok": "ok: None"}
+    finally:
+        engine.stop(info.replica_id, grace=0)
+    assert not engine._notes_path(spec.name).exists()  # gone with the replica
+
+
+@pytest.mark.django_db
+def test_a_start_warning_is_recorded_on_the_services_log(api: Any, personas: Any) -> None:
+    from serving import node
+    from serving.engines.base import ReplicaInfo, ReplicaState
+    from serving.models import Endpoint, Route, ServiceEvent
+    from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+    folder = FolderFactory(owner=personas["owner"], name="warn", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = {"name": "warns", "folder": str(folder.pk), "runtime": "custom", "replicas": 0}
+    created = api("owner").post("/api/v1/services/", body, format="json")
+    assert created.status_code == 201, created.json()
+    route = Route(endpoint=Endpoint.objects.get(pk=created.json()["id"]))
+    info = ReplicaInfo(
+        "c1", "n", ReplicaState.RUNNING, "127.0.0.1", 1, {}, warnings=("The read-write mount /data ...",)
+    )
+    node._record_start_warnings(route, info, "Replica abcd1234")
+    event = ServiceEvent.objects.get(endpoint=route.endpoint, kind="replica_warning")
+    assert event.level == ServiceEvent.Level.WARNING
+    assert event.message == "Replica abcd1234: The read-write mount /data ..."
