@@ -112,6 +112,17 @@ SERVICE_BODIES = [
     {"cluster_size": "x"},
     {"cluster_mode": "everywhere"},
     {"preset": {"cpu": 1}},
+    # Issue 13: loader variables (they would reach a privileged prelude), names that are not ASCII
+    # identifiers, and cookies forwarded while every service shares the proxy's one origin.
+    {"environ": {"LD_PRELOAD": "/models/evil.so"}},
+    {"environ": {"LD_LIBRARY_PATH": "/models"}},
+    {"environ": {"GCONV_PATH": "/models"}},
+    {"environ": {"GLIBC_TUNABLES": "glibc.malloc.check=3"}},
+    {"environ": {"MOD\u00c8LE": "x"}},
+    {"environ": {"A B": "x"}},
+    {"environ": {"1ABC": "x"}},
+    {"forward_cookies": True},
+    {"forward_cookies": "yes please"},
 ]
 
 
