@@ -506,7 +506,7 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     bumps ``spec_version`` so that reconciliation replaces replicas one at a time, each new one
     healthy before an old one is drained.
     """
-    endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
+    endpoint = Endpoint.objects.select_for_update(no_key=True).get(pk=endpoint.pk)
     if endpoint.lifecycle != Endpoint.Lifecycle.CREATED:
         raise ValidationError({"detail": f"Service {endpoint.name!r} is being terminated; it can not be modified."})
     unknown = set(changes) - MODIFIABLE_FIELDS
@@ -619,6 +619,8 @@ def do_terminate_service(endpoint: Endpoint, *, acting_user: User | None) -> Non
 @transaction.atomic
 def do_clear_errors(endpoint: Endpoint, *, acting_user: User | None) -> int:
     """Clear errors and retry (S4.4): remove failed routes, reset the retry count, start again."""
+    # The endpoint first, then its routes: the reconcile's lock order (docs/architecture.md).
+    Endpoint.objects.select_for_update(no_key=True).filter(pk=endpoint.pk).first()
     failed = list(endpoint.routes.filter(status__in=[Route.Status.FAILED_TO_START, Route.Status.UNHEALTHY]))
     for route in failed:
         Route.objects.filter(pk=route.pk).update(status=Route.Status.TERMINATING)

@@ -349,7 +349,7 @@ def _apply_scaling(
         # count read here is the one the update replaces; the update says so again.
         locked = {
             endpoint.pk: endpoint
-            for endpoint in Endpoint.objects.select_for_update()
+            for endpoint in Endpoint.objects.select_for_update(no_key=True)
             .filter(pk__in=[endpoint_id for endpoint_id, *_ in scaled], lifecycle=Endpoint.Lifecycle.CREATED)
             .order_by("pk")  # the reconcile's lock order: two orders of one set deadlock
         }

@@ -125,7 +125,7 @@ def record_status(route_id: str, old_status: str, new: ProbeState, now: datetime
             # A change of status writes the endpoint too: lock it before the route, the reconcile's
             # order (it holds a batch of endpoints while it writes their routes).
             owner = Route.objects.filter(pk=route_id).values_list("endpoint_id", flat=True).first()
-            if owner is None or Endpoint.objects.select_for_update().filter(pk=owner).first() is None:
+            if owner is None or Endpoint.objects.select_for_update(no_key=True).filter(pk=owner).first() is None:
                 return False
         fields: dict[str, Any] = {
             "consecutive_failures": new.failures,
@@ -187,7 +187,7 @@ def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
     with transaction.atomic():
         # The endpoint first, then its route: the reconcile's lock order (it holds a batch of
         # endpoints while it writes their routes; the other order deadlocks against it).
-        endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
+        endpoint = Endpoint.objects.select_for_update(no_key=True).get(pk=route.endpoint_id)
         if not Route.objects.filter(pk=route.pk, status=route.status, container_id=route.container_id).update(
             status=new_status, error=error, updated_at=now
         ):

@@ -358,7 +358,7 @@ def _reconcile_locked(endpoint_ids: list[str], now: datetime, *, robust: bool) -
     results: dict[str, Plan] = {}
     with transaction.atomic():
         endpoints = list(
-            Endpoint.objects.select_for_update()
+            Endpoint.objects.select_for_update(no_key=True)
             .filter(pk__in=endpoint_ids)
             .exclude(lifecycle=Endpoint.Lifecycle.DESTROYED)
             .order_by("pk")  # one lock order for every batch

@@ -169,7 +169,7 @@ def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
     with transaction.atomic():
         # The endpoint first, then its route: the order of the reconcile, which holds a batch of
         # endpoints while it writes their routes (the other order deadlocks against it).
-        endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
+        endpoint = Endpoint.objects.select_for_update(no_key=True).get(pk=route.endpoint_id)
         updated = Route.objects.filter(pk=route.pk, status=Route.Status.PROVISIONING).update(
             status=Route.Status.FAILED_TO_START,
             error={"kind": kind, "message": message, **extra},
@@ -419,7 +419,7 @@ def fail_cluster_route(route: Route, member: RouteMember, kind: str, message: st
     never_healthy = route.healthy_since is None
     with transaction.atomic():
         # The endpoint first, then its rows: the reconcile's lock order (see _fail_start).
-        endpoint = Endpoint.objects.select_for_update().get(pk=route.endpoint_id)
+        endpoint = Endpoint.objects.select_for_update(no_key=True).get(pk=route.endpoint_id)
         RouteMember.objects.filter(pk=member.pk).update(
             status=RouteMember.Status.FAILED, error=error, container_id="", updated_at=now
         )

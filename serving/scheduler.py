@@ -140,7 +140,9 @@ class NodePool:
         self.group = group
         self.nodes = [
             n
-            for n in Node.objects.select_for_update().filter(schedulable=True, resource_group=group).order_by("name")
+            for n in Node.objects.select_for_update(no_key=True)
+            .filter(schedulable=True, resource_group=group)
+            .order_by("name")
             if n.is_alive(now)
         ]
         self.used = held_slots(self.nodes)
