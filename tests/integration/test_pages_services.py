@@ -383,3 +383,20 @@ def test_service_page_says_logged_out_not_gone_when_the_socket_closes_4401(brows
     assert "ログアウトされました" in ja
     script = (settings.BASE_DIR / "static" / "js" / "detail.js").read_text(encoding="utf-8")
     assert "event.code === 4401 ? t.i18nLoggedOut : t.i18nGone" in script
+
+
+@pytest.mark.parametrize("domain", ["", "models.example.net"])
+def test_launcher_says_forward_cookies_needs_serving_domain(
+    browser: Any, folder: Folder, settings: Any, domain: str
+) -> None:
+    """Review of issue 13: the help of "Forward cookies" did not say it needs SERVING_DOMAIN, so an
+    owner on an installation without it learnt only from the refusal after submitting."""
+    settings.SERVING_DOMAIN = domain
+    html = browser("owner").get(f"/services/new/?folder={folder.pk}").content.decode()
+    help_text = html.split('id="f-cookies-help">')[1].split("</small>", maxsplit=1)[0]
+    assert "Needs SERVING_DOMAIN (each service on a host name of its own)" in help_text
+    assert ("SERVING_DOMAIN is not set on this installation" in help_text) is (not domain)
+    ja = browser("owner").get(f"/services/new/?folder={folder.pk}", HTTP_ACCEPT_LANGUAGE="ja").content.decode()
+    ja_help = ja.split('id="f-cookies-help">')[1].split("</small>", maxsplit=1)[0]
+    assert "SERVING_DOMAIN が必要です" in ja_help
+    assert ("SERVING_DOMAIN が設定されていないため" in ja_help) is (not domain)
