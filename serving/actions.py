@@ -228,11 +228,15 @@ def _check_resource_group(group: str) -> None:
     )
 
 
-def _check_shared_definition(endpoint: Endpoint) -> None:
-    """Private mounts only with a model folder the owner alone can write (Endpoint.shared_definition_problem)."""
+def _check_shared_definition(endpoint: Endpoint, field: str = "folder") -> None:
+    """Private mounts only with a model folder the owner alone can write (Endpoint.shared_definition_problem).
+
+    ``field`` is the one the error is reported on: the folder when the service is configured, the
+    replicas (``desired_replicas``) when a service configured before the rule scales up: it runs
+    on, but gets no replica that would only fail at start."""
     problem = endpoint.shared_definition_problem()
     if problem:
-        raise ValidationError({"folder": problem})
+        raise ValidationError({field: problem})
 
 
 def _check_forward_cookies(forward_cookies: bool) -> None:
@@ -248,14 +252,6 @@ def _check_forward_cookies(forward_cookies: bool) -> None:
                 "this off."
             }
         )
-
-
-def _check_scale_up(endpoint: Endpoint) -> None:
-    """More replicas only of a service whose replicas may start (a service configured before the
-    project-folder rule runs on, but gets no replica that would only fail at start)."""
-    problem = endpoint.shared_definition_problem()
-    if problem:
-        raise ValidationError({"desired_replicas": problem})
 
 
 def _check_runtime(runtime: str) -> None:
@@ -552,7 +548,7 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     if REPLACING_FIELDS & applied.keys():
         _check_shared_definition(endpoint)
     elif applied.get("desired_replicas", 0) > old_replicas:
-        _check_scale_up(endpoint)
+        _check_shared_definition(endpoint, "desired_replicas")
     endpoint.full_clean(exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False)
     if REPLACING_FIELDS & applied.keys():
         endpoint.spec_version += 1
@@ -581,7 +577,7 @@ def do_scale(endpoint: Endpoint, replicas: int, *, acting_user: User | None, rea
         raise ValidationError({"desired_replicas": "Replicas must be between 0 and 64."})
     old = endpoint.desired_replicas
     if replicas > old:
-        _check_scale_up(endpoint)
+        _check_shared_definition(endpoint, "desired_replicas")
     changed = Endpoint.objects.filter(pk=endpoint.pk, lifecycle=Endpoint.Lifecycle.CREATED).update(
         desired_replicas=replicas, updated_at=timezone.now()
     )

@@ -32,6 +32,14 @@ COMPARATORS: dict[str, Callable[[float, float], bool]] = {
 }
 SYMBOLS = {"LESS_THAN": "<", "LESS_THAN_OR_EQUAL": "<=", "GREATER_THAN": ">", "GREATER_THAN_OR_EQUAL": ">="}
 NOT_MATCHED = "not matched"  # a rule's state when its condition is false (recorded as state, no event)
+# The decision of a scale-up refused because the service's replicas could not start
+# (Endpoint.shared_definition_problem): short, so the stored reason and state keep all of it; the
+# whole sentence, which may be longer than the 255 characters a decision keeps, goes to the
+# service's events.
+SHARED_DEFINITION_REFUSAL = (
+    "refused: the model folder can be changed by others while the service mounts private folders; "
+    "see the service's events"
+)
 
 
 @dataclass(frozen=True)
@@ -318,7 +326,7 @@ def tick(now: datetime | None = None, client: Any = None) -> int:
             scaled.append((endpoint_id, current, new, decisions))
             continue
         for decision in decisions:
-            if decision.key != last_decision[decision.rule.id]:
+            if decision.key[:255] != last_decision[decision.rule.id]:  # what is stored is compared
                 events.append(_event(endpoint_id, decision, now, acted=False))
                 states.setdefault(decision.key[:255], []).append(decision.rule.id)
 
@@ -382,11 +390,25 @@ def _apply_scaling(
         for endpoint_id, current, new, decisions in scaled:
             acted = endpoint_id in acted_ids
             for decision in decisions:
+                problem = None
                 if decision.acted and not acted:
-                    why = refused.get(endpoint_id, "the count changed meanwhile")
+                    problem = refused.get(endpoint_id)
+                    why = SHARED_DEFINITION_REFUSAL if problem else "the count changed meanwhile"
                     decision = Decision(decision.rule, decision.observed, current, current, False, why)
-                if decision.acted or decision.key != last_decision[decision.rule.id]:
+                if decision.acted or decision.key[:255] != last_decision[decision.rule.id]:
                     events.append(_event(endpoint_id, decision, now, acted=decision.acted))
+                    if problem:
+                        # The whole sentence (who can change the model folder, how to fix it) is too long
+                        # for a decision; the service's events keep it, once per refusal, not per tick.
+                        lines.append(
+                            audit.new_event(
+                                locked[endpoint_id],
+                                "scale_refused",
+                                f"Autoscaling did not add a replica: {problem}",
+                                level=ServiceEvent.Level.WARNING,
+                                data={"old": current, "new": new, "rule_id": decision.rule.id},
+                            )
+                        )
                     if decision.acted:
                         triggered.append(
                             AutoScalingRule(

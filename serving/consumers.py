@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
-# What ServiceListConsumer._snapshot answers once its reader's user or session is gone.
+# What the services' _snapshot answers once its reader's user or session is gone: the page says
+# "log in again" (close code 4401), not that the service is gone (4404).
 LOGGED_OUT: dict[str, Any] = {}
 
 
@@ -43,9 +44,9 @@ class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
         # never reach this page (a replica that turns healthy in that gap left it "PROVISIONING").
         await self.channel_layer.group_add(endpoint_group(self.endpoint_id), self.channel_name)
         snapshot = await self._snapshot()
-        if snapshot is None:
+        if snapshot is None or snapshot is LOGGED_OUT:
             await self.channel_layer.group_discard(endpoint_group(self.endpoint_id), self.channel_name)
-            await self.close(code=CLOSE_NOT_FOUND)
+            await self.close(code=CLOSE_UNAUTHENTICATED if snapshot is LOGGED_OUT else CLOSE_NOT_FOUND)
             return
         await self.accept()
         await self.send_json({"type": "service", "service": snapshot})
@@ -56,6 +57,9 @@ class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
 
     async def service_changed(self, event: dict[str, Any]) -> None:
         snapshot = await self._snapshot()
+        if snapshot is LOGGED_OUT:  # logged out, or the password changed: not "gone"
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
         if snapshot is None:
             await self.send_json({"type": "gone"})
             await self.close(code=CLOSE_NOT_FOUND)
@@ -73,7 +77,7 @@ class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
         # its reader logged out or changed their password since (the environment holds secrets).
         user, _ = ReadGrant.of_scope(self.scope, self.endpoint_id).reader()
         if user is None:
-            return None
+            return LOGGED_OUT
         try:
             endpoint = access_endpoint(user, self.endpoint_id, include_destroyed=True)
         except Http404:

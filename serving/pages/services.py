@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -424,6 +425,9 @@ def _render_launcher(
         "env_rows": [*values.environ, ("", "")],
         "validate_url": reverse("serving:validate"),
         "cancel_url": detail_url(endpoint.pk) if endpoint else reverse("serving:list"),
+        # Forward cookies needs services on host names of their own (actions._check_forward_cookies):
+        # the help says so, and says when this installation has none.
+        "serving_domain": settings.SERVING_DOMAIN,
         **_choices(request, values),
     }
     return render(request, "serving/launcher.html", context, status=status)

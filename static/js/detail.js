@@ -372,7 +372,8 @@
     state: liveState,
     liveText: t.i18nLive,
     offlineText: t.i18nOffline,
-    finalText: t.i18nGone,
+    // 4401: the session ended (logged out, or the password changed elsewhere); the service is not gone.
+    finalText: (event) => (event.code === 4401 ? t.i18nLoggedOut : t.i18nGone),
     onMessage: (event) => {
       if (event.type === "service") {
         onService(event.service);
@@ -385,7 +386,7 @@
     onClose: () => { routesTable.dataset.live = ""; },
     isFinal: (event) => {
       if (event.code === 4404) gone = true;
-      return gone;
+      return gone || event.code === 4401;
     },
   });
 

@@ -11,8 +11,9 @@
     return scheme + "//" + location.host + path;
   }
 
-  // options: path; state (element) with liveText, offlineText, finalText; onOpen(); onMessage(data);
-  // onClose(event), called first on every close; isFinal(event): true when no reconnect is wanted.
+  // options: path; state (element) with liveText, offlineText, finalText (a text, or a function of
+  // the close event that returns one); onOpen(); onMessage(data); onClose(event), called first on
+  // every close; isFinal(event): true when no reconnect is wanted.
   function keepLive(options) {
     let retry = 500;
     let stopped = false;
@@ -36,7 +37,8 @@
         if (options.onClose) options.onClose(event);
         if (options.isFinal && options.isFinal(event)) {
           stopped = true;
-          show(options.finalText, true);
+          const text = typeof options.finalText === "function" ? options.finalText(event) : options.finalText;
+          show(text, true);
           return;
         }
         show(options.offlineText, true);

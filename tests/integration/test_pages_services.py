@@ -369,3 +369,34 @@ def test_launcher_explains_the_cluster_fields(browser: Any, folder: Folder) -> N
     assert "Multi-node puts each container on a different node" in hint
     assert "single-node puts them all on one node" in hint
     assert 'aria-describedby="err-cluster_size cluster-hint"' in html
+
+
+def test_service_page_says_logged_out_not_gone_when_the_socket_closes_4401(browser: Any, service: Endpoint) -> None:
+    """Review of issue 13: the service socket of a page whose session ended closed 4404 after a
+    "gone", so the page said the service was terminated. It closes 4401 now (as the list does), and
+    the page has a sentence for that, in English and Japanese, which its script shows on 4401."""
+    from django.conf import settings
+
+    page = browser("owner").get(f"/services/{service.pk}/").content.decode()
+    assert 'data-i18n-logged-out="You were logged out; log in again to see live updates."' in page
+    ja = browser("owner").get(f"/services/{service.pk}/", HTTP_ACCEPT_LANGUAGE="ja").content.decode()
+    assert "ログアウトされました" in ja
+    script = (settings.BASE_DIR / "static" / "js" / "detail.js").read_text(encoding="utf-8")
+    assert "event.code === 4401 ? t.i18nLoggedOut : t.i18nGone" in script
+
+
+@pytest.mark.parametrize("domain", ["", "models.example.net"])
+def test_launcher_says_forward_cookies_needs_serving_domain(
+    browser: Any, folder: Folder, settings: Any, domain: str
+) -> None:
+    """Review of issue 13: the help of "Forward cookies" did not say it needs SERVING_DOMAIN, so an
+    owner on an installation without it learnt only from the refusal after submitting."""
+    settings.SERVING_DOMAIN = domain
+    html = browser("owner").get(f"/services/new/?folder={folder.pk}").content.decode()
+    help_text = html.split('id="f-cookies-help">')[1].split("</small>", maxsplit=1)[0]
+    assert "Needs SERVING_DOMAIN (each service on a host name of its own)" in help_text
+    assert ("SERVING_DOMAIN is not set on this installation" in help_text) is (not domain)
+    ja = browser("owner").get(f"/services/new/?folder={folder.pk}", HTTP_ACCEPT_LANGUAGE="ja").content.decode()
+    ja_help = ja.split('id="f-cookies-help">')[1].split("</small>", maxsplit=1)[0]
+    assert "SERVING_DOMAIN が必要です" in ja_help
+    assert ("SERVING_DOMAIN が設定されていないため" in ja_help) is (not domain)

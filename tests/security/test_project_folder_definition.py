@@ -236,16 +236,28 @@ def test_a_legacy_service_is_not_scaled_up_but_may_scale_down(
     assert api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"replicas": 1}, format="json").status_code == 400
 
 
+@pytest.mark.parametrize("owners", [1, 2])
 def test_autoscaling_records_the_refusal_instead_of_scaling_a_legacy_service(
-    personas: dict[str, Any], folders: dict[str, Folder], monkeypatch: pytest.MonkeyPatch
+    personas: dict[str, Any], folders: dict[str, Folder], monkeypatch: pytest.MonkeyPatch, owners: int
 ) -> None:
+    """Review of issue 13: with two owners' private folders the refusal sentence was longer than the
+    255 characters a decision keeps, so the stored state never equalled the next tick's decision and
+    every tick wrote one more row, cut before the part that says how to fix it. The decision is now
+    short and written once; the service's events keep the whole sentence, once too."""
     from datetime import UTC, datetime
 
     from serving import autoscaling, metrics
-    from serving.models import AutoScalingRule, ScalingEvent
+    from serving.models import AutoScalingRule, ScalingEvent, ServiceEvent
 
     monkeypatch.setattr("serving.dispatch.enqueue_reconcile", lambda endpoint_id: None)
     endpoint = _legacy(personas, folders)
+    if owners == 2:
+        endpoint.extra_mounts = [
+            *endpoint.extra_mounts,
+            {"folder": str(folders["teammate_data"].pk), "target": "/home/work/mate"},
+        ]
+        endpoint.save(update_fields=["extra_mounts"])
+        assert len(endpoint.shared_definition_problem(name_folders=False) or "") > 255  # the premise
     rule = AutoScalingRule.objects.create(
         endpoint=endpoint,
         direction="out",
@@ -261,11 +273,16 @@ def test_autoscaling_records_the_refusal_instead_of_scaling_a_legacy_service(
     )
     t0 = 1_800_000_000.0
     metrics.record([metrics.Point("proxy", str(endpoint.pk), "in_flight", t0 + 8, 9.0)], now=t0 + 8)
-    for tick in (10, 12):
+    for tick in (10, 12, 14, 16):
         assert autoscaling.tick(datetime.fromtimestamp(t0 + tick, tz=UTC)) == 0
     endpoint.refresh_from_db()
     assert endpoint.desired_replicas == 1
     decision = ScalingEvent.objects.get(endpoint=endpoint, rule=rule)  # recorded once, not per tick
     assert not decision.acted and (decision.old_replicas, decision.new_replicas) == (1, 1)
-    assert decision.reason.startswith("Model folder 'team-model' can be changed by every member of project")
-    assert "secrets" not in decision.reason  # every member reads the decisions: no folder names
+    assert decision.reason == autoscaling.SHARED_DEFINITION_REFUSAL
+    rule.refresh_from_db()
+    assert rule.last_decision == autoscaling.SHARED_DEFINITION_REFUSAL
+    [line] = ServiceEvent.objects.filter(endpoint=endpoint, kind="scale_refused")  # once too
+    assert "Model folder 'team-model' can be changed by every member of project" in line.message
+    assert "or mount project folders instead." in line.message  # the fix, whole
+    assert "secrets" not in line.message  # every member reads the events: no folder names

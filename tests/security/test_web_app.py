@@ -586,7 +586,7 @@ SITE_CHECK = str(ROOT / "scripts" / "site_check.sh")
         ("127.0.0.1", "", "", None),  # the defaults of `make run`
         ("::1", "", "", None),
         ("localhost", "", "", None),
-        ("192.0.2.10", "http://192.0.2.10:8000", "", None),  # SITE_URL set: nothing to say
+        ("192.0.2.10", "http://192.0.2.10:8000", "192.0.2.10", None),  # SITE_URL set and allowed
         ("192.0.2.10", "", "", "SITE_URL=http://192.0.2.10:9000 ALLOWED_HOSTS=192.0.2.10,localhost,127.0.0.1"),
         ("192.0.2.10", "", "192.0.2.10", "SITE_URL=http://192.0.2.10:9000 make run"),
         ("2001:db8::5", "", "", "SITE_URL=http://[2001:db8::5]:9000 ALLOWED_HOSTS=[2001:db8::5],"),
@@ -606,3 +606,44 @@ def test_make_run_warns_when_listening_beyond_loopback_without_site_url(
     else:
         assert "WARNING" in out and expected in out and ":9000" in out, out
     assert "scripts/site_check.sh" in (ROOT / "scripts" / "run.sh").read_text()
+
+
+@pytest.mark.parametrize(
+    ("web_host", "site_url", "allowed_hosts", "expected"),
+    [
+        # The review's case: ALLOWED_HOSTS at its default (the loopback names) answers 400.
+        (
+            "0.0.0.0",
+            "http://10.0.0.5:8000",
+            "",
+            "SITE_URL=http://10.0.0.5:8000 ALLOWED_HOSTS=10.0.0.5,localhost,127.0.0.1",
+        ),
+        ("192.0.2.10", "http://192.0.2.10:8000", "", "ALLOWED_HOSTS=192.0.2.10,localhost,127.0.0.1 make run"),
+        # Behind a reverse proxy the web app listens on loopback: SITE_URL's host still has to be allowed.
+        ("127.0.0.1", "https://ms.example.com", "other.example.org", "ALLOWED_HOSTS=other.example.org,ms.example.com"),
+        ("::", "http://[2001:db8::5]:8000", "", "ALLOWED_HOSTS=[2001:db8::5],localhost,127.0.0.1"),
+        ("0.0.0.0", "http://10.0.0.5:8000", "10.0.0.5", None),
+        ("0.0.0.0", "http://10.0.0.5:8000", "localhost, 10.0.0.5", None),
+        ("0.0.0.0", "https://MS.Example.com/", "ms.example.com", None),  # host names ignore case
+        ("127.0.0.1", "https://ms.example.com", ".example.com", None),  # Django's subdomain pattern
+        ("127.0.0.1", "https://example.com", ".example.com", None),
+        ("127.0.0.1", "https://badexample.com", ".example.com", "ALLOWED_HOSTS=.example.com,badexample.com"),
+        ("0.0.0.0", "http://anything:8000", "*", None),
+        ("0.0.0.0", "http://[2001:db8::5]:8000", "[2001:db8::5]", None),
+        ("0.0.0.0", "http://localhost:8000", "", None),  # the defaults name it
+        ("127.0.0.1", "http://127.0.0.1:8000", "", None),
+    ],
+)
+def test_make_run_warns_when_site_url_is_not_an_allowed_host(
+    web_host: str, site_url: str, allowed_hosts: str, expected: str | None
+) -> None:
+    """Review of issue 13: the check stopped as soon as SITE_URL was set, so
+    `WEB_HOST=0.0.0.0 SITE_URL=http://10.0.0.5:8000 make run` (ALLOWED_HOSTS at its default) served
+    400 Bad Request and said nothing. It says so now, with the ALLOWED_HOSTS that fixes it."""
+    out = subprocess.run(
+        [SITE_CHECK, web_host, "8000", site_url, allowed_hosts], capture_output=True, text=True, check=True
+    ).stdout
+    if expected is None:
+        assert out == ""
+    else:
+        assert "WARNING" in out and "400 Bad Request" in out and expected in out, out

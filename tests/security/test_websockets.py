@@ -326,14 +326,18 @@ def test_service_sockets_end_when_their_session_does(
         await database_sync_to_async(notify_endpoint_changed)(str(world.service.pk))
         await database_sync_to_async(validation.publish)(world.validation_id, "log", line="secret after")
         return {
-            "service": [await service.receive_output(timeout=deadline_for(5)) for _ in range(2)],
+            "service": [
+                await service.receive_output(timeout=deadline_for(5)),
+                await service.receive_nothing(timeout=0.3),
+            ],
             "listing": await listing.receive_output(timeout=deadline_for(5)),
             "run_log": [await run_log.receive_output(timeout=deadline_for(5)) for _ in range(2)],
         }
 
     got = run(scenario())
-    assert got["service"][0]["text"] == '{"type": "gone"}'
-    assert got["service"][1] == {"type": "websocket.close", "code": 4404}
+    # Logged out, not "gone" (review of issue 13): the same close code as the list, and no "gone"
+    # message first, so the service page says to log in again rather than that the service was terminated.
+    assert got["service"] == [{"type": "websocket.close", "code": 4401}, True]
     assert got["listing"] == {"type": "websocket.close", "code": 4401}
     assert "can no longer read this validation" in got["run_log"][0]["text"]
     assert got["run_log"][1] == {"type": "websocket.close", "code": 4404}
