@@ -13,6 +13,7 @@
     copy: script.dataset.i18nCopy,
     live: script.dataset.i18nLive,
     offline: script.dataset.i18nOffline,
+    loggedOut: script.dataset.i18nLoggedOut,
   };
   const read = (id) => JSON.parse(document.getElementById(id).textContent);
   const statusLabels = read("status-labels");
@@ -167,6 +168,9 @@
     state: liveState,
     liveText: text.live,
     offlineText: text.offline,
+    // 4401: the session ended (logged out, or the password changed elsewhere): no reconnect helps.
+    finalText: text.loggedOut,
+    isFinal: (event) => event.code === 4401,
     onOpen: () => {
       table.dataset.live = "1";
       resync();

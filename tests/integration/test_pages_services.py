@@ -385,6 +385,19 @@ def test_service_page_says_logged_out_not_gone_when_the_socket_closes_4401(brows
     assert "event.code === 4401 ? t.i18nLoggedOut : t.i18nGone" in script
 
 
+def test_services_list_stops_reconnecting_and_says_logged_out_when_the_socket_closes_4401(browser: Any) -> None:
+    """The list socket closes 4401 when the session ends; the list kept saying "reconnecting" and
+    retried for ever. It has the same sentence as the service page now and stops on 4401."""
+    from django.conf import settings
+
+    page = browser("owner").get("/services/").content.decode()
+    assert 'data-i18n-logged-out="You were logged out; log in again to see live updates."' in page
+    ja = browser("owner").get("/services/", HTTP_ACCEPT_LANGUAGE="ja").content.decode()
+    assert "ログアウトされました" in ja
+    script = (settings.BASE_DIR / "static" / "js" / "services.js").read_text(encoding="utf-8")
+    assert "isFinal: (event) => event.code === 4401" in script and "finalText: text.loggedOut" in script
+
+
 @pytest.mark.parametrize("domain", ["", "models.example.net"])
 def test_launcher_says_forward_cookies_needs_serving_domain(
     browser: Any, folder: Folder, settings: Any, domain: str
