@@ -151,7 +151,12 @@ def heartbeat(now: datetime | None = None) -> Node:
 
 def share_node_addresses(engine: Engine) -> None:
     """Hand the engine every node's address (the Docker engine keeps replicas off all of them, so
-    a replica here can not call a replica published on another node past the proxy's tokens)."""
+    a replica here can not call a replica published on another node past the proxy's tokens).
+
+    Called at every heartbeat (in the node agent's thread of the parent worker) and before every
+    start (in whichever forked worker runs it: each process has its own engine, which knows only
+    what it was told): the engine re-asserts every rule each time, and drops those of addresses
+    no longer in the table."""
     set_addresses = getattr(engine, "set_node_addresses", None)
     if set_addresses is None:
         return
@@ -210,6 +215,7 @@ def start_route(route_id: str) -> None:
         _fail_start(route, exc.kind, str(exc), **exc.extra)
         return
     engine = get_engine()
+    share_node_addresses(engine)  # this may be a forked worker, whose engine knows no other node yet
     try:
         info = engine.start(spec)
     except EngineError as exc:
@@ -354,6 +360,7 @@ def start_member(member_id: str) -> None:
         fail_cluster_route(route, member, exc.kind, f"Cluster member {host_name} could not be built: {exc}")
         return
     engine = get_engine()
+    share_node_addresses(engine)  # this may be a forked worker, whose engine knows no other node yet
     try:
         info = engine.start(spec)
     except EngineError as exc:
