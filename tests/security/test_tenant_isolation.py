@@ -413,9 +413,22 @@ def host_address() -> str | None:
 
 
 @contextlib.contextmanager
-def host_listener() -> Iterator[int]:
-    """A TCP port the host answers on all its addresses: what a replica must not reach with deny."""
-    server = socket.create_server(("0.0.0.0", 0), backlog=64)
+def host_listener(below_ephemeral: bool = False) -> Iterator[int]:
+    """A TCP port the host answers on all its addresses: what a replica must not reach with deny.
+    An ephemeral one (where Docker publishes replicas), or with ``below_ephemeral`` one under that
+    range (where a shared service such as the proxy listens)."""
+    if below_ephemeral:
+        from serving.engines.firewall import ephemeral_port_range
+
+        low = ephemeral_port_range()[0]
+        for port in range(low - 1, max(low - 2000, 1024), -1):
+            with contextlib.suppress(OSError):
+                server = socket.create_server(("0.0.0.0", port), backlog=64)
+                break
+        else:
+            pytest.skip("no free port below the ephemeral range")
+    else:
+        server = socket.create_server(("0.0.0.0", 0), backlog=64)
     stop = threading.Event()
 
     def accept() -> None:
@@ -636,7 +649,7 @@ def test_egress_deny_without_firewall_rights_refuses_to_start_and_allow_only_war
     allowed = DockerEngine(state_dir=tmp_path, publish_host="10.0.0.5")
     allowed._iptables = None
     allowed._guard_bridge("msrtest")
-    assert "can open connections to NODE_ADDRESS=10.0.0.5" in caplog.text
+    assert "can open connections to the published replica ports of the nodes' addresses 10.0.0.5" in caplog.text
     with pytest.raises(EngineError, match=r"SERVING_REPLICA_EGRESS='open' is not one of allow, deny"):
         DockerEngine(state_dir=tmp_path, egress="open")
     with pytest.raises(EngineError, match=r"set DOCKER_REPLICA_UID to a number"):
@@ -671,16 +684,19 @@ def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
 
     network = f"ms-replicas-t{docker_tests.RUN_ID}-nodes"
     engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", replica_network=network)
+    # Another worker process of the same node: its engine was never told node B's address.
+    worker = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", replica_network=network)
     model = probe_model(tmp_path)
     started = []
     try:
-        with host_listener() as port, fake_node_address() as node_b:
+        with host_listener() as port, host_listener(below_ephemeral=True) as shared, fake_node_address() as node_b:
             a = service_replica(engine, model, "service-a")
             started.append(a)
-            target = f"{node_b}:{port}"
+            target, service = f"{node_b}:{port}", f"{node_b}:{shared}"
             before = connects(engine, a, [target])[target]
             engine.set_node_addresses(["127.0.0.1", node_b])  # node B registered (loopback ignored)
-            during = connects(engine, a, [target])[target]
+            started.append(service_replica(worker, model, "service-b"))  # a start in the other worker
+            during = connects(engine, a, [target, service])
             rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
             engine.set_node_addresses(["127.0.0.1"])  # node B left the table: its rules go
             after = connects(engine, a, [target])[target]
@@ -689,7 +705,10 @@ def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
             engine.stop(info.replica_id, grace=0)
         engine.remove_replica_network()
     assert before.startswith("ok"), before  # the address answers: the refusal below means it
-    assert not during.startswith("ok"), during
+    # Still dropped after the other worker's start: that start left node B's rules in place.
+    assert not during[target].startswith("ok"), during
+    # A port outside the range Docker publishes on (a proxy, a shared service) stays reachable.
+    assert during[service].startswith("ok"), during
     assert f"-d {node_b}/32" in rules and engine._bridge_name(network) in rules
     assert after.startswith("ok"), after
 
