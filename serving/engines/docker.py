@@ -27,9 +27,10 @@ worker that restarts finds its replicas again with ``list()`` (DESIGN.md §3). C
   opens to anything outside its own network: the host's addresses (INPUT) and everything the host
   routes to (DOCKER-USER); answers on the published ports still flow. Docker's ``internal``
   networks would do that too, but Docker publishes no port of a container on one. Either way a
-  replica can not open a connection to any node's address (``set_node_addresses``, from the Node
-  table at each heartbeat): replicas' ports are published there, and a replica calling another
-  service's replica that way, on this node or another, would skip the proxy's tokens;
+  replica can not open a TCP connection to the ports Docker publishes replicas on (the host's
+  ephemeral range) at any node's address (``set_node_addresses``, from the Node table at each
+  heartbeat and before each start): a replica calling another service's replica that way, on this
+  node or another, would skip the proxy's tokens. Other ports there (the proxy's, say) stay open;
 * cluster mode (S4.1): the members of one cluster share a user-defined bridge network of their own
   (``ms-cluster-<route>``, made with the first member, removed with the last, created or running) where each has its
   host name (main1, sub1, ...) as alias, as on Backend.AI; a sub's ``BACKENDAI_CLUSTER_MAIN_ADDR``
