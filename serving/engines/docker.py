@@ -65,6 +65,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,7 @@ LABEL_CLUSTER = "serving.cluster"  # on a cluster's network: the route (key) it 
 LABEL_NETWORK = "serving.network"  # on the replica network: "replicas"
 # Machine-wide: every node worker on this host talks to the same daemon and its networks.
 NETWORK_LOCK = Path(os.environ.get("MODELSERVE_DOCKER_NETWORK_LOCK", "/run/modelserve/docker-networks.lock"))
+NETWORK_LOCK_TIMEOUT = 30.0  # seconds a start or a removal waits for it
 BUILD_HINT = (
     "build it on this node with `make image` (scripts/build-image.sh, for modelserve/python:3.11) "
     "or load it with `docker load -i IMAGE.tar` / `docker pull IMAGE` by hand; "
@@ -796,22 +798,54 @@ class DockerEngine:
     def _network_lock(self) -> Iterator[None]:
         """One lock per host around "make the network and create a container on it" and "remove
         the network if nothing is attached": node workers are separate processes (prefork), so a
-        threading lock would not keep one from removing a network another is about to use."""
+        threading lock would not keep one from removing a network another is about to use.
+
+        The file is NETWORK_LOCK (/run/modelserve/docker-networks.lock), in a folder made 0700 and
+        itself 0600, both root's: flock works on a read-only descriptor too, so a file others may
+        open would let any local user hold it and stall every start. A worker that is not root
+        (the docker group is enough for Docker) can not open it and uses ``state_dir``/networks.lock
+        instead: it then shares the lock only with workers of the same state_dir, so run every
+        node worker of a host as root, or all with one state_dir. Waiting is bounded
+        (NETWORK_LOCK_TIMEOUT): a lock held that long is an EngineError naming the file."""
+        handle = None
         for path in (NETWORK_LOCK, self.state_dir / "networks.lock"):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                handle = path.open("a")
+            with contextlib.suppress(OSError):
+                handle = self._open_lock(path)
                 break
-            except OSError:
-                continue
-        else:
+        if handle is None:
             raise EngineError(f"Could not open the network lock {NETWORK_LOCK} nor one under {self.state_dir}.")
         with handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            deadline = time.monotonic() + NETWORK_LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise EngineError(
+                            f"The network lock {path} has been held for over {NETWORK_LOCK_TIMEOUT:g} s; "
+                            f"see which process holds it (`fuser -v {path}`)."
+                        ) from None
+                    time.sleep(0.05)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _open_lock(path: Path) -> Any:
+        """Open (make) a lock file readable and writable by its owner only, in a folder of the
+        owner's only when we make it; never through a symlink."""
+        with contextlib.suppress(FileExistsError):
+            path.parent.mkdir(mode=0o700, parents=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, 0o600)  # one an older version made 0644
+            return os.fdopen(fd, "r+")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _is_replica_network(self, name: str, labels: Mapping[str, str]) -> bool:
         return (

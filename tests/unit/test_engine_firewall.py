@@ -184,3 +184,37 @@ def test_the_unguarded_warning_names_the_addresses_it_can_not_guard(
     engine._guard_bridge("msrtest")
     assert "published replica ports of the nodes' addresses 10.0.0.7: run the node worker as root" in caplog.text
     assert "NODE_ADDRESS=127.0.0.1" not in caplog.text
+
+
+# --- the Docker engine's machine-wide network lock ---------------------------------------------------
+
+
+def test_the_network_lock_is_owners_only_and_a_held_lock_is_a_sentence_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import re
+    import stat
+    import time
+
+    from serving.engines import docker
+
+    path = tmp_path / "run" / "modelserve" / "docker-networks.lock"
+    monkeypatch.setattr(docker, "NETWORK_LOCK", path)
+    monkeypatch.setattr(docker, "NETWORK_LOCK_TIMEOUT", 0.3)
+    engine = docker.DockerEngine(state_dir=tmp_path / "d")
+    with engine._network_lock():
+        pass
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)  # as an older version left it
+    with open(path) as holder:  # read-only is enough to hold a flock
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        began = time.monotonic()
+        held = rf"The network lock {re.escape(str(path))} has been held for over 0.3 s"
+        with pytest.raises(EngineError, match=held), engine._network_lock():
+            pass
+        assert time.monotonic() - began < 5
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with engine._network_lock():  # free again
+        pass
