@@ -257,14 +257,25 @@ def start_route(route_id: str) -> None:
 
 def _record_start_warnings(route: Route, info: ReplicaInfo, who: str) -> None:
     """What the engine noticed at start but did not stop for (a read-write mount the replica's
-    user can not write): a warning on the service's log, as well as a line in the replica's."""
+    user can not write): a warning on the service's log, as well as a line in the replica's.
+    Once per service and spec version: every replica of a version meets the same folder, and a
+    service restarting its replicas would otherwise repeat it at each start."""
     for warning in info.warnings:
+        seen = ServiceEvent.objects.filter(
+            endpoint_id=route.endpoint_id,
+            kind="replica_warning",
+            data__spec_version=route.spec_version,
+            data__warning=warning,
+        )
+        if seen.exists():
+            continue
         events.record_event(
             route.endpoint,
             "replica_warning",
             f"{who}: {warning}",
             level=ServiceEvent.Level.WARNING,
             route_id=route.pk,
+            data={"spec_version": route.spec_version, "warning": warning},
         )
 
 

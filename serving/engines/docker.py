@@ -379,7 +379,7 @@ class DockerEngine:
         container = None
         network: str | None = None
         warnings = mount_hygiene.unwritable_mounts(spec.mounts, self.uid, self.gid)
-        self._write_notes(spec.name, [f"warning: {warning}" for warning in warnings])
+        self._write_notes(spec.name, [f"warning: {warning.log}" for warning in warnings])
         try:
             for attempt in (1, 2):
                 # The network is made (if need be) and the container created on it under the
@@ -402,7 +402,7 @@ class DockerEngine:
                         container.remove(force=True, v=True)
                     container = None
             assert container is not None
-            return dataclasses.replace(self._info(container), warnings=tuple(warnings))
+            return dataclasses.replace(self._info(container), warnings=tuple(w.public for w in warnings))
         except BaseException:
             # Leave nothing behind: a half-created container would block the name on retry.
             if container is not None:

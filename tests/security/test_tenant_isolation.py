@@ -761,10 +761,11 @@ def test_a_local_replica_with_a_read_write_mount_it_can_not_write_starts_and_say
     try:
         info = engine.start(spec)
         [warning] = info.warnings
-        assert f"The read-write mount /data ({data}) is not writable by the replica's user (uid 65534" in warning
-        assert "or mount it read-only" in warning
+        assert "The read-write mount /data is not writable by the replica's user (uid 65534" in warning
+        assert "or mount it read-only" in warning and str(data) not in warning
         log = "\n".join(engine.logs(info.replica_id, tail=200))
-        assert f"[engine] warning: {warning}" in log, log
+        # The replica's log names the host path, for whoever fixes it on the node.
+        assert f"[engine] warning: The read-write mount /data ({data}) is not writable" in log, log
         # It still starts, and what it meets is the EACCES the warning announced.
         query = urllib.parse.urlencode({"write": ["/data/out"]}, doseq=True)
         body = local_tests.wait_until(lambda: fetch(info.host, info.port, "/?" + query), 30, "the probe")
@@ -795,10 +796,11 @@ def test_a_docker_replica_with_a_read_write_mount_it_can_not_write_starts_and_sa
     info = engine.start(spec)
     try:
         [warning] = info.warnings  # the 0777 folder is fine
-        assert f"The read-write mount /data ({data}) is not writable by the replica's user (uid 65534" in warning
+        assert "The read-write mount /data is not writable by the replica's user (uid 65534" in warning
+        assert str(data) not in warning
         assert engine.inspect(info.replica_id).state.value == "running"
         lines = list(engine.logs(info.replica_id, tail=50))
-        assert lines[0] == f"[engine] warning: {warning}", lines
+        assert lines[0].startswith(f"[engine] warning: The read-write mount /data ({data}) is not writable"), lines
         query = urllib.parse.urlencode({"write": ["/data/out", "/out/ok"]}, doseq=True)
         body = docker_tests.wait_until(lambda: fetch(engine.publish_host, info.port, "/?" + query), 30, "the probe")
         assert json.loads(body)["write"] == {"/data/out": "Permission denied", "/out/ok": "ok: None"}
@@ -826,3 +828,9 @@ def test_a_start_warning_is_recorded_on_the_services_log(api: Any, personas: Any
     event = ServiceEvent.objects.get(endpoint=route.endpoint, kind="replica_warning")
     assert event.level == ServiceEvent.Level.WARNING
     assert event.message == "Replica abcd1234: The read-write mount /data ..."
+    # Every replica of that version meets the same folder: said once, not at each start.
+    node._record_start_warnings(route, info, "Replica ef567890")
+    assert ServiceEvent.objects.filter(endpoint=route.endpoint, kind="replica_warning").count() == 1
+    route.spec_version += 1  # a new version (the folder may have been changed meanwhile): said again
+    node._record_start_warnings(route, info, "Replica 12345678")
+    assert ServiceEvent.objects.filter(endpoint=route.endpoint, kind="replica_warning").count() == 2
