@@ -737,6 +737,43 @@ def test_the_node_agent_hands_the_engine_every_nodes_address_at_heartbeat(settin
     assert engine.seen == [["10.0.0.5", "10.0.0.7"]]
 
 
+@pytest.mark.django_db
+def test_a_start_in_any_worker_hands_the_engine_every_nodes_address_first(api: Any, personas: Any) -> None:
+    """Starts run in forked workers, whose engine never saw a heartbeat: without the addresses a
+    start could not keep the other nodes' rules, so the node side hands them over first."""
+    from serving import node
+    from serving.engines.base import EngineError
+    from serving.models import Endpoint, Node, Route
+    from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+    folder = FolderFactory(owner=personas["owner"], name="addr", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = {"name": "addresses", "folder": str(folder.pk), "runtime": "custom", "replicas": 0}
+    created = api("owner").post("/api/v1/services/", body, format="json")
+    assert created.status_code == 201, created.json()
+    here = Node.objects.create(name=node.node_name(), address="10.0.0.5")
+    Node.objects.create(name="other", address="10.0.0.7")
+    route = Route.objects.create(endpoint=Endpoint.objects.get(pk=created.json()["id"]), node=here)
+
+    class Engine:
+        name = "docker"
+        calls: list[object] = []
+
+        def set_node_addresses(self, addresses: list[str]) -> None:
+            self.calls.append(sorted(addresses))
+
+        def start(self, spec: object) -> None:
+            self.calls.append("start")
+            raise EngineError("no start in this test")
+
+    engine = Engine()
+    node.set_engine(engine)  # type: ignore[arg-type]
+    try:
+        node.start_route(str(route.pk))
+    finally:
+        node.set_engine(None)
+    assert engine.calls == [["10.0.0.5", "10.0.0.7"], "start"]
+
+
 # --- a read-write mount the replica's user can not write: said, not silent ---------------------------
 
 
