@@ -151,7 +151,12 @@ def heartbeat(now: datetime | None = None) -> Node:
 
 def share_node_addresses(engine: Engine) -> None:
     """Hand the engine every node's address (the Docker engine keeps replicas off all of them, so
-    a replica here can not call a replica published on another node past the proxy's tokens)."""
+    a replica here can not call a replica published on another node past the proxy's tokens).
+
+    Called at every heartbeat (in the node agent's thread of the parent worker) and before every
+    start (in whichever forked worker runs it: each process has its own engine, which knows only
+    what it was told): the engine re-asserts every rule each time, and drops those of addresses
+    no longer in the table."""
     set_addresses = getattr(engine, "set_node_addresses", None)
     if set_addresses is None:
         return
@@ -210,6 +215,7 @@ def start_route(route_id: str) -> None:
         _fail_start(route, exc.kind, str(exc), **exc.extra)
         return
     engine = get_engine()
+    share_node_addresses(engine)  # this may be a forked worker, whose engine knows no other node yet
     try:
         info = engine.start(spec)
     except EngineError as exc:
@@ -251,14 +257,25 @@ def start_route(route_id: str) -> None:
 
 def _record_start_warnings(route: Route, info: ReplicaInfo, who: str) -> None:
     """What the engine noticed at start but did not stop for (a read-write mount the replica's
-    user can not write): a warning on the service's log, as well as a line in the replica's."""
+    user can not write): a warning on the service's log, as well as a line in the replica's.
+    Once per service and spec version: every replica of a version meets the same folder, and a
+    service restarting its replicas would otherwise repeat it at each start."""
     for warning in info.warnings:
+        seen = ServiceEvent.objects.filter(
+            endpoint_id=route.endpoint_id,
+            kind="replica_warning",
+            data__spec_version=route.spec_version,
+            data__warning=warning,
+        )
+        if seen.exists():
+            continue
         events.record_event(
             route.endpoint,
             "replica_warning",
             f"{who}: {warning}",
             level=ServiceEvent.Level.WARNING,
             route_id=route.pk,
+            data={"spec_version": route.spec_version, "warning": warning},
         )
 
 
@@ -354,6 +371,7 @@ def start_member(member_id: str) -> None:
         fail_cluster_route(route, member, exc.kind, f"Cluster member {host_name} could not be built: {exc}")
         return
     engine = get_engine()
+    share_node_addresses(engine)  # this may be a forked worker, whose engine knows no other node yet
     try:
         info = engine.start(spec)
     except EngineError as exc:

@@ -155,7 +155,7 @@ def run(validation_id: str) -> str:
     from serving import replicas
     from serving.health import ProbeState as State
     from serving.health import apply_probe, next_probe_at
-    from serving.node import _stop_quietly, get_engine
+    from serving.node import _stop_quietly, get_engine, share_node_addresses
 
     request = load_request(validation_id)
     if request is None:
@@ -180,6 +180,7 @@ def run(validation_id: str) -> str:
     spec = dataclasses.replace(spec, labels={**labels, LABEL_VALIDATION: validation_id})
     publish(validation_id, "lifecycle", message=f"Starting a replica of image {spec.image} (port {spec.port}).")
     engine = get_engine()
+    share_node_addresses(engine)  # this may be a forked worker, whose engine knows no other node yet
     try:
         info = engine.start(spec)
     except EngineError as exc:

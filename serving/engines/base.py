@@ -103,7 +103,8 @@ class ReplicaInfo:
     exit_code: int | None = None
     error: str = ""  # e.g. "OOM killed", "pre-start action 2 (run_command) failed: ..."
     # Set by start(): what the replica's owner should know but that does not stop it, e.g. a
-    # read-write mount its user can not write (also a line in the replica's log).
+    # read-write mount its user can not write (also a line in the replica's log, which names the
+    # node's host path; these do not: they go to the service's events, every project member's).
     warnings: tuple[str, ...] = ()
 
 

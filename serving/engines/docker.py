@@ -27,9 +27,10 @@ worker that restarts finds its replicas again with ``list()`` (DESIGN.md §3). C
   opens to anything outside its own network: the host's addresses (INPUT) and everything the host
   routes to (DOCKER-USER); answers on the published ports still flow. Docker's ``internal``
   networks would do that too, but Docker publishes no port of a container on one. Either way a
-  replica can not open a connection to any node's address (``set_node_addresses``, from the Node
-  table at each heartbeat): replicas' ports are published there, and a replica calling another
-  service's replica that way, on this node or another, would skip the proxy's tokens;
+  replica can not open a TCP connection to the ports Docker publishes replicas on (the host's
+  ephemeral range) at any node's address (``set_node_addresses``, from the Node table at each
+  heartbeat and before each start): a replica calling another service's replica that way, on this
+  node or another, would skip the proxy's tokens. Other ports there (the proxy's, say) stay open;
 * cluster mode (S4.1): the members of one cluster share a user-defined bridge network of their own
   (``ms-cluster-<route>``, made with the first member, removed with the last, created or running) where each has its
   host name (main1, sub1, ...) as alias, as on Backend.AI; a sub's ``BACKENDAI_CLUSTER_MAIN_ADDR``
@@ -64,6 +65,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,7 @@ LABEL_CLUSTER = "serving.cluster"  # on a cluster's network: the route (key) it 
 LABEL_NETWORK = "serving.network"  # on the replica network: "replicas"
 # Machine-wide: every node worker on this host talks to the same daemon and its networks.
 NETWORK_LOCK = Path(os.environ.get("MODELSERVE_DOCKER_NETWORK_LOCK", "/run/modelserve/docker-networks.lock"))
+NETWORK_LOCK_TIMEOUT = 30.0  # seconds a start or a removal waits for it
 BUILD_HINT = (
     "build it on this node with `make image` (scripts/build-image.sh, for modelserve/python:3.11) "
     "or load it with `docker load -i IMAGE.tar` / `docker pull IMAGE` by hand; "
@@ -270,6 +273,7 @@ class DockerEngine:
         self._iptables = firewall.find_iptables()
         self._rules_lock = threading.Lock()
         self._warned_unguarded = False
+        self._logged_guard: tuple[tuple[str, ...], tuple[int, int]] | None = None
         # Every node's address (NODE_ADDRESS of each row in the Node table), refreshed by the node
         # agent at each heartbeat (set_node_addresses): replicas' ports are published there.
         self._node_addresses: frozenset[str] = frozenset()
@@ -375,7 +379,7 @@ class DockerEngine:
         container = None
         network: str | None = None
         warnings = mount_hygiene.unwritable_mounts(spec.mounts, self.uid, self.gid)
-        self._write_notes(spec.name, [f"warning: {warning}" for warning in warnings])
+        self._write_notes(spec.name, [f"warning: {warning.log}" for warning in warnings])
         try:
             for attempt in (1, 2):
                 # The network is made (if need be) and the container created on it under the
@@ -398,7 +402,7 @@ class DockerEngine:
                         container.remove(force=True, v=True)
                     container = None
             assert container is not None
-            return dataclasses.replace(self._info(container), warnings=tuple(warnings))
+            return dataclasses.replace(self._info(container), warnings=tuple(w.public for w in warnings))
         except BaseException:
             # Leave nothing behind: a half-created container would block the name on retry.
             if container is not None:
@@ -631,28 +635,36 @@ class DockerEngine:
         return sorted(guarded, key=ipaddress.ip_address)
 
     def set_node_addresses(self, addresses: Iterable[str]) -> None:
-        """The addresses of every node of the installation (the node agent passes the Node table's
-        at each heartbeat): in ``allow`` mode replicas may not open connections to any of them, or
-        a replica on one node would call another node's published replica ports past the proxy's
-        tokens. The rules of our existing bridges follow when the set changes."""
-        wanted = frozenset(a.strip() for a in addresses if a and a.strip())
-        if wanted == self._node_addresses:
+        """The addresses of every node of the installation (the Node table's): in ``allow`` mode
+        replicas may not open connections to the ports Docker publishes replicas on at any of
+        them, or a replica on one node would call another node's published replica ports past the
+        proxy's tokens.
+
+        The node agent calls this at every heartbeat, and the node side before every start (in
+        whichever worker process runs it: a forked worker's engine knows no address until then).
+        Each call re-asserts the rules of every bridge of this installation, so a rule deleted by
+        hand comes back at the next heartbeat, and drops the rules of addresses no longer in the
+        table: the one place rules of addresses are dropped (a start only adds)."""
+        self._node_addresses = frozenset(a.strip() for a in addresses if a and a.strip())
+        if self.egress != "allow" or firewall.usable_iptables(self._iptables) is None:
             return
-        before, self._node_addresses = self._node_addresses, wanted
-        if self.egress != "allow" or self._iptables is None or os.geteuid() != 0:
-            return
-        try:
-            client = self._client()
-            with self._errors("list the replica networks"):
-                networks = client.networks.list()
-            for network in networks:
-                bridge = (network.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION)
-                ours = network.name == self.replica_network or network.name.startswith(CLUSTER_NETWORK_PREFIX)
-                if bridge and ours:
-                    self._guard_bridge(bridge)
-        except BaseException:
-            self._node_addresses = before  # so the next heartbeat tries again
-            raise
+        client = self._client()
+        with self._errors("list the replica networks"):
+            networks = client.networks.list()
+        for network in networks:
+            if not self._is_our_network(network.name, network.attrs.get("Labels") or {}):
+                continue
+            bridge = (network.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION)
+            if bridge:
+                self._guard_bridge(bridge)
+                self._drop_stale_address_rules(bridge)
+
+    def _is_our_network(self, name: str, labels: Mapping[str, str]) -> bool:
+        """This installation's replica network or one of its cluster networks: never another
+        installation's (another REDIS_PREFIX, or a test suite's) on the same daemon."""
+        if name == self.replica_network:
+            return True
+        return name.startswith(CLUSTER_NETWORK_PREFIX) and (labels.get(LABEL_INSTALLATION) or "") == self.installation
 
     def _bridge_rules(self, bridge: str) -> builtins.list[builtins.list[str]]:
         """The rules (chain first) that keep the replicas on ``bridge`` where they belong."""
@@ -664,14 +676,30 @@ class DockerEngine:
             # whatever the host routes to. Answers to connections made to them are not NEW.
             rules.append(["INPUT", "-i", bridge, *new, *comment, "-j", "DROP"])
             rules.append([self._forward_chain(), "-i", bridge, "!", "-o", bridge, *new, *comment, "-j", "DROP"])
-        else:
-            can = self._guarded_addresses() and self._iptables is not None and os.geteuid() == 0
-            forward = self._forward_chain() if can else "FORWARD"
-            for address in self._guarded_addresses():
-                # This node's address arrives in INPUT, another node's is routed (FORWARD).
-                rules.append(["INPUT", "-i", bridge, "-d", f"{address}/32", *new, *comment, "-j", "DROP"])
-                rules.append([forward, "-i", bridge, "-d", f"{address}/32", *new, *comment, "-j", "DROP"])
+            return rules
+        guarded = self._guarded_addresses()
+        if not guarded:
+            return rules
+        forward = self._forward_chain() if firewall.usable_iptables(self._iptables) else "FORWARD"
+        # Only the ports Docker publishes replicas on (random host ports, from the ephemeral
+        # range): the proxy or any other service on a host that is also a node stays reachable.
+        low, high = firewall.ephemeral_port_range()
+        ports = ["-p", "tcp", "-m", "tcp", "--dport", f"{low}:{high}"]
+        for address in guarded:
+            # This node's address arrives in INPUT, another node's is routed (FORWARD).
+            for chain in ("INPUT", forward):
+                rules.append([chain, "-i", bridge, "-d", f"{address}/32", *ports, *new, *comment, "-j", "DROP"])
         return rules
+
+    def _log_guard(self, addresses: builtins.list[str], ports: tuple[int, int]) -> None:
+        if (tuple(addresses), ports) != self._logged_guard:
+            self._logged_guard = (tuple(addresses), ports)
+            log.info(
+                "Docker replicas can not open connections to TCP ports %d-%d (where Docker publishes "
+                "replicas) of the nodes' addresses %s",
+                *ports,
+                ", ".join(addresses),
+            )
 
     def _forward_chain(self) -> str:
         # Docker jumps to DOCKER-USER first in FORWARD, before its own accepts; without it
@@ -679,62 +707,72 @@ class DockerEngine:
         return "DOCKER-USER" if self._iptables_run("-S", "DOCKER-USER", check=False).returncode == 0 else "FORWARD"
 
     def _iptables_run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        if self._iptables is None or os.geteuid() != 0:
+        binary = firewall.usable_iptables(self._iptables)
+        if binary is None:
             raise EngineError(
                 "SERVING_REPLICA_EGRESS=deny (and a NODE_ADDRESS other than 127.0.0.1) need firewall rules "
                 "on the node: run the node worker as root with iptables installed (`apt-get install iptables`)."
             )
-        return firewall.run_iptables(self._iptables, *args, check=check)
+        return firewall.run_iptables(binary, *args, check=check)
 
     def _guard_bridge(self, bridge: str) -> None:
-        """Add the bridge's rules that are missing (idempotent; several workers may race here),
-        and in ``allow`` mode drop those for node addresses no longer in the Node table."""
+        """Add the bridge's rules that are missing (idempotent; several workers may race here).
+        Never removes one: this runs at every start, in engines that may not know every node's
+        address (set_node_addresses drops the rules of addresses gone from the Node table)."""
         rules = self._bridge_rules(bridge)
-        if self.egress == "allow" and self._iptables is not None and os.geteuid() == 0:
-            self._drop_stale_address_rules(bridge, {rule[rule.index("-d") + 1] for rule in rules})
         if not rules:
             return
-        if self.egress == "allow" and (self._iptables is None or os.geteuid() != 0):
+        if self.egress == "allow" and firewall.usable_iptables(self._iptables) is None:
             # Hardening only, not a switch someone turned on: a worker that is not root (the docker
             # group is enough for Docker) keeps starting replicas, and says once what is missing.
             if not self._warned_unguarded:
                 self._warned_unguarded = True
                 log.warning(
-                    "Docker replicas can open connections to NODE_ADDRESS=%s, where other replicas' ports "
-                    "are published: run the node worker as root with iptables so the engine can stop that.",
-                    self.publish_host,
+                    "Docker replicas can open connections to the published replica ports of the nodes' "
+                    "addresses %s: run the node worker as root with iptables so the engine can stop that.",
+                    ", ".join(self._guarded_addresses()),
                 )
             return
+        if self.egress == "allow":
+            self._log_guard(self._guarded_addresses(), firewall.ephemeral_port_range())
         with self._rules_lock:
             for chain, *rule in rules:
                 if self._iptables_run("-C", chain, *rule, check=False).returncode != 0:
                     self._iptables_run("-I", chain, "1", *rule)
 
-    def _drop_stale_address_rules(self, bridge: str, wanted: set[str]) -> None:
+    def _drop_stale_address_rules(self, bridge: str) -> None:
+        """Remove the bridge's rules of an address (or a port range) that is no longer guarded."""
+        wanted = {self._address_key(rule) for rule in self._bridge_rules(bridge)}
         with self._rules_lock:
-            for chain in ("INPUT", "DOCKER-USER", "FORWARD"):
-                for words in self._our_rules(chain, bridge):
-                    if "-d" in words and words[words.index("-d") + 1] not in wanted:
-                        self._iptables_run("-D", *words[1:], check=False)
+            for words in self._our_rules(bridge):
+                if "-d" in words and self._address_key(words) not in wanted:
+                    self._iptables_run("-D", *words[1:], check=False)
 
-    def _our_rules(self, chain: str, bridge: str) -> builtins.list[builtins.list[str]]:
-        """Our rules of ``bridge`` in ``chain``, as argument lists of `iptables -S` (-A first)."""
+    @staticmethod
+    def _address_key(words: builtins.list[str]) -> tuple[str, str]:
+        """What tells an address rule from another: its address and its destination ports."""
+        address = words[words.index("-d") + 1] if "-d" in words else ""
+        ports = words[words.index("--dport") + 1] if "--dport" in words else ""
+        return address, ports
+
+    def _our_rules(self, bridge: str) -> builtins.list[builtins.list[str]]:
+        """Our rules of ``bridge`` in the chains we use, as argument lists of `iptables -S` (-A
+        first), from one listing of the filter table."""
         found = []
-        for line in self._iptables_run("-S", chain, check=False).stdout.splitlines():
+        for line in self._iptables_run("-S", check=False).stdout.splitlines():
             if f'"{RULE_COMMENT}{bridge}"' in line or f"{RULE_COMMENT}{bridge} " in line:
                 words = shlex.split(line)
-                if words[:2] == ["-A", chain]:
+                if len(words) > 1 and words[0] == "-A" and words[1] in ("INPUT", "DOCKER-USER", "FORWARD"):
                     found.append(words)
         return found
 
     def _unguard_bridge(self, bridge: str) -> None:
         """Remove every rule of ours that names ``bridge`` (its network is gone)."""
-        if self._iptables is None or os.geteuid() != 0:
+        if firewall.usable_iptables(self._iptables) is None:
             return
         with self._rules_lock:
-            for chain in ("INPUT", "DOCKER-USER", "FORWARD"):
-                for words in self._our_rules(chain, bridge):
-                    self._iptables_run("-D", *words[1:], check=False)
+            for words in self._our_rules(bridge):
+                self._iptables_run("-D", *words[1:], check=False)
 
     def _peer_env(
         self, client: docker.DockerClient, cluster: ClusterPeering, network: str, port: int
@@ -760,22 +798,54 @@ class DockerEngine:
     def _network_lock(self) -> Iterator[None]:
         """One lock per host around "make the network and create a container on it" and "remove
         the network if nothing is attached": node workers are separate processes (prefork), so a
-        threading lock would not keep one from removing a network another is about to use."""
+        threading lock would not keep one from removing a network another is about to use.
+
+        The file is NETWORK_LOCK (/run/modelserve/docker-networks.lock), in a folder made 0700 and
+        itself 0600, both root's: flock works on a read-only descriptor too, so a file others may
+        open would let any local user hold it and stall every start. A worker that is not root
+        (the docker group is enough for Docker) can not open it and uses ``state_dir``/networks.lock
+        instead: it then shares the lock only with workers of the same state_dir, so run every
+        node worker of a host as root, or all with one state_dir. Waiting is bounded
+        (NETWORK_LOCK_TIMEOUT): a lock held that long is an EngineError naming the file."""
+        handle = None
         for path in (NETWORK_LOCK, self.state_dir / "networks.lock"):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                handle = path.open("a")
+            with contextlib.suppress(OSError):
+                handle = self._open_lock(path)
                 break
-            except OSError:
-                continue
-        else:
+        if handle is None:
             raise EngineError(f"Could not open the network lock {NETWORK_LOCK} nor one under {self.state_dir}.")
         with handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            deadline = time.monotonic() + NETWORK_LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise EngineError(
+                            f"The network lock {path} has been held for over {NETWORK_LOCK_TIMEOUT:g} s; "
+                            f"see which process holds it (`fuser -v {path}`)."
+                        ) from None
+                    time.sleep(0.05)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _open_lock(path: Path) -> Any:
+        """Open (make) a lock file readable and writable by its owner only, in a folder of the
+        owner's only when we make it; never through a symlink."""
+        with contextlib.suppress(FileExistsError):
+            path.parent.mkdir(mode=0o700, parents=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, 0o600)  # one an older version made 0644
+            return os.fdopen(fd, "r+")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _is_replica_network(self, name: str, labels: Mapping[str, str]) -> bool:
         return (

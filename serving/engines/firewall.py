@@ -6,8 +6,10 @@ No Django here: the settings module reads ``EGRESS_CHOICES`` too.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 from serving.engines.base import EngineError
 
@@ -20,6 +22,8 @@ MAX_ID = 4_294_967_294  # (uid_t)-1 means "unchanged" to the kernel
 # SERVING_REPLICA_EGRESS: "allow" (replicas reach what the host reaches, other replicas and the
 # nodes' published ports excepted) or "deny" (nothing outside their own network, not the host).
 EGRESS_CHOICES = ("allow", "deny")
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+DEFAULT_EPHEMERAL_RANGE = (32768, 60999)
 
 
 def check_replica_ids(uid: int, gid: int, *, who: str, uid_setting: str, gid_setting: str) -> None:
@@ -50,3 +54,21 @@ def run_iptables(binary: str, *args: str, check: bool = True) -> subprocess.Comp
         detail = done.stderr.strip() or done.stdout.strip()
         raise EngineError(f"The firewall rule `iptables {' '.join(args)}` failed: {detail}.")
     return done
+
+
+def usable_iptables(binary: str | None) -> str | None:
+    """``binary`` when this process can change the firewall with it (iptables installed and we are
+    root), else None: the one test both "add the rules" and "warn that we can not" ask."""
+    return binary if binary is not None and os.geteuid() == 0 else None
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The host's ephemeral port range, where Docker picks the random host ports it publishes
+    containers on (it reads the same file); Linux's default when the file can not be read."""
+    try:
+        low, high = (int(part) for part in EPHEMERAL_RANGE_FILE.read_text().split()[:2])
+    except (OSError, ValueError):
+        return DEFAULT_EPHEMERAL_RANGE
+    if not 0 < low <= high <= 65535:
+        return DEFAULT_EPHEMERAL_RANGE
+    return low, high

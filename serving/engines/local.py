@@ -1006,7 +1006,7 @@ class LocalEngine:
             # Who the replica's code runs as: the engine's uid/gid as root, else the worker's own.
             ids = (self.uid, self.gid) if self._rootful else (os.geteuid(), os.getegid())
             warnings = mount_hygiene.unwritable_mounts(spec.mounts, *ids)
-            notes += [f"warning: {warning}" for warning in warnings]
+            notes += [f"warning: {warning.log}" for warning in warnings]
 
             argv, with_plan = self._command(spec, notes)
             if with_plan:
@@ -1038,7 +1038,7 @@ class LocalEngine:
             else:
                 self._cleanup(replica_id, meta)
             raise
-        return dataclasses.replace(self.inspect(replica_id), warnings=tuple(warnings))
+        return dataclasses.replace(self.inspect(replica_id), warnings=tuple(w.public for w in warnings))
 
     @staticmethod
     def _write_environ(path: Path, env: Mapping[str, str]) -> None:

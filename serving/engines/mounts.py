@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from serving.engines.base import Mount
 
@@ -46,8 +47,17 @@ def strip_setid_bits(root: str) -> int:
     return _strip(fd, root)
 
 
-def unwritable_mounts(mounts: Iterable[Mount], uid: int, gid: int) -> list[str]:
-    """A sentence for each read-write mount whose folder the replica's user can not write (by its
+class MountWarning(NamedTuple):
+    """One warning in two wordings: ``log`` for the replica's log (with the node's host path, for
+    whoever fixes it there), ``public`` for the service's events, which every member of the
+    project reads (the mount by its target only: the node's paths are not theirs to see)."""
+
+    log: str
+    public: str
+
+
+def unwritable_mounts(mounts: Iterable[Mount], uid: int, gid: int) -> list[MountWarning]:
+    """A warning for each read-write mount whose folder the replica's user can not write (by its
     root directory's owner, group and mode; ACLs aside): the replica still starts, but a server
     writing its outputs there gets EACCES and nothing says why. Folders are not made writable for
     it: that is the owner's call."""
@@ -69,12 +79,22 @@ def unwritable_mounts(mounts: Iterable[Mount], uid: int, gid: int) -> list[str]:
             continue
         if not stat.S_ISDIR(info.st_mode) and info.st_mode & (bits & ~stat.S_IXUSR & ~stat.S_IXGRP & ~stat.S_IXOTH):
             continue
+        what = (
+            f"is not writable by the replica's user (uid {uid}, gid {gid}): it belongs to uid {info.st_uid}, "
+            f'gid {info.st_gid}, mode {stat.S_IMODE(info.st_mode):04o}, so writing there fails with "Permission '
+            'denied".'
+        )
         found.append(
-            f"The read-write mount {mount.target} ({mount.source}) is not writable by the replica's user "
-            f"(uid {uid}, gid {gid}): it belongs to uid {info.st_uid}, gid {info.st_gid}, mode "
-            f'{stat.S_IMODE(info.st_mode):04o}, so writing there fails with "Permission denied". Make the '
-            f"folder writable by uid {uid} (e.g. `chown {uid}:{gid} {mount.source}` on the node), or mount it "
-            "read-only."
+            MountWarning(
+                log=(
+                    f"The read-write mount {mount.target} ({mount.source}) {what} Make the folder writable by "
+                    f"uid {uid} (e.g. `chown {uid}:{gid} {mount.source}` on the node), or mount it read-only."
+                ),
+                public=(
+                    f"The read-write mount {mount.target} {what} Have the folder made writable by uid {uid} on "
+                    "the node, or mount it read-only."
+                ),
+            )
         )
     return found
 

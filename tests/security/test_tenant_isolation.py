@@ -413,9 +413,22 @@ def host_address() -> str | None:
 
 
 @contextlib.contextmanager
-def host_listener() -> Iterator[int]:
-    """A TCP port the host answers on all its addresses: what a replica must not reach with deny."""
-    server = socket.create_server(("0.0.0.0", 0), backlog=64)
+def host_listener(below_ephemeral: bool = False) -> Iterator[int]:
+    """A TCP port the host answers on all its addresses: what a replica must not reach with deny.
+    An ephemeral one (where Docker publishes replicas), or with ``below_ephemeral`` one under that
+    range (where a shared service such as the proxy listens)."""
+    if below_ephemeral:
+        from serving.engines.firewall import ephemeral_port_range
+
+        low = ephemeral_port_range()[0]
+        for port in range(low - 1, max(low - 2000, 1024), -1):
+            with contextlib.suppress(OSError):
+                server = socket.create_server(("0.0.0.0", port), backlog=64)
+                break
+        else:
+            pytest.skip("no free port below the ephemeral range")
+    else:
+        server = socket.create_server(("0.0.0.0", 0), backlog=64)
     stop = threading.Event()
 
     def accept() -> None:
@@ -636,7 +649,7 @@ def test_egress_deny_without_firewall_rights_refuses_to_start_and_allow_only_war
     allowed = DockerEngine(state_dir=tmp_path, publish_host="10.0.0.5")
     allowed._iptables = None
     allowed._guard_bridge("msrtest")
-    assert "can open connections to NODE_ADDRESS=10.0.0.5" in caplog.text
+    assert "can open connections to the published replica ports of the nodes' addresses 10.0.0.5" in caplog.text
     with pytest.raises(EngineError, match=r"SERVING_REPLICA_EGRESS='open' is not one of allow, deny"):
         DockerEngine(state_dir=tmp_path, egress="open")
     with pytest.raises(EngineError, match=r"set DOCKER_REPLICA_UID to a number"):
@@ -671,16 +684,19 @@ def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
 
     network = f"ms-replicas-t{docker_tests.RUN_ID}-nodes"
     engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", replica_network=network)
+    # Another worker process of the same node: its engine was never told node B's address.
+    worker = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", replica_network=network)
     model = probe_model(tmp_path)
     started = []
     try:
-        with host_listener() as port, fake_node_address() as node_b:
+        with host_listener() as port, host_listener(below_ephemeral=True) as shared, fake_node_address() as node_b:
             a = service_replica(engine, model, "service-a")
             started.append(a)
-            target = f"{node_b}:{port}"
+            target, service = f"{node_b}:{port}", f"{node_b}:{shared}"
             before = connects(engine, a, [target])[target]
             engine.set_node_addresses(["127.0.0.1", node_b])  # node B registered (loopback ignored)
-            during = connects(engine, a, [target])[target]
+            started.append(service_replica(worker, model, "service-b"))  # a start in the other worker
+            during = connects(engine, a, [target, service])
             rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
             engine.set_node_addresses(["127.0.0.1"])  # node B left the table: its rules go
             after = connects(engine, a, [target])[target]
@@ -689,7 +705,10 @@ def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
             engine.stop(info.replica_id, grace=0)
         engine.remove_replica_network()
     assert before.startswith("ok"), before  # the address answers: the refusal below means it
-    assert not during.startswith("ok"), during
+    # Still dropped after the other worker's start: that start left node B's rules in place.
+    assert not during[target].startswith("ok"), during
+    # A port outside the range Docker publishes on (a proxy, a shared service) stays reachable.
+    assert during[service].startswith("ok"), during
     assert f"-d {node_b}/32" in rules and engine._bridge_name(network) in rules
     assert after.startswith("ok"), after
 
@@ -718,6 +737,43 @@ def test_the_node_agent_hands_the_engine_every_nodes_address_at_heartbeat(settin
     assert engine.seen == [["10.0.0.5", "10.0.0.7"]]
 
 
+@pytest.mark.django_db
+def test_a_start_in_any_worker_hands_the_engine_every_nodes_address_first(api: Any, personas: Any) -> None:
+    """Starts run in forked workers, whose engine never saw a heartbeat: without the addresses a
+    start could not keep the other nodes' rules, so the node side hands them over first."""
+    from serving import node
+    from serving.engines.base import EngineError
+    from serving.models import Endpoint, Node, Route
+    from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+    folder = FolderFactory(owner=personas["owner"], name="addr", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = {"name": "addresses", "folder": str(folder.pk), "runtime": "custom", "replicas": 0}
+    created = api("owner").post("/api/v1/services/", body, format="json")
+    assert created.status_code == 201, created.json()
+    here = Node.objects.create(name=node.node_name(), address="10.0.0.5")
+    Node.objects.create(name="other", address="10.0.0.7")
+    route = Route.objects.create(endpoint=Endpoint.objects.get(pk=created.json()["id"]), node=here)
+
+    class Engine:
+        name = "docker"
+        calls: list[object] = []
+
+        def set_node_addresses(self, addresses: list[str]) -> None:
+            self.calls.append(sorted(addresses))
+
+        def start(self, spec: object) -> None:
+            self.calls.append("start")
+            raise EngineError("no start in this test")
+
+    engine = Engine()
+    node.set_engine(engine)  # type: ignore[arg-type]
+    try:
+        node.start_route(str(route.pk))
+    finally:
+        node.set_engine(None)
+    assert engine.calls == [["10.0.0.5", "10.0.0.7"], "start"]
+
+
 # --- a read-write mount the replica's user can not write: said, not silent ---------------------------
 
 
@@ -742,10 +798,11 @@ def test_a_local_replica_with_a_read_write_mount_it_can_not_write_starts_and_say
     try:
         info = engine.start(spec)
         [warning] = info.warnings
-        assert f"The read-write mount /data ({data}) is not writable by the replica's user (uid 65534" in warning
-        assert "or mount it read-only" in warning
+        assert "The read-write mount /data is not writable by the replica's user (uid 65534" in warning
+        assert "or mount it read-only" in warning and str(data) not in warning
         log = "\n".join(engine.logs(info.replica_id, tail=200))
-        assert f"[engine] warning: {warning}" in log, log
+        # The replica's log names the host path, for whoever fixes it on the node.
+        assert f"[engine] warning: The read-write mount /data ({data}) is not writable" in log, log
         # It still starts, and what it meets is the EACCES the warning announced.
         query = urllib.parse.urlencode({"write": ["/data/out"]}, doseq=True)
         body = local_tests.wait_until(lambda: fetch(info.host, info.port, "/?" + query), 30, "the probe")
@@ -776,10 +833,11 @@ def test_a_docker_replica_with_a_read_write_mount_it_can_not_write_starts_and_sa
     info = engine.start(spec)
     try:
         [warning] = info.warnings  # the 0777 folder is fine
-        assert f"The read-write mount /data ({data}) is not writable by the replica's user (uid 65534" in warning
+        assert "The read-write mount /data is not writable by the replica's user (uid 65534" in warning
+        assert str(data) not in warning
         assert engine.inspect(info.replica_id).state.value == "running"
         lines = list(engine.logs(info.replica_id, tail=50))
-        assert lines[0] == f"[engine] warning: {warning}", lines
+        assert lines[0].startswith(f"[engine] warning: The read-write mount /data ({data}) is not writable"), lines
         query = urllib.parse.urlencode({"write": ["/data/out", "/out/ok"]}, doseq=True)
         body = docker_tests.wait_until(lambda: fetch(engine.publish_host, info.port, "/?" + query), 30, "the probe")
         assert json.loads(body)["write"] == {"/data/out": "Permission denied", "/out/ok": "ok: None"}
@@ -807,3 +865,9 @@ def test_a_start_warning_is_recorded_on_the_services_log(api: Any, personas: Any
     event = ServiceEvent.objects.get(endpoint=route.endpoint, kind="replica_warning")
     assert event.level == ServiceEvent.Level.WARNING
     assert event.message == "Replica abcd1234: The read-write mount /data ..."
+    # Every replica of that version meets the same folder: said once, not at each start.
+    node._record_start_warnings(route, info, "Replica ef567890")
+    assert ServiceEvent.objects.filter(endpoint=route.endpoint, kind="replica_warning").count() == 1
+    route.spec_version += 1  # a new version (the folder may have been changed meanwhile): said again
+    node._record_start_warnings(route, info, "Replica 12345678")
+    assert ServiceEvent.objects.filter(endpoint=route.endpoint, kind="replica_warning").count() == 2

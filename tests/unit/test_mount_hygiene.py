@@ -138,11 +138,15 @@ def test_a_read_write_mount_its_user_can_not_write_is_named_with_the_fix(tmp_pat
     mounts = [Mount(str(path), f"/{name}", read_only=False) for name, path in folders.items()]
     mounts.append(Mount(str(folders["private"]), "/ro", read_only=True))  # read-only: never a problem
     gid = os.stat(folders["group"]).st_gid
-    [warning] = unwritable_mounts(mounts, 65534, 65534 if gid != 65534 else 65533)[:1]
+    [(warning, public)] = unwritable_mounts(mounts, 65534, 65534 if gid != 65534 else 65533)[:1]
     assert warning.startswith(f"The read-write mount /private ({folders['private']}) is not writable by the replica's")
     assert f"uid {owner}" in warning and "mode 0755" in warning
     assert "writable by uid 65534" in warning and "or mount it read-only" in warning
-    names = [w.split()[3] for w in unwritable_mounts(mounts, 65534, 65534 if gid != 65534 else 65533)]
+    # What the service's members read names the mount, never the node's host path.
+    assert public.startswith("The read-write mount /private is not writable by the replica's user (uid 65534")
+    assert f"uid {owner}" in public and "writable by uid 65534" in public and "or mount it read-only" in public
+    assert str(tmp_path) not in public
+    names = [w.log.split()[3] for w in unwritable_mounts(mounts, 65534, 65534 if gid != 65534 else 65533)]
     assert names == ["/private", "/group"]  # others may write /open and /sticky
-    assert [w.split()[3] for w in unwritable_mounts(mounts, 65534, gid)] == ["/private"]  # its group may
+    assert [w.log.split()[3] for w in unwritable_mounts(mounts, 65534, gid)] == ["/private"]  # its group may
     assert unwritable_mounts(mounts, owner, -1) == []  # its owner may write them all
