@@ -1,4 +1,4 @@
-"""``Authorization: Token <api key>`` for the REST API (DESIGN.md §7)."""
+"""``Authorization: Token <api key>`` for the REST API (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ def docker_unavailable(workdir: Path) -> str | None:
     except ImportError as exc:
         return f"docker-py is not importable ({exc})"
     if not DockerEngine(state_dir=workdir / "docker-probe").available():
-        return "no Docker daemon answers (start one with ../shared/recipes/docker-up.sh)"
+        return "no Docker daemon answers (start one with scripts/docker-up.sh)"
     return None
 
 

@@ -17,7 +17,7 @@ app.autodiscover_tasks()
 def _beat_schedule(sender: Celery, **_: object) -> None:
     from django.conf import settings
 
-    # Each entry expires after about its period: a backlog of stale ticks is useless (DESIGN.md §3).
+    # Each entry expires after about its period: a backlog of stale ticks is useless (docs/architecture.md).
     sender.conf.beat_schedule = {
         "reconcile-all": {
             "task": "serving.tasks.reconcile_all",

@@ -1,4 +1,4 @@
-"""One settings module; every knob comes from the environment with a safe default (DESIGN.md §3).
+"""One settings module; every knob comes from the environment with a safe default (docs/architecture.md).
 
 A fresh clone runs with no configuration at all: SQLite under var/, the local Redis, a secret key
 generated on first start and kept in var/ (never in the repository).

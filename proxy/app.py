@@ -1,4 +1,4 @@
-"""The data plane: forwards client requests to healthy replicas (S4.3, S5, S7, DESIGN.md §1).
+"""The data plane: forwards client requests to healthy replicas (S4.3, S5, S7, docs/architecture.md).
 
 No Django, no database: it serves from the routing table it keeps in memory (proxy/table.py), so it
 keeps serving when Redis, the database or every Celery process is down.

@@ -392,7 +392,7 @@ class Table:
                 await _close(pubsub, client)
                 await asyncio.sleep(delay)
                 # At most 0.5 s between attempts: once Redis is back, a route change must reach the
-                # proxy within 1 s (DESIGN.md §7); one connection attempt per 0.5 s costs nothing.
+                # proxy within 1 s (docs/architecture.md); one connection attempt per 0.5 s costs nothing.
                 delay = min(delay * 2, 0.5)
 
 

@@ -1,4 +1,4 @@
-"""One authorization helper per object kind (DESIGN.md §3): a stranger gets 404, never a hint.
+"""One authorization helper per object kind (docs/architecture.md): a stranger gets 404, never a hint.
 
 Read: the owner, members of the service's project, operators (superusers).
 Write (modify, scale, terminate, rules): the owner, the project's managers, operators.

@@ -1,4 +1,4 @@
-"""The only writers of serving rows (DESIGN.md §3, Zulip's ``do_*``).
+"""The only writers of serving rows (docs/architecture.md; Zulip's ``do_*``).
 
 Every action runs in one transaction, takes ``acting_user`` as a keyword, writes a ServiceEvent,
 and schedules side effects (reconciliation, routing updates) with ``transaction.on_commit`` so that

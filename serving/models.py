@@ -29,7 +29,7 @@ endpoint_name_validator = RegexValidator(
 
 
 class EndpointStatus(models.TextChoices):
-    """What a user sees for a service, computed from its routes (S4.4, DESIGN.md §7)."""
+    """What a user sees for a service, computed from its routes (S4.4, docs/architecture.md)."""
 
     PROVISIONING = "PROVISIONING", _("provisioning")
     READY = "READY", _("ready")  # routes running, none checked yet, or no replicas asked
@@ -210,7 +210,7 @@ class Endpoint(models.Model):
         self.retries += 1
 
     def compute_status(self, routes: list[Route] | None = None) -> str:
-        """The service status from its routes (DESIGN.md §7), a pure function of the rows."""
+        """The service status from its routes (docs/architecture.md), a pure function of the rows."""
         if self.lifecycle == self.Lifecycle.DESTROYED:
             return EndpointStatus.DESTROYED
         if self.lifecycle == self.Lifecycle.DESTROYING:

@@ -3,7 +3,7 @@
 Commands (start, stop) arrive as Celery tasks on the queue ``node.<name>``. Besides them, the node
 agent (a thread in the node worker, see ``serving.signals``) heartbeats, notices replicas that exited
 on their own, stops orphan containers (ours by label, with no route), and probes health.
-All state lives in the DB and in the engine's labels, never only in memory (DESIGN.md §3).
+All state lives in the DB and in the engine's labels, never only in memory (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def _record_start_warnings(route: Route, info: ReplicaInfo, who: str) -> None:
 def recover_interrupted_starts(before: datetime) -> int:
     """Starts a previous worker of this node claimed and never finished (killed half-way): stop what
     they may have left running and start them again. Called once as the node worker starts, for
-    claims made before this worker process began (one node worker per node, DESIGN.md §1), so a start
+    claims made before this worker process began (one node worker per node, docs/architecture.md), so a start
     under way is never taken. Returns how many were restarted."""
 
     engine = get_engine()

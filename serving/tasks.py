@@ -1,4 +1,4 @@
-"""Thin Celery tasks (DESIGN.md §3): take ids, re-fetch, tolerate deleted rows, call the logic.
+"""Thin Celery tasks (docs/architecture.md): take ids, re-fetch, tolerate deleted rows, call the logic.
 
 Control-plane tasks run on the ``control`` queue; engine work runs on ``node.<name>``, consumed only
 by that node's worker. Nothing imports this module: work is sent by task name (``serving.dispatch``)

@@ -1,4 +1,4 @@
-"""Pure token maths shared by the web app and the proxy: mint, digest, parse, verify (DESIGN.md §3).
+"""Pure token maths shared by the web app and the proxy: mint, digest, parse, verify (docs/architecture.md).
 
 A token is ``<kind>_<lookup>_<secret>``: a readable kind (``mst`` endpoint token, ``msk`` API key),
 a 10-character lookup id stored in clear and indexed, and a 32-byte random secret. Only an

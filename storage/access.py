@@ -1,4 +1,4 @@
-"""Who may do what with a folder (one helper, DESIGN.md §3): a stranger gets 404, never a hint.
+"""Who may do what with a folder (one helper, docs/architecture.md): a stranger gets 404, never a hint.
 
 * See the folder and read its files: the owner, members of the folder's project, operators.
 * Write its files (upload, create directory, move, delete files): the same people. A project folder

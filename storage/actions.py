@@ -1,4 +1,4 @@
-"""The only writers of folder rows, folder directories and the files in them (DESIGN.md §3).
+"""The only writers of folder rows, folder directories and the files in them (docs/architecture.md).
 
 Views parse and authorize (storage.access), then call exactly one of these. File actions go through
 storage.fs, which refuses unsafe paths and symlinks; each change is logged with who did it.

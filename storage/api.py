@@ -1,4 +1,4 @@
-"""Folders and files REST API (DESIGN.md §7): ``/api/v1/folders/``.
+"""Folders and files REST API (docs/architecture.md): ``/api/v1/folders/``.
 
 Views parse, authorize (storage.access) and call one action (storage.actions). Large bodies never pass
 through here in production: ``PUT .../files/{path}`` and ``POST .../upload/`` are answered by the raw

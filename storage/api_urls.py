@@ -1,4 +1,4 @@
-"""``/api/v1/`` routes of the folders and files API (DESIGN.md §7); included by config/urls.py."""
+"""``/api/v1/`` routes of the folders and files API (docs/architecture.md); included by config/urls.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Serializers of the public REST contract (DESIGN.md §7). They parse and shape; actions decide."""
+"""Serializers of the public REST contract (docs/architecture.md). They parse and shape; actions decide."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-# Labels every replica carries, so orphans can be found and swept (DESIGN.md §3).
+# Labels every replica carries, so orphans can be found and swept (docs/architecture.md).
 LABEL_ENDPOINT = "serving.endpoint"
 LABEL_ROUTE = "serving.route"
 LABEL_NODE = "serving.node"

@@ -1,7 +1,7 @@
 """The Docker engine: one container per replica, driven through docker-py.
 
 Every replica is a container named after ``ReplicaSpec.name`` and carrying its labels, so a node
-worker that restarts finds its replicas again with ``list()`` (DESIGN.md §3). Choices that matter:
+worker that restarts finds its replicas again with ``list()`` (docs/architecture.md). Choices that matter:
 
 * the image must already be on the node: we look it up first and raise ``ImageNotFound`` with how
   to build or load it, because asking the engine for a missing image makes it try a registry pull;

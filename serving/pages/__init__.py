@@ -1,2 +1,2 @@
-"""Server-rendered pages of the serving app (DESIGN.md §6): one module per page family, each with its
+"""Server-rendered pages of the serving app (docs/architecture.md): one module per page family, each with its
 own ``urlpatterns``, gathered by ``serving/urls.py``. Views only parse, authorize and call one action."""

@@ -179,7 +179,7 @@ def _rows(post: Any, *names: str) -> list[tuple[str, ...]]:
 
 
 def form_to_api(post: Any) -> dict[str, Any]:
-    """The launcher's fields as the body of ``POST /api/v1/services/`` (DESIGN.md §7)."""
+    """The launcher's fields as the body of ``POST /api/v1/services/`` (docs/architecture.md)."""
     data: dict[str, Any] = {
         "name": post.get("name", "").strip(),
         "open_to_public": post.get("open_to_public") in {"on", "true", "1"},

@@ -1,4 +1,4 @@
-"""End-to-end fixtures (DESIGN.md §5): Playwright driving Debian's Chromium against a live server.
+"""End-to-end fixtures (docs/architecture.md): Playwright driving Debian's Chromium against a live server.
 
 * ``web``: the web process (daphne: pages, REST API and websockets) as a subprocess on a free port,
   against the test database, the session's Redis prefix and storage root (tests/live.py).

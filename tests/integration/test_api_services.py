@@ -1,4 +1,4 @@
-"""The services REST contract (DESIGN.md §7) with every persona."""
+"""The services REST contract (docs/architecture.md) with every persona."""
 
 from __future__ import annotations
 

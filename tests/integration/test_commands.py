@@ -1,4 +1,4 @@
-"""The operator commands of the public contract (DESIGN.md §7)."""
+"""The operator commands of the public contract (docs/architecture.md)."""
 
 from __future__ import annotations
 

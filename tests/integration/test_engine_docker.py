@@ -1,4 +1,4 @@
-"""The Docker engine against a real dockerd (DESIGN.md §4 "Docker here").
+"""The Docker engine against a real dockerd (docs/architecture.md).
 
 Runs whenever a Docker engine answers (scripts/docker-up.sh starts one as root); otherwise every
 test that needs one is skipped with the reason. The example image is built on demand with

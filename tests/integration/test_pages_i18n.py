@@ -1,4 +1,4 @@
-"""Pages in Japanese (DESIGN.md §6): the browser's Accept-Language or the language cookie picks ja,
+"""Pages in Japanese (docs/architecture.md): the browser's Accept-Language or the language cookie picks ja,
 the compiled catalog is used, and English stays the default."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The real data plane (``python -m proxy`` as a process) against real replicas and the real Redis.
 
 No Django here: the routing table is written into Redis directly, in the format serving/routing.py
-writes (DESIGN.md §1, §7; S5, S7, S8). Every proxy gets its own key prefix; backends are
+writes (docs/architecture.md; S5, S7, S8). Every proxy gets its own key prefix; backends are
 examples/llm-echo (OpenAI-compatible, SSE) and a small aiohttp app for headers, bodies and
 websockets. Conditions are awaited with deadlines, never with bare sleeps.
 """

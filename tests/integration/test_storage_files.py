@@ -1,4 +1,4 @@
-"""The files API (S1.2, DESIGN.md §7): every explorer action, every refused path, the quota, the personas."""
+"""The files API (S1.2, docs/architecture.md): every explorer action, every refused path, the quota, the personas."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The whole live system (workers, beat, proxy, and this test process's routing writes) uses a private
 ``redis-server`` on a free port, started here: the machine's shared Redis on 6379 is never touched.
 The proxy must keep its last routing table and serve through the outage; once Redis is back, a route
-change must reach the proxy again within 1 s (DESIGN.md §7).
+change must reach the proxy again within 1 s (docs/architecture.md).
 """
 
 from __future__ import annotations

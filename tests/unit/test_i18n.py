@@ -1,4 +1,4 @@
-"""The Japanese catalog (DESIGN.md §6): complete, not fuzzy, placeholders kept, and the committed .mo
+"""The Japanese catalog (docs/architecture.md): complete, not fuzzy, placeholders kept, and the committed .mo
 compiled from the committed .po (a fresh clone runs without gettext, so a stale .mo would silently show
 English or old text)."""
 
