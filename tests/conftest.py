@@ -67,15 +67,37 @@ def api(personas: dict[str, object]) -> Iterator[object]:
     yield client_for
 
 
+def _replica_networks() -> set[str] | None:
+    """The names of the daemon's replica networks (None without a Docker engine)."""
+    try:
+        import docker
+
+        from serving.engines.docker import REPLICA_NETWORK
+
+        return {n.name for n in docker.from_env(timeout=5).networks.list(names=[REPLICA_NETWORK])}
+    except Exception:
+        return None
+
+
+_NETWORKS_BEFORE: set[str] | None = None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _NETWORKS_BEFORE
+    _NETWORKS_BEFORE = _replica_networks()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The Docker engine keeps an installation's replica network (removing it with its last replica
-    raced with starts); this run's installation (its REDIS_PREFIX) is made up, so its network goes
-    now, or every run would hold one of the daemon's ~30 address pools for ever."""
+    raced with starts), with its firewall rules. This run's installation (its REDIS_PREFIX) is made
+    up, and engine tests that name no installation use the default one's network (``ms-replicas``,
+    that of a `make run` on this host): whatever of these the run made goes now, or every run would
+    hold one of the daemon's ~30 address pools, and leave rules on the host, for ever."""
     import contextlib
     import os
 
     prefix = os.environ.get("REDIS_PREFIX", "")
-    if not prefix.startswith("mstest-"):
+    if not prefix.startswith("mstest-") or _NETWORKS_BEFORE is None:
         return
     with contextlib.suppress(Exception):
         import docker
@@ -83,5 +105,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         from serving.engines.docker import REPLICA_NETWORK, DockerEngine
 
         client = docker.from_env(timeout=5)
-        if any(n.name == f"{REPLICA_NETWORK}-{prefix}" for n in client.networks.list(names=[REPLICA_NETWORK])):
-            DockerEngine(client_factory=lambda **_: client, installation=prefix).remove_replica_network()
+        made = (_replica_networks() or set()) - _NETWORKS_BEFORE
+        for installation in (prefix, ""):
+            name = f"{REPLICA_NETWORK}-{installation}" if installation else REPLICA_NETWORK
+            if name in made:
+                DockerEngine(client_factory=lambda **_: client, installation=installation).remove_replica_network()
