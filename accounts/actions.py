@@ -9,7 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import ApiKey, Membership, Project, User
-from serving import tokens
+from serving.core import tokens
 
 
 def do_issue_api_key(user: User, *, name: str = "", expires_at: datetime | None = None) -> tuple[ApiKey, str]:

@@ -12,7 +12,7 @@ from rest_framework.request import Request
 
 from accounts.models import ApiKey
 from accounts.ratelimit import FailureLimiter, client_address
-from serving import tokens
+from serving.core import tokens
 
 # last_used_at is a hint for people, not an audit log: write it at most once a minute per key.
 _LAST_USED_GRANULARITY = timedelta(minutes=1)

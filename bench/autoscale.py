@@ -4,7 +4,7 @@
 
 1,000 endpoints with 2 rules each (a scale-out rule on the proxy's in-flight and a scale-in rule on
 the replicas' inference metric), each rule's series holding a minute of 5 s samples (12 points; the
-inference one from 3 replicas, 36 points), as the collectors leave them. ``serving.autoscaling.tick``
+inference one from 3 replicas, 36 points), as the collectors leave them. ``serving.control.autoscaling.tick``
 is timed (process CPU and wall; Redis's own time is in the wall figure only) in three states:
 
 * **steady**: every rule evaluated, nothing to do, nothing to write (the tick every beat pays);
@@ -65,7 +65,7 @@ def setup_django(workdir: Path) -> None:
 
 def build(endpoints: int, now: float) -> list[Any]:
     from accounts.models import User
-    from serving import metrics
+    from serving.bus import metrics
     from serving.models import AutoScalingRule, Endpoint
 
     owner = User.objects.create_user(username=f"bench-{uuid.uuid4().hex[:6]}", password=uuid.uuid4().hex)
@@ -118,7 +118,7 @@ def build(endpoints: int, now: float) -> list[Any]:
 def timed(now: float) -> tuple[float, float, int]:
     from datetime import UTC, datetime
 
-    from serving import autoscaling
+    from serving.control import autoscaling
 
     cpu, wall = time.process_time(), time.perf_counter()
     changed = autoscaling.tick(datetime.fromtimestamp(now, tz=UTC))
@@ -134,7 +134,7 @@ def main() -> None:
     ref = reference.measure()
     with tempfile.TemporaryDirectory(prefix="bench-autoscale-") as tmp:
         setup_django(Path(tmp))
-        from serving import dispatch, metrics, routing
+        from serving.bus import dispatch, metrics, routing
         from serving.models import Endpoint, ScalingEvent
 
         kicked = [0]

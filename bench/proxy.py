@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serving import tokens  # noqa: E402 - pure module, no Django
+from serving.core import tokens  # noqa: E402 - pure module, no Django
 
 KEY = "bench-key"
 PY = sys.executable

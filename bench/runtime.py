@@ -98,7 +98,7 @@ def make_folder(owner: Any, name: str) -> Any:
 
 
 def bench_create_to_running(engine: str, rounds: int, workdir: Path) -> tuple[list[float], list[float]] | str:
-    from serving import actions
+    from serving.actions import services as actions
     from serving.models import Endpoint, Node, Route
     from tests.live import LiveSystem, wait_for
 
@@ -150,7 +150,7 @@ def bench_create_to_running(engine: str, rounds: int, workdir: Path) -> tuple[li
 
 def docker_unavailable(workdir: Path) -> str | None:
     try:
-        from serving.engines.docker import DockerEngine
+        from serving.node.engines.docker import DockerEngine
     except ImportError as exc:
         return f"docker-py is not importable ({exc})"
     if not DockerEngine(state_dir=workdir / "docker-probe").available():
@@ -164,7 +164,8 @@ def docker_unavailable(workdir: Path) -> str | None:
 def bench_reconcile_tick(endpoints: int, routes_per: int) -> dict[str, float]:
     from django.utils import timezone
 
-    from serving import dispatch, events, lifecycle, routing
+    from serving.bus import dispatch, events, routing
+    from serving.control import lifecycle
     from serving.models import Endpoint, Node, Route
 
     owner = make_owner()

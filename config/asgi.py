@@ -13,7 +13,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the app regi
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from config.asgi_guards import TrustedProxyHeaders, WebOriginValidator  # noqa: E402
-from serving.consumers import websocket_urlpatterns  # noqa: E402
+from serving.web.consumers import websocket_urlpatterns  # noqa: E402
 from storage.asgi import streaming_uploads  # noqa: E402
 
 # The client address comes from X-Forwarded-For of WEB_TRUSTED_PROXIES only (daphne runs without

@@ -27,7 +27,7 @@ from config.env import (
 )
 
 # Shared with the engines, which check it again (plain constants: no Django, no app loading).
-from serving.engines.firewall import EGRESS_CHOICES
+from serving.node.engines.firewall import EGRESS_CHOICES
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var")))
@@ -204,7 +204,7 @@ RECONCILE_INTERVAL = env_float("RECONCILE_INTERVAL", 5.0, minimum=0.1)
 NODE_HEARTBEAT_INTERVAL = env_float("NODE_HEARTBEAT_INTERVAL", 5.0, minimum=0.1)
 NODE_LOST_AFTER = env_float("NODE_LOST_AFTER", 30.0, minimum=1.0)
 AUTOSCALE_INTERVAL = env_float("AUTOSCALE_INTERVAL", 5.0, minimum=0.1)
-# Metrics for autoscaling and charts (serving/metrics.py): how often the nodes sample their replicas
+# Metrics for autoscaling and charts (serving/bus/metrics.py): how often the nodes sample their replicas
 # (engine stats, /metrics) and the beat collects the proxies' stats, how long points are kept, and the
 # bounds of one node's sampling round (a hung replica costs one slot for at most the timeout).
 METRICS_INTERVAL = env_float("METRICS_INTERVAL", 5.0, minimum=0.1)

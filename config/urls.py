@@ -23,7 +23,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include("accounts.api_urls")),
-    path("api/v1/", include("serving.api.urls")),
+    path("api/v1/", include("serving.web.api.urls")),
     path("api/v1/", include("storage.api_urls")),
 ]
 

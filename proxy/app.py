@@ -46,7 +46,7 @@ from proxy.config import Config
 from proxy.relay import UNSAFE_REUSE_SECONDS, Downstream, Exchange, Upstream, keep_app_cookies
 from proxy.report import Reporter
 from proxy.table import Endpoint, Route, Table
-from serving import tokens
+from serving.core import tokens
 
 log = logging.getLogger("proxy")
 

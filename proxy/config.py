@@ -7,7 +7,7 @@ variable, like the web app's typed env helpers (config/env.py).
 |---|---|---|
 | PROXY_HOST / PROXY_PORT | 127.0.0.1 / 8080 | where clients connect |
 | PROXY_ADMIN_PORT | 8081 | /metrics (Prometheus) and /healthz, on PROXY_HOST |
-| REDIS_URL / REDIS_PREFIX | redis://127.0.0.1:6379/0 / ms | where the routing table lives (serving/routing.py) |
+| REDIS_URL / REDIS_PREFIX | redis://127.0.0.1:6379/0 / ms | where the routing table lives (serving/bus/routing.py) |
 | TOKEN_HMAC_KEY / VAR_DIR | -, <repo>/var | the token digest key, else the file $VAR_DIR/token_hmac_key |
 | SERVING_DOMAIN | (off) | also route by host name: <slug>.<SERVING_DOMAIN> |
 | PROXY_KEEP_TOKEN | false | forward the platform token to the replica instead of removing it |

@@ -1,6 +1,6 @@
 """The routing table in memory: a full load from Redis at start, pub/sub updates, periodic resync.
 
-Written by ``serving/routing.py``: hash ``<prefix>:routing`` (slug -> JSON entry) and channel
+Written by ``serving/bus/routing.py``: hash ``<prefix>:routing`` (slug -> JSON entry) and channel
 ``<prefix>:routing:updates`` (``{"slug", "entry"}``, entry null when the endpoint is gone, or
 ``{"resync": true}``). The follower subscribes first and loads the whole hash second, so no update
 falls in between; it re-reads the hash every ``resync_interval`` so a lost message heals by itself.
@@ -40,7 +40,7 @@ _random = random.random
 _monotonic = time.monotonic
 
 # The web app's cookies under Django's default names: removed even when an entry names none (an
-# entry from an older control plane), besides the names the entry gives (serving/routing.py).
+# entry from an older control plane), besides the names the entry gives (serving/bus/routing.py).
 DEFAULT_PLATFORM_COOKIES = frozenset((b"sessionid", b"csrftoken", b"django_language"))
 _cookie_sets: dict[tuple[str, ...], frozenset[bytes]] = {}
 

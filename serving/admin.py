@@ -11,7 +11,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from serving import actions
+from serving.actions import services as actions
 from serving.models import (
     AutoScalingRule,
     Endpoint,

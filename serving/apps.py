@@ -8,4 +8,4 @@ class ServingConfig(AppConfig):
     verbose_name = "Serving"
 
     def ready(self) -> None:
-        from serving import signals  # noqa: F401  (connects the Celery worker signals)
+        from serving import worker  # noqa: F401  (connects the Celery worker signals)

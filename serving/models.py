@@ -1,4 +1,4 @@
-"""The serving data model (S4-S7, S9). Rows are written only by ``serving.actions`` and the loops.
+"""The serving data model (S4-S7, S9). Rows are written only by ``serving.actions.services`` and the loops.
 
 Endpoint = a model service with one stable address; Route = one replica of it on a node;
 EndpointToken = a revocable credential for a private endpoint; AutoScalingRule + ScalingEvent = the
@@ -285,7 +285,7 @@ class Route(models.Model):
 
 
 class RouteMember(models.Model):
-    """A sub member of a cluster-mode replica (S4.1, ``serving.cluster``): one more container of the
+    """A sub member of a cluster-mode replica (S4.1, ``serving.core.cluster``): one more container of the
     route, on its own node in multi-node mode. The main member is the route itself."""
 
     class Status(models.TextChoices):

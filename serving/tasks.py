@@ -1,7 +1,7 @@
 """Thin Celery tasks (docs/architecture.md): take ids, re-fetch, tolerate deleted rows, call the logic.
 
 Control-plane tasks run on the ``control`` queue; engine work runs on ``node.<name>``, consumed only
-by that node's worker. Nothing imports this module: work is sent by task name (``serving.dispatch``)
+by that node's worker. Nothing imports this module: work is sent by task name (``serving.bus.dispatch``)
 and the beat names its ticks (config/celery.py), so these wrappers may import the logic they run.
 """
 
@@ -14,8 +14,12 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from serving import actions, autoscaling, dispatch, events, lifecycle, metrics, node, routing, validation
+from serving.actions import services as actions
+from serving.bus import dispatch, events, metrics, routing
+from serving.control import autoscaling, lifecycle
 from serving.models import Endpoint, Node, Route
+from serving.node import agent as node
+from serving.node import dryrun as validation
 
 log = logging.getLogger(__name__)
 

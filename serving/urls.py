@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.pages import chat, detail, services
+from serving.web.pages import chat, detail, services
 
 app_name = "serving"
 urlpatterns = [*services.urlpatterns, *detail.urlpatterns, *chat.urlpatterns]

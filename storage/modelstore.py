@@ -12,8 +12,8 @@ from typing import Any
 
 from django.conf import settings
 
-from serving import definitions, slots
-from serving.definitions import MODEL_DEFINITION_NAMES, SERVICE_DEFINITION_NAME, DefinitionError, Problem
+from serving.core import definitions, slots
+from serving.core.definitions import MODEL_DEFINITION_NAMES, SERVICE_DEFINITION_NAME, DefinitionError, Problem
 from storage import fs as fsmod
 from storage.fs import FolderFS
 from storage.models import Folder
@@ -61,7 +61,7 @@ def launcher_values(folder: Folder, runtime: str = "custom", definition_path: st
     Problems never raise: the launcher shows them next to the fields (file, field path, line), and the
     user may still fix the values by hand.
     """
-    from serving.runtimes import RUNTIMES
+    from serving.core.runtimes import RUNTIMES
 
     folder_fs = FolderFS(folder.host_path)
     problems: list[Problem] = []

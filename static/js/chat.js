@@ -1,5 +1,5 @@
 // LLM Chat Test (S8): talks to an OpenAI-compatible API with streaming (server-sent events), token
-// by token. "This service" goes through the same-origin relay (serving/pages/chat.py explains why);
+// by token. "This service" goes through the same-origin relay (serving/web/pages/chat.py explains why);
 // "another server" is called directly at the baseURL the user gives (S8.2). Everything the model or
 // a server says is put on the page as text, never as HTML.
 (function () {

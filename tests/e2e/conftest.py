@@ -121,8 +121,8 @@ def live(web: Web) -> Iterator[Web]:
         pytest.skip(reason)
     from django.conf import settings
 
-    from serving.engines.local import LocalEngine
     from serving.models import Node
+    from serving.node.engines.local import LocalEngine
 
     web.system.start_control()
     web.system.start_node("local")

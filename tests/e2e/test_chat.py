@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from serving import actions
+from serving.actions import services as actions
 from serving.models import EndpointToken, Route
 from tests.e2e.conftest import Web, fast_health_checks, off_loop
 from tests.live import deadline_ms, free_port, wait_for

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from serving import actions
-from serving.events import notify_endpoint_changed
+from serving.actions import services as actions
+from serving.bus.events import notify_endpoint_changed
 from serving.models import AutoScalingRule, Endpoint, EndpointToken, Node, Route, RouteMember
 from tests.e2e.conftest import ARTIFACTS, Web, _engine_ready, fast_health_checks, off_loop
 from tests.live import deadline_ms, wait_for

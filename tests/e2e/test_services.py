@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from serving import actions
-from serving.events import notify_endpoint_changed
+from serving.actions import services as actions
+from serving.bus.events import notify_endpoint_changed
 from serving.models import Endpoint, Route
 from tests.e2e.conftest import Web, fast_health_checks, off_loop
 from tests.live import deadline_ms, wait_for

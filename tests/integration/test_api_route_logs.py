@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from serving import node as node_module
-from serving.engines.base import ReplicaNotFound
 from serving.models import Node, Route, RouteMember
-from serving.nodebus import NodeListener
+from serving.node import agent as node_module
+from serving.node.engines.base import ReplicaNotFound
+from serving.node.nodebus import NodeListener
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 

@@ -217,7 +217,8 @@ def test_tokens_shown_once_and_stored_as_digest(api: Any, folder: Folder) -> Non
 def test_token_last_use_is_batched_from_the_proxies(api: Any, folder: Folder) -> None:
     """The proxies batch last-use times in Redis (tests/integration/test_proxy.py checks that side);
     the beat task moves them onto the tokens, forward only, and empties the batch."""
-    from serving import routing, tasks
+    from serving import tasks
+    from serving.bus import routing
 
     service = create(api, "owner", folder).json()
     url = f"/api/v1/services/{service['id']}/tokens/"

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from serving import autoscaling, metrics
-from serving.engines.base import ReplicaStats
+from serving.bus import metrics
+from serving.bus.routing import get_redis
+from serving.control import autoscaling
 from serving.models import AutoScalingRule, Endpoint, Node, Route, RouteMember, ScalingEvent, ServiceEvent
-from serving.routing import get_redis
+from serving.node.engines.base import ReplicaStats
 
 pytestmark = pytest.mark.django_db
 
@@ -38,7 +39,7 @@ def endpoint(personas: dict[str, Any]) -> Endpoint:
 @pytest.fixture(autouse=True)
 def _no_reconcile(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     kicked: list[str] = []
-    monkeypatch.setattr("serving.dispatch.enqueue_reconcile", kicked.append)
+    monkeypatch.setattr("serving.bus.dispatch.enqueue_reconcile", kicked.append)
     return kicked
 
 

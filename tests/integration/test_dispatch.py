@@ -1,4 +1,4 @@
-"""serving.dispatch sends work by task name (nothing imports serving.tasks): the names are the
+"""serving.bus.dispatch sends work by task name (nothing imports serving.tasks): the names are the
 tasks', and under CELERY_TASK_ALWAYS_EAGER the work runs in place, as apply_async did."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from celery import current_app
 
-from serving import dispatch
+from serving.bus import dispatch
 
 
 def test_every_name_dispatch_sends_is_a_task() -> None:
@@ -24,7 +24,7 @@ def test_every_name_dispatch_sends_is_a_task() -> None:
 
 
 def test_under_always_eager_the_work_runs_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving import lifecycle
+    from serving.control import lifecycle
 
     ran: list[Any] = []
     monkeypatch.setattr(lifecycle, "reconcile", ran.append)

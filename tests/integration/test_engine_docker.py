@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from serving.engines.base import (
+from serving.node.engines.base import (
     LABEL_ENDPOINT,
     LABEL_ROLE,
     LABEL_ROUTE,
@@ -36,12 +36,12 @@ from serving.engines.base import (
     ReplicaSpec,
     ReplicaState,
 )
-from serving.engines.docker import DockerEngine
+from serving.node.engines.docker import DockerEngine
 from tests.live import deadline_for, wait_for
 
 IMAGE = "modelserve/python:3.11"
 ROOT = Path(__file__).resolve().parents[2]
-BOOTSTRAP = ROOT / "serving" / "engines" / "bootstrap.py"
+BOOTSTRAP = ROOT / "serving" / "node" / "engines" / "bootstrap.py"
 RUN_ID = uuid.uuid4().hex[:8]
 TEST_LABEL = "serving.test"  # every container of this run carries it, so teardown sweeps them all
 
@@ -81,7 +81,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
 """
 
-# Stand-in for serving/engines/bootstrap.py, used only if that file is missing (it is written by
+# Stand-in for serving/node/engines/bootstrap.py, used only if that file is missing (it is written by
 # another part of the project): same plan format, same exit code 97 and "[prestart]" lines.
 STAND_IN_BOOTSTRAP = r"""
 import json, os, subprocess, sys
@@ -380,7 +380,7 @@ def test_a_node_publishes_replicas_on_its_node_address(
 ) -> None:
     """NODE_ADDRESS is where other hosts (the proxy, a cluster's members) reach this node's
     replicas: the Docker engine publishes their ports there, and reports that address."""
-    from serving import node
+    from serving.node import agent as node
 
     address = a_host_address()
     if address is None:

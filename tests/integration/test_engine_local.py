@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from serving.engines.base import ClusterPeering, EngineError, Mount, PreStartActionSpec, ReplicaSpec, ReplicaState
-from serving.engines.local import CGROUP_PARENT, CGROUP_ROOT, NET_REGISTRY, PEER_CHAIN, LocalEngine
+from serving.node.engines.base import ClusterPeering, EngineError, Mount, PreStartActionSpec, ReplicaSpec, ReplicaState
+from serving.node.engines.local import CGROUP_PARENT, CGROUP_ROOT, NET_REGISTRY, PEER_CHAIN, LocalEngine
 from tests.live import deadline_for, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

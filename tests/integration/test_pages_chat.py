@@ -17,7 +17,7 @@ from django.test import AsyncClient, Client
 from django.urls import reverse
 from django.utils import timezone
 
-from serving import actions
+from serving.actions import services as actions
 from serving.models import Endpoint, EndpointToken
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 from tests.live import free_port

@@ -13,7 +13,8 @@ from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 
-from serving import actions, events
+from serving.actions import services as actions
+from serving.bus import events
 from serving.models import (
     AutoScalingRule,
     Endpoint,

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.test import Client
 from django.urls import reverse
 
-from serving import actions
+from serving.actions import services as actions
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 

@@ -11,10 +11,10 @@ import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
-from serving import actions
-from serving.consumers import websocket_urlpatterns
-from serving.events import notify_endpoint_changed
+from serving.actions import services as actions
+from serving.bus.events import notify_endpoint_changed
 from serving.models import Endpoint, ServiceEvent
+from serving.web.consumers import websocket_urlpatterns
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 from tests.live import deadline_for

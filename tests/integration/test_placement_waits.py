@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from serving import lifecycle
+from serving.control import lifecycle
 from serving.models import Endpoint, Node, Route, ServiceEvent
 
 pytestmark = pytest.mark.django_db

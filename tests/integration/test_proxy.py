@@ -1,6 +1,6 @@
 """The real data plane (``python -m proxy`` as a process) against real replicas and the real Redis.
 
-No Django here: the routing table is written into Redis directly, in the format serving/routing.py
+No Django here: the routing table is written into Redis directly, in the format serving/bus/routing.py
 writes (docs/architecture.md; S5, S7, S8). Every proxy gets its own key prefix; backends are
 examples/llm-echo (OpenAI-compatible, SSE) and a small aiohttp app for headers, bodies and
 websockets. Conditions are awaited with deadlines, never with bare sleeps.
@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import redis
 
-from serving import tokens
+from serving.core import tokens
 from tests import live
 
 # The data plane's timings are sub-second: poll fast.
@@ -194,7 +194,7 @@ class Proxy:
         expires: float | None = None,
         status: str = "HEALTHY",
     ) -> None:
-        """What serving/routing.py does: write the entry, then announce it."""
+        """What serving/bus/routing.py does: write the entry, then announce it."""
         entry = {
             "id": f"id-{slug}",
             "slug": slug,

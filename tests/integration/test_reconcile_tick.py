@@ -14,7 +14,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from serving import dispatch, events, lifecycle, scheduler
+from serving.bus import dispatch, events
+from serving.control import lifecycle, scheduler
 from serving.models import Endpoint, Node, Route, ServiceEvent
 
 pytestmark = pytest.mark.django_db

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from serving import replicas
 from serving.models import Endpoint, Route
+from serving.node import replicas
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 

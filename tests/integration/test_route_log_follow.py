@@ -20,11 +20,11 @@ from django.conf import settings
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
-from serving import node as node_module
-from serving.engines.base import Mount, ReplicaInfo, ReplicaSpec
-from serving.engines.local import LocalEngine
 from serving.models import Node, Route, RouteMember
-from serving.nodebus import NodeListener
+from serving.node import agent as node_module
+from serving.node.engines.base import Mount, ReplicaInfo, ReplicaSpec
+from serving.node.engines.local import LocalEngine
+from serving.node.nodebus import NodeListener
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 from tests.integration.conftest import _engine_ready

@@ -46,7 +46,7 @@ def healthy_routes(api: Any, service_id: str, count: int) -> list[dict[str, Any]
 
 
 def engine_of(node: str) -> Any:
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     return LocalEngine(state_dir=Path(settings.ENGINE_STATE_DIR) / f"local-{node}")
 
@@ -106,7 +106,7 @@ class Load:
 
 
 def in_routing_table(slug: str) -> set[str]:
-    from serving.routing import get_redis, table_key
+    from serving.bus.routing import get_redis, table_key
 
     raw = get_redis().hget(table_key(), slug)
     return {r["id"] for r in json.loads(raw)["routes"]} if raw else set()

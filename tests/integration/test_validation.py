@@ -12,7 +12,7 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 
-from serving.consumers import websocket_urlpatterns
+from serving.web.consumers import websocket_urlpatterns
 from tests.factories import FolderFactory
 from tests.live import ROOT, LiveSystem, deadline_for
 
@@ -50,7 +50,7 @@ def validate(api: Any, folder: Any) -> str:
 
 
 def engine_replicas() -> list[Any]:
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     return LocalEngine(Path(settings.ENGINE_STATE_DIR) / "local-local").list()
 
@@ -104,7 +104,7 @@ def test_validation_on_docker_runs_until_healthy_and_leaves_no_container(
     """On Docker a validation's container carries a route label too (its name); the node's orphan
     sweep must leave it to the validation, or every validation slower than one sync fails with
     "the replica does not exist (any more)"."""
-    from serving.engines.base import LABEL_VALIDATION
+    from serving.node.engines.base import LABEL_VALIDATION
     from tests.reliability.test_replica_faults import docker_engine_or_skip
 
     engine = docker_engine_or_skip(settings)

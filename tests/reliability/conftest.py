@@ -124,7 +124,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def stop_every_replica() -> None:
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     for state_dir in Path(django_settings.ENGINE_STATE_DIR).glob("local-*"):
         engine = LocalEngine(state_dir=state_dir)
@@ -208,7 +208,7 @@ def healthy_routes(api: Any, service_id: str, count: int) -> list[dict[str, Any]
 
 
 def local_engine() -> Any:
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     return LocalEngine(state_dir=Path(django_settings.ENGINE_STATE_DIR) / "local-local")
 
@@ -231,7 +231,7 @@ def replica_init_pid(container_id: str) -> int:
 
 def engine_replicas(endpoint_id: str) -> set[str]:
     """Replica ids the engine really runs for an endpoint (not what the DB believes)."""
-    from serving.engines.base import ReplicaState
+    from serving.node.engines.base import ReplicaState
 
     return {
         info.replica_id

@@ -1,7 +1,7 @@
 """Faults 3 and 4 of "Reliability" (issue 9): the control plane dies under load; a worker dies in the
 middle of a reconcile, a replica start, a termination and a validation.
 
-The crashes of fault 4 are injected with ``MODELSERVE_CRASH_AT`` (serving/faults.py): the process
+The crashes of fault 4 are injected with ``MODELSERVE_CRASH_AT`` (serving/failpoints.py): the process
 ``os._exit``s at the named step, right after a commit, leaving the most half-done work behind. It is
 then started again without the variable, and the platform must finish the work on its own.
 """
@@ -209,8 +209,9 @@ def test_fault4_validation_crash_finishes_and_removes_its_replica(
 ) -> None:
     """The node worker dies while a validation's replica runs: the run is finished as failed (the
     browser's dialog ends) and its replica removed, after its timeout + ABANDONED_AFTER."""
-    from serving import actions, validation
-    from serving.engines.base import LABEL_VALIDATION
+    from serving.actions import services as actions
+    from serving.node import dryrun as validation
+    from serving.node.engines.base import LABEL_VALIDATION
 
     system = live()
     start_with_crash(system, "node-local", "validation.started")

@@ -2,7 +2,7 @@
 
 * a provisioning route no node claimed gets its start re-sent (lifecycle.START_RESEND_AFTER);
 * the proxy keeps its last table when Redis comes back without the table (proxy/table.py);
-* the fault hook is inert unless its variable names the step (serving/faults.py);
+* the fault hook is inert unless its variable names the step (serving/failpoints.py);
 * a validation whose worker died is finished as failed once overdue (validation.finish_if_abandoned).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from proxy.table import Table
-from serving.lifecycle import PROVISION_TIMEOUT, START_RESEND_AFTER, EndpointView, RouteView, plan
+from serving.control.lifecycle import PROVISION_TIMEOUT, START_RESEND_AFTER, EndpointView, RouteView, plan
 from tests.live import ROOT
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -86,7 +86,8 @@ def test_fault_hook_is_inert_unless_named() -> None:
 
 @pytest.mark.django_db
 def test_overdue_validation_is_finished_as_failed(settings: Any) -> None:
-    from serving import routing, validation
+    from serving.bus import routing
+    from serving.node import dryrun as validation
 
     run_id = validation.new_id()
     validation.save_request(validation.ValidationRequest(id=run_id, user_id=1, node="local", config={}, timeout=5.0))
@@ -110,9 +111,10 @@ def test_a_start_claimed_before_the_worker_began_is_redone_and_its_replica_stopp
 ) -> None:
     from django.utils import timezone
 
-    from serving import dispatch, node
-    from serving.engines.base import LABEL_ROUTE
+    from serving.bus import dispatch
     from serving.models import Endpoint, Node, Route
+    from serving.node import agent as node
+    from serving.node.engines.base import LABEL_ROUTE
 
     settings.NODE_NAME = "local"
     local = Node.objects.create(name="local", heartbeat_at=timezone.now())
@@ -153,8 +155,10 @@ def test_a_running_validation_replica_is_no_orphan_even_with_a_route_label(
     """The Docker engine labels every container with a route (a validation's gets its container
     name); the node's sync must leave a validation's replica to the validation sweep, which keeps it
     until the run is finished, instead of stopping it as an orphan seconds into the run."""
-    from serving import node, routing, validation
-    from serving.engines.base import LABEL_NODE, LABEL_ROUTE, LABEL_VALIDATION
+    from serving.bus import routing
+    from serving.node import agent as node
+    from serving.node import dryrun as validation
+    from serving.node.engines.base import LABEL_NODE, LABEL_ROUTE, LABEL_VALIDATION
 
     settings.NODE_NAME = "local"
     run_id = validation.new_id()

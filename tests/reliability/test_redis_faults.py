@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from serving import routing
+from serving.bus import routing
 from serving.models import Route
 from tests.live import free_port, wait_for
 from tests.reliability.conftest import (

@@ -81,7 +81,7 @@ RULES: dict[str, Rule] = {
     "storage:delete-path": Rule(PAGE, {"POST": READ}, data={"path": "{file}"}),
     "storage:settings": Rule(PAGE, {"POST": MANAGE}),
     "storage:delete": Rule(PAGE, {"POST": MANAGE}),
-    # --- service pages (serving/pages/*.py) ------------------------------------------------------
+    # --- service pages (serving/web/pages/*.py) ------------------------------------------------------
     "serving:list": Rule(PAGE, {"GET": ANY_USER}, collection=True),
     "serving:new": Rule(PAGE, {"GET": ANY_USER, "POST": ANY_USER}),
     "serving:validate": Rule(PAGE, {"POST": ANY_USER}),
@@ -140,7 +140,7 @@ ADMIN_RULES: dict[str, Rule] = {
     "admin:*": Rule(ADMIN, {"GET": STAFF}),
 }
 
-# Websocket routes (serving/consumers.py), keyed by their pattern.
+# Websocket routes (serving/web/consumers.py), keyed by their pattern.
 WS_RULES: dict[str, Access] = {
     "ws/services/": ANY_USER,
     "ws/services/<uuid:service_id>/": {**READ, "stranger": REFUSED},

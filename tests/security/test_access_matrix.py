@@ -265,7 +265,7 @@ def test_every_url_has_an_access_rule() -> None:
 
 
 def test_every_websocket_route_has_an_access_rule() -> None:
-    from serving.consumers import websocket_urlpatterns
+    from serving.web.consumers import websocket_urlpatterns
 
     routes = {str(p.pattern) for p in websocket_urlpatterns}
     missing = [

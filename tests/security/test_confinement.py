@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from django.conf import settings as django_settings
 
-from serving.engines.base import Mount, ReplicaState
+from serving.node.engines.base import Mount, ReplicaState
 from tests.integration import test_engine_docker as docker_tests
 from tests.integration import test_engine_local as local_tests
 from tests.integration.test_engine_docker import bootstrap_path, docker_client  # noqa: F401  (fixtures)
@@ -178,7 +178,7 @@ needs_local = pytest.mark.skipif(local_tests._why_not() is not None, reason=str(
 
 @pytest.fixture
 def local_engine(tmp_path: Path) -> Iterator[Any]:
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX)
     yield engine
@@ -227,7 +227,7 @@ def test_local_replica_is_confined_and_runs_as_nobody(local_engine: Any, tmp_pat
 
 @needs_local
 def test_local_replica_runs_as_the_configured_user(tmp_path: Path) -> None:
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX, uid=4321, gid=4322)
     try:
@@ -257,7 +257,7 @@ def test_local_replica_past_its_memory_is_killed_and_its_neighbour_serves_on(loc
 
 @pytest.fixture
 def docker_engine(docker_client: Any, bootstrap_path: Path, tmp_path: Path) -> Any:  # noqa: F811
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.docker import DockerEngine
 
     return DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state")
 

@@ -4,7 +4,7 @@ With the default addresses (web on :8000, proxy on :8080, one host name) a brows
 app's cookies to the proxy too: cookies are scoped by host name, not by port. So a victim who opens
 a public service's URL would hand their ``sessionid`` and ``csrftoken`` to the replica, that is to
 the service's owner. These tests run the real chain: the service is created through the API, its
-routing entry is built by serving/routing.py and read by the real proxy process from Redis, and the
+routing entry is built by serving/bus/routing.py and read by the real proxy process from Redis, and the
 replica is a real server that reports the headers it received.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
-from serving import routing
+from serving.bus import routing
 from serving.models import Endpoint, Route
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 from tests.integration import test_proxy as live_proxy
@@ -88,7 +88,7 @@ def _public_service(api: Any, owner: Any, replica: CookieReplica, **fields: Any)
 
 
 def _publish(proxy: live_proxy.Proxy, endpoint: Endpoint) -> None:
-    """What serving/routing.py publishes, into this proxy's private key prefix."""
+    """What serving/bus/routing.py publishes, into this proxy's private key prefix."""
     entry = routing.build_entry(endpoint, list(endpoint.routes.all()), [])
     proxy.redis.hset(f"{proxy.prefix}:routing", endpoint.slug, json.dumps(entry))
     proxy.redis.publish(f"{proxy.prefix}:routing:updates", json.dumps({"slug": endpoint.slug, "entry": entry}))

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import proxy.app
-from serving.definitions import DefinitionError, parse_model_definition, parse_service_definition
+from serving.core.definitions import DefinitionError, parse_model_definition, parse_service_definition
 from storage.fs import MAX_NAME_BYTES, FolderFS, FsError, check_name, join, split_path
 from tests.live import deadline_for, deadline_ms
 from tests.unit.test_proxy_protocol import World

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from serving import actions, replicas
+from serving.actions import services as actions
 from serving.models import Endpoint, Route
+from serving.node import replicas
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
@@ -246,10 +247,11 @@ def test_autoscaling_records_the_refusal_instead_of_scaling_a_legacy_service(
     short and written once; the service's events keep the whole sentence, once too."""
     from datetime import UTC, datetime
 
-    from serving import autoscaling, metrics
+    from serving.bus import metrics
+    from serving.control import autoscaling
     from serving.models import AutoScalingRule, ScalingEvent, ServiceEvent
 
-    monkeypatch.setattr("serving.dispatch.enqueue_reconcile", lambda endpoint_id: None)
+    monkeypatch.setattr("serving.bus.dispatch.enqueue_reconcile", lambda endpoint_id: None)
     endpoint = _legacy(personas, folders)
     if owners == 2:
         endpoint.extra_mounts = [

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from serving import routing, tokens
+from serving.bus import routing
+from serving.core import tokens
 from serving.models import Route
 from tests.integration.test_proxy import KEY, Backend, Proxy, stop, wait_for
 from tests.security.world import World, build_world

@@ -16,8 +16,8 @@ from rest_framework.test import APIRequestFactory
 from accounts.actions import do_issue_api_key, do_revoke_api_key
 from accounts.authentication import ApiKeyAuthentication
 from accounts.models import Membership
-from serving import actions
-from serving.access import ReadGrant
+from serving.actions import services as actions
+from serving.web.access import ReadGrant
 from tests.security.world import World
 
 pytestmark = pytest.mark.django_db

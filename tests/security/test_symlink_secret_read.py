@@ -2,7 +2,7 @@
 
 A replica can write into the folders it mounts (and a folder's usage mode can change later), so it
 can leave ``service-definition.toml -> /etc/shadow`` behind. The web app read that file with a
-plain ``open`` (serving/launcher.py) and a 0600 secret came back through the API as the service's
+plain ``open`` (serving/folders.py) and a 0600 secret came back through the API as the service's
 image. Every code path that reads a folder's content now goes through storage/fs.py, which opens
 each path component without following a link.
 
@@ -25,8 +25,9 @@ import pytest
 from django.core.management import call_command
 from django.test import Client
 
-from serving import launcher, replicas
+from serving import folders
 from serving.models import Endpoint, Route
+from serving.node import replicas
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
 pytestmark = pytest.mark.django_db
@@ -119,7 +120,7 @@ def test_symlink_planted_by_a_replica_never_leaks_a_host_secret(
         content_type="application/json",
     )
     look("service create", created.content)
-    look("launcher.folder_defaults", repr(launcher.folder_defaults(folder, "custom")))
+    look("folders.folder_defaults", repr(folders.folder_defaults(folder, "custom")))
 
     start_message = ""
     if created.status_code == 201:
@@ -150,7 +151,7 @@ def test_symlink_planted_by_a_replica_never_leaks_a_host_secret(
         problems = json.loads(launcher_api)["problems"]
         assert [p["file"] for p in problems] == ["service-definition.toml"]
         assert "symbolic link" in problems[0]["message"] and "upload the file itself" in problems[0]["message"]
-        assert "symbolic link" in " ".join(launcher.folder_defaults(folder, "custom").problems)
+        assert "symbolic link" in " ".join(folders.folder_defaults(folder, "custom").problems)
     else:
         assert "symbolic link" in json.dumps(json.loads(launcher_api)["problems"])
         assert "symbolic link" in start_message and "model-definition.yaml" in start_message
@@ -158,7 +159,7 @@ def test_symlink_planted_by_a_replica_never_leaks_a_host_secret(
 
 def test_a_link_swapped_in_after_the_check_is_not_followed(personas: dict[str, Any], tmp_path: Path) -> None:
     """No check-then-open race: the open itself refuses a link (O_NOFOLLOW on every component)."""
-    from serving import definitions
+    from serving.core import definitions
     from storage.fs import FolderFS
 
     secret = tmp_path / "shadow"
@@ -170,4 +171,4 @@ def test_a_link_swapped_in_after_the_check_is_not_followed(personas: dict[str, A
     os.replace(tmp_path / "link", root / "service-definition.toml")  # a replica swaps a link in
     with pytest.raises(definitions.DefinitionError, match="symbolic link"):
         definitions.read_folder_file(FolderFS(root), "service-definition.toml")  # ... the read refuses
-    assert launcher.folder_defaults(folder, "custom").image == ""
+    assert folders.folder_defaults(folder, "custom").image == ""

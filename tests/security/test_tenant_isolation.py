@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from serving.engines.base import LABEL_ENDPOINT, Mount, PreStartActionSpec
+from serving.node.engines.base import LABEL_ENDPOINT, Mount, PreStartActionSpec
 from tests.integration import test_engine_docker as docker_tests
 from tests.integration import test_engine_local as local_tests
 from tests.integration.test_engine_docker import bootstrap_path, docker_client  # noqa: F401  (fixtures)
@@ -76,7 +76,7 @@ __attribute__((constructor)) static void evil(void) {
 
 @pytest.fixture
 def local_engine(tmp_path: Path) -> Iterator[Any]:
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX)
     yield engine
@@ -175,8 +175,8 @@ def test_with_egress_denied_cluster_members_still_reach_each_other_and_not_the_h
 ) -> None:
     import http.server
 
-    from serving.engines.base import LABEL_ROLE, LABEL_ROUTE, ClusterPeering
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.base import LABEL_ROLE, LABEL_ROUTE, ClusterPeering
+    from serving.node.engines.docker import DockerEngine
 
     address = host_address()
     if address is None:
@@ -228,7 +228,7 @@ def test_with_egress_denied_a_local_replica_reaches_none_of_the_hosts_addresses(
     (a service listening on 0.0.0.0), while the host still reaches the replica."""
     import ipaddress
 
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     model = probe_model(tmp_path)
     results = {}
@@ -262,7 +262,7 @@ def test_with_egress_denied_a_local_replica_reaches_no_host_service_over_ipv6_li
     would let a sandbox reach a host service listening on [::]. Neither end has IPv6."""
     if not Path("/proc/sys/net/ipv6").exists():
         pytest.skip("this kernel has no IPv6")
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     model = probe_model(tmp_path)
     server = socket.create_server(("::", 0), family=socket.AF_INET6, backlog=16)
@@ -309,8 +309,8 @@ def test_egress_deny_without_root_is_refused_by_the_local_engine_with_a_sentence
 ) -> None:
     """Without root the sandbox's network is pasta's, an outbound NAT through the host's own sockets
     that no firewall rule sees: deny can not be kept, so the engine says so instead of ignoring it."""
-    from serving.engines import local
-    from serving.engines.base import EngineError
+    from serving.node.engines import local
+    from serving.node.engines.base import EngineError
 
     engine = local.LocalEngine(tmp_path / "state", egress="deny")
     engine._bwrap, engine._pasta = "/usr/bin/bwrap", "/usr/bin/pasta"
@@ -378,8 +378,8 @@ def test_a_non_ascii_or_malformed_variable_name_is_refused_at_create_with_a_sent
 
 
 def test_the_api_the_folder_definition_and_the_local_engine_share_one_variable_name_rule() -> None:
-    from serving import definitions
-    from serving.engines import local
+    from serving.core import definitions
+    from serving.node.engines import local
 
     assert local.ENV_NAME is definitions.ENV_NAME
     for good in ("MODEL_NAME", "_x", "a1"):
@@ -390,7 +390,7 @@ def test_the_api_the_folder_definition_and_the_local_engine_share_one_variable_n
 
 @pytest.mark.parametrize("name", LOADER_NAMES)
 def test_ld_preload_in_a_folders_service_definition_is_refused_with_a_sentence(name: str) -> None:
-    from serving.definitions import DefinitionError, parse_service_definition
+    from serving.core.definitions import DefinitionError, parse_service_definition
 
     toml = f"[custom.environment]\nimage = 'x'\narchitecture = 'x86_64'\n[custom.environ]\n{name} = '/models/evil.so'\n"
     with pytest.raises(DefinitionError) as info:
@@ -418,7 +418,7 @@ def host_listener(below_ephemeral: bool = False) -> Iterator[int]:
     An ephemeral one (where Docker publishes replicas), or with ``below_ephemeral`` one under that
     range (where a shared service such as the proxy listens)."""
     if below_ephemeral:
-        from serving.engines.firewall import ephemeral_port_range
+        from serving.node.engines.firewall import ephemeral_port_range
 
         low = ephemeral_port_range()[0]
         for port in range(low - 1, max(low - 2000, 1024), -1):
@@ -488,7 +488,7 @@ def test_a_replica_of_one_service_can_not_reach_another_services_replica_on_dock
     bootstrap_path: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.docker import DockerEngine
 
     address = host_address()
     engine = DockerEngine(
@@ -526,7 +526,7 @@ def test_with_egress_denied_a_docker_replica_reaches_none_of_the_hosts_addresses
     bootstrap_path: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.docker import DockerEngine
 
     network = f"ms-replicas-t{docker_tests.RUN_ID}"
     engine = DockerEngine(
@@ -577,7 +577,7 @@ def test_a_docker_replica_leaves_no_root_owned_or_setuid_file_on_a_read_write_mo
     bootstrap_path: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.docker import DockerEngine
 
     engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state")
     data = tmp_path / "data"
@@ -610,7 +610,7 @@ def test_what_a_docker_replica_writes_counts_against_the_folders_quota_and_refus
     """What is enforced: usage is measured from the folder's files at every upload and read-back,
     so a replica's 64 KiB in a 32 KiB folder show in ``used_bytes`` and refuse further uploads. Not
     enforced: a replica writing past the quota while it runs (that needs filesystem quotas)."""
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.docker import DockerEngine
     from tests.factories import FolderFactory
 
     folder = FolderFactory(owner=personas["owner"], name="scratch", usage_mode="data", quota_bytes=32 * 1024)
@@ -639,8 +639,8 @@ def test_egress_deny_without_firewall_rights_refuses_to_start_and_allow_only_war
 ) -> None:
     """deny is a promise: a node that can not keep it (no root, no iptables) starts no replica;
     allow's guard of NODE_ADDRESS is hardening, so a worker without root only says what it lacks."""
-    from serving.engines.base import EngineError
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.base import EngineError
+    from serving.node.engines.docker import DockerEngine
 
     denied = DockerEngine(state_dir=tmp_path, egress="deny")
     denied._iptables = None
@@ -680,7 +680,7 @@ def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
     ports, and calling one that way would skip the proxy's tokens."""
     if os.geteuid() != 0:
         pytest.skip("adding an address and firewall rules needs root")
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.docker import DockerEngine
 
     network = f"ms-replicas-t{docker_tests.RUN_ID}-nodes"
     engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", replica_network=network)
@@ -715,8 +715,8 @@ def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
 
 @pytest.mark.django_db
 def test_the_node_agent_hands_the_engine_every_nodes_address_at_heartbeat(settings: Any) -> None:
-    from serving import node
     from serving.models import Node
+    from serving.node import agent as node
 
     class Engine:
         name = "docker"
@@ -741,9 +741,9 @@ def test_the_node_agent_hands_the_engine_every_nodes_address_at_heartbeat(settin
 def test_a_start_in_any_worker_hands_the_engine_every_nodes_address_first(api: Any, personas: Any) -> None:
     """Starts run in forked workers, whose engine never saw a heartbeat: without the addresses a
     start could not keep the other nodes' rules, so the node side hands them over first."""
-    from serving import node
-    from serving.engines.base import EngineError
     from serving.models import Endpoint, Node, Route
+    from serving.node import agent as node
+    from serving.node.engines.base import EngineError
     from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
     folder = FolderFactory(owner=personas["owner"], name="addr", files={"model-definition.yaml": SIMPLE_DEFINITION})
@@ -787,7 +787,7 @@ def unwritable_data(tmp_path: Path) -> Path:
 
 @needs_local
 def test_a_local_replica_with_a_read_write_mount_it_can_not_write_starts_and_says_so(tmp_path: Path) -> None:
-    from serving.engines.local import LocalEngine
+    from serving.node.engines.local import LocalEngine
 
     if os.geteuid() != 0:
         pytest.skip("without root the replica runs as the worker's user, who owns the folder")
@@ -819,7 +819,7 @@ def test_a_docker_replica_with_a_read_write_mount_it_can_not_write_starts_and_sa
     bootstrap_path: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.docker import DockerEngine
 
     data = unwritable_data(tmp_path)
     writable = unwritable_data(tmp_path)
@@ -848,9 +848,9 @@ def test_a_docker_replica_with_a_read_write_mount_it_can_not_write_starts_and_sa
 
 @pytest.mark.django_db
 def test_a_start_warning_is_recorded_on_the_services_log(api: Any, personas: Any) -> None:
-    from serving import node
-    from serving.engines.base import ReplicaInfo, ReplicaState
     from serving.models import Endpoint, Route, ServiceEvent
+    from serving.node import agent as node
+    from serving.node.engines.base import ReplicaInfo, ReplicaState
     from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
     folder = FolderFactory(owner=personas["owner"], name="warn", files={"model-definition.yaml": SIMPLE_DEFINITION})

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from accounts.actions import do_issue_api_key
 from accounts.models import ApiKey
-from serving import tokens
+from serving.core import tokens
 from tests.security.world import World
 
 pytestmark = pytest.mark.django_db
@@ -134,7 +134,7 @@ def _compared_names(node: ast.Compare) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["serving/tokens.py", "accounts/authentication.py", "proxy/app.py"])
+@pytest.mark.parametrize("module", ["serving/core/tokens.py", "accounts/authentication.py", "proxy/app.py"])
 def test_no_secret_is_compared_with_equals(module: str) -> None:
     """By inspection: a digest, token or secret is never compared with ``==``/``!=``/``in`` (which
     stop at the first differing byte); only ``hmac.compare_digest`` (via ``tokens.verify``)."""

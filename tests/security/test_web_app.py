@@ -555,7 +555,7 @@ async def _through_relay(user: Any, path: str, method: str) -> tuple[int, dict[s
 
 @pytest.mark.django_db(transaction=True)
 def test_the_chat_relay_never_serves_a_replicas_page_or_script(hostile_replica: str, personas: dict[str, Any]) -> None:
-    from serving import actions
+    from serving.actions import services as actions
     from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
     folder = FolderFactory(owner=personas["owner"], name="relay", files={"model-definition.yaml": SIMPLE_DEFINITION})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving import cluster
-from serving.cluster import MemberName, NodeFree, member_names, place
+from serving.core import cluster
+from serving.core.cluster import MemberName, NodeFree, member_names, place
 
 GIB = float(1024**3)
 REQUEST = {"cpu": 1.0, "mem": GIB}

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from serving import definitions as d
-from serving.definitions import (
+from serving.core import definitions as d
+from serving.core.definitions import (
     MAX_FILE_BYTES,
     MAX_PROBLEMS,
     DefinitionError,

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.definitions import (
+from serving.core.definitions import (
     PRE_START_ACTIONS,
     SERVICE_SECTIONS,
     DefinitionError,

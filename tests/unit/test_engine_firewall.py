@@ -1,4 +1,4 @@
-"""serving.engines.firewall: the pieces both engines share (ids, egress choice, iptables runner)."""
+"""serving.node.engines.firewall: the pieces both engines share (ids, egress choice, iptables runner)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from serving.engines import firewall
-from serving.engines.base import EngineError
+from serving.node.engines import firewall
+from serving.node.engines.base import EngineError
 
 
 def test_both_engines_and_the_settings_use_the_one_definition(tmp_path: Path) -> None:
     from django.conf import settings
 
-    from serving.engines import docker, local
+    from serving.node.engines import docker, local
 
     assert local.HOST_PATH is firewall.HOST_PATH and local.DEFAULT_UID == docker.DEFAULT_UID == 65534
     assert settings.SERVING_REPLICA_EGRESS in firewall.EGRESS_CHOICES
@@ -92,7 +92,7 @@ def fake_firewall(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeIptabl
 
 
 def docker_engine(tmp_path: Path, table: FakeIptables, networks: list[FakeNetwork], **kw: object) -> object:
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.docker import DockerEngine
 
     engine = DockerEngine(
         client_factory=lambda **_: FakeClient(networks),  # type: ignore[arg-type,return-value]
@@ -126,7 +126,7 @@ def test_a_start_in_a_worker_that_knows_no_other_node_leaves_their_rules_in_plac
 def test_each_heartbeat_puts_back_a_deleted_rule_and_drops_those_of_gone_nodes(
     tmp_path: Path, fake_firewall: FakeIptables, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="serving.engines.docker")
+    caplog.set_level("INFO", logger="serving.node.engines.docker")
     engine = docker_engine(tmp_path, fake_firewall, [FakeNetwork("ms-replicas", "msrall", {})])
     engine.set_node_addresses(["10.0.0.5", "10.0.0.7"])  # type: ignore[attr-defined]
     deleted = next(rule for rule in fake_firewall.rules if "10.0.0.7/32" in rule)
@@ -155,7 +155,7 @@ def test_a_changed_ephemeral_range_replaces_the_rules(tmp_path: Path, fake_firew
 
 
 def test_node_addresses_touch_only_this_installations_networks(tmp_path: Path, fake_firewall: FakeIptables) -> None:
-    from serving.engines.base import LABEL_INSTALLATION
+    from serving.node.engines.base import LABEL_INSTALLATION
 
     networks = [
         FakeNetwork("ms-replicas-prod", "msrprod", {}),
@@ -176,7 +176,7 @@ def test_node_addresses_touch_only_this_installations_networks(tmp_path: Path, f
 def test_the_unguarded_warning_names_the_addresses_it_can_not_guard(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from serving.engines.docker import DockerEngine
+    from serving.node.engines.docker import DockerEngine
 
     monkeypatch.setattr(firewall, "usable_iptables", lambda binary: None)  # not root
     engine = DockerEngine(state_dir=tmp_path / "d", publish_host="127.0.0.1")
@@ -197,7 +197,7 @@ def test_the_network_lock_is_owners_only_and_a_held_lock_is_a_sentence_not_a_han
     import stat
     import time
 
-    from serving.engines import docker
+    from serving.node.engines import docker
 
     path = tmp_path / "run" / "modelserve" / "docker-networks.lock"
     monkeypatch.setattr(docker, "NETWORK_LOCK", path)

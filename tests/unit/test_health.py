@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.health import (
+from serving.node.prober import (
     DEGRADED,
     HEALTHY,
     UNHEALTHY,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from serving.lifecycle import (
+from serving.control.lifecycle import (
     PROVISION_TIMEOUT,
     STOP_GIVE_UP_AFTER,
     STOP_RESEND_AFTER,

@@ -16,9 +16,9 @@ import pytest
 import redis
 from django.conf import settings
 
-from serving import logfollow
-from serving.engines.base import ReplicaNotFound
-from serving.logfollow import Follows, lease_key, stream_key
+from serving.node.engines.base import ReplicaNotFound
+from serving.web import logfollow
+from serving.web.logfollow import Follows, lease_key, stream_key
 from tests import live
 
 

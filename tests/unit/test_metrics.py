@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from serving.engines.base import ReplicaStats
-from serving.metrics import (
+from serving.bus.metrics import (
     ExpositionError,
     buckets,
     canonical,
@@ -16,6 +15,7 @@ from serving.metrics import (
     parse_prometheus,
     proxy_figures,
 )
+from serving.node.engines.base import ReplicaStats
 
 VLLM_LIKE = """\
 # HELP vllm:num_requests_waiting Number of requests waiting to be processed.

@@ -1,4 +1,4 @@
-"""serving.engines.mounts: setuid/setgid bits a replica left are cleared, and nothing else is touched."""
+"""serving.node.engines.mounts: setuid/setgid bits a replica left are cleared, and nothing else is touched."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from serving.engines.mounts import strip_setid_bits
+from serving.node.engines.mounts import strip_setid_bits
 
 
 def mode(path: Path) -> int:
@@ -126,8 +126,8 @@ def test_the_walk_goes_back_up_through_branches_without_losing_its_place(tmp_pat
 
 
 def test_a_read_write_mount_its_user_can_not_write_is_named_with_the_fix(tmp_path: Path) -> None:
-    from serving.engines.base import Mount
-    from serving.engines.mounts import unwritable_mounts
+    from serving.node.engines.base import Mount
+    from serving.node.engines.mounts import unwritable_mounts
 
     owner = os.getuid()
     folders = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from serving.nodebus import DEDUPE_WINDOW, RATE, NodeListener, failures_channel
+from serving.node.nodebus import DEDUPE_WINDOW, RATE, NodeListener, failures_channel
 
 
 class FakeProber:

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from serving import prestart
-from serving.definitions import PreStartAction
-from serving.engines.base import PreStartActionSpec, ReplicaSpec
+from serving.core.definitions import PreStartAction
+from serving.node import prestart
+from serving.node.engines.base import PreStartActionSpec, ReplicaSpec
 
 BOOTSTRAP = Path(prestart.__file__).parent / "engines" / "bootstrap.py"
 

@@ -17,7 +17,7 @@ import pytest
 from proxy.app import Proxy
 from proxy.config import Config
 from proxy.relay import Downstream, Upstream
-from serving import tokens
+from serving.core import tokens
 
 
 class FakeTransport:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving.definitions import HealthCheck, parse_model_definition
-from serving.runtimes import (
+from serving.core.definitions import HealthCheck, parse_model_definition
+from serving.core.runtimes import (
     PLATFORM_ENV,
     RUNTIMES,
     EffectiveService,

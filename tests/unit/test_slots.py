@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving import slots
+from serving.core import slots
 
 
 def test_normalize_units() -> None:

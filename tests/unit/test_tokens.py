@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving import tokens
+from serving.core import tokens
 
 KEY = "k" * 32
 

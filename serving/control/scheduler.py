@@ -1,0 +1,208 @@
+"""Choose a node for a new replica: enough free slots, the right resource group, spread out.
+
+The maths is pure (``rank_nodes``); ``choose_node`` reads the rows and locks the candidate nodes'
+rows until the caller's transaction commits, so two planners never both take the last free slots.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db.models import Count
+
+from serving.core import cluster, slots
+from serving.models import Endpoint, Node, Route, RouteMember
+
+# What a replica gets when neither the service, its preset nor its definition says.
+DEFAULT_REQUEST: dict[str, float] = {"cpu": 1.0, "mem": float(1024**3)}
+# Statuses whose containers hold their slots on the node.
+HOLDING = (
+    Route.Status.PROVISIONING,
+    Route.Status.DEGRADED,
+    Route.Status.HEALTHY,
+    Route.Status.UNHEALTHY,
+    Route.Status.TERMINATING,
+)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    capacity: Mapping[str, float]
+    used: Mapping[str, float]
+    same_endpoint_routes: int
+
+    @property
+    def free(self) -> dict[str, float]:
+        return slots.subtract(self.capacity, self.used)
+
+
+@dataclass(frozen=True)
+class Choice:
+    node: Node | None
+    reason: str = ""
+    # No node of the group is alive at all (none started yet, or every worker restarting): the
+    # replica waits for one instead of failing; a start failure would count towards giving up.
+    waiting: bool = False
+
+
+def replica_request(endpoint: Endpoint) -> dict[str, float]:
+    """The slots one replica (one container of it) asks for."""
+    request = dict(DEFAULT_REQUEST)
+    request.update({k: float(v) for k, v in (endpoint.resources or {}).items()})
+    return request
+
+
+def rank_nodes(request: Mapping[str, float], nodes: Iterable[NodeView]) -> list[NodeView]:
+    """Nodes that fit, best first: fewest replicas of this service (spread), then most free CPU share."""
+    fitting = [n for n in nodes if slots.fits(request, n.free)]
+
+    def score(n: NodeView) -> tuple[int, float, str]:
+        cpu_capacity = n.capacity.get("cpu", 0.0) or 1.0
+        return (n.same_endpoint_routes, -(n.free.get("cpu", 0.0) / cpu_capacity), n.name)
+
+    return sorted(fitting, key=score)
+
+
+def explain_no_fit(request: Mapping[str, float], nodes: list[NodeView], group: str) -> str:
+    if not nodes:
+        return (
+            f"No node is available in resource group {group!r}: start a node worker "
+            "(make run starts one) or choose another resource group."
+        )
+    free = "; ".join(f"node {n.name}: {slots.describe(n.free)}" for n in nodes)
+    return (
+        f"Not enough resources: one replica asks for {slots.describe(request)}, "
+        f"but the most any node has free is not enough ({free}). "
+        "Lower the replica's resources, reduce replicas, or add a node."
+    )
+
+
+def held_slots(candidates: list[Node]) -> dict[int, dict[str, float]]:
+    """What the routes (and cluster sub members) on each node hold, by node id."""
+    used: dict[int, dict[str, float]] = {n.pk: {} for n in candidates}
+    holding = Route.objects.filter(node__in=candidates, status__in=HOLDING)
+    # Summed in the database by distinct reservation: a node's routes mostly share a few shapes, so
+    # a placement reads a few rows however many replicas run (the tick's cost, bench/runtime.py).
+    for node_id, resources, count in holding.values_list("node_id", "resources").annotate(count=Count("id")).order_by():
+        used[node_id] = slots.add(used[node_id], {k: float(v) * count for k, v in (resources or {}).items()})
+    # Sub members of cluster routes hold the service's slots on their own nodes (serving.cluster).
+    members = RouteMember.objects.filter(node__in=candidates, route__status__in=HOLDING)
+    for node_id, resources, count in members.values_list("node_id", "resources").annotate(count=Count("id")).order_by():
+        used[node_id] = slots.add(used[node_id], {k: float(v) * count for k, v in (resources or {}).items()})
+    return used
+
+
+def same_endpoint_routes(endpoint: Endpoint, candidates: list[Node]) -> Counter[int]:
+    """How many of the endpoint's running (not terminating) routes each node has, by node id."""
+    same: Counter[int] = Counter()
+    for node_id, count in (
+        Route.objects.filter(node__in=candidates, status__in=HOLDING, endpoint=endpoint)
+        .exclude(status=Route.Status.TERMINATING)
+        .values_list("node_id")
+        .annotate(count=Count("id"))
+        .order_by()
+    ):
+        same[node_id] += count
+    return same
+
+
+def _views(candidates: list[Node], used: Mapping[int, Mapping[str, float]], same: Mapping[int, int]) -> list[NodeView]:
+    return [
+        NodeView(
+            name=n.name,
+            capacity={k: float(v) for k, v in n.capacity.items()},
+            used=used[n.pk],
+            same_endpoint_routes=same.get(n.pk, 0),
+        )
+        for n in candidates
+    ]
+
+
+def node_views(endpoint: Endpoint, candidates: list[Node]) -> list[NodeView]:
+    return _views(candidates, held_slots(candidates), same_endpoint_routes(endpoint, candidates))
+
+
+class NodePool:
+    """The alive, schedulable nodes of one resource group, their rows locked until the caller's
+    transaction commits, and what their routes hold; ``hold`` adds a placement made through it.
+
+    So one transaction can place many replicas with one read (the reconcile tick places a batch of
+    endpoints' replicas this way): nobody else places on these nodes before the commit, and every
+    placement of ours is counted, so the in-memory sums stay what a fresh read would give (or more:
+    a route stopped meanwhile by its node frees its slots only for the next transaction).
+    """
+
+    def __init__(self, group: str, now: datetime) -> None:
+        self.group = group
+        self.nodes = [
+            n
+            for n in Node.objects.select_for_update(no_key=True)
+            .filter(schedulable=True, resource_group=group)
+            .order_by("name")
+            if n.is_alive(now)
+        ]
+        self.used = held_slots(self.nodes)
+
+    def views(self, same: Mapping[int, int]) -> list[NodeView]:
+        return _views(self.nodes, self.used, same)
+
+    def hold(self, node: Node, request: Mapping[str, float]) -> None:
+        self.used[node.pk] = slots.add(self.used[node.pk], request)
+
+
+def choose_node(
+    endpoint: Endpoint,
+    request: Mapping[str, float],
+    now: datetime,
+    pool: NodePool | None = None,
+    same: Mapping[int, int] | None = None,
+) -> Choice:
+    """The node for one more replica of ``endpoint``. ``pool`` (its resource group's) and ``same``
+    (its routes per node) come from a caller that places several replicas in one transaction;
+    without them they are read here. The caller ``hold``s the chosen node's slots in its pool."""
+    group = endpoint.resource_group or "default"
+    pool = pool or NodePool(group, now)
+    views = pool.views(same if same is not None else same_endpoint_routes(endpoint, pool.nodes))
+    ranked = rank_nodes(request, views)
+    if not ranked:
+        return Choice(None, explain_no_fit(request, views, group), waiting=not views)
+    by_name = {n.name: n for n in pool.nodes}
+    return Choice(by_name[ranked[0].name])
+
+
+@dataclass(frozen=True)
+class ClusterChoice:
+    nodes: tuple[Node, ...]  # one per member, main first; empty when it does not fit
+    reason: str = ""
+    waiting: bool = False  # as Choice.waiting
+
+
+def choose_nodes(
+    endpoint: Endpoint,
+    request: Mapping[str, float],
+    now: datetime,
+    pool: NodePool | None = None,
+    same: Mapping[int, int] | None = None,
+) -> ClusterChoice:
+    """Nodes for every member of one route (``serving.core.cluster.place`` states the rule); locks the
+    candidates' rows like ``choose_node``, and takes ``pool`` and ``same`` as it does."""
+    size = max(1, endpoint.cluster_size)
+    multi = endpoint.cluster_mode == Endpoint.ClusterMode.MULTI_NODE
+    group = endpoint.resource_group or "default"
+    pool = pool or NodePool(group, now)
+    candidates = pool.nodes
+    views = pool.views(same if same is not None else same_endpoint_routes(endpoint, candidates))
+    if not views:
+        return ClusterChoice((), explain_no_fit(request, views, group), waiting=True)
+    # The scheduler's preference (spread, then most free CPU) over every node, fitting or not, so
+    # that the reason can list them all.
+    ranked = rank_nodes({}, views)
+    placement = cluster.place(request, size, multi, [cluster.NodeFree(v.name, v.free) for v in ranked])
+    if not placement.nodes:
+        return ClusterChoice((), placement.reason)
+    by_name = {n.name: n for n in candidates}
+    return ClusterChoice(tuple(by_name[name] for name in placement.nodes))

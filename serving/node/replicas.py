@@ -1,0 +1,172 @@
+"""From a route to a ReplicaSpec: the definition file, the runtime variant, mounts, env, limits.
+
+Everything a replica needs is resolved here, on the node, at start time, so a fixed definition file
+is picked up by the next start ("Clear errors and retry", S4.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from serving.core import cluster, definitions, runtimes
+from serving.models import Route, RouteMember
+from serving.node import prestart
+from serving.node.engines.base import (
+    LABEL_ENDPOINT,
+    LABEL_NODE,
+    LABEL_ROLE,
+    LABEL_ROUTE,
+    ClusterPeering,
+    Mount,
+    ReplicaSpec,
+)
+from serving.node.prober import TCP_DEFAULT, HealthConfig
+from storage.fs import FolderFS, StorageUnavailable
+from storage.models import Folder
+
+
+class SpecError(Exception):
+    """The replica can not be started as configured; ``kind`` says which part is wrong."""
+
+    def __init__(self, kind: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.extra = extra
+
+
+def load_definition(route: Route) -> definitions.ModelDefinition:
+    endpoint = route.endpoint
+    folder = endpoint.model_folder
+    if folder is None:
+        raise SpecError("folder", "The service's model folder was deleted; modify the service to mount another one.")
+    fs = FolderFS(folder.host_path)
+    wanted = endpoint.model_definition_path or definitions.DEFAULT_MODEL_DEFINITION_PATH
+    # The default name falls back to .yml, as the original does; an explicit path does not.
+    names = definitions.MODEL_DEFINITION_NAMES if wanted == definitions.DEFAULT_MODEL_DEFINITION_PATH else (wanted,)
+    for name in names:
+        try:
+            # The one reader of definition files (launcher, validation, replica start): through
+            # storage.fs, size-capped; a symlink, a directory or an oversized file is a problem.
+            data = definitions.read_folder_file(fs, name)
+        except definitions.DefinitionError as exc:
+            if isinstance(exc.__cause__, StorageUnavailable):
+                raise SpecError("folder", f"The model folder {folder.name!r} has no data on this node.") from None
+            raise SpecError(
+                "definition",
+                f"The model definition file path {name!r} can not be used: {exc} "
+                f"Use a regular file inside the model folder, such as {definitions.DEFAULT_MODEL_DEFINITION_PATH}.",
+                problems=[p.to_dict() for p in exc.problems],
+            ) from None
+        if data is None:
+            continue
+        try:
+            return definitions.parse_model_definition(data, name, model_mount=endpoint.model_mount)
+        except definitions.DefinitionError as exc:
+            problems = [p.to_dict() if hasattr(p, "to_dict") else str(p) for p in exc.problems]
+            raise SpecError("definition", str(exc), problems=problems) from None
+    raise SpecError(
+        "definition",
+        f"The model folder {folder.name!r} has no {wanted}. Upload a model definition file "
+        "(see examples/simple-http-server) or set the model definition file path.",
+    )
+
+
+def build_spec(
+    route: Route, member: RouteMember | None = None, addresses: Mapping[str, str] | None = None
+) -> tuple[ReplicaSpec, HealthConfig]:
+    """The container to start for ``route`` (its main, or the sub ``member`` in cluster mode), and the
+    health check that applies to it. ``addresses``: the running members' ``host:port`` by host name."""
+    endpoint = route.endpoint
+    # Checked again here, for a service that was configured before the rule (or whose folders changed):
+    # no replica starts with private mounts and a model definition others can edit.
+    problem = endpoint.shared_definition_problem(name_folders=False)
+    if problem:
+        raise SpecError("folder", problem)
+    runtime = runtimes.get_runtime(endpoint.runtime)
+    definition = load_definition(route) if runtime.needs_definition_file else None
+    try:
+        effective = runtimes.effective_service(
+            endpoint.runtime, definition, endpoint.model_mount, dict(endpoint.environ)
+        )
+    except (ValueError, definitions.DefinitionError) as exc:
+        raise SpecError("definition", str(exc)) from None
+
+    folder = endpoint.model_folder
+    assert folder is not None or not runtime.needs_definition_file
+    mounts: list[Mount] = []
+    if folder is not None:
+        mounts.append(Mount(source=str(folder.host_path), target=endpoint.model_mount, read_only=True))
+    for extra in endpoint.extra_mounts or []:
+        extra_folder = Folder.objects.filter(pk=extra.get("folder")).first()
+        if extra_folder is None:
+            raise SpecError("mount", f"Additional mount {extra.get('target')} refers to a folder that was deleted.")
+        if extra_folder.usage_mode == Folder.UsageMode.MODEL:
+            raise SpecError(
+                "mount", f"Folder {extra_folder.name!r} is a model folder; it can not be an additional mount."
+            )
+        mounts.append(Mount(source=str(extra_folder.host_path), target=str(extra["target"]), read_only=False))
+
+    env = {
+        "BACKEND_MODEL_NAME": effective.model_name,
+        "BACKEND_MODEL_PATH": endpoint.model_mount,
+        "BACKEND_SERVICE_PORT": str(effective.port),
+        "MODEL_NAME": effective.model_name,
+        # What the runtime adds for its server (e.g. vLLM's flags as variables); the user's own win.
+        **{str(k): str(v) for k, v in effective.environ.items()},
+        **{str(k): str(v) for k, v in (endpoint.environ or {}).items()},
+    }
+    me = cluster.MemberName(cluster.SUB, member.idx) if member is not None else cluster.MemberName(cluster.MAIN, 1)
+    # The route's own members, not the service's cluster size: a modified service replaces its
+    # routes, and until then the old ones keep the shape they were placed with. Every replica gets
+    # the variables (a plain one is a cluster of one, main1), as Backend.AI's sessions do; set last so
+    # a user's variable can not fake a member's role or peers.
+    # (A validation's transient route is unsaved: it runs the main alone.)
+    size = 1 if route._state.adding else route.members.count() + 1
+    env.update(cluster.cluster_env(size, me, addresses))
+    node = member.node if member is not None else route.node
+    resources = dict((member.resources if member is not None else route.resources) or {})
+    accelerators = {k: v for k, v in resources.items() if k not in ("cpu", "mem")}
+    command = effective.start_command
+    command_is_shell = isinstance(command, str)
+    spec = ReplicaSpec(
+        name=f"ms-{route.pk.hex[:12]}" + (f"-{me.host}" if member is not None else ""),
+        image=endpoint.image,
+        command=(command,) if isinstance(command, str) else (tuple(command) if command else None),
+        command_is_shell=command_is_shell,
+        shell=effective.shell,
+        port=effective.port,
+        env=env,
+        mounts=tuple(mounts),
+        pre_start_actions=tuple(prestart.to_specs(effective.pre_start_actions)),
+        cpu=float(resources.get("cpu", 1.0)),
+        mem_bytes=int(resources.get("mem", 1024**3)),
+        accelerators=accelerators,
+        labels={
+            LABEL_ENDPOINT: str(endpoint.pk),
+            LABEL_ROUTE: str(route.pk),
+            LABEL_NODE: node.name if node is not None else "",
+            LABEL_ROLE: me.host if member is not None else "main",
+        },
+        # The engine joins the members on one network where each reaches the others by host name.
+        cluster=(
+            ClusterPeering(key=str(route.pk), host=me.host, hosts=tuple(n.host for n in cluster.member_names(size)))
+            if size > 1
+            else None
+        ),
+    )
+    health = effective.health_check
+    config = (
+        TCP_DEFAULT
+        if health is None
+        else HealthConfig(
+            path=health.path,
+            interval=health.interval,
+            max_retries=health.max_retries,
+            max_wait_time=health.max_wait_time,
+            expected_status_code=health.expected_status_code,
+            initial_delay=health.initial_delay,
+            headers=tuple(sorted((getattr(health, "headers", None) or {}).items())),
+        )
+    )
+    return spec, config

@@ -1,0 +1,436 @@
+"""Serializers of the public REST contract (docs/architecture.md). They parse and shape; actions decide."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.utils import timezone
+from rest_framework import serializers
+
+from accounts.models import Project
+from serving.actions import services as actions
+from serving.core.runtimes import RUNTIMES
+from serving.models import (
+    AutoScalingRule,
+    Endpoint,
+    EndpointToken,
+    Node,
+    ResourcePreset,
+    Route,
+    ScalingEvent,
+    ServiceEvent,
+    endpoint_name_validator,
+)
+from storage.models import Folder
+
+
+class RouteSerializer(serializers.ModelSerializer[Route]):
+    node = serializers.CharField(source="node.name", default=None, read_only=True)
+    error = serializers.CharField(source="error_message", read_only=True)
+    error_detail = serializers.JSONField(source="error", read_only=True)
+    members = serializers.SerializerMethodField()
+
+    def get_members(self, obj: Route) -> list[dict[str, Any]]:
+        """Every container of the replica (serving.cluster): main first (the route's own, the one
+        that gets traffic), then its sub members; a plain replica is a cluster of one."""
+        main = {
+            "host_name": "main1",
+            "role": "main",
+            "idx": 1,
+            "node": obj.node.name if obj.node else None,
+            "status": obj.status,
+            "address": obj.address,
+            "error": obj.error_message,
+        }
+        subs = [
+            {
+                "host_name": m.host_name,
+                "role": m.role,
+                "idx": m.idx,
+                "node": m.node.name if m.node else None,
+                "status": m.status,
+                "address": m.address,
+                "error": str(m.error.get("message", "")) if m.error else "",
+            }
+            for m in obj.members.all()
+        ]
+        return [main, *subs]
+
+    class Meta:
+        model = Route
+        fields = [
+            "id",
+            "status",
+            "node",
+            "host",
+            "port",
+            "traffic_ratio",
+            "error",
+            "error_detail",
+            "members",
+            "spec_version",
+            "consecutive_failures",
+            "last_probe_at",
+            "started_at",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
+    """A service as read back: its stable ``url``, computed ``status`` and ``routes``."""
+
+    url = serializers.CharField(read_only=True)
+    status = serializers.SerializerMethodField()
+    routes = serializers.SerializerMethodField()
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    folder = serializers.UUIDField(source="model_folder_id", read_only=True, allow_null=True)
+    folder_name = serializers.CharField(source="model_folder.name", default=None, read_only=True)
+    project = serializers.IntegerField(source="project_id", read_only=True, allow_null=True)
+    preset = serializers.CharField(source="preset.name", default=None, read_only=True)
+    replicas = serializers.IntegerField(source="desired_replicas", read_only=True)
+
+    class Meta:
+        model = Endpoint
+        fields = [
+            "id",
+            "name",
+            "slug",
+            "url",
+            "status",
+            "desired_replicas",
+            "replicas",
+            "routes",
+            "runtime",
+            "folder",
+            "folder_name",
+            "model_mount",
+            "model_definition_path",
+            "extra_mounts",
+            "image",
+            "resources",
+            "preset",
+            "resource_group",
+            "cluster_mode",
+            "cluster_size",
+            "environ",
+            "open_to_public",
+            "forward_cookies",
+            "owner",
+            "project",
+            "lifecycle",
+            "retries",
+            "spec_version",
+            "scaling_cooldown",
+            "last_scaled_at",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def _routes(self, obj: Endpoint) -> list[Route]:
+        # Prefetched by the view; terminating routes are still shown until they are gone.
+        return list(obj.routes.all())
+
+    def get_status(self, obj: Endpoint) -> str:
+        return obj.compute_status(self._routes(obj))
+
+    def get_routes(self, obj: Endpoint) -> list[dict[str, Any]]:
+        return RouteSerializer(self._routes(obj), many=True).data  # type: ignore[return-value]
+
+
+class _ServiceInputFields(serializers.Serializer[Any]):
+    """Fields shared by create, validate and modify; cross-field rules live in the actions."""
+
+    # The model's own rule, here too: a bad name is reported with the other fields' errors, not
+    # only once they are fixed.
+    name = serializers.CharField(validators=[endpoint_name_validator])
+    folder = serializers.UUIDField()
+    runtime = serializers.ChoiceField(choices=list(RUNTIMES), default="custom")
+    replicas = serializers.IntegerField(min_value=0, max_value=64, default=1)
+    open_to_public = serializers.BooleanField(default=False)
+    forward_cookies = serializers.BooleanField(
+        default=False,
+        help_text=(
+            "Pass callers' cookies to the replicas and their Set-Cookie back (off: the proxy removes both). "
+            "The web app's own session, CSRF and language cookies are removed even when on. "
+            "Needs SERVING_DOMAIN (each service on its own host name; cookies pass only there); refused otherwise."
+        ),
+    )
+    image = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    resources = serializers.DictField(required=False, default=dict)
+    environ = serializers.DictField(required=False, default=dict)
+    model_mount = serializers.CharField(max_length=255, default="/models")
+    model_definition_path = serializers.CharField(max_length=255, default="model-definition.yaml")
+    extra_mounts = serializers.ListField(child=serializers.DictField(), required=False, default=list)
+    cluster_mode = serializers.ChoiceField(
+        choices=Endpoint.ClusterMode.choices, default=Endpoint.ClusterMode.SINGLE_NODE
+    )
+    cluster_size = serializers.IntegerField(min_value=1, max_value=16, default=1)
+    resource_group = serializers.CharField(max_length=64, default="default")
+    preset = serializers.CharField(max_length=64, required=False, allow_null=True, default=None)
+    project = serializers.IntegerField(required=False, allow_null=True, default=None)
+
+    def _user(self) -> Any:
+        return self.context["request"].user
+
+    @staticmethod
+    def _on_its_own(field: str, value: Any) -> Any:
+        problems = actions.field_problems(field, value)
+        if problems:
+            raise serializers.ValidationError(problems)
+        return value
+
+    def validate_environ(self, value: Any) -> Any:
+        return self._on_its_own("environ", value)
+
+    def validate_forward_cookies(self, value: bool) -> bool:
+        return bool(self._on_its_own("forward_cookies", value))
+
+    def validate_resources(self, value: Any) -> Any:
+        return self._on_its_own("resources", value)
+
+    def validate_model_mount(self, value: str) -> str:
+        return str(self._on_its_own("model_mount", value))
+
+    def validate_model_definition_path(self, value: str) -> str:
+        return str(self._on_its_own("model_definition_path", value))
+
+    def validate_folder(self, value: Any) -> Folder:
+        folder = Folder.objects.visible_to(self._user()).filter(pk=value).first()
+        if folder is None:
+            raise serializers.ValidationError("No such folder, or you can not use it.")
+        return folder
+
+    def validate_preset(self, value: str | None) -> ResourcePreset | None:
+        if not value:
+            return None
+        preset = ResourcePreset.objects.filter(name=value).first()
+        if preset is None and value.isdigit():
+            preset = ResourcePreset.objects.filter(pk=int(value)).first()
+        if preset is None:
+            names = ", ".join(ResourcePreset.objects.values_list("name", flat=True)) or "none defined"
+            raise serializers.ValidationError(f"No resource preset {value!r}; available: {names}.")
+        return preset
+
+    def validate_project(self, value: int | None) -> Project | None:
+        if value is None:
+            return None
+        user = self._user()
+        project = Project.objects.of(user).filter(pk=value).first()
+        if project is None:
+            raise serializers.ValidationError("No such project, or you are not a member of it.")
+        return project
+
+
+class ServiceCreateSerializer(_ServiceInputFields):
+    pass
+
+
+class ServiceModifySerializer(_ServiceInputFields):
+    """PATCH: every field optional; ``desired_replicas`` is accepted as a synonym of ``replicas``."""
+
+    desired_replicas = serializers.IntegerField(min_value=0, max_value=64, required=False)
+    scaling_cooldown = serializers.IntegerField(
+        min_value=0,
+        max_value=86400,
+        required=False,
+        allow_null=True,
+        help_text=(
+            "Seconds after a scaling by the autoscaling rules before they may scale this service again; "
+            "null: scale-in waits the longest cooldown of its rules, scale-out the longest of its "
+            "scale-out rules (fast up, slow down)."
+        ),
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["partial"] = True
+        super().__init__(*args, **kwargs)
+        for name, field in self.fields.items():
+            field.required = False
+            if name != "desired_replicas":
+                field.default = serializers.empty
+
+    def changes(self) -> dict[str, Any]:
+        data = dict(self.validated_data)
+        mapping = {"replicas": "desired_replicas", "folder": "model_folder"}
+        out = {mapping.get(str(k), str(k)): v for k, v in data.items() if k != "project"}
+        if "project" in data:
+            raise serializers.ValidationError({"project": "A service can not move to another project."})
+        return out
+
+
+class TokenSerializer(serializers.ModelSerializer[EndpointToken]):
+    prefix = serializers.CharField(read_only=True)
+    active = serializers.SerializerMethodField()
+    created_by = serializers.CharField(source="created_by.username", default=None, read_only=True)
+
+    class Meta:
+        model = EndpointToken
+        fields = ["id", "prefix", "created_by", "created_at", "expires_at", "last_used_at", "revoked_at", "active"]
+        read_only_fields = fields
+
+    def get_active(self, obj: EndpointToken) -> bool:
+        return obj.is_active()
+
+
+class TokenCreateSerializer(serializers.Serializer[Any]):
+    expires_at = serializers.DateTimeField(required=False)
+
+    def validate_expires_at(self, value: Any) -> Any:
+        if value <= timezone.now():
+            raise serializers.ValidationError("The expiry date must be in the future.")
+        if value > timezone.now() + timedelta(days=3650):
+            raise serializers.ValidationError("The expiry date must be within 10 years.")
+        return value
+
+
+RULE_DOC = """An autoscaling rule (S6.1): when the metric, aggregated over the window, compares true
+against the threshold, the desired replicas change by ``step``.
+
+* ``source``: ``kernel`` (per replica ``cpu_percent``, 100 = one core; ``mem_bytes``; ``mem_percent``
+  of its limit), ``inference`` (any sample name of the replicas' ``/metrics``, label sets summed, e.g.
+  ``vllm:num_requests_waiting`` or ``llm_echo_requests_waiting``) or ``proxy`` (``rps``, ``in_flight``,
+  ``p95_ms``, ``errors_per_s``, ``throttled_per_s`` of the whole endpoint, over every proxy).
+* ``aggregation`` (``avg``, ``max``, ``min``) is over every replica's samples in the last ``window``
+  seconds (the original read one sample, averaged over replicas). No sample in the window: the rule
+  does not fire, and its ``last_decision`` says "no data".
+* **Bounds, unlike the original**: the original skipped a rule whose result left
+  ``min_replicas``..``max_replicas``; here the result is **clamped** into the range (current 4,
+  step +3, max 5 -> 5), as long as the current count is inside it. A count already at the bound, or
+  outside the range (set by hand), is left alone and the decision says why.
+* Several rules: scale-out beats scale-in in the same tick, the largest scale-out wins; scale-in
+  happens only when every enabled scale-in rule agrees, by the smallest step asked. ``cooldown`` is
+  the rule's own; the service waits its ``scaling_cooldown`` (default: the longest cooldown of its
+  rules before a scale-in, of its scale-out rules before a scale-out) after any scaling.
+* ``enabled: false`` keeps the rule without acting; when its condition holds the decision log says so.
+* ``last_decision``: the rule's state at the last tick ("not matched", "no data ...", "rule
+  cooldown", "already at the rule's maximum", the action taken ...). Every decision is in
+  ``GET /api/v1/services/{id}/scaling-events/``.
+"""
+
+
+class RuleSerializer(serializers.ModelSerializer[AutoScalingRule]):
+    __doc__ = RULE_DOC
+    threshold = serializers.FloatField(help_text="The value the aggregated metric is compared with.")
+    step = serializers.IntegerField(
+        min_value=-64, max_value=64, help_text="Replicas to add (positive) or remove (negative); never 0."
+    )
+    window = serializers.IntegerField(
+        min_value=1, max_value=600, default=60, help_text="Seconds of samples aggregated (at most 600, kept 10 min)."
+    )
+    cooldown = serializers.IntegerField(
+        min_value=0, max_value=86400, default=300, help_text="Seconds after this rule acted before it acts again."
+    )
+
+    class Meta:
+        model = AutoScalingRule
+        fields = [
+            "id",
+            *AutoScalingRule.SETTINGS,
+            "enabled",
+            "last_triggered_at",
+            "last_decision",
+            "created_at",
+        ]
+        read_only_fields = ["id", "last_triggered_at", "last_decision", "created_at"]
+
+    def validate_step(self, value: int) -> int:
+        if value == 0:
+            raise serializers.ValidationError("The step must not be 0; use a positive or negative number.")
+        return value
+
+    def validate_metric(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("Name the metric, e.g. vllm:num_requests_waiting.")
+        return value.strip()
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        instance = self.instance
+        low = attrs.get("min_replicas", getattr(instance, "min_replicas", 0))
+        high = attrs.get("max_replicas", getattr(instance, "max_replicas", 10))
+        if low > high:
+            raise serializers.ValidationError({"min_replicas": "The minimum must not exceed the maximum replicas."})
+        if attrs.get("window", 60) <= 0:
+            raise serializers.ValidationError({"window": "The window must be at least 1 second."})
+        return attrs
+
+
+class MetricsQuerySerializer(serializers.Serializer[Any]):
+    source = serializers.ChoiceField(  # type: ignore[assignment]  # a field named like Field.source
+        choices=["proxy", "kernel", "inference"],
+        required=False,
+        help_text="One source; all three when left out.",
+    )
+    window = serializers.IntegerField(
+        min_value=1, max_value=600, default=600, help_text="Seconds back from now (the last 10 minutes are kept)."
+    )
+
+
+class MetricsSerializer(serializers.Serializer[Any]):
+    series = serializers.DictField(
+        child=serializers.ListField(child=serializers.ListField(child=serializers.FloatField())),
+        help_text=(
+            '{"<source>:<metric>": [[t, value], ...]}: t in Unix seconds (float), oldest first. Per-replica '
+            "sources (kernel, inference) give the average over the replicas of each sampling round."
+        ),
+    )
+
+
+class ScalingEventSerializer(serializers.ModelSerializer[ScalingEvent]):
+    rule = RuleSerializer(read_only=True)
+
+    class Meta:
+        model = ScalingEvent
+        fields = [
+            "id",
+            "rule",
+            "metric",
+            "observed",
+            "window",
+            "old_replicas",
+            "new_replicas",
+            "acted",
+            "reason",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class ServiceEventSerializer(serializers.ModelSerializer[ServiceEvent]):
+    actor = serializers.CharField(source="actor.username", default=None, read_only=True)
+
+    class Meta:
+        model = ServiceEvent
+        fields = ["id", "kind", "level", "message", "data", "route_id", "actor", "created_at"]
+        read_only_fields = fields
+
+
+class NodeSerializer(serializers.ModelSerializer[Node]):
+    alive = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Node
+        fields = ["name", "address", "engine", "resource_group", "capacity", "schedulable", "heartbeat_at", "alive"]
+        read_only_fields = fields
+
+    def get_alive(self, obj: Node) -> bool:
+        return obj.is_alive()
+
+
+class PresetSerializer(serializers.ModelSerializer[ResourcePreset]):
+    class Meta:
+        model = ResourcePreset
+        fields = ["id", "name", "cpu", "mem", "accelerators", "resource_group"]
+        read_only_fields = fields
+
+
+class RouteLogsSerializer(serializers.Serializer[dict[str, Any]]):
+    """The answer of the per-route logs API (for the schema; the view returns plain data)."""
+
+    route = serializers.UUIDField()
+    member = serializers.CharField(help_text="Whose log: main1, or a cluster's sub1, sub2, ...")
+    node = serializers.CharField(allow_null=True)
+    lines = serializers.ListField(child=serializers.CharField())
+    truncated = serializers.BooleanField()

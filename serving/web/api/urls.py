@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from serving.web.api import views
+
+router = SimpleRouter(trailing_slash=True)
+router.register("services", views.ServiceViewSet, basename="service")
+
+urlpatterns = [
+    path("services/<uuid:service_id>/tokens/", views.TokenListView.as_view(), name="service-tokens"),
+    path(
+        "services/<uuid:service_id>/tokens/<uuid:token_id>/",
+        views.TokenDetailView.as_view(),
+        name="service-token-detail",
+    ),
+    path("services/<uuid:service_id>/rules/", views.RuleListView.as_view(), name="service-rules"),
+    path(
+        "services/<uuid:service_id>/rules/<int:rule_id>/",
+        views.RuleDetailView.as_view(),
+        name="service-rule-detail",
+    ),
+    path(
+        "services/<uuid:service_id>/routes/<uuid:route_id>/logs/",
+        views.RouteLogsView.as_view(),
+        name="service-route-logs",
+    ),
+    path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
+    path("nodes/", views.NodeListView.as_view(), name="nodes"),
+    path("presets/", views.PresetListView.as_view(), name="presets"),
+    *router.urls,
+]

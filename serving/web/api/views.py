@@ -1,0 +1,346 @@
+"""REST views: parse, authorize (serving.access), call one action, shape the answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from channels.db import database_sync_to_async
+from django.db.models import Prefetch, QuerySet
+from django.http import Http404, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import APIException, NotFound, ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from serving.actions import services as actions
+from serving.core.runtimes import RUNTIMES
+from serving.models import (
+    AutoScalingRule,
+    Endpoint,
+    EndpointToken,
+    Node,
+    ResourcePreset,
+    Route,
+    RouteMember,
+)
+from serving.node import nodebus
+from serving.web import logfollow
+from serving.web.access import ReadGrant, access_endpoint, can_write_endpoint
+from serving.web.api import serializers as s
+
+UUID_RE = r"[0-9a-fA-F-]{36}"
+
+
+def _with_routes(queryset: QuerySet[Endpoint]) -> QuerySet[Endpoint]:
+    return queryset.select_related("owner", "model_folder", "preset").prefetch_related(
+        Prefetch("routes", queryset=Route.objects.select_related("node")),
+        Prefetch("routes__members", queryset=RouteMember.objects.select_related("node")),
+    )
+
+
+class ServiceViewSet(viewsets.ViewSet):
+    """Model services (endpoints): create, read, modify (PATCH), terminate (DELETE)."""
+
+    lookup_value_regex = UUID_RE
+
+    @extend_schema(responses=s.ServiceSerializer(many=True))
+    def list(self, request: Request) -> Response:
+        queryset = _with_routes(Endpoint.objects.visible_to(request.user).live())
+        return Response(s.ServiceSerializer(queryset, many=True).data)
+
+    @extend_schema(request=s.ServiceCreateSerializer, responses={201: s.ServiceSerializer})
+    def create(self, request: Request) -> Response:
+        serializer = s.ServiceCreateSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        data = dict(serializer.validated_data)
+        endpoint = actions.do_create_service(acting_user=request.user, **data)  # type: ignore[arg-type]
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=s.ServiceCreateSerializer, responses={202: dict})
+    @action(detail=False, methods=["post"])
+    def validate(self, request: Request) -> Response:
+        """Run the configuration once as a throwaway replica (S4.2); watch its websocket."""
+        serializer = s.ServiceCreateSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        validation_id = actions.do_validate_service(acting_user=request.user, **serializer.validated_data)  # type: ignore[arg-type]
+        return Response(
+            {"id": validation_id, "websocket": f"/ws/validations/{validation_id}/"},
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+    @extend_schema(responses=s.ServiceSerializer)
+    def retrieve(self, request: Request, pk: str) -> Response:
+        endpoint = access_endpoint(request.user, pk)
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data)
+
+    @extend_schema(request=s.ServiceModifySerializer, responses=s.ServiceSerializer)
+    def partial_update(self, request: Request, pk: str) -> Response:
+        endpoint = access_endpoint(request.user, pk, write=True)
+        serializer = s.ServiceModifySerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        actions.do_modify_service(endpoint, acting_user=request.user, changes=serializer.changes())  # type: ignore[arg-type]
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data)
+
+    @extend_schema(responses={202: s.ServiceSerializer})
+    def destroy(self, request: Request, pk: str) -> Response:
+        """Terminate the service (S4.6): every replica is stopped, then it leaves the list."""
+        endpoint = access_endpoint(request.user, pk, write=True)
+        actions.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: s.ServiceSerializer})
+    @action(detail=True, methods=["post"], url_path="clear-errors")
+    def clear_errors(self, request: Request, pk: str) -> Response:
+        """Clear errors and retry (S4.4)."""
+        endpoint = access_endpoint(request.user, pk, write=True)
+        actions.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses=s.ServiceEventSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def events(self, request: Request, pk: str) -> Response:
+        """The service's audit and lifecycle log, newest first (at most 500)."""
+        endpoint = access_endpoint(request.user, pk)
+        events = endpoint.events.select_related("actor")[:500]
+        return Response(s.ServiceEventSerializer(events, many=True).data)
+
+    @extend_schema(responses=s.ScalingEventSerializer(many=True))
+    @action(detail=True, methods=["get"], url_path="scaling-events")
+    def scaling_events(self, request: Request, pk: str) -> Response:
+        """Every autoscaling decision, acted on or not, with the reason (newest first, at most 500)."""
+        endpoint = access_endpoint(request.user, pk)
+        events = endpoint.scaling_events.select_related("rule")[:500]
+        return Response(s.ScalingEventSerializer(events, many=True).data)
+
+    @extend_schema(
+        parameters=[s.MetricsQuerySerializer],
+        responses=s.MetricsSerializer,
+        description=(
+            "Short time series of the service's metrics for charts (and what its autoscaling rules "
+            "read): proxy (rps, in_flight, p95_ms, errors_per_s, throttled_per_s), kernel (cpu_percent, "
+            "mem_bytes, mem_percent per replica) and inference (the replicas' /metrics). Kept 10 minutes."
+        ),
+    )
+    @action(detail=True, methods=["get"])
+    def metrics(self, request: Request, pk: str) -> Response:
+        """Metrics time series: ``{"series": {"<source>:<metric>": [[t, value], ...]}}``."""
+        from serving.bus import metrics
+
+        endpoint = access_endpoint(request.user, pk)
+        query = s.MetricsQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        source = query.validated_data.get("source")
+        series = metrics.chart(
+            str(endpoint.pk), [source] if source else metrics.SOURCES, float(query.validated_data["window"])
+        )
+        return Response({"series": series})
+
+
+class TokenListView(APIView):
+    """Tokens of a private service (S7.1). The token itself is only in the creation response."""
+
+    @extend_schema(responses=s.TokenSerializer(many=True))
+    def get(self, request: Request, service_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        return Response(s.TokenSerializer(endpoint.tokens.select_related("created_by"), many=True).data)
+
+    @extend_schema(request=s.TokenCreateSerializer, responses={201: s.TokenSerializer})
+    def post(self, request: Request, service_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        serializer = s.TokenCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        expires_at = serializer.validated_data.get("expires_at") or timezone.now() + timedelta(days=30)
+        token, secret = actions.do_issue_token(endpoint, acting_user=request.user, expires_at=expires_at)  # type: ignore[arg-type]
+        body = dict(s.TokenSerializer(token).data)
+        body["token"] = secret
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class TokenDetailView(APIView):
+    @extend_schema(responses=s.TokenSerializer)
+    def get(self, request: Request, service_id: str, token_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        token = get_object_or_404(EndpointToken, pk=token_id, endpoint=endpoint)
+        return Response(s.TokenSerializer(token).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, service_id: str, token_id: str) -> Response:
+        """Revoke a token: refused by every proxy within a second."""
+        endpoint = access_endpoint(request.user, service_id)
+        token = get_object_or_404(EndpointToken, pk=token_id, endpoint=endpoint)
+        if not (token.created_by_id == request.user.pk or can_write_endpoint(request.user, endpoint)):
+            raise Http404("No such token.")
+        actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class RuleListView(APIView):
+    """Autoscaling rules of a service (S6.1); see the Rule schema for how they are evaluated."""
+
+    @extend_schema(responses=s.RuleSerializer(many=True))
+    def get(self, request: Request, service_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        return Response(s.RuleSerializer(endpoint.rules.all(), many=True).data)
+
+    @extend_schema(request=s.RuleSerializer, responses={201: s.RuleSerializer})
+    def post(self, request: Request, service_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id, write=True)
+        serializer = s.RuleSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        rule = AutoScalingRule(endpoint=endpoint)
+        actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
+        return Response(s.RuleSerializer(rule).data, status=status.HTTP_201_CREATED)
+
+
+class RuleDetailView(APIView):
+    def _rule(self, request: Request, service_id: str, rule_id: int, write: bool) -> AutoScalingRule:
+        endpoint = access_endpoint(request.user, service_id, write=write)
+        return get_object_or_404(AutoScalingRule, pk=rule_id, endpoint=endpoint)
+
+    @extend_schema(responses=s.RuleSerializer)
+    def get(self, request: Request, service_id: str, rule_id: int) -> Response:
+        return Response(s.RuleSerializer(self._rule(request, service_id, rule_id, False)).data)
+
+    @extend_schema(request=s.RuleSerializer, responses=s.RuleSerializer)
+    def patch(self, request: Request, service_id: str, rule_id: int) -> Response:
+        rule = self._rule(request, service_id, rule_id, True)
+        serializer = s.RuleSerializer(rule, data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
+        return Response(s.RuleSerializer(rule).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, service_id: str, rule_id: int) -> Response:
+        rule = self._rule(request, service_id, rule_id, True)
+        actions.do_delete_rule(rule, acting_user=request.user)  # type: ignore[arg-type]
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class NodeNotAnswering(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The replica's node is not answering; try again in a moment."
+    default_code = "node_unavailable"
+
+
+class RouteLogsView(APIView):
+    """The last lines of one replica's log (start-up, pre-start actions and the server's output).
+
+    Read from the route's node at request time (serving.nodebus); ``truncated`` says whether the
+    log holds more lines than returned. A node that does not answer gives a 503 saying so.
+
+    With ``follow=1`` the answer is ``text/plain`` streamed as the log grows (for ``curl -N``): the
+    last ``tail`` lines, then every new line, until the client leaves or the replica is gone; the
+    last line then starts with ``-- `` and says why the stream ended (serving.logfollow). The page
+    follows the same log over ``/ws/services/<id>/routes/<route_id>/logs/``.
+    """
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("tail", int, description="How many of the last lines (1-5000, default 200)."),
+            OpenApiParameter(
+                "member",
+                str,
+                description="A cluster-mode replica's container: main1 (default) or sub1, sub2, ... (see `members`).",
+            ),
+            OpenApiParameter(
+                "follow",
+                bool,
+                description="Stream the log as text/plain as it grows, until the replica is gone (default no).",
+            ),
+        ],
+        responses={200: s.RouteLogsSerializer, 404: dict, 503: dict},
+    )
+    def get(self, request: Request, service_id: str, route_id: str) -> Response | StreamingHttpResponse:
+        endpoint = access_endpoint(request.user, service_id)
+        route = get_object_or_404(Route.objects.select_related("node"), pk=route_id, endpoint=endpoint)
+        raw = request.query_params.get("tail", "200")
+        try:
+            tail = logfollow.parse_tail(raw)
+        except ValueError as exc:
+            raise ValidationError({"tail": str(exc)}) from None
+        member = request.query_params.get("member")
+        try:
+            source = logfollow.log_source(route, member)
+        except ValueError as exc:
+            raise ValidationError({"member": str(exc)}) from None
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+        if request.query_params.get("follow", "").lower() in ("1", "true", "yes"):
+            return _follow_response(logfollow.RouteRef.of(source), tail, ReadGrant.of_request(request, endpoint))
+        try:
+            answer = nodebus.route_logs(source, tail)
+            answer["route"] = str(route.pk)
+            answer["member"] = "main1" if source is route else source.host_name
+            return Response(answer)
+        except nodebus.NodeUnavailable as exc:
+            raise NodeNotAnswering(str(exc)) from None
+
+
+def _follow_response(route: logfollow.RouteRef, tail: int, grant: ReadGrant) -> StreamingHttpResponse:
+    from serving.node.agent import STARTING_MARK
+
+    if route.node and route.container_id not in ("", STARTING_MARK) and not logfollow.node_listens(route.node):
+        # Known before the stream starts, so it is a 503 like the tail's, not a 200 that ends at once.
+        raise NodeNotAnswering(
+            f"Node {route.node} is not answering (its worker is not running or not connected to Redis); "
+            "the replica's log can not be followed now. Try again when the node is back."
+        )
+
+    async def lines() -> AsyncIterator[bytes]:
+        # Re-checked while the log streams: removed from the project, or the service terminated,
+        # and the stream ends within logfollow.ACCESS_CHECK seconds.
+        events = logfollow.follow(route, tail, access_lost=database_sync_to_async(grant.lost))
+        try:
+            async for event in events:
+                if isinstance(event, logfollow.Lines):
+                    yield "".join(f"{line}\n" for line in event.lines).encode()
+                elif isinstance(event, logfollow.End):
+                    yield f"-- {event.message}\n".encode()
+        finally:
+            await events.aclose()  # deletes the lease when the client went away
+
+    response = StreamingHttpResponse(lines(), content_type="text/plain; charset=utf-8")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # a proxy in front must not hold the lines back
+    return response
+
+
+class RuntimeListView(APIView):
+    """The inference runtime variants a service can use (S4.1)."""
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        return Response(
+            [
+                {
+                    "name": key,
+                    "label": variant.label,
+                    "port": variant.port,
+                    "needs_definition_file": variant.needs_definition_file,
+                }
+                for key, variant in RUNTIMES.items()
+            ]
+        )
+
+
+class NodeListView(APIView):
+    @extend_schema(responses=s.NodeSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(s.NodeSerializer(Node.objects.all(), many=True).data)
+
+
+class PresetListView(APIView):
+    @extend_schema(responses=s.PresetSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(s.PresetSerializer(ResourcePreset.objects.all(), many=True).data)

@@ -1,0 +1,44 @@
+"""Start the node agent inside a node worker (a worker that consumes a ``node.<name>`` queue)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+log = logging.getLogger(__name__)
+_agent: Any = None
+# Imported as the worker process loads the apps, before it consumes any task: a start claimed before
+# this was claimed by an earlier worker (serving.node.recover_interrupted_starts).
+_LOADED_AT = time.time()
+
+
+def _consumes_node_queue(sender: Any) -> bool:
+    try:
+        queues = {q.name for q in sender.app.amqp.queues.consume_from.values()}
+    except Exception:
+        return False
+    return any(name.startswith("node.") for name in queues)
+
+
+@worker_ready.connect
+def start_node_agent(sender: Any = None, **_: Any) -> None:
+    global _agent
+    if sender is None or not _consumes_node_queue(sender):
+        return
+    from datetime import UTC, datetime
+
+    from serving.node.agent import NodeAgent, heartbeat
+
+    heartbeat()  # register before the first task arrives
+    _agent = NodeAgent(worker_started=datetime.fromtimestamp(_LOADED_AT, UTC))
+    _agent.start()
+    log.info("node agent started")
+
+
+@worker_shutdown.connect
+def stop_node_agent(**_: Any) -> None:
+    if _agent is not None:
+        _agent.stop()
