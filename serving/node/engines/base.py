@@ -17,13 +17,13 @@ from typing import Protocol, runtime_checkable
 # Labels every replica carries, so orphans can be found and swept (docs/architecture.md).
 LABEL_ENDPOINT = "serving.endpoint"
 LABEL_ROUTE = "serving.route"
-LABEL_NODE = "serving.node.agent"
+LABEL_NODE = "serving.node"
 LABEL_ROLE = "serving.role"
 # Which installation (its Redis prefix) a replica belongs to: two installations, or a test run beside
 # `make run`, can share one Docker daemon without sweeping each other's containers as orphans.
 LABEL_INSTALLATION = "serving.installation"
 # Marks the throwaway replica of a validation run (S4.2).
-LABEL_VALIDATION = "serving.node.dryrun"  # "main" or "sub-N" in multi-node cluster mode
+LABEL_VALIDATION = "serving.validation"  # "main" or "sub-N" in multi-node cluster mode
 
 
 class EngineError(Exception):
