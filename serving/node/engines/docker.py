@@ -112,7 +112,7 @@ BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 # Every iptables rule the engine adds carries this comment and its bridge's name, so the rules of
 # a removed network are found and removed with it.
 RULE_COMMENT = "modelserve-replicas "
-LABEL_CLUSTER = "serving.core.cluster"  # on a cluster's network: the route (key) it belongs to
+LABEL_CLUSTER = "serving.cluster"  # on a cluster's network: the route (key) it belongs to
 LABEL_NETWORK = "serving.network"  # on the replica network: "replicas"
 # Machine-wide: every node worker on this host talks to the same daemon and its networks.
 NETWORK_LOCK = Path(os.environ.get("MODELSERVE_DOCKER_NETWORK_LOCK", "/run/modelserve/docker-networks.lock"))
