@@ -79,7 +79,7 @@ class Endpoint(models.Model):
         "accounts.Project", on_delete=models.PROTECT, null=True, blank=True, related_name="endpoints"
     )
     model_folder = models.ForeignKey("storage.Folder", on_delete=models.SET_NULL, null=True, related_name="endpoints")
-    # A key of serving.runtimes.RUNTIMES (checked by the actions, not by a DB choice list, so that
+    # A key of serving.core.runtimes.RUNTIMES (checked by the actions, not by a DB choice list, so that
     # adding a runtime variant needs no migration).
     runtime = models.CharField(max_length=32, default="custom")
     model_mount = models.CharField(max_length=255, default="/models")
@@ -232,6 +232,11 @@ class Endpoint(models.Model):
         if any(r.status == Route.Status.DEGRADED for r in live):
             return EndpointStatus.READY  # running, waiting for the first health check
         return EndpointStatus.PROVISIONING
+
+
+# A route's (or a cluster member's) ``container_id`` while a node worker starts its replica: the
+# compare-and-set claim that makes exactly one delivery of a start task start a container.
+STARTING_MARK = "starting"
 
 
 class Route(models.Model):

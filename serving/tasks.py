@@ -18,8 +18,7 @@ from serving.actions import services as actions
 from serving.bus import dispatch, events, metrics, routing
 from serving.control import autoscaling, lifecycle
 from serving.models import Endpoint, Node, Route
-from serving.node import agent as node
-from serving.node import dryrun as validation
+from serving.node import dryrun, members, routes
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def autoscale() -> None:
 
 @shared_task(ignore_result=True, soft_time_limit=30, time_limit=60)
 def collect_proxy_metrics() -> None:
-    """The proxies' per-endpoint stats into the metrics time series (serving.metrics)."""
+    """The proxies' per-endpoint stats into the metrics time series (serving.bus.metrics)."""
     metrics.collect_proxy()
 
 
@@ -83,24 +82,24 @@ def collect_proxy_metrics() -> None:
 
 @shared_task(ignore_result=True, soft_time_limit=300, time_limit=330, acks_late=True)
 def start_member(member_id: str) -> None:
-    node.start_member(member_id)
+    members.start_member(member_id)
 
 
 @shared_task(ignore_result=True, soft_time_limit=120, time_limit=150, acks_late=True)
 def stop_member(route_id: str, container_id: str) -> None:
-    node.stop_member(route_id, container_id)
+    members.stop_member(route_id, container_id)
 
 
 @shared_task(ignore_result=True, soft_time_limit=300, time_limit=330, acks_late=True)
 def start_route(route_id: str) -> None:
-    node.start_route(route_id)
+    routes.start_route(route_id)
 
 
 @shared_task(ignore_result=True, soft_time_limit=120, time_limit=150, acks_late=True)
 def stop_route(route_id: str) -> None:
-    node.stop_route(route_id)
+    routes.stop_route(route_id)
 
 
 @shared_task(ignore_result=True, soft_time_limit=600, time_limit=630)
 def validate_service(validation_id: str) -> None:
-    validation.run(validation_id)
+    dryrun.run(validation_id)

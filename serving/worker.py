@@ -30,6 +30,8 @@ def start_node_agent(sender: Any = None, **_: Any) -> None:
         return
     from datetime import UTC, datetime
 
+    # Imported here, not at the top: this module is loaded by every process (the app's ready()),
+    # and only a node worker needs the node side and its engines.
     from serving.node.agent import NodeAgent, heartbeat
 
     heartbeat()  # register before the first task arrives

@@ -207,7 +207,7 @@ def _check_environ_size(environ: dict[str, str]) -> dict[str, str]:
 
 
 def _check_cluster_mode(cluster_mode: str) -> None:
-    """Cluster mode (S4.1, serving.cluster): a replica of cluster size N is N containers, one main
+    """Cluster mode (S4.1, serving.core.cluster): a replica of cluster size N is N containers, one main
     and N-1 subs; multi-node puts each on its own node, single-node puts them all on one node."""
     if cluster_mode not in Endpoint.ClusterMode.values:
         raise ValidationError(
@@ -462,8 +462,8 @@ def do_validate_service(*, acting_user: User, timeout: float | None = None, **fi
 
     Its events and log stream to the websocket ``/ws/validations/<id>/`` until ``finished``.
     """
+    from serving.bus import dryrun as validation
     from serving.control import scheduler
-    from serving.node import dryrun as validation
 
     config = check_service_config(acting_user=acting_user, **fields)
     endpoint = _build(config, acting_user)

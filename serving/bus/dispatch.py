@@ -68,7 +68,7 @@ def send_stop(route: Route, countdown: float = 0.0) -> None:
 
 
 def send_member_start(member: RouteMember) -> None:
-    """Have a cluster route's sub member started by its node (serving.cluster)."""
+    """Have a cluster route's sub member started by its node (serving.core.cluster)."""
     if member.node is None:
         return
     send(START_MEMBER, [str(member.pk)], member.node.queue)

@@ -8,7 +8,7 @@ nobody scans the keyspace. Old points are trimmed on every write and idle keys e
 
 * **kernel**: per replica ``cpu_percent`` (100 = one full core), ``mem_bytes`` and ``mem_percent``
   (of the replica's memory limit), from the engine's ``stats()``; sampled every ``METRICS_INTERVAL``
-  by each node worker for the replicas running on its own node (``NodeSampler``).
+  by each node worker for the replicas running on its own node (``serving.node.sampler``).
 * **inference**: each healthy replica's ``/metrics`` (Prometheus text, parsed by prometheus_client),
   scraped by the same node sampler; every sample name the runtime reports is kept, its label sets
   summed (``vllm:num_requests_waiting`` over all models), except histogram buckets, summary quantiles
@@ -27,16 +27,19 @@ never the round.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
+
+from django.conf import settings
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.bus import routing
+from serving.models import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +112,6 @@ def parse_prometheus(text: str, max_names: int = MAX_NAMES) -> dict[str, float]:
     meaningless); ``_sum``/``_count`` stay. NaN and infinite values are dropped. A malformed answer
     raises ExpositionError as a whole: a half-parsed one would sum only some label sets.
     """
-    from prometheus_client.parser import text_string_to_metric_families
-
     totals: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(text):
@@ -163,7 +164,7 @@ def _number(value: Any) -> float:
 
 
 def kernel_points(endpoint_id: str, replica: str, stats: Any, t: float) -> list[Point]:
-    """A replica's engine stats (serving.engines.base.ReplicaStats) as kernel points."""
+    """A replica's engine stats (serving.node.engines.base.ReplicaStats) as kernel points."""
     points = [
         Point("kernel", endpoint_id, "cpu_percent", t, float(stats.cpu_percent), replica),
         Point("kernel", endpoint_id, "mem_bytes", t, float(stats.mem_bytes), replica),
@@ -197,20 +198,14 @@ def buckets(samples: Iterable[tuple[float, float]], step: float) -> list[list[fl
 
 
 def _prefix() -> str:
-    from django.conf import settings
-
     return str(settings.REDIS_PREFIX)
 
 
 def _retention() -> float:
-    from django.conf import settings
-
     return float(settings.METRICS_RETENTION)
 
 
 def _client() -> Any:
-    from serving.bus import routing
-
     return routing.get_redis()
 
 
@@ -341,8 +336,6 @@ def chart(
 ) -> dict[str, list[list[float]]]:
     """``{"<source>:<metric>": [[t, value], ...]}`` of the last ``window`` seconds for the charts;
     per-replica sources average the replicas of each sampling round."""
-    from django.conf import settings
-
     client = client or _client()
     prefix = prefix or _prefix()
     now = time.time() if now is None else now
@@ -368,8 +361,6 @@ def collect_proxy(now: float | None = None, client: Any = None, prefix: str | No
     so when some proxy reports and an endpoint has no hash, no proxy has served it recently: zeros
     (and a scale-in rule on idle traffic can act). When no proxy reports anything there is no data.
     """
-    from serving.models import Endpoint
-
     client = client or _client()
     prefix = prefix or _prefix()
     now = time.time() if now is None else now
@@ -388,172 +379,3 @@ def collect_proxy(now: float | None = None, client: Any = None, prefix: str | No
         for name, value in (figures or dict.fromkeys(PROXY_FIELDS, 0.0)).items():
             points.append(Point("proxy", str(pk), name, now, value))
     return record(points, now, client, prefix)
-
-
-# --- kernel + inference (node worker) ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    route_id: str
-    endpoint_id: str
-    container_id: str
-    host: str
-    port: int | None
-    healthy: bool
-    member: str = ""  # a cluster's sub member ("sub1"): kernel stats only, main alone serves
-
-    @property
-    def replica(self) -> str:
-        """The sample's replica key: one per container, so S6.1's kernel average is over every
-        container backing the endpoint, a cluster's sub members included."""
-        return f"{self.route_id[:8]}.{self.member}" if self.member else self.route_id[:8]
-
-
-class NodeSampler:
-    """Samples the replicas of one node every ``interval`` seconds: engine stats (kernel) of every
-    started replica and ``/metrics`` (inference) of every healthy one. Its own thread and asyncio
-    loop; started and stopped by the node agent (serving.node)."""
-
-    def __init__(
-        self,
-        node: str,
-        engine: Callable[[], Any] | None = None,
-        interval: float | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        from django.conf import settings
-
-        self.node = node
-        self.engine = engine or _node_engine
-        self.interval = float(interval if interval is not None else settings.METRICS_INTERVAL)
-        self.timeout = float(settings.METRICS_TIMEOUT)
-        self.concurrency = int(settings.METRICS_CONCURRENCY)
-        self.clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"stats-{node}")
-        self._busy: set[str] = set()  # replicas whose engine stats call has not returned yet
-        self._warned: set[str] = set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name=f"metrics-{self.node}")
-        self._thread.daemon = True
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _main(self) -> None:
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(limit=self.concurrency, force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    points = await self.sample(session)
-                    await asyncio.to_thread(record, points, self.clock())
-                except Exception:
-                    log.exception("metrics round on node %s failed; next round in %g s", self.node, self.interval)
-                while not self._stop.is_set() and time.monotonic() - started < self.interval:
-                    await asyncio.sleep(min(0.1, self.interval))
-
-    async def sample(self, session: Any) -> list[Point]:
-        """One round: every target at once (bounded), all points stamped with the round's time."""
-        now = self.clock()
-        targets = await asyncio.to_thread(self._targets)
-        semaphore = asyncio.Semaphore(self.concurrency)
-        jobs = [self._kernel(t, now) for t in targets if t.container_id]
-        jobs += [
-            self._inference(session, semaphore, t, now)
-            for t in targets
-            if t.healthy and t.host and t.port and not t.member
-        ]
-        points: list[Point] = []
-        for result in await asyncio.gather(*jobs, return_exceptions=True):
-            if isinstance(result, list):
-                points.extend(result)
-            elif isinstance(result, BaseException):
-                log.debug("metrics sample failed: %s", result)
-        return points
-
-    def _targets(self) -> list[Target]:
-        from django.db import close_old_connections
-
-        from serving.models import Route, RouteMember
-        from serving.node.agent import STARTING_MARK
-
-        close_old_connections()
-        live = [Route.Status.HEALTHY, Route.Status.DEGRADED, Route.Status.UNHEALTHY]
-        rows = (
-            Route.objects.filter(node__name=self.node, status__in=live)
-            .exclude(container_id__in=["", STARTING_MARK])
-            .values_list("pk", "endpoint_id", "container_id", "host", "port", "status")
-        )
-        targets = [
-            Target(str(pk), str(eid), cid, host, port, status == Route.Status.HEALTHY)
-            for pk, eid, cid, host, port, status in rows
-        ]
-        subs = (
-            RouteMember.objects.filter(node__name=self.node, status=RouteMember.Status.RUNNING, route__status__in=live)
-            .exclude(container_id__in=["", STARTING_MARK])
-            .values_list("route_id", "route__endpoint_id", "container_id", "idx")
-        )
-        targets += [Target(str(rid), str(eid), cid, "", None, False, f"sub{idx}") for rid, eid, cid, idx in subs]
-        return targets
-
-    async def _kernel(self, target: Target, now: float) -> list[Point]:
-        if target.container_id in self._busy:
-            return []  # its previous stats call still hangs: skip it, never queue behind it
-        self._busy.add(target.container_id)
-        future = self._pool.submit(lambda: self.engine().stats(target.container_id))
-        future.add_done_callback(lambda _: self._busy.discard(target.container_id))
-        try:
-            stats = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
-        except Exception as exc:
-            self._warn_once(target.replica, f"kernel stats of replica {target.replica}: {exc!r}")
-            return []
-        self._warned.discard(target.replica)
-        return kernel_points(target.endpoint_id, target.replica, stats, now)
-
-    async def _inference(self, session: Any, semaphore: asyncio.Semaphore, target: Target, now: float) -> list[Point]:
-        import aiohttp
-
-        url = f"http://{target.host}:{target.port}/metrics"
-        async with semaphore:
-            try:
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
-                    if response.status != 200:
-                        return []  # no /metrics on this runtime: nothing to say
-                    body = await response.content.read(MAX_BODY + 1)
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                self._warn_once(target.route_id, f"scraping {url}: {exc!r}")
-                return []
-        if len(body) > MAX_BODY:
-            self._warn_once(target.route_id, f"{url} answered more than {MAX_BODY} bytes; not scraped")
-            return []
-        try:
-            values = parse_prometheus(body.decode("utf-8", errors="replace"))
-        except ExpositionError as exc:
-            self._warn_once(target.route_id, f"{url}: {exc}")
-            return []
-        self._warned.discard(target.route_id)
-        replica = target.route_id[:8]
-        return [Point("inference", target.endpoint_id, name, now, value, replica) for name, value in values.items()]
-
-    def _warn_once(self, route_id: str, message: str) -> None:
-        if route_id not in self._warned:
-            if len(self._warned) > 10_000:
-                self._warned.clear()
-            self._warned.add(route_id)
-            log.info("metrics: %s", message)
-
-
-def _node_engine() -> Any:
-    from serving.node import agent as node
-
-    return node.get_engine()

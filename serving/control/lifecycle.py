@@ -155,7 +155,7 @@ def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan
 
     # A replica that went unhealthy is replaced (unless we gave up: then it stays, with its error).
     # So is a cluster replica whose sub members never all came up (a start message was lost): its
-    # main alone is not the replica that was asked for (serving.cluster).
+    # main alone is not the replica that was asked for (serving.core.cluster).
     if not endpoint.gave_up:
         broken = [
             r
@@ -584,7 +584,7 @@ def _place_cluster_route(
     lines: list[ServiceEvent],
 ) -> Route | None:
     """A cluster route: the main member on the first chosen node, a RouteMember per sub on the
-    others (serving.cluster); or a failed route saying what was asked and what is free; None when
+    others (serving.core.cluster); or a failed route saying what was asked and what is free; None when
     no node is alive."""
 
     endpoint = work.endpoint

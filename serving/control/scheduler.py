@@ -16,8 +16,6 @@ from django.db.models import Count
 from serving.core import cluster, slots
 from serving.models import Endpoint, Node, Route, RouteMember
 
-# What a replica gets when neither the service, its preset nor its definition says.
-DEFAULT_REQUEST: dict[str, float] = {"cpu": 1.0, "mem": float(1024**3)}
 # Statuses whose containers hold their slots on the node.
 HOLDING = (
     Route.Status.PROVISIONING,
@@ -51,9 +49,7 @@ class Choice:
 
 def replica_request(endpoint: Endpoint) -> dict[str, float]:
     """The slots one replica (one container of it) asks for."""
-    request = dict(DEFAULT_REQUEST)
-    request.update({k: float(v) for k, v in (endpoint.resources or {}).items()})
-    return request
+    return slots.replica_request(endpoint.resources)
 
 
 def rank_nodes(request: Mapping[str, float], nodes: Iterable[NodeView]) -> list[NodeView]:
@@ -89,7 +85,7 @@ def held_slots(candidates: list[Node]) -> dict[int, dict[str, float]]:
     # a placement reads a few rows however many replicas run (the tick's cost, bench/runtime.py).
     for node_id, resources, count in holding.values_list("node_id", "resources").annotate(count=Count("id")).order_by():
         used[node_id] = slots.add(used[node_id], {k: float(v) * count for k, v in (resources or {}).items()})
-    # Sub members of cluster routes hold the service's slots on their own nodes (serving.cluster).
+    # Sub members of cluster routes hold the service's slots on their own nodes (serving.core.cluster).
     members = RouteMember.objects.filter(node__in=candidates, route__status__in=HOLDING)
     for node_id, resources, count in members.values_list("node_id", "resources").annotate(count=Count("id")).order_by():
         used[node_id] = slots.add(used[node_id], {k: float(v) * count for k, v in (resources or {}).items()})

@@ -1389,7 +1389,7 @@ class FolderValidation:
     defaults: LauncherDefaults | None
     runtime: str = "custom"
     definition_file: str | None = None  # the model definition file used, relative to the folder
-    effective: EffectiveService | None = None  # how a replica would start (serving.runtimes)
+    effective: EffectiveService | None = None  # how a replica would start (serving.core.runtimes)
 
     @property
     def ok(self) -> bool:

@@ -51,6 +51,17 @@ def normalize(raw: Mapping[str, object]) -> Slots:
     return out
 
 
+# What a replica gets when neither the service, its preset nor its definition says.
+DEFAULT_REQUEST: dict[str, float] = {"cpu": 1.0, "mem": float(1024**3)}
+
+
+def replica_request(resources: Mapping[str, object] | None) -> Slots:
+    """The slots one replica (one container of it) asks for, from a service's resources."""
+    request = dict(DEFAULT_REQUEST)
+    request.update({k: float(v) for k, v in (resources or {}).items()})  # type: ignore[arg-type]
+    return request
+
+
 def add(*many: Mapping[str, float]) -> Slots:
     total: Slots = {}
     for slots in many:

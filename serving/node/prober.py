@@ -1,20 +1,10 @@
-"""Health checks (S5), to the letter.
+"""The node's health prober and what a probe or an exit writes (S5), around the pure state machine
+of ``serving.core.health``.
 
-The state machine is pure and takes the time as an argument:
-
-* from the replica's start, ``initial_delay`` seconds with no checks (the route is DEGRADED);
-* then every ``interval`` an HTTP GET of ``path`` with timeout ``max_wait_time``;
-* the expected status code -> HEALTHY and the failure count resets;
-* a timeout, an error or another code -> failures + 1; once failures exceed ``max_retries`` ->
-  UNHEALTHY (out of traffic); otherwise the status stays as it was.
-
-So the first check happens at ``initial_delay + interval`` and the (max_retries + 1)-th failure, at
-``initial_delay + interval * (max_retries + 1)`` (170 s with the defaults), or
-``interval * (max_retries + 1)`` after the last success (110 s): exactly S5.2.
-
-The shell is ``Prober``: an asyncio loop in a thread of the node worker that probes every route of its
-node concurrently (a slow probe never delays another) and writes a route row only when its status
-changes (or its failure count grows), so a healthy fleet costs no database writes.
+``Prober`` is an asyncio loop in a thread of the node worker that probes every route of its node
+concurrently (a slow probe never delays another) and writes a route row only when its status changes
+(or its failure count grows), so a healthy fleet costs no database writes. ``record_exit`` marks a
+replica whose process ended on its own at once, not after the retries.
 """
 
 from __future__ import annotations
@@ -32,83 +22,13 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from serving.bus import dispatch, events
-from serving.models import Endpoint, Route, RouteMember
+from serving.core.health import DEGRADED, HEALTHY, UNHEALTHY, HealthConfig, ProbeState, apply_probe, next_probe_at
+from serving.models import STARTING_MARK, Endpoint, Route, RouteMember
+from serving.node.engine import get_engine, log_tail, stop_quietly
+from serving.node.engines.base import ReplicaNotFound, ReplicaState
+from serving.node.members import stop_all_members
 
 log = logging.getLogger(__name__)
-
-DEGRADED = "degraded"
-HEALTHY = "healthy"
-UNHEALTHY = "unhealthy"
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    path: str | None = None  # None: no HTTP check, healthy when the port accepts a connection
-    interval: float = 10.0
-    max_retries: int = 10
-    max_wait_time: float = 15.0
-    expected_status_code: int = 200
-    initial_delay: float = 60.0
-    headers: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> HealthConfig:
-        if not data:
-            return TCP_DEFAULT
-        return cls(
-            path=data.get("path"),
-            interval=float(data.get("interval", 10.0)),
-            max_retries=int(data.get("max_retries", 10)),
-            max_wait_time=float(data.get("max_wait_time", 15.0)),
-            expected_status_code=int(data.get("expected_status_code", 200)),
-            initial_delay=float(data.get("initial_delay", 60.0)),
-            headers=tuple((str(k), str(v)) for k, v in (data.get("headers") or {}).items()),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "interval": self.interval,
-            "max_retries": self.max_retries,
-            "max_wait_time": self.max_wait_time,
-            "expected_status_code": self.expected_status_code,
-            "initial_delay": self.initial_delay,
-            "headers": dict(self.headers),
-        }
-
-
-# A server without a health check (the "Predefined Image Command" runtime, or a custom definition
-# that has none) is healthy as soon as its port accepts connections; checked every second.
-TCP_DEFAULT = HealthConfig(path=None, interval=1.0, max_retries=3, max_wait_time=2.0, initial_delay=0.0)
-
-
-@dataclass(frozen=True)
-class ProbeState:
-    status: str = DEGRADED
-    failures: int = 0
-    started_at: float = 0.0
-    last_probe_at: float | None = None
-
-
-def next_probe_at(config: HealthConfig, state: ProbeState) -> float:
-    """When the next check is due: ``interval`` after the last one, or after the initial delay."""
-    base = state.last_probe_at if state.last_probe_at is not None else state.started_at + config.initial_delay
-    return base + config.interval
-
-
-def apply_probe(config: HealthConfig, state: ProbeState, ok: bool, now: float) -> ProbeState:
-    """The state after one check (S5.1)."""
-    if ok:
-        return replace(state, status=HEALTHY, failures=0, last_probe_at=now)
-    failures = state.failures + 1
-    status = UNHEALTHY if failures > config.max_retries else state.status
-    return replace(state, status=status, failures=failures, last_probe_at=now)
-
-
-def time_to_unhealthy(config: HealthConfig, after_healthy: bool) -> float:
-    """S5.2's formula, for documentation and tests."""
-    cycle = config.interval * (config.max_retries + 1)
-    return cycle if after_healthy else config.initial_delay + cycle
 
 
 # --- applying results to rows --------------------------------------------------------------------
@@ -141,7 +61,7 @@ def record_status(route_id: str, old_status: str, new: ProbeState, now: datetime
         claim = Route.objects.filter(pk=route_id, status=old_status)
         if new.status == HEALTHY and new.status != old_status:
             # Cluster mode: main passing its check is not enough; every sub member must run too
-            # (serving.cluster). Until then it stays as it is, and the next passing check tries again.
+            # (serving.core.cluster). Until then it stays as it is, and the next passing check tries again.
             claim = claim.exclude(
                 members__status__in=[s for s in RouteMember.Status if s != RouteMember.Status.RUNNING]
             )
@@ -208,8 +128,6 @@ def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
             # Its container is finished; remove it now, keep the row for the error it shows. Its
             # cluster members (if any) go with it: the whole replica failed.
             transaction.on_commit(lambda: _remove_container(container_id))
-            from serving.node.agent import stop_all_members
-
             stop_all_members(route)
         else:
             transaction.on_commit(lambda: dispatch.send_stop(Route.objects.select_related("node").get(pk=route.pk)))
@@ -219,9 +137,6 @@ def record_exit(route: Route, info: Any, log_tail: str, now: datetime) -> None:
 
 def check_exited(route_id: str, now: datetime | None = None) -> bool:
     """If the replica of a started route has exited (or vanished), record it now; True if so."""
-    from serving.node.agent import STARTING_MARK, _log_tail, get_engine
-    from serving.node.engines.base import ReplicaNotFound, ReplicaState
-
     route = Route.objects.select_related("endpoint").filter(pk=route_id).first()
     if route is None or route.status not in (Route.Status.DEGRADED, Route.Status.HEALTHY, Route.Status.UNHEALTHY):
         return False
@@ -234,15 +149,13 @@ def check_exited(route_id: str, now: datetime | None = None) -> bool:
         info = None
     if info is not None and info.state not in (ReplicaState.EXITED, ReplicaState.GONE):
         return False
-    tail = _log_tail(engine, route.container_id) if info is not None else ""
+    tail = log_tail(engine, route.container_id) if info is not None else ""
     record_exit(route, info, tail, now or timezone.now())
     return True
 
 
 def _remove_container(container_id: str) -> None:
-    from serving.node.agent import _stop_quietly, get_engine
-
-    _stop_quietly(get_engine(), container_id)
+    stop_quietly(get_engine(), container_id)
 
 
 # --- the prober ----------------------------------------------------------------------------------

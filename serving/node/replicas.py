@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from serving.core import cluster, definitions, runtimes
+from serving.core.health import TCP_DEFAULT, HealthConfig
 from serving.models import Route, RouteMember
 from serving.node import prestart
 from serving.node.engines.base import (
@@ -21,7 +22,6 @@ from serving.node.engines.base import (
     Mount,
     ReplicaSpec,
 )
-from serving.node.prober import TCP_DEFAULT, HealthConfig
 from storage.fs import FolderFS, StorageUnavailable
 from storage.models import Folder
 

@@ -18,7 +18,12 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404
 from django.urls import path
 
+from accounts.models import Membership
+from serving.bus import dryrun, logfollow
 from serving.bus.events import LIST_OPERATORS_GROUP, endpoint_group, list_owner_group, list_project_group
+from serving.models import Endpoint, Route
+from serving.web.access import ReadGrant, access_endpoint, can_write_endpoint
+from serving.web.api.serializers import ServiceSerializer, with_routes
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +73,6 @@ class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _snapshot(self) -> dict[str, Any] | None:
-        from serving.models import Endpoint
-        from serving.web.access import ReadGrant, access_endpoint
-        from serving.web.api.serializers import ServiceSerializer
-        from serving.web.api.views import _with_routes
-
         # The user and their session as they are now: the socket may have been open for hours, and
         # its reader logged out or changed their password since (the environment holds secrets).
         user, _ = ReadGrant.of_scope(self.scope, self.endpoint_id).reader()
@@ -82,7 +82,7 @@ class ServiceStatusConsumer(AsyncJsonWebsocketConsumer):
             endpoint = access_endpoint(user, self.endpoint_id, include_destroyed=True)
         except Http404:
             return None
-        return dict(ServiceSerializer(_with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)).data)
+        return dict(ServiceSerializer(with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)).data)
 
 
 class ValidationConsumer(AsyncJsonWebsocketConsumer):
@@ -97,8 +97,6 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
     checked_at: float = 0.0
 
     async def connect(self) -> None:
-        from serving.node import dryrun as validation
-
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
@@ -108,20 +106,16 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_NOT_FOUND)
             return
         self.checked_at = asyncio.get_running_loop().time()
-        await self.channel_layer.group_add(validation.group_name(self.validation_id), self.channel_name)
+        await self.channel_layer.group_add(dryrun.group_name(self.validation_id), self.channel_name)
         await self.accept()
-        for event in await database_sync_to_async(validation.history)(self.validation_id):
+        for event in await database_sync_to_async(dryrun.history)(self.validation_id):
             await self._forward(event)
 
     async def disconnect(self, code: int) -> None:
-        from serving.node import dryrun as validation
-
         if getattr(self, "validation_id", None):
-            await self.channel_layer.group_discard(validation.group_name(self.validation_id), self.channel_name)
+            await self.channel_layer.group_discard(dryrun.group_name(self.validation_id), self.channel_name)
 
     async def validation_event(self, message: dict[str, Any]) -> None:
-        from serving.web import logfollow
-
         # Re-checked while the run streams (at most every ACCESS_CHECK s, not per line): a user
         # disabled, or an operator demoted, stops reading another user's run.
         now = asyncio.get_running_loop().time()
@@ -139,11 +133,8 @@ class ValidationConsumer(AsyncJsonWebsocketConsumer):
     def _may_read(self) -> bool:
         """Its owner, or an operator; the user and their session as they are now (logged out, or a
         password changed since, ends it)."""
-        from serving.node import dryrun as validation
-        from serving.web.access import ReadGrant
-
         user, _ = ReadGrant.of_scope(self.scope, "").reader()
-        owner = validation.owner_of(self.validation_id)
+        owner = dryrun.owner_of(self.validation_id)
         return user is not None and owner is not None and (owner == user.pk or user.is_superuser)
 
     async def _forward(self, event: dict[str, Any]) -> None:
@@ -192,8 +183,6 @@ class ServiceListConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _groups(self, user: Any) -> list[str]:
-        from accounts.models import Membership
-
         groups = [list_owner_group(user.pk)]
         groups += [
             list_project_group(pid) for pid in Membership.objects.filter(user=user).values_list("project_id", flat=True)
@@ -204,11 +193,6 @@ class ServiceListConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _snapshot(self, endpoint_id: str) -> dict[str, Any] | None:
-        from serving.models import Endpoint
-        from serving.web.access import ReadGrant, access_endpoint, can_write_endpoint
-        from serving.web.api.serializers import ServiceSerializer
-        from serving.web.api.views import _with_routes
-
         # The user and their session as they are now, not as they were at connect.
         user, _ = ReadGrant.of_scope(self.scope, endpoint_id).reader()
         if user is None:
@@ -217,14 +201,14 @@ class ServiceListConsumer(AsyncJsonWebsocketConsumer):
             endpoint = access_endpoint(user, endpoint_id, include_destroyed=True)
         except Http404:
             return None
-        data = dict(ServiceSerializer(_with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)).data)
+        data = dict(ServiceSerializer(with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)).data)
         data["can_write"] = can_write_endpoint(user, endpoint)
         return data
 
 
 class RouteLogConsumer(AsyncJsonWebsocketConsumer):
     """``/ws/services/<id>/routes/<route_id>/logs/?tail=N&member=sub1``: a replica's log, live
-    (serving.logfollow); ``member`` picks a cluster-mode replica's container (default main1).
+    (``serving.bus.logfollow``); ``member`` picks a cluster-mode replica's container (default main1).
 
     Sends ``{"type": "lines", "lines": [...]}`` (first the last ``tail`` lines, default 200, then every
     new line), ``{"type": "following", "node": ...}`` once the node streams, and last
@@ -233,11 +217,9 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
     """
 
     pump: asyncio.Task[None] | None = None
-    grant: Any = None  # serving.access.ReadGrant, re-checked while the log streams
+    grant: Any = None  # serving.web.access.ReadGrant, re-checked while the log streams
 
     async def connect(self) -> None:
-        from serving.web import logfollow
-
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
@@ -271,8 +253,6 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
         """The client has nothing to say; whatever it sends is ignored."""
 
     async def _pump(self, route: Any, tail: int) -> None:
-        from serving.web import logfollow
-
         events = logfollow.follow(route, tail, access_lost=database_sync_to_async(self.grant.lost))
         try:
             async for event in events:
@@ -291,10 +271,6 @@ class RouteLogConsumer(AsyncJsonWebsocketConsumer):
     def _route(self, service_id: str, route_id: str, member: str | None) -> Any:
         """The log's RouteRef; None for a stranger or an unknown route; a str saying what is wrong
         with ``member`` (said once the socket is open: the route is the reader's to see)."""
-        from serving.models import Route
-        from serving.web import logfollow
-        from serving.web.access import ReadGrant, access_endpoint
-
         try:
             endpoint = access_endpoint(self.scope["user"], service_id)
         except Http404:

@@ -1,5 +1,5 @@
 """``GET /api/v1/services/{id}/routes/{route_id}/logs/``: the contract, access, and the node round trip
-through Redis (serving.nodebus) with an in-process node listener and a fake engine."""
+through Redis (serving.bus.nodebus) with an in-process node listener and a fake engine."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from django.utils import timezone
 
 from serving.models import Node, Route, RouteMember
-from serving.node import agent as node_module
+from serving.node import engine as node_engine
 from serving.node.engines.base import ReplicaNotFound
-from serving.node.nodebus import NodeListener
+from serving.node.listener import NodeListener
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
@@ -63,7 +63,7 @@ def make_route(service_id: str, node_name: str | None, container_id: str = "c-1"
 @pytest.fixture
 def listening_node() -> Iterator[FakeEngine]:
     engine = FakeEngine([f"line {i}" for i in range(1, 501)])
-    node_module.set_engine(engine)  # type: ignore[arg-type]
+    node_engine.set_engine(engine)  # type: ignore[arg-type]
     listener = NodeListener("logs-node")
     listener.start()
     try:
@@ -72,7 +72,7 @@ def listening_node() -> Iterator[FakeEngine]:
     finally:
         listener.stop()
         listener.join(timeout=5)
-        node_module.set_engine(None)
+        node_engine.set_engine(None)
 
 
 def url(service_id: str, route: Route, query: str = "") -> str:

@@ -21,6 +21,7 @@ from serving.bus.routing import get_redis
 from serving.control import autoscaling
 from serving.models import AutoScalingRule, Endpoint, Node, Route, RouteMember, ScalingEvent, ServiceEvent
 from serving.node.engines.base import ReplicaStats
+from serving.node.sampler import NodeSampler
 
 pytestmark = pytest.mark.django_db
 
@@ -200,7 +201,7 @@ def test_the_node_sampler_is_bounded_by_hung_replicas(
     Route.objects.create(node=node, status="degraded", container_id="young", port=good_port, **common)
     Route.objects.create(node=other, status="healthy", container_id="elsewhere", port=good_port, **common)
     engine = FakeEngine()
-    sampler = metrics.NodeSampler("n1", engine=lambda: engine, clock=lambda: T0)
+    sampler = NodeSampler("n1", engine=lambda: engine, clock=lambda: T0)
 
     async def rounds() -> tuple[list[metrics.Point], list[metrics.Point], float]:
         import aiohttp
@@ -374,7 +375,7 @@ def test_the_node_sampler_counts_every_container_of_a_cluster(endpoint: Endpoint
     gone = Route.objects.create(endpoint=endpoint, node=there, status="terminating", container_id="old")
     RouteMember.objects.create(route=gone, idx=1, node=here, status="running", container_id="sub-old")
     engine = FakeEngine()
-    sampler = metrics.NodeSampler("n1", engine=lambda: engine, clock=lambda: T0)
+    sampler = NodeSampler("n1", engine=lambda: engine, clock=lambda: T0)
 
     async def one_round() -> list[metrics.Point]:
         import aiohttp

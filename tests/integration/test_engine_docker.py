@@ -380,13 +380,13 @@ def test_a_node_publishes_replicas_on_its_node_address(
 ) -> None:
     """NODE_ADDRESS is where other hosts (the proxy, a cluster's members) reach this node's
     replicas: the Docker engine publishes their ports there, and reports that address."""
-    from serving.node import agent as node
+    from serving.node import engine as node_engine
 
     address = a_host_address()
     if address is None:
         pytest.skip("this host has no network address besides loopback and Docker's bridges")
     settings.NODE_ADDRESS = address
-    made = node._make_engine("docker")
+    made = node_engine._make_engine("docker")
     assert isinstance(made, DockerEngine) and made.publish_host == address
     engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", publish_host=address)
     info = engine.start(make_spec(model_folder))
@@ -437,7 +437,7 @@ def test_logs_follow_streams_lines_and_ends_with_the_replica(engine: DockerEngin
 
 @needs_docker
 def test_a_follow_of_a_quiet_replica_ends_when_stopped(engine: DockerEngine) -> None:
-    """Nobody reads any more (serving.logfollow): the read blocked on a silent replica ends too."""
+    """Nobody reads any more (serving.bus.logfollow): the read blocked on a silent replica ends too."""
     import threading
 
     script = "print('only line', flush=True)\nimport time\ntime.sleep(60)"

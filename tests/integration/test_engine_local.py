@@ -388,7 +388,7 @@ def test_replicas_outlive_the_worker_and_a_new_engine_finds_them(engine: LocalEn
     # Start from another process that then exits, as a node worker restart would.
     script = (
         "import sys\nfrom pathlib import Path\nroot, state, prefix, model = sys.argv[1:]\nsys.path.insert(0, root)\n"
-        "from serving.engines.local import LocalEngine\nfrom serving.engines.base import ReplicaSpec, Mount\n"
+        "from serving.node.engines.local import LocalEngine\nfrom serving.node.engines.base import ReplicaSpec, Mount\n"
         "e = LocalEngine(Path(state), netns_prefix=prefix)\n"
         "for route in ('r1', 'r2'):\n"
         "    e.start(ReplicaSpec(name='w', image='x', command=('python3', '/models/server.py'), port=8000,\n"
@@ -465,7 +465,7 @@ def test_logs_follow_until_the_replica_exits(engine: LocalEngine, model: Path) -
 
 
 def test_a_follow_of_a_quiet_replica_ends_when_stopped(engine: LocalEngine, model: Path) -> None:
-    """Nobody reads any more (serving.logfollow): the follow ends although no line comes."""
+    """Nobody reads any more (serving.bus.logfollow): the follow ends although no line comes."""
     info = engine.start(spec(model, ("sh", "-c", "echo only-line; sleep 60")))
     stop = threading.Event()
     lines = engine.logs(info.replica_id, follow=True, stop=stop)

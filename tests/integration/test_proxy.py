@@ -883,7 +883,7 @@ def test_serves_from_memory_while_redis_is_down(backends: Callable[..., Backend]
             wait_for(lambda: p.health().get("redis_connected"), timeout=10, what="the proxy to reconnect")
             for _ in range(20):
                 assert p.call(slug)[0] == 200
-            # ... which every full write does (serving.routing.publish_all): then the table is re-read.
+            # ... which every full write does (serving.bus.routing.publish_all): then the table is re-read.
             wait_for(lambda: _ping(p.redis), what="the test's own client back")
             p.redis.set(f"{p.prefix}:routing:complete", "now")
             p.redis.publish(f"{p.prefix}:routing:updates", json.dumps({"resync": True}))

@@ -1,4 +1,4 @@
-"""Following a replica's log live (serving.logfollow): a real replica on the local engine, a node
+"""Following a replica's log live (serving.bus.logfollow): a real replica on the local engine, a node
 listener in this process (so its follow threads can be counted), the real ASGI application for the
 websocket and Django's async client for ``?follow=1``. Lines the replica writes after the follow
 started arrive; the node's follow thread ends once the reader has gone; a stranger gets 4404."""
@@ -21,10 +21,10 @@ from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from serving.models import Node, Route, RouteMember
-from serving.node import agent as node_module
+from serving.node import engine as node_engine
 from serving.node.engines.base import Mount, ReplicaInfo, ReplicaSpec
 from serving.node.engines.local import LocalEngine
-from serving.node.nodebus import NodeListener
+from serving.node.listener import NodeListener
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 from tests.integration.conftest import _engine_ready
@@ -59,11 +59,11 @@ def service_id(api: Any, folder: Folder) -> str:
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[LocalEngine]:
     local = LocalEngine(tmp_path / "engine", netns_prefix="mf")
-    node_module.set_engine(local)
+    node_engine.set_engine(local)
     try:
         yield local
     finally:
-        node_module.set_engine(None)
+        node_engine.set_engine(None)
         for info in local.list():
             local.stop(info.replica_id, grace=0)
 

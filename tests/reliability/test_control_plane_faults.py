@@ -155,7 +155,7 @@ def test_fault4_start_crash_after_the_replica_runs_converges_without_orphans(
 ) -> None:
     """The node worker dies after starting a replica and before recording it: the restarted worker
     finds the start it never finished (claimed before it began), stops the half-started replica and
-    starts the route again (serving.node.recover_interrupted_starts)."""
+    starts the route again (serving.node.routes.recover_interrupted_starts)."""
     system = live()
     start_with_crash(system, "node-local", "node.started")
     folder = echo_folder(personas["owner"], definition=FAST_ECHO_DEFINITION)
@@ -210,7 +210,7 @@ def test_fault4_validation_crash_finishes_and_removes_its_replica(
     """The node worker dies while a validation's replica runs: the run is finished as failed (the
     browser's dialog ends) and its replica removed, after its timeout + ABANDONED_AFTER."""
     from serving.actions import services as actions
-    from serving.node import dryrun as validation
+    from serving.bus import dryrun as validation
     from serving.node.engines.base import LABEL_VALIDATION
 
     system = live()

@@ -69,7 +69,7 @@ def test_table_is_kept_when_redis_holds_no_complete_table() -> None:
 
 
 def test_fault_hook_is_inert_unless_named() -> None:
-    code = "from serving import faults; faults.crash_point('x.y'); print('survived')"
+    code = "from serving import failpoints; failpoints.crash_point('x.y'); print('survived')"
     env = {k: v for k, v in os.environ.items() if k != "MODELSERVE_CRASH_AT"}
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert (run.returncode, run.stdout.strip()) == (0, "survived")
@@ -86,8 +86,8 @@ def test_fault_hook_is_inert_unless_named() -> None:
 
 @pytest.mark.django_db
 def test_overdue_validation_is_finished_as_failed(settings: Any) -> None:
+    from serving.bus import dryrun as validation
     from serving.bus import routing
-    from serving.node import dryrun as validation
 
     run_id = validation.new_id()
     validation.save_request(validation.ValidationRequest(id=run_id, user_id=1, node="local", config={}, timeout=5.0))
@@ -113,7 +113,7 @@ def test_a_start_claimed_before_the_worker_began_is_redone_and_its_replica_stopp
 
     from serving.bus import dispatch
     from serving.models import Endpoint, Node, Route
-    from serving.node import agent as node
+    from serving.node import routes
     from serving.node.engines.base import LABEL_ROUTE
 
     settings.NODE_NAME = "local"
@@ -140,9 +140,9 @@ def test_a_start_claimed_before_the_worker_began_is_redone_and_its_replica_stopp
 
     engine = Engine()
     sent: list[str] = []
-    monkeypatch.setattr(node, "get_engine", lambda: engine)
+    monkeypatch.setattr("serving.node.engine._engine", engine)
     monkeypatch.setattr(dispatch, "send_start", lambda route: sent.append(str(route.pk)))
-    assert node.recover_interrupted_starts(worker_began) == 1
+    assert routes.recover_interrupted_starts(worker_began) == 1
     assert engine.stopped == [f"c-{interrupted.pk}"] and sent == [str(interrupted.pk)]
     assert Route.objects.get(pk=interrupted.pk).container_id == ""  # claimable again
     assert Route.objects.get(pk=under_way.pk).container_id == "starting"  # a start under way: untouched
@@ -155,9 +155,9 @@ def test_a_running_validation_replica_is_no_orphan_even_with_a_route_label(
     """The Docker engine labels every container with a route (a validation's gets its container
     name); the node's sync must leave a validation's replica to the validation sweep, which keeps it
     until the run is finished, instead of stopping it as an orphan seconds into the run."""
+    from serving.bus import dryrun as validation
     from serving.bus import routing
-    from serving.node import agent as node
-    from serving.node import dryrun as validation
+    from serving.node import agent
     from serving.node.engines.base import LABEL_NODE, LABEL_ROUTE, LABEL_VALIDATION
 
     settings.NODE_NAME = "local"
@@ -184,7 +184,7 @@ def test_a_running_validation_replica_is_no_orphan_even_with_a_route_label(
             self.stopped.append(replica_id)
 
     engine = Engine()
-    monkeypatch.setattr(node, "get_engine", lambda: engine)
-    assert node.sync()["orphans"] == 0 and engine.stopped == []  # the run is under way: kept
+    monkeypatch.setattr("serving.node.engine._engine", engine)
+    assert agent.sync()["orphans"] == 0 and engine.stopped == []  # the run is under way: kept
     validation.publish(run_id, "finished", outcome="healthy", message="ok")
-    assert node.sync()["orphans"] == 1 and engine.stopped == ["c-validation"]  # over: removed once
+    assert agent.sync()["orphans"] == 1 and engine.stopped == ["c-validation"]  # over: removed once

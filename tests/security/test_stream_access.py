@@ -1,4 +1,4 @@
-"""What an open stream re-checks while it runs (serving.access.ReadGrant, issue 13 attack 8): every way
+"""What an open stream re-checks while it runs (serving.web.access.ReadGrant, issue 13 attack 8): every way
 of losing the right to read a service ends it, with a sentence that says which, and leaks nothing
 else. The live streams themselves are tested in tests/integration/test_route_log_follow.py."""
 

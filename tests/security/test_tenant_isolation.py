@@ -716,7 +716,8 @@ def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
 @pytest.mark.django_db
 def test_the_node_agent_hands_the_engine_every_nodes_address_at_heartbeat(settings: Any) -> None:
     from serving.models import Node
-    from serving.node import agent as node
+    from serving.node import agent
+    from serving.node import engine as node_engine
 
     class Engine:
         name = "docker"
@@ -729,11 +730,11 @@ def test_the_node_agent_hands_the_engine_every_nodes_address_at_heartbeat(settin
     Node.objects.create(name="no-address", address="")
     settings.NODE_ADDRESS = "10.0.0.5"
     engine = Engine()
-    node.set_engine(engine)  # type: ignore[arg-type]
+    node_engine.set_engine(engine)  # type: ignore[arg-type]
     try:
-        node.heartbeat()
+        agent.heartbeat()
     finally:
-        node.set_engine(None)
+        node_engine.set_engine(None)
     assert engine.seen == [["10.0.0.5", "10.0.0.7"]]
 
 
@@ -742,7 +743,8 @@ def test_a_start_in_any_worker_hands_the_engine_every_nodes_address_first(api: A
     """Starts run in forked workers, whose engine never saw a heartbeat: without the addresses a
     start could not keep the other nodes' rules, so the node side hands them over first."""
     from serving.models import Endpoint, Node, Route
-    from serving.node import agent as node
+    from serving.node import engine as node_engine
+    from serving.node import routes
     from serving.node.engines.base import EngineError
     from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
@@ -750,7 +752,7 @@ def test_a_start_in_any_worker_hands_the_engine_every_nodes_address_first(api: A
     body = {"name": "addresses", "folder": str(folder.pk), "runtime": "custom", "replicas": 0}
     created = api("owner").post("/api/v1/services/", body, format="json")
     assert created.status_code == 201, created.json()
-    here = Node.objects.create(name=node.node_name(), address="10.0.0.5")
+    here = Node.objects.create(name=node_engine.node_name(), address="10.0.0.5")
     Node.objects.create(name="other", address="10.0.0.7")
     route = Route.objects.create(endpoint=Endpoint.objects.get(pk=created.json()["id"]), node=here)
 
@@ -766,11 +768,11 @@ def test_a_start_in_any_worker_hands_the_engine_every_nodes_address_first(api: A
             raise EngineError("no start in this test")
 
     engine = Engine()
-    node.set_engine(engine)  # type: ignore[arg-type]
+    node_engine.set_engine(engine)  # type: ignore[arg-type]
     try:
-        node.start_route(str(route.pk))
+        routes.start_route(str(route.pk))
     finally:
-        node.set_engine(None)
+        node_engine.set_engine(None)
     assert engine.calls == [["10.0.0.5", "10.0.0.7"], "start"]
 
 
@@ -849,7 +851,7 @@ def test_a_docker_replica_with_a_read_write_mount_it_can_not_write_starts_and_sa
 @pytest.mark.django_db
 def test_a_start_warning_is_recorded_on_the_services_log(api: Any, personas: Any) -> None:
     from serving.models import Endpoint, Route, ServiceEvent
-    from serving.node import agent as node
+    from serving.node.engine import record_start_warnings
     from serving.node.engines.base import ReplicaInfo, ReplicaState
     from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
@@ -861,13 +863,13 @@ def test_a_start_warning_is_recorded_on_the_services_log(api: Any, personas: Any
     info = ReplicaInfo(
         "c1", "n", ReplicaState.RUNNING, "127.0.0.1", 1, {}, warnings=("The read-write mount /data ...",)
     )
-    node._record_start_warnings(route, info, "Replica abcd1234")
+    record_start_warnings(route, info, "Replica abcd1234")
     event = ServiceEvent.objects.get(endpoint=route.endpoint, kind="replica_warning")
     assert event.level == ServiceEvent.Level.WARNING
     assert event.message == "Replica abcd1234: The read-write mount /data ..."
     # Every replica of that version meets the same folder: said once, not at each start.
-    node._record_start_warnings(route, info, "Replica ef567890")
+    record_start_warnings(route, info, "Replica ef567890")
     assert ServiceEvent.objects.filter(endpoint=route.endpoint, kind="replica_warning").count() == 1
     route.spec_version += 1  # a new version (the folder may have been changed meanwhile): said again
-    node._record_start_warnings(route, info, "Replica 12345678")
+    record_start_warnings(route, info, "Replica 12345678")
     assert ServiceEvent.objects.filter(endpoint=route.endpoint, kind="replica_warning").count() == 2

@@ -249,8 +249,8 @@ def test_a_demoted_operators_validation_socket_stops_streaming(
 ) -> None:
     """Issue 13, attack 8 on the validation log: an operator watching another user's run, demoted
     since, gets no more of it once the socket re-checks (every ACCESS_CHECK seconds)."""
-    from serving.node import dryrun as validation
-    from serving.web import logfollow
+    from serving.bus import dryrun as validation
+    from serving.bus import logfollow
 
     monkeypatch.setattr(logfollow, "ACCESS_CHECK", 0.0)
     world = build_world(personas["owner"], personas["project"])
@@ -288,8 +288,8 @@ def test_service_sockets_end_when_their_session_does(
     """Issue 13 review, item C: the service, list and validation sockets re-checked the user but not
     the session, so after a logout (or a password change, which ends every other session) an open
     page kept receiving the service as the API shows it, environment (secrets) included."""
-    from serving.node import dryrun as validation
-    from serving.web import logfollow
+    from serving.bus import dryrun as validation
+    from serving.bus import logfollow
 
     monkeypatch.setattr(logfollow, "ACCESS_CHECK", 0.0)
     owner = personas["owner"]

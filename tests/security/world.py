@@ -18,8 +18,8 @@ from django.utils import timezone
 from accounts.actions import do_issue_api_key
 from accounts.models import ApiKey
 from serving.actions import services as actions
+from serving.bus import dryrun as validation
 from serving.models import AutoScalingRule, Endpoint, EndpointToken, Node, ResourcePreset, Route, ScalingEvent
-from serving.node import dryrun as validation
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 

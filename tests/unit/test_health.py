@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.node.prober import (
+from serving.core.health import (
     DEGRADED,
     HEALTHY,
     UNHEALTHY,

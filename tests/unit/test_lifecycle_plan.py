@@ -157,7 +157,7 @@ def test_rolling_update_drains_old_replicas_that_do_not_serve_at_once() -> None:
     assert result.create == 1
 
 
-# --- cluster mode (serving.cluster) --------------------------------------------------------------
+# --- cluster mode (serving.core.cluster) --------------------------------------------------------------
 
 
 def test_cluster_route_whose_subs_never_all_run_is_replaced_after_the_provision_timeout() -> None:

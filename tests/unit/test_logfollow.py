@@ -1,4 +1,4 @@
-"""The node side of a live log follow (serving.logfollow.Follows): a follow runs while its lease
+"""The node side of a live log follow (serving.node.follows.Follows): a follow runs while its lease
 lives and stops (thread and engine stream gone) once it lapses; follows per node and line lengths are
 bounded. Real Redis (the session's own key prefix), a fake engine that honours ``stop`` as the real
 ones do, and an injected clock for the lease-check interval."""
@@ -16,9 +16,10 @@ import pytest
 import redis
 from django.conf import settings
 
+from serving.bus import logfollow
+from serving.bus.logfollow import lease_key, stream_key
 from serving.node.engines.base import ReplicaNotFound
-from serving.web import logfollow
-from serving.web.logfollow import Follows, lease_key, stream_key
+from serving.node.follows import Follows
 from tests import live
 
 

@@ -1,4 +1,4 @@
-"""The pure parts of serving.metrics: Prometheus parsing, proxy figures, chart buckets, kernel points."""
+"""The pure parts of serving.bus.metrics: Prometheus parsing, proxy figures, chart buckets, kernel points."""
 
 from __future__ import annotations
 

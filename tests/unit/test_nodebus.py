@@ -1,11 +1,12 @@
 """The node listener's handling of proxy failure reports: only its own routes, bursts deduplicated,
-checks rate-bounded (serving.nodebus)."""
+checks rate-bounded (serving.bus.nodebus)."""
 
 from __future__ import annotations
 
 import json
 
-from serving.node.nodebus import DEDUPE_WINDOW, RATE, NodeListener, failures_channel
+from serving.bus.nodebus import DEDUPE_WINDOW, RATE, failures_channel
+from serving.node.listener import NodeListener
 
 
 class FakeProber:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 from rest_framework import serializers
 
@@ -18,6 +19,7 @@ from serving.models import (
     Node,
     ResourcePreset,
     Route,
+    RouteMember,
     ScalingEvent,
     ServiceEvent,
     endpoint_name_validator,
@@ -32,7 +34,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
     members = serializers.SerializerMethodField()
 
     def get_members(self, obj: Route) -> list[dict[str, Any]]:
-        """Every container of the replica (serving.cluster): main first (the route's own, the one
+        """Every container of the replica (serving.core.cluster): main first (the route's own, the one
         that gets traffic), then its sub members; a plain replica is a cluster of one."""
         main = {
             "host_name": "main1",
@@ -76,6 +78,14 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
             "created_at",
         ]
         read_only_fields = fields
+
+
+def with_routes(queryset: QuerySet[Endpoint]) -> QuerySet[Endpoint]:
+    """The services with what ``ServiceSerializer`` reads of them, in a fixed number of queries."""
+    return queryset.select_related("owner", "model_folder", "preset").prefetch_related(
+        Prefetch("routes", queryset=Route.objects.select_related("node")),
+        Prefetch("routes__members", queryset=RouteMember.objects.select_related("node")),
+    )
 
 
 class ServiceSerializer(serializers.ModelSerializer[Endpoint]):

@@ -1,4 +1,4 @@
-"""REST views: parse, authorize (serving.access), call one action, shape the answer."""
+"""REST views: parse, authorize (serving.web.access), call one action, shape the answer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from channels.db import database_sync_to_async
-from django.db.models import Prefetch, QuerySet
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
@@ -19,29 +18,21 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from serving.actions import services as actions
+from serving.bus import logfollow, metrics, nodebus
 from serving.core.runtimes import RUNTIMES
 from serving.models import (
+    STARTING_MARK,
     AutoScalingRule,
     Endpoint,
     EndpointToken,
     Node,
     ResourcePreset,
     Route,
-    RouteMember,
 )
-from serving.node import nodebus
-from serving.web import logfollow
 from serving.web.access import ReadGrant, access_endpoint, can_write_endpoint
 from serving.web.api import serializers as s
 
 UUID_RE = r"[0-9a-fA-F-]{36}"
-
-
-def _with_routes(queryset: QuerySet[Endpoint]) -> QuerySet[Endpoint]:
-    return queryset.select_related("owner", "model_folder", "preset").prefetch_related(
-        Prefetch("routes", queryset=Route.objects.select_related("node")),
-        Prefetch("routes__members", queryset=RouteMember.objects.select_related("node")),
-    )
 
 
 class ServiceViewSet(viewsets.ViewSet):
@@ -51,7 +42,7 @@ class ServiceViewSet(viewsets.ViewSet):
 
     @extend_schema(responses=s.ServiceSerializer(many=True))
     def list(self, request: Request) -> Response:
-        queryset = _with_routes(Endpoint.objects.visible_to(request.user).live())
+        queryset = s.with_routes(Endpoint.objects.visible_to(request.user).live())
         return Response(s.ServiceSerializer(queryset, many=True).data)
 
     @extend_schema(request=s.ServiceCreateSerializer, responses={201: s.ServiceSerializer})
@@ -60,7 +51,7 @@ class ServiceViewSet(viewsets.ViewSet):
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
         endpoint = actions.do_create_service(acting_user=request.user, **data)  # type: ignore[arg-type]
-        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=s.ServiceCreateSerializer, responses={202: dict})
@@ -78,7 +69,7 @@ class ServiceViewSet(viewsets.ViewSet):
     @extend_schema(responses=s.ServiceSerializer)
     def retrieve(self, request: Request, pk: str) -> Response:
         endpoint = access_endpoint(request.user, pk)
-        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data)
 
     @extend_schema(request=s.ServiceModifySerializer, responses=s.ServiceSerializer)
@@ -87,7 +78,7 @@ class ServiceViewSet(viewsets.ViewSet):
         serializer = s.ServiceModifySerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
         actions.do_modify_service(endpoint, acting_user=request.user, changes=serializer.changes())  # type: ignore[arg-type]
-        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data)
 
     @extend_schema(responses={202: s.ServiceSerializer})
@@ -95,7 +86,7 @@ class ServiceViewSet(viewsets.ViewSet):
         """Terminate the service (S4.6): every replica is stopped, then it leaves the list."""
         endpoint = access_endpoint(request.user, pk, write=True)
         actions.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
-        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: s.ServiceSerializer})
@@ -104,7 +95,7 @@ class ServiceViewSet(viewsets.ViewSet):
         """Clear errors and retry (S4.4)."""
         endpoint = access_endpoint(request.user, pk, write=True)
         actions.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
-        endpoint = _with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
+        endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses=s.ServiceEventSerializer(many=True))
@@ -135,8 +126,6 @@ class ServiceViewSet(viewsets.ViewSet):
     @action(detail=True, methods=["get"])
     def metrics(self, request: Request, pk: str) -> Response:
         """Metrics time series: ``{"series": {"<source>:<metric>": [[t, value], ...]}}``."""
-        from serving.bus import metrics
-
         endpoint = access_endpoint(request.user, pk)
         query = s.MetricsQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
@@ -236,12 +225,12 @@ class NodeNotAnswering(APIException):
 class RouteLogsView(APIView):
     """The last lines of one replica's log (start-up, pre-start actions and the server's output).
 
-    Read from the route's node at request time (serving.nodebus); ``truncated`` says whether the
+    Read from the route's node at request time (``serving.bus.nodebus``); ``truncated`` says whether the
     log holds more lines than returned. A node that does not answer gives a 503 saying so.
 
     With ``follow=1`` the answer is ``text/plain`` streamed as the log grows (for ``curl -N``): the
     last ``tail`` lines, then every new line, until the client leaves or the replica is gone; the
-    last line then starts with ``-- `` and says why the stream ended (serving.logfollow). The page
+    last line then starts with ``-- `` and says why the stream ended (``serving.bus.logfollow``). The page
     follows the same log over ``/ws/services/<id>/routes/<route_id>/logs/``.
     """
 
@@ -288,8 +277,6 @@ class RouteLogsView(APIView):
 
 
 def _follow_response(route: logfollow.RouteRef, tail: int, grant: ReadGrant) -> StreamingHttpResponse:
-    from serving.node.agent import STARTING_MARK
-
     if route.node and route.container_id not in ("", STARTING_MARK) and not logfollow.node_listens(route.node):
         # Known before the stream starts, so it is a 503 like the tail's, not a 200 that ends at once.
         raise NodeNotAnswering(

@@ -1,0 +1,140 @@
+"""This node's engine, and the few things every part of the node side does with it.
+
+One engine per process (a node worker's parent and each forked child has its own), made on first
+use from ``SERVING_ENGINE``: Docker when a daemon answers, else the local bubblewrap engine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+
+from django.conf import settings
+
+from serving.bus import events
+from serving.models import Node, Route, ServiceEvent
+from serving.node.engines.base import Engine, EngineError, ReplicaInfo
+
+log = logging.getLogger(__name__)
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def node_name() -> str:
+    return str(settings.NODE_NAME)
+
+
+def get_engine() -> Engine:
+    """The engine of this node: Docker when a daemon answers (SERVING_ENGINE=auto), else local."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = _make_engine(settings.SERVING_ENGINE)
+        return _engine
+
+
+def set_engine(engine: Engine | None) -> None:
+    """For tests and tools that bring their own engine instance."""
+    global _engine
+    with _engine_lock:
+        _engine = engine
+
+
+def _make_engine(choice: str) -> Engine:
+    # The engines are imported when first needed: a web process or a tool that never drives an
+    # engine does not load docker-py, and a node without it still runs the local engine.
+    from serving.node.engines.local import LocalEngine
+
+    state_dir = settings.ENGINE_STATE_DIR
+    if choice in ("docker", "auto"):
+        try:
+            from serving.node.engines.docker import DockerEngine
+        except ImportError:
+            DockerEngine = None  # type: ignore[assignment,misc]
+        docker_engine = (
+            DockerEngine(
+                state_dir=state_dir / "docker",
+                installation=settings.REDIS_PREFIX,
+                publish_host=settings.NODE_ADDRESS,
+                egress=settings.SERVING_REPLICA_EGRESS,
+                uid=settings.DOCKER_REPLICA_UID,
+                gid=settings.DOCKER_REPLICA_GID,
+            )
+            if DockerEngine is not None
+            else None
+        )
+        if docker_engine is not None and docker_engine.available():
+            return docker_engine
+        if choice == "docker":
+            raise EngineError("SERVING_ENGINE=docker but no Docker daemon answers; start dockerd or use local.")
+    if not ipaddress.ip_address(settings.NODE_ADDRESS).is_loopback:
+        log.warning(
+            "NODE_ADDRESS=%s: the local engine's replicas are reachable from this machine only (each in a "
+            "network namespace of its own); a proxy on another host can not reach them. Use Docker for nodes "
+            "on several hosts, or run the proxy on this host.",
+            settings.NODE_ADDRESS,
+        )
+    return LocalEngine(
+        state_dir=state_dir / f"local-{node_name()}",
+        uid=settings.LOCAL_ENGINE_UID,
+        gid=settings.LOCAL_ENGINE_GID,
+        egress=settings.SERVING_REPLICA_EGRESS,
+    )
+
+
+def share_node_addresses(engine: Engine) -> None:
+    """Hand the engine every node's address (the Docker engine keeps replicas off all of them, so
+    a replica here can not call a replica published on another node past the proxy's tokens).
+
+    Called at every heartbeat (in the node agent's thread of the parent worker) and before every
+    start (in whichever forked worker runs it: each process has its own engine, which knows only
+    what it was told): the engine re-asserts every rule each time, and drops those of addresses
+    no longer in the table."""
+    set_addresses = getattr(engine, "set_node_addresses", None)
+    if set_addresses is None:
+        return
+    addresses = Node.objects.exclude(address="").values_list("address", flat=True)
+    try:
+        set_addresses(list(addresses))
+    except EngineError:
+        log.exception("could not update the firewall rules for the nodes' addresses; retrying at the next heartbeat")
+
+
+def stop_quietly(engine: Engine, replica_id: str) -> None:
+    try:
+        engine.stop(replica_id, grace=settings.REPLICA_STOP_GRACE)
+    except EngineError as exc:
+        log.warning("stopping replica %s failed: %s", replica_id, exc)
+
+
+def log_tail(engine: Engine, replica_id: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(list(engine.logs(replica_id, tail=lines))[-lines:])
+    except EngineError:
+        return ""
+
+
+def record_start_warnings(route: Route, info: ReplicaInfo, who: str) -> None:
+    """What the engine noticed at start but did not stop for (a read-write mount the replica's
+    user can not write): a warning on the service's log, as well as a line in the replica's.
+    Once per service and spec version: every replica of a version meets the same folder, and a
+    service restarting its replicas would otherwise repeat it at each start."""
+    for warning in info.warnings:
+        seen = ServiceEvent.objects.filter(
+            endpoint_id=route.endpoint_id,
+            kind="replica_warning",
+            data__spec_version=route.spec_version,
+            data__warning=warning,
+        )
+        if seen.exists():
+            continue
+        events.record_event(
+            route.endpoint,
+            "replica_warning",
+            f"{who}: {warning}",
+            level=ServiceEvent.Level.WARNING,
+            route_id=route.pk,
+            data={"spec_version": route.spec_version, "warning": warning},
+        )
