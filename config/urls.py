@@ -16,7 +16,7 @@ urlpatterns = [
     path("i18n/", include("django.conf.urls.i18n")),
     path("admin/", admin.site.urls),
     path("folders/", include("storage.urls")),
-    path("services/", include("serving.urls")),
+    path("services/", include("serving.web.pages.urls")),
     path("healthz", account_views.healthz, name="healthz"),
     # Browsers ask for it on every page, the admin's included (a 404 in their console otherwise).
     path("favicon.ico", RedirectView.as_view(url=static("img/favicon.svg"), permanent=True), name="favicon"),
