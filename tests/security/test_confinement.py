@@ -26,7 +26,6 @@ import ipaddress
 import json
 import urllib.parse
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,17 +173,6 @@ def check(facts: dict[str, Any], layout: Layout) -> None:
 # --- the local engine -------------------------------------------------------------------------------
 
 needs_local = pytest.mark.skipif(local_tests._why_not() is not None, reason=str(local_tests._why_not()))
-
-
-@pytest.fixture
-def local_engine(tmp_path: Path) -> Iterator[Any]:
-    from serving.node.engines.local import LocalEngine
-
-    engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX)
-    yield engine
-    for info in engine.list():
-        engine.stop(info.replica_id, grace=0)
-    engine.cleanup_orphans()
 
 
 def _local_spec(layout: Layout, **extra: Any) -> Any:

@@ -74,17 +74,6 @@ __attribute__((constructor)) static void evil(void) {
 """
 
 
-@pytest.fixture
-def local_engine(tmp_path: Path) -> Iterator[Any]:
-    from serving.node.engines.local import LocalEngine
-
-    engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX)
-    yield engine
-    for info in engine.list():
-        engine.stop(info.replica_id, grace=0)
-    engine.cleanup_orphans()
-
-
 def build_evil_so(folder: Path, tmp_path: Path) -> Path:
     """Compile the attacker's shared object into the model folder, as an upload would put it."""
     source = tmp_path / "evil.c"
