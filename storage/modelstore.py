@@ -12,6 +12,7 @@ from typing import Any
 
 from django.conf import settings
 
+from serving import folders
 from serving.core import definitions, slots
 from serving.core.definitions import MODEL_DEFINITION_NAMES, SERVICE_DEFINITION_NAME, DefinitionError, Problem
 from storage import fs as fsmod
@@ -31,11 +32,11 @@ class StoreInfo:
 
 
 def _is_file(folder_fs: FolderFS, name: str) -> bool:
-    return definitions.folder_entry(folder_fs, name)[0] == "file"
+    return folders.folder_entry(folder_fs, name)[0] == "file"
 
 
 def _exists(folder_fs: FolderFS, name: str) -> bool:
-    return definitions.folder_entry(folder_fs, name)[0] is not None
+    return folders.folder_entry(folder_fs, name)[0] is not None
 
 
 def store_info(folder: Folder) -> StoreInfo:
@@ -47,9 +48,9 @@ def store_info(folder: Folder) -> StoreInfo:
 
 
 def _read(folder_fs: FolderFS, name: str) -> bytes:
-    """A definition file's bytes, size-capped and never through a symlink (serving.definitions'
+    """A definition file's bytes, size-capped and never through a symlink (serving.folders'
     reader, so the launcher words every problem as ``validate_model_folder`` does)."""
-    data = definitions.read_folder_file(folder_fs, name)
+    data = folders.read_folder_file(folder_fs, name)
     if data is None:
         raise DefinitionError([Problem(name, "", "does not exist in this folder")])
     return data

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from serving import folders
 from serving.core import cluster, definitions, runtimes
 from serving.core.health import TCP_DEFAULT, HealthConfig
 from serving.models import Route, RouteMember
@@ -48,7 +49,7 @@ def load_definition(route: Route) -> definitions.ModelDefinition:
         try:
             # The one reader of definition files (launcher, validation, replica start): through
             # storage.fs, size-capped; a symlink, a directory or an oversized file is a problem.
-            data = definitions.read_folder_file(fs, name)
+            data = folders.read_folder_file(fs, name)
         except definitions.DefinitionError as exc:
             if isinstance(exc.__cause__, StorageUnavailable):
                 raise SpecError("folder", f"The model folder {folder.name!r} has no data on this node.") from None

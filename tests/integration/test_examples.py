@@ -206,8 +206,8 @@ def test_definition_files_parse(name: str) -> None:
 
 @pytest.mark.parametrize("name", FOLDERS)
 def test_definition_files_pass_the_platforms_validation(name: str) -> None:
-    definitions = pytest.importorskip("serving.core.definitions")
-    result = definitions.validate_model_folder(EXAMPLES / name)
+    folders = pytest.importorskip("serving.folders")
+    result = folders.validate_model_folder(EXAMPLES / name)
     assert not result.problems, result.problems
     model = result.model_definition.primary
     assert model.service.port == 8000

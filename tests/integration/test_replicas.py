@@ -59,7 +59,7 @@ def test_missing_and_oversized_definitions_say_what_to_do(api: Any, folder: Fold
 
 
 def test_a_node_without_the_folders_data_says_so(api: Any, folder: Folder) -> None:
-    """The shared reader (definitions.read_folder_file) still tells a missing folder directory (this
+    """The shared reader (folders.read_folder_file) still tells a missing folder directory (this
     node has not the folder's data) from a bad definition file."""
     import shutil
 

@@ -170,5 +170,5 @@ def test_a_link_swapped_in_after_the_check_is_not_followed(personas: dict[str, A
     (tmp_path / "link").symlink_to(secret)
     os.replace(tmp_path / "link", root / "service-definition.toml")  # a replica swaps a link in
     with pytest.raises(definitions.DefinitionError, match="symbolic link"):
-        definitions.read_folder_file(FolderFS(root), "service-definition.toml")  # ... the read refuses
+        folders.read_folder_file(FolderFS(root), "service-definition.toml")  # ... the read refuses
     assert folders.folder_defaults(folder, "custom").image == ""

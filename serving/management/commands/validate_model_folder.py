@@ -1,6 +1,6 @@
 """``python manage.py validate_model_folder PATH [--runtime R]``: check a model folder on disk.
 
-Thin: the checks live in ``serving.core.definitions.validate_model_folder``; this only formats them.
+Thin: the checks live in ``serving.folders.validate_model_folder``; this only formats them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Any
 import yaml
 from django.core.management.base import BaseCommand, CommandParser
 
-from serving.core.definitions import DEFAULT_MODEL_DEFINITION_PATH, validate_model_folder
+from serving.core.definitions import DEFAULT_MODEL_DEFINITION_PATH
 from serving.core.runtimes import RUNTIMES
+from serving.folders import validate_model_folder
 
 
 class Command(BaseCommand):
