@@ -3,7 +3,7 @@
 It parses the client's requests with ``httptools`` (llhttp) as they arrive: each header is sorted
 once into what is forwarded as received and what the proxy sets or consumes itself, the request's
 size is bounded, and each request becomes an ``Exchange`` (proxy/exchange.py) handed to
-``Proxy.dispatch`` (proxy/app.py). Pipelined requests queue behind the one
+``RelayState.dispatch`` (``Proxy.dispatch``, proxy/app.py). Pipelined requests queue behind the one
 being answered. Once a replica switches protocols (proxy/upstream.py), the connection is a plain
 byte tunnel to it.
 """
@@ -28,13 +28,13 @@ from proxy.exchange import (
     REASONS,
     Exchange,
     Refused,
+    RelayState,
     connection_options,
     error_body,
     set_nodelay,
 )
 
 if TYPE_CHECKING:
-    from proxy.app import Proxy
     from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy")
@@ -136,7 +136,7 @@ class Downstream(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: RelayState) -> None:
         self.proxy = proxy
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made

@@ -7,6 +7,8 @@ little both sides need of each other, so neither side imports the other at run t
 
 * ``Exchange``: one request, its rewritten head, its body (kept for a retry while it is small), its
   accounting, and every way it can end (answered, failed, timed out, abandoned);
+* ``RelayState``: what the relay needs from the process (``Proxy``, proxy/app.py), listed so that
+  the relay depends on that and not on the whole ``Proxy``;
 * the rules the two directions share: when a request may be sent again, which cookies cross
   (``Cookie`` on the way in, ``Set-Cookie`` on the way out: one policy, kept in one place), which
   headers a ``Connection`` header makes hop-by-hop, and the proxy's own error answers.
@@ -21,9 +23,10 @@ import logging
 import re
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from proxy.config import Config
     from proxy.downstream import Downstream
     from proxy.table import Endpoint, Route
     from proxy.upstream import Upstream
@@ -62,6 +65,33 @@ REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+
+
+class RelayState(Protocol):
+    """What the relay uses of the process that runs it (``Proxy``, proxy/app.py), and nothing more.
+
+    As uvicorn hands its protocols a ``ServerState`` rather than the server: the sides and the
+    exchange reach the process only through these names, so what the relay may touch of it is
+    written down here (mypy checks ``Proxy`` against it where app.py builds a side), and the relay's
+    modules need not import proxy/app.py, which imports them.
+    """
+
+    config: Config  # trusts() (a client's X-Forwarded-* headers) and retry_unsafe
+    downstreams: set[Downstream]  # every client connection: swept for timeouts, drained on stop
+    replay_limit: int  # bytes of a request body kept while it may be sent again
+    access_log: bool
+
+    def request_id(self) -> bytes:
+        """A new X-Request-ID, for a request that came without one."""
+        ...
+
+    def dispatch(self, ex: Exchange) -> None:
+        """Route a request whose head is complete: answer it, or send it to a replica."""
+        ...
+
+    def forward(self, ex: Exchange) -> None:
+        """Send a routed request to a replica (again, after one failed before answering)."""
+        ...
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:

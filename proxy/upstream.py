@@ -24,13 +24,13 @@ from proxy.exchange import (
     NEVER_NOMINATED,
     PAUSE_UPSTREAM_FULL,
     Exchange,
+    RelayState,
     connection_options,
     forwarded_set_cookie,
     set_nodelay,
 )
 
 if TYPE_CHECKING:
-    from proxy.app import Proxy
     from proxy.downstream import Downstream
     from proxy.table import Route
 
@@ -84,7 +84,7 @@ class Upstream(asyncio.Protocol):
         "tunnel",
     )
 
-    def __init__(self, proxy: Proxy, route: Route) -> None:
+    def __init__(self, proxy: RelayState, route: Route) -> None:
         self.proxy = proxy
         self.route = route
         self.parser = httptools.HttpResponseParser(self)
