@@ -43,9 +43,11 @@ import time
 
 from proxy.admin import Admin
 from proxy.config import Config
-from proxy.relay import UNSAFE_REUSE_SECONDS, Downstream, Exchange, Upstream, keep_app_cookies
+from proxy.downstream import Downstream
+from proxy.exchange import UNSAFE_REUSE_SECONDS, Exchange, keep_app_cookies
 from proxy.report import Reporter
 from proxy.table import Endpoint, Route, Table
+from proxy.upstream import Upstream
 from serving.core import tokens
 
 log = logging.getLogger("proxy")

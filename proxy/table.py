@@ -32,7 +32,8 @@ import redis.asyncio as aioredis
 from proxy.metrics import EndpointStats
 
 if TYPE_CHECKING:
-    from proxy.app import Exchange, Upstream
+    from proxy.exchange import Exchange
+    from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.table")
 

@@ -98,7 +98,7 @@ class Endpoint(models.Model):
     open_to_public = models.BooleanField(default=False)
     # The proxy strips Cookie from requests and Set-Cookie from answers unless this is on (for an
     # app that keeps its own session); the platform's own cookies are removed even then, so the
-    # web app's session never reaches a replica (proxy/relay.py, README "Security model").
+    # web app's session never reaches a replica (proxy/exchange.py, README "Security model").
     forward_cookies = models.BooleanField(
         default=False,
         help_text=_(

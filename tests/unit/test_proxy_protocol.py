@@ -16,7 +16,8 @@ import pytest
 
 from proxy.app import Proxy
 from proxy.config import Config
-from proxy.relay import Downstream, Upstream
+from proxy.downstream import Downstream
+from proxy.upstream import Upstream
 from serving.core import tokens
 
 

@@ -117,5 +117,8 @@ def test_routes_marked_down_are_skipped_and_failed_ones_excluded() -> None:
 
 
 def test_the_proxy_never_imports_django() -> None:
-    code = "import sys, proxy.app, proxy.relay, proxy.__main__; assert 'django' not in sys.modules, 'django imported'"
+    code = (
+        "import sys, proxy.app, proxy.downstream, proxy.exchange, proxy.upstream, proxy.__main__; "
+        "assert 'django' not in sys.modules, 'django imported'"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
