@@ -14,6 +14,10 @@ Safety model:
 * Uploads are written to a temp file in the folder's own reserved directory (same filesystem, so the
   final ``rename`` is atomic) and moved into place only when complete and within the quota; on any
   error the temp file is removed and the folder is exactly as it was.
+
+One module, past the ~800 lines the others keep to, on purpose: it is the whole boundary between a
+user's path and the disk, and a reviewer checks that boundary in one read, with every ``*at`` call,
+flag and error mapping in view.
 """
 
 from __future__ import annotations
