@@ -309,8 +309,8 @@ def test_egress_deny_without_root_is_refused_by_the_local_engine_with_a_sentence
 ) -> None:
     """Without root the sandbox's network is pasta's, an outbound NAT through the host's own sockets
     that no firewall rule sees: deny can not be kept, so the engine says so instead of ignoring it."""
-    from serving.node.engines import local
     from serving.node.engines.base import EngineError
+    from serving.node.engines.local import engine as local
 
     engine = local.LocalEngine(tmp_path / "state", egress="deny")
     engine._bwrap, engine._pasta = "/usr/bin/bwrap", "/usr/bin/pasta"
@@ -379,9 +379,9 @@ def test_a_non_ascii_or_malformed_variable_name_is_refused_at_create_with_a_sent
 
 def test_the_api_the_folder_definition_and_the_local_engine_share_one_variable_name_rule() -> None:
     from serving.core import definitions
-    from serving.node.engines import local
+    from serving.node.engines.local import sandbox
 
-    assert local.ENV_NAME is definitions.ENV_NAME
+    assert sandbox.ENV_NAME is definitions.ENV_NAME
     for good in ("MODEL_NAME", "_x", "a1"):
         assert definitions.ENV_NAME.match(good)
     for bad in ("MODÈLE", "1A", "A-B", "A\n", ""):

@@ -14,7 +14,8 @@ from serving.node.engines.base import EngineError
 def test_both_engines_and_the_settings_use_the_one_definition(tmp_path: Path) -> None:
     from django.conf import settings
 
-    from serving.node.engines import docker, local
+    from serving.node.engines import docker
+    from serving.node.engines.local import engine as local
 
     assert local.HOST_PATH is firewall.HOST_PATH and local.DEFAULT_UID == docker.DEFAULT_UID == 65534
     assert settings.SERVING_REPLICA_EGRESS in firewall.EGRESS_CHOICES
