@@ -643,11 +643,11 @@ def test_egress_deny_without_firewall_rights_refuses_to_start_and_allow_only_war
     from serving.node.engines.docker import DockerEngine
 
     denied = DockerEngine(state_dir=tmp_path, egress="deny")
-    denied._iptables = None
+    denied.networks.rules.iptables = None
     with pytest.raises(EngineError, match=r"SERVING_REPLICA_EGRESS=deny .* run the node worker as root with iptables"):
         denied._guard_bridge("msrtest")
     allowed = DockerEngine(state_dir=tmp_path, publish_host="10.0.0.5")
-    allowed._iptables = None
+    allowed.networks.rules.iptables = None
     allowed._guard_bridge("msrtest")
     assert "can open connections to the published replica ports of the nodes' addresses 10.0.0.5" in caplog.text
     with pytest.raises(EngineError, match=r"SERVING_REPLICA_EGRESS='open' is not one of allow, deny"):
