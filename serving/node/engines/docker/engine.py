@@ -200,7 +200,7 @@ class DockerEngine:
         try:
             for attempt in (1, 2):
                 # The network is made (if need be) and the container created on it under the
-                # node's network lock, which _remove_network_if_unused takes too: from then on the
+                # node's network lock, which Networks.remove takes too: from then on the
                 # created container is attached, so no worker removes the network under it.
                 with self.networks.lock():
                     network = kwargs["network"] = self.networks.network_for(client, spec, kwargs)
