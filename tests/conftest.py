@@ -72,7 +72,7 @@ def _replica_networks() -> set[str] | None:
     try:
         import docker
 
-        from serving.node.engines.docker import REPLICA_NETWORK
+        from serving.node.engines.docker.networks import REPLICA_NETWORK
 
         return {n.name for n in docker.from_env(timeout=5).networks.list(names=[REPLICA_NETWORK])}
     except Exception:
@@ -102,7 +102,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     with contextlib.suppress(Exception):
         import docker
 
-        from serving.node.engines.docker import REPLICA_NETWORK, DockerEngine
+        from serving.node.engines.docker import DockerEngine
+        from serving.node.engines.docker.networks import REPLICA_NETWORK
 
         client = docker.from_env(timeout=5)
         made = (_replica_networks() or set()) - _NETWORKS_BEFORE

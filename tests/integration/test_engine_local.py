@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 
 from serving.node.engines.base import ClusterPeering, EngineError, Mount, PreStartActionSpec, ReplicaSpec, ReplicaState
-from serving.node.engines.local import CGROUP_PARENT, CGROUP_ROOT, NET_REGISTRY, PEER_CHAIN, LocalEngine
+from serving.node.engines.local import LocalEngine
+from serving.node.engines.local.cgroups import CGROUP_PARENT, CGROUP_ROOT
+from serving.node.engines.local.network import NET_REGISTRY, PEER_CHAIN
 from tests.live import deadline_for, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

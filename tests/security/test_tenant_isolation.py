@@ -298,8 +298,8 @@ def test_egress_deny_without_root_is_refused_by_the_local_engine_with_a_sentence
 ) -> None:
     """Without root the sandbox's network is pasta's, an outbound NAT through the host's own sockets
     that no firewall rule sees: deny can not be kept, so the engine says so instead of ignoring it."""
-    from serving.node.engines import local
     from serving.node.engines.base import EngineError
+    from serving.node.engines.local import engine as local
 
     engine = local.LocalEngine(tmp_path / "state", egress="deny")
     engine._bwrap, engine._pasta = "/usr/bin/bwrap", "/usr/bin/pasta"
@@ -368,9 +368,9 @@ def test_a_non_ascii_or_malformed_variable_name_is_refused_at_create_with_a_sent
 
 def test_the_api_the_folder_definition_and_the_local_engine_share_one_variable_name_rule() -> None:
     from serving.core import definitions
-    from serving.node.engines import local
+    from serving.node.engines.local import sandbox
 
-    assert local.ENV_NAME is definitions.ENV_NAME
+    assert sandbox.ENV_NAME is definitions.ENV_NAME
     for good in ("MODEL_NAME", "_x", "a1"):
         assert definitions.ENV_NAME.match(good)
     for bad in ("MODÈLE", "1A", "A-B", "A\n", ""):
@@ -632,11 +632,11 @@ def test_egress_deny_without_firewall_rights_refuses_to_start_and_allow_only_war
     from serving.node.engines.docker import DockerEngine
 
     denied = DockerEngine(state_dir=tmp_path, egress="deny")
-    denied._iptables = None
+    denied.networks.rules.iptables = None
     with pytest.raises(EngineError, match=r"SERVING_REPLICA_EGRESS=deny .* run the node worker as root with iptables"):
         denied._guard_bridge("msrtest")
     allowed = DockerEngine(state_dir=tmp_path, publish_host="10.0.0.5")
-    allowed._iptables = None
+    allowed.networks.rules.iptables = None
     allowed._guard_bridge("msrtest")
     assert "can open connections to the published replica ports of the nodes' addresses 10.0.0.5" in caplog.text
     with pytest.raises(EngineError, match=r"SERVING_REPLICA_EGRESS='open' is not one of allow, deny"):

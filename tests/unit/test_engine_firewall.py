@@ -14,7 +14,8 @@ from serving.node.engines.base import EngineError
 def test_both_engines_and_the_settings_use_the_one_definition(tmp_path: Path) -> None:
     from django.conf import settings
 
-    from serving.node.engines import docker, local
+    from serving.node.engines.docker import engine as docker
+    from serving.node.engines.local import engine as local
 
     assert local.HOST_PATH is firewall.HOST_PATH and local.DEFAULT_UID == docker.DEFAULT_UID == 65534
     assert settings.SERVING_REPLICA_EGRESS in firewall.EGRESS_CHOICES
@@ -100,7 +101,7 @@ def docker_engine(tmp_path: Path, table: FakeIptables, networks: list[FakeNetwor
         publish_host="10.0.0.5",
         **kw,  # type: ignore[arg-type]
     )
-    engine._iptables_run = table  # type: ignore[method-assign]
+    engine.networks.rules.iptables_run = table  # type: ignore[method-assign]
     return engine
 
 
@@ -198,10 +199,11 @@ def test_the_network_lock_is_owners_only_and_a_held_lock_is_a_sentence_not_a_han
     import time
 
     from serving.node.engines import docker
+    from serving.node.engines.docker import networks
 
     path = tmp_path / "run" / "modelserve" / "docker-networks.lock"
-    monkeypatch.setattr(docker, "NETWORK_LOCK", path)
-    monkeypatch.setattr(docker, "NETWORK_LOCK_TIMEOUT", 0.3)
+    monkeypatch.setattr(networks, "NETWORK_LOCK", path)
+    monkeypatch.setattr(networks, "NETWORK_LOCK_TIMEOUT", 0.3)
     engine = docker.DockerEngine(state_dir=tmp_path / "d")
     with engine._network_lock():
         pass
