@@ -150,7 +150,7 @@ def bench_create_to_running(engine: str, rounds: int, workdir: Path) -> tuple[li
 
 def docker_unavailable(workdir: Path) -> str | None:
     try:
-        from serving.node.engines.docker import DockerEngine
+        from serving.node.engines.docker.engine import DockerEngine
     except ImportError as exc:
         return f"docker-py is not importable ({exc})"
     if not DockerEngine(state_dir=workdir / "docker-probe").available():

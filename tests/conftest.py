@@ -102,7 +102,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     with contextlib.suppress(Exception):
         import docker
 
-        from serving.node.engines.docker import DockerEngine
+        from serving.node.engines.docker.engine import DockerEngine
         from serving.node.engines.docker.networks import REPLICA_NETWORK
 
         client = docker.from_env(timeout=5)

@@ -45,12 +45,12 @@ def set_engine(engine: Engine | None) -> None:
 def _make_engine(choice: str) -> Engine:
     # The engines are imported when first needed: a web process or a tool that never drives an
     # engine does not load docker-py, and a node without it still runs the local engine.
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     state_dir = settings.ENGINE_STATE_DIR
     if choice in ("docker", "auto"):
         try:
-            from serving.node.engines.docker import DockerEngine
+            from serving.node.engines.docker.engine import DockerEngine
         except ImportError:
             DockerEngine = None  # type: ignore[assignment,misc]
         docker_engine = (

@@ -122,7 +122,7 @@ def live(web: Web) -> Iterator[Web]:
     from django.conf import settings
 
     from serving.models import Node
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     web.system.start_control()
     web.system.start_node("local")

@@ -45,7 +45,7 @@ def live_system(transactional_db: None, tmp_path: Path, request: pytest.FixtureR
         yield system
     finally:
         system.stop_all()
-        from serving.node.engines.local import LocalEngine
+        from serving.node.engines.local.engine import LocalEngine
 
         for state_dir in Path(settings.ENGINE_STATE_DIR).glob("local-*"):
             engine = LocalEngine(state_dir=state_dir)
@@ -98,7 +98,7 @@ def live_factory(
 def _stop_every_replica() -> None:
     from django.conf import settings
 
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     for state_dir in Path(settings.ENGINE_STATE_DIR).glob("local-*"):
         engine = LocalEngine(state_dir=state_dir)

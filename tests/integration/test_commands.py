@@ -39,7 +39,7 @@ def test_validate_model_folder_exit_codes(tmp_path: Path, capsys: pytest.Capture
 def test_stop_replicas_stops_this_installations_local_replicas(settings: Any, tmp_path: Path) -> None:
     """What `make run` runs on Ctrl-C: every replica of this installation stops, none is left behind."""
     from serving.node.engines.base import ReplicaSpec
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
     from tests.live import wait_for
 
     engine = LocalEngine(state_dir=settings.ENGINE_STATE_DIR / "local-cmdtest")

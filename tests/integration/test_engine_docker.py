@@ -36,7 +36,7 @@ from serving.node.engines.base import (
     ReplicaSpec,
     ReplicaState,
 )
-from serving.node.engines.docker import DockerEngine
+from serving.node.engines.docker.engine import DockerEngine
 from tests.live import deadline_for, wait_for
 
 IMAGE = "modelserve/python:3.11"

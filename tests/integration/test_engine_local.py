@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from serving.node.engines.base import ClusterPeering, EngineError, Mount, PreStartActionSpec, ReplicaSpec, ReplicaState
-from serving.node.engines.local import LocalEngine
 from serving.node.engines.local.cgroups import CGROUP_PARENT, CGROUP_ROOT
+from serving.node.engines.local.engine import LocalEngine
 from serving.node.engines.local.network import NET_REGISTRY, PEER_CHAIN
 from tests.live import deadline_for, wait_for
 
@@ -390,7 +390,8 @@ def test_replicas_outlive_the_worker_and_a_new_engine_finds_them(engine: LocalEn
     # Start from another process that then exits, as a node worker restart would.
     script = (
         "import sys\nfrom pathlib import Path\nroot, state, prefix, model = sys.argv[1:]\nsys.path.insert(0, root)\n"
-        "from serving.node.engines.local import LocalEngine\nfrom serving.node.engines.base import ReplicaSpec, Mount\n"
+        "from serving.node.engines.local.engine import LocalEngine\n"
+        "from serving.node.engines.base import ReplicaSpec, Mount\n"
         "e = LocalEngine(Path(state), netns_prefix=prefix)\n"
         "for route in ('r1', 'r2'):\n"
         "    e.start(ReplicaSpec(name='w', image='x', command=('python3', '/models/server.py'), port=8000,\n"

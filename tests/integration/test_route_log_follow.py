@@ -23,7 +23,7 @@ from django.utils import timezone
 from serving.models import Node, Route, RouteMember
 from serving.node import engine as node_engine
 from serving.node.engines.base import Mount, ReplicaInfo, ReplicaSpec
-from serving.node.engines.local import LocalEngine
+from serving.node.engines.local.engine import LocalEngine
 from serving.node.listener import NodeListener
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory

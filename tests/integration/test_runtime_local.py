@@ -37,7 +37,7 @@ def healthy_routes(api: Any, service_id: str, count: int) -> list[dict[str, Any]
 
 
 def local_engine() -> Any:
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     return LocalEngine(state_dir=Path(settings.ENGINE_STATE_DIR) / "local-local")
 

@@ -46,7 +46,7 @@ def healthy_routes(api: Any, service_id: str, count: int) -> list[dict[str, Any]
 
 
 def engine_of(node: str) -> Any:
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     return LocalEngine(state_dir=Path(settings.ENGINE_STATE_DIR) / f"local-{node}")
 

@@ -50,7 +50,7 @@ def validate(api: Any, folder: Any) -> str:
 
 
 def engine_replicas() -> list[Any]:
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     return LocalEngine(Path(settings.ENGINE_STATE_DIR) / "local-local").list()
 

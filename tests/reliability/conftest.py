@@ -124,7 +124,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def stop_every_replica() -> None:
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     for state_dir in Path(django_settings.ENGINE_STATE_DIR).glob("local-*"):
         engine = LocalEngine(state_dir=state_dir)
@@ -208,7 +208,7 @@ def healthy_routes(api: Any, service_id: str, count: int) -> list[dict[str, Any]
 
 
 def local_engine() -> Any:
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     return LocalEngine(state_dir=Path(django_settings.ENGINE_STATE_DIR) / "local-local")
 

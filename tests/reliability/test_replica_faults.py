@@ -180,7 +180,7 @@ def test_fault1_docker_kill_a_replica_under_load_loses_no_request(
 def docker_engine_or_skip(settings: Any) -> Any:
     from pathlib import Path
 
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     engine = DockerEngine(state_dir=Path(settings.ENGINE_STATE_DIR) / "docker")
     if not engine.available():

@@ -26,7 +26,7 @@ def stranger_world(personas: dict[str, Any]) -> World:
 @pytest.fixture
 def local_engine(tmp_path: Path) -> Iterator[Any]:
     """A local engine whose replicas and network namespaces the test leaves behind are removed."""
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX)
     yield engine

@@ -215,7 +215,7 @@ def test_local_replica_is_confined_and_runs_as_nobody(local_engine: Any, tmp_pat
 
 @needs_local
 def test_local_replica_runs_as_the_configured_user(tmp_path: Path) -> None:
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     engine = LocalEngine(tmp_path / "state", netns_prefix=local_tests.PREFIX, uid=4321, gid=4322)
     try:
@@ -245,7 +245,7 @@ def test_local_replica_past_its_memory_is_killed_and_its_neighbour_serves_on(loc
 
 @pytest.fixture
 def docker_engine(docker_client: Any, bootstrap_path: Path, tmp_path: Path) -> Any:  # noqa: F811
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     return DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state")
 

@@ -165,7 +165,7 @@ def test_with_egress_denied_cluster_members_still_reach_each_other_and_not_the_h
     import http.server
 
     from serving.node.engines.base import LABEL_ROLE, LABEL_ROUTE, ClusterPeering
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     address = host_address()
     if address is None:
@@ -217,7 +217,7 @@ def test_with_egress_denied_a_local_replica_reaches_none_of_the_hosts_addresses(
     (a service listening on 0.0.0.0), while the host still reaches the replica."""
     import ipaddress
 
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     model = probe_model(tmp_path)
     results = {}
@@ -251,7 +251,7 @@ def test_with_egress_denied_a_local_replica_reaches_no_host_service_over_ipv6_li
     would let a sandbox reach a host service listening on [::]. Neither end has IPv6."""
     if not Path("/proc/sys/net/ipv6").exists():
         pytest.skip("this kernel has no IPv6")
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     model = probe_model(tmp_path)
     server = socket.create_server(("::", 0), family=socket.AF_INET6, backlog=16)
@@ -477,7 +477,7 @@ def test_a_replica_of_one_service_can_not_reach_another_services_replica_on_dock
     bootstrap_path: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     address = host_address()
     engine = DockerEngine(
@@ -515,7 +515,7 @@ def test_with_egress_denied_a_docker_replica_reaches_none_of_the_hosts_addresses
     bootstrap_path: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     network = f"ms-replicas-t{docker_tests.RUN_ID}"
     engine = DockerEngine(
@@ -566,7 +566,7 @@ def test_a_docker_replica_leaves_no_root_owned_or_setuid_file_on_a_read_write_mo
     bootstrap_path: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state")
     data = tmp_path / "data"
@@ -599,7 +599,7 @@ def test_what_a_docker_replica_writes_counts_against_the_folders_quota_and_refus
     """What is enforced: usage is measured from the folder's files at every upload and read-back,
     so a replica's 64 KiB in a 32 KiB folder show in ``used_bytes`` and refuse further uploads. Not
     enforced: a replica writing past the quota while it runs (that needs filesystem quotas)."""
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
     from tests.factories import FolderFactory
 
     folder = FolderFactory(owner=personas["owner"], name="scratch", usage_mode="data", quota_bytes=32 * 1024)
@@ -629,7 +629,7 @@ def test_egress_deny_without_firewall_rights_refuses_to_start_and_allow_only_war
     """deny is a promise: a node that can not keep it (no root, no iptables) starts no replica;
     allow's guard of NODE_ADDRESS is hardening, so a worker without root only says what it lacks."""
     from serving.node.engines.base import EngineError
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     denied = DockerEngine(state_dir=tmp_path, egress="deny")
     denied.networks.rules.iptables = None
@@ -669,7 +669,7 @@ def test_a_docker_replica_can_not_reach_another_nodes_published_ports(
     ports, and calling one that way would skip the proxy's tokens."""
     if os.geteuid() != 0:
         pytest.skip("adding an address and firewall rules needs root")
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     network = f"ms-replicas-t{docker_tests.RUN_ID}-nodes"
     engine = DockerEngine(bootstrap_path=bootstrap_path, state_dir=tmp_path / "state", replica_network=network)
@@ -778,7 +778,7 @@ def unwritable_data(tmp_path: Path) -> Path:
 
 @needs_local
 def test_a_local_replica_with_a_read_write_mount_it_can_not_write_starts_and_says_so(tmp_path: Path) -> None:
-    from serving.node.engines.local import LocalEngine
+    from serving.node.engines.local.engine import LocalEngine
 
     if os.geteuid() != 0:
         pytest.skip("without root the replica runs as the worker's user, who owns the folder")
@@ -810,7 +810,7 @@ def test_a_docker_replica_with_a_read_write_mount_it_can_not_write_starts_and_sa
     bootstrap_path: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     data = unwritable_data(tmp_path)
     writable = unwritable_data(tmp_path)

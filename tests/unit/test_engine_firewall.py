@@ -93,7 +93,7 @@ def fake_firewall(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeIptabl
 
 
 def docker_engine(tmp_path: Path, table: FakeIptables, networks: list[FakeNetwork], **kw: object) -> object:
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     engine = DockerEngine(
         client_factory=lambda **_: FakeClient(networks),  # type: ignore[arg-type,return-value]
@@ -177,7 +177,7 @@ def test_node_addresses_touch_only_this_installations_networks(tmp_path: Path, f
 def test_the_unguarded_warning_names_the_addresses_it_can_not_guard(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from serving.node.engines.docker import DockerEngine
+    from serving.node.engines.docker.engine import DockerEngine
 
     monkeypatch.setattr(firewall, "usable_iptables", lambda binary: None)  # not root
     engine = DockerEngine(state_dir=tmp_path / "d", publish_host="127.0.0.1")
@@ -198,7 +198,7 @@ def test_the_network_lock_is_owners_only_and_a_held_lock_is_a_sentence_not_a_han
     import stat
     import time
 
-    from serving.node.engines import docker
+    from serving.node.engines.docker import engine as docker
     from serving.node.engines.docker import networks
 
     path = tmp_path / "run" / "modelserve" / "docker-networks.lock"

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from serving.node.engines.base import Engine, EngineError
-from serving.node.engines.local import LocalEngine
+from serving.node.engines.local.engine import LocalEngine
 
 
 class Command(BaseCommand):
@@ -20,7 +20,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         engines: list[Engine] = [LocalEngine(state_dir=d) for d in sorted(settings.ENGINE_STATE_DIR.glob("local-*"))]
         with contextlib.suppress(ImportError):
-            from serving.node.engines.docker import DockerEngine
+            from serving.node.engines.docker.engine import DockerEngine
 
             docker_engine = DockerEngine(
                 state_dir=settings.ENGINE_STATE_DIR / "docker", installation=settings.REDIS_PREFIX

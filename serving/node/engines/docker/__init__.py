@@ -50,7 +50,3 @@ and stats), ``networks.py`` (the replica and cluster networks and the host's net
 ``rules.py`` (the firewall rules of their bridges), ``errors.py`` (Docker's failures as
 sentences), ``engine.py`` (``DockerEngine``, composing them).
 """
-
-from serving.node.engines.docker.engine import DockerEngine
-
-__all__ = ["DockerEngine"]

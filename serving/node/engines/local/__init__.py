@@ -35,9 +35,6 @@ finds the replicas again with ``list()``. The image is not used: sandboxes run t
 The package, by concern: ``sandbox.py`` (the bwrap arguments: what a replica sees of the host),
 ``cgroups.py`` (limits and usage), ``network.py`` (namespaces, veths, address registry, egress and
 cluster peering rules), ``supervisor.py`` (the replica's processes, exit records and log),
-``proc.py`` (/proc readings and atomic record writes), ``engine.py`` (``LocalEngine``, composing them).
+``proc.py`` (/proc readings and atomic record writes), ``engine.py`` (``LocalEngine``, composing
+them).
 """
-
-from serving.node.engines.local.engine import LocalEngine
-
-__all__ = ["LocalEngine"]
