@@ -1,4 +1,4 @@
-"""The serving data model (S4-S7, S9). Rows are written only by ``serving.actions.services`` and the loops.
+"""The serving data model (S4-S7, S9). Rows are written only by ``serving.actions`` and the loops.
 
 Endpoint = a model service with one stable address; Route = one replica of it on a node;
 EndpointToken = a revocable credential for a private endpoint; AutoScalingRule + ScalingEvent = the
