@@ -98,7 +98,7 @@ def make_folder(owner: Any, name: str) -> Any:
 
 
 def bench_create_to_running(engine: str, rounds: int, workdir: Path) -> tuple[list[float], list[float]] | str:
-    from serving.actions import services as actions
+    from serving.actions import services
     from serving.models import Endpoint, Node, Route
     from tests.live import LiveSystem, wait_for
 
@@ -120,7 +120,7 @@ def bench_create_to_running(engine: str, rounds: int, workdir: Path) -> tuple[li
         time.sleep(1.0)  # let the workers finish starting up (first tasks import everything)
         for i in range(rounds):
             started = time.perf_counter()
-            endpoint = actions.do_create_service(
+            endpoint = services.do_create_service(
                 acting_user=owner, name=f"bench-{engine}-{i}", folder=folder, replicas=1, resources={"cpu": 1}
             )
             route_started = None
@@ -137,7 +137,7 @@ def bench_create_to_running(engine: str, rounds: int, workdir: Path) -> tuple[li
                 time.sleep(0.005)
             else:
                 return "no healthy replica within 60 s"
-            actions.do_terminate_service(endpoint, acting_user=owner)
+            services.do_terminate_service(endpoint, acting_user=owner)
             wait_for(
                 lambda endpoint=endpoint: Endpoint.objects.get(pk=endpoint.pk).lifecycle == "destroyed",  # type: ignore[misc]
                 timeout=60,

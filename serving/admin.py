@@ -11,7 +11,9 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from serving.actions import services as actions
+from serving.actions import rules as rule_actions
+from serving.actions import services, validators
+from serving.actions import tokens as token_actions
 from serving.models import (
     AutoScalingRule,
     Endpoint,
@@ -118,10 +120,10 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def save_model(self, request: HttpRequest, obj: Endpoint, form: Any, change: bool) -> None:
         """Edits go through do_modify_service: only changed fields apply, replicas roll if needed."""
-        changed = {name: form.cleaned_data[name] for name in form.changed_data if name in actions.MODIFIABLE_FIELDS}
+        changed = {name: form.cleaned_data[name] for name in form.changed_data if name in validators.MODIFIABLE_FIELDS}
         original = Endpoint.objects.get(pk=obj.pk)
         try:
-            actions.do_modify_service(original, acting_user=request.user, changes=changed)  # type: ignore[arg-type]
+            services.do_modify_service(original, acting_user=request.user, changes=changed)  # type: ignore[arg-type]
         except ValidationError as exc:
             request._modify_refused = True  # type: ignore[attr-defined]
             self.message_user(request, _("Not saved: %(why)s") % {"why": "; ".join(exc.messages)}, level=messages.ERROR)
@@ -148,7 +150,7 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.action(description=_("Terminate selected services"))
     def terminate(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
         for endpoint in queryset:
-            actions.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+            services.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
         count = queryset.count()
         message = ngettext("Terminating %(count)d service.", "Terminating %(count)d services.", count)
         self.message_user(request, message % {"count": count})
@@ -157,7 +159,7 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def clear_errors(self, request: HttpRequest, queryset: QuerySet[Endpoint]) -> None:
         cleared = 0
         for endpoint in queryset:
-            cleared += actions.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+            cleared += services.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
         message = ngettext("Cleared %(count)d failed replica.", "Cleared %(count)d failed replicas.", cleared)
         self.message_user(request, message % {"count": cleared})
 
@@ -211,7 +213,7 @@ class EndpointTokenAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.action(description=_("Revoke selected tokens"))
     def revoke(self, request: HttpRequest, queryset: QuerySet[EndpointToken]) -> None:
         for token in queryset.select_related("endpoint"):
-            actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
+            token_actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
         self.message_user(request, _("Revoked; proxies refuse these tokens within a second."))
 
 
@@ -223,10 +225,10 @@ class AutoScalingRuleAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     readonly_fields = ("last_triggered_at", "last_decision", "created_at")
 
     def save_model(self, request: HttpRequest, obj: AutoScalingRule, form: Any, change: bool) -> None:
-        actions.do_save_rule(obj, acting_user=request.user)  # type: ignore[arg-type]
+        rule_actions.do_save_rule(obj, acting_user=request.user)  # type: ignore[arg-type]
 
     def delete_model(self, request: HttpRequest, obj: AutoScalingRule) -> None:
-        actions.do_delete_rule(obj, acting_user=request.user)  # type: ignore[arg-type]
+        rule_actions.do_delete_rule(obj, acting_user=request.user)  # type: ignore[arg-type]
 
 
 @admin.register(ScalingEvent)

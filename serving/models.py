@@ -1,4 +1,4 @@
-"""The serving data model (S4-S7, S9). Rows are written only by ``serving.actions.services`` and the loops.
+"""The serving data model (S4-S7, S9). Rows are written only by ``serving.actions`` and the loops.
 
 Endpoint = a model service with one stable address; Route = one replica of it on a node;
 EndpointToken = a revocable credential for a private endpoint; AutoScalingRule + ScalingEvent = the
@@ -21,6 +21,7 @@ from django.utils.text import slugify
 from django.utils.translation import gettext_lazy as _
 
 from accounts.models import shared_with
+from serving.core.planning import EndpointLifecycle, RouteStatus
 
 endpoint_name_validator = RegexValidator(
     r"^[A-Za-z0-9_.-]{4,24}$",
@@ -63,9 +64,10 @@ class Endpoint(models.Model):
     """A model service: desired replicas of one model behind one address that never changes."""
 
     class Lifecycle(models.TextChoices):
-        CREATED = "created", _("created")
-        DESTROYING = "destroying", _("destroying")
-        DESTROYED = "destroyed", _("destroyed")
+        # The values are the pure planner's (serving.core.planning), which compares them.
+        CREATED = EndpointLifecycle.CREATED, _("created")
+        DESTROYING = EndpointLifecycle.DESTROYING, _("destroying")
+        DESTROYED = EndpointLifecycle.DESTROYED, _("destroyed")
 
     class ClusterMode(models.TextChoices):
         SINGLE_NODE = "single-node", _("single node")
@@ -243,12 +245,13 @@ class Route(models.Model):
     """One replica of an endpoint: a container (or sandbox) on a node, and its health."""
 
     class Status(models.TextChoices):
-        PROVISIONING = "provisioning", _("provisioning")
-        HEALTHY = "healthy", _("healthy")
-        UNHEALTHY = "unhealthy", _("unhealthy")
-        DEGRADED = "degraded", _("degraded")  # started, inside initial_delay or not yet checked
-        TERMINATING = "terminating", _("terminating")
-        FAILED_TO_START = "failed_to_start", _("failed to start")
+        # The values are the pure planner's (serving.core.planning), which compares them.
+        PROVISIONING = RouteStatus.PROVISIONING, _("provisioning")
+        HEALTHY = RouteStatus.HEALTHY, _("healthy")
+        UNHEALTHY = RouteStatus.UNHEALTHY, _("unhealthy")
+        DEGRADED = RouteStatus.DEGRADED, _("degraded")  # started, inside initial_delay or not yet checked
+        TERMINATING = RouteStatus.TERMINATING, _("terminating")
+        FAILED_TO_START = RouteStatus.FAILED_TO_START, _("failed to start")
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="routes")

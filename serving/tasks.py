@@ -14,7 +14,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from serving.actions import services as actions
+from serving.actions import tokens as token_actions
 from serving.bus import dispatch, events, metrics, routing
 from serving.control import autoscaling, lifecycle
 from serving.models import Endpoint, Node, Route
@@ -62,7 +62,7 @@ def detect_lost_nodes() -> None:
 @shared_task(ignore_result=True, soft_time_limit=30, time_limit=60)
 def record_token_usage() -> None:
     """Batch the proxies' token last-use times into the DB (S7: listed with "last used")."""
-    actions.do_record_token_usage(routing.take_token_usage())
+    token_actions.do_record_token_usage(routing.take_token_usage())
 
 
 @shared_task(ignore_result=True, soft_time_limit=60, time_limit=90)

@@ -1,10 +1,11 @@
 """Reconciliation (S4.3-S4.6): desired replicas vs the routes that exist -> a plan -> execution.
 
-``plan()`` is pure: it looks at plain views of an endpoint and its routes and says which routes to
-create, drain or forget, and whether the endpoint is now destroyed. ``reconcile()`` is the thin
-shell: it locks the endpoint row, feeds ``plan()``, writes the rows and sends engine work to the
-nodes' queues after commit. It is idempotent and safe to run on several workers at once (the row
-lock serialises planners; route status changes are compare-and-set) and safe to kill at any line.
+``serving.core.planning.plan()`` is pure: it looks at plain views of an endpoint and its routes and
+says which routes to create, drain or forget, and whether the endpoint is now destroyed. This
+module is the thin shell around it: ``reconcile()`` locks the endpoint row, feeds ``plan()``, writes
+the rows and sends engine work to the nodes' queues after commit. It is idempotent and safe to run
+on several workers at once (the row lock serialises planners; route status changes are
+compare-and-set) and safe to kill at any line.
 The beat's tick (``reconcile_many``) runs the same shell over batches of endpoints, one transaction
 per batch, so that its cost is a few queries per batch rather than a dozen per endpoint.
 """
@@ -26,182 +27,14 @@ from django.utils import timezone
 from serving import failpoints
 from serving.bus import dispatch, events
 from serving.control import scheduler
+from serving.core.planning import PROVISION_TIMEOUT, EndpointView, Plan, RouteView, plan
 from serving.models import Endpoint, Node, Route, RouteMember, ServiceEvent
 
 log = logging.getLogger(__name__)
 
-# A route the node never picked up (worker gone between commit and enqueue, queue lost) fails.
-PROVISION_TIMEOUT = timedelta(seconds=180)
-# A provisioning route no node has claimed gets its start re-sent (a worker that died between the
-# commit and the enqueue sent none); starting is idempotent: the node claims a route once.
-START_RESEND_AFTER = timedelta(seconds=10)
-# A terminating route whose stop was not confirmed gets its stop re-sent; after the give-up time
-# the row is forgotten (the node's orphan sweep stops a container that may remain).
-STOP_RESEND_AFTER = timedelta(seconds=30)
-STOP_GIVE_UP_AFTER = timedelta(seconds=180)
 # A replica that served traffic is stopped this long after it left the routing table, so every proxy
 # has dropped it and requests already inside it can finish (rolling updates lose no request).
 DRAIN_DELAY = 1.0
-# A healthy replica on a lost node keeps serving this long at most while its replacements start: a
-# node is "lost" when its *worker* is silent, and replicas outlive their worker (a worker crash, a
-# control-plane outage). The proxies retry elsewhere if it is really gone.
-STRANDED_GRACE = timedelta(seconds=120)
-
-LIVE = frozenset({Route.Status.PROVISIONING, Route.Status.DEGRADED, Route.Status.HEALTHY, Route.Status.UNHEALTHY})
-NOT_READY = frozenset({Route.Status.PROVISIONING, Route.Status.DEGRADED})
-
-
-@dataclass(frozen=True)
-class RouteView:
-    id: str
-    status: str
-    spec_version: int
-    node_alive: bool
-    created_at: datetime
-    updated_at: datetime
-    started: bool = False  # the node has started (or is starting) its container
-    lost_since: datetime | None = None  # when its node was lost (None: the node is alive)
-    # Cluster mode: since when its main runs while a sub member does not (None: all run, or none yet).
-    members_waiting_since: datetime | None = None
-
-
-@dataclass(frozen=True)
-class EndpointView:
-    lifecycle: str
-    desired: int
-    spec_version: int
-    gave_up: bool
-
-
-@dataclass
-class Plan:
-    create: int = 0
-    drain: list[str] = field(default_factory=list)  # -> terminating, then the node stops it
-    forget: list[str] = field(default_factory=list)  # delete the row now (node lost, stop gave up)
-    resend_stop: list[str] = field(default_factory=list)
-    resend_start: list[str] = field(default_factory=list)  # provisioning, never claimed by its node
-    fail: list[str] = field(default_factory=list)  # provisioning that never started
-    destroyed: bool = False
-
-    def is_empty(self) -> bool:
-        return not (
-            self.create
-            or self.drain
-            or self.forget
-            or self.resend_stop
-            or self.resend_start
-            or self.fail
-            or self.destroyed
-        )
-
-
-def _drain_order(route: RouteView) -> tuple[int, float]:
-    """Which extra replica goes first: unhealthy, then not yet ready, then the newest healthy."""
-    ranks: dict[str, int] = {Route.Status.UNHEALTHY: 0, Route.Status.PROVISIONING: 1, Route.Status.DEGRADED: 2}
-    rank = ranks.get(route.status, 3)
-    return rank, -route.created_at.timestamp()
-
-
-def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan:
-    """What to do so that the routes match the endpoint. Pure; see the module docstring."""
-    result = Plan()
-    # Routes on a lost node: new ones are placed elsewhere. A healthy one of the current version is
-    # "stranded": it stays in traffic until enough replacements are healthy (see below) or the grace
-    # runs out; anything else on a lost node is forgotten at once.
-    stranded: list[RouteView] = []
-    for route in routes:
-        if route.node_alive or route.status == Route.Status.FAILED_TO_START:
-            continue
-        if (
-            endpoint.lifecycle == Endpoint.Lifecycle.CREATED
-            and route.status == Route.Status.HEALTHY
-            and route.spec_version == endpoint.spec_version
-            and route.lost_since is not None
-            and now - route.lost_since < STRANDED_GRACE
-        ):
-            stranded.append(route)
-        else:
-            result.forget.append(route.id)
-    present = [r for r in routes if r.id not in result.forget and r not in stranded]
-
-    for route in present:
-        if route.status == Route.Status.TERMINATING:
-            if now - route.updated_at > STOP_GIVE_UP_AFTER:
-                result.forget.append(route.id)
-            elif now - route.updated_at > STOP_RESEND_AFTER:
-                result.resend_stop.append(route.id)
-        elif route.status == Route.Status.PROVISIONING and now - route.created_at > PROVISION_TIMEOUT:
-            result.fail.append(route.id)
-        elif (
-            route.status == Route.Status.PROVISIONING
-            and not route.started
-            and now - route.updated_at > START_RESEND_AFTER
-        ):
-            result.resend_start.append(route.id)
-    present = [r for r in present if r.id not in result.forget and r.id not in result.fail]
-
-    if endpoint.lifecycle != Endpoint.Lifecycle.CREATED:
-        result.drain = [r.id for r in present if r.status in LIVE]
-        remaining = [r for r in present if r.status not in (Route.Status.FAILED_TO_START,) and r.id not in result.drain]
-        # Destroyed once nothing runs: failed rows have no container; draining ones are being stopped.
-        result.destroyed = not remaining and not result.drain
-        if result.destroyed:
-            result.forget.extend(r.id for r in present if r.status == Route.Status.FAILED_TO_START)
-        return result
-
-    live = [r for r in present if r.status in LIVE]
-    current = [r for r in live if r.spec_version == endpoint.spec_version]
-    outdated = [r for r in live if r.spec_version != endpoint.spec_version]
-
-    # A replica that went unhealthy is replaced (unless we gave up: then it stays, with its error).
-    # So is a cluster replica whose sub members never all came up (a start message was lost): its
-    # main alone is not the replica that was asked for (serving.core.cluster).
-    if not endpoint.gave_up:
-        broken = [
-            r
-            for r in current
-            if r.status == Route.Status.UNHEALTHY
-            or (r.members_waiting_since is not None and now - r.members_waiting_since > PROVISION_TIMEOUT)
-        ]
-        result.drain.extend(r.id for r in broken)
-        current = [r for r in current if r not in broken]
-
-    desired = endpoint.desired
-    # Stranded replicas do not count (replacements are created), but serve until enough are healthy.
-    healthy_elsewhere = sum(1 for r in current if r.status == Route.Status.HEALTHY)
-    keep = max(0, desired - healthy_elsewhere)
-    oldest_first = sorted(stranded, key=lambda r: r.created_at.timestamp())
-    result.forget.extend(r.id for r in oldest_first[keep:])
-    if not outdated:
-        if len(current) > desired:
-            extra = sorted(current, key=_drain_order)[: len(current) - desired]
-            result.drain.extend(r.id for r in extra)
-        elif len(current) < desired and not endpoint.gave_up:
-            result.create = desired - len(current)
-        return result
-
-    # Rolling replacement (S4.5): one new replica at a time, healthy before an old one is drained,
-    # never fewer healthy replicas than asked for while the old ones still serve.
-    if desired == 0:
-        result.drain.extend(r.id for r in outdated + current)
-        return result
-    starting = [r for r in current if r.status in NOT_READY]
-    if len(current) < desired and not starting and not endpoint.gave_up:
-        result.create = 1
-    healthy_new = sum(1 for r in current if r.status == Route.Status.HEALTHY)
-    healthy_old = sorted(
-        (r for r in outdated if r.status == Route.Status.HEALTHY), key=lambda r: r.created_at.timestamp()
-    )
-    not_serving_old = [r for r in outdated if r.status != Route.Status.HEALTHY]
-    result.drain.extend(r.id for r in not_serving_old)
-    surplus = healthy_new + len(healthy_old) - desired
-    if healthy_new >= desired:
-        surplus = len(healthy_old)
-    result.drain.extend(r.id for r in healthy_old[: max(0, surplus)])
-    if len(current) > desired:
-        extra = sorted(current, key=_drain_order)[: len(current) - desired]
-        result.drain.extend(r.id for r in extra if r.id not in result.drain)
-    return result
 
 
 # --- the shell -----------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from serving.actions import services as actions
+from serving.actions import services
+from serving.actions import tokens as token_actions
 from serving.models import EndpointToken, Route
 from tests.e2e.conftest import Web, fast_health_checks, off_loop
 from tests.live import deadline_ms, free_port, wait_for
@@ -38,7 +39,7 @@ def test_chat_streams_from_llm_echo_through_the_proxy(
 
     folder = example_folder("llm-echo", name="echo")
     fast_health_checks(folder)
-    endpoint = actions.do_create_service(
+    endpoint = services.do_create_service(
         acting_user=personas["owner"],
         name="echo-chat",
         folder=folder,
@@ -122,10 +123,10 @@ def test_chat_streams_from_llm_echo_through_the_proxy(
     page.get_by_label("Service echo-chat").check()
 
     # No replica left: the proxy's 503, in words.
-    off_loop(actions.do_scale, endpoint, 0, acting_user=personas["owner"])
+    off_loop(services.do_scale, endpoint, 0, acting_user=personas["owner"])
     wait_for(lambda: not Route.objects.filter(endpoint=endpoint).exists(), timeout=30, what="the replica to be removed")
     _second, secret2 = off_loop(
-        actions.do_issue_token, endpoint, acting_user=personas["owner"], expires_at=token.expires_at
+        token_actions.do_issue_token, endpoint, acting_user=personas["owner"], expires_at=token.expires_at
     )
     page.locator("#service-token").fill(secret2)
     page.locator("#service-token").dispatch_event("change")

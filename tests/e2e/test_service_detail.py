@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from serving.actions import services as actions
+from serving.actions import services
 from serving.bus.events import notify_endpoint_changed
 from serving.models import AutoScalingRule, Endpoint, EndpointToken, Node, Route, RouteMember
 from tests.e2e.conftest import ARTIFACTS, Web, _engine_ready, fast_health_checks, off_loop
@@ -26,7 +26,7 @@ def test_service_page_routes_live_tokens_rules_terminate(
     web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any], screenshot: Any
 ) -> None:
     folder = example_folder("llm-echo", name="echo")
-    endpoint = actions.do_create_service(
+    endpoint = services.do_create_service(
         acting_user=personas["owner"], name="echo-page", folder=folder, project=personas["project"]
     )
     page = page_as("owner")
@@ -155,7 +155,7 @@ def test_service_page_routes_live_tokens_rules_terminate(
 
 def test_teammate_and_stranger(web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any]) -> None:
     folder = example_folder("simple-http-server", name="simple")
-    endpoint = actions.do_create_service(
+    endpoint = services.do_create_service(
         acting_user=personas["owner"], name="shared-one", folder=folder, project=personas["project"]
     )
     teammate = page_as("teammate")
@@ -175,7 +175,7 @@ def test_a_real_replica_turns_healthy_and_its_log_opens(
 ) -> None:
     folder = example_folder("llm-echo", name="echo")
     fast_health_checks(folder)
-    endpoint = actions.do_create_service(
+    endpoint = services.do_create_service(
         acting_user=personas["owner"], name="echo-real", folder=folder, environ={"ECHO_ACCESS_LOG": "1"}
     )
     page = page_as("owner")
@@ -250,7 +250,7 @@ def test_metric_charts_draw_the_last_ten_minutes_and_say_when_there_is_no_data(
     import time
 
     folder = example_folder("simple-http-server", name="simple")
-    endpoint = actions.do_create_service(acting_user=personas["owner"], name="charted", folder=folder)
+    endpoint = services.do_create_service(acting_user=personas["owner"], name="charted", folder=folder)
     metrics_url = f"/api/v1/services/{endpoint.pk}/metrics/"
     now = time.time()
     series = {
@@ -319,7 +319,7 @@ def test_a_multi_node_cluster_shows_its_members_on_their_nodes_live(
         folder = example_folder("simple-http-server", name="simple")
         fast_health_checks(folder)
         endpoint = off_loop(
-            actions.do_create_service,
+            services.do_create_service,
             acting_user=personas["owner"],
             name="cluster-two",
             folder=folder,

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from serving.actions import services as actions
+from serving.actions import services
 from serving.bus.events import notify_endpoint_changed
 from serving.models import Endpoint, Route
 from tests.e2e.conftest import Web, fast_health_checks, off_loop
@@ -22,7 +22,7 @@ def test_list_shows_a_service_and_its_status_changes_live(
     web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any], screenshot: Any
 ) -> None:
     folder = example_folder("llm-echo", name="echo")
-    endpoint = actions.do_create_service(
+    endpoint = services.do_create_service(
         acting_user=personas["owner"], name="echo-live", folder=folder, project=personas["project"]
     )
     page = page_as("owner")
@@ -40,7 +40,7 @@ def test_list_shows_a_service_and_its_status_changes_live(
     expect_text(line.locator(".svc-replicas"), "1 / 1")
 
     # A service created elsewhere appears; the stranger's page never shows either.
-    other = off_loop(actions.do_create_service, acting_user=personas["owner"], name="echo-two", folder=folder)
+    other = off_loop(services.do_create_service, acting_user=personas["owner"], name="echo-two", folder=folder)
     expect_text(row(page, other).locator(".svc-name"), "echo-two")
     stranger = page_as("stranger")
     stranger.goto("/services/")
@@ -64,7 +64,7 @@ def test_terminate_asks_then_the_row_follows(
     web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any], screenshot: Any
 ) -> None:
     folder = example_folder("simple-http-server", name="simple")
-    endpoint = actions.do_create_service(acting_user=personas["owner"], name="to-stop", folder=folder)
+    endpoint = services.do_create_service(acting_user=personas["owner"], name="to-stop", folder=folder)
     page = page_as("owner")
     page.goto("/services/")
     page.wait_for_selector("#services[data-live='1']")
@@ -157,7 +157,7 @@ def test_modify_applies_the_changed_replicas(
     web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any], screenshot: Any
 ) -> None:
     folder = example_folder("simple-http-server", name="simple")
-    endpoint = actions.do_create_service(acting_user=personas["owner"], name="to-change", folder=folder)
+    endpoint = services.do_create_service(acting_user=personas["owner"], name="to-change", folder=folder)
     page = page_as("owner")
     page.goto("/services/")
     row(page, endpoint).get_by_role("link", name=re.compile("Modify")).click()

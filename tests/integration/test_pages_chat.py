@@ -17,7 +17,7 @@ from django.test import AsyncClient, Client
 from django.urls import reverse
 from django.utils import timezone
 
-from serving.actions import services as actions
+from serving.actions import services
 from serving.models import Endpoint, EndpointToken
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 from tests.live import free_port
@@ -89,7 +89,7 @@ def service(personas: dict[str, Any]) -> Endpoint:
         name="echo",
         files={"model-definition.yaml": SIMPLE_DEFINITION},
     )
-    return actions.do_create_service(
+    return services.do_create_service(
         acting_user=personas["owner"],
         name="echo-chat",
         folder=folder,

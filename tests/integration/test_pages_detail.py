@@ -13,7 +13,9 @@ from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 
-from serving.actions import services as actions
+from serving.actions import rules as rule_actions
+from serving.actions import services
+from serving.actions import tokens as token_actions
 from serving.bus import events
 from serving.models import (
     AutoScalingRule,
@@ -50,7 +52,7 @@ def folder(personas: dict[str, Any]) -> Folder:
 
 @pytest.fixture
 def service(personas: dict[str, Any], folder: Folder) -> Endpoint:
-    return actions.do_create_service(
+    return services.do_create_service(
         acting_user=personas["owner"], name="echo-one", folder=folder, project=personas["project"]
     )
 
@@ -108,7 +110,7 @@ def test_stranger_gets_404_and_anonymous_goes_to_login(browser: Any, service: En
 
 
 def test_public_service_snippets_need_no_token(browser: Any, personas: dict[str, Any], folder: Folder) -> None:
-    public = actions.do_create_service(
+    public = services.do_create_service(
         acting_user=personas["owner"], name="open-one", folder=folder, open_to_public=True
     )
     html = browser("owner").get(page(public)).content.decode()
@@ -135,7 +137,7 @@ def members_of(html: str, route: Route) -> list[str]:
 def test_cluster_routes_list_their_members_and_a_plain_route_does_not(
     browser: Any, personas: dict[str, Any], folder: Folder
 ) -> None:
-    cluster = actions.do_create_service(
+    cluster = services.do_create_service(
         acting_user=personas["owner"],
         name="clustered",
         folder=folder,
@@ -173,7 +175,7 @@ def test_cluster_routes_list_their_members_and_a_plain_route_does_not(
     assert "ノード b" in " ".join(members_of(html_ja, route))
 
     # A replica of one container looks as before: no member list, no cluster line.
-    plain = actions.do_create_service(acting_user=personas["owner"], name="plain-one", folder=folder)
+    plain = services.do_create_service(acting_user=personas["owner"], name="plain-one", folder=folder)
     single = Route.objects.create(
         endpoint=plain, node=node_a, status=Route.Status.HEALTHY, host="127.0.0.1", port=41003
     )
@@ -241,7 +243,7 @@ def test_token_personas(browser: Any, service: Endpoint, personas: dict[str, Any
     assert browser("teammate").post(url("token-create", service)).status_code == 201  # default expiry: 30 days
     mine = EndpointToken.objects.get(created_by=personas["teammate"])
     assert mine.expires_at > timezone.now() + dt.timedelta(days=29)
-    owners, _secret = actions.do_issue_token(
+    owners, _secret = token_actions.do_issue_token(
         service, acting_user=personas["owner"], expires_at=timezone.now() + dt.timedelta(days=1)
     )
     # A teammate revokes their own token, not the owner's; the owner (a manager) may revoke any.
@@ -324,7 +326,7 @@ def test_rule_errors_show_next_to_the_fields_and_keep_the_values(browser: Any, s
 
 
 def test_rule_personas(browser: Any, service: Endpoint, personas: dict[str, Any]) -> None:
-    rule = actions.do_save_rule(
+    rule = rule_actions.do_save_rule(
         AutoScalingRule(endpoint=service),
         acting_user=personas["owner"],
         changes={k: v for k, v in RULE.items() if k != "enabled"} | {"threshold": 2.0, "step": 1},
@@ -340,7 +342,7 @@ def test_rule_personas(browser: Any, service: Endpoint, personas: dict[str, Any]
 
 
 def test_terminated_service_page_is_read_only(browser: Any, service: Endpoint, personas: dict[str, Any]) -> None:
-    actions.do_terminate_service(service, acting_user=personas["owner"])
+    services.do_terminate_service(service, acting_user=personas["owner"])
     response = browser("owner").get(page(service))
     assert response.status_code == 200
     html = response.content.decode()

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.test import Client
 from django.urls import reverse
 
-from serving.actions import services as actions
+from serving.actions import services
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
@@ -58,7 +58,7 @@ def test_the_folder_pages_in_japanese(personas: dict[str, Any], folder: Folder) 
 
 
 def test_the_service_pages_in_japanese(personas: dict[str, Any], folder: Folder) -> None:
-    endpoint = actions.do_create_service(acting_user=personas["owner"], name="echo-ja", folder=folder)
+    endpoint = services.do_create_service(acting_user=personas["owner"], name="echo-ja", folder=folder)
     client = japanese(personas)
     listing = client.get(reverse("serving:list")).content.decode()
     assert "モデルサービス" in listing and "サービス開始" in listing and "エンドポイント" in listing

@@ -11,7 +11,7 @@ import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
-from serving.actions import services as actions
+from serving.actions import services
 from serving.bus.events import notify_endpoint_changed
 from serving.models import Endpoint, ServiceEvent
 from serving.web.consumers import websocket_urlpatterns
@@ -45,7 +45,7 @@ def folder(personas: dict[str, Any]) -> Folder:
 
 @pytest.fixture
 def service(personas: dict[str, Any], folder: Folder) -> Endpoint:
-    return actions.do_create_service(
+    return services.do_create_service(
         acting_user=personas["owner"], name="web-one", folder=folder, project=personas["project"]
     )
 
@@ -323,7 +323,7 @@ application = URLRouter(websocket_urlpatterns)
 @pytest.mark.django_db(transaction=True)
 def test_services_list_socket_sends_changes_only_to_who_may_see(personas: dict[str, Any]) -> None:
     folder = FolderFactory(owner=personas["owner"], name="m", files={"model-definition.yaml": SIMPLE_DEFINITION})
-    endpoint = actions.do_create_service(
+    endpoint = services.do_create_service(
         acting_user=personas["owner"], name="live-one", folder=folder, project=personas["project"]
     )
 

@@ -209,7 +209,7 @@ def test_fault4_validation_crash_finishes_and_removes_its_replica(
 ) -> None:
     """The node worker dies while a validation's replica runs: the run is finished as failed (the
     browser's dialog ends) and its replica removed, after its timeout + ABANDONED_AFTER."""
-    from serving.actions import services as actions
+    from serving.actions import services
     from serving.bus import dryrun as validation
     from serving.node.engines.base import LABEL_VALIDATION
 
@@ -218,7 +218,7 @@ def test_fault4_validation_crash_finishes_and_removes_its_replica(
     wait_for(node_alive, timeout=30, what="the node worker")
     folder = echo_folder(personas["owner"], definition=FAST_ECHO_DEFINITION)
     started = monotonic()
-    run_id = actions.do_validate_service(acting_user=personas["owner"], timeout=3, name="validate-me", folder=folder)
+    run_id = services.do_validate_service(acting_user=personas["owner"], timeout=3, name="validate-me", folder=folder)
     crashed(system, "node-local")
 
     def replicas() -> list[Any]:

@@ -1,6 +1,6 @@
 """The recovery rules the fault tests rely on, checked in milliseconds (no processes).
 
-* a provisioning route no node claimed gets its start re-sent (lifecycle.START_RESEND_AFTER);
+* a provisioning route no node claimed gets its start re-sent (planning.START_RESEND_AFTER);
 * the proxy keeps its last table when Redis comes back without the table (proxy/table.py);
 * the fault hook is inert unless its variable names the step (serving/failpoints.py);
 * a validation whose worker died is finished as failed once overdue (validation.finish_if_abandoned).
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from proxy.table import Table
-from serving.control.lifecycle import PROVISION_TIMEOUT, START_RESEND_AFTER, EndpointView, RouteView, plan
+from serving.core.planning import PROVISION_TIMEOUT, START_RESEND_AFTER, EndpointView, RouteView, plan
 from tests.live import ROOT
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from serving.actions import services as actions
+from serving.actions import services
 from serving.models import Endpoint, Route
 from serving.node import replicas
 from storage.models import Folder
@@ -127,8 +127,8 @@ def test_modify_can_not_switch_to_a_shared_model_folder_or_add_a_private_mount(
     assert Endpoint.objects.get(pk=private.json()["id"]).model_folder == folders["private_model"]
     assert len(Endpoint.objects.get(pk=shared.json()["id"]).extra_mounts) == 1
     # The admin site saves through do_modify_service: the same rule.
-    with pytest.raises(actions.ValidationError, match="only 'owner' can write"):
-        actions.do_modify_service(
+    with pytest.raises(services.ValidationError, match="only 'owner' can write"):
+        services.do_modify_service(
             Endpoint.objects.get(pk=private.json()["id"]),
             acting_user=personas["admin"],
             changes={"model_folder": folders["shared_model"]},
@@ -229,11 +229,11 @@ def test_a_legacy_service_is_not_scaled_up_but_may_scale_down(
     endpoint = _legacy(personas, folders)
     response = api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"replicas": 3}, format="json")
     assert response.status_code == 400 and "only 'owner' can write" in str(response.json()["desired_replicas"])
-    with pytest.raises(actions.ValidationError, match="only 'owner' can write"):
-        actions.do_scale(endpoint, 2, acting_user=personas["owner"])
+    with pytest.raises(services.ValidationError, match="only 'owner' can write"):
+        services.do_scale(endpoint, 2, acting_user=personas["owner"])
     endpoint.refresh_from_db()
     assert endpoint.desired_replicas == 1
-    assert actions.do_scale(endpoint, 0, acting_user=personas["owner"]) is True
+    assert services.do_scale(endpoint, 0, acting_user=personas["owner"]) is True
     assert api("owner").patch(f"/api/v1/services/{endpoint.pk}/", {"replicas": 1}, format="json").status_code == 400
 
 

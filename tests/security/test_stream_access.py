@@ -16,7 +16,7 @@ from rest_framework.test import APIRequestFactory
 from accounts.actions import do_issue_api_key, do_revoke_api_key
 from accounts.authentication import ApiKeyAuthentication
 from accounts.models import Membership
-from serving.actions import services as actions
+from serving.actions import services
 from serving.web.access import ReadGrant
 from tests.security.world import World
 
@@ -39,7 +39,7 @@ def test_a_grant_holds_until_its_reader_loses_the_service(personas: dict[str, An
 
 def test_a_terminated_service_ends_its_streams(personas: dict[str, Any], world: World) -> None:
     grant = _session_grant(personas["owner"], world)
-    actions.do_terminate_service(world.service, acting_user=personas["owner"])
+    services.do_terminate_service(world.service, acting_user=personas["owner"])
     assert grant.lost() == "The service was terminated, so its live log ended."
 
 

@@ -555,11 +555,11 @@ async def _through_relay(user: Any, path: str, method: str) -> tuple[int, dict[s
 
 @pytest.mark.django_db(transaction=True)
 def test_the_chat_relay_never_serves_a_replicas_page_or_script(hostile_replica: str, personas: dict[str, Any]) -> None:
-    from serving.actions import services as actions
+    from serving.actions import services
     from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
     folder = FolderFactory(owner=personas["owner"], name="relay", files={"model-definition.yaml": SIMPLE_DEFINITION})
-    service = actions.do_create_service(acting_user=personas["owner"], name="relay-xss", folder=folder)
+    service = services.do_create_service(acting_user=personas["owner"], name="relay-xss", folder=folder)
     base = reverse("serving:chat", kwargs={"pk": service.pk}) + "v1/"
     relay = async_to_sync(_through_relay)
     status, headers, content = relay(personas["owner"], base + "models", "get")

@@ -17,7 +17,9 @@ from django.utils import timezone
 
 from accounts.actions import do_issue_api_key
 from accounts.models import ApiKey
-from serving.actions import services as actions
+from serving.actions import rules as rule_actions
+from serving.actions import services
+from serving.actions import tokens as token_actions
 from serving.bus import dryrun as validation
 from serving.models import AutoScalingRule, Endpoint, EndpointToken, Node, ResourcePreset, Route, ScalingEvent
 from storage.models import Folder
@@ -88,18 +90,18 @@ def build_world(owner: Any, project: Any, tag: str | None = None) -> World:
             file_path: f"secret-content-{tag}\n",
         },
     )
-    service = actions.do_create_service(
+    service = services.do_create_service(
         acting_user=owner, name=f"svc{tag}", folder=folder, project=project, replicas=1, runtime="custom"
     )
     node, _ = Node.objects.get_or_create(name="matrix-node", defaults={"heartbeat_at": timezone.now()})
     route = Route.objects.create(
         endpoint=service, node=None, status=Route.Status.HEALTHY, host="127.0.0.1", port=9, error={}
     )
-    token, token_secret = actions.do_issue_token(
+    token, token_secret = token_actions.do_issue_token(
         service, acting_user=owner, expires_at=timezone.now() + timedelta(days=1)
     )
     rule = AutoScalingRule(endpoint=service)
-    actions.do_save_rule(
+    rule_actions.do_save_rule(
         rule,
         acting_user=owner,
         changes={

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.control.autoscaling import Rule, aggregate, evaluate
+from serving.core.scaling import Rule, aggregate, evaluate
 
 NOW = 10_000.0
 

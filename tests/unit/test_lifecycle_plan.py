@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from serving.control.lifecycle import (
+from serving.core.planning import (
     PROVISION_TIMEOUT,
     STOP_GIVE_UP_AFTER,
     STOP_RESEND_AFTER,

@@ -10,7 +10,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from accounts.models import Project
-from serving.actions import services as actions
+from serving.actions import validators
 from serving.core.runtimes import RUNTIMES
 from serving.models import (
     AutoScalingRule,
@@ -187,7 +187,7 @@ class _ServiceInputFields(serializers.Serializer[Any]):
 
     @staticmethod
     def _on_its_own(field: str, value: Any) -> Any:
-        problems = actions.field_problems(field, value)
+        problems = validators.field_problems(field, value)
         if problems:
             raise serializers.ValidationError(problems)
         return value

@@ -17,7 +17,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from serving.actions import services as actions
+from serving.actions import rules as rule_actions
+from serving.actions import services
+from serving.actions import tokens as token_actions
 from serving.bus import logfollow, metrics, nodebus
 from serving.core.runtimes import RUNTIMES
 from serving.models import (
@@ -50,7 +52,7 @@ class ServiceViewSet(viewsets.ViewSet):
         serializer = s.ServiceCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
-        endpoint = actions.do_create_service(acting_user=request.user, **data)  # type: ignore[arg-type]
+        endpoint = services.do_create_service(acting_user=request.user, **data)  # type: ignore[arg-type]
         endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_201_CREATED)
 
@@ -60,7 +62,7 @@ class ServiceViewSet(viewsets.ViewSet):
         """Run the configuration once as a throwaway replica (S4.2); watch its websocket."""
         serializer = s.ServiceCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
-        validation_id = actions.do_validate_service(acting_user=request.user, **serializer.validated_data)  # type: ignore[arg-type]
+        validation_id = services.do_validate_service(acting_user=request.user, **serializer.validated_data)  # type: ignore[arg-type]
         return Response(
             {"id": validation_id, "websocket": f"/ws/validations/{validation_id}/"},
             status=status.HTTP_202_ACCEPTED,
@@ -77,7 +79,7 @@ class ServiceViewSet(viewsets.ViewSet):
         endpoint = access_endpoint(request.user, pk, write=True)
         serializer = s.ServiceModifySerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
-        actions.do_modify_service(endpoint, acting_user=request.user, changes=serializer.changes())  # type: ignore[arg-type]
+        services.do_modify_service(endpoint, acting_user=request.user, changes=serializer.changes())  # type: ignore[arg-type]
         endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data)
 
@@ -85,7 +87,7 @@ class ServiceViewSet(viewsets.ViewSet):
     def destroy(self, request: Request, pk: str) -> Response:
         """Terminate the service (S4.6): every replica is stopped, then it leaves the list."""
         endpoint = access_endpoint(request.user, pk, write=True)
-        actions.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        services.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
         endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_202_ACCEPTED)
 
@@ -94,7 +96,7 @@ class ServiceViewSet(viewsets.ViewSet):
     def clear_errors(self, request: Request, pk: str) -> Response:
         """Clear errors and retry (S4.4)."""
         endpoint = access_endpoint(request.user, pk, write=True)
-        actions.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        services.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
         endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_202_ACCEPTED)
 
@@ -150,7 +152,7 @@ class TokenListView(APIView):
         serializer = s.TokenCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         expires_at = serializer.validated_data.get("expires_at") or timezone.now() + timedelta(days=30)
-        token, secret = actions.do_issue_token(endpoint, acting_user=request.user, expires_at=expires_at)  # type: ignore[arg-type]
+        token, secret = token_actions.do_issue_token(endpoint, acting_user=request.user, expires_at=expires_at)  # type: ignore[arg-type]
         body = dict(s.TokenSerializer(token).data)
         body["token"] = secret
         return Response(body, status=status.HTTP_201_CREATED)
@@ -170,7 +172,7 @@ class TokenDetailView(APIView):
         token = get_object_or_404(EndpointToken, pk=token_id, endpoint=endpoint)
         if not (token.created_by_id == request.user.pk or can_write_endpoint(request.user, endpoint)):
             raise Http404("No such token.")
-        actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
+        token_actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -188,7 +190,7 @@ class RuleListView(APIView):
         serializer = s.RuleSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         rule = AutoScalingRule(endpoint=endpoint)
-        actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
+        rule_actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
         return Response(s.RuleSerializer(rule).data, status=status.HTTP_201_CREATED)
 
 
@@ -206,13 +208,13 @@ class RuleDetailView(APIView):
         rule = self._rule(request, service_id, rule_id, True)
         serializer = s.RuleSerializer(rule, data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
-        actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
+        rule_actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
         return Response(s.RuleSerializer(rule).data)
 
     @extend_schema(responses={204: None})
     def delete(self, request: Request, service_id: str, rule_id: int) -> Response:
         rule = self._rule(request, service_id, rule_id, True)
-        actions.do_delete_rule(rule, acting_user=request.user)  # type: ignore[arg-type]
+        rule_actions.do_delete_rule(rule, acting_user=request.user)  # type: ignore[arg-type]
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -16,8 +16,8 @@ chunk. The relay:
 
 Tokens: only digests are stored, so the page can not offer the user's existing tokens. The user pastes
 one, or presses "Generate a chat token": an ordinary token of the service, issued through
-``actions.do_issue_token`` (audited, listed on the service page, revocable), that expires after an
-hour and lives only in the page's memory.
+``serving.actions.tokens.do_issue_token`` (audited, listed on the service page, revocable), that
+expires after an hour and lives only in the page's memory.
 
 "Another OpenAI-compatible server" (S8.2: baseURL and token by hand) is called by the browser
 directly: relaying to an address a user types would make the web server an open proxy; such servers
@@ -41,7 +41,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
 
-from serving.actions import services as actions
+from serving.actions import tokens as token_actions
 from serving.models import Endpoint
 from serving.web.access import access_endpoint
 from serving.web.pages.detail import model_name
@@ -80,7 +80,7 @@ def chat_token(request: HttpRequest, pk: str) -> JsonResponse:
     """Issue a short-lived token of the service for the chat page (JSON; shown only to the page)."""
     endpoint = access_endpoint(request.user, pk)
     try:
-        token, secret = actions.do_issue_token(
+        token, secret = token_actions.do_issue_token(
             endpoint,
             acting_user=request.user,  # type: ignore[arg-type]
             expires_at=timezone.now() + CHAT_TOKEN_LIFETIME,

@@ -27,7 +27,9 @@ from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
 from rest_framework.exceptions import ValidationError as DRFValidationError
 
-from serving.actions import services as actions
+from serving.actions import rules as rule_actions
+from serving.actions import services
+from serving.actions import tokens as token_actions
 from serving.core import slots
 from serving.models import AutoScalingRule, Endpoint, EndpointStatus, EndpointToken, Route, RouteMember
 from serving.web.access import access_endpoint, can_write_endpoint
@@ -310,7 +312,7 @@ def detail(request: HttpRequest, pk: str) -> HttpResponse:
 def clear_errors(request: HttpRequest, pk: str) -> HttpResponse:
     """Clear errors and retry (S4.4)."""
     endpoint = access_endpoint(request.user, pk, write=True)
-    cleared = actions.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+    cleared = services.do_clear_errors(endpoint, acting_user=request.user)  # type: ignore[arg-type]
     messages.success(
         request,
         _("Cleared the errors of %(count)s replica(s); the service starts them again.") % {"count": cleared},
@@ -347,7 +349,7 @@ def token_create(request: HttpRequest, pk: str) -> HttpResponse:
     try:
         serializer.is_valid(raise_exception=True)
         when = serializer.validated_data.get("expires_at") or timezone.now() + dt.timedelta(days=DEFAULT_TOKEN_DAYS)
-        _token, secret = actions.do_issue_token(endpoint, acting_user=request.user, expires_at=when)  # type: ignore[arg-type]
+        _token, secret = token_actions.do_issue_token(endpoint, acting_user=request.user, expires_at=when)  # type: ignore[arg-type]
     except (DRFValidationError, DjangoValidationError) as exc:
         errors = field_errors(exc)
         errors["expires_on"] = errors.pop("expires_at", []) + errors.pop("form", [])
@@ -363,7 +365,7 @@ def token_revoke(request: HttpRequest, pk: str, token_id: str) -> HttpResponse:
     token = get_object_or_404(EndpointToken, pk=token_id, endpoint=endpoint)
     if not (token.created_by_id == request.user.pk or can_write_endpoint(request.user, endpoint)):
         raise Http404("No such token.")
-    actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
+    token_actions.do_revoke_token(token, acting_user=request.user)  # type: ignore[arg-type]
     messages.success(
         request, _("Token %(prefix)s… revoked; it stops working within a second.") % {"prefix": token.prefix}
     )
@@ -376,7 +378,7 @@ def _save_rule(request: HttpRequest, endpoint: Endpoint, rule: AutoScalingRule, 
     serializer = RuleSerializer(None if rule._state.adding else rule, data=data, partial=not rule._state.adding)
     try:
         serializer.is_valid(raise_exception=True)
-        actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
+        rule_actions.do_save_rule(rule, acting_user=request.user, changes=serializer.validated_data)  # type: ignore[arg-type]
     except (DRFValidationError, DjangoValidationError) as exc:
         errors = field_errors(exc)
         # field_errors knows the launcher's fields; a rule's own fields are taken back out of "form".
@@ -416,7 +418,7 @@ def rule_toggle(request: HttpRequest, pk: str, rule_id: int) -> HttpResponse:
     endpoint = access_endpoint(request.user, pk, write=True)
     rule = get_object_or_404(AutoScalingRule, pk=rule_id, endpoint=endpoint)
     enabled = request.POST.get("enabled") in {"on", "true", "1"}
-    actions.do_save_rule(rule, acting_user=request.user, changes={"enabled": enabled})  # type: ignore[arg-type]
+    rule_actions.do_save_rule(rule, acting_user=request.user, changes={"enabled": enabled})  # type: ignore[arg-type]
     if enabled:
         messages.success(request, _("Autoscaling rule enabled: %(rule)s.") % {"rule": str(rule)})
     else:
@@ -431,7 +433,7 @@ def rule_delete(request: HttpRequest, pk: str, rule_id: int) -> HttpResponse:
     endpoint = access_endpoint(request.user, pk, write=True)
     rule = get_object_or_404(AutoScalingRule, pk=rule_id, endpoint=endpoint)
     text = str(rule)
-    actions.do_delete_rule(rule, acting_user=request.user)  # type: ignore[arg-type]
+    rule_actions.do_delete_rule(rule, acting_user=request.user)  # type: ignore[arg-type]
     messages.success(request, _("Autoscaling rule deleted: %(rule)s.") % {"rule": text})
     return redirect(reverse("serving:detail", kwargs={"pk": endpoint.pk}) + "#rules")
 

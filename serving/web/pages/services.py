@@ -25,7 +25,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from rest_framework.exceptions import ValidationError as DRFValidationError
 
 from accounts.models import Project
-from serving.actions import services as actions
+from serving.actions import services
 from serving.core import slots
 from serving.core.runtimes import RUNTIMES
 from serving.models import Endpoint, EndpointStatus, Node, ResourcePreset, Route, endpoint_name_validator
@@ -161,7 +161,7 @@ def terminate(request: HttpRequest, pk: str) -> HttpResponse:
     """Terminate with confirmation (S4.6): GET asks, POST stops every replica."""
     endpoint = access_endpoint(request.user, pk, write=True)
     if request.method == "POST":
-        actions.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        services.do_terminate_service(endpoint, acting_user=request.user)  # type: ignore[arg-type]
         messages.success(
             request,
             _("Service %(name)s is being terminated: its replicas are stopping.") % {"name": endpoint.name},
@@ -426,7 +426,7 @@ def _render_launcher(
         "env_rows": [*values.environ, ("", "")],
         "validate_url": reverse("serving:validate"),
         "cancel_url": detail_url(endpoint.pk) if endpoint else reverse("serving:list"),
-        # Forward cookies needs services on host names of their own (actions._check_forward_cookies):
+        # Forward cookies needs services on host names of their own (validators.check_forward_cookies):
         # the help says so, and says when this installation has none.
         "serving_domain": settings.SERVING_DOMAIN,
         **_choices(request, values),
@@ -443,7 +443,7 @@ def launcher(request: HttpRequest) -> HttpResponse:
         serializer = ServiceCreateSerializer(data=form_to_api(request.POST), context={"request": request})
         try:
             serializer.is_valid(raise_exception=True)
-            endpoint = actions.do_create_service(acting_user=request.user, **serializer.validated_data)  # type: ignore[arg-type]
+            endpoint = services.do_create_service(acting_user=request.user, **serializer.validated_data)  # type: ignore[arg-type]
         except (DRFValidationError, DjangoValidationError) as exc:
             return _render_launcher(request, values, errors=field_errors(exc))
         messages.success(request, _("Service %(name)s created; its replicas are starting.") % {"name": endpoint.name})
@@ -523,7 +523,7 @@ def modify(request: HttpRequest, pk: str) -> HttpResponse:
     serializer = ServiceModifySerializer(data=changed, context={"request": request})
     try:
         serializer.is_valid(raise_exception=True)
-        actions.do_modify_service(endpoint, acting_user=request.user, changes=serializer.changes())  # type: ignore[arg-type]
+        services.do_modify_service(endpoint, acting_user=request.user, changes=serializer.changes())  # type: ignore[arg-type]
     except (DRFValidationError, DjangoValidationError) as exc:
         return _render_launcher(request, values, endpoint=endpoint, errors=field_errors(exc))
     messages.success(
@@ -578,7 +578,7 @@ def validate(request: HttpRequest) -> JsonResponse:
     serializer = ServiceCreateSerializer(data=form_to_api(request.POST), context={"request": request})
     try:
         serializer.is_valid(raise_exception=True)
-        validation_id = actions.do_validate_service(acting_user=request.user, **serializer.validated_data)  # type: ignore[arg-type]
+        validation_id = services.do_validate_service(acting_user=request.user, **serializer.validated_data)  # type: ignore[arg-type]
     except (DRFValidationError, DjangoValidationError) as exc:
         # 200, not 400: the page shows the errors by the field; a 4xx would be a console error too.
         return JsonResponse({"errors": field_errors(exc)})
