@@ -22,6 +22,7 @@ from django.utils.translation import gettext_lazy as _
 
 from accounts.models import shared_with
 from serving.core.planning import EndpointLifecycle, RouteStatus
+from storage.models import Folder
 
 endpoint_name_validator = RegexValidator(
     r"^[A-Za-z0-9_.-]{4,24}$",
@@ -174,8 +175,6 @@ class Endpoint(models.Model):
         changing a teammate's service. ``name_folders=False`` leaves out the private folders'
         names, for a replica's error, which every member of the project sees.
         """
-        from storage.models import Folder
-
         folder = self.model_folder
         if folder is None:
             return None

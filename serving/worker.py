@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
@@ -28,8 +29,6 @@ def start_node_agent(sender: Any = None, **_: Any) -> None:
     global _agent
     if sender is None or not _consumes_node_queue(sender):
         return
-    from datetime import UTC, datetime
-
     # Imported here, not at the top: this module is loaded by every process (the app's ready()),
     # and only a node worker needs the node side and its engines.
     from serving.node.agent import NodeAgent, heartbeat

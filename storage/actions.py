@@ -68,6 +68,8 @@ def _check_quota(quota_bytes: int | None, acting_user: User) -> None:
 
 
 def _mounted_by(folder: Folder) -> list[str]:
+    # Imported here: storage sits below serving (a service mounts folders), and this is the one
+    # question storage asks of it: which live services mount this folder.
     from serving.models import Endpoint
 
     names = []

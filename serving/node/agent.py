@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -167,8 +168,6 @@ def sync(now: datetime | None = None) -> dict[str, int]:
 
 
 def _is_uuid(value: str) -> bool:
-    import uuid
-
     try:
         uuid.UUID(value)
     except ValueError:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 from serving import failpoints
@@ -98,9 +101,6 @@ def run(validation_id: str) -> str:
     pump.start()
     outcome, message = "failed", f"The replica did not become healthy within {request.timeout:g} s."
     try:
-        import urllib.error
-        import urllib.request
-
         state = State(started_at=time.time())
         # Validation does not wait out a long initial_delay: it checks from the start.
         while time.monotonic() < deadline:
@@ -112,8 +112,6 @@ def run(validation_id: str) -> str:
             ok = False
             try:
                 if health.path is None:
-                    import socket
-
                     socket.create_connection((info.host, info.port), timeout=health.max_wait_time).close()
                     ok = True
                 else:

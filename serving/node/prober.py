@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
@@ -216,8 +217,6 @@ class Prober:
         asyncio.run(self._main())
 
     async def _main(self) -> None:
-        import aiohttp
-
         timeout = aiohttp.ClientTimeout(total=None)
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -333,8 +332,6 @@ class Prober:
             del self.tracked[key]
 
     async def _probe(self, session: Any, tracked: _Tracked) -> None:
-        import aiohttp
-
         config = tracked.config
         ok = False
         reason = ""

@@ -8,12 +8,16 @@ Tokens may be issued by anyone who can read the service: teammates call it too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any
 
+from django.conf import settings
+from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404
+from django.utils.crypto import constant_time_compare
 
-from accounts.models import Membership
+from accounts.models import ApiKey, Membership, User
 from serving.models import Endpoint
 
 
@@ -43,8 +47,6 @@ def current_user(user_id: Any) -> Any:
     """The user as the database has them now, or None when deleted or disabled: a long-lived
     connection must not keep deciding with the user it loaded at connect (an operator since
     demoted would still see every service)."""
-    from accounts.models import User
-
     return User.objects.filter(pk=user_id, is_active=True).first()
 
 
@@ -62,8 +64,6 @@ class ReadGrant:
     @classmethod
     def of_request(cls, request: Any, endpoint: Endpoint) -> ReadGrant:
         """From a DRF request (its API key, else its session when the session logged the user in)."""
-        from accounts.models import ApiKey
-
         api_key = request.auth if isinstance(request.auth, ApiKey) else None
         session = getattr(request._request, "session", None)
         session_key = None
@@ -81,8 +81,6 @@ class ReadGrant:
         """(the user as they are now, None) while the user and the credential hold, whatever the
         service; else (None, the sentence to end the stream with). The service sockets ask only
         this (they go on showing a terminated service, and re-check access to it themselves)."""
-        from accounts.models import ApiKey
-
         user = current_user(self.user_id)
         if user is None:
             return None, READ_GONE
@@ -118,12 +116,6 @@ def _session_holds(session_key: str, user: Any) -> bool:
     user's current one (a password change invalidates every other session: Django's get_user
     flushes such a session on its next request, but a socket makes none). Read only: unlike
     get_user, nothing is flushed or cycled here."""
-    from importlib import import_module
-
-    from django.conf import settings
-    from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
-    from django.utils.crypto import constant_time_compare
-
     if settings.SESSION_ENGINE.endswith("signed_cookies"):
         return True  # nothing kept on the server to end: such a session can not be revoked
     store = import_module(settings.SESSION_ENGINE).SessionStore

@@ -19,7 +19,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         engines: list[Engine] = [LocalEngine(state_dir=d) for d in sorted(settings.ENGINE_STATE_DIR.glob("local-*"))]
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(ImportError):  # docker-py may be missing on a local-engine-only host
             from serving.node.engines.docker.engine import DockerEngine
 
             docker_engine = DockerEngine(

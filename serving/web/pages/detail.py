@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 import zoneinfo
 from typing import Any
 
@@ -31,9 +32,10 @@ from serving.actions import rules as rule_actions
 from serving.actions import services
 from serving.actions import tokens as token_actions
 from serving.core import slots
+from serving.core.runtimes import RUNTIMES
 from serving.models import AutoScalingRule, Endpoint, EndpointStatus, EndpointToken, Route, RouteMember
 from serving.web.access import access_endpoint, can_write_endpoint
-from serving.web.api.serializers import RuleSerializer, TokenCreateSerializer
+from serving.web.api.serializers import RouteSerializer, RuleSerializer, TokenCreateSerializer
 from serving.web.pages.services import MODEL_NAME_VARIABLES, field_errors, offers_chat
 from storage.models import Folder
 
@@ -62,8 +64,6 @@ NEW_RULE = {
 def model_name(endpoint: Endpoint) -> str:
     """The model an OpenAI client asks for: the server's MODEL_NAME, else the runtime's default name
     (vLLM serves "vllm-model" unless told otherwise), else the service name."""
-    from serving.core.runtimes import RUNTIMES
-
     for name in MODEL_NAME_VARIABLES:
         if endpoint.environ.get(name):
             return str(endpoint.environ[name])
@@ -109,8 +109,6 @@ def snippets(endpoint: Endpoint) -> dict[str, str]:
 
 
 def _settings_rows(endpoint: Endpoint) -> list[tuple[str, Any]]:
-    from serving.core.runtimes import RUNTIMES
-
     variant = RUNTIMES.get(endpoint.runtime)
     mounts = []
     if endpoint.extra_mounts:
@@ -165,8 +163,6 @@ def cluster_summary(endpoint: Endpoint) -> str:
 def route_members(route: Route) -> list[dict[str, Any]]:
     """The containers of a cluster-mode replica as the API shows them (main first), each with its
     status in words and a sub's error; empty for a replica of one container, whose row needs no list."""
-    from serving.web.api.serializers import RouteSerializer
-
     members = RouteSerializer().get_members(route)
     if len(members) < 2:
         return []
@@ -181,8 +177,6 @@ def route_members(route: Route) -> list[dict[str, Any]]:
 
 
 def _uuid(value: Any) -> Any:
-    import uuid
-
     try:
         return uuid.UUID(str(value))
     except ValueError:

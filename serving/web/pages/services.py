@@ -31,6 +31,7 @@ from serving.core.runtimes import RUNTIMES
 from serving.models import Endpoint, EndpointStatus, Node, ResourcePreset, Route, endpoint_name_validator
 from serving.web.access import access_endpoint, can_write_endpoint
 from serving.web.api.serializers import ServiceCreateSerializer, ServiceModifySerializer
+from storage import modelstore
 from storage.models import Folder
 
 # Accelerator slots offered in the launcher (any "<vendor>.<unit>" is accepted by the API).
@@ -370,8 +371,6 @@ class LauncherValues:
     def apply_folder_defaults(self, folder: Folder) -> list[dict[str, Any]]:
         """Fill image, resources, environment and definition path from the folder (S3.2); returns
         the problems found in its definition files."""
-        from storage import modelstore
-
         defaults = modelstore.launcher_values(folder, self.runtime)
         self.image = defaults["image"]
         self.set_resources(defaults["resources"])
