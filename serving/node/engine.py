@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+from collections.abc import Iterable
 
 from django.conf import settings
 
@@ -116,12 +117,14 @@ def log_tail(engine: Engine, replica_id: str, lines: int = 20) -> str:
         return ""
 
 
-def record_start_warnings(route: Route, info: ReplicaInfo, who: str) -> None:
+def record_start_warnings(route: Route, info: ReplicaInfo, who: str, definition_warnings: Iterable[str] = ()) -> None:
     """What the engine noticed at start but did not stop for (a read-write mount the replica's
     user can not write): a warning on the service's log, as well as a line in the replica's.
     Once per service and spec version: every replica of a version meets the same folder, and a
-    service restarting its replicas would otherwise repeat it at each start."""
-    for warning in info.warnings:
+    service restarting its replicas would otherwise repeat it at each start. ``definition_warnings``:
+    the model definition's unknown keys (``ReplicaSpec.definition_warnings``), said the same way so a
+    typo such as ``inital_delay`` is seen by whoever watches the service start."""
+    for warning in [*info.warnings, *(f"model definition: {w}" for w in definition_warnings)]:
         seen = ServiceEvent.objects.filter(
             endpoint_id=route.endpoint_id,
             kind="replica_warning",

@@ -155,6 +155,7 @@ def build_spec(
             if size > 1
             else None
         ),
+        definition_warnings=tuple(str(w) for w in definition.warnings) if definition is not None else (),
     )
     health = effective.health_check
     config = (

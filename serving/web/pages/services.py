@@ -368,16 +368,19 @@ class LauncherValues:
             self.accelerator, amount = accelerators[0]
             self.accelerator_amount = _number_text(amount)
 
-    def apply_folder_defaults(self, folder: Folder) -> list[dict[str, Any]]:
-        """Fill image, resources, environment and definition path from the folder (S3.2); returns
-        the problems found in its definition files."""
-        defaults = modelstore.launcher_values(folder, self.runtime)
+    def apply_folder_defaults(self, folder: Folder, runtime: str | None = None) -> list[dict[str, Any]]:
+        """Fill runtime (when ``runtime`` is None: the one the folder describes), image, resources,
+        environment and definition path from the folder (S3.2); returns the problems found in its
+        definition files, then its warnings (unknown keys; the message starts with "warning:")."""
+        defaults = modelstore.launcher_values(folder, runtime)
+        self.runtime = defaults["runtime"]
         self.image = defaults["image"]
         self.set_resources(defaults["resources"])
         self.environ = sorted(defaults["environ"].items())
         if RUNTIMES.get(self.runtime) is not None and RUNTIMES[self.runtime].needs_definition_file:
             self.model_definition_path = defaults["model_definition_path"]
-        return list(defaults["problems"])
+        warnings = [{**w, "message": f"warning: {w['message']}"} for w in defaults["warnings"]]
+        return [*defaults["problems"], *warnings]
 
 
 def _choices(request: HttpRequest, values: LauncherValues) -> dict[str, Any]:
@@ -447,9 +450,11 @@ def launcher(request: HttpRequest) -> HttpResponse:
             return _render_launcher(request, values, errors=field_errors(exc))
         messages.success(request, _("Service %(name)s created; its replicas are starting.") % {"name": endpoint.name})
         return redirect(detail_url(endpoint.pk))
-    values = LauncherValues(runtime=request.GET.get("runtime", "custom"))
+    # No runtime asked for: "Run this model" opens with the runtime the folder describes.
+    asked = request.GET.get("runtime") or None
+    values = LauncherValues(runtime=asked or "custom")
     if values.runtime not in RUNTIMES:
-        values.runtime = "custom"
+        values.runtime = asked = "custom"
     problems: list[dict[str, Any]] = []
     folder_id = request.GET.get("folder", "")
     folder = None
@@ -466,7 +471,7 @@ def launcher(request: HttpRequest) -> HttpResponse:
         )
     if folder is not None:
         values.folder = str(folder.pk)
-        problems = values.apply_folder_defaults(folder)
+        problems = values.apply_folder_defaults(folder, asked)
     return _render_launcher(request, values, problems=problems)
 
 
@@ -594,7 +599,7 @@ def folder_defaults(request: HttpRequest) -> JsonResponse:
     values = LauncherValues(runtime=request.GET.get("runtime", "custom"))
     if values.runtime not in RUNTIMES:
         return JsonResponse({"errors": {"runtime": [_("Unknown runtime.")]}}, status=400)
-    problems = values.apply_folder_defaults(folder)
+    problems = values.apply_folder_defaults(folder, values.runtime)
     return JsonResponse(
         {
             "image": values.image,
