@@ -135,9 +135,9 @@ ModelConfig = Model
 ServiceConfig = Service
 HealthCheckConfig = HealthCheck
 
-_MODEL_KEYS = ("name", "model_path", "service", "metadata")
-_SERVICE_KEYS = ("pre_start_actions", "start_command", "shell", "port", "health_check")
-_HEALTH_KEYS = (
+MODEL_KEYS = ("name", "model_path", "service", "metadata")
+SERVICE_KEYS = ("pre_start_actions", "start_command", "shell", "port", "health_check")
+HEALTH_KEYS = (
     "path",
     "interval",
     "max_retries",
@@ -146,7 +146,7 @@ _HEALTH_KEYS = (
     "initial_delay",
     "headers",
 )
-_ACTION_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # action -> (required, optional)
+ACTION_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # action -> (required, optional)
     "write_file": (("filename", "body"), ("mode", "append")),
     "write_tempfile": (("body",), ("mode",)),
     "run_command": (("command",), ("echo", "check")),
@@ -160,8 +160,8 @@ _ACTION_EXAMPLES = {
     "mkdir": "args: {path: /home/work/data}",
     "log": "args: {message: starting}",
 }
-_METADATA_STRINGS = ("author", "title", "description", "task", "category", "architecture", "license")
-_METADATA_ALIASES = {"created": ("created", "created_at"), "last_modified": ("last_modified", "modified_at")}
+METADATA_STRINGS = ("author", "title", "description", "task", "category", "architecture", "license")
+METADATA_ALIASES = {"created": ("created", "created_at"), "last_modified": ("last_modified", "modified_at")}
 
 
 # --- model-definition.yaml: validation -----------------------------------------------------------
@@ -283,7 +283,7 @@ class _Model:
         data = self.mapping(raw, path, "with name, model_path and service")
         if data is None:
             return None
-        data = self.keys(data, _MODEL_KEYS, path)
+        data = self.keys(data, MODEL_KEYS, path)
         name = self.text(data, "name", path, required=True, what="the name of the model")
         model_path = self.text(data, "model_path", path, required=True, what="where the model is, such as /models")
         if model_path is not None and not model_path.startswith("/"):
@@ -305,7 +305,7 @@ class _Model:
         data = self.mapping(raw, path, "with start_command and port")
         if data is None:
             return None
-        data = self.keys(data, _SERVICE_KEYS, path)
+        data = self.keys(data, SERVICE_KEYS, path)
         command = self.start_command(data.get("start_command"), field_path(path, "start_command"), model_path)
         port: int | None = None
         if data.get("port") is None:
@@ -370,7 +370,7 @@ class _Model:
         data = self.mapping(raw, path, "with at least a path")
         if data is None:
             return None
-        data = self.keys(data, _HEALTH_KEYS, path)
+        data = self.keys(data, HEALTH_KEYS, path)
         probe = self.text(data, "path", path, required=True, what="the HTTP path to probe, such as /health")
         if probe is not None and (not probe.startswith("/") or any(ch.isspace() or ord(ch) < 32 for ch in probe)):
             self.c.add(
@@ -420,7 +420,7 @@ class _Model:
         if kind is None:
             self.c.add(field_path(path, "action"), f"is required: one of {', '.join(PRE_START_ACTIONS)}")
             return None
-        if not isinstance(kind, str) or kind not in _ACTION_ARGS:
+        if not isinstance(kind, str) or kind not in ACTION_ARGS:
             self.c.add(
                 field_path(path, "action"), f"unknown action {show(kind)}; use one of {', '.join(PRE_START_ACTIONS)}"
             )
@@ -432,7 +432,7 @@ class _Model:
         args = self.mapping(data["args"], apath, f"the arguments of the {kind} action")
         if args is None:
             return None
-        required, optional = _ACTION_ARGS[kind]
+        required, optional = ACTION_ARGS[kind]
         args = self.keys(args, required + optional, apath)
         for name in required:
             if args.get(name) is None:
@@ -530,12 +530,12 @@ class _Model:
         if data is None:
             return None
         known: dict[str, Any] = {}
-        for name in _METADATA_STRINGS:
+        for name in METADATA_STRINGS:
             if data.get(name) is not None:
                 known[name] = self.text(
                     data, name, path, required=False, what=name, single_line=False, allow_empty=True
                 )
-        for name, aliases in _METADATA_ALIASES.items():
+        for name, aliases in METADATA_ALIASES.items():
             given = [alias for alias in aliases if data.get(alias) is not None]
             if len(given) > 1:
                 self.c.add(field_path(path, given[1]), f"is the same as {given[0]}; keep only one of them")
@@ -558,8 +558,8 @@ class _Model:
         min_resource = data.get("min_resource")
         if min_resource is not None:
             known["min_resource"] = self.mapping(min_resource, field_path(path, "min_resource"), "of resource slots")
-        handled = {*_METADATA_STRINGS, "version", "framework", "label", "min_resource"}
-        handled.update(alias for aliases in _METADATA_ALIASES.values() for alias in aliases)
+        handled = {*METADATA_STRINGS, "version", "framework", "label", "min_resource"}
+        handled.update(alias for aliases in METADATA_ALIASES.values() for alias in aliases)
         extra = {k: v for k, v in data.items() if k not in handled}
         return ModelMetadata(**{k: v for k, v in known.items() if v is not None}, extra=extra)
 

@@ -13,6 +13,7 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, NotFound, ValidationError
+from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -21,6 +22,7 @@ from serving.actions import rules as rule_actions
 from serving.actions import services
 from serving.actions import tokens as token_actions
 from serving.bus import logfollow, metrics, nodebus
+from serving.core import schemas
 from serving.core.runtimes import RUNTIMES
 from serving.models import (
     STARTING_MARK,
@@ -321,6 +323,23 @@ class RuntimeListView(APIView):
                 for key, variant in RUNTIMES.items()
             ]
         )
+
+
+class DefinitionSchemaView(APIView):
+    """The JSON Schema of a definition file, for editors (``serving.core.schemas``). Public: an editor
+    fetches it without a key, and it holds nothing but the file format."""
+
+    authentication_classes: list[type] = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request, name: str) -> Response:
+        make = schemas.SCHEMAS.get(name)
+        if make is None:
+            raise NotFound(f"No schema {name!r}; there are {', '.join(schemas.SCHEMAS)}.")
+        response = Response(make(), content_type="application/schema+json")
+        response["Cache-Control"] = "public, max-age=3600"
+        return response
 
 
 class NodeListView(APIView):
