@@ -122,9 +122,7 @@ def test_cluster_placement_assigns_devices_per_member() -> None:
 
 # --- properties -----------------------------------------------------------------------------------
 
-share = st.one_of(
-    st.sampled_from([0.1, 0.25, 0.3, 0.5, 0.75]), st.integers(min_value=1, max_value=3).map(float)
-)
+share = st.one_of(st.sampled_from([0.1, 0.25, 0.3, 0.5, 0.75]), st.integers(min_value=1, max_value=3).map(float))
 
 
 @settings(max_examples=300, deadline=None)
