@@ -14,6 +14,7 @@ from django.utils.translation import ngettext
 from serving.actions import rules as rule_actions
 from serving.actions import services, validators
 from serving.actions import tokens as token_actions
+from serving.core import devices
 from serving.models import (
     AutoScalingRule,
     Endpoint,
@@ -175,10 +176,16 @@ class RouteAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "port",
         "traffic_ratio",
         "spec_version",
+        "gpu_devices",
         "error_message",
         "updated_at",
     )
     list_filter = ("status", "node")
+
+    @admin.display(description=_("GPU devices"))
+    def gpu_devices(self, obj: Route) -> str:
+        return ", ".join(f"{d} {share:g}" for d, share in (obj.devices or {}).items()) or "-"
+
     search_fields = ("id", "endpoint__name", "container_id")
     readonly_fields = [f.name for f in Route._meta.fields]
 
@@ -264,11 +271,25 @@ class ServiceEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ("name", "address", "engine", "resource_group", "capacity", "schedulable", "heartbeat_at", "alive")
+    list_display = (
+        "name",
+        "address",
+        "engine",
+        "resource_group",
+        "capacity",
+        "device_ids",
+        "schedulable",
+        "heartbeat_at",
+        "alive",
+    )
     list_filter = ("schedulable", "resource_group", "engine")
     search_fields = ("name", "address")
-    readonly_fields = ("heartbeat_at", "lost_at", "created_at", "engine", "capacity")
+    readonly_fields = ("heartbeat_at", "lost_at", "created_at", "engine", "capacity", "devices")
     actions = ["cordon", "uncordon"]
+
+    @admin.display(description=_("GPU devices"))
+    def device_ids(self, obj: Node) -> str:
+        return ", ".join(devices.inventory_ids(obj.devices or [])) or "-"
 
     @admin.display(boolean=True)
     def alive(self, obj: Node) -> bool:

@@ -264,6 +264,9 @@ class Route(models.Model):
     traffic_ratio = models.FloatField(default=1.0, validators=[MinValueValidator(0.0)])
     # Slots reserved on the node for this route (what the scheduler subtracts).
     resources = models.JSONField(default=dict, blank=True)
+    # The GPU devices assigned to it on its node and its share of each (serving.core.devices),
+    # e.g. {"cuda:0": 0.5}; chosen with the node, in the placement's transaction.
+    devices = models.JSONField(default=dict, blank=True)
     # {"kind": "definition"|"image"|"resources"|"exited"|..., "message": "...", ...} (S4.4).
     error = models.JSONField(default=dict, blank=True)
     # The effective health check (S5.1) resolved from the definition when the replica started.
@@ -312,6 +315,7 @@ class RouteMember(models.Model):
     port = models.PositiveIntegerField(null=True, blank=True)
     # Slots reserved on its node (what the scheduler subtracts there).
     resources = models.JSONField(default=dict, blank=True)
+    devices = models.JSONField(default=dict, blank=True)  # as Route.devices, on its own node
     error = models.JSONField(default=dict, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -362,6 +366,8 @@ class Node(models.Model):
     engine = models.CharField(max_length=16, blank=True)
     resource_group = models.CharField(max_length=64, default="default")
     capacity = models.JSONField(default=dict, blank=True)  # {"cpu": 2, "mem": <bytes>, "cuda.shares": 4}
+    # The GPU devices it advertises (heartbeat): [{"id": "cuda:0", "name": "...", "memory": <bytes>}].
+    devices = models.JSONField(default=list, blank=True)
     schedulable = models.BooleanField(default=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     lost_at = models.DateTimeField(null=True, blank=True)

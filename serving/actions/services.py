@@ -98,6 +98,7 @@ def do_validate_service(*, acting_user: User, timeout: float | None = None, **fi
         "image": config.image,
         "resources": config.resources,
         "environ": config.environ,
+        "devices": choice.devices,
     }
     request = dryrun.ValidationRequest(
         id=validation_id,

@@ -20,7 +20,7 @@ from django.core.exceptions import ValidationError
 
 from accounts.models import Project, User
 from serving import folders
-from serving.core import definitions, slots
+from serving.core import definitions, devices, slots
 from serving.core.definitions import replica_mem_problem
 from serving.core.runtimes import RUNTIMES
 from serving.models import Endpoint, Node, ResourcePreset
@@ -135,6 +135,10 @@ def normalize_resources(raw: Mapping[str, Any] | None) -> dict[str, float]:
     too_little = replica_mem_problem(normalized.get("mem", 0.0))
     if too_little:
         raise ValidationError({"resources": f"mem: {too_little}."})
+    try:
+        devices.check_request(normalized.get(devices.SHARES, 0.0))
+    except devices.DeviceError as exc:
+        raise ValidationError({"resources": str(exc)}) from None
     return normalized
 
 

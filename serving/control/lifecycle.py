@@ -393,9 +393,10 @@ def _place_route(work: _Work, placer: _Placer, now: datetime, lines: list[Servic
         spec_version=endpoint.spec_version,
         status=Route.Status.PROVISIONING,
         resources=request,
+        devices=choice.devices,
     )
     placer.routes.append(route)
-    pool.hold(choice.node, request)
+    pool.hold(choice.node, request, choice.devices)
     work.placed.append(route)
     lines.append(
         events.new_event(
@@ -444,13 +445,15 @@ def _place_cluster_route(
         spec_version=endpoint.spec_version,
         status=Route.Status.PROVISIONING,
         resources=request,
+        devices=choice.devices[0],
     )
     placer.routes.append(route)
     placer.members.extend(
-        RouteMember(route=route, idx=i, node=node, resources=request) for i, node in enumerate(subs, start=1)
+        RouteMember(route=route, idx=i, node=node, resources=request, devices=choice.devices[i])
+        for i, node in enumerate(subs, start=1)
     )
-    for node in choice.nodes:
-        pool.hold(node, request)
+    for node, assignment in zip(choice.nodes, choice.devices, strict=True):
+        pool.hold(node, request, assignment)
     work.placed.append(route)
     where = ", ".join([f"main1 on {main.name}", *(f"sub{i} on {n.name}" for i, n in enumerate(subs, start=1))])
     lines.append(

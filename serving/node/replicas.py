@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from serving import folders
-from serving.core import cluster, definitions, runtimes
+from serving.core import cluster, definitions, devices, runtimes, slots
 from serving.core.health import TCP_DEFAULT, HealthConfig
 from serving.models import Route, RouteMember
 from serving.node import prestart
@@ -127,7 +127,12 @@ def build_spec(
     env.update(cluster.cluster_env(size, me, addresses))
     node = member.node if member is not None else route.node
     resources = dict((member.resources if member is not None else route.resources) or {})
-    accelerators = {k: v for k, v in resources.items() if k not in ("cpu", "mem")}
+    accelerators = {k: v for k, v in resources.items() if k not in ("cpu", "mem", *slots.UNSCHEDULED_KEYS)}
+    assigned = {str(k): float(v) for k, v in ((member.devices if member is not None else route.devices) or {}).items()}
+    # Which devices, and its share of each, for the server to size its memory to; set after the
+    # user's variables, which can not point the replica at another replica's device.
+    env.update(devices.replica_env(assigned))
+    mem_bytes = int(resources.get("mem", 1024**3))
     command = effective.start_command
     command_is_shell = isinstance(command, str)
     spec = ReplicaSpec(
@@ -141,8 +146,10 @@ def build_spec(
         mounts=tuple(mounts),
         pre_start_actions=tuple(prestart.to_specs(effective.pre_start_actions)),
         cpu=float(resources.get("cpu", 1.0)),
-        mem_bytes=int(resources.get("mem", 1024**3)),
+        mem_bytes=mem_bytes,
         accelerators=accelerators,
+        devices=assigned,
+        shm_bytes=int(resources.get("shm") or devices.default_shm(mem_bytes)),
         labels={
             LABEL_ENDPOINT: str(endpoint.pk),
             LABEL_ROUTE: str(route.pk),

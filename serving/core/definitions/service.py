@@ -284,8 +284,17 @@ class _Service:
                     self.c.add(where, too_little)
                     del out["mem"]
                 continue
+            if key == "shm":
+                if not isinstance(value, str | int | float) or isinstance(value, bool):
+                    self.c.add(where, f'must be a memory size such as "2gb" or a number of bytes, got {show(value)}')
+                    continue
+                try:
+                    out["shm"] = parse_mem(value)
+                except MemSizeError as exc:
+                    self.c.add(where, str(exc))
+                continue
             if key != "cpu" and not _ACCELERATOR_KEY.match(key):
-                self.c.add(where, 'unknown resource; use cpu, mem or an accelerator such as "cuda.shares"')
+                self.c.add(where, 'unknown resource; use cpu, mem, shm or an accelerator such as "cuda.shares"')
                 continue
             number = _slot_number(value)
             if number is None:

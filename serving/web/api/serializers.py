@@ -44,6 +44,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
             "status": obj.status,
             "address": obj.address,
             "error": obj.error_message,
+            "devices": obj.devices or {},
         }
         subs = [
             {
@@ -53,6 +54,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
                 "node": m.node.name if m.node else None,
                 "status": m.status,
                 "address": m.address,
+                "devices": m.devices or {},
                 "error": str(m.error.get("message", "")) if m.error else "",
             }
             for m in obj.members.all()
@@ -70,6 +72,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
             "traffic_ratio",
             "error",
             "error_detail",
+            "devices",
             "members",
             "spec_version",
             "consecutive_failures",
@@ -422,7 +425,17 @@ class NodeSerializer(serializers.ModelSerializer[Node]):
 
     class Meta:
         model = Node
-        fields = ["name", "address", "engine", "resource_group", "capacity", "schedulable", "heartbeat_at", "alive"]
+        fields = [
+            "name",
+            "address",
+            "engine",
+            "resource_group",
+            "capacity",
+            "devices",
+            "schedulable",
+            "heartbeat_at",
+            "alive",
+        ]
         read_only_fields = fields
 
     def get_alive(self, obj: Node) -> bool:
