@@ -95,6 +95,9 @@ class Endpoint(models.Model):
     resources = models.JSONField(default=dict, blank=True)
     preset = models.ForeignKey("ResourcePreset", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     resource_group = models.CharField(max_length=64, default="default")
+    # The CPU architecture its image is built for (service-definition.toml's [runtime.environment]
+    # architecture); empty: any node. Replicas are placed only on nodes of that architecture.
+    architecture = models.CharField(max_length=32, blank=True)
     cluster_mode = models.CharField(max_length=16, choices=ClusterMode.choices, default=ClusterMode.SINGLE_NODE)
     cluster_size = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(16)])
     environ = models.JSONField(default=dict, blank=True)
@@ -365,6 +368,8 @@ class Node(models.Model):
     address = models.CharField(max_length=255, blank=True)
     engine = models.CharField(max_length=16, blank=True)
     resource_group = models.CharField(max_length=64, default="default")
+    # platform.machine() of the node worker, written at every heartbeat (serving.core.architecture).
+    architecture = models.CharField(max_length=32, blank=True)
     capacity = models.JSONField(default=dict, blank=True)  # {"cpu": 2, "mem": <bytes>, "cuda.shares": 4}
     # The GPU devices it advertises (heartbeat): [{"id": "cuda:0", "name": "...", "memory": <bytes>}].
     devices = models.JSONField(default=list, blank=True)

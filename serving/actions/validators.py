@@ -20,7 +20,7 @@ from django.core.exceptions import ValidationError
 
 from accounts.models import Project, User
 from serving import folders
-from serving.core import definitions, devices, slots
+from serving.core import architecture, definitions, devices, slots
 from serving.core.definitions import replica_mem_problem
 from serving.core.runtimes import RUNTIMES
 from serving.models import Endpoint, Node, ResourcePreset
@@ -267,6 +267,7 @@ class ServiceConfig:
     resource_group: str
     preset: ResourcePreset | None
     project: Project | None
+    architecture: str = ""
 
 
 def _by_field(exc: ValidationError) -> dict[str, list[str]]:
@@ -365,6 +366,8 @@ def check_service_config(
         open_to_public=open_to_public,
         forward_cookies=forward_cookies,
         image=image or defaults.image or settings.DEFAULT_IMAGE,
+        # The folder's image comes with the architecture it is built for; an image given here, not.
+        architecture="" if image else architecture.normalize(defaults.architecture),
         resources=resource_slots,
         environ=merged_environ,
         model_mount=model_mount,
@@ -390,6 +393,7 @@ def check_service_config(
 
 def build(config: ServiceConfig, owner: User) -> Endpoint:
     return Endpoint(
+        architecture=config.architecture,
         name=config.name,
         owner=owner,
         project=config.project,

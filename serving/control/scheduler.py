@@ -13,7 +13,7 @@ from datetime import datetime
 
 from django.db.models import Count
 
-from serving.core import cluster, devices, slots
+from serving.core import architecture, cluster, devices, slots
 from serving.core.devices import Assignment
 from serving.models import Endpoint, Node, Route, RouteMember
 
@@ -35,6 +35,7 @@ class NodeView:
     same_endpoint_routes: int
     devices: tuple[str, ...] = ()  # its GPU devices (Node.devices' ids)
     device_used: Mapping[str, float] = field(default_factory=dict)  # shares held per device
+    architecture: str = ""  # the node's CPU architecture (serving.core.architecture)
 
     @property
     def free(self) -> dict[str, float]:
@@ -82,6 +83,20 @@ def explain_no_fit(request: Mapping[str, float], nodes: list[NodeView], group: s
         f"Not enough resources: one replica asks for {slots.describe(request)}, "
         f"but the most any node has free is not enough ({free}). "
         "Lower the replica's resources, reduce replicas, or add a node."
+    )
+
+
+def of_architecture(endpoint: Endpoint, views: list[NodeView]) -> tuple[list[NodeView], str]:
+    """The nodes that run the service's image (its ``architecture``, when it names one), and the
+    reason to wait when there are nodes but none of them does."""
+    fitting = [v for v in views if architecture.fits(endpoint.architecture, v.architecture)]
+    if fitting or not views:
+        return fitting, ""
+    have = ", ".join(f"{v.name} ({v.architecture or 'unknown'})" for v in views)
+    return [], (
+        f"No node runs {endpoint.architecture} images, which this service's image is built for "
+        f"(service-definition.toml); the nodes are: {have}. Add a node of that architecture, or use "
+        "an image built for theirs."
     )
 
 
@@ -152,6 +167,7 @@ def _views(
             same_endpoint_routes=same.get(n.pk, 0),
             devices=tuple(devices.inventory_ids(n.devices or [])),
             device_used=device_used.get(n.pk, {}),
+            architecture=n.architecture,
         )
         for n in candidates
     ]
@@ -208,6 +224,9 @@ def choose_node(
     group = endpoint.resource_group or "default"
     pool = pool or NodePool(group, now)
     views = pool.views(same if same is not None else same_endpoint_routes(endpoint, pool.nodes))
+    views, wrong = of_architecture(endpoint, views)
+    if wrong:
+        return Choice(None, wrong, waiting=True)
     ranked = rank_nodes(request, views)
     if not ranked:
         return Choice(None, explain_no_fit(request, views, group), waiting=not views)
@@ -239,6 +258,9 @@ def choose_nodes(
     pool = pool or NodePool(group, now)
     candidates = pool.nodes
     views = pool.views(same if same is not None else same_endpoint_routes(endpoint, candidates))
+    views, wrong = of_architecture(endpoint, views)
+    if wrong:
+        return ClusterChoice((), wrong, waiting=True)
     if not views:
         return ClusterChoice((), explain_no_fit(request, views, group), waiting=True)
     # The scheduler's preference (spread, then most free CPU) over every node, fitting or not, so

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import threading
@@ -24,7 +25,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from serving.bus import dryrun
-from serving.core import devices, slots
+from serving.core import architecture, devices, slots
 from serving.models import STARTING_MARK, Node, Route, RouteMember
 from serving.node import members, prober
 from serving.node.engine import get_engine, log_tail, node_name, share_node_addresses, stop_quietly
@@ -98,6 +99,11 @@ def node_capacity(inventory: list[dict[str, object]] | None = None) -> dict[str,
     return capacity
 
 
+def node_architecture() -> str:
+    """This host's CPU architecture, spelt as images name theirs (serving.core.architecture)."""
+    return architecture.normalize(platform.machine())
+
+
 def heartbeat(now: datetime | None = None) -> Node:
     """Register this node (first call) or refresh its heartbeat; a lost node comes back."""
     now = now or timezone.now()
@@ -109,6 +115,7 @@ def heartbeat(now: datetime | None = None) -> Node:
             "address": settings.NODE_ADDRESS,
             "engine": engine.name,
             "resource_group": settings.NODE_RESOURCE_GROUP,
+            "architecture": node_architecture(),
             "capacity": node_capacity(inventory),
             "devices": inventory,
             "heartbeat_at": now,
@@ -123,6 +130,7 @@ def heartbeat(now: datetime | None = None) -> Node:
             capacity=node_capacity(inventory),
             devices=inventory,
             resource_group=settings.NODE_RESOURCE_GROUP,
+            architecture=node_architecture(),
         )
         node.refresh_from_db()
     share_node_addresses(engine)
