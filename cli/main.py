@@ -167,10 +167,14 @@ def cmd_folder_validate(args: argparse.Namespace, out: Output) -> int:
 # --- services --------------------------------------------------------------------------------------
 
 
+def current_healthy(service: dict[str, Any]) -> int:
+    """Healthy replicas of the service's current spec (a modify rolls old ones out one by one)."""
+    version = service.get("spec_version")
+    return sum(r["status"] == "healthy" and r.get("spec_version") == version for r in service.get("routes") or [])
+
+
 def summary(service: dict[str, Any]) -> str:
-    routes = service.get("routes") or []
-    healthy = sum(r["status"] == "healthy" for r in routes)
-    return f"{service['status']} ({healthy}/{service['desired_replicas']} healthy)"
+    return f"{service['status']} ({current_healthy(service)}/{service['desired_replicas']} healthy)"
 
 
 def wait_until(
@@ -203,10 +207,9 @@ def healthy(service: dict[str, Any] | None) -> bool:
     if service is None:
         raise ApiError("The service is gone (terminated) while waiting for it to be healthy.")
     wanted = service["desired_replicas"]
-    ready = sum(r["status"] == "healthy" for r in service.get("routes") or [])
     if wanted == 0:
         return service["status"] == "READY"
-    return service["status"] == "HEALTHY" and ready >= wanted
+    return service["status"] == "HEALTHY" and current_healthy(service) >= wanted
 
 
 def show_service(out: Output, service: dict[str, Any], verb: str = "") -> None:

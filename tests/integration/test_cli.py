@@ -241,3 +241,25 @@ def test_service_lifecycle(
             follow.wait()
     listed = cli("service", "list", "--json")
     assert listed.code == 0 and listed.json() == []
+
+
+def test_the_readme_walkthrough_runs_as_written(live_system: LiveSystem, keys: dict[str, str], tmp_path: Path) -> None:
+    """README's "Command line" block, run by bash line by line (set -e): every command must work."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Command line", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    web = live_system.start_web()
+    script = block.replace("http://127.0.0.1:8000", web).replace("msk_...", keys["owner"])
+    shutil.copytree(EXAMPLE, tmp_path / "my-model")
+    done = subprocess.run(
+        ["bash", "-euxo", "pipefail", "-c", f'modelserve() {{ "{sys.executable}" -m cli "$@"; }}\n{script}'],
+        check=False,
+        cwd=tmp_path,
+        env=cli_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=deadline_for(300),
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{live_system.logs()}"
+    assert "Traceback" not in done.stderr
+    assert "Terminated echo." in done.stdout
