@@ -72,6 +72,7 @@ RULES: dict[str, Rule] = {
     "favicon": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-schema": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-docs": Rule(PUBLIC, {"GET": EVERYONE}),
+    "definition-schema": Rule(PUBLIC, {"GET": EVERYONE}),
     # --- folder pages (storage/urls.py) ----------------------------------------------------------
     "storage:list": Rule(PAGE, {"GET": ANY_USER, "POST": ANY_USER}, collection=True),
     "storage:explorer": Rule(PAGE, {"GET": READ}),

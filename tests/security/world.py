@@ -64,6 +64,7 @@ class World:
             "path": self.file_path,
             "api_path": "models",
             "validation_id": self.validation_id,
+            "schema": "model-definition.json",
         }
 
     def format(self, text: str) -> str:

@@ -27,7 +27,7 @@ urlpatterns = [
         name="service-route-logs",
     ),
     path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
-    path("schemas/<str:name>", views.DefinitionSchemaView.as_view(), name="definition-schema"),
+    path("schemas/<str:schema>", views.DefinitionSchemaView.as_view(), name="definition-schema"),
     path("nodes/", views.NodeListView.as_view(), name="nodes"),
     path("presets/", views.PresetListView.as_view(), name="presets"),
     *router.urls,

@@ -333,10 +333,10 @@ class DefinitionSchemaView(APIView):
     permission_classes = [AllowAny]
 
     @extend_schema(responses={200: dict})
-    def get(self, request: Request, name: str) -> Response:
-        make = schemas.SCHEMAS.get(name)
+    def get(self, request: Request, schema: str) -> Response:
+        make = schemas.SCHEMAS.get(schema)
         if make is None:
-            raise NotFound(f"No schema {name!r}; there are {', '.join(schemas.SCHEMAS)}.")
+            raise NotFound(f"No schema {schema!r}; there are {', '.join(schemas.SCHEMAS)}.")
         response = Response(make(), content_type="application/schema+json")
         response["Cache-Control"] = "public, max-age=3600"
         return response
