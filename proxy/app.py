@@ -300,8 +300,12 @@ class Proxy:
         endpoint = ex.endpoint
         assert endpoint is not None
         routes = endpoint.routes
-        if len(routes) == 1 and ex.tried is None and routes[0].down_until <= ex.last_active:
-            route: Route | None = routes[0]  # one replica: nothing to choose
+        if (endpoint.split is not None or ex.revision is not None) and routes:
+            route: Route | None = self._by_revision(ex, endpoint)
+            if route is None and ex.ended:
+                return
+        elif len(routes) == 1 and ex.tried is None and routes[0].down_until <= ex.last_active:
+            route = routes[0]  # one replica: nothing to choose
         else:
             route = endpoint.pick(ex.last_active, ex.tried)
         if route is None:
@@ -328,6 +332,32 @@ class Proxy:
                 return
         assert self.loop is not None
         self.loop.create_task(self._connect(route, ex))
+
+    def _by_revision(self, ex: Exchange, endpoint: Endpoint) -> Route | None:
+        """A route chosen by revision share, or of the revision the client pinned (issue 16); None
+        with the answer sent when the pin is unusable."""
+        raw = ex.revision
+        if raw is None:
+            return endpoint.choose(ex.last_active, ex.tried)
+        try:
+            pinned = int(raw)
+        except ValueError:
+            ex.respond(
+                400,
+                "bad_revision",
+                "X-Modelserve-Revision must be a revision number, as the service's revisions list shows.",
+            )
+            return None
+        route = endpoint.choose(ex.last_active, ex.tried, pinned)
+        if route is None and not ex.tried:
+            ex.respond(
+                503,
+                "revision_unavailable",
+                f"Revision {pinned} of this service has no healthy replica here; "
+                "check the revision number, or wait until its replicas are healthy.",
+                b"Retry-After: 1\r\n",
+            )
+        return route
 
     def _no_route(self, ex: Exchange, endpoint: Endpoint) -> None:
         if ex.tried:

@@ -193,6 +193,7 @@ class Exchange:
     connection_header = False
     nominated: list[bytes] | None = None  # headers named in Connection: removed before forwarding
     idempotency_key = False
+    revision: bytes | None = None  # X-Modelserve-Revision: the revision the client pinned (issue 16)
     endpoint: Endpoint | None = None
     route: Route | None = None
     conn: Upstream | None = None

@@ -21,6 +21,7 @@ from serving.models import (
     EndpointToken,
     Node,
     ResourcePreset,
+    Revision,
     Route,
     ScalingEvent,
     ServiceEvent,
@@ -43,6 +44,15 @@ class RouteInline(ReadOnlyInline):
     model = Route
     fields = ("id", "status", "node", "host", "port", "traffic_ratio", "spec_version", "error_message", "last_probe_at")
     readonly_fields = fields
+
+
+class RevisionInline(ReadOnlyInline):
+    """The service's revisions (issue 16): number, author, time and what changed."""
+
+    model = Revision
+    fields = ("number", "created_by", "created_at", "summary")
+    readonly_fields = fields
+    show_change_link = False
 
 
 class RuleInline(admin.TabularInline):  # type: ignore[type-arg]
@@ -108,7 +118,7 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         ("created_at", "updated_at", "destroyed_at"),
     )
     autocomplete_fields = ("owner",)
-    inlines = [RouteInline, RuleInline, ServiceEventInline]
+    inlines = [RouteInline, RevisionInline, RuleInline, ServiceEventInline]
     actions = ["terminate", "clear_errors"]
 
     @admin.display(description=_("status"))

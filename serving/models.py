@@ -22,6 +22,7 @@ from django.utils.translation import gettext_lazy as _
 
 from accounts.models import shared_with
 from serving.core.planning import EndpointLifecycle, RouteStatus
+from serving.core.revisions import CONFIG_FIELDS
 from storage.models import Folder
 
 endpoint_name_validator = RegexValidator(
@@ -116,6 +117,11 @@ class Endpoint(models.Model):
     # Bumped whenever a change needs new replicas (image, definition, resources, environment):
     # routes of an older version are replaced one at a time (rolling update, S4.5).
     spec_version = models.PositiveIntegerField(default=1)
+    # Revision shares (issue 16): {"<revision>": percent}; empty: rolling (every healthy replica
+    # serves, older revisions replaced one at a time). ``rollout``: the strategy in progress, e.g.
+    # {"strategy": "canary", "revision": 3, "stable": 2, "since": <iso>} or blue_green's staging.
+    traffic = models.JSONField(default=dict, blank=True)
+    rollout = models.JSONField(default=dict, blank=True)
     # Consecutive failed starts; at MAX_START_FAILURES the endpoint stops retrying (S4.4).
     retries = models.PositiveIntegerField(default=0)
     # Autoscaling (S6): seconds after a scaling by the rules before they may scale this service again
@@ -295,6 +301,48 @@ class Route(models.Model):
     @property
     def error_message(self) -> str:
         return str(self.error.get("message", "")) if self.error else ""
+
+
+class Revision(models.Model):
+    """An immutable revision ``number`` of a service (issue 16): the configuration its replicas run
+    (``serving.core.revisions.CONFIG_FIELDS``), who made it and when, and what changed. Routes
+    belong to the revision whose number is their ``spec_version``."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    config = models.JSONField(default=dict)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    summary = models.CharField(max_length=255, blank=True)  # one line: the diff against the previous one
+
+    class Meta:
+        ordering = ["endpoint", "number"]
+        constraints = [models.UniqueConstraint(fields=["endpoint", "number"], name="revision_number_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint.name} r{self.number}"
+
+    @staticmethod
+    def snapshot(endpoint: Endpoint) -> dict[str, Any]:
+        """The configuration ``endpoint`` holds now, as plain JSON (foreign keys by primary key)."""
+        config: dict[str, Any] = {}
+        for field in CONFIG_FIELDS:
+            if field in ("model_folder", "preset"):
+                pk = getattr(endpoint, f"{field}_id")
+                config[field] = str(pk) if isinstance(pk, uuid.UUID) else pk
+            else:
+                config[field] = getattr(endpoint, field)
+        return config
+
+    def apply(self, endpoint: Endpoint) -> None:
+        """Set this revision's configuration on ``endpoint`` (in memory)."""
+        for field, value in self.config.items():
+            if field in ("model_folder", "preset"):
+                setattr(endpoint, f"{field}_id", value)
+            else:
+                setattr(endpoint, field, value)
 
 
 class RouteMember(models.Model):

@@ -55,10 +55,12 @@ def build_entry(endpoint: Endpoint, routes: list[Route], active_tokens: list[End
         "public": endpoint.open_to_public,
         "status": status,
         "routes": [
-            {"id": str(r.pk), "host": r.host, "port": r.port, "weight": r.traffic_ratio}
+            {"id": str(r.pk), "host": r.host, "port": r.port, "weight": r.traffic_ratio, "revision": r.spec_version}
             for r in routes
             if r.status == Route.Status.HEALTHY and r.host and r.port and r.traffic_ratio > 0
         ],
+        # Revision shares (issue 16): {"<n>": percent}; empty: every route by its weight alone.
+        "shares": revision_shares(endpoint),
         "tokens": {t.lookup: {"digest": t.digest, "expires": t.expires_at.timestamp()} for t in active_tokens},
         # Off: the proxy removes every cookie both ways. On: it still removes the web app's own
         # cookies, named here as this installation configures them (the proxy has no Django).
@@ -67,6 +69,11 @@ def build_entry(endpoint: Endpoint, routes: list[Route], active_tokens: list[End
         "forward_cookies": endpoint.forward_cookies and bool(settings.SERVING_DOMAIN),
         "platform_cookies": platform_cookie_names(),
     }
+
+
+def revision_shares(endpoint: Endpoint) -> dict[str, int]:
+    """The proxy's split by revision: whole percents, only revisions with a share."""
+    return {str(n): int(share) for n, share in sorted((endpoint.traffic or {}).items()) if int(share) > 0}
 
 
 def platform_cookie_names() -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 from serving import folders
 from serving.core import cluster, definitions, devices, runtimes, slots
 from serving.core.health import TCP_DEFAULT, HealthConfig
-from serving.models import Route, RouteMember
+from serving.models import Revision, Route, RouteMember
 from serving.node import prestart
 from serving.node.engines.base import (
     LABEL_ENDPOINT,
@@ -73,11 +73,24 @@ def load_definition(route: Route) -> definitions.ModelDefinition:
     )
 
 
+def use_revision(route: Route) -> None:
+    """A route of another revision than the one its service stands on (a canary's stable side, a
+    rollback's) runs that revision's configuration: set it on ``route.endpoint``, in memory only."""
+    endpoint = route.endpoint
+    if route.spec_version == endpoint.spec_version:
+        return
+    revision = Revision.objects.filter(endpoint_id=endpoint.pk, number=route.spec_version).first()
+    if revision is not None:
+        revision.apply(endpoint)
+        endpoint.spec_version = route.spec_version
+
+
 def build_spec(
     route: Route, member: RouteMember | None = None, addresses: Mapping[str, str] | None = None
 ) -> tuple[ReplicaSpec, HealthConfig]:
     """The container to start for ``route`` (its main, or the sub ``member`` in cluster mode), and the
     health check that applies to it. ``addresses``: the running members' ``host:port`` by host name."""
+    use_revision(route)
     endpoint = route.endpoint
     # Checked again here, for a service that was configured before the rule (or whose folders changed):
     # no replica starts with private mounts and a model definition others can edit.

@@ -136,6 +136,7 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
             "lifecycle",
             "retries",
             "spec_version",
+            "traffic",
             "scaling_cooldown",
             "last_scaled_at",
             "created_at",
@@ -266,8 +267,19 @@ class ServiceModifySerializer(_ServiceInputFields):
             if name != "desired_replicas":
                 field.default = serializers.empty
 
+    rollout = serializers.JSONField(
+        required=False,
+        help_text=(
+            'How a change of what the replicas run replaces them: {"strategy": "rolling"} (the default), '
+            '{"strategy": "canary", "percent": P} or {"strategy": "blue_green"}.'
+        ),
+    )
+
+    def rollout_value(self) -> Any:
+        return self.validated_data.get("rollout")
+
     def changes(self) -> dict[str, Any]:
-        data = dict(self.validated_data)
+        data = {k: v for k, v in self.validated_data.items() if k != "rollout"}
         mapping = {"replicas": "desired_replicas", "folder": "model_folder"}
         out = {mapping.get(str(k), str(k)): v for k, v in data.items() if k != "project"}
         if "project" in data:
@@ -459,3 +471,45 @@ class RouteLogsSerializer(serializers.Serializer[dict[str, Any]]):
     node = serializers.CharField(allow_null=True)
     lines = serializers.ListField(child=serializers.CharField())
     truncated = serializers.BooleanField()
+
+
+def revision_share(endpoint: Endpoint, number: int) -> int:
+    """The revision's traffic share in percent. Rolling (no shares): the revision the service stands
+    on is shown with all of it (older ones serve only while they are replaced)."""
+    if endpoint.traffic:
+        return int(endpoint.traffic.get(str(number), 0))
+    return 100 if number == endpoint.spec_version else 0
+
+
+class RevisionSerializer(serializers.Serializer[Any]):
+    """A revision: its configuration, author, time, one-line diff, replicas and traffic share."""
+
+    number = serializers.IntegerField()
+    summary = serializers.CharField()
+    config = serializers.JSONField()
+    created_by = serializers.CharField(source="created_by.username", default=None)
+    created_at = serializers.DateTimeField()
+    current = serializers.SerializerMethodField()
+    share = serializers.SerializerMethodField()
+    replicas = serializers.SerializerMethodField()
+
+    def get_current(self, obj: Any) -> bool:
+        return bool(obj.number == obj.endpoint.spec_version)
+
+    def get_share(self, obj: Any) -> int:
+        return revision_share(obj.endpoint, obj.number)
+
+    def get_replicas(self, obj: Any) -> list[dict[str, Any]]:
+        routes = [r for r in self.context.get("routes", []) if r.spec_version == obj.number]
+        return [{"id": str(r.pk), "status": r.status, "address": r.address} for r in routes]
+
+
+class TrafficSerializer(serializers.Serializer[Any]):
+    """PATCH .../revisions/traffic/: {"<revision>": percent, ...}, whole percents adding up to 100."""
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise serializers.ValidationError(
+                {"traffic": 'Send {"<revision>": percent, ...}, e.g. {"1": 90, "2": 10}.'}
+            )
+        return data
