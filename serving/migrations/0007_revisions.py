@@ -41,7 +41,7 @@ def first_revisions(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("serving", "0004_endpoint_forward_cookies"),
+        ("serving", "0006_architecture"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
