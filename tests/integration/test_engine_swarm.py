@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from serving.node import engine as node_engine
 from serving.node.engines.base import (
     LABEL_ENDPOINT,
     LABEL_ROLE,
@@ -297,3 +298,14 @@ def test_cluster_members_reach_each_other_by_name_on_their_own_overlay(
             engine.stop(info.replica_id)
     assert swarm_client.services.list(filters={"label": f"{LABEL_ROUTE}={key}"}) == []
     assert swarm_client.networks.list(names=[f"ms-swarm-cluster-{key}"]) == []
+
+
+@needs_docker
+def test_the_node_makes_a_swarm_engine_from_its_settings(swarm_client: Any, settings: Any, tmp_path: Path) -> None:
+    settings.ENGINE_STATE_DIR = tmp_path
+    settings.SWARM_PUBLISH_MODE = "host"
+    settings.SWARM_NODE = "some-host"
+    made = node_engine._make_engine("swarm")
+    assert isinstance(made, SwarmEngine)
+    assert made.publish_mode == "host" and made.placement_node == "some-host"
+    assert made.installation == settings.REDIS_PREFIX and made.state_dir == tmp_path / "swarm"
