@@ -216,7 +216,13 @@ METRICS_CONCURRENCY = env_int("METRICS_CONCURRENCY", 8, minimum=1)
 TOKEN_USAGE_INTERVAL = env_float("TOKEN_USAGE_INTERVAL", 10.0, minimum=0.1)
 
 # --- Serving -------------------------------------------------------------------------------------
-SERVING_ENGINE = env_choice("SERVING_ENGINE", "auto", {"auto", "docker", "local"})
+SERVING_ENGINE = env_choice("SERVING_ENGINE", "auto", {"auto", "docker", "local", "swarm"})
+# SERVING_ENGINE=swarm (a Docker Swarm manager's API, DOCKER_HOST): how replicas' ports are
+# published ("host": on the Swarm node the task runs on, reached at that node's address; "ingress":
+# the routing mesh, reached at NODE_ADDRESS) and which Swarm node (host name) this node worker's
+# replicas are pinned to ("" = the manager's own).
+SWARM_PUBLISH_MODE = env_choice("SWARM_PUBLISH_MODE", "host", {"host", "ingress"})
+SWARM_NODE = env_str("SWARM_NODE", "")
 # The address clients use to reach endpoints through the proxy; an endpoint's URL is
 # f"{SERVING_PROXY_URL}/e/{slug}/" (or http://{slug}.{SERVING_DOMAIN}/ when a domain is set).
 SERVING_PROXY_URL = env_str("SERVING_PROXY_URL", "http://127.0.0.1:8080").rstrip("/")

@@ -1,7 +1,8 @@
 """This node's engine, and the few things every part of the node side does with it.
 
 One engine per process (a node worker's parent and each forked child has its own), made on first
-use from ``SERVING_ENGINE``: Docker when a daemon answers, else the local bubblewrap engine.
+use from ``SERVING_ENGINE``: Docker when a daemon answers, else the local bubblewrap engine; Swarm
+services through a swarm manager when asked for (``swarm``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 from django.conf import settings
 
@@ -49,6 +51,8 @@ def _make_engine(choice: str) -> Engine:
     from serving.node.engines.local.engine import LocalEngine
 
     state_dir = settings.ENGINE_STATE_DIR
+    if choice == "swarm":
+        return _make_swarm_engine(state_dir)
     if choice in ("docker", "auto"):
         try:
             from serving.node.engines.docker.engine import DockerEngine
@@ -83,6 +87,26 @@ def _make_engine(choice: str) -> Engine:
         gid=settings.LOCAL_ENGINE_GID,
         egress=settings.SERVING_REPLICA_EGRESS,
     )
+
+
+def _make_swarm_engine(state_dir: Path) -> Engine:
+    # Imported when chosen: see _make_engine.
+    from serving.node.engines.swarm.engine import SwarmEngine
+
+    engine = SwarmEngine(
+        state_dir=state_dir / "swarm",
+        installation=settings.REDIS_PREFIX,
+        publish_mode=settings.SWARM_PUBLISH_MODE,
+        placement_node=settings.SWARM_NODE,
+        ingress_host=settings.NODE_ADDRESS,
+        uid=settings.DOCKER_REPLICA_UID,
+        gid=settings.DOCKER_REPLICA_GID,
+        stop_grace=settings.REPLICA_STOP_GRACE,
+    )
+    problem = engine.not_a_manager()
+    if problem:
+        raise EngineError(problem)
+    return engine
 
 
 def share_node_addresses(engine: Engine) -> None:
