@@ -30,6 +30,7 @@ from serving.actions.validators import (
     check_model_folder,
     check_mount_path,
     check_resource_group,
+    check_retry_policy,
     check_runtime,
     check_service_config,
     check_shared_definition,
@@ -144,6 +145,8 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
             check_definition_path(value)
         elif field == "forward_cookies" and value and not endpoint.forward_cookies:
             check_forward_cookies(value)
+        elif field == "retry_policy":
+            check_retry_policy(value)
         elif field == "resource_group" and value != endpoint.resource_group:
             check_resource_group(value or "default")
         elif field == "extra_mounts":
