@@ -119,7 +119,11 @@ class WakeListener(threading.Thread):
                 while not self.stopping.is_set():
                     item = client.blpop([routing.wake_list_key()], timeout=1)
                     if item is not None:
-                        self.handle(item[1])
+                        close_old_connections()  # this thread's connection may have gone stale while it waited
+                        try:
+                            self.handle(item[1])
+                        finally:
+                            close_old_connections()
             except redis.RedisError as exc:
                 if not down:
                     log.warning("wake listener: Redis unreachable (%s); the beat's tick wakes services meanwhile", exc)
@@ -134,13 +138,10 @@ class WakeListener(threading.Thread):
         except (ValueError, KeyError, TypeError):
             log.warning("wake listener: ignored a malformed wake request %r", raw[:200])
             return
-        close_old_connections()
         try:
             wake(slug, why="a request")
         except Exception:
             log.exception("wake of %s failed; the beat's tick tries again while requests wait", slug)
-        finally:
-            close_old_connections()
 
 
 # --- the tick ------------------------------------------------------------------------------------
