@@ -173,6 +173,8 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     endpoint.full_clean(exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False)
     if REPLACING_FIELDS & applied.keys():
         endpoint.spec_version += 1
+    if "desired_replicas" in applied:  # a count set by hand ends a sleep (scale to zero)
+        endpoint.slept_at = endpoint.woke_at = None
     endpoint.retries = 0
     endpoint.save()
     shown = {k: (str(v.pk) if hasattr(v, "pk") else v) for k, v in applied.items()}
@@ -199,12 +201,15 @@ def do_scale(endpoint: Endpoint, replicas: int, *, acting_user: User | None, rea
     old = endpoint.desired_replicas
     if replicas > old:
         check_shared_definition(endpoint, "desired_replicas")
+    # A count set by hand ends a sleep (scale to zero): the service no longer waits for a request.
     changed = Endpoint.objects.filter(pk=endpoint.pk, lifecycle=Endpoint.Lifecycle.CREATED).update(
-        desired_replicas=replicas, updated_at=timezone.now()
+        desired_replicas=replicas, slept_at=None, woke_at=None, updated_at=timezone.now()
     )
     if not changed:
         return False
-    endpoint.desired_replicas = replicas
+    if endpoint.slept_at is not None:
+        publish_routing(endpoint.pk)
+    endpoint.desired_replicas, endpoint.slept_at, endpoint.woke_at = replicas, None, None
     if old != replicas:
         record_event(
             endpoint,

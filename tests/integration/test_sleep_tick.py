@@ -12,6 +12,7 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
+from serving.actions import services
 from serving.bus import metrics, routing
 from serving.bus.routing import get_redis
 from serving.control import autoscaling, sleep
@@ -145,3 +146,16 @@ def test_an_autoscaling_rule_with_min_replicas_0_puts_it_to_sleep(personas: Any)
     assert routing.build_entry(scaled, [], [])["scale_to_zero"] is True
     assert sleep.wake(scaled.slug) is True
     assert Endpoint.objects.get(pk=scaled.pk).desired_replicas == 1
+
+
+def test_a_count_set_by_hand_ends_a_sleep(endpoint: Endpoint, personas: Any) -> None:
+    for change in ("scale", "modify"):
+        Endpoint.objects.filter(pk=endpoint.pk).update(desired_replicas=0, slept_at=timezone.now(), wake_replicas=2)
+        endpoint.refresh_from_db()
+        if change == "scale":
+            services.do_scale(endpoint, 1, acting_user=personas["owner"])
+        else:
+            services.do_modify_service(endpoint, acting_user=personas["owner"], changes={"desired_replicas": 3})
+        endpoint.refresh_from_db()
+        assert endpoint.slept_at is None and endpoint.desired_replicas in (1, 3)
+        assert endpoint.compute_status([]) != "SLEEPING"
