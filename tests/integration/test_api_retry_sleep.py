@@ -95,6 +95,8 @@ def test_launcher_sets_and_modify_changes_them(browser: Any, folder: Folder) -> 
     assert client.post("/services/new/", form(folder, retry_policy="safe", idle_timeout="120")).status_code == 302
     endpoint = Endpoint.objects.get(name="my-service")
     assert (endpoint.retry_policy, endpoint.idle_timeout) == ("safe", 120)
+    detail = client.get(f"/services/{endpoint.pk}/").content.decode()
+    assert "safe: idempotent requests only" in detail and "after 120 s without a request" in detail
     page = client.get(f"/services/{endpoint.pk}/modify/").content.decode()
     assert '<option value="safe" selected>' in page and 'value="120"' in page
     response = client.post(f"/services/{endpoint.pk}/modify/", form(folder, retry_policy="inference", idle_timeout=""))
