@@ -117,7 +117,9 @@ class Endpoint:
         "platform_cookies",
         "public",
         "raw",
+        "retry_policy",
         "routes",
+        "sleeps",
         "slug",
         "split",
         "stats",
@@ -125,6 +127,7 @@ class Endpoint:
         "tokens",
         "total_weight",
         "waiters",
+        "wake_sent",
     )
 
     def __init__(self, slug: str, stats: EndpointStats) -> None:
@@ -135,6 +138,9 @@ class Endpoint:
         self.forward_cookies = False  # cookies pass both ways, except the platform's own
         self.platform_cookies = DEFAULT_PLATFORM_COOKIES
         self.status = ""
+        self.retry_policy = "inference"  # which requests are sent again (proxy/exchange.py retryable)
+        self.sleeps = False  # scale to zero: a request with no route is held and wakes the service
+        self.wake_sent = 0.0  # when this proxy last asked the control plane to wake it (monotonic)
         self.routes: list[Route] = []
         self.capacity = 1  # routes counted for the in-flight limit (at least one: held requests)
         self.cumulative: list[float] = []
@@ -172,6 +178,9 @@ class Endpoint:
         self.forward_cookies = entry.get("forward_cookies") is True
         self.platform_cookies = platform_cookies(entry.get("platform_cookies"))
         self.status = str(entry.get("status", "") or "")
+        policy = entry.get("retry_policy")
+        self.retry_policy = policy if policy in ("safe", "inference", "all") else "inference"
+        self.sleeps = entry.get("scale_to_zero") is True
         self.tokens = tokens
         cumulative: list[float] = []
         total = 0.0

@@ -114,6 +114,7 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         ("cluster_mode", "cluster_size"),
         "environ",
         ("open_to_public", "forward_cookies"),
+        ("retry_policy", "idle_timeout", "slept_at"),
         ("spec_version", "retries"),
         ("created_at", "updated_at", "destroyed_at"),
     )

@@ -41,6 +41,15 @@ class EndpointStatus(models.TextChoices):
     UNHEALTHY = "UNHEALTHY", _("unhealthy")
     TERMINATING = "TERMINATING", _("terminating")
     DESTROYED = "DESTROYED", _("destroyed")
+    SLEEPING = "SLEEPING", _("sleeping")  # at 0 replicas while idle; a request wakes it
+
+
+class RetryPolicy(models.TextChoices):
+    """Which requests the proxy re-sends after the replica they reached closed without answering."""
+
+    SAFE = "safe", _("safe: idempotent requests only")
+    INFERENCE = "inference", _("inference: also POSTs to inference paths")
+    ALL = "all", _("all requests")
 
 
 class EndpointQuerySet(models.QuerySet["Endpoint"]):
@@ -113,6 +122,31 @@ class Endpoint(models.Model):
             "session, CSRF and language cookies never pass)."
         ),
     )
+    # Which requests the proxy sends again to another replica when theirs closed without answering a
+    # byte (proxy/exchange.py): a POST that reached a replica may have been processed, but inference
+    # (a completion, an embedding) has no side effect, so by default those are re-sent too.
+    retry_policy = models.CharField(
+        max_length=16,
+        choices=RetryPolicy.choices,
+        default=RetryPolicy.INFERENCE,
+        help_text=_(
+            "safe: only idempotent requests are re-sent to another replica; inference: also POSTs to the "
+            "OpenAI-style inference paths; all: every request (never once a response byte came back)."
+        ),
+    )
+    # Scale to zero: seconds without a request after which the service sleeps at 0 replicas (empty:
+    # never); a request wakes it (the proxy holds it meanwhile). ``slept_at``: when it went to sleep,
+    # empty while awake; its status reads SLEEPING then.
+    idle_timeout = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(30 * 86400)],
+        help_text=_("seconds without a request before the service sleeps at 0 replicas; empty: never"),
+    )
+    slept_at = models.DateTimeField(null=True, blank=True)
+    wake_replicas = models.PositiveIntegerField(default=1)  # the count a wake restores
+    # When a request woke it; cleared when its first replica is healthy (the cold start is logged).
+    woke_at = models.DateTimeField(null=True, blank=True)
     lifecycle = models.CharField(max_length=16, choices=Lifecycle.choices, default=Lifecycle.CREATED)
     # Bumped whenever a change needs new replicas (image, definition, resources, environment):
     # routes of an older version are replaced one at a time (rolling update, S4.5).
@@ -230,7 +264,7 @@ class Endpoint(models.Model):
         live = [r for r in routes if r.status != Route.Status.TERMINATING]
         healthy = sum(1 for r in live if r.status == Route.Status.HEALTHY)
         if self.desired_replicas == 0 and not live:
-            return EndpointStatus.READY
+            return EndpointStatus.SLEEPING if self.slept_at is not None else EndpointStatus.READY
         if healthy >= self.desired_replicas and healthy > 0:
             return EndpointStatus.HEALTHY
         if healthy > 0:

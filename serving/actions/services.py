@@ -31,6 +31,7 @@ from serving.actions.validators import (
     check_model_folder,
     check_mount_path,
     check_resource_group,
+    check_retry_policy,
     check_runtime,
     check_service_config,
     check_shared_definition,
@@ -151,6 +152,8 @@ def do_modify_service(
             check_definition_path(value)
         elif field == "forward_cookies" and value and not endpoint.forward_cookies:
             check_forward_cookies(value)
+        elif field == "retry_policy":
+            check_retry_policy(value)
         elif field == "resource_group" and value != endpoint.resource_group:
             check_resource_group(value or "default")
         elif field == "extra_mounts":
@@ -191,6 +194,8 @@ def do_modify_service(
         stable = int((endpoint.rollout or {}).get("stable") or endpoint.spec_version)
         endpoint.spec_version = revisions.next_number(endpoint)
         how = " " + revisions.start_rollout(endpoint, rollout, stable)
+    if "desired_replicas" in applied:  # a count set by hand ends a sleep (scale to zero)
+        endpoint.slept_at = endpoint.woke_at = None
     endpoint.retries = 0
     endpoint.save()
     if REPLACING_FIELDS & applied.keys():
@@ -219,12 +224,15 @@ def do_scale(endpoint: Endpoint, replicas: int, *, acting_user: User | None, rea
     old = endpoint.desired_replicas
     if replicas > old:
         check_shared_definition(endpoint, "desired_replicas")
+    # A count set by hand ends a sleep (scale to zero): the service no longer waits for a request.
     changed = Endpoint.objects.filter(pk=endpoint.pk, lifecycle=Endpoint.Lifecycle.CREATED).update(
-        desired_replicas=replicas, updated_at=timezone.now()
+        desired_replicas=replicas, slept_at=None, woke_at=None, updated_at=timezone.now()
     )
     if not changed:
         return False
-    endpoint.desired_replicas = replicas
+    if endpoint.slept_at is not None:
+        publish_routing(endpoint.pk)
+    endpoint.desired_replicas, endpoint.slept_at, endpoint.woke_at = replicas, None, None
     if old != replicas:
         record_event(
             endpoint,

@@ -18,6 +18,7 @@ from serving.models import (
     EndpointToken,
     Node,
     ResourcePreset,
+    RetryPolicy,
     Route,
     RouteMember,
     ScalingEvent,
@@ -131,6 +132,8 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
             "environ",
             "open_to_public",
             "forward_cookies",
+            "retry_policy",
+            "idle_timeout",
             "owner",
             "project",
             "lifecycle",
@@ -171,6 +174,39 @@ class _ServiceInputFields(serializers.Serializer[Any]):
             "Pass callers' cookies to the replicas and their Set-Cookie back (off: the proxy removes both). "
             "The web app's own session, CSRF and language cookies are removed even when on. "
             "Needs SERVING_DOMAIN (each service on its own host name; cookies pass only there); refused otherwise."
+        ),
+    )
+    retry_policy = serializers.ChoiceField(
+        choices=RetryPolicy.values,
+        default=RetryPolicy.INFERENCE,
+        error_messages={
+            "invalid_choice": "Unknown retry policy {input!r}; choose safe (only idempotent requests are re-sent "
+            "to another replica), inference (also POSTs to inference paths such as /v1/chat/completions, "
+            "the default) or all."
+        },
+        help_text=(
+            "Which requests the proxy sends again to another replica when theirs closed without answering a byte: "
+            "safe (idempotent methods only), inference (the default: also POSTs to /v1/chat/completions, "
+            "/v1/completions, /v1/embeddings, /v1/responses and the other inference paths) or all. "
+            "A request whose response has started is never re-sent."
+        ),
+    )
+    idle_timeout = serializers.IntegerField(
+        min_value=1,
+        max_value=30 * 86400,
+        required=False,
+        allow_null=True,
+        default=None,
+        error_messages={
+            "min_value": "The idle timeout is in seconds and must be at least {min_value}; leave it empty (null) "
+            "for a service that never sleeps.",
+            "max_value": "The idle timeout must be at most {max_value} seconds (30 days); leave it empty (null) "
+            "for a service that never sleeps.",
+            "invalid": "The idle timeout must be a whole number of seconds, or null for a service that never sleeps.",
+        },
+        help_text=(
+            "Scale to zero: seconds without a request after which the service sleeps at 0 replicas "
+            "(null, the default: never). A request to a sleeping service wakes it; the proxy holds it meanwhile."
         ),
     )
     image = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
