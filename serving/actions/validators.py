@@ -372,6 +372,10 @@ def check_service_config(
         resource_slots = attempt(normalize_resources, resources, fallback={})
     else:
         resource_slots = dict(defaults.resources)
+    shmem = defaults.resource_opts.get("shmem")
+    if shmem and isinstance(resource_slots, dict) and "shm" not in resource_slots:
+        # [runtime.resource_opts] shmem (Backend.AI's spelling) is the replica's /dev/shm size.
+        resource_slots["shm"] = float(shmem)
     merged_environ = {**defaults.environ, **attempt(check_environ, dict(environ or {}), fallback={})}
     if "environ" not in errors:
         attempt(_check_environ_size, merged_environ)
