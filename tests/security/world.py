@@ -65,6 +65,7 @@ class World:
             "api_path": "models",
             "validation_id": self.validation_id,
             "schema": "model-definition.json",
+            "number": 1,  # a revision: the service's first
         }
 
     def format(self, text: str) -> str:
