@@ -69,6 +69,52 @@
     $("button.cancel", terminateDialog).addEventListener("click", () => terminateDialog.close());
   }
 
+  // --- revisions: promote and rollback confirm in a dialog; the panel follows the service -------
+  // Each button is a link to its confirmation page (the page without this script); here it opens the
+  // dialog instead, whose form posts to the same address. The panel is rendered by the server
+  // (/services/<id>/revisions/, the compare of ?from=&to= kept) and swapped in when the service changes.
+  const revisionsSection = $("#revisions");
+  const revisionDialog = $("#revision-dialog");
+  if (revisionDialog && typeof revisionDialog.showModal === "function") {
+    revisionsSection.addEventListener("click", (event) => {
+      const link = event.target.closest("a.revision-move");
+      if (!link) return;
+      event.preventDefault();
+      $("form", revisionDialog).action = link.getAttribute("href");
+      $("#revision-title").textContent = link.dataset.title;
+      $(".revision-text", revisionDialog).textContent = link.dataset.text;
+      $("button[type=submit]", revisionDialog).textContent = link.dataset.submit;
+      revisionDialog.showModal();
+    });
+    $("button.cancel", revisionDialog).addEventListener("click", () => revisionDialog.close());
+  }
+  let revisionsTimer = null;
+  let revisionsAsked = 0;
+  function refreshRevisions() {
+    const asked = ++revisionsAsked;
+    const diff = $("#revision-diff");
+    const query = diff ? "?from=" + encodeURIComponent(diff.dataset.from) + "&to=" + encodeURIComponent(diff.dataset.to) : "";
+    fetch(revisionsSection.dataset.url + query, { credentials: "same-origin" }).then((response) => {
+      if (!response.ok) return null;
+      return response.text();
+    }).then((html) => {
+      if (html === null || asked !== revisionsAsked) return;
+      const focused = document.activeElement && revisionsSection.contains(document.activeElement)
+        ? document.activeElement.id : "";
+      // The server's own rendering of the panel's template (every value escaped by it, as on a page
+      // load), parsed as a document of its own (scripts in it never run), then moved in as nodes.
+      const fragment = new DOMParser().parseFromString(html, "text/html");
+      revisionsSection.replaceChildren(...Array.from(fragment.body.childNodes));
+      revisionsSection.querySelectorAll("time[datetime]").forEach((time) => localTime(time, false));
+      revisionsSection.dataset.refreshed = String(asked);
+      if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
+    }).catch(() => {});
+  }
+  function scheduleRevisions() {
+    clearTimeout(revisionsTimer);
+    revisionsTimer = setTimeout(refreshRevisions, 300);
+  }
+
   // --- routes, live -----------------------------------------------------------------------------
   const routesTable = $("#routes");
   const routesBody = routesTable.tBodies[0];
@@ -377,7 +423,7 @@
     onMessage: (event) => {
       if (event.type === "service") {
         onService(event.service);
-        if (!first) scheduleLogs();
+        if (!first) { scheduleLogs(); scheduleRevisions(); }
         first = false;
       } else if (event.type === "gone") {
         gone = true;

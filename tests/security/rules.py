@@ -97,6 +97,9 @@ RULES: dict[str, Rule] = {
     "serving:rule-update": Rule(PAGE, {"POST": MANAGE}),
     "serving:rule-toggle": Rule(PAGE, {"POST": MANAGE}),
     "serving:rule-delete": Rule(PAGE, {"POST": MANAGE}),
+    "serving:revisions": Rule(PAGE, {"GET": READ}),
+    "serving:revision-promote": Rule(PAGE, {"GET": MANAGE, "POST": MANAGE}),
+    "serving:revision-rollback": Rule(PAGE, {"GET": MANAGE, "POST": MANAGE}),
     "serving:chat": Rule(PAGE, {"GET": READ}),
     "serving:chat-token": Rule(PAGE, {"POST": READ}),
     # A JSON relay for the chat page's script: anonymous gets a JSON 401, not a redirect.

@@ -25,17 +25,20 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import Resolver404, URLPattern, path, resolve, reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from rest_framework.exceptions import ValidationError as DRFValidationError
 
+from serving.actions import revisions as revision_actions
 from serving.actions import rules as rule_actions
 from serving.actions import services
 from serving.actions import tokens as token_actions
+from serving.control import revisions as moves
+from serving.core import revisions as pure_revisions
 from serving.core import slots
 from serving.core.runtimes import RUNTIMES
-from serving.models import AutoScalingRule, Endpoint, EndpointStatus, EndpointToken, Route, RouteMember
+from serving.models import AutoScalingRule, Endpoint, EndpointStatus, EndpointToken, Revision, Route, RouteMember
 from serving.web.access import access_endpoint, can_write_endpoint
-from serving.web.api.serializers import RouteSerializer, RuleSerializer, TokenCreateSerializer
+from serving.web.api.serializers import RouteSerializer, RuleSerializer, TokenCreateSerializer, revision_share
 from serving.web.pages.services import MODEL_NAME_VARIABLES, field_errors, offers_chat
 from storage.models import Folder
 
@@ -213,6 +216,74 @@ def _rule_choices() -> dict[str, Any]:
     }
 
 
+def _number(raw: Any) -> int | None:
+    try:
+        return int(str(raw))
+    except ValueError:
+        return None
+
+
+def _shown(value: Any) -> str:
+    """A configuration value as the diff shows it: text as is, the rest as compact JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def revisions_panel(endpoint: Endpoint, routes: list[Route], query: Any) -> dict[str, Any]:
+    """The Revisions panel (issue 16): every revision with its author, time, replicas (healthy of
+    running) and traffic share, the share bar, the rollout in progress, the revision a rollback
+    returns to, and the field-by-field diff of the two revisions ``?from=&to=`` names (by default
+    the two newest)."""
+    revisions = list(endpoint.revisions.select_related("created_by"))
+    live_routes = [r for r in routes if r.status != Route.Status.TERMINATING]
+    rows: list[dict[str, Any]] = []
+    for index, revision in enumerate(revisions):
+        mine = [r for r in live_routes if r.spec_version == revision.number]
+        rows.append(
+            {
+                "revision": revision,
+                "share": revision_share(endpoint, revision.number),
+                "current": revision.number == endpoint.spec_version,
+                "replicas": len(mine),
+                "healthy": sum(1 for r in mine if r.status == Route.Status.HEALTHY),
+                "colour": index % 6,
+            }
+        )
+    bar: list[dict[str, Any]] = []
+    offset = 0
+    for row in rows:
+        share = int(row["share"])
+        if share > 0:
+            bar.append({**row, "x": offset})
+            offset += share
+    rollout = dict(endpoint.rollout or {})
+    if rollout:
+        rollout["percent"] = revision_share(endpoint, int(rollout.get("revision") or 0))
+    target: Revision | None = moves.previous(endpoint) if endpoint.lifecycle == Endpoint.Lifecycle.CREATED else None
+    by_number = {r.number: r for r in revisions}
+    numbers = sorted(by_number)
+    first, second = _number(query.get("from", "")), _number(query.get("to", ""))
+    if first not in by_number or second not in by_number:
+        first, second = (numbers[-2], numbers[-1]) if len(numbers) > 1 else (None, None)
+    compare: list[dict[str, str]] = []
+    if first is not None and second is not None:
+        compare = [
+            {"field": d["field"], "old": _shown(d["old"]), "new": _shown(d["new"])}
+            for d in pure_revisions.diff(by_number[first].config, by_number[second].config)
+        ]
+    return {
+        "revision_rows": rows,
+        "share_bar": bar,
+        "rollout": rollout,
+        "rollback_to": target,
+        "compare_from": first,
+        "compare_to": second,
+        "compare": compare,
+        "revision_numbers": numbers,
+    }
+
+
 def metrics_api(endpoint: Endpoint) -> str:
     """The metrics API of the service, or "" while the platform has none (then nothing is fetched,
     rather than a 404 on every poll)."""
@@ -292,6 +363,7 @@ def _render_detail(
         "status_labels": {value: str(label) for value, label in EndpointStatus.choices},
         "member_statuses": {value: str(label) for value, label in RouteMember.Status.choices},
         "cluster_summary": cluster_summary(endpoint),
+        **revisions_panel(endpoint, routes, request.GET),
         **_rule_choices(),
     }
     return render(request, "serving/detail.html", context, status=status)
@@ -439,6 +511,75 @@ def rule_delete(request: HttpRequest, pk: str, rule_id: int) -> HttpResponse:
     return redirect(reverse("serving:detail", kwargs={"pk": endpoint.pk}) + "#rules")
 
 
+@login_required
+@require_GET
+def revisions(request: HttpRequest, pk: str) -> HttpResponse:
+    """The Revisions panel alone, for the page's script to follow the service live."""
+    endpoint = access_endpoint(request.user, pk, include_destroyed=True)
+    routes = list(endpoint.routes.all())
+    context = {
+        "endpoint": endpoint,
+        "can_write": can_write_endpoint(request.user, endpoint),
+        "live": endpoint.lifecycle == Endpoint.Lifecycle.CREATED,
+        **revisions_panel(endpoint, routes, request.GET),
+    }
+    return render(request, "serving/_revisions.html", context)
+
+
+def _revision_move(request: HttpRequest, endpoint: Endpoint, kind: str, revision: Revision | None) -> HttpResponse:
+    """GET asks (the page without its script), POST calls the action; an action's refusal (no
+    revision to roll back to) is said on the page."""
+    back = reverse("serving:detail", kwargs={"pk": endpoint.pk}) + "#revisions"
+    if request.method != "POST":
+        if revision is None:
+            messages.error(
+                request,
+                _("Revision %(number)s is the first revision: there is none to roll back to.")
+                % {"number": endpoint.spec_version},
+            )
+            return redirect(back)
+        context = {"endpoint": endpoint, "kind": kind, "revision": revision, "detail_url": back}
+        return render(request, "serving/revision_confirm.html", context)
+    try:
+        if kind == "promote" and revision is not None:
+            revision_actions.do_promote(endpoint, revision.number, acting_user=request.user)  # type: ignore[arg-type]
+            messages.success(
+                request,
+                _("Revision %(number)s promoted: it gets all traffic once its replicas are healthy.")
+                % {"number": revision.number},
+            )
+        else:
+            left = endpoint.spec_version
+            done = revision_actions.do_rollback(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+            messages.success(
+                request,
+                _("Rolled back from revision %(left)s to revision %(number)s.")
+                % {"left": left, "number": done.spec_version},
+            )
+    except DjangoValidationError as exc:
+        for text in field_errors(exc).values():
+            for line in text:
+                messages.error(request, line)
+    return redirect(back)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def revision_promote(request: HttpRequest, pk: str, number: int) -> HttpResponse:
+    """Promote a revision, with confirmation: all traffic to it, the others drained."""
+    endpoint = access_endpoint(request.user, pk, write=True)
+    revision = get_object_or_404(Revision, endpoint=endpoint, number=number)
+    return _revision_move(request, endpoint, "promote", revision)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def revision_rollback(request: HttpRequest, pk: str) -> HttpResponse:
+    """Roll back to the previous revision, with confirmation."""
+    endpoint = access_endpoint(request.user, pk, write=True)
+    return _revision_move(request, endpoint, "rollback", moves.previous(endpoint))
+
+
 urlpatterns: list[URLPattern] = [
     path("<uuid:pk>/", detail, name="detail"),
     path("<uuid:pk>/clear-errors/", clear_errors, name="clear-errors"),
@@ -448,4 +589,7 @@ urlpatterns: list[URLPattern] = [
     path("<uuid:pk>/rules/<int:rule_id>/", rule_update, name="rule-update"),
     path("<uuid:pk>/rules/<int:rule_id>/toggle/", rule_toggle, name="rule-toggle"),
     path("<uuid:pk>/rules/<int:rule_id>/delete/", rule_delete, name="rule-delete"),
+    path("<uuid:pk>/revisions/", revisions, name="revisions"),
+    path("<uuid:pk>/revisions/rollback/", revision_rollback, name="revision-rollback"),
+    path("<uuid:pk>/revisions/<int:number>/promote/", revision_promote, name="revision-promote"),
 ]
