@@ -217,6 +217,11 @@ TOKEN_USAGE_INTERVAL = env_float("TOKEN_USAGE_INTERVAL", 10.0, minimum=0.1)
 # Scale to zero (serving/control/sleep.py): how often idle services are put to sleep, wakes get their
 # cold-start time and the proxies' re-sent request counts reach the event log.
 SLEEP_INTERVAL = env_float("SLEEP_INTERVAL", 5.0, minimum=0.1)
+# A canary is rolled back by itself when, over the last CANARY_WINDOW seconds and at least
+# CANARY_MIN_REQUESTS of its answers, its 5xx rate exceeds the stable revision's by this fraction.
+CANARY_MAX_5XX_MARGIN = env_float("CANARY_MAX_5XX_MARGIN", 0.05, minimum=0.0)
+CANARY_MIN_REQUESTS = env_int("CANARY_MIN_REQUESTS", 20, minimum=1)
+CANARY_WINDOW = env_float("CANARY_WINDOW", 300.0, minimum=60.0)
 
 # --- Serving -------------------------------------------------------------------------------------
 SERVING_ENGINE = env_choice("SERVING_ENGINE", "auto", {"auto", "docker", "local", "swarm"})

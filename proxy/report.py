@@ -28,17 +28,18 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
 if TYPE_CHECKING:
     from proxy.metrics import EndpointStats
-    from proxy.table import Table
+    from proxy.table import RevisionRoutes, Table
 
 log = logging.getLogger("proxy.report")
 
 STATS_TTL = 30
+REVISION_COUNTS_TTL = 3600  # the per-minute answers and 5xx by revision outlive any canary window
 MAX_PENDING_REPORTS = 64  # failure reports in the air at once; beyond that they are dropped
 MAX_LAST_USED = 100_000  # bound on remembered tokens while Redis is away
 WAKE_DEDUPE_SECONDS = 30  # one wake per service per this long, over every proxy (the Redis key's expiry)
@@ -59,6 +60,7 @@ class Reporter:
         self._down = False
         self._last_flush = time.monotonic()
         self._seen: dict[str, tuple[int, float]] = {}  # slug -> (request count at the last push, epoch it grew)
+        self._route_codes: dict[str, tuple[int, int]] = {}  # route id -> (answers, 5xx) at the last push
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -134,6 +136,7 @@ class Reporter:
         if used:
             pipe.hset(f"{self.prefix}:tokens:last_used", mapping={k: f"{v:.3f}" for k, v in used.items()})
         resent: list[tuple[EndpointStats, int]] = []  # counted in Redis once the push succeeded
+        seen_routes: dict[str, tuple[int, int]] = {}
         for slug, endpoint in self.table.endpoints.items():
             stats = endpoint.stats
             figures = stats.window(elapsed)
@@ -153,6 +156,8 @@ class Reporter:
             key = f"{self.prefix}:proxy:stats:{slug}"
             pipe.hset(key, self.instance, json.dumps(sample, separators=(",", ":")))
             pipe.expire(key, STATS_TTL)
+            if len(endpoint.by_revision) > 1:
+                self._count_revisions(pipe, slug, endpoint.by_revision, now, seen_routes)
         if not len(pipe):
             return
         try:
@@ -168,9 +173,35 @@ class Reporter:
             return
         for stats, count in resent:
             stats.reported_resent = count
+        self._route_codes = seen_routes
         if self._down:
             log.warning("stats push to Redis works again")
             self._down = False
+
+    def _count_revisions(
+        self, pipe: Any, slug: str, groups: dict[int, RevisionRoutes], now: float, seen: dict[str, tuple[int, int]]
+    ) -> None:
+        """While an endpoint runs several revisions (a canary), its answers and 5xx per revision since
+        the last push, added to a per-minute hash that every proxy adds to: the control plane rolls
+        a canary back on their sums (serving.control.canary). Read from the routes' own status
+        counters at push time, so the request path pays nothing for it."""
+        key = f"{self.prefix}:proxy:revisions:{slug}:{int(now // 60)}"
+        for number, group in groups.items():
+            answers = errors = 0
+            for route in group.routes:
+                codes = route.codes
+                total, failed = sum(codes), codes[5]
+                before = self._route_codes.get(route.id, (0, 0))
+                if total < before[0]:  # a new Route object for the same id: its counters began again
+                    before = (0, 0)
+                answers += total - before[0]
+                errors += failed - before[1]
+                seen[route.id] = (total, failed)
+            if answers:
+                pipe.hincrby(key, f"{number}:answers", answers)
+                if errors:
+                    pipe.hincrby(key, f"{number}:errors", errors)
+        pipe.expire(key, REVISION_COUNTS_TTL)
 
     def _last_request(self, slug: str, count: int, in_flight: int, now: float) -> float:
         """The epoch of the last push that saw a request of this endpoint (none: 0): no per-request

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from serving.actions import tokens as token_actions
 from serving.bus import dispatch, events, metrics, routing
-from serving.control import autoscaling, lifecycle, sleep
+from serving.control import autoscaling, canary, lifecycle, sleep
 from serving.models import Endpoint, Node, Route
 from serving.node import dryrun, members, routes
 
@@ -73,8 +73,10 @@ def autoscale() -> None:
 
 @shared_task(ignore_result=True, soft_time_limit=30, time_limit=60)
 def collect_proxy_metrics() -> None:
-    """The proxies' per-endpoint stats into the metrics time series (serving.bus.metrics)."""
+    """The proxies' per-endpoint stats into the metrics time series (serving.bus.metrics), and the
+    canaries whose 5xx rate is too high rolled back (serving.control.canary)."""
     metrics.collect_proxy()
+    canary.check()
 
 
 @shared_task(ignore_result=True, soft_time_limit=30, time_limit=60)

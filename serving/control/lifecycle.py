@@ -339,21 +339,11 @@ def _move_traffic(work: _Work, lines: list[ServiceEvent]) -> None:
     endpoint, result = work.endpoint, work.plan
     rollout = dict(endpoint.rollout or {})
     if result.abort:
-        stable = revisions.previous(endpoint)
         result.create, result.create_for = 0, {}
-        if stable is None:
+        rolled = revisions.roll_back(endpoint, result.abort)
+        if rolled is None:
             return
-        failed = endpoint.spec_version
-        revisions.stand_on(endpoint, stable)
-        lines.append(
-            events.new_event(
-                endpoint,
-                "rolled_back",
-                f"Revision {failed} rolled back automatically to revision {stable.number}: {result.abort}.",
-                level="error",
-                data={"from": failed, "to": stable.number, "reason": result.abort, "automatic": True},
-            )
-        )
+        lines.append(events.new_event(endpoint, "rolled_back", rolled["message"], level="error", data=rolled["data"]))
         work.kick = True
     elif result.switch_to:
         result.create, result.create_for = 0, {}

@@ -30,3 +30,17 @@ def previous(endpoint: Endpoint) -> Revision | None:
         if found is not None:
             return found
     return endpoint.revisions.filter(number__lt=endpoint.spec_version).order_by("-number").first()
+
+
+def roll_back(endpoint: Endpoint, reason: str) -> dict[str, Any] | None:
+    """A broken rollout goes back to its stable revision by itself (issue 16), all traffic to it;
+    returns the event's message and data (None when there is nothing to go back to)."""
+    stable = previous(endpoint)
+    if stable is None:
+        return None
+    failed = endpoint.spec_version
+    stand_on(endpoint, stable)
+    return {
+        "message": f"Revision {failed} rolled back automatically to revision {stable.number}: {reason}.",
+        "data": {"from": failed, "to": stable.number, "reason": reason, "automatic": True},
+    }
