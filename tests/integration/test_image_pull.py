@@ -282,3 +282,85 @@ def test_credentials_come_from_the_nodes_docker_config(
     finally:
         forget(docker_client, reference)
         stop_registry(private)
+
+
+# --- the node side: a start shows the pull on the route and says how long it took -------------------
+
+
+class Observed(DockerEngine):
+    """The real engine; each progress report is followed by a look at what the API shows then."""
+
+    seen: list[Any]
+    look: Any
+
+    def ensure_image(self, image: str, progress: Any = None) -> float | None:
+        def report(done: int, total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+            self.seen.append(self.look())
+
+        return super().ensure_image(image, report)
+
+
+@pytest.mark.django_db
+def test_a_nodes_start_shows_pull_progress_on_the_route_and_the_pull_time_in_the_log(
+    docker_client: Any, registry: Registry, tmp_path: Path, api: Any, personas: Any
+) -> None:
+    from serving.models import Endpoint, Node, Route, ServiceEvent
+    from serving.node import engine as node_engine
+    from serving.node import routes
+    from tests.factories import SIMPLE_DEFINITION, FolderFactory
+
+    reference = f"{registry.address}/test/python:{RUN_ID}-node"
+    push(docker_client, reference)
+    folder = FolderFactory(owner=personas["owner"], name="pull", files={"model-definition.yaml": SIMPLE_DEFINITION})
+    body = {"name": "pulls", "folder": str(folder.pk), "runtime": "custom", "replicas": 0}
+    created = api("owner").post("/api/v1/services/", body, format="json")
+    assert created.status_code == 201, created.json()
+    endpoint = Endpoint.objects.get(pk=created.json()["id"])
+    Endpoint.objects.filter(pk=endpoint.pk).update(image=reference)
+    here = Node.objects.create(name=node_engine.node_name(), address="127.0.0.1")
+    route = Route.objects.create(endpoint=endpoint, node=here)
+    url = f"/api/v1/services/{endpoint.pk}/"
+
+    def look() -> Any:
+        shown = api("owner").get(url).json()["routes"]
+        return next(r for r in shown if r["id"] == str(route.pk))["pull_progress"]
+
+    engine = Observed(
+        bootstrap_path=BOOTSTRAP, state_dir=tmp_path / "state", image_pull="missing", registries=[registry.address]
+    )
+    engine.seen, engine.look = [], look
+    node_engine.set_engine(engine)
+    try:
+        routes.start_route(str(route.pk))
+        route.refresh_from_db()
+        assert route.status == Route.Status.DEGRADED, route.error
+        # Written at the first report (then at most every 0.5 s), shown by the API as {done, total}.
+        assert engine.seen and engine.seen[0].keys() == {"done", "total"}
+        assert all(0 <= p["done"] <= p["total"] for p in engine.seen if p)
+        assert route.pull_progress == {}  # gone once started
+        pulled = ServiceEvent.objects.get(endpoint=endpoint, kind="image_pulled")
+        assert f"pulled the image {reference} in " in pulled.message and pulled.data["seconds"] > 0
+        # Strangers see nothing of it.
+        assert api("stranger").get(url).status_code == 404
+    finally:
+        node_engine.set_engine(None)
+        route.refresh_from_db()
+        if route.container_id:
+            engine.stop(route.container_id, grace=1)
+        forget(docker_client, reference)
+
+    # A registry the node may not use: a failed start whose sentence names the image and the fix.
+    refused = Route.objects.create(endpoint=endpoint, node=here)
+    node_engine.set_engine(engine_for(tmp_path, image_pull="missing", registries=["ghcr.io"]))
+    try:
+        routes.start_route(str(refused.pk))
+    finally:
+        node_engine.set_engine(None)
+    refused.refresh_from_db()
+    assert refused.status == Route.Status.FAILED_TO_START
+    assert refused.error["kind"] == "image"
+    assert f"add {registry.address} to SERVING_REGISTRIES" in refused.error["message"]
+    shown = api("owner").get(url).json()["routes"]
+    assert next(r for r in shown if r["id"] == str(refused.pk))["error"].startswith(f"The image {reference} is not")
