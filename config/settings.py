@@ -27,6 +27,7 @@ from config.env import (
 )
 
 # Shared with the engines, which check it again (plain constants: no Django, no app loading).
+from serving.core.images import PULL_CHOICES, parse_registries
 from serving.node.engines.firewall import EGRESS_CHOICES
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -271,6 +272,15 @@ DOCKER_REPLICA_GID = env_int("DOCKER_REPLICA_GID", 65534, minimum=0)
 # reaches on Docker (never another replica), the host only on the local engine; "deny" = nothing,
 # not even the host (firewall rules: root and iptables).
 SERVING_REPLICA_EGRESS = env_choice("SERVING_REPLICA_EGRESS", "allow", set(EGRESS_CHOICES))
+# Images a node does not have (issue 15): "never" = a start fails saying how to load it; "missing" =
+# the node pulls it, from the registries of SERVING_REGISTRIES only (comma-separated: ghcr.io,
+# 10.0.0.5:5000, docker.io, or a registry with a path the image must be under, ghcr.io/acme), with
+# the credentials of the node's Docker config (~/.docker/config.json, DOCKER_CONFIG).
+SERVING_IMAGE_PULL = env_choice("SERVING_IMAGE_PULL", "never", set(PULL_CHOICES))
+try:
+    SERVING_REGISTRIES = parse_registries(env_list("SERVING_REGISTRIES", []))
+except ValueError as exc:
+    raise ConfigError(str(exc)) from None
 
 # --- REST API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

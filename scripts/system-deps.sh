@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System packages the product uses: redis-server (broker, routing table), bubblewrap (the local
-# engine's sandbox) and, for the e2e tests only, chromium and a Japanese font. Installed with apt when we are root; otherwise we say exactly what to install.
+# engine's sandbox) and, for tests only, chromium and a Japanese font (e2e) and docker-registry (image pulls). Installed with apt when we are root; otherwise we say exactly what to install.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -10,6 +10,8 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 # A Japanese font too (3.5 MB), or the Japanese screenshots show boxes where the text should be.
 optional=()
 [ -x /usr/bin/chromium ] || optional+=(chromium)
+# The image-pull tests' registry (tests/integration/test_image_pull.py); skipped, saying so, without it.
+[ -x /usr/bin/docker-registry ] || optional+=(docker-registry)
 { command -v fc-list >/dev/null 2>&1 && [ -n "$(fc-list :lang=ja 2>/dev/null)" ]; } || optional+=(fonts-ipafont-gothic)
 [ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -19,7 +21,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" "${optional[@]}" >/dev/null
 else
   if [ ${#optional[@]} -gt 0 ]; then
-    echo "the e2e tests need ${optional[*]} (they are skipped without it): sudo apt-get install ${optional[*]}" >&2
+    echo "some tests need ${optional[*]} (they are skipped without it): sudo apt-get install ${optional[*]}" >&2
   fi
   [ ${#missing[@]} -eq 0 ] && exit 0
   echo "modelserve needs these system packages: ${missing[*]}" >&2

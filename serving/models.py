@@ -312,6 +312,9 @@ class Route(models.Model):
     devices = models.JSONField(default=dict, blank=True)
     # {"kind": "definition"|"image"|"resources"|"exited"|..., "message": "...", ...} (S4.4).
     error = models.JSONField(default=dict, blank=True)
+    # While its node pulls its image (SERVING_IMAGE_PULL=missing): {"done": bytes, "total": bytes},
+    # written by the node at most every 0.5 s; {} otherwise.
+    pull_progress = models.JSONField(default=dict, blank=True)
     # The effective health check (S5.1) resolved from the definition when the replica started.
     health_check = models.JSONField(default=dict, blank=True)
     consecutive_failures = models.PositiveIntegerField(default=0)

@@ -36,6 +36,8 @@ class EndpointLifecycle:
 
 
 # A route the node never picked up (worker gone between commit and enqueue, queue lost) fails.
+# A node pulling a route's image writes its progress on the route (updated_at) as bytes arrive: the
+# timeout of a claimed route counts from its last news, so a large pull that moves is not failed.
 PROVISION_TIMEOUT = timedelta(seconds=180)
 # A provisioning route no node has claimed gets its start re-sent (a worker that died between the
 # commit and the enqueue sent none); starting is idempotent: the node claims a route once.
@@ -68,6 +70,12 @@ class RouteView:
     lost_since: datetime | None = None  # when its node was lost (None: the node is alive)
     # Cluster mode: since when its main runs while a sub member does not (None: all run, or none yet).
     members_waiting_since: datetime | None = None
+
+
+def _provisioning_since(route: RouteView) -> datetime:
+    """Since when a provisioning route has given no news: its creation, or (claimed by its node)
+    the claim or the pull progress written last."""
+    return max(route.created_at, route.updated_at) if route.started else route.created_at
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,7 @@ def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan
                 result.forget.append(route.id)
             elif now - route.updated_at > STOP_RESEND_AFTER:
                 result.resend_stop.append(route.id)
-        elif route.status == RouteStatus.PROVISIONING and now - route.created_at > PROVISION_TIMEOUT:
+        elif route.status == RouteStatus.PROVISIONING and now - _provisioning_since(route) > PROVISION_TIMEOUT:
             result.fail.append(route.id)
         elif (
             route.status == RouteStatus.PROVISIONING

@@ -66,6 +66,8 @@ def _make_engine(choice: str) -> Engine:
                 egress=settings.SERVING_REPLICA_EGRESS,
                 uid=settings.DOCKER_REPLICA_UID,
                 gid=settings.DOCKER_REPLICA_GID,
+                image_pull=settings.SERVING_IMAGE_PULL,
+                registries=settings.SERVING_REGISTRIES,
             )
             if DockerEngine is not None
             else None

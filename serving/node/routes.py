@@ -8,6 +8,7 @@ killed at any line leaves work the next tick finishes.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 from typing import Any
 
@@ -20,9 +21,33 @@ from serving.bus import dispatch, events
 from serving.models import STARTING_MARK, Endpoint, Route, RouteMember
 from serving.node import prober, replicas
 from serving.node.engine import get_engine, node_name, record_start_warnings, share_node_addresses, stop_quietly
-from serving.node.engines.base import LABEL_ROUTE, EngineError, ReplicaNotFound
+from serving.node.engines.base import LABEL_ROUTE, Engine, EngineError, ReplicaNotFound
 
 log = logging.getLogger(__name__)
+
+# How often a pull's progress is written on its route (a row write and a page notification each).
+PULL_PROGRESS_EVERY = 0.5
+
+
+class _PullProgress:
+    """Writes a pull's bytes on its route while the start's claim holds, at most every
+    ``PULL_PROGRESS_EVERY`` s. Each write bumps ``updated_at``: a start moving is not a stuck one
+    (serving.core.planning)."""
+
+    def __init__(self, route: Route) -> None:
+        self.route_id = route.pk
+        self.endpoint_id = str(route.endpoint_id)
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < PULL_PROGRESS_EVERY:
+            return
+        self.last = now
+        if Route.objects.filter(pk=self.route_id, status=Route.Status.PROVISIONING, container_id=STARTING_MARK).update(
+            pull_progress={"done": done, "total": total}, updated_at=timezone.now()
+        ):
+            events.notify_endpoint_changed(self.endpoint_id)
 
 
 def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
@@ -33,6 +58,7 @@ def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
         updated = Route.objects.filter(pk=route.pk, status=Route.Status.PROVISIONING).update(
             status=Route.Status.FAILED_TO_START,
             error={"kind": kind, "message": message, **extra},
+            pull_progress={},
             container_id="",
             updated_at=timezone.now(),
         )
@@ -70,6 +96,7 @@ def start_route(route_id: str) -> None:
     engine = get_engine()
     share_node_addresses(engine)  # this may be a forked worker, whose engine knows no other node yet
     try:
+        _pull_image(engine, route, spec.image)
         info = engine.start(spec)
     except EngineError as exc:
         kind = "image" if exc.__class__.__name__ == "ImageNotFound" else "engine"
@@ -86,6 +113,7 @@ def start_route(route_id: str) -> None:
             started_at=now,
             updated_at=now,
             error={},
+            pull_progress={},
             consecutive_failures=0,
             health_check=health_config.to_json(),
         )
@@ -106,6 +134,24 @@ def start_route(route_id: str) -> None:
         # Cluster mode: the subs start now that main has an address they can be given.
         for member in RouteMember.objects.filter(route=route, status=RouteMember.Status.PENDING).select_related("node"):
             transaction.on_commit(lambda member=member: dispatch.send_member_start(member))  # type: ignore[misc]
+
+
+def _pull_image(engine: Engine, route: Route, image: str) -> None:
+    """An engine that pulls images (Docker's ``ensure_image``) has it before the start, the bytes
+    on the route meanwhile and the time it took in the event log."""
+    ensure_image = getattr(engine, "ensure_image", None)
+    if ensure_image is None:
+        return
+    seconds = ensure_image(image, _PullProgress(route))
+    if seconds is None:
+        return
+    events.record_event(
+        route.endpoint,
+        "image_pulled",
+        f"Replica {str(route.pk)[:8]}: node {node_name()} pulled the image {image} in {seconds:.1f} s.",
+        route_id=route.pk,
+        data={"image": image, "seconds": round(seconds, 3)},
+    )
 
 
 def recover_interrupted_starts(before: datetime) -> int:

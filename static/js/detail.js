@@ -14,6 +14,7 @@
   const statusLabels = read("status-labels");
   const memberStatuses = read("member-statuses");
   const format = (template, values) => template.replace(/%\((\w+)\)s/g, (_, key) => String(values[key]));
+  const megabytes = (bytes) => (Number(bytes || 0) / 1048576).toFixed(1) + " MB";
   const $ = (selector, root) => (root || document).querySelector(selector);
 
   // --- small helpers ----------------------------------------------------------------------------
@@ -132,6 +133,11 @@
     badge.className = "status status-" + String(route.status).replace(/_/g, "");
     badge.textContent = String(routeStatuses[route.status] || route.status).toUpperCase();
     $(".r-ratio", row).textContent = Number(route.traffic_ratio).toFixed(2);
+    // While its node pulls the image (SERVING_IMAGE_PULL=missing): bytes done of the total known so far.
+    const pull = $(".r-pull", row);
+    const progress = route.pull_progress || {};
+    pull.hidden = !progress.total;
+    pull.textContent = progress.total ? format(t.i18nPullProgress, { done: megabytes(progress.done), total: megabytes(progress.total) }) : "";
     fillMembers(row, route.members);
     $(".r-error .error-text", row).textContent = route.error || "";
     const hasError = route.error || (route.error_detail && Object.keys(route.error_detail).length);

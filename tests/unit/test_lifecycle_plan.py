@@ -116,6 +116,17 @@ def test_provisioning_that_never_starts_fails() -> None:
     assert result.create == 1
 
 
+def test_a_claimed_start_whose_pull_moves_is_not_failed_but_one_silent_too_long_is() -> None:
+    """Pull progress bumps updated_at: a claimed route's timeout counts from its last news; an
+    unclaimed one's from its creation, however often its start is re-sent (which bumps it too)."""
+    old = PROVISION_TIMEOUT.total_seconds() + 60
+    pulling = replace(route("provisioning", age=old, idle=1.0), started=True)
+    silent = replace(route("provisioning", age=old, idle=PROVISION_TIMEOUT.total_seconds() + 1), started=True)
+    unclaimed = route("provisioning", age=old, idle=1.0)
+    result = plan(ep(3), [pulling, silent, unclaimed], NOW)
+    assert sorted(result.fail) == sorted([silent.id, unclaimed.id])
+
+
 def test_terminate_drains_all_then_destroys() -> None:
     live = [route("healthy"), route("provisioning"), route("unhealthy")]
     result = plan(ep(2, lifecycle="destroying"), [*live, route("terminating")], NOW)

@@ -73,6 +73,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
             "traffic_ratio",
             "error",
             "error_detail",
+            "pull_progress",
             "devices",
             "members",
             "spec_version",

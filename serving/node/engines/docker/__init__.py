@@ -3,8 +3,11 @@
 Every replica is a container named after ``ReplicaSpec.name`` and carrying its labels, so a node
 worker that restarts finds its replicas again with ``list()`` (docs/architecture.md). Choices that matter:
 
-* the image must already be on the node: we look it up first and raise ``ImageNotFound`` with how
-  to build or load it, because asking the engine for a missing image makes it try a registry pull;
+* an image is pulled only when asked (issue 15): we look it up first; a missing one raises
+  ``ImageNotFound`` with how to build or load it (``SERVING_IMAGE_PULL=never``, the default), or
+  is pulled (``missing``) from the registries of ``SERVING_REGISTRIES`` only
+  (``serving.core.images``), with the node's Docker config's credentials, the bytes reported to
+  the caller (``ensure_image``); we never let ``containers.create`` pull on its own;
 * ``init=True``: a tiny init is PID 1 and forwards SIGTERM, otherwise a Python server ignores it
   and every stop waits the whole grace period;
 * locked down: every capability dropped, ``no-new-privileges``, a pids limit, never privileged,

@@ -36,7 +36,7 @@ DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
 BUILD_HINT = (
     "build it on this node with `make image` (scripts/build-image.sh, for modelserve/python:3.11) "
     "or load it with `docker load -i IMAGE.tar` / `docker pull IMAGE` by hand; "
-    "the platform never pulls images itself"
+    "a node pulls images itself only with SERVING_IMAGE_PULL=missing and the image's registry in SERVING_REGISTRIES"
 )
 
 # Docker's container status -> our replica state. "paused" still holds its port and memory.

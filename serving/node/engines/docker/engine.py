@@ -17,6 +17,7 @@ import logging
 import math
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import docker
 import docker.errors
 
+from serving.core import images
 from serving.node.engines import firewall
 from serving.node.engines import mounts as mount_hygiene
 from serving.node.engines.base import (
@@ -51,6 +53,8 @@ DEFAULT_STATE_DIR = Path(__file__).resolve().parents[4] / "var" / "engine" / "do
 PING_TIMEOUT = 2.0
 
 ClientFactory = Callable[..., docker.DockerClient]
+# Called with a pull's bytes done and total (total grows as the registry announces layers).
+PullProgressCallback = Callable[[int, int], None]
 
 
 class DockerEngine:
@@ -75,6 +79,8 @@ class DockerEngine:
         replica_network: str | None = None,
         uid: int = DEFAULT_UID,
         gid: int = DEFAULT_GID,
+        image_pull: str = "never",
+        registries: Iterable[str] = (),
     ) -> None:
         """
         ``client_factory`` is called with ``timeout=`` (seconds) and must return a DockerClient.
@@ -87,7 +93,13 @@ class DockerEngine:
         (replicas reach nothing outside their own network; needs root and iptables on the node).
         ``replica_network``: the network plain replicas join (default ms-replicas[-<installation>]).
         ``uid``/``gid``: who replicas run as (0 and 0: root without capabilities, not for tenants).
+        ``image_pull``: "never" (a missing image fails the start) or "missing" (pulled, from the
+        ``registries`` only: ``serving.core.images.parse_registries``'s entries).
         """
+        if image_pull not in images.PULL_CHOICES:
+            raise EngineError(f"image_pull={image_pull!r} is not one of {', '.join(images.PULL_CHOICES)}.")
+        self.image_pull = image_pull
+        self.registries = images.parse_registries(registries)
         firewall.check_replica_ids(
             uid, gid, who="The Docker replicas'", uid_setting="DOCKER_REPLICA_UID", gid_setting="DOCKER_REPLICA_GID"
         )
@@ -255,11 +267,51 @@ class DockerEngine:
             return []
 
     def _image(self, client: docker.DockerClient, image: str) -> Any:
+        self.ensure_image(image)
         with self._errors(f"look up the image {image}"):
             try:
                 return client.images.get(image)
-            except docker.errors.ImageNotFound as exc:
+            except docker.errors.ImageNotFound as exc:  # removed since it was pulled
                 raise ImageNotFound(f"The image {image} is not on this node; {BUILD_HINT}.") from exc
+
+    def ensure_image(self, image: str, progress: PullProgressCallback | None = None) -> float | None:
+        """Have ``image`` on this node: None when it already was, else the seconds its pull took.
+
+        With ``image_pull="never"`` a missing image raises ``ImageNotFound`` saying how to load it;
+        with "missing" it is pulled if its registry is one of ``registries`` (else ``ImageNotFound``
+        saying which to add). The pull uses the credentials of the Docker config docker-py read
+        when the client was made (``~/.docker/config.json``, or ``$DOCKER_CONFIG``), and reports
+        its bytes to ``progress`` after each message of the daemon (the caller throttles)."""
+        client = self._client()
+        with self._errors(f"look up the image {image}"):
+            try:
+                client.images.get(image)
+                return None
+            except docker.errors.ImageNotFound:
+                pass
+        if self.image_pull == "never":
+            raise ImageNotFound(f"The image {image} is not on this node; {BUILD_HINT}.")
+        refusal = images.pull_refusal(image, self.registries)
+        if refusal:
+            raise ImageNotFound(refusal)
+        began = time.monotonic()
+        tally = images.PullProgress()
+        try:
+            # No timeout on the stream (docker-py's pull sets none): a large image takes minutes;
+            # the route's progress shows it moving, and the control plane fails a start that stalls.
+            for message in client.api.pull(image, stream=True, decode=True):
+                tally.feed(message)
+                if tally.error:
+                    break
+                if progress is not None:
+                    progress(tally.done, tally.total)
+        except docker.errors.APIError as exc:
+            raise ImageNotFound(f"Pulling the image {image} failed: {explain(exc)}.") from exc
+        except Exception as exc:  # the connection to the daemon broke mid-stream
+            raise ImageNotFound(f"Pulling the image {image} failed: {exc}.") from exc
+        if tally.error:
+            raise ImageNotFound(f"Pulling the image {image} failed: {tally.error.rstrip('.')}.")
+        return time.monotonic() - began
 
     def _create(self, client: docker.DockerClient, spec: ReplicaSpec, kwargs: dict[str, Any]) -> Any:
         with self._errors(f"create the container {spec.name}"):
