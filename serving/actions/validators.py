@@ -270,7 +270,8 @@ def check_model_names(names: Any, endpoint: Endpoint) -> list[str]:
         if endpoint.project_id
         else peers.filter(owner=endpoint.owner_id, project__isnull=True)
     )
-    for peer in peers.only("name", "environ", "model_names"):
+    # (A service of the same owner and name is the name rule's to report, in its own words.)
+    for peer in peers.exclude(owner=endpoint.owner_id, name=endpoint.name).only("name", "environ", "model_names"):
         taken = set(served_model_names(peer)) & set(wanted)
         if taken:
             raise ValidationError(
