@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import json
 import logging
 import os
 import signal
@@ -41,6 +42,7 @@ import socket
 import threading
 import time
 
+from proxy import gateway
 from proxy.admin import Admin
 from proxy.config import Config
 from proxy.downstream import Downstream
@@ -56,7 +58,8 @@ _monotonic = time.monotonic
 _time = time.time
 
 SCHEMES = ("backendai", "bearer")
-PLATFORM_KINDS = (tokens.ENDPOINT_TOKEN_KIND, tokens.API_KEY_KIND)
+PLATFORM_KINDS = (tokens.ENDPOINT_TOKEN_KIND, tokens.API_KEY_KIND, tokens.GATEWAY_KEY_KIND)
+INVALID_REQUEST = "invalid_request_error"  # OpenAI's error type for a request it refuses
 CHALLENGE = b'WWW-Authenticate: Bearer realm="modelserve", BackendAI realm="modelserve"\r\n'
 TOKEN_CACHE_SIZE = 10_000
 DRAIN_SECONDS = 5.0  # on SIGTERM, requests in flight get this long to finish
@@ -88,6 +91,7 @@ class Proxy:
         self.reporter = Reporter(config.redis_url, config.prefix, self.instance, self.table, config.stats_interval)
         self.downstreams: set[Downstream] = set()
         self.token_cache: dict[bytes, tuple[str, str, str]] = {}  # header -> (lookup, token, digest)
+        self.gateway_cache: dict[bytes, tuple[str, str, str]] = {}  # the same for gateway keys
         self.replay_limit = config.replay_limit
         self.queue_limit = config.queue_limit
         self.keep_token = config.keep_token
@@ -133,6 +137,9 @@ class Proxy:
                 slug = host[: -len(self.domain_suffix)].decode("latin-1")
         if slug is None:
             if target[:3] != b"/e/":
+                if target[:4] == b"/v1/":
+                    self._gateway(ex, target)
+                    return
                 ex.respond(
                     404,
                     "not_found",
@@ -171,6 +178,13 @@ class Proxy:
             forward_auth = self.keep_token
         elif auth is not None and not self.keep_token and self._is_platform_token(auth):
             forward_auth = False
+        self._admit(ex, endpoint, path, prefix, forward_auth)
+
+    def _admit(self, ex: Exchange, endpoint: Endpoint, path: bytes, prefix: bytes, forward_auth: bool) -> None:
+        """Send a request whose endpoint is known and allowed: the endpoint's limit, the forwarded
+        head, then a route."""
+        slug = endpoint.slug
+        auth = ex.auth
         if endpoint.in_flight >= self.queue_limit * endpoint.capacity:
             endpoint.stats.codes[4] += 1
             endpoint.stats.throttled += 1
@@ -228,6 +242,186 @@ class Proxy:
             # The replica gets no Expect. (Never to an HTTP/1.0 client: RFC 9110 10.1.1.)
             ex.down.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.forward(ex)
+
+    # --- the gateway: routing by model (proxy/gateway.py) -------------------------------------------
+
+    def _gateway(self, ex: Exchange, target: bytes) -> None:
+        """A request at the root's /v1/: answered here (/v1/models) or routed by its body's model."""
+        path = target.partition(b"?")[0]
+        if len(path) > 1 and path[-1:] == b"/":
+            path = path[:-1]
+        is_models = path == gateway.MODELS_PATH or path[:11] == b"/v1/models/"
+        if path not in gateway.MODEL_PATHS and not is_models:
+            ex.respond(
+                404,
+                "unknown_url",
+                f"Unknown URL {path.decode('latin-1')!r}: the gateway serves /v1/chat/completions, /v1/completions, "
+                "/v1/embeddings, /v1/responses and /v1/models; call a service's other paths at /e/<service slug>/.",
+                kind=INVALID_REQUEST,
+            )
+            return
+        if not self.table.loaded:
+            ex.respond(
+                503,
+                "routing_table_not_loaded",
+                "The proxy has not loaded its routing table yet (is Redis reachable?).",
+                b"Retry-After: 1\r\n",
+            )
+            return
+        key = self._gateway_key(ex.auth)
+        if isinstance(key, tuple):
+            ex.respond(401, key[0], key[1], CHALLENGE, kind=INVALID_REQUEST)
+            return
+        if is_models:
+            if ex.method not in (b"GET", b"HEAD"):
+                ex.respond(405, "method_not_allowed", "Use GET for /v1/models.", kind=INVALID_REQUEST)
+                return
+            names = self._models_for(key)
+            if path == gateway.MODELS_PATH:
+                self._answer_json(ex, gateway.models_body(names))
+                return
+            wanted = path[11:].decode("latin-1")
+            for name, owner in names:
+                if name == wanted:
+                    self._answer_json(
+                        ex,
+                        json.dumps({"id": name, "object": "model", "created": 0, "owned_by": owner}).encode(),
+                    )
+                    return
+            self._unknown_model(ex, wanted)
+            return
+        if ex.method != b"POST":
+            ex.respond(405, "method_not_allowed", f"Use POST for {path.decode('latin-1')}.", kind=INVALID_REQUEST)
+            return
+        if ex.upgrade is not None:
+            ex.respond(400, "bad_request", "The gateway does not switch protocols.", kind=INVALID_REQUEST)
+            return
+        ex.gateway_key = key
+        ex.sniffed = bytearray()
+        if ex.request_done or ex.body_size:
+            # A pipelined request whose body came before its turn: what was kept of it.
+            if ex.chunked or ex.body is None:
+                ex.respond(
+                    400,
+                    "pipelined",
+                    "Send this request after the answer to the one before it (no pipelining with a chunked body).",
+                    kind=INVALID_REQUEST,
+                )
+                return
+            ex.sniffed += b"".join(ex.body)
+            self.sniff(ex)
+            return
+        if ex.expect and ex.version11:
+            # The body is needed to choose a service: ask for it now; the replica gets no Expect.
+            ex.down.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            ex.expect = False
+
+    def sniff(self, ex: Exchange) -> None:
+        """Called with each piece of a gateway request's body and at its end, until the model is known."""
+        buf = ex.sniffed
+        assert buf is not None
+        done = ex.request_done
+        size = len(buf)
+        if not done and size < gateway.SNIFF_LIMIT and size < 2 * ex.sniff_scanned:
+            return  # scanned again once what arrived doubles: O(n) scanning in all
+        ex.sniff_scanned = size
+        found = gateway.model_of_body(bytes(buf[: gateway.SNIFF_LIMIT]), done and size <= gateway.SNIFF_LIMIT)
+        if isinstance(found, tuple):
+            verdict = found[0]
+            if verdict == gateway.MORE and not done and size < gateway.SNIFF_LIMIT:
+                return
+            ex.sniffed = None
+            if verdict == gateway.INVALID:
+                message = "The request body must be a JSON object with a string 'model'."
+            else:
+                message = "The request body names no model: send 'model' (one of GET /v1/models)" + (
+                    f" within its first {gateway.SNIFF_LIMIT // 1024} KiB." if size >= gateway.SNIFF_LIMIT else "."
+                )
+            ex.respond(400, "invalid_model", message, kind=INVALID_REQUEST)
+            return
+        ex.sniffed = None
+        key = ex.gateway_key
+        assert isinstance(key, gateway.GatewayKey)
+        endpoint = None
+        for candidate in self.table.by_model(found):
+            if key.may_call(candidate):
+                endpoint = candidate
+                if candidate.routes:
+                    break  # one with a healthy replica first
+        if endpoint is None:
+            self._unknown_model(ex, found)
+            return
+        ex.gateway = True
+        self.reporter.last_used[key.lookup] = _time()
+        self._admit(ex, endpoint, ex.target, b"", self.keep_token)
+
+    def _gateway_key(self, header: bytes | None) -> gateway.GatewayKey | tuple[str, str]:
+        """The live gateway key an Authorization header holds, else (error code, message)."""
+        if header is None:
+            return (
+                "missing_api_key",
+                "The gateway needs a key: send 'Authorization: Bearer <gateway key>' (an OpenAI client's api_key).",
+            )
+        cached = self.gateway_cache.get(header)
+        if cached is not None:
+            lookup, token, digest = cached
+        else:
+            credential = tokens.from_authorization(header.decode("latin-1"), schemes=SCHEMES)
+            parsed = tokens.parse(credential) if credential else None
+            if parsed is None or parsed.kind != tokens.GATEWAY_KEY_KIND:
+                return (
+                    "invalid_api_key",
+                    "The Authorization header does not hold a gateway key: send 'Authorization: Bearer msg_...' "
+                    "with a key from the gateway keys page.",
+                )
+            lookup, token, digest = parsed.lookup, parsed.token, ""
+        key = self.table.keys.get(lookup)
+        if key is None:
+            return "invalid_api_key", "The gateway key is unknown or revoked."
+        if not hmac.compare_digest(key.digest, digest):
+            if not tokens.verify(token, key.digest, self.key):
+                return "invalid_api_key", "The gateway key is unknown or revoked."
+            if len(self.gateway_cache) >= TOKEN_CACHE_SIZE:
+                self.gateway_cache.clear()
+            self.gateway_cache[header] = (lookup, token, key.digest)
+        if key.expires <= _time():
+            return "expired_api_key", "The gateway key has expired; create a new one."
+        return key
+
+    def _models_for(self, key: gateway.GatewayKey) -> list[tuple[str, str]]:
+        """The model names ``key`` may call, sorted, each with its service's project (or owner)."""
+        seen: dict[str, str] = {}
+        for endpoint in self.table.endpoints.values():
+            if endpoint.models and key.may_call(endpoint):
+                for name in endpoint.models:
+                    seen.setdefault(name, endpoint.project or endpoint.owner or "modelserve")
+        return sorted(seen.items())
+
+    def _unknown_model(self, ex: Exchange, name: str) -> None:
+        # A model the key may not call gets exactly this too: no way to learn what others serve.
+        ex.respond(
+            404,
+            "model_not_found",
+            f"The model {name!r} does not exist or you do not have access to it; GET /v1/models lists yours.",
+            kind=INVALID_REQUEST,
+        )
+
+    def _answer_json(self, ex: Exchange, body: bytes) -> None:
+        """A 200 JSON answer from the proxy itself (ex.respond's framing, with a success status)."""
+        down = ex.down
+        closing = not ex.keep_alive
+        down.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nX-Request-ID: %b\r\n%b\r\n%b"
+            % (
+                len(body),
+                ex.rid or self.request_id(),
+                b"Connection: close\r\n" if closing else b"",
+                b"" if ex.head_request else body,
+            )
+        )
+        ex.response_started = ex.response_done = ex.ended = True
+        if ex.request_done or closing:
+            down.finish(ex)
 
     @staticmethod
     def _origin_form(ex: Exchange) -> bytes:

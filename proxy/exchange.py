@@ -137,6 +137,10 @@ class RelayState(Protocol):
         """Send a routed request to a replica (again, after one failed before answering)."""
         ...
 
+    def sniff(self, ex: Exchange) -> None:
+        """More of a gateway request's body came (or all of it): route it once its model is known."""
+        ...
+
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
@@ -145,8 +149,8 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message, "type": "proxy_error"}}).encode()
+def error_body(code: str, message: str, kind: str = "proxy_error") -> bytes:
+    return json.dumps({"error": {"code": code, "message": message, "type": kind}}).encode()
 
 
 class Refused(Exception):
@@ -238,6 +242,12 @@ class Exchange:
     nominated: list[bytes] | None = None  # headers named in Connection: removed before forwarding
     idempotency_key = False
     revision: bytes | None = None  # X-Modelserve-Revision: the revision the client pinned (issue 16)
+    # The gateway (proxy/gateway.py): the body's start while its model is looked for, and the answer
+    # names the service (X-Modelserve-Service) once one is chosen.
+    sniffed: bytearray | None = None
+    sniff_scanned = 0
+    gateway = False
+    gateway_key: object = None
     endpoint: Endpoint | None = None
     route: Route | None = None
     conn: Upstream | None = None
@@ -275,9 +285,14 @@ class Exchange:
             return  # answered already (an early or local response): the rest is discarded
         self.last_active = _monotonic()
         self._body_piece(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk)
+        if self.sniffed is not None:
+            self.sniffed += chunk
+            self.down.proxy.sniff(self)
 
     def on_request_done(self) -> None:
         self.request_done = True
+        if self.sniffed is not None and not (self.response_done or self.ended):
+            self.down.proxy.sniff(self)
         if self.chunked and not (self.response_done or self.ended):
             self._body_piece(b"0\r\n\r\n")
         if self.response_done:
@@ -290,7 +305,7 @@ class Exchange:
                 body = self.body = []
             body.append(piece)
             self.body_size += len(piece)
-            if self.body_size > self.down.proxy.replay_limit:
+            if self.body_size > self.down.proxy.replay_limit and self.sniffed is None:
                 # Too big to keep for a retry: from now on it streams through, once.
                 self.replayable = False
                 self.body = None
@@ -434,14 +449,14 @@ class Exchange:
             return self.method == b"POST" and inference_path(self.line)
         return policy == RETRY_ALL
 
-    def respond(self, status: int, code: str, message: str, extra: bytes = b"") -> None:
+    def respond(self, status: int, code: str, message: str, extra: bytes = b"", kind: str = "proxy_error") -> None:
         """Answer the client from the proxy itself (errors: JSON ``{"error": {...}}``)."""
         if self.conn is not None:
             conn, self.conn = self.conn, None
             conn.ex = None
             conn.close()
         down = self.down
-        body = error_body(code, message)
+        body = error_body(code, message, kind)
         # The body still coming is discarded while it is small; a big or endless one (or a
         # connection switching protocols) is not worth reading: close after this answer.
         if (not self.request_done or self.upgrade is not None) and (

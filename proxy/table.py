@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
+from proxy.gateway import GatewayKey
 from proxy.metrics import EndpointStats
 
 if TYPE_CHECKING:
@@ -113,8 +114,11 @@ class Endpoint:
         "forward_cookies",
         "id",
         "in_flight",
+        "models",
         "name",
+        "owner",
         "platform_cookies",
+        "project",
         "public",
         "raw",
         "retry_policy",
@@ -134,6 +138,9 @@ class Endpoint:
         self.slug = slug
         self.id = ""
         self.name = ""
+        self.project = ""  # the gateway (proxy/gateway.py): whose keys may call it, and by which names
+        self.owner = ""
+        self.models: tuple[str, ...] = ()
         self.public = False
         self.forward_cookies = False  # cookies pass both ways, except the platform's own
         self.platform_cookies = DEFAULT_PLATFORM_COOKIES
@@ -174,6 +181,9 @@ class Endpoint:
         tokens = {str(k): (str(v["digest"]), float(v["expires"])) for k, v in (entry.get("tokens") or {}).items()}
         self.id = str(entry.get("id", ""))
         self.name = str(entry.get("name", "") or self.slug)
+        self.project = str(entry.get("project") or "")
+        self.owner = str(entry.get("owner") or "")
+        self.models = tuple(str(m) for m in entry.get("models") or ())
         self.public = bool(entry.get("public"))
         self.forward_cookies = entry.get("forward_cookies") is True
         self.platform_cookies = platform_cookies(entry.get("platform_cookies"))
@@ -318,9 +328,12 @@ class Table:
         self.key = f"{prefix}:routing"
         self.channel = f"{prefix}:routing:updates"
         self.complete_key = f"{prefix}:routing:complete"
+        self.keys_key = f"{prefix}:gateway:keys"
         self.resync_interval = resync_interval
         self.endpoints: dict[str, Endpoint] = {}
         self.stats: dict[str, EndpointStats] = {}  # outlive their endpoint: counters never go back
+        self.keys: dict[str, GatewayKey] = {}  # gateway keys by lookup (proxy/gateway.py)
+        self._models: dict[str, list[Endpoint]] | None = None  # model name -> endpoints; None: to rebuild
         self.loaded = False
         self.loaded_at = 0.0  # epoch of the last full load
         self.connected = False
@@ -332,6 +345,7 @@ class Table:
     # --- applying entries (pure, synchronous; unit-tested without Redis) ------------------------
 
     def apply(self, slug: str, entry: dict[str, Any] | None, raw: bytes | None = None) -> None:
+        self._models = None
         if entry is None:
             gone = self.endpoints.pop(slug, None)
             if gone is not None:
@@ -361,6 +375,38 @@ class Table:
             route.retire()
         if endpoint.routes and endpoint.waiters:
             self._wake(endpoint)
+
+    def by_model(self, name: str) -> list[Endpoint]:
+        """The endpoints that declare the model ``name`` (names are unique per project, so several
+        when keys of different projects use one name); the index is rebuilt after a change."""
+        models = self._models
+        if models is None:
+            models = {}
+            for endpoint in self.endpoints.values():
+                for model in endpoint.models:
+                    models.setdefault(model, []).append(endpoint)
+            self._models = models
+        return models.get(name) or []
+
+    def apply_key(self, lookup: str, entry: dict[str, Any] | None) -> None:
+        if entry is None:
+            self.keys.pop(lookup, None)
+            return
+        try:
+            self.keys[lookup] = GatewayKey.from_entry(lookup, entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.keys.pop(lookup, None)
+            log.warning("gateway key entry %r ignored (%s: %s)", lookup, exc.__class__.__name__, exc)
+
+    def load_keys(self, entries: dict[bytes, bytes], complete: bool) -> None:
+        keys: dict[str, GatewayKey] = {} if complete else dict(self.keys)
+        for lookup_b, value in entries.items():
+            lookup = lookup_b.decode()
+            try:
+                keys[lookup] = GatewayKey.from_entry(lookup, json.loads(value))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("gateway key entry %r ignored (%s: %s)", lookup, exc.__class__.__name__, exc)
+        self.keys = keys
 
     def _wake(self, endpoint: Endpoint) -> None:
         if endpoint.waiters and self.on_routes is not None:
@@ -412,6 +458,11 @@ class Table:
             return False
         if message.get("resync"):
             return True
+        lookup = message.get("gateway_key")
+        if isinstance(lookup, str):
+            entry = message.get("entry")
+            self.apply_key(lookup, entry if isinstance(entry, dict) else None)
+            return False
         slug = message.get("slug")
         if isinstance(slug, str):
             entry = message.get("entry")
@@ -431,8 +482,9 @@ class Table:
                 await self._task
 
     async def _load_from(self, client: aioredis.Redis) -> None:
-        entries, complete = await _read_table(client, self.key, self.complete_key)
+        entries, complete, keys = await _read_table(client, self.key, self.complete_key, self.keys_key)
         self.load(entries, complete)
+        self.load_keys(keys, complete)
 
     async def _follow(self) -> None:
         outage_since: float | None = None
@@ -486,13 +538,16 @@ class Table:
                 delay = min(delay * 2, 0.5)
 
 
-async def _read_table(client: aioredis.Redis, key: str, complete_key: str) -> tuple[dict[bytes, bytes], bool]:
-    """The hash and whether it is complete, in one MULTI (a full write sets both at once)."""
+async def _read_table(
+    client: aioredis.Redis, key: str, complete_key: str, keys_key: str
+) -> tuple[dict[bytes, bytes], bool, dict[bytes, bytes]]:
+    """The hash, whether it is complete, and the gateway keys, in one MULTI (a full write sets all)."""
     pipe = client.pipeline(transaction=True)
     pipe.hgetall(key)
     pipe.exists(complete_key)
-    entries, complete = await pipe.execute()
-    return entries, bool(complete)
+    pipe.hgetall(keys_key)
+    entries, complete, keys = await pipe.execute()
+    return entries, bool(complete), keys
 
 
 async def _close(pubsub: Any, client: aioredis.Redis) -> None:

@@ -54,6 +54,12 @@ MODE_CHUNK = 3  # the replica ends the body by closing: re-framed as chunks for 
 MODE_UNTIL_CLOSE = 4  # ... or relayed and ended by closing, for an HTTP/1.0 client
 
 
+def _service_header(ex: Exchange) -> bytes:
+    """Which service answered a request to the gateway (proxy/gateway.py)."""
+    endpoint = ex.endpoint
+    return b"X-Modelserve-Service: %b\r\n" % (endpoint.slug.encode("latin-1") if endpoint is not None else b"-")
+
+
 class Upstream(asyncio.Protocol):
     """One connection to a replica; pooled per route between requests (HTTP/1.1 keep-alive).
 
@@ -190,6 +196,9 @@ class Upstream(asyncio.Protocol):
         ):
             # The common case: nothing to change, the head goes as it came; so does the body.
             self.mode = MODE_PASS
+            if ex.gateway:
+                line = buf.find(b"\r\n") + 2
+                return buf[:line] + _service_header(ex) + buf[line:]
             return buf
         return self._rebuilt_head(ex, buf, end, status)
 
@@ -198,6 +207,8 @@ class Upstream(asyncio.Protocol):
         head, body = buf[:end], buf[end + 4 :]
         lines = head.split(b"\r\n")
         kept = [b"HTTP/1.1 " + lines[0][9:]]
+        if ex.gateway:
+            kept.append(_service_header(ex)[:-2])
         has_length = chunked = False
         nominated: set[bytes] = set()  # headers a Connection header names are hop-by-hop too
         for line in lines[1:]:

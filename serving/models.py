@@ -144,6 +144,9 @@ class Endpoint(models.Model):
         help_text=_("seconds without a request before the service sleeps at 0 replicas; empty: never"),
     )
     slept_at = models.DateTimeField(null=True, blank=True)
+    # The model names it answers to at the proxy's OpenAI-compatible root (issue 17, proxy/gateway.py);
+    # empty: its MODEL_NAME environment variable, else its name. Unique per project (or per owner).
+    model_names = models.JSONField(default=list, blank=True)
     wake_replicas = models.PositiveIntegerField(default=1)  # the count a wake restores
     # When a request woke it; cleared when its first replica is healthy (the cold start is logged).
     woke_at = models.DateTimeField(null=True, blank=True)
@@ -478,6 +481,51 @@ class Node(models.Model):
         if self.heartbeat_at is None or self.lost_at is not None:
             return False
         return (now - self.heartbeat_at).total_seconds() < settings.NODE_LOST_AFTER
+
+
+def served_model_names(endpoint: Endpoint) -> list[str]:
+    """The names a service answers to at the gateway: its own list, else MODEL_NAME, else its name."""
+    if endpoint.model_names:
+        return [str(n) for n in endpoint.model_names]
+    named = str((endpoint.environ or {}).get("MODEL_NAME") or "").strip()
+    return [named or endpoint.name]
+
+
+class GatewayKey(models.Model):
+    """A key for the proxy's OpenAI-compatible root (issue 17): a user's or a project's, for chosen
+    services (none chosen: every service of its scope). Only its HMAC digest is stored."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=64)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="gateway_keys")
+    # Set: the project's key (its services, its managers keep it); empty: the owner's own key.
+    project = models.ForeignKey(
+        "accounts.Project", on_delete=models.CASCADE, null=True, blank=True, related_name="gateway_keys"
+    )
+    services = models.ManyToManyField(Endpoint, blank=True, related_name="gateway_keys")
+    lookup = models.CharField(max_length=16, unique=True)
+    digest = models.CharField(max_length=64)
+    expires_at = models.DateTimeField()
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    max_concurrency = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}_…"
+
+    @property
+    def prefix(self) -> str:
+        return f"msg_{self.lookup}"
+
+    def is_active(self, now: Any = None) -> bool:
+        now = now or timezone.now()
+        return self.revoked_at is None and self.expires_at > now
 
 
 class EndpointToken(models.Model):

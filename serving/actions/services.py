@@ -29,6 +29,7 @@ from serving.actions.validators import (
     check_extra_mounts,
     check_forward_cookies,
     check_model_folder,
+    check_model_names,
     check_mount_path,
     check_resource_group,
     check_retry_policy,
@@ -154,6 +155,8 @@ def do_modify_service(
             check_forward_cookies(value)
         elif field == "retry_policy":
             check_retry_policy(value)
+        elif field == "model_names":
+            value = check_model_names(value, endpoint)
         elif field == "resource_group" and value != endpoint.resource_group:
             check_resource_group(value or "default")
         elif field == "extra_mounts":

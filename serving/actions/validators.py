@@ -10,6 +10,7 @@ they write; the pages and the API call them to report problems early.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from serving import folders
 from serving.core import architecture, definitions, devices, slots
 from serving.core.definitions import replica_mem_problem
 from serving.core.runtimes import RUNTIMES
-from serving.models import Endpoint, Node, ResourcePreset, RetryPolicy
+from serving.models import Endpoint, Node, ResourcePreset, RetryPolicy, served_model_names
 from storage import fs
 from storage.models import Folder
 
@@ -54,6 +55,7 @@ MODIFIABLE_FIELDS = REPLACING_FIELDS | {
     "scaling_cooldown",
     "retry_policy",
     "idle_timeout",
+    "model_names",
 }
 
 
@@ -243,6 +245,44 @@ def check_forward_cookies(forward_cookies: bool) -> None:
         )
 
 
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+
+def check_model_names(names: Any, endpoint: Endpoint) -> list[str]:
+    """A service's served model names (issue 17): a list of distinct names, none served by another
+    live service of its project (or, without a project, of its owner)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValidationError({"model_names": 'Give model_names as a list of strings, e.g. ["llama-3-8b"].'})
+    if len(names) > 32 or len(set(names)) != len(names):
+        raise ValidationError({"model_names": "Give at most 32 model names, each once."})
+    for name in names:
+        if not MODEL_NAME_RE.match(name):
+            raise ValidationError(
+                {
+                    "model_names": f"{name!r} is not a model name: use up to 128 letters, digits and . _ : / @ + -, "
+                    "starting with a letter or digit."
+                }
+            )
+    wanted = names or served_model_names(endpoint)
+    peers = Endpoint.objects.live().exclude(pk=endpoint.pk)
+    peers = (
+        peers.filter(project=endpoint.project)
+        if endpoint.project_id
+        else peers.filter(owner=endpoint.owner_id, project__isnull=True)
+    )
+    # (A service of the same owner and name is the name rule's to report, in its own words.)
+    for peer in peers.exclude(owner=endpoint.owner_id, name=endpoint.name).only("name", "environ", "model_names"):
+        taken = set(served_model_names(peer)) & set(wanted)
+        if taken:
+            raise ValidationError(
+                {
+                    "model_names": f"Service {peer.name!r} already serves {sorted(taken)[0]!r}: model names are "
+                    "unique per project; choose another name (or an alias for several services)."
+                }
+            )
+    return list(names)
+
+
 def check_retry_policy(policy: str) -> None:
     if policy not in RetryPolicy.values:
         raise ValidationError(
@@ -283,6 +323,7 @@ class ServiceConfig:
     preset: ResourcePreset | None
     project: Project | None
     architecture: str = ""
+    model_names: tuple[str, ...] = ()
 
 
 def _by_field(exc: ValidationError) -> dict[str, list[str]]:
@@ -334,6 +375,7 @@ def check_service_config(
     resource_group: str = "default",
     preset: ResourcePreset | None = None,
     project: Project | None = None,
+    model_names: list[str] | None = None,
 ) -> ServiceConfig:
     """Check a launcher configuration and fill what it leaves out.
 
@@ -403,8 +445,10 @@ def check_service_config(
         resource_group=resource_group or "default",
         preset=preset,
         project=project,
+        model_names=tuple(model_names or ()),
     )
     endpoint = build(config, acting_user)
+    attempt(check_model_names, list(config.model_names), endpoint)
     attempt(check_shared_definition, endpoint)
     attempt(
         lambda: endpoint.full_clean(
@@ -422,6 +466,7 @@ def build(config: ServiceConfig, owner: User) -> Endpoint:
         name=config.name,
         owner=owner,
         project=config.project,
+        model_names=list(config.model_names),
         model_folder=config.folder,
         runtime=config.runtime,
         model_mount=config.model_mount,

@@ -16,7 +16,8 @@ import redis
 from django.conf import settings
 from django.utils import timezone
 
-from serving.models import Endpoint, EndpointToken, Route
+from accounts.models import Membership
+from serving.models import Endpoint, EndpointToken, GatewayKey, Route, served_model_names
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ def build_entry(endpoint: Endpoint, routes: list[Route], active_tokens: list[End
         "name": endpoint.name,
         "public": endpoint.open_to_public,
         "status": status,
+        # The gateway (proxy/gateway.py): the model names it answers to, and whose keys may call it.
+        "models": served_model_names(endpoint),
+        "project": str(endpoint.project_id or ""),
+        "owner": str(endpoint.owner_id),
         "routes": [
             {"id": str(r.pk), "host": r.host, "port": r.port, "weight": r.traffic_ratio, "revision": r.spec_version}
             for r in routes
@@ -76,6 +81,51 @@ def build_entry(endpoint: Endpoint, routes: list[Route], active_tokens: list[End
         or endpoint.slept_at is not None
         or endpoint.woke_at is not None,
     }
+
+
+def gateway_keys_key() -> str:
+    """The gateway keys the proxies accept (proxy/gateway.py): lookup -> JSON entry."""
+    return f"{settings.REDIS_PREFIX}:gateway:keys"
+
+
+def build_key_entry(key: GatewayKey, projects: list[str]) -> dict[str, Any]:
+    """The proxy's view of a gateway key: its digest, expiry and scope. ``projects``: a user key's
+    projects (the user's memberships now: a later change reaches the proxies with the next full write)."""
+    return {
+        "digest": key.digest,
+        "expires": key.expires_at.timestamp(),
+        "services": [str(pk) for pk in key.services.values_list("pk", flat=True)],
+        "projects": [str(key.project_id)] if key.project_id else projects,
+        "owner": "" if key.project_id else str(key.owner_id),
+    }
+
+
+def _user_projects(user_id: Any) -> list[str]:
+    return [str(p) for p in Membership.objects.filter(user_id=user_id).values_list("project_id", flat=True)]
+
+
+def publish_gateway_key(key_id: str) -> None:
+    """Write one gateway key's entry (or remove it when revoked or gone) and announce the change."""
+    key = GatewayKey.objects.filter(pk=key_id).first()
+    client = get_redis()
+    if key is None:
+        return
+    pipe = client.pipeline()
+    if not key.is_active():
+        pipe.hdel(gateway_keys_key(), key.lookup)
+        pipe.publish(updates_channel(), json.dumps({"gateway_key": key.lookup, "entry": None}))
+    else:
+        entry = build_key_entry(key, _user_projects(key.owner_id))
+        pipe.hset(gateway_keys_key(), key.lookup, json.dumps(entry, separators=(",", ":")))
+        pipe.publish(updates_channel(), json.dumps({"gateway_key": key.lookup, "entry": entry}))
+    pipe.execute()
+
+
+def publish_gateway_key_safely(key_id: str) -> None:
+    try:
+        publish_gateway_key(key_id)
+    except redis.RedisError as exc:
+        log.warning("gateway key update %s deferred: %s", key_id, exc)
 
 
 def revision_shares(endpoint: Endpoint) -> dict[str, int]:
@@ -136,11 +186,18 @@ def publish_all() -> int:
         for e in live
     }
     stale = set(k.decode() for k in client.hkeys(table_key())) - set(entries)
-    pipe = client.pipeline()  # MULTI/EXEC: a proxy reads the table and the mark together
+    keys: dict[str | bytes, bytes | float | int | str] = {
+        key.lookup: json.dumps(build_key_entry(key, _user_projects(key.owner_id)), separators=(",", ":"))
+        for key in GatewayKey.objects.filter(revoked_at__isnull=True, expires_at__gt=now)
+    }
+    pipe = client.pipeline()  # MULTI/EXEC: a proxy reads the table, the keys and the mark together
     if stale:
         pipe.hdel(table_key(), *stale)
     if entries:
         pipe.hset(table_key(), mapping=entries)
+    pipe.delete(gateway_keys_key())
+    if keys:
+        pipe.hset(gateway_keys_key(), mapping=keys)
     pipe.set(complete_key(), timezone.now().isoformat())
     pipe.publish(updates_channel(), json.dumps({"resync": True}))
     pipe.execute()

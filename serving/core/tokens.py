@@ -1,6 +1,6 @@
 """Pure token maths shared by the web app and the proxy: mint, digest, parse, verify (docs/architecture.md).
 
-A token is ``<kind>_<lookup>_<secret>``: a readable kind (``mst`` endpoint token, ``msk`` API key),
+A token is ``<kind>_<lookup>_<secret>``: a readable kind (``mst`` endpoint token, ``msk`` API key, ``msg`` gateway key),
 a 10-character lookup id stored in clear and indexed, and a 32-byte random secret. Only an
 HMAC-SHA256 digest of the whole token is stored, keyed by an installation secret, so a leaked
 database gives nothing that works. Lookups go by the lookup id; the digest is compared in constant
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 ENDPOINT_TOKEN_KIND = "mst"
 API_KEY_KIND = "msk"
+GATEWAY_KEY_KIND = "msg"  # a gateway key: the proxy's OpenAI-compatible root, several services (issue 17)
 _LOOKUP_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no 0/o/1/l: read aloud without mistakes
 LOOKUP_LEN = 10
 # Tokens are short; anything longer is refused before any hashing (cheap rejection of garbage).

@@ -16,6 +16,7 @@ from serving.models import (
     AutoScalingRule,
     Endpoint,
     EndpointToken,
+    GatewayKey,
     Node,
     ResourcePreset,
     RetryPolicy,
@@ -134,6 +135,7 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
             "open_to_public",
             "forward_cookies",
             "retry_policy",
+            "model_names",
             "idle_timeout",
             "owner",
             "project",
@@ -175,6 +177,16 @@ class _ServiceInputFields(serializers.Serializer[Any]):
             "Pass callers' cookies to the replicas and their Set-Cookie back (off: the proxy removes both). "
             "The web app's own session, CSRF and language cookies are removed even when on. "
             "Needs SERVING_DOMAIN (each service on its own host name; cookies pass only there); refused otherwise."
+        ),
+    )
+    model_names = serializers.ListField(
+        child=serializers.CharField(max_length=128),
+        required=False,
+        max_length=32,
+        help_text=(
+            "The model names this service answers to at the proxy's OpenAI-compatible root (<proxy>/v1/...), "
+            "routed by the request body's model; empty: its MODEL_NAME environment variable, else its name. "
+            "Unique per project."
         ),
     )
     retry_policy = serializers.ChoiceField(
@@ -550,3 +562,71 @@ class TrafficSerializer(serializers.Serializer[Any]):
                 {"traffic": 'Send {"<revision>": percent, ...}, e.g. {"1": 90, "2": 10}.'}
             )
         return data
+
+
+class GatewayKeySerializer(serializers.ModelSerializer[GatewayKey]):
+    """A gateway key as listed: never the key itself (only in the creation response)."""
+
+    prefix = serializers.CharField(read_only=True)
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    project = serializers.IntegerField(source="project_id", read_only=True, allow_null=True)
+    services = serializers.SerializerMethodField()
+    active = serializers.SerializerMethodField()
+
+    class Meta:
+        model = GatewayKey
+        fields = [
+            "id",
+            "name",
+            "prefix",
+            "owner",
+            "project",
+            "services",
+            "expires_at",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "max_concurrency",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
+            "active",
+        ]
+        read_only_fields = fields
+
+    def get_services(self, obj: GatewayKey) -> list[str]:
+        return [str(pk) for pk in obj.services.values_list("pk", flat=True)]
+
+    def get_active(self, obj: GatewayKey) -> bool:
+        return obj.is_active()
+
+
+class GatewayKeyCreateSerializer(serializers.Serializer[Any]):
+    name = serializers.CharField(max_length=64)
+    services = serializers.ListField(
+        child=serializers.UUIDField(),
+        required=False,
+        help_text="Service ids the key may call; empty or absent: every service of its scope (the project, or yours).",
+    )
+    project = serializers.IntegerField(required=False, allow_null=True, help_text="Make it the project's key.")
+    expires_at = serializers.DateTimeField(required=False, help_text="Default: 90 days from now.")
+    requests_per_minute = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    tokens_per_minute = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    max_concurrency = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+
+    def validate_project(self, value: int | None) -> Project | None:
+        if value is None:
+            return None
+        project = Project.objects.of(self.context["request"].user).filter(pk=value).first()
+        if project is None:
+            raise serializers.ValidationError("No such project, or you are not a member of it.")
+        return project
+
+    def validate_services(self, value: list[Any]) -> list[Endpoint]:
+        user = self.context["request"].user
+        found = {str(e.pk): e for e in Endpoint.objects.visible_to(user).live().filter(pk__in=value)}
+        missing = [str(v) for v in value if str(v) not in found]
+        if missing:
+            raise serializers.ValidationError(
+                f"No such service, or you may not call it: {', '.join(missing)}. Use ids from /api/v1/services/."
+            )
+        return list(found.values())

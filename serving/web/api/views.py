@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
+from django.db.models import Q
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
@@ -19,6 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from serving.actions import gateway as gateway_actions
 from serving.actions import revisions as revision_actions
 from serving.actions import rules as rule_actions
 from serving.actions import services
@@ -31,6 +33,7 @@ from serving.models import (
     AutoScalingRule,
     Endpoint,
     EndpointToken,
+    GatewayKey,
     Node,
     ResourcePreset,
     Route,
@@ -416,3 +419,44 @@ class RevisionTrafficView(APIView):
         serializer.is_valid(raise_exception=True)
         endpoint = revision_actions.do_set_traffic(endpoint, serializer.validated_data, acting_user=request.user)  # type: ignore[arg-type]
         return Response(_revisions_body(endpoint, endpoint.revisions.select_related("created_by", "endpoint")))
+
+
+def _gateway_keys(user: Any) -> Any:
+    """The keys a user may see and revoke: their own, and their managed projects'; operators all."""
+    keys = GatewayKey.objects.select_related("owner")
+    if getattr(user, "is_superuser", False):
+        return keys
+    return keys.filter(Q(owner=user) | Q(project_id__in=user.managed_project_ids()))
+
+
+class GatewayKeyListView(APIView):
+    """Keys for the proxy's OpenAI-compatible root (<proxy>/v1/...; issue 17)."""
+
+    @extend_schema(responses=s.GatewayKeySerializer(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(s.GatewayKeySerializer(_gateway_keys(request.user), many=True).data)
+
+    @extend_schema(request=s.GatewayKeyCreateSerializer, responses={201: s.GatewayKeySerializer})
+    def post(self, request: Request) -> Response:
+        """Create a key; the answer's ``key`` is shown this once (send it as ``Authorization: Bearer``)."""
+        serializer = s.GatewayKeyCreateSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        data = dict(serializer.validated_data)
+        data["expires_at"] = data.get("expires_at") or timezone.now() + timedelta(days=90)
+        key, secret = gateway_actions.do_create_gateway_key(acting_user=request.user, **data)  # type: ignore[arg-type]
+        body = dict(s.GatewayKeySerializer(key).data)
+        body["key"] = secret
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class GatewayKeyDetailView(APIView):
+    @extend_schema(responses=s.GatewayKeySerializer)
+    def get(self, request: Request, key_id: str) -> Response:
+        return Response(s.GatewayKeySerializer(get_object_or_404(_gateway_keys(request.user), pk=key_id)).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, key_id: str) -> Response:
+        """Revoke a key: every proxy refuses it within a second."""
+        key = get_object_or_404(_gateway_keys(request.user), pk=key_id)
+        gateway_actions.do_revoke_gateway_key(key)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,201 @@
+"""The gateway at the proxy's root (issue 17): the real proxy process, real llm-echo replicas, real
+Redis, and the real ``openai`` client. The routing table and the gateway keys are written into Redis
+in the format serving/bus/routing.py writes (its own tests cover that side)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from serving.core import tokens
+from tests.integration.test_proxy import KEY, Backend, Proxy, backends, wait_for
+
+__all__ = ["backends"]  # the fixture, imported for its use here
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[Proxy]:
+    p = Proxy()
+    yield p
+    p.close()
+
+
+def grant(
+    proxy: Proxy, *, services: list[str] = (), projects: list[str] = (), owner: str = "", expires: float | None = None
+) -> tokens.MintedToken:  # type: ignore[assignment]
+    """What serving/bus/routing.py does for a gateway key: write its entry, then announce it."""
+    minted = tokens.mint(tokens.GATEWAY_KEY_KIND, KEY)
+    entry = {
+        "digest": minted.digest,
+        "expires": expires or time.time() + 3600,
+        "services": list(services),
+        "projects": list(projects),
+        "owner": owner,
+    }
+    proxy.redis.hset(f"{proxy.prefix}:gateway:keys", minted.lookup, json.dumps(entry))
+    proxy.redis.publish(f"{proxy.prefix}:routing:updates", json.dumps({"gateway_key": minted.lookup, "entry": entry}))
+    return minted
+
+
+def revoke(proxy: Proxy, key: tokens.MintedToken) -> None:
+    proxy.redis.hdel(f"{proxy.prefix}:gateway:keys", key.lookup)
+    proxy.redis.publish(f"{proxy.prefix}:routing:updates", json.dumps({"gateway_key": key.lookup, "entry": None}))
+
+
+def call(
+    proxy: Proxy, path: str, key: str | None, body: Any = None, method: str | None = None, raw: bytes | None = None
+) -> tuple[int, dict[str, str], Any]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(f"http://127.0.0.1:{proxy.port}{path}", data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def chat(model: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "hello there"}], "model": model}
+
+
+def two_services(proxy: Proxy, backends: Callable[..., Backend]) -> tuple[str, str, str, str, str]:
+    """Two services of a new project serving the models ``alpha-<x>`` and ``beta-<x>``; another
+    project's third. Returns the slugs, the models and the project."""
+    tag = uuid.uuid4().hex[:6]
+    project = f"p-{tag}"
+    alpha, beta = backends(MODEL_NAME=f"alpha-{tag}"), backends(MODEL_NAME=f"beta-{tag}")
+    slug_a, slug_b = f"a-{tag}", f"b-{tag}"
+    proxy.publish(slug_a, [alpha.route()], models=[f"alpha-{tag}"], project=project, owner="1")
+    proxy.publish(slug_b, [beta.route()], models=[f"beta-{tag}"], project=project, owner="1")
+    proxy.publish(f"c-{tag}", [beta.route()], models=[f"gamma-{tag}"], project="other", owner="2")
+    return slug_a, slug_b, f"alpha-{tag}", f"beta-{tag}", project
+
+
+def test_routes_by_model_and_lists_only_the_keys_models(gw: Proxy, backends: Callable[..., Backend]) -> None:
+    slug_a, slug_b, alpha, beta, project = two_services(gw, backends)
+    key = grant(gw, projects=[project])
+    wait_for(lambda: call(gw, "/v1/chat/completions", key.token, chat(alpha))[0] == 200, what="the entries")
+
+    for model, slug in ((alpha, slug_a), (beta, slug_b)):
+        status, headers, body = call(gw, "/v1/chat/completions", key.token, chat(model))
+        assert status == 200, body
+        assert body["model"] == model  # the replica that answered serves that model
+        assert headers["X-Modelserve-Service"] == slug
+    status, headers, body = call(gw, "/v1/completions", key.token, {"model": beta, "prompt": "hi"})
+    assert status == 200 and headers["X-Modelserve-Service"] == slug_b, body
+
+    status, _, listing = call(gw, "/v1/models", key.token)
+    assert status == 200
+    assert listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == sorted([alpha, beta])  # not the other project's gamma
+    assert all(m["object"] == "model" for m in listing["data"])
+
+
+def test_unknown_and_forbidden_models_get_the_same_openai_404(gw: Proxy, backends: Callable[..., Backend]) -> None:
+    slug_a, _, alpha, beta, _ = two_services(gw, backends)
+    only_alpha = grant(gw, services=[f"id-{slug_a}"])
+    wait_for(lambda: call(gw, "/v1/chat/completions", only_alpha.token, chat(alpha))[0] == 200, what="the entries")
+
+    status, _, listing = call(gw, "/v1/models", only_alpha.token)
+    assert [m["id"] for m in listing["data"]] == [alpha]
+    unknown = call(gw, "/v1/chat/completions", only_alpha.token, chat("no-such-model"))
+    forbidden = call(gw, "/v1/chat/completions", only_alpha.token, chat(beta))
+    for status, _, body in (unknown, forbidden):
+        assert status == 404
+        assert set(body["error"]) >= {"message", "type", "code"}
+        assert body["error"]["code"] == "model_not_found"
+        assert body["error"]["type"] == "invalid_request_error"
+    assert forbidden[2]["error"]["message"].replace(beta, "X") == unknown[2]["error"]["message"].replace(
+        "no-such-model", "X"
+    )
+
+
+def test_bad_keys_and_bodies(gw: Proxy, backends: Callable[..., Backend]) -> None:
+    _, _, alpha, _, project = two_services(gw, backends)
+    key = grant(gw, projects=[project])
+    expired = grant(gw, projects=[project], expires=time.time() - 1)
+    endpoint_token = tokens.mint(tokens.ENDPOINT_TOKEN_KIND, KEY)
+    wait_for(lambda: call(gw, "/v1/chat/completions", key.token, chat(alpha))[0] == 200, what="the entries")
+
+    assert call(gw, "/v1/models", None)[0] == 401
+    assert call(gw, "/v1/models", endpoint_token.token)[2]["error"]["code"] == "invalid_api_key"
+    assert call(gw, "/v1/models", expired.token)[2]["error"]["code"] == "expired_api_key"
+    wrong = key.token[:-4] + ("AAAA" if not key.token.endswith("AAAA") else "BBBB")
+    assert call(gw, "/v1/models", wrong)[0] == 401
+
+    status, _, body = call(gw, "/v1/chat/completions", key.token, {"messages": []})
+    assert status == 400 and body["error"]["code"] == "invalid_model", body
+    assert call(gw, "/v1/chat/completions", key.token, raw=b"[1, 2]")[0] == 400
+    assert call(gw, "/v1/chat/completions", key.token, {"model": 5})[0] == 400
+    assert call(gw, "/v1/unknown", key.token, chat(alpha))[0] == 404
+
+
+def test_model_found_early_in_a_large_body_and_missing_past_the_bound(
+    gw: Proxy, backends: Callable[..., Backend]
+) -> None:
+    """The model ahead of a 3 MiB body routes it (the body streams through); a body with no model in
+    its first 64 KiB gets 400 without being read to its end."""
+    _, _, alpha, _, project = two_services(gw, backends)
+    key = grant(gw, projects=[project])
+    wait_for(lambda: call(gw, "/v1/chat/completions", key.token, chat(alpha))[0] == 200, what="the entries")
+    big = "x" * (3 << 20)
+    status, _, body = call(
+        gw, "/v1/chat/completions", key.token, {"model": alpha, "messages": [{"role": "user", "content": big}]}
+    )
+    assert status == 200, body
+
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %b\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (key.token.encode(), 10 << 20)
+    )
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(head + b'{"messages": [{"role": "user", "content": "' + b"y" * (128 << 10))
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"64 KiB" in answer
+
+
+def test_revoked_key_is_refused_within_a_second(gw: Proxy, backends: Callable[..., Backend]) -> None:
+    _, _, alpha, _, project = two_services(gw, backends)
+    key = grant(gw, projects=[project])
+    wait_for(lambda: call(gw, "/v1/chat/completions", key.token, chat(alpha))[0] == 200, what="the entries")
+    revoke(gw, key)
+    wait_for(lambda: call(gw, "/v1/models", key.token)[0] == 401, timeout=1.0, promise=True, what="the revocation")
+
+
+def test_the_openai_client(gw: Proxy, backends: Callable[..., Backend]) -> None:
+    slug_a, _, alpha, beta, project = two_services(gw, backends)
+    key = grant(gw, projects=[project])
+    wait_for(lambda: call(gw, "/v1/chat/completions", key.token, chat(alpha))[0] == 200, what="the entries")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key=key.token, max_retries=0)
+
+    assert sorted(m.id for m in client.models.list()) == sorted([alpha, beta])
+    response = client.chat.completions.with_raw_response.create(
+        model=alpha, messages=[{"role": "user", "content": "hello"}]
+    )
+    assert response.headers["x-modelserve-service"] == slug_a
+    completion = response.parse()
+    assert completion.model == alpha and completion.choices[0].message.content
+    stream = client.chat.completions.create(
+        model=beta, messages=[{"role": "user", "content": "one two three"}], stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="nothing-here", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.code == "model_not_found"
+    bad = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="msg_nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
