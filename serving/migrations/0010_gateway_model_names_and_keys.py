@@ -11,7 +11,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
     dependencies = [
         ("accounts", "0002_user_storage_limit"),
-        ("serving", "0008_endpoint_retry_policy_scale_to_zero"),
+        ("serving", "0009_route_pull_progress"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
