@@ -121,6 +121,9 @@ RULES: dict[str, Rule] = {
     "service-rules": Rule(API, {"GET": READ, "POST": MANAGE}),
     "service-rule-detail": Rule(API, {"GET": READ, "PATCH": MANAGE, "DELETE": MANAGE}),
     "service-route-logs": Rule(API, {"GET": READ}),
+    "gateway-keys": Rule(API, {"GET": ANY_USER, "POST": ANY_USER}, collection=True),
+    # A personal key: its owner and operators; a key of the project: also its managers.
+    "gateway-key-detail": Rule(API, {"GET": REVOKE, "DELETE": REVOKE}),
     "service-revisions": Rule(API, {"GET": READ}),
     "service-revision-detail": Rule(API, {"GET": READ}),
     "service-revision-promote": Rule(API, {"POST": MANAGE}),

@@ -17,11 +17,21 @@ from django.utils import timezone
 
 from accounts.actions import do_issue_api_key
 from accounts.models import ApiKey
+from serving.actions import gateway as gateway_actions
 from serving.actions import rules as rule_actions
 from serving.actions import services
 from serving.actions import tokens as token_actions
 from serving.bus import dryrun as validation
-from serving.models import AutoScalingRule, Endpoint, EndpointToken, Node, ResourcePreset, Route, ScalingEvent
+from serving.models import (
+    AutoScalingRule,
+    Endpoint,
+    EndpointToken,
+    GatewayKey,
+    Node,
+    ResourcePreset,
+    Route,
+    ScalingEvent,
+)
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
 
@@ -47,6 +57,7 @@ class World:
     rule: AutoScalingRule
     route: Route
     api_key: ApiKey
+    gateway_key: GatewayKey
     api_key_secret: str
     validation_id: str
     markers: list[str] = field(default_factory=list)
@@ -61,6 +72,7 @@ class World:
             "rule_id": self.rule.pk,
             "route_id": self.route.pk,
             "key_id": self.api_key.pk,
+            "gateway_key_id": self.gateway_key.pk,
             "path": self.file_path,
             "api_path": "models",
             "validation_id": self.validation_id,
@@ -123,6 +135,9 @@ def build_world(owner: Any, project: Any, tag: str | None = None) -> World:
     )
     ResourcePreset.objects.get_or_create(name="matrix-small", defaults={"cpu": 1, "mem": 1024**3})
     api_key, api_key_secret = do_issue_api_key(owner, name=f"key{tag}")
+    gateway_key, gateway_secret = gateway_actions.do_create_gateway_key(
+        acting_user=owner, name=f"gw{tag}", expires_at=timezone.now() + timedelta(days=1), services=[service]
+    )
     validation_id = validation.new_id()
     validation.save_request(validation.ValidationRequest(id=validation_id, user_id=owner.pk, node=node.name, config={}))
     world = World(
@@ -136,6 +151,7 @@ def build_world(owner: Any, project: Any, tag: str | None = None) -> World:
         route=route,
         api_key=api_key,
         api_key_secret=api_key_secret,
+        gateway_key=gateway_key,
         validation_id=validation_id,
     )
     world.markers = [
@@ -155,5 +171,8 @@ def build_world(owner: Any, project: Any, tag: str | None = None) -> World:
         f"key{tag}",
         api_key_secret,
         validation_id,
+        str(gateway_key.pk),
+        f"gw{tag}",
+        gateway_secret,
     ]
     return world

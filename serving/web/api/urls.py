@@ -48,7 +48,7 @@ urlpatterns = [
         name="service-revision-promote",
     ),
     path("gateway-keys/", views.GatewayKeyListView.as_view(), name="gateway-keys"),
-    path("gateway-keys/<uuid:key_id>/", views.GatewayKeyDetailView.as_view(), name="gateway-key-detail"),
+    path("gateway-keys/<uuid:gateway_key_id>/", views.GatewayKeyDetailView.as_view(), name="gateway-key-detail"),
     path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
     path("schemas/<str:schema>", views.DefinitionSchemaView.as_view(), name="definition-schema"),
     path("nodes/", views.NodeListView.as_view(), name="nodes"),

@@ -451,12 +451,13 @@ class GatewayKeyListView(APIView):
 
 class GatewayKeyDetailView(APIView):
     @extend_schema(responses=s.GatewayKeySerializer)
-    def get(self, request: Request, key_id: str) -> Response:
-        return Response(s.GatewayKeySerializer(get_object_or_404(_gateway_keys(request.user), pk=key_id)).data)
+    def get(self, request: Request, gateway_key_id: str) -> Response:
+        key = get_object_or_404(_gateway_keys(request.user), pk=gateway_key_id)
+        return Response(s.GatewayKeySerializer(key).data)
 
     @extend_schema(responses={204: None})
-    def delete(self, request: Request, key_id: str) -> Response:
+    def delete(self, request: Request, gateway_key_id: str) -> Response:
         """Revoke a key: every proxy refuses it within a second."""
-        key = get_object_or_404(_gateway_keys(request.user), pk=key_id)
+        key = get_object_or_404(_gateway_keys(request.user), pk=gateway_key_id)
         gateway_actions.do_revoke_gateway_key(key)
         return Response(status=status.HTTP_204_NO_CONTENT)
