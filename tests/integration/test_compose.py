@@ -108,8 +108,10 @@ def test_stack_serves_web_and_proxy_and_a_node_joins_with_one_command(stack: dic
     assert json.loads(body) == {"status": "ok"}  # daphne up, migrations applied on PostgreSQL
 
     proxy = f"http://127.0.0.1:{stack['PROXY_PORT']}"
-    status, body = wait_for(lambda: (r := get(f"{proxy}/e/no-such-service/"))[0] and r, timeout=60, what="the proxy")
-    assert status == 404
+    # 503 until the proxy has loaded the routing table from Redis; then a service it does not know is 404.
+    status, body = wait_for(
+        lambda: (r := get(f"{proxy}/e/no-such-service/"))[0] == 404 and r, timeout=60, what="the proxy's 404"
+    )
     assert json.loads(body)["error"]["code"] == "unknown_service"
     status, body = get(f"http://127.0.0.1:{stack['PROXY_ADMIN_PORT']}/healthz")
     assert status == 200, body
