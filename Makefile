@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test test-slow lint bench deps deps-minilm system-deps migrate demo image clean
+.PHONY: run test test-slow lint bench deps deps-minilm system-deps migrate demo image server-image clean
 
 $(STAMP): pyproject.toml
 	@scripts/make-venv.sh $(VENV)
@@ -52,6 +52,10 @@ bench: deps
 
 image:
 	@scripts/build-image.sh
+
+## server-image: the product's image for compose.yaml and `docker run ... node` (README, Several hosts)
+server-image:
+	@scripts/build-server-image.sh
 
 clean:
 	rm -rf $(VENV) var/static var/celerybeat-schedule*

@@ -13,6 +13,10 @@ optional=()
 # The image-pull tests' registry (tests/integration/test_image_pull.py); skipped, saying so, without it.
 [ -x /usr/bin/docker-registry ] || optional+=(docker-registry)
 { command -v fc-list >/dev/null 2>&1 && [ -n "$(fc-list :lang=ja 2>/dev/null)" ]; } || optional+=(fonts-ipafont-gothic)
+# compose.yaml's runner, where Docker is installed without its compose plugin (tests/integration/test_compose.py).
+if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+  optional+=(docker-compose)
+fi
 [ ${#missing[@]} -eq 0 ] && [ ${#optional[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} ${optional[*]} with apt-get"
