@@ -141,6 +141,10 @@ def test_caches_count_against_the_owners_storage_limit(
     # The API shows the cache per node to those who see the service.
     shown = api("owner").get(f"/api/v1/services/{endpoint.pk}/").json()
     assert shown["caches"] == [{"node": node.name, "bytes": 8 * MB, "measured_at": shown["caches"][0]["measured_at"]}]
+    assert api("admin").get(f"/api/v1/services/{endpoint.pk}/").json()["caches"][0]["bytes"] == 8 * MB
+    # A private service: the teammate and a stranger get the same 404 as for a missing one.
+    for who in ("teammate", "stranger"):
+        assert api(who).get(f"/api/v1/services/{endpoint.pk}/").status_code == 404
 
     # Destroyed: the directory and its row go at the next sweep.
     Endpoint.objects.filter(pk=endpoint.pk).update(lifecycle=Endpoint.Lifecycle.DESTROYED)
