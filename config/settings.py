@@ -260,6 +260,15 @@ USER_STORAGE_LIMIT = env_int("USER_STORAGE_LIMIT", 200 * 1024**3, minimum=0)
 # a crashed upload's share of a quota comes back after this long.
 UPLOAD_HOLD_SECONDS = env_float("UPLOAD_HOLD_SECONDS", 120.0, minimum=1.0)
 ENGINE_STATE_DIR = Path(env_str("ENGINE_STATE_DIR", str(VAR_DIR / "engine")))
+# Each service's persistent writable cache on a node (its /home/work/.cache, HF_HOME inside it):
+# <root>/<node name>/<endpoint id>, kept across the service's replica restarts on that node, removed
+# once the service is destroyed (serving/node/caches.py).
+SERVICE_CACHE_ROOT = Path(env_str("SERVICE_CACHE_ROOT", str(ENGINE_STATE_DIR / "service-caches")))
+# Bytes one service's cache may hold on a node before its event log warns (nothing is deleted); the
+# caches also count against their owner's storage limit (USER_STORAGE_LIMIT).
+SERVICE_CACHE_LIMIT = env_int("SERVICE_CACHE_LIMIT", 50 * 1024**3, minimum=0)
+# Seconds between two measurements of one cache's size by its node (a walk of the directory).
+SERVICE_CACHE_MEASURE_INTERVAL = env_float("SERVICE_CACHE_MEASURE_INTERVAL", 60.0, minimum=0.0)
 # Who replicas of the local engine run as when it runs as root (nobody/nogroup by default; 0 and 0
 # keep them root without capabilities). An engine not running as root runs them as its own user.
 LOCAL_ENGINE_UID = env_int("LOCAL_ENGINE_UID", 65534, minimum=0)

@@ -528,6 +528,27 @@ class GatewayKey(models.Model):
         return self.revoked_at is None and self.expires_at > now
 
 
+class ServiceCache(models.Model):
+    """A service's writable cache on one node (its /home/work/.cache), as that node last measured it.
+
+    Written by the node's sync (serving/node/caches.py); its bytes count against the service owner's
+    storage limit (storage/quota.py). Deleted with the directory once the service is destroyed."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="caches")
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="caches")
+    bytes = models.BigIntegerField(default=0)
+    measured_at = models.DateTimeField(default=timezone.now)
+    # Set once the cache passed SERVICE_CACHE_LIMIT and the event log said so; cleared below it.
+    over_limit = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["endpoint", "node"], name="service_cache_unique_per_node")]
+        ordering = ["node__name"]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} on {self.node_id}: {self.bytes} bytes"
+
+
 class EndpointToken(models.Model):
     """A credential for one private endpoint (S7.1); only its HMAC digest is stored."""
 

@@ -28,8 +28,10 @@ from typing import Any
 
 import redis
 from django.conf import settings
+from django.db.models import Sum
 
 from accounts.models import User
+from serving.models import Endpoint, ServiceCache
 from storage.fs import FolderFS, QuotaExceeded, StorageUnavailable, format_bytes
 from storage.models import Folder
 
@@ -104,6 +106,17 @@ def owner_folders(user: User) -> dict[Any, Path]:
     return {folder.pk: folder.host_path for folder in Folder.objects.filter(owner=user).only("id")}
 
 
+def cache_usage(user: User) -> int:
+    """Bytes the caches of ``user``'s services hold on the nodes, as the nodes last measured them
+    (serving/node/caches.py): their limit counts these too, so filling caches does not escape it."""
+    total = (
+        ServiceCache.objects.filter(endpoint__owner=user)
+        .exclude(endpoint__lifecycle=Endpoint.Lifecycle.DESTROYED)
+        .aggregate(total=Sum("bytes"))["total"]
+    )
+    return int(total or 0)
+
+
 def usage_of(directories: dict[Any, Path], *, measured: dict[Any, int] | None = None) -> int:
     """Bytes in place in ``directories`` (a walk of each; ``measured``: folders walked already)."""
     total = 0
@@ -131,6 +144,8 @@ class Hold:
         self.owner: User = folder.owner
         self.limit = storage_limit(self.owner)
         self.directories = owner_folders(self.owner) if self.limit else {}
+        # Read here, where the database may be used; the streaming thread adds it to the disk's.
+        self.cached = cache_usage(self.owner) if self.limit else 0
         self.folder_used = 0
         self.user_used = 0
         prefix = f"{settings.REDIS_PREFIX}:upload-holds"
@@ -149,7 +164,7 @@ class Hold:
         """The folder's usage as measured for this request; the owner's other folders are walked now."""
         self.folder_used = folder_used
         if self.limit:
-            self.user_used = usage_of(
+            self.user_used = self.cached + usage_of(
                 {**self.directories, self.folder.pk: self.folder.host_path}, measured={self.folder.pk: folder_used}
             )
         return self
@@ -199,11 +214,11 @@ class Hold:
         # Others' holds first, then the disk: an upload that finishes in between is counted twice
         # (its files are in place before its hold goes), never missed.
         others = int(self._run(_OTHERS, self.keys[2:], [self.id, int(time.time() * 1000)]))
-        used = usage_of({**self.directories, self.folder.pk: self.folder.host_path})
+        used = self.cached + usage_of({**self.directories, self.folder.pk: self.folder.host_path})
         if used + others + added > self.limit:
             raise QuotaExceeded(
                 f"it would pass {self.owner.username}'s storage limit of {format_bytes(self.limit)} across all "
-                f"their folders: {format_bytes(used)} is used and uploads in progress hold "
+                f"their folders: {format_bytes(used)} is used{self._caches()} and uploads in progress hold "
                 f"{format_bytes(others)}. Delete files in any of their folders, or ask an operator for a "
                 "larger limit."
             )
@@ -222,6 +237,14 @@ class Hold:
         except redis.RedisError:
             pass  # the hold expires by itself
 
+    def _caches(self) -> str:
+        if not self.cached:
+            return ""
+        return (
+            f" ({format_bytes(self.cached)} of it by the caches of their services, /home/work/.cache: "
+            "remove what the servers no longer need there, or terminate services they no longer use)"
+        )
+
     def _folder_message(self, size: int, others: int, allowed: int) -> str:
         quota = self.folder.effective_quota
         return (
@@ -235,7 +258,8 @@ class Hold:
         limit = self.limit or 0
         return (
             f"{format_bytes(size)} would pass {self.owner.username}'s storage limit of {format_bytes(limit)} "
-            f"across all their folders: {format_bytes(max(limit - allowed, 0))} is used and other uploads in "
+            f"across all their folders: {format_bytes(max(limit - allowed, 0))} is used{self._caches()} and other "
+            "uploads in "
             f"progress hold {format_bytes(others)}. Delete files in any of their folders, or ask an operator "
             "for a larger limit."
         )

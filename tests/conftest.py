@@ -32,6 +32,7 @@ def _isolated_dirs(settings: object, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.getbasetemp()
     settings.STORAGE_ROOT = Path(root) / "storage"  # type: ignore[attr-defined]
     settings.ENGINE_STATE_DIR = Path(root) / "engine"  # type: ignore[attr-defined]
+    settings.SERVICE_CACHE_ROOT = Path(root) / "service-caches"  # type: ignore[attr-defined]
     # Hashing passwords properly costs ~100 ms a user; tests create many users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # type: ignore[attr-defined]
     # Failed-login and failed-API-key counters live in Redis for the whole session and every test

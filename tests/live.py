@@ -95,6 +95,7 @@ class LiveSystem:
             "TOKEN_HMAC_KEY": settings.TOKEN_HMAC_KEY,
             "STORAGE_ROOT": str(settings.STORAGE_ROOT),
             "ENGINE_STATE_DIR": str(settings.ENGINE_STATE_DIR),
+            "SERVICE_CACHE_ROOT": str(settings.SERVICE_CACHE_ROOT),
             "SERVING_ENGINE": "local",
             "RECONCILE_INTERVAL": "0.5",
             "NODE_HEARTBEAT_INTERVAL": "0.5",

@@ -27,7 +27,7 @@ from django.utils import timezone
 from serving.bus import dryrun
 from serving.core import architecture, devices, slots
 from serving.models import STARTING_MARK, Node, Route, RouteMember
-from serving.node import members, prober
+from serving.node import caches, members, prober
 from serving.node.engine import get_engine, log_tail, node_name, share_node_addresses, stop_quietly
 from serving.node.engines.base import (
     LABEL_ENDPOINT,
@@ -259,6 +259,8 @@ class NodeAgent(threading.Thread):
                 close_old_connections()
                 heartbeat()
                 sync()
+                # The services' caches on this node: sizes for the quota, removal once destroyed.
+                caches.sweep()
             except Exception:
                 log.exception("node agent tick failed; retrying")
             self.stopping.wait(settings.NODE_HEARTBEAT_INTERVAL)

@@ -6,6 +6,7 @@ is picked up by the next start ("Clear errors and retry", S4.4).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +14,8 @@ from serving import folders
 from serving.core import cluster, definitions, devices, runtimes, slots
 from serving.core.health import TCP_DEFAULT, HealthConfig
 from serving.models import Revision, Route, RouteMember
-from serving.node import prestart
+from serving.node import caches, prestart
+from serving.node.engine import get_engine
 from serving.node.engines.base import (
     LABEL_ENDPOINT,
     LABEL_NODE,
@@ -73,6 +75,12 @@ def load_definition(route: Route) -> definitions.ModelDefinition:
     )
 
 
+def _covers(target: str, path: str) -> bool:
+    """Whether a mount at ``target`` holds ``path`` (or is it)."""
+    target = os.path.normpath(target)
+    return path == target or path.startswith(target.rstrip("/") + "/")
+
+
 def use_revision(route: Route) -> None:
     """A route of another revision than the one its service stands on (a canary's stable side, a
     rollback's) runs that revision's configuration: set it on ``route.endpoint``, in memory only."""
@@ -120,6 +128,16 @@ def build_spec(
                 "mount", f"Folder {extra_folder.name!r} is a model folder; it can not be an additional mount."
             )
         mounts.append(Mount(source=str(extra_folder.host_path), target=str(extra["target"]), read_only=False))
+    # The service's writable cache on this node (/home/work/.cache), unless a mount covers it already.
+    # A validation's unsaved service has none: its replica writes into its own /home/work, thrown away.
+    if not endpoint._state.adding and not any(_covers(m.target, caches.TARGET) for m in mounts):
+        try:
+            mounts.append(caches.prepare(endpoint.pk, get_engine()))
+        except OSError as exc:
+            raise SpecError(
+                "mount",
+                f"The service's cache directory could not be made on this node: {exc}. Check SERVICE_CACHE_ROOT.",
+            ) from None
 
     env = {
         "BACKEND_MODEL_NAME": effective.model_name,
@@ -130,6 +148,8 @@ def build_spec(
         **{str(k): str(v) for k, v in effective.environ.items()},
         **{str(k): str(v) for k, v in (endpoint.environ or {}).items()},
     }
+    # Downloads land in the writable cache, not the read-only model folder; the user's own wins.
+    env.setdefault("HF_HOME", caches.HF_HOME)
     me = cluster.MemberName(cluster.SUB, member.idx) if member is not None else cluster.MemberName(cluster.MAIN, 1)
     # The route's own members, not the service's cluster size: a modified service replaces its
     # routes, and until then the old ones keep the shape they were placed with. Every replica gets

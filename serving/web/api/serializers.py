@@ -23,6 +23,7 @@ from serving.models import (
     Route,
     RouteMember,
     ScalingEvent,
+    ServiceCache,
     ServiceEvent,
     endpoint_name_validator,
 )
@@ -91,7 +92,16 @@ def with_routes(queryset: QuerySet[Endpoint]) -> QuerySet[Endpoint]:
     return queryset.select_related("owner", "model_folder", "preset").prefetch_related(
         Prefetch("routes", queryset=Route.objects.select_related("node")),
         Prefetch("routes__members", queryset=RouteMember.objects.select_related("node")),
+        Prefetch("caches", queryset=ServiceCache.objects.select_related("node")),
     )
+
+
+class ServiceCacheSerializer(serializers.Serializer[ServiceCache]):
+    """A service's writable cache (/home/work/.cache) on one node, as that node last measured it."""
+
+    node = serializers.CharField(source="node.name", read_only=True)
+    bytes = serializers.IntegerField(read_only=True)
+    measured_at = serializers.DateTimeField(read_only=True)
 
 
 class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
@@ -100,6 +110,7 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
     url = serializers.CharField(read_only=True)
     status = serializers.SerializerMethodField()
     routes = serializers.SerializerMethodField()
+    caches = ServiceCacheSerializer(many=True, read_only=True)
     owner = serializers.CharField(source="owner.username", read_only=True)
     folder = serializers.UUIDField(source="model_folder_id", read_only=True, allow_null=True)
     folder_name = serializers.CharField(source="model_folder.name", default=None, read_only=True)
@@ -118,6 +129,7 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
             "desired_replicas",
             "replicas",
             "routes",
+            "caches",
             "runtime",
             "folder",
             "folder_name",
