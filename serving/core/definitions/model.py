@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.core.definitions import writes
+from serving.core.definitions.writes import command_writes, warnings_for
 from serving.core.definitions.reader import (
     FLOAT_TEXT,
     Collector,
@@ -334,12 +334,12 @@ class _Model:
         root = self.model_mount or model_path
         if root:
             if command is not None:
-                for text in writes.warnings_for(writes.command_writes(command, root), root):
+                for text in warnings_for(command_writes(command, root), root):
                     self.c.warn(field_path(path, "start_command"), f"The start command {text}")
             for i, action in enumerate(actions):
                 run = action.args.get("command") if action.action == "run_command" else None
                 if isinstance(run, str | tuple | list):
-                    for text in writes.warnings_for(writes.command_writes(run, root), root):
+                    for text in warnings_for(command_writes(run, root), root):
                         self.c.warn(f"{actions_path}[{i}]", f"The run_command action {text}")
         if command is None or port is None:
             return None
