@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.core.definitions.writes import command_writes, warnings_for
 from serving.core.definitions.reader import (
     FLOAT_TEXT,
     Collector,
@@ -25,6 +24,7 @@ from serving.core.definitions.reader import (
     show,
     yaml_values,
 )
+from serving.core.definitions.writes import command_writes, warnings_for
 
 MAX_SECONDS = 86_400.0  # upper bound of every health-check time (extension)
 MODEL_DEFINITION_NAMES = ("model-definition.yaml", "model-definition.yml")
