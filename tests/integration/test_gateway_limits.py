@@ -118,6 +118,7 @@ def test_requests_per_minute_holds_across_two_proxies(gw: Proxy, backends: Calla
         counter = int(gw.redis.get(f"{gw.prefix}:gateway:rl:{key.lookup}:r:{minute}") or 0)
         assert counter >= admitted
     finally:
+        second.prefix = f"{gw.prefix}-second"  # its close cleans its own keys only: the table is gw's
         second.close()
 
 
