@@ -47,6 +47,7 @@ from proxy.admin import Admin
 from proxy.config import Config
 from proxy.downstream import Downstream
 from proxy.exchange import UNSAFE_REUSE_SECONDS, Exchange, keep_app_cookies
+from proxy.limits import WAIT, WINDOW, KeyState, Limiter, reset_text
 from proxy.report import Reporter
 from proxy.table import Endpoint, Route, Table
 from proxy.upstream import Upstream
@@ -89,6 +90,8 @@ class Proxy:
         self.key = config.token_key.encode()
         self.instance = f"{socket.gethostname()}:{config.port}:{os.getpid()}"
         self.reporter = Reporter(config.redis_url, config.prefix, self.instance, self.table, config.stats_interval)
+        self.limiter = Limiter(config.redis_url, config.prefix)
+        self.limiter.resume = self._admit_gateway
         self.downstreams: set[Downstream] = set()
         self.token_cache: dict[bytes, tuple[str, str, str]] = {}  # header -> (lookup, token, digest)
         self.gateway_cache: dict[bytes, tuple[str, str, str]] = {}  # the same for gateway keys
@@ -114,6 +117,7 @@ class Proxy:
             self._sweeper.cancel()
         await self.table.stop()
         await self.reporter.stop()
+        await self.limiter.stop()
         for endpoint in self.table.endpoints.values():
             for route in endpoint.routes:
                 route.retire()
@@ -353,7 +357,51 @@ class Proxy:
             return
         ex.gateway = True
         self.reporter.last_used[key.lookup] = _time()
+        self._admit_gateway(ex, endpoint)
+
+    def _admit_gateway(self, ex: Exchange, endpoint: Endpoint) -> None:
+        """A gateway request whose service is chosen: its key's limits (proxy/limits.py), then on."""
+        key = ex.gateway_key
+        assert isinstance(key, gateway.GatewayKey)
+        state = self.limiter.state(key)
+        if state is not None:
+            now = _time()
+            refused = self.limiter.admit(state, now)
+            if refused is not None:
+                if refused[0] == WAIT:  # the lease is empty and its refill on the way: wait for it
+                    state.waiters.append((ex, endpoint))
+                    return
+                self._over_limit(ex, state, refused[0], now)
+                return
+            ex.limit = state
+            if state.tokens is not None:
+                ex.tail = bytearray()
         self._admit(ex, endpoint, ex.target, b"", self.keep_token)
+
+    def _over_limit(self, ex: Exchange, state: KeyState, kind: str, now: float) -> None:
+        """429 in OpenAI's shape (type "requests"/"tokens", code rate_limit_exceeded) with its headers."""
+        if kind == "concurrency":
+            ex.respond(
+                429,
+                "rate_limit_exceeded",
+                f"This key has {state.in_flight} requests in flight, its limit (max_concurrency "
+                f"{state.concurrency}); send the next when one has finished.",
+                b"Retry-After: 1\r\n" + state.headers(now),
+                kind="requests",
+            )
+            return
+        budget = state.requests if kind == "requests" else state.tokens
+        assert budget is not None
+        wait = WINDOW - now % WINDOW
+        label = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+        ex.respond(
+            429,
+            "rate_limit_exceeded",
+            f"Rate limit reached for this key on {label}: Limit {budget.limit}, "
+            f"Used {budget.limit - budget.remaining()}. Please try again in {reset_text(wait)}.",
+            b"Retry-After: %d\r\n%b" % (max(1, int(wait + 0.999)), state.headers(now)),
+            kind=kind,
+        )
 
     def _gateway_key(self, header: bytes | None) -> gateway.GatewayKey | tuple[str, str]:
         """The live gateway key an Authorization header holds, else (error code, message)."""
@@ -735,6 +783,7 @@ class Proxy:
             "redis_connected": 1 if self.table.connected else 0,
             "routing_table_age_seconds": (_time() - self.table.loaded_at) if self.table.loaded else -1,
             **self.counters,
+            **self.limiter.counters,
         }
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from proxy.config import Config
     from proxy.downstream import Downstream
+    from proxy.limits import KeyState
     from proxy.table import Endpoint, Route
     from proxy.upstream import Upstream
 
@@ -248,6 +249,8 @@ class Exchange:
     sniff_scanned = 0
     gateway = False
     gateway_key: object = None
+    limit: KeyState | None = None  # the gateway key's limits (proxy/limits.py), counted for this request
+    tail: bytearray | None = None  # the answer's last bytes, for its usage (a key with a tokens limit)
     endpoint: Endpoint | None = None
     route: Route | None = None
     conn: Upstream | None = None
@@ -384,6 +387,9 @@ class Exchange:
         if self.hold_timer is not None:
             self.hold_timer.cancel()
             self.hold_timer = None
+        if self.limit is not None:
+            limit, self.limit = self.limit, None
+            limit.finish(self)
 
     def response_finished(self) -> None:
         self.response_done = True
@@ -483,6 +489,9 @@ class Exchange:
             self.end(status)
         else:
             self.ended = True
+            if self.limit is not None:  # refused after its key's limits counted it
+                limit, self.limit = self.limit, None
+                limit.finish(self)
         if self.request_done or closing:
             down.finish(self)
 

@@ -151,6 +151,10 @@ class GatewayKey:
     services: frozenset[str]  # endpoint ids; empty: every service of its scope
     projects: frozenset[str]  # the scope: a project key's project, or a user key's projects
     owner: str  # a user key's user id ("" for a project key)
+    # Limits (0: none), enforced by proxy/limits.py.
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    max_concurrency: int = 0
 
     @classmethod
     def from_entry(cls, lookup: str, entry: dict[str, Any]) -> GatewayKey:
@@ -161,6 +165,9 @@ class GatewayKey:
             services=frozenset(str(s) for s in entry.get("services") or ()),
             projects=frozenset(str(p) for p in entry.get("projects") or ()),
             owner=str(entry.get("owner") or ""),
+            requests_per_minute=int(entry.get("requests_per_minute") or 0),
+            tokens_per_minute=int(entry.get("tokens_per_minute") or 0),
+            max_concurrency=int(entry.get("max_concurrency") or 0),
         )
 
     def may_call(self, endpoint: Endpoint) -> bool:

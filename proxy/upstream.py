@@ -29,6 +29,7 @@ from proxy.exchange import (
     forwarded_set_cookie,
     set_nodelay,
 )
+from proxy.limits import TAIL
 
 if TYPE_CHECKING:
     from proxy.downstream import Downstream
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy")
 
 _monotonic = time.monotonic
+_time = time.time
 
 MAX_RESPONSE_HEAD = 64 * 1024
 # Response headers that make the verbatim relay wrong, searched in the raw head: hop-by-hop ones, and
@@ -55,9 +57,13 @@ MODE_UNTIL_CLOSE = 4  # ... or relayed and ended by closing, for an HTTP/1.0 cli
 
 
 def _service_header(ex: Exchange) -> bytes:
-    """Which service answered a request to the gateway (proxy/gateway.py)."""
+    """Which service answered a request to the gateway (proxy/gateway.py), and the key's budgets."""
     endpoint = ex.endpoint
-    return b"X-Modelserve-Service: %b\r\n" % (endpoint.slug.encode("latin-1") if endpoint is not None else b"-")
+    header = b"X-Modelserve-Service: %b\r\n" % (endpoint.slug.encode("latin-1") if endpoint is not None else b"-")
+    limit = ex.limit
+    if limit is not None and (limit.requests is not None or limit.tokens is not None):
+        header += limit.headers(_time())
+    return header
 
 
 class Upstream(asyncio.Protocol):
@@ -152,6 +158,11 @@ class Upstream(asyncio.Protocol):
         if self.garbage:
             self._broken(ex, "the replica sent more than one response")
             return
+        tail = ex.tail
+        if tail is not None:  # a gateway key with a tokens limit: the usage is near the answer's end
+            tail += data
+            if len(tail) > TAIL:
+                del tail[: len(tail) - TAIL]
         mode = self.mode
         if mode == MODE_PASS:
             ex.down.transport.write(data)

@@ -97,6 +97,9 @@ def build_key_entry(key: GatewayKey, projects: list[str]) -> dict[str, Any]:
         "services": [str(pk) for pk in key.services.values_list("pk", flat=True)],
         "projects": [str(key.project_id)] if key.project_id else projects,
         "owner": "" if key.project_id else str(key.owner_id),
+        "requests_per_minute": key.requests_per_minute,
+        "tokens_per_minute": key.tokens_per_minute,
+        "max_concurrency": key.max_concurrency,
     }
 
 

@@ -79,6 +79,9 @@ def test_gateway_keys_for_every_persona(
     assert body["key"] not in json.dumps(list(GatewayKey.objects.values()), default=str)
     published = json.loads(routing.get_redis().hget(routing.gateway_keys_key(), row.lookup))
     assert published["services"] == [service["id"]] and published["digest"] == row.digest
+    # ... with the limits the proxies enforce (proxy/limits.py); none set: null, no limit
+    assert published["requests_per_minute"] == 600
+    assert published["tokens_per_minute"] is None and published["max_concurrency"] is None
 
     listed = api("owner").get("/api/v1/gateway-keys/").json()
     assert [k["id"] for k in listed] == [body["id"]] and "key" not in listed[0]
