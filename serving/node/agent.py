@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -24,7 +25,7 @@ from django.utils import timezone
 from serving.bus import dryrun
 from serving.core import slots
 from serving.models import STARTING_MARK, Node, Route, RouteMember
-from serving.node import members, prober
+from serving.node import members, prober, snapshots
 from serving.node.engine import get_engine, log_tail, node_name, share_node_addresses, stop_quietly
 from serving.node.engines.base import (
     LABEL_ENDPOINT,
@@ -43,6 +44,9 @@ from serving.node.sampler import NodeSampler
 log = logging.getLogger(__name__)
 
 # --- registration and heartbeat ------------------------------------------------------------------
+
+
+COLLECT_EVERY = 60.0  # seconds between two collections of unused snapshots
 
 
 def node_capacity() -> dict[str, float]:
@@ -203,11 +207,15 @@ class NodeAgent(threading.Thread):
                 recover_interrupted_starts(self.worker_started)
             except Exception:
                 log.exception("recovering interrupted starts failed; the start timeout will fail them")
+        collected_at = 0.0
         while not self.stopping.is_set():
             try:
                 close_old_connections()
                 heartbeat()
                 sync()
+                if time.monotonic() - collected_at >= COLLECT_EVERY:
+                    collected_at = time.monotonic()
+                    snapshots.collect_unused()  # the model folders' copies no route uses any more
             except Exception:
                 log.exception("node agent tick failed; retrying")
             self.stopping.wait(settings.NODE_HEARTBEAT_INTERVAL)

@@ -71,6 +71,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
             "error",
             "error_detail",
             "members",
+            "snapshot",
             "spec_version",
             "consecutive_failures",
             "last_probe_at",

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from serving.web.api import views
+from serving.web.api import snapshots, views
 
 router = SimpleRouter(trailing_slash=True)
 router.register("services", views.ServiceViewSet, basename="service")
@@ -26,6 +26,9 @@ urlpatterns = [
         views.RouteLogsView.as_view(),
         name="service-route-logs",
     ),
+    # A node's snapshot of a model folder (node key, not a user's): its manifest and its files.
+    path("node/folders/<uuid:folder_id>/manifest/", snapshots.manifest_view, name="node-folder-manifest"),
+    path("node/folders/<uuid:folder_id>/files/<path:path>", snapshots.file_view, name="node-folder-file"),
     path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
     path("nodes/", views.NodeListView.as_view(), name="nodes"),
     path("presets/", views.PresetListView.as_view(), name="presets"),
