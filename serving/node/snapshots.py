@@ -25,8 +25,10 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from django.conf import settings
+from django.db import connections
 from django.db.models import Q
 
 from serving.core import snapshots
@@ -46,6 +49,7 @@ CHUNK = 1024 * 1024
 TIMEOUT = 30.0
 RETRIES = 3  # an interrupted transfer is resumed this many times before the start fails
 PROGRESS_EVERY = 0.5  # seconds between two writes of a route's progress
+FETCH_CONNECTIONS = 2  # files fetched at once
 
 
 class SnapshotError(Exception):
@@ -98,6 +102,7 @@ class _Client:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SnapshotError(f"NODE_WEB_URL {base_url!r} is not an http(s) address of the web app.")
+        self.base_url = base_url
         self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
         self.prefix = parts.path.rstrip("/")
         self.auth = snapshots.node_authorization(settings.NODE_NAME, node_key())
@@ -166,6 +171,7 @@ class _Progress:
         self.route_id, self.base, self.notify = route_id, base, notify
         self.done = 0
         self.last = 0.0
+        self.lock = threading.Lock()  # the fetching threads share it
 
     def write(self, state: str, force: bool = False, **extra: Any) -> None:
         now = time.monotonic()
@@ -179,8 +185,11 @@ class _Progress:
             self.notify()
 
     def add(self, n: int) -> None:
-        self.done += n
-        self.write("fetching")
+        with self.lock:
+            self.done += n
+            due = time.monotonic() - self.last >= PROGRESS_EVERY
+        if due:
+            self.write("fetching")
 
 
 def _fetch_object(client: _Client, root: Path, folder_id: str, entry: FileEntry, progress: _Progress) -> None:
@@ -249,6 +258,45 @@ def _fetch_object(client: _Client, root: Path, folder_id: str, entry: FileEntry,
         return
 
 
+def _fetch_all(client: _Client, root: Path, folder_id: str, entries: list[FileEntry], progress: _Progress) -> int:
+    """Fetch ``entries`` over FETCH_CONNECTIONS connections (one file at a time each, largest first:
+    the network, the hashing and the disk overlap); returns the bytes received. The first failure stops
+    the rest and is raised."""
+    queue = sorted(entries, key=lambda e: e.size, reverse=True)
+    clients = [client] + [_Client(client.base_url) for _ in range(min(FETCH_CONNECTIONS, len(queue)) - 1)]
+    failed = threading.Event()
+
+    def worker(own: _Client) -> None:
+        while not failed.is_set():
+            with progress.lock:
+                if not queue:
+                    return
+                entry = queue.pop(0)
+            try:
+                _fetch_object(own, root, folder_id, entry, progress)
+            except BaseException:
+                failed.set()
+                raise
+
+    def run(own: _Client) -> None:
+        try:
+            worker(own)
+        finally:
+            connections.close_all()  # this pool thread's connection (progress writes) ends with it
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="snapshot") as pool:
+            futures = [pool.submit(run, own) for own in clients]
+            for future in futures:
+                error = future.exception()
+                if error is not None:
+                    raise error
+    finally:
+        for own in clients[1:]:
+            own.close()
+    return sum(own.received for own in clients)
+
+
 def _build_tree(root: Path, entries: list[FileEntry], building: Path) -> None:
     if building.exists():
         _remove_tree(building)
@@ -310,8 +358,7 @@ def fetch_snapshot(
             fetch_started = time.monotonic()
             progress.base = {**base, "total": plan.fetch_bytes}
             progress.write("fetching", force=True)
-            for entry in plan.fetch:
-                _fetch_object(client, root, str(folder_id), entry, progress)
+            received = _fetch_all(client, root, str(folder_id), plan.fetch, progress)
             building = final.parent / f".build-{digest}"
             _build_tree(root, entries, building)
             os.rename(building, final)
@@ -327,7 +374,7 @@ def fetch_snapshot(
             manifest_seconds,
             fetch_seconds,
             False,
-            client.received,
+            received,
         )
     except snapshots.ManifestError as exc:
         raise SnapshotError(f"The model folder's manifest can not be used: {exc}") from None
