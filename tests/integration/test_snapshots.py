@@ -4,6 +4,7 @@ the web app's node endpoints, and the node's fetcher against a real web process 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import threading
@@ -14,11 +15,12 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.core.management import CommandError, call_command
 from django.test import Client
 
 from serving.core import snapshots as core
 from serving.models import Endpoint, Node, Route
-from serving.node import snapshots
+from serving.node import replicas, snapshots
 from serving.node.engines.local.engine import LocalEngine
 from storage.models import Folder
 from tests.factories import SIMPLE_DEFINITION, FolderFactory
@@ -308,3 +310,34 @@ def test_a_node_that_shares_no_directory_serves_the_folder_and_a_modify_takes_th
         system.stop_all()
         for info in far_engine.list():
             far_engine.stop(info.replica_id, grace=1)
+
+
+def test_node_key_command_prints_the_key_a_node_sets(db: None) -> None:
+    out = io.StringIO()
+    call_command("node_key", "gpu-7", stdout=out)
+    assert out.getvalue().strip() == core.node_key(settings.SECRET_KEY, "gpu-7")
+    with pytest.raises(CommandError, match="is not a node name"):
+        call_command("node_key", "no spaces", stdout=io.StringIO())
+
+
+def test_a_copying_node_fails_the_start_with_a_sentence(
+    served: tuple[Folder, Endpoint], settings: Any, tmp_path: Path, personas: dict[str, Any]
+) -> None:
+    folder, endpoint = served
+    settings.NODE_NAME, settings.NODE_SHARED_STORAGE = "far", False
+    settings.NODE_CACHE_ROOT, settings.NODE_WEB_URL = str(tmp_path / "cache"), "http://127.0.0.1:9"
+    route = Route.objects.create(endpoint=endpoint, node=Node.objects.get(name="far"))
+    with pytest.raises(replicas.SpecError, match=r"could not be copied to node far: .*127\.0\.0\.1:9") as failed:
+        replicas.build_spec(route)
+    assert failed.value.kind == "snapshot"
+    # Writable additional mounts need shared storage: refused before anything is fetched.
+    extra = FolderFactory(owner=personas["owner"], name="scratch", usage_mode=Folder.UsageMode.GENERAL)
+    Endpoint.objects.filter(pk=endpoint.pk).update(extra_mounts=[{"folder": str(extra.pk), "target": "/data"}])
+    route.endpoint.refresh_from_db()
+    with pytest.raises(replicas.SpecError, match="can not mount additional"):
+        replicas.build_spec(route)
+    # On shared storage (the default without NODE_CACHE_ROOT) nothing is fetched: the folder itself.
+    settings.NODE_SHARED_STORAGE = True
+    Endpoint.objects.filter(pk=endpoint.pk).update(extra_mounts=[])
+    route.endpoint.refresh_from_db()
+    assert replicas.model_root(route) == folder.host_path
