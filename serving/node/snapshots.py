@@ -98,11 +98,11 @@ def node_key() -> str:
 class _Client:
     """One keep-alive connection to the web app, reopened after a failure."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, query: str = "") -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SnapshotError(f"NODE_WEB_URL {base_url!r} is not an http(s) address of the web app.")
-        self.base_url = base_url
+        self.base_url, self.query = base_url, query
         self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
         self.prefix = parts.path.rstrip("/")
         self.auth = snapshots.node_authorization(settings.NODE_NAME, node_key())
@@ -114,7 +114,9 @@ class _Client:
             cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
             self.conn = cls(self.host, self.port, timeout=TIMEOUT)
         try:
-            self.conn.request("GET", self.prefix + path, headers={"Authorization": self.auth, **(headers or {})})
+            self.conn.request(
+                "GET", self.prefix + path + self.query, headers={"Authorization": self.auth, **(headers or {})}
+            )
             return self.conn.getresponse()
         except BaseException:
             self.close()
@@ -263,7 +265,7 @@ def _fetch_all(client: _Client, root: Path, folder_id: str, entries: list[FileEn
     the network, the hashing and the disk overlap); returns the bytes received. The first failure stops
     the rest and is raised."""
     queue = sorted(entries, key=lambda e: e.size, reverse=True)
-    clients = [client] + [_Client(client.base_url) for _ in range(min(FETCH_CONNECTIONS, len(queue)) - 1)]
+    clients = [client] + [_Client(client.base_url, client.query) for _ in range(min(FETCH_CONNECTIONS, len(queue)) - 1)]
     failed = threading.Event()
 
     def worker(own: _Client) -> None:
@@ -317,11 +319,13 @@ def fetch_snapshot(
     route_id: str | None = None,
     notify: Callable[[], None] | None = None,
     base_url: str | None = None,
+    validation: str | None = None,
 ) -> SnapshotResult:
-    """The snapshot of the folder's current content on this node, fetched if needed. Raises SnapshotError."""
+    """The snapshot of the folder's current content on this node, fetched if needed (for a dry run:
+    ``validation``, its id). Raises SnapshotError."""
     root = cache_root()
     started = time.monotonic()
-    client = _Client(base_url or settings.NODE_WEB_URL)
+    client = _Client(base_url or settings.NODE_WEB_URL, f"?validation={validation}" if validation else "")
     try:
         try:
             response = client.request(f"/api/v1/node/folders/{folder_id}/manifest/")

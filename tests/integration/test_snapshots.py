@@ -9,6 +9,7 @@ import os
 import stat
 import threading
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.test import Client
 
+from serving.bus import dryrun
 from serving.core import snapshots as core
 from serving.models import Endpoint, Node, Route
 from serving.node import replicas, snapshots
@@ -89,6 +91,20 @@ def test_manifest_and_files_need_a_node_key(served: tuple[Folder, Endpoint], per
     assert node.get(f"/api/v1/node/folders/{folder.pk}/files/../x").status_code in (400, 404, 409)
     Endpoint.objects.filter(pk=endpoint.pk).update(lifecycle=Endpoint.Lifecycle.DESTROYED)
     assert node.get(manifest_url).status_code == 404
+
+    # A dry run of a service not created yet: its node may read the folder while the run lasts.
+    run_id = str(uuid.uuid4())
+    dryrun.save_request(dryrun.ValidationRequest(run_id, personas["owner"].pk, "far", {"folder": str(other.pk)}))
+    dryrun.publish(run_id, "lifecycle", message="Validation started on node far.")
+    assert node.get(f"/api/v1/node/folders/{other.pk}/manifest/?validation={run_id}").status_code == 200
+    assert node.get(f"/api/v1/node/folders/{other.pk}/files/secret.txt?validation={run_id}").status_code == 200
+    Node.objects.create(name="near")
+    near = Client(HTTP_AUTHORIZATION=node_header("near"))  # not the node the run was placed on
+    assert near.get(f"/api/v1/node/folders/{other.pk}/manifest/?validation={run_id}").status_code == 404
+    assert node.get(f"/api/v1/node/folders/{folder.pk}/manifest/?validation={run_id}").status_code == 404
+    assert node.get(f"/api/v1/node/folders/{other.pk}/manifest/?validation=nonsense").status_code == 404
+    dryrun.publish(run_id, "finished", outcome="healthy", message="done")
+    assert node.get(f"/api/v1/node/folders/{other.pk}/manifest/?validation={run_id}").status_code == 404
 
 
 def test_manifest_skips_symlinks_and_reuses_hashes(served: tuple[Folder, Endpoint]) -> None:
