@@ -57,7 +57,7 @@ def model_root(route: Route, member: RouteMember | None = None) -> Path:
             route_id=str(route.pk) if saved else None,
             notify=(lambda: events.notify_endpoint_changed(endpoint_id)) if saved else None,
             # A dry run's unsaved endpoint carries the validation's id (serving.node.dryrun).
-            validation=endpoint_id if route.endpoint._state.adding else None,
+            validation=route.endpoint.pk.hex if route.endpoint._state.adding else None,
         )
     except snapshots.SnapshotError as exc:
         raise SpecError(

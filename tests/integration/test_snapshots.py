@@ -93,7 +93,7 @@ def test_manifest_and_files_need_a_node_key(served: tuple[Folder, Endpoint], per
     assert node.get(manifest_url).status_code == 404
 
     # A dry run of a service not created yet: its node may read the folder while the run lasts.
-    run_id = str(uuid.uuid4())
+    run_id = uuid.uuid4().hex  # as serving.actions names dry runs
     dryrun.save_request(dryrun.ValidationRequest(run_id, personas["owner"].pk, "far", {"folder": str(other.pk)}))
     dryrun.publish(run_id, "lifecycle", message="Validation started on node far.")
     assert node.get(f"/api/v1/node/folders/{other.pk}/manifest/?validation={run_id}").status_code == 200
@@ -233,7 +233,7 @@ def test_a_failed_fetch_says_which_file_and_why(web: str, served: tuple[Folder, 
     with pytest.raises(snapshots.SnapshotError, match="HTTP 404"):
         snapshots.fetch_snapshot("00000000-0000-0000-0000-000000000000")
     settings.NODE_KEY = "0" * 64
-    with pytest.raises(snapshots.SnapshotError, match="refused the model folder's manifest: HTTP 401: A node key"):
+    with pytest.raises(snapshots.SnapshotError, match="manifest: HTTP 401: This node key is not valid"):
         snapshots.fetch_snapshot(str(folder.pk))
     settings.NODE_KEY = ""
     settings.NODE_WEB_URL = "http://127.0.0.1:9"  # nothing listens
@@ -357,3 +357,39 @@ def test_a_copying_node_fails_the_start_with_a_sentence(
     Endpoint.objects.filter(pk=endpoint.pk).update(extra_mounts=[])
     route.endpoint.refresh_from_db()
     assert replicas.model_root(route) == folder.host_path
+
+
+def test_a_dry_run_on_a_copying_node_runs_from_a_snapshot(
+    live_factory: Callable[..., LiveSystem], api: Any, personas: dict[str, Any], tmp_path: Path
+) -> None:
+    port = free_port()
+    far = {name: tmp_path / f"far-{name}" for name in ("storage", "cache", "engine")}
+    system = live_factory(
+        nodes={
+            "far": {
+                "STORAGE_ROOT": str(far["storage"]),
+                "NODE_CACHE_ROOT": str(far["cache"]),
+                "ENGINE_STATE_DIR": str(far["engine"]),
+                "NODE_WEB_URL": f"http://127.0.0.1:{port}",
+            }
+        }
+    )
+    far_engine = LocalEngine(state_dir=far["engine"] / "local-far")
+    try:
+        system.start_web(port=port)
+        folder = FolderFactory(
+            owner=personas["owner"], name="checked", files={"model-definition.yaml": SIMPLE_DEFINITION}
+        )
+        answer = api("owner").post(
+            "/api/v1/services/validate/", {"name": "check", "folder": str(folder.pk)}, format="json"
+        )
+        assert answer.status_code == 202, answer.json()
+        run_id = str(answer.json()["id"])
+        wait_for(lambda: dryrun.is_finished(run_id) and dryrun.history(run_id), timeout=60, what="the dry run to end")
+        history = dryrun.history(run_id)
+        assert history[-1]["outcome"] == "healthy", [e.get("message") for e in history]
+        assert any((far["cache"] / "snapshots" / str(folder.pk)).iterdir())
+    finally:
+        system.stop_all()
+        for info in far_engine.list():
+            far_engine.stop(info.replica_id, grace=1)

@@ -27,8 +27,8 @@ urlpatterns = [
         name="service-route-logs",
     ),
     # A node's snapshot of a model folder (node key, not a user's): its manifest and its files.
-    path("node/folders/<uuid:folder_id>/manifest/", snapshots.manifest_view, name="node-folder-manifest"),
-    path("node/folders/<uuid:folder_id>/files/<path:path>", snapshots.file_view, name="node-folder-file"),
+    path("node/folders/<uuid:folder_id>/manifest/", snapshots.NodeManifestView.as_view(), name="node-folder-manifest"),
+    path("node/folders/<uuid:folder_id>/files/<path:path>", snapshots.NodeFileView.as_view(), name="node-folder-file"),
     path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
     path("nodes/", views.NodeListView.as_view(), name="nodes"),
     path("presets/", views.PresetListView.as_view(), name="presets"),
