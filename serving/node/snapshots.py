@@ -202,10 +202,16 @@ def _fetch_object(client: _Client, root: Path, folder_id: str, entry: FileEntry,
     url = f"/api/v1/node/folders/{folder_id}/files/{quote(entry.path)}"
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
+    target = _object_path(root, entry)
     attempt = 0
     while True:
         digest = hashlib.sha256()
         with open(part, "a+b") as out:
+            # One writer per content: another folder's fetch may want the same object at the same time.
+            fcntl.flock(out, fcntl.LOCK_EX)
+            if target.exists():  # it finished it meanwhile (and its part is gone: this one is empty)
+                part.unlink(missing_ok=True)
+                return
             out.seek(0)
             have = 0
             while n := out.readinto(buffer):  # type: ignore[attr-defined]
@@ -247,17 +253,16 @@ def _fetch_object(client: _Client, root: Path, folder_id: str, entry: FileEntry,
                 progress.add(-have)
                 log.warning("fetching %s: %s; resuming (attempt %d)", entry.path, exc, attempt)
                 continue
-        if have != entry.size or digest.hexdigest() != entry.sha256:
-            part.unlink(missing_ok=True)
-            raise SnapshotError(
-                f"The file {entry.path!r} changed while it was copied to this node "
-                f"({have} bytes, expected {entry.size} with sha256 {entry.sha256[:12]}); start the replica again."
-            )
-        os.chmod(part, 0o555 if entry.executable else 0o444)
-        target = _object_path(root, entry)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, target)
-        return
+            if have != entry.size or digest.hexdigest() != entry.sha256:
+                part.unlink(missing_ok=True)
+                raise SnapshotError(
+                    f"The file {entry.path!r} changed while it was copied to this node "
+                    f"({have} bytes, expected {entry.size} with sha256 {entry.sha256[:12]}); start the replica again."
+                )
+            os.chmod(part, 0o555 if entry.executable else 0o444)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(part, target)  # under the lock: a waiting writer then finds the object
+            return
 
 
 def _fetch_all(client: _Client, root: Path, folder_id: str, entries: list[FileEntry], progress: _Progress) -> int:

@@ -227,6 +227,25 @@ def test_replicas_starting_together_share_one_transfer(web: str, served: tuple[F
     assert len(results) == 3 and len({r.path for r in results}) == 1
     assert sum(r.transferred for r in results) == results[0].total_bytes
 
+    # Another folder with the same files, and a changed copy of the first, fetched at the same time:
+    # each content is written once (one writer per object), both snapshots are whole.
+    twin = FolderFactory(owner=folder.owner, name="twin", files={**FILES, "extra.txt": "e"})
+    os.chmod(Path(twin.host_path) / "run.sh", 0o755)  # (else its content is another object: not executable)
+    Endpoint.objects.create(name="svc-twin", owner=folder.owner, model_folder=twin)
+    (Path(folder.host_path) / "weights" / "a.bin").write_text("z" * 1000)
+    both: dict[str, snapshots.SnapshotResult] = {}
+    threads = [
+        threading.Thread(target=lambda f=f: both.__setitem__(str(f.pk), snapshots.fetch_snapshot(str(f.pk))))
+        for f in (folder, twin)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert tree(both[str(twin.pk)].path) == {**{k: v.encode() for k, v in FILES.items()}, "extra.txt": b"e"}
+    assert tree(both[str(folder.pk)].path)["weights/a.bin"] == b"z" * 1000
+    assert sum(r.transferred for r in both.values()) == 1000 + 1  # only the new contents crossed
+
 
 def test_a_failed_fetch_says_which_file_and_why(web: str, served: tuple[Folder, Endpoint], settings: Any) -> None:
     folder, _ = served
