@@ -42,8 +42,8 @@ test-slow: deps
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/ruff format --check --quiet config accounts storage serving proxy || (echo "run: $(VENV)/bin/ruff format ." && false)
-	@$(VENV)/bin/mypy config accounts storage serving proxy
+	@$(VENV)/bin/ruff format --check --quiet config accounts storage serving proxy cli || (echo "run: $(VENV)/bin/ruff format ." && false)
+	@$(VENV)/bin/mypy config accounts storage serving proxy cli
 	@set -o pipefail; $(VENV)/bin/lint-imports --no-cache --no-logo | grep -v "^$$"
 
 bench: deps

@@ -34,6 +34,11 @@ def _beat_schedule(sender: Celery, **_: object) -> None:
             "schedule": settings.METRICS_INTERVAL,
             "options": {"expires": settings.METRICS_INTERVAL},
         },
+        "sleep-tick": {
+            "task": "serving.tasks.sleep_tick",
+            "schedule": settings.SLEEP_INTERVAL,
+            "options": {"expires": settings.SLEEP_INTERVAL},
+        },
         "record-token-usage": {
             "task": "serving.tasks.record_token_usage",
             "schedule": settings.TOKEN_USAGE_INTERVAL,

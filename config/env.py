@@ -6,6 +6,8 @@ import ipaddress
 import os
 from urllib.parse import unquote, urlparse, urlsplit
 
+import dj_database_url
+
 
 class ConfigError(ValueError):
     pass
@@ -187,16 +189,15 @@ def database_from_url(url: str, *, sqlite_default: str) -> dict[str, object]:
         }
     parsed = urlparse(url)
     if parsed.scheme in {"postgres", "postgresql", "pgsql"}:
-        return {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": unquote(parsed.path.lstrip("/")) or "postgres",
-            "USER": unquote(parsed.username or ""),
-            "PASSWORD": unquote(parsed.password or ""),
-            "HOST": parsed.hostname or "",
-            "PORT": str(parsed.port or ""),
-            "CONN_MAX_AGE": 60,
-            "CONN_HEALTH_CHECKS": True,
-        }
+        # dj-database-url keeps the query string as the driver's options (sslmode, connect_timeout,
+        # target_session_attrs, ...), which a hand-written parser silently dropped.
+        try:
+            entry = dict(dj_database_url.parse(url, conn_max_age=60, conn_health_checks=True))
+        except ValueError as exc:
+            raise ConfigError(f"DATABASE_URL could not be read ({exc}); use postgres://user:password@host:port/name.")
+        entry["NAME"] = entry.get("NAME") or "postgres"
+        entry["PORT"] = str(entry.get("PORT") or "")
+        return entry
     if parsed.scheme == "sqlite":
         return database_from_url("", sqlite_default=unquote(parsed.path) or sqlite_default)
     raise ConfigError(f"DATABASE_URL scheme {parsed.scheme!r} is not supported; use postgres://... or sqlite:///path.")

@@ -90,6 +90,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "accounts",
     "storage",
@@ -213,9 +214,18 @@ METRICS_TIMEOUT = env_float("METRICS_TIMEOUT", 2.0, minimum=0.1)
 METRICS_CONCURRENCY = env_int("METRICS_CONCURRENCY", 8, minimum=1)
 # How often the proxies' batched token last-use times are written to the DB.
 TOKEN_USAGE_INTERVAL = env_float("TOKEN_USAGE_INTERVAL", 10.0, minimum=0.1)
+# Scale to zero (serving/control/sleep.py): how often idle services are put to sleep, wakes get their
+# cold-start time and the proxies' re-sent request counts reach the event log.
+SLEEP_INTERVAL = env_float("SLEEP_INTERVAL", 5.0, minimum=0.1)
 
 # --- Serving -------------------------------------------------------------------------------------
-SERVING_ENGINE = env_choice("SERVING_ENGINE", "auto", {"auto", "docker", "local"})
+SERVING_ENGINE = env_choice("SERVING_ENGINE", "auto", {"auto", "docker", "local", "swarm"})
+# SERVING_ENGINE=swarm (a Docker Swarm manager's API, DOCKER_HOST): how replicas' ports are
+# published ("host": on the Swarm node the task runs on, reached at that node's address; "ingress":
+# the routing mesh, reached at NODE_ADDRESS) and which Swarm node (host name) this node worker's
+# replicas are pinned to ("" = the manager's own).
+SWARM_PUBLISH_MODE = env_choice("SWARM_PUBLISH_MODE", "host", {"host", "ingress"})
+SWARM_NODE = env_str("SWARM_NODE", "")
 # The address clients use to reach endpoints through the proxy; an endpoint's URL is
 # f"{SERVING_PROXY_URL}/e/{slug}/" (or http://{slug}.{SERVING_DOMAIN}/ when a domain is set).
 SERVING_PROXY_URL = env_str("SERVING_PROXY_URL", "http://127.0.0.1:8080").rstrip("/")
@@ -292,6 +302,10 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI and ReDoc from the package's static files, not a CDN: nothing is fetched at run time.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Security (production values switch on with SECURE=true behind TLS) -------------------------

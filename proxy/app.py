@@ -73,6 +73,7 @@ NO_ROUTE = {
     "TERMINATING": ("The service is being terminated.", 30),
 }
 NO_ROUTE_DEFAULT = ("No healthy replica of this service is available right now.", 2)
+WAKE_ASK_AGAIN = 5.0  # seconds between this proxy's wake requests for a service it holds requests for
 
 
 class Proxy:
@@ -300,8 +301,12 @@ class Proxy:
         endpoint = ex.endpoint
         assert endpoint is not None
         routes = endpoint.routes
-        if len(routes) == 1 and ex.tried is None and routes[0].down_until <= ex.last_active:
-            route: Route | None = routes[0]  # one replica: nothing to choose
+        if (endpoint.split is not None or ex.revision is not None) and routes:
+            route: Route | None = self._by_revision(ex, endpoint)
+            if route is None and ex.ended:
+                return
+        elif len(routes) == 1 and ex.tried is None and routes[0].down_until <= ex.last_active:
+            route = routes[0]  # one replica: nothing to choose
         else:
             route = endpoint.pick(ex.last_active, ex.tried)
         if route is None:
@@ -329,6 +334,32 @@ class Proxy:
         assert self.loop is not None
         self.loop.create_task(self._connect(route, ex))
 
+    def _by_revision(self, ex: Exchange, endpoint: Endpoint) -> Route | None:
+        """A route chosen by revision share, or of the revision the client pinned (issue 16); None
+        with the answer sent when the pin is unusable."""
+        raw = ex.revision
+        if raw is None:
+            return endpoint.choose(ex.last_active, ex.tried)
+        try:
+            pinned = int(raw)
+        except ValueError:
+            ex.respond(
+                400,
+                "bad_revision",
+                "X-Modelserve-Revision must be a revision number, as the service's revisions list shows.",
+            )
+            return None
+        route = endpoint.choose(ex.last_active, ex.tried, pinned)
+        if route is None and not ex.tried:
+            ex.respond(
+                503,
+                "revision_unavailable",
+                f"Revision {pinned} of this service has no healthy replica here; "
+                "check the revision number, or wait until its replicas are healthy.",
+                b"Retry-After: 1\r\n",
+            )
+        return route
+
     def _no_route(self, ex: Exchange, endpoint: Endpoint) -> None:
         if ex.tried:
             ex.respond(
@@ -337,6 +368,9 @@ class Proxy:
                 "No replica of this service could be reached; the platform is replacing it. Retry shortly.",
                 b"Retry-After: 1\r\n",
             )
+            return
+        if endpoint.sleeps and not endpoint.routes and endpoint.status != "TERMINATING":
+            self._hold_for_wake(ex, endpoint)
             return
         hold = self.config.hold_seconds
         if hold > 0 and not ex.held and not endpoint.routes and endpoint.status != "TERMINATING":
@@ -349,6 +383,40 @@ class Proxy:
         if endpoint.routes:
             message, retry_after = "Every replica of this service failed just now; retry shortly.", 1
         ex.respond(503, "no_healthy_replica", message, b"Retry-After: %d\r\n" % retry_after)
+
+    def _hold_for_wake(self, ex: Exchange, endpoint: Endpoint) -> None:
+        """Scale to zero: hold a request to a sleeping (or waking) service until its first replica is
+        in the routing table (``_wake``), and ask the control plane to wake it now (proxy/report.py)."""
+        config = self.config
+        if ex.held:  # held once already, for the whole wake timeout
+            ex.respond(
+                503,
+                "wake_timeout",
+                f"The service is waking up and had no ready replica within {config.wake_timeout:g} s; "
+                "see the service page for why, and retry.",
+                b"Retry-After: 5\r\n",
+            )
+            return
+        if len(endpoint.waiters) >= config.wake_queue:
+            endpoint.stats.throttled += 1
+            ex.respond(
+                503,
+                "waking",
+                f"The service is waking up and {len(endpoint.waiters)} requests already wait for it, the most "
+                "held at once; retry in a few seconds.",
+                b"Retry-After: 5\r\n",
+            )
+            return
+        assert self.loop is not None
+        ex.held = True
+        endpoint.waiters.append(ex)
+        ex.hold_timer = self.loop.call_later(config.wake_timeout, self._hold_expired, ex)
+        self._ask_wake(endpoint, _monotonic())
+
+    def _ask_wake(self, endpoint: Endpoint, now: float) -> None:
+        if now - endpoint.wake_sent >= WAKE_ASK_AGAIN or not endpoint.wake_sent:
+            endpoint.wake_sent = now
+            self.reporter.wake(endpoint.slug, endpoint.id)
 
     def _hold_expired(self, ex: Exchange) -> None:
         ex.hold_timer = None
@@ -368,6 +436,7 @@ class Proxy:
                 ex.hold_timer.cancel()
                 ex.hold_timer = None
             if not ex.ended:
+                ex.held = False  # forwarded now: the idle and total timeouts apply again
                 ex.last_active = now
                 self.forward(ex)
 
@@ -454,6 +523,8 @@ class Proxy:
                     ex.timed_out(f"The request took longer than {config.total_timeout:g} s.")
             pool_cut = now - config.upstream_idle
             for endpoint in self.table.endpoints.values():
+                if endpoint.waiters and endpoint.sleeps and not endpoint.routes:
+                    self._ask_wake(endpoint, now)  # still asleep: a lost wake request is asked again
                 for route in endpoint.routes:
                     idle = route.idle
                     while idle and idle[0].idle_since < pool_cut:

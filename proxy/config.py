@@ -16,6 +16,8 @@ variable, like the web app's typed env helpers (config/env.py).
 | PROXY_CONNECT_TIMEOUT | 5 | seconds to open a connection to a replica |
 | PROXY_QUEUE_LIMIT | 256 | requests in flight per healthy route; an endpoint admits limit x routes |
 | PROXY_HOLD_SECONDS | 0 | hold a request this long for a route to appear before answering 503 |
+| PROXY_WAKE_TIMEOUT | 300 | a request to a sleeping service (scale to zero) waits this long for it to wake |
+| PROXY_WAKE_QUEUE | 100 | requests held per sleeping service; beyond, 503 with Retry-After |
 | PROXY_RESYNC_INTERVAL | 10 | seconds between full re-reads of the routing table |
 | PROXY_STATS_INTERVAL | 2 | seconds between pushes of stats and token last-used times to Redis |
 | PROXY_ROUTE_DOWN_SECONDS | 2 | a route that refused a connection is skipped this long (doubling) |
@@ -27,9 +29,11 @@ variable, like the web app's typed env helpers (config/env.py).
 | PROXY_TRUSTED_PROXIES | 127.0.0.1,::1 | addresses (or CIDR ranges, or `*`) whose X-Forwarded-* headers are believed |
 | PROXY_LOG_LEVEL | WARNING | the process's log level (INFO adds route failures) |
 
-PROXY_RETRY_UNSAFE: by default a POST that reached a replica which then died without answering a byte
-gets a 502 (it may have been processed; nginx and Envoy do the same). Set it when every runtime's
-requests are free of side effects, as inference usually is: then killing a replica costs no request.
+PROXY_RETRY_UNSAFE: set, every request that reached a replica which then died without answering a
+byte is sent again, whatever its service's retry policy says. The policy (``retry_policy``, see
+proxy/exchange.py): ``safe`` answers such a POST 502 (it may have been processed; nginx and Envoy do
+the same); ``inference``, the default, re-sends POSTs to inference paths (/v1/chat/completions,
+/v1/embeddings, ...), which have no side effect; ``all`` re-sends every request.
 
 PROXY_TRUSTED_PROXIES: a TLS terminator or load balancer in front of the proxy says who the client
 was and which scheme and host it used, in X-Forwarded-For/Proto/Host; the replica gets them. From
@@ -137,6 +141,8 @@ class Config:
     connect_timeout: float = 5.0
     queue_limit: int = 256
     hold_seconds: float = 0.0
+    wake_timeout: float = 300.0
+    wake_queue: int = 100
     resync_interval: float = 10.0
     stats_interval: float = 2.0
     route_down_seconds: float = 2.0
@@ -179,6 +185,8 @@ class Config:
             connect_timeout=_float("PROXY_CONNECT_TIMEOUT", 5.0, 0.01),
             queue_limit=_int("PROXY_QUEUE_LIMIT", 256, 1),
             hold_seconds=_float("PROXY_HOLD_SECONDS", 0.0),
+            wake_timeout=_float("PROXY_WAKE_TIMEOUT", 300.0, 0.1),
+            wake_queue=_int("PROXY_WAKE_QUEUE", 100, 1),
             resync_interval=_float("PROXY_RESYNC_INTERVAL", 10.0, 0.1),
             stats_interval=_float("PROXY_STATS_INTERVAL", 2.0, 0.1),
             route_down_seconds=_float("PROXY_ROUTE_DOWN_SECONDS", 2.0, 0.0),

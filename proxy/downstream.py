@@ -81,6 +81,10 @@ REQUEST_HEADERS = {
     b"proxy-connection": H_DROP,
 }
 
+# X-Modelserve-Revision pins a revision (issue 16); consumed here, never sent to a replica.
+H_REVISION = 13
+REQUEST_HEADERS[b"x-modelserve-revision"] = H_REVISION
+
 _HEAD_TOO_LARGE = f"The request's header fields are longer than {MAX_REQUEST_HEAD} bytes in all."
 
 
@@ -346,6 +350,8 @@ class Downstream(asyncio.Protocol):
             ex.xfp = value
         elif kind == H_XFH:
             ex.xfh = value
+        elif kind == H_REVISION:
+            ex.revision = value
         elif kind == H_CONN:
             ex.connection_header = True  # keep-alive and upgrade are read from the parser
             if value.lower() not in CONNECTION_OPTIONS:  # (the usual values cost one lookup)

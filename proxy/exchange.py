@@ -38,6 +38,50 @@ _monotonic = time.monotonic
 # Methods a request may be sent again with after it reached a replica (RFC 9110 9.2.2); any other
 # (POST, PATCH) only with an Idempotency-Key header, as Go's http.Transport does.
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+# Paths of inference APIs (OpenAI's, and the common servers' own: TGI, TEI, vLLM, SGLang, KServe,
+# SageMaker): a POST there computes an answer and changes nothing, so a service's ``inference`` retry
+# policy (the default, serving/models.py RetryPolicy) sends it again to another replica when the one
+# it reached closed without answering a byte. Compared without the query and a trailing slash.
+INFERENCE_PATHS = frozenset(
+    (
+        b"/v1/chat/completions",
+        b"/v1/completions",
+        b"/v1/embeddings",
+        b"/v1/responses",
+        b"/v1/rerank",
+        b"/v1/score",
+        b"/v1/moderations",
+        b"/v1/audio/transcriptions",
+        b"/v1/audio/translations",
+        b"/v1/images/generations",
+        b"/v2/rerank",
+        b"/rerank",
+        b"/score",
+        b"/generate",
+        b"/generate_stream",
+        b"/embed",
+        b"/embed_sparse",
+        b"/classify",
+        b"/predict",
+        b"/invocations",
+        b"/tokenize",
+        b"/detokenize",
+    )
+)
+# KServe's open inference protocol: /v2/models/<name>[/versions/<v>]/infer, /v1/models/<name>:predict.
+INFERENCE_PATTERN = re.compile(rb"^/v[12]/models/[^?]+(?:/infer|:predict)$")
+RETRY_SAFE, RETRY_INFERENCE, RETRY_ALL = "safe", "inference", "all"
+
+
+def inference_path(line: bytes) -> bool:
+    """Whether a forwarded request line (``POST /v1/chat/completions HTTP/1.1``) calls an inference API."""
+    path = line.split(b" ", 2)[1] if line.count(b" ") >= 2 else b""
+    path = path.partition(b"?")[0]
+    if len(path) > 1 and path[-1:] == b"/":
+        path = path[:-1]
+    return path in INFERENCE_PATHS or INFERENCE_PATTERN.match(path) is not None
+
+
 # A pooled connection idle longer than this is not used for a request that cannot be retried: the
 # replica's keep-alive timer may be closing it right now, and then the request could not be sent
 # again (below every common server's keep-alive timeout: uvicorn 5 s, gunicorn 2 s).
@@ -193,6 +237,7 @@ class Exchange:
     connection_header = False
     nominated: list[bytes] | None = None  # headers named in Connection: removed before forwarding
     idempotency_key = False
+    revision: bytes | None = None  # X-Modelserve-Revision: the revision the client pinned (issue 16)
     endpoint: Endpoint | None = None
     route: Route | None = None
     conn: Upstream | None = None
@@ -209,6 +254,7 @@ class Exchange:
     ended = False
     close_after = False
     held = False
+    resent = False  # sent again after it reached a replica (counted once per request)
     hold_timer: asyncio.TimerHandle | None = None
     early: list[bytes] | None = None
     status = 0
@@ -353,6 +399,9 @@ class Exchange:
                 # have been closed by the replica's keep-alive timer: the route stays eligible.)
                 self.tried = [*(self.tried or ()), route]
             self.out = []
+            if not self.resent:  # reached a replica and is sent again: the event log says how many
+                self.resent = True
+                endpoint.stats.resent += 1
             self.down.proxy.forward(self)
             return
         if not self.response_started:
@@ -362,7 +411,7 @@ class Exchange:
                 message = (
                     f"The replica closed the connection without answering ({error}). It may have processed "
                     f"the request, so this {self.method.decode('latin-1')} was not sent again: send an "
-                    "Idempotency-Key header to allow that."
+                    "Idempotency-Key header to allow that, or set the service's retry policy to all."
                 )
             self.respond(502, "replica_unreachable", message)
             return
@@ -372,8 +421,18 @@ class Exchange:
         self.end(self.status)
 
     def retryable(self) -> bool:
-        """May this request be sent again after it reached a replica? (Before, it always may.)"""
-        return self.method in IDEMPOTENT_METHODS or self.idempotency_key or self.down.proxy.config.retry_unsafe
+        """May this request be sent again after it reached a replica? (Before, it always may.)
+
+        Only while no byte of the response came back (the callers check ``got_bytes``). Idempotent
+        methods and requests with an Idempotency-Key always; others as the service's retry policy
+        says (``all``; ``inference``: a POST to an inference path), or PROXY_RETRY_UNSAFE."""
+        if self.method in IDEMPOTENT_METHODS or self.idempotency_key or self.down.proxy.config.retry_unsafe:
+            return True
+        endpoint = self.endpoint
+        policy = endpoint.retry_policy if endpoint is not None else RETRY_SAFE
+        if policy == RETRY_INFERENCE:
+            return self.method == b"POST" and inference_path(self.line)
+        return policy == RETRY_ALL
 
     def respond(self, status: int, code: str, message: str, extra: bytes = b"") -> None:
         """Answer the client from the proxy itself (errors: JSON ``{"error": {...}}``)."""

@@ -29,6 +29,8 @@ class EndpointStats:
         "last_codes",
         "last_count",
         "last_throttled",
+        "reported_resent",
+        "resent",
         "sum",
         "throttled",
     )
@@ -43,6 +45,8 @@ class EndpointStats:
         self.last_count = 0
         self.throttled = 0  # 429s: the signal that the endpoint needs more replicas
         self.last_throttled = 0
+        self.resent = 0  # requests sent again after the replica they reached closed unanswered
+        self.reported_resent = 0  # of those, how many were counted in Redis (proxy/report.py)
 
     def observe(self, status: int, seconds: float) -> None:
         self.codes[status // 100 if status < 600 else 5] += 1

@@ -7,6 +7,15 @@
   "errors_per_s", "requests", "in_flight", "p95_ms", "routes"}`` for the last window. Several
   proxies behind a load balancer each write their own field; a reader sums ``rps``/``in_flight``
   over fields whose ``t`` is recent and takes the max of ``p95_ms``. No field: no traffic.
+  The sample also holds ``last``: the epoch of the last push that saw a request (arrived, or still in
+  flight or held) — what the control plane's idle detection reads (serving/control/sleep.py).
+* ``<prefix>:proxy:resent`` (hash): slug -> requests sent again to another replica after the one
+  they reached closed without answering (the service's retry policy), HINCRBY per push; the control
+  plane takes it and writes one event per service (never one per request).
+* ``<prefix>:wake`` (list) and ``<prefix>:wake:<slug>`` (key): a request to a sleeping service asks
+  the control plane to wake it at once: ``SET <prefix>:wake:<slug> NX EX`` first, and only the proxy
+  that set it pushes ``{"endpoint": slug, "endpoint_id": id, "proxy": instance, "t": epoch}`` on the
+  list, which a control-plane thread blocks on (serving/control/sleep.py): many proxies, one wake.
 * ``<prefix>:proxy:route-failures`` (channel): JSON ``{"route": id, "endpoint": slug,
   "endpoint_id": id, "error": text, "proxy": instance, "t": epoch}`` the moment a replica refuses
   a connection (fire and forget, at most once per local down period of that route).
@@ -24,6 +33,7 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 
 if TYPE_CHECKING:
+    from proxy.metrics import EndpointStats
     from proxy.table import Table
 
 log = logging.getLogger("proxy.report")
@@ -31,6 +41,7 @@ log = logging.getLogger("proxy.report")
 STATS_TTL = 30
 MAX_PENDING_REPORTS = 64  # failure reports in the air at once; beyond that they are dropped
 MAX_LAST_USED = 100_000  # bound on remembered tokens while Redis is away
+WAKE_DEDUPE_SECONDS = 30  # one wake per service per this long, over every proxy (the Redis key's expiry)
 
 
 class Reporter:
@@ -47,6 +58,7 @@ class Reporter:
         self._loop_task: asyncio.Task[None] | None = None
         self._down = False
         self._last_flush = time.monotonic()
+        self._seen: dict[str, tuple[int, float]] = {}  # slug -> (request count at the last push, epoch it grew)
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -80,6 +92,26 @@ class Reporter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def wake(self, slug: str, endpoint_id: str) -> None:
+        """Ask the control plane to wake a sleeping service, without waiting (the request is held)."""
+        if self._pending >= MAX_PENDING_REPORTS:
+            return  # the next held request (or the next second's) asks again
+        message = json.dumps({"endpoint": slug, "endpoint_id": endpoint_id, "proxy": self.instance, "t": time.time()})
+        self._pending += 1
+        task = asyncio.get_running_loop().create_task(self._wake(slug, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wake(self, slug: str, message: str) -> None:
+        try:
+            # Several proxies hold requests for the same service: the first one's key wins, one wake.
+            if await self.client.set(f"{self.prefix}:wake:{slug}", self.instance, nx=True, ex=WAKE_DEDUPE_SECONDS):
+                await self.client.lpush(f"{self.prefix}:wake", message)
+        except Exception as exc:
+            log.warning("cannot ask to wake %s (%s: %s); asking again shortly", slug, exc.__class__.__name__, exc)
+        finally:
+            self._pending -= 1
+
     async def _publish(self, message: str) -> None:
         try:
             await self.client.publish(self.failures_channel, message)
@@ -101,9 +133,11 @@ class Reporter:
         pipe = self.client.pipeline(transaction=False)
         if used:
             pipe.hset(f"{self.prefix}:tokens:last_used", mapping={k: f"{v:.3f}" for k, v in used.items()})
+        resent: list[tuple[EndpointStats, int]] = []  # counted in Redis once the push succeeded
         for slug, endpoint in self.table.endpoints.items():
-            figures = endpoint.stats.window(elapsed)
-            if not final and not figures["requests"] and not endpoint.in_flight and endpoint.stats.count == 0:
+            stats = endpoint.stats
+            figures = stats.window(elapsed)
+            if not final and not figures["requests"] and not endpoint.in_flight and stats.count == 0:
                 continue  # never used through this proxy: nothing to say
             sample = {
                 "t": round(now, 3),
@@ -111,7 +145,11 @@ class Reporter:
                 **figures,
                 "in_flight": endpoint.in_flight,
                 "routes": len(endpoint.routes),
+                "last": self._last_request(slug, stats.count, endpoint.in_flight, now),
             }
+            if stats.resent > stats.reported_resent:
+                pipe.hincrby(f"{self.prefix}:proxy:resent", slug, stats.resent - stats.reported_resent)
+                resent.append((stats, stats.resent))
             key = f"{self.prefix}:proxy:stats:{slug}"
             pipe.hset(key, self.instance, json.dumps(sample, separators=(",", ":")))
             pipe.expire(key, STATS_TTL)
@@ -128,6 +166,16 @@ class Reporter:
                 log.warning("cannot push stats to Redis (%s); will retry", exc.__class__.__name__)
                 self._down = True
             return
+        for stats, count in resent:
+            stats.reported_resent = count
         if self._down:
             log.warning("stats push to Redis works again")
             self._down = False
+
+    def _last_request(self, slug: str, count: int, in_flight: int, now: float) -> float:
+        """The epoch of the last push that saw a request of this endpoint (none: 0): no per-request
+        clock read on the hot path; a request in flight (a long stream, a held one) counts as one."""
+        seen = self._seen.get(slug)
+        if seen is None or seen[0] != count or in_flight:
+            seen = self._seen[slug] = (count, round(now, 3) if (count or in_flight) else 0.0)
+        return seen[1]

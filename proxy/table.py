@@ -107,6 +107,7 @@ class Endpoint:
     """One endpoint (model service) as the proxy sees it."""
 
     __slots__ = (
+        "by_revision",
         "capacity",
         "cumulative",
         "forward_cookies",
@@ -116,13 +117,17 @@ class Endpoint:
         "platform_cookies",
         "public",
         "raw",
+        "retry_policy",
         "routes",
+        "sleeps",
         "slug",
+        "split",
         "stats",
         "status",
         "tokens",
         "total_weight",
         "waiters",
+        "wake_sent",
     )
 
     def __init__(self, slug: str, stats: EndpointStats) -> None:
@@ -133,6 +138,9 @@ class Endpoint:
         self.forward_cookies = False  # cookies pass both ways, except the platform's own
         self.platform_cookies = DEFAULT_PLATFORM_COOKIES
         self.status = ""
+        self.retry_policy = "inference"  # which requests are sent again (proxy/exchange.py retryable)
+        self.sleeps = False  # scale to zero: a request with no route is held and wakes the service
+        self.wake_sent = 0.0  # when this proxy last asked the control plane to wake it (monotonic)
         self.routes: list[Route] = []
         self.capacity = 1  # routes counted for the in-flight limit (at least one: held requests)
         self.cumulative: list[float] = []
@@ -142,6 +150,10 @@ class Endpoint:
         self.waiters: list[Exchange] = []  # requests held while no route is available
         self.stats = stats
         self.raw: bytes | None = None  # the hash value last applied: an unchanged entry is skipped
+        # Revisions (issue 16): the routes of each revision (a client may pin one), and the groups
+        # with a traffic share when the entry splits by revision (None: by route weight alone).
+        self.by_revision: dict[int, RevisionRoutes] = {}
+        self.split: list[RevisionRoutes] | None = None
 
     def update(self, entry: dict[str, Any]) -> list[Route]:
         """Apply an entry; returns the routes that left (for their pools to be closed)."""
@@ -166,6 +178,9 @@ class Endpoint:
         self.forward_cookies = entry.get("forward_cookies") is True
         self.platform_cookies = platform_cookies(entry.get("platform_cookies"))
         self.status = str(entry.get("status", "") or "")
+        policy = entry.get("retry_policy")
+        self.retry_policy = policy if policy in ("safe", "inference", "all") else "inference"
+        self.sleeps = entry.get("scale_to_zero") is True
         self.tokens = tokens
         cumulative: list[float] = []
         total = 0.0
@@ -175,7 +190,53 @@ class Endpoint:
         # Assigned last, together: pick() never sees routes and weights from two different entries.
         self.routes, self.cumulative, self.total_weight = routes, cumulative, total
         self.capacity = len(routes) or 1
+        self.update_split(entry, routes)
         return list(old.values())
+
+    def update_split(self, entry: dict[str, Any], routes: list[Route]) -> None:
+        """Group the routes by revision and keep the entry's shares (issue 16). A group keeps its
+        place in the smooth weighted round robin across updates, so a split stays exact."""
+        revision_of = {str(raw["id"]): int(raw.get("revision") or 0) for raw in entry.get("routes") or ()}
+        shares = {int(n): int(p) for n, p in (entry.get("shares") or {}).items() if int(p) > 0}
+        members: dict[int, list[Route]] = {n: [] for n in shares}
+        for route in routes:
+            members.setdefault(revision_of.get(route.id, 0), []).append(route)
+        old = self.by_revision
+        groups: dict[int, RevisionRoutes] = {}
+        for number, mine in members.items():
+            group = old.get(number) or RevisionRoutes(number)
+            group.set(mine, shares.get(number, 0))
+            groups[number] = group
+        # No split when one revision holds every route and all the traffic: the usual pick, no cost.
+        split = [g for g in groups.values() if g.share > 0]
+        if not shares or (len(split) == 1 and len(groups) == 1):
+            self.by_revision, self.split = groups, None
+        else:
+            self.by_revision, self.split = groups, split
+
+    def choose(self, now: float, exclude: list[Route] | None = None, pinned: int | None = None) -> Route | None:
+        """The route for a request when the endpoint splits by revision or the client pins one
+        (``X-Modelserve-Revision``): a revision by share (smooth weighted round robin: exact over
+        any run of requests, a few additions each), then a route within it as ``pick`` chooses.
+        A revision with no route left (not yet healthy, all excluded) gives its turn to the rest."""
+        if pinned is not None:
+            group = self.by_revision.get(pinned)
+            return group.pick(now, exclude) if group is not None else None
+        split = self.split
+        if split is None:
+            return self.pick(now, exclude)
+        best: RevisionRoutes | None = None
+        total = 0
+        for group in split:
+            if group.routes:
+                group.current += group.share
+                total += group.share
+                if best is None or group.current > best.current:
+                    best = group
+        if best is None:
+            return self.pick(now, exclude)
+        best.current -= total
+        return best.pick(now, exclude) or self.pick(now, exclude)
 
     def pick(self, now: float, exclude: list[Route] | None = None) -> Route | None:
         """Weighted power of two choices: two different routes drawn by weight, the one with fewer
@@ -219,6 +280,34 @@ class Endpoint:
         others = [r for r in candidates if r is not a]
         b = random.choices(others, weights=[r.weight for r in others])[0]
         return a if a.in_flight * b.weight <= b.in_flight * a.weight else b
+
+
+class RevisionRoutes:
+    """The routes of one revision of an endpoint, chosen among as ``Endpoint.pick`` does."""
+
+    __slots__ = ("cumulative", "current", "number", "routes", "share", "total_weight")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.routes: list[Route] = []
+        self.cumulative: list[float] = []
+        self.total_weight = 0.0
+        self.share = 0
+        self.current = 0  # the smooth weighted round robin's running credit
+
+    def set(self, routes: list[Route], share: int) -> None:
+        cumulative: list[float] = []
+        total = 0.0
+        for route in routes:
+            total += route.weight
+            cumulative.append(total)
+        self.routes, self.cumulative, self.total_weight, self.share = routes, cumulative, total, share
+
+    def pick(self, now: float, exclude: list[Route] | None = None) -> Route | None:
+        return Endpoint.pick(self, now, exclude)  # type: ignore[arg-type]  # the same fields
+
+    def _pick_slow(self, now: float, exclude: list[Route]) -> Route | None:
+        return Endpoint._pick_slow(self, now, exclude)  # type: ignore[arg-type]
 
 
 class Table:

@@ -14,12 +14,14 @@ from django.utils.translation import ngettext
 from serving.actions import rules as rule_actions
 from serving.actions import services, validators
 from serving.actions import tokens as token_actions
+from serving.core import devices
 from serving.models import (
     AutoScalingRule,
     Endpoint,
     EndpointToken,
     Node,
     ResourcePreset,
+    Revision,
     Route,
     ScalingEvent,
     ServiceEvent,
@@ -42,6 +44,15 @@ class RouteInline(ReadOnlyInline):
     model = Route
     fields = ("id", "status", "node", "host", "port", "traffic_ratio", "spec_version", "error_message", "last_probe_at")
     readonly_fields = fields
+
+
+class RevisionInline(ReadOnlyInline):
+    """The service's revisions (issue 16): number, author, time and what changed."""
+
+    model = Revision
+    fields = ("number", "created_by", "created_at", "summary")
+    readonly_fields = fields
+    show_change_link = False
 
 
 class RuleInline(admin.TabularInline):  # type: ignore[type-arg]
@@ -103,11 +114,12 @@ class EndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         ("cluster_mode", "cluster_size"),
         "environ",
         ("open_to_public", "forward_cookies"),
+        ("retry_policy", "idle_timeout", "slept_at"),
         ("spec_version", "retries"),
         ("created_at", "updated_at", "destroyed_at"),
     )
     autocomplete_fields = ("owner",)
-    inlines = [RouteInline, RuleInline, ServiceEventInline]
+    inlines = [RouteInline, RevisionInline, RuleInline, ServiceEventInline]
     actions = ["terminate", "clear_errors"]
 
     @admin.display(description=_("status"))
@@ -175,10 +187,16 @@ class RouteAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "port",
         "traffic_ratio",
         "spec_version",
+        "gpu_devices",
         "error_message",
         "updated_at",
     )
     list_filter = ("status", "node")
+
+    @admin.display(description=_("GPU devices"))
+    def gpu_devices(self, obj: Route) -> str:
+        return ", ".join(f"{d} {share:g}" for d, share in (obj.devices or {}).items()) or "-"
+
     search_fields = ("id", "endpoint__name", "container_id")
     readonly_fields = [f.name for f in Route._meta.fields]
 
@@ -264,11 +282,25 @@ class ServiceEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ("name", "address", "engine", "resource_group", "capacity", "schedulable", "heartbeat_at", "alive")
+    list_display = (
+        "name",
+        "address",
+        "engine",
+        "resource_group",
+        "capacity",
+        "device_ids",
+        "schedulable",
+        "heartbeat_at",
+        "alive",
+    )
     list_filter = ("schedulable", "resource_group", "engine")
     search_fields = ("name", "address")
-    readonly_fields = ("heartbeat_at", "lost_at", "created_at", "engine", "capacity")
+    readonly_fields = ("heartbeat_at", "lost_at", "created_at", "engine", "capacity", "devices")
     actions = ["cordon", "uncordon"]
+
+    @admin.display(description=_("GPU devices"))
+    def device_ids(self, obj: Node) -> str:
+        return ", ".join(devices.inventory_ids(obj.devices or [])) or "-"
 
     @admin.display(boolean=True)
     def alive(self, obj: Node) -> bool:

@@ -30,6 +30,7 @@ from serving.core.definitions import (
     ServiceDefinition,
     parse_model_definition,
     parse_service_definition,
+    read_service_definition,
     resolve_service_defaults,
 )
 from serving.core.definitions.reader import Collector, clip, fail, show
@@ -47,32 +48,67 @@ class FolderDefaults:
     architecture: str = ""
     resources: dict[str, float] = field(default_factory=dict)
     environ: dict[str, str] = field(default_factory=dict)
+    resource_opts: dict[str, int] = field(default_factory=dict)  # [runtime.resource_opts]: shmem bytes
     problems: tuple[str, ...] = ()  # why the file could not be used, in words
+    warnings: tuple[str, ...] = ()  # what the runtime's section says that is not used (unknown keys)
+
+
+def folder_service_definition(folder_fs: FolderFS) -> ServiceDefinition | None:
+    """The folder's ``service-definition.toml`` read section by section (a broken section does not
+    hide the others), or None when there is none. DefinitionError: the file as a whole is unusable."""
+    data = read_folder_file(folder_fs, SERVICE_DEFINITION_FILE)
+    if data is None:
+        return None
+    return read_service_definition(data, SERVICE_DEFINITION_FILE)
+
+
+def described_runtime(service_definition: ServiceDefinition | None) -> str:
+    """The runtime a folder describes: the first runtime its service-definition.toml has a section
+    for (``[vllm.*]``), in file order, that the platform knows; else Custom."""
+    for name in service_definition.names if service_definition is not None else ():
+        if name in RUNTIMES:
+            return name
+    return "custom"
+
+
+def folder_runtime(folder: Folder) -> str:
+    """``described_runtime`` of a folder; Custom when its service-definition.toml can not be read."""
+    try:
+        return described_runtime(folder_service_definition(FolderFS(folder.host_path)))
+    except DefinitionError:
+        return "custom"
 
 
 def folder_defaults(folder: Folder, runtime: str) -> FolderDefaults:
     """The section of the folder's service definition for ``runtime``, or empty defaults.
 
     A missing file is normal (defaults are optional); a broken one does not block creating the
-    service, its problems are reported so the launcher can show them next to the fields. The file
-    is read through storage.fs: a symlink planted in the folder (by a replica that can write
-    there) is reported, never followed, so no host file becomes the service's defaults.
+    service, its problems are reported so the launcher can show them next to the fields. Only the
+    problems of the file as a whole and of ``runtime``'s own section count: a broken ``[nim.*]``
+    does not take the defaults of ``[vllm.*]`` away. The file is read through storage.fs: a symlink
+    planted in the folder (by a replica that can write there) is reported, never followed, so no
+    host file becomes the service's defaults.
     """
     try:
-        data = read_folder_file(FolderFS(folder.host_path), SERVICE_DEFINITION_FILE)
-        if data is None:
-            return FolderDefaults()
-        service_definition = definitions.parse_service_definition(data, SERVICE_DEFINITION_FILE)
+        service_definition = folder_service_definition(FolderFS(folder.host_path))
     except definitions.DefinitionError as exc:
         return FolderDefaults(problems=tuple(str(p) for p in exc.problems))
+    if service_definition is None:
+        return FolderDefaults()
+    warnings = tuple(str(p) for p in service_definition.warnings_for(runtime))
+    broken = service_definition.problems_for(runtime)
+    if broken:
+        return FolderDefaults(problems=tuple(str(p) for p in broken), warnings=warnings)
     resolved = definitions.resolve_service_defaults(service_definition, runtime)
     if resolved is None:
-        return FolderDefaults()
+        return FolderDefaults(warnings=warnings)
     return FolderDefaults(
         image=resolved.image,
         architecture=resolved.architecture,
         resources=slots.normalize(resolved.resources),
         environ=dict(resolved.environ),
+        resource_opts=dict(resolved.resource_opts),
+        warnings=warnings,
     )
 
 
@@ -172,6 +208,8 @@ class FolderValidation:
     runtime: str = "custom"
     definition_file: str | None = None  # the model definition file used, relative to the folder
     effective: EffectiveService | None = None  # how a replica would start (serving.core.runtimes)
+    # What the files say that is not used (unknown keys, with a "did you mean"): the folder is still valid.
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -184,6 +222,7 @@ class FolderValidation:
             "runtime": self.runtime,
             "model_definition_file": self.definition_file,
             "problems": [p.to_dict() for p in self.problems],
+            "warnings": [p.to_dict() for p in self.warnings],
             "model_definition": _as_plain(self.model_definition),
             "launcher_defaults": _as_plain(self.defaults),
             "effective_service": _as_plain(self.effective),
@@ -252,7 +291,7 @@ def _definition_candidates(definition_path: str | None) -> tuple[str, ...]:
 
 def validate_model_folder(
     folder: Path | str,
-    runtime: str = "custom",
+    runtime: str | None = "custom",
     definition_path: str | None = None,
     *,
     model_mount: str = "/models",
@@ -260,10 +299,17 @@ def validate_model_folder(
     """Everything the platform would check about a model folder for ``runtime``, without starting it.
 
     Reads the model definition file (only for runtimes that need one: Custom) and
-    ``service-definition.toml`` when present, and resolves how a replica would start.
+    ``service-definition.toml`` when present, and resolves how a replica would start. ``runtime``
+    None: the runtime the folder describes (``described_runtime``). Unknown keys are ``warnings``.
     """
     folder = Path(folder)
     problems: list[Problem] = []
+    warnings: list[Problem] = []
+    if runtime is None:
+        try:
+            runtime = described_runtime(folder_service_definition(_folder_fs(folder))) if folder.is_dir() else "custom"
+        except DefinitionError:
+            runtime = "custom"  # the file's problems are reported below
     if not folder.is_dir():
         return FolderValidation(
             (Problem(str(folder), "", "is not a directory; give the path of a model folder"),),
@@ -318,6 +364,7 @@ def validate_model_folder(
                     if data is None:  # removed since it was found
                         raise fail(used, "can not be read: No such file or directory")
                     model_definition = parse_model_definition(data, used, model_mount=model_mount)
+                    warnings.extend(model_definition.warnings)
                 except DefinitionError as exc:
                     problems.extend(exc.problems)
                 if model_definition is not None and model_definition.primary.service is None:
@@ -339,7 +386,10 @@ def validate_model_folder(
             data = read_folder_file(folder_fs, SERVICE_DEFINITION_NAME)
             if data is None:
                 raise fail(SERVICE_DEFINITION_NAME, "can not be read: No such file or directory")
-            service_definition = parse_service_definition(data, SERVICE_DEFINITION_NAME)
+            service_definition = read_service_definition(data, SERVICE_DEFINITION_NAME)
+            # Only this runtime's section counts: a broken [nim.*] does not fail the folder for vLLM.
+            problems.extend(service_definition.problems_for(runtime))
+            warnings.extend(service_definition.warnings_for(runtime))
             defaults = resolve_service_defaults(service_definition, runtime)
         except DefinitionError as exc:
             problems.extend(exc.problems)
@@ -352,7 +402,9 @@ def validate_model_folder(
             )
         except RuntimeConfigError as exc:
             problems.append(Problem(used or "", "", str(exc)))
-    return FolderValidation(tuple(problems), model_definition, service_definition, defaults, runtime, used, effective)
+    return FolderValidation(
+        tuple(problems), model_definition, service_definition, defaults, runtime, used, effective, tuple(warnings)
+    )
 
 
 # The names the issue uses for the file helpers.

@@ -22,6 +22,7 @@ from django.utils.translation import gettext_lazy as _
 
 from accounts.models import shared_with
 from serving.core.planning import EndpointLifecycle, RouteStatus
+from serving.core.revisions import CONFIG_FIELDS
 from serving.core.snapshots import format_bytes
 from storage.models import Folder
 
@@ -41,6 +42,15 @@ class EndpointStatus(models.TextChoices):
     UNHEALTHY = "UNHEALTHY", _("unhealthy")
     TERMINATING = "TERMINATING", _("terminating")
     DESTROYED = "DESTROYED", _("destroyed")
+    SLEEPING = "SLEEPING", _("sleeping")  # at 0 replicas while idle; a request wakes it
+
+
+class RetryPolicy(models.TextChoices):
+    """Which requests the proxy re-sends after the replica they reached closed without answering."""
+
+    SAFE = "safe", _("safe: idempotent requests only")
+    INFERENCE = "inference", _("inference: also POSTs to inference paths")
+    ALL = "all", _("all requests")
 
 
 class EndpointQuerySet(models.QuerySet["Endpoint"]):
@@ -96,6 +106,9 @@ class Endpoint(models.Model):
     resources = models.JSONField(default=dict, blank=True)
     preset = models.ForeignKey("ResourcePreset", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     resource_group = models.CharField(max_length=64, default="default")
+    # The CPU architecture its image is built for (service-definition.toml's [runtime.environment]
+    # architecture); empty: any node. Replicas are placed only on nodes of that architecture.
+    architecture = models.CharField(max_length=32, blank=True)
     cluster_mode = models.CharField(max_length=16, choices=ClusterMode.choices, default=ClusterMode.SINGLE_NODE)
     cluster_size = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(16)])
     environ = models.JSONField(default=dict, blank=True)
@@ -110,10 +123,40 @@ class Endpoint(models.Model):
             "session, CSRF and language cookies never pass)."
         ),
     )
+    # Which requests the proxy sends again to another replica when theirs closed without answering a
+    # byte (proxy/exchange.py): a POST that reached a replica may have been processed, but inference
+    # (a completion, an embedding) has no side effect, so by default those are re-sent too.
+    retry_policy = models.CharField(
+        max_length=16,
+        choices=RetryPolicy.choices,
+        default=RetryPolicy.INFERENCE,
+        help_text=_(
+            "safe: only idempotent requests are re-sent to another replica; inference: also POSTs to the "
+            "OpenAI-style inference paths; all: every request (never once a response byte came back)."
+        ),
+    )
+    # Scale to zero: seconds without a request after which the service sleeps at 0 replicas (empty:
+    # never); a request wakes it (the proxy holds it meanwhile). ``slept_at``: when it went to sleep,
+    # empty while awake; its status reads SLEEPING then.
+    idle_timeout = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(30 * 86400)],
+        help_text=_("seconds without a request before the service sleeps at 0 replicas; empty: never"),
+    )
+    slept_at = models.DateTimeField(null=True, blank=True)
+    wake_replicas = models.PositiveIntegerField(default=1)  # the count a wake restores
+    # When a request woke it; cleared when its first replica is healthy (the cold start is logged).
+    woke_at = models.DateTimeField(null=True, blank=True)
     lifecycle = models.CharField(max_length=16, choices=Lifecycle.choices, default=Lifecycle.CREATED)
     # Bumped whenever a change needs new replicas (image, definition, resources, environment):
     # routes of an older version are replaced one at a time (rolling update, S4.5).
     spec_version = models.PositiveIntegerField(default=1)
+    # Revision shares (issue 16): {"<revision>": percent}; empty: rolling (every healthy replica
+    # serves, older revisions replaced one at a time). ``rollout``: the strategy in progress, e.g.
+    # {"strategy": "canary", "revision": 3, "stable": 2, "since": <iso>} or blue_green's staging.
+    traffic = models.JSONField(default=dict, blank=True)
+    rollout = models.JSONField(default=dict, blank=True)
     # Consecutive failed starts; at MAX_START_FAILURES the endpoint stops retrying (S4.4).
     retries = models.PositiveIntegerField(default=0)
     # Autoscaling (S6): seconds after a scaling by the rules before they may scale this service again
@@ -222,7 +265,7 @@ class Endpoint(models.Model):
         live = [r for r in routes if r.status != Route.Status.TERMINATING]
         healthy = sum(1 for r in live if r.status == Route.Status.HEALTHY)
         if self.desired_replicas == 0 and not live:
-            return EndpointStatus.READY
+            return EndpointStatus.SLEEPING if self.slept_at is not None else EndpointStatus.READY
         if healthy >= self.desired_replicas and healthy > 0:
             return EndpointStatus.HEALTHY
         if healthy > 0:
@@ -265,6 +308,9 @@ class Route(models.Model):
     traffic_ratio = models.FloatField(default=1.0, validators=[MinValueValidator(0.0)])
     # Slots reserved on the node for this route (what the scheduler subtracts).
     resources = models.JSONField(default=dict, blank=True)
+    # The GPU devices assigned to it on its node and its share of each (serving.core.devices),
+    # e.g. {"cuda:0": 0.5}; chosen with the node, in the placement's transaction.
+    devices = models.JSONField(default=dict, blank=True)
     # {"kind": "definition"|"image"|"resources"|"exited"|..., "message": "...", ...} (S4.4).
     error = models.JSONField(default=dict, blank=True)
     # The effective health check (S5.1) resolved from the definition when the replica started.
@@ -306,6 +352,48 @@ class Route(models.Model):
         }
 
 
+class Revision(models.Model):
+    """An immutable revision ``number`` of a service (issue 16): the configuration its replicas run
+    (``serving.core.revisions.CONFIG_FIELDS``), who made it and when, and what changed. Routes
+    belong to the revision whose number is their ``spec_version``."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    config = models.JSONField(default=dict)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    summary = models.CharField(max_length=255, blank=True)  # one line: the diff against the previous one
+
+    class Meta:
+        ordering = ["endpoint", "number"]
+        constraints = [models.UniqueConstraint(fields=["endpoint", "number"], name="revision_number_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint.name} r{self.number}"
+
+    @staticmethod
+    def snapshot(endpoint: Endpoint) -> dict[str, Any]:
+        """The configuration ``endpoint`` holds now, as plain JSON (foreign keys by primary key)."""
+        config: dict[str, Any] = {}
+        for field in CONFIG_FIELDS:
+            if field in ("model_folder", "preset"):
+                pk = getattr(endpoint, f"{field}_id")
+                config[field] = str(pk) if isinstance(pk, uuid.UUID) else pk
+            else:
+                config[field] = getattr(endpoint, field)
+        return config
+
+    def apply(self, endpoint: Endpoint) -> None:
+        """Set this revision's configuration on ``endpoint`` (in memory)."""
+        for field, value in self.config.items():
+            if field in ("model_folder", "preset"):
+                setattr(endpoint, f"{field}_id", value)
+            else:
+                setattr(endpoint, field, value)
+
+
 class RouteMember(models.Model):
     """A sub member of a cluster-mode replica (S4.1, ``serving.core.cluster``): one more container of the
     route, on its own node in multi-node mode. The main member is the route itself."""
@@ -327,6 +415,7 @@ class RouteMember(models.Model):
     port = models.PositiveIntegerField(null=True, blank=True)
     # Slots reserved on its node (what the scheduler subtracts there).
     resources = models.JSONField(default=dict, blank=True)
+    devices = models.JSONField(default=dict, blank=True)  # as Route.devices, on its own node
     error = models.JSONField(default=dict, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -376,7 +465,11 @@ class Node(models.Model):
     address = models.CharField(max_length=255, blank=True)
     engine = models.CharField(max_length=16, blank=True)
     resource_group = models.CharField(max_length=64, default="default")
+    # platform.machine() of the node worker, written at every heartbeat (serving.core.architecture).
+    architecture = models.CharField(max_length=32, blank=True)
     capacity = models.JSONField(default=dict, blank=True)  # {"cpu": 2, "mem": <bytes>, "cuda.shares": 4}
+    # The GPU devices it advertises (heartbeat): [{"id": "cuda:0", "name": "...", "memory": <bytes>}].
+    devices = models.JSONField(default=list, blank=True)
     schedulable = models.BooleanField(default=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     lost_at = models.DateTimeField(null=True, blank=True)

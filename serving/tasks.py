@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from serving.actions import tokens as token_actions
 from serving.bus import dispatch, events, metrics, routing
-from serving.control import autoscaling, lifecycle
+from serving.control import autoscaling, lifecycle, sleep
 from serving.models import Endpoint, Node, Route
 from serving.node import dryrun, members, routes
 
@@ -75,6 +75,12 @@ def autoscale() -> None:
 def collect_proxy_metrics() -> None:
     """The proxies' per-endpoint stats into the metrics time series (serving.bus.metrics)."""
     metrics.collect_proxy()
+
+
+@shared_task(ignore_result=True, soft_time_limit=30, time_limit=60)
+def sleep_tick() -> None:
+    """Scale to zero: idle services sleep, missed wakes, cold starts; the proxies' re-sent counts."""
+    sleep.tick()
 
 
 # --- node side -----------------------------------------------------------------------------------

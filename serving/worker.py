@@ -1,4 +1,5 @@
-"""Start the node agent inside a node worker (a worker that consumes a ``node.<name>`` queue)."""
+"""Start the node agent inside a node worker (a worker that consumes a ``node.<name>`` queue), and the
+wake listener (scale to zero, serving/control/sleep.py) inside a control worker (queue ``control``)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,34 @@ from celery.signals import worker_ready, worker_shutdown
 
 log = logging.getLogger(__name__)
 _agent: Any = None
+_wake_listener: Any = None
 # Imported as the worker process loads the apps, before it consumes any task: a start claimed before
 # this was claimed by an earlier worker (serving.node.recover_interrupted_starts).
 _LOADED_AT = time.time()
 
 
-def _consumes_node_queue(sender: Any) -> bool:
+def _queues(sender: Any) -> set[str]:
     try:
-        queues = {q.name for q in sender.app.amqp.queues.consume_from.values()}
+        return {q.name for q in sender.app.amqp.queues.consume_from.values()}
     except Exception:
-        return False
-    return any(name.startswith("node.") for name in queues)
+        return set()
+
+
+def _consumes_node_queue(sender: Any) -> bool:
+    return any(name.startswith("node.") for name in _queues(sender))
+
+
+@worker_ready.connect
+def start_wake_listener(sender: Any = None, **_: Any) -> None:
+    global _wake_listener
+    if sender is None or "control" not in _queues(sender):
+        return
+    # Imported here, not at the top: this module is loaded by every process (the app's ready()),
+    # and only a control worker listens for wake requests.
+    from serving.control.sleep import start_listener
+
+    _wake_listener = start_listener()
+    log.info("wake listener started")
 
 
 @worker_ready.connect
@@ -43,3 +61,5 @@ def start_node_agent(sender: Any = None, **_: Any) -> None:
 def stop_node_agent(**_: Any) -> None:
     if _agent is not None:
         _agent.stop()
+    if _wake_listener is not None:
+        _wake_listener.stop()

@@ -430,7 +430,8 @@ class LauncherView(FilesAPIView):
     def get(self, request: Request, folder_id: str) -> Response:
         """The service launcher's values pre-filled from the folder (S1.3, S3.2) and every problem found."""
         folder = access_folder(request.user, folder_id)
-        runtime = request.query_params.get("runtime", "custom") or "custom"
+        # No runtime asked for: the runtime the folder describes ([vllm.*] in service-definition.toml).
+        runtime = request.query_params.get("runtime") or None
         definition_path = request.query_params.get("model_definition_path") or None
         return Response(modelstore.launcher_values(folder, runtime, definition_path))
 

@@ -56,16 +56,23 @@ def _read(folder_fs: FolderFS, name: str) -> bytes:
     return data
 
 
-def launcher_values(folder: Folder, runtime: str = "custom", definition_path: str | None = None) -> dict[str, Any]:
+def launcher_values(
+    folder: Folder, runtime: str | None = "custom", definition_path: str | None = None
+) -> dict[str, Any]:
     """The service launcher pre-filled from the folder (S1.3, S3.2), with every problem in its files.
 
     Problems never raise: the launcher shows them next to the fields (file, field path, line), and the
-    user may still fix the values by hand.
+    user may still fix the values by hand. ``runtime`` None: the runtime the folder describes (the
+    first known runtime its service-definition.toml has a section for, else Custom). ``warnings``:
+    what the files say that is not used (unknown keys, with a "did you mean").
     """
     from serving.core.runtimes import RUNTIMES
 
     folder_fs = FolderFS(folder.host_path)
+    if runtime is None:
+        runtime = folders.folder_runtime(folder)
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     variant = RUNTIMES.get(runtime)
     if variant is None:
         problems.append(Problem("", "runtime", f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}"))
@@ -92,6 +99,7 @@ def launcher_values(folder: Folder, runtime: str = "custom", definition_path: st
         try:
             data = _read(folder_fs, model_definition_path)
             model_definition = definitions.parse_model_definition(data, model_definition_path)
+            warnings.extend(model_definition.warnings)
             if needs_definition and model_definition.primary.service is None:
                 problems.append(
                     Problem(model_definition_path, "models[0].service", f"is required to start the {runtime} runtime")
@@ -102,6 +110,7 @@ def launcher_values(folder: Folder, runtime: str = "custom", definition_path: st
     image = architecture = ""
     resources: dict[str, float] = {}
     environ: dict[str, str] = {}
+    resource_opts: dict[str, int] = {}
     try:
         folder_fs.stat(SERVICE_DEFINITION_NAME)
         has_service_definition = True
@@ -110,12 +119,16 @@ def launcher_values(folder: Folder, runtime: str = "custom", definition_path: st
     if has_service_definition:
         try:
             data = _read(folder_fs, SERVICE_DEFINITION_NAME)
-            service_definition = definitions.parse_service_definition(data, SERVICE_DEFINITION_NAME)
+            service_definition = definitions.read_service_definition(data, SERVICE_DEFINITION_NAME)
+            # Only this runtime's section counts: a broken [nim.*] does not take [vllm.*]'s defaults away.
+            problems.extend(service_definition.problems_for(runtime))
+            warnings.extend(service_definition.warnings_for(runtime))
             resolved = definitions.resolve_service_defaults(service_definition, runtime)
             if resolved is not None:
                 image, architecture = resolved.image, resolved.architecture
                 resources = slots.normalize(resolved.resources)
                 environ = dict(resolved.environ)
+                resource_opts = dict(resolved.resource_opts)
         except DefinitionError as exc:
             problems.extend(exc.problems)
         except slots.SlotError as exc:
@@ -130,6 +143,7 @@ def launcher_values(folder: Folder, runtime: str = "custom", definition_path: st
         "architecture": architecture,
         "resources": resources,
         "environ": environ,
+        "resource_opts": resource_opts,  # [runtime.resource_opts]: shmem in bytes
         "model_mount": DEFAULT_MODEL_MOUNT,
         "model_definition_path": model_definition_path,
         "has_service_definition": has_service_definition,
@@ -138,4 +152,5 @@ def launcher_values(folder: Folder, runtime: str = "custom", definition_path: st
         and _is_file(folder_fs, model_definition_path)
         and _is_file(folder_fs, SERVICE_DEFINITION_NAME),
         "problems": [p.to_dict() for p in problems],
+        "warnings": [p.to_dict() for p in warnings],
     }

@@ -184,10 +184,10 @@ def explorer(request: HttpRequest, folder_id: str) -> HttpResponse:
     run: dict[str, Any] | None = None
     info = modelstore.store_info(folder)
     if folder.usage_mode == Folder.UsageMode.MODEL or info.model_definition_path or info.has_service_definition:
-        run = modelstore.launcher_values(folder, "custom")
+        run = modelstore.launcher_values(folder, None)  # the runtime the folder describes
         run["launcher_url"] = launcher_url(folder)
         run["launcher_page"] = not run["launcher_url"].endswith("#run")
-        run["launcher_api"] = reverse("folder-launcher", args=[folder.pk]) + "?runtime=custom"
+        run["launcher_api"] = reverse("folder-launcher", args=[folder.pk]) + f"?runtime={run['runtime']}"
         run["resources_text"] = [_slot_text(k, v) for k, v in run["resources"].items()]
     return render(
         request,

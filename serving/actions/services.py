@@ -18,6 +18,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import User
+from serving.actions import revisions
 from serving.actions.validators import (
     MODIFIABLE_FIELDS,
     REPLACING_FIELDS,
@@ -30,6 +31,7 @@ from serving.actions.validators import (
     check_model_folder,
     check_mount_path,
     check_resource_group,
+    check_retry_policy,
     check_runtime,
     check_service_config,
     check_shared_definition,
@@ -65,6 +67,7 @@ def do_create_service(*, acting_user: User, **fields: Any) -> Endpoint:
             endpoint.save()
     except IntegrityError:
         raise _name_taken(acting_user, config.name) from None
+    revisions.record_revision(endpoint, acting_user=acting_user)
     record_event(
         endpoint,
         "created",
@@ -98,6 +101,7 @@ def do_validate_service(*, acting_user: User, timeout: float | None = None, **fi
         "image": config.image,
         "resources": config.resources,
         "environ": config.environ,
+        "devices": choice.devices,
     }
     request = dryrun.ValidationRequest(
         id=validation_id,
@@ -113,12 +117,16 @@ def do_validate_service(*, acting_user: User, timeout: float | None = None, **fi
 
 
 @transaction.atomic
-def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping[str, Any]) -> Endpoint:
+def do_modify_service(
+    endpoint: Endpoint, *, acting_user: User, changes: Mapping[str, Any], rollout: Mapping[str, Any] | None = None
+) -> Endpoint:
     """Apply only the fields that changed (S4.5).
 
     A change of replicas scales; a change of image, definition, resources, mounts or environment
-    bumps ``spec_version`` so that reconciliation replaces replicas one at a time, each new one
-    healthy before an old one is drained.
+    makes a new revision (issue 16): ``spec_version`` becomes its number and ``rollout`` says how it
+    replaces the old one: rolling (the default: one replica at a time, each new one healthy before
+    an old one is drained), canary (a share of the requests) or blue-green (all at once, once all
+    its replicas are healthy).
     """
     endpoint = Endpoint.objects.select_for_update(no_key=True).get(pk=endpoint.pk)
     if endpoint.lifecycle != Endpoint.Lifecycle.CREATED:
@@ -144,6 +152,8 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
             check_definition_path(value)
         elif field == "forward_cookies" and value and not endpoint.forward_cookies:
             check_forward_cookies(value)
+        elif field == "retry_policy":
+            check_retry_policy(value)
         elif field == "resource_group" and value != endpoint.resource_group:
             check_resource_group(value or "default")
         elif field == "extra_mounts":
@@ -158,6 +168,16 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
             applied[field] = value
             setattr(endpoint, field, value)
     check_cluster_mode(endpoint.cluster_mode)
+    if rollout is not None:
+        revisions.check_rollout(rollout)
+        if not REPLACING_FIELDS & applied.keys():
+            raise ValidationError(
+                {
+                    "rollout": "A rollout applies to a change of what the replicas run ("
+                    + ", ".join(sorted(REPLACING_FIELDS))
+                    + "); this change has none: leave the rollout out."
+                }
+            )
     if not applied:
         return endpoint
     # Every change that places new replicas is checked, not only a change of the folders: a service
@@ -168,18 +188,26 @@ def do_modify_service(endpoint: Endpoint, *, acting_user: User, changes: Mapping
     elif applied.get("desired_replicas", 0) > old_replicas:
         check_shared_definition(endpoint, "desired_replicas")
     endpoint.full_clean(exclude=["slug", "owner", "model_folder", "preset", "project"], validate_constraints=False)
+    how = ""
     if REPLACING_FIELDS & applied.keys():
-        endpoint.spec_version += 1
+        # During a rollout the new one replaces its stable revision, not the canary.
+        stable = int((endpoint.rollout or {}).get("stable") or endpoint.spec_version)
+        endpoint.spec_version = revisions.next_number(endpoint)
+        how = " " + revisions.start_rollout(endpoint, rollout, stable)
+    if "desired_replicas" in applied:  # a count set by hand ends a sleep (scale to zero)
+        endpoint.slept_at = endpoint.woke_at = None
     endpoint.retries = 0
     endpoint.save()
+    if REPLACING_FIELDS & applied.keys():
+        revision = revisions.record_revision(endpoint, acting_user=acting_user)
+        how = f" Revision {revision.number}: {revision.summary}" + how
     shown = {k: (str(v.pk) if hasattr(v, "pk") else v) for k, v in applied.items()}
     record_event(
         endpoint,
         "modified",
-        f"Changed {', '.join(sorted(applied))}."
-        + (" Replicas will be replaced one at a time." if REPLACING_FIELDS & applied.keys() else ""),
+        f"Changed {', '.join(sorted(applied))}." + how,
         actor=acting_user,
-        data={"changes": shown, "spec_version": endpoint.spec_version},
+        data={"changes": shown, "spec_version": endpoint.spec_version, "traffic": endpoint.traffic},
     )
     publish_routing(endpoint.pk)  # e.g. open_to_public, forward_cookies apply in the proxy at once
     _kick(endpoint.pk)
@@ -196,12 +224,15 @@ def do_scale(endpoint: Endpoint, replicas: int, *, acting_user: User | None, rea
     old = endpoint.desired_replicas
     if replicas > old:
         check_shared_definition(endpoint, "desired_replicas")
+    # A count set by hand ends a sleep (scale to zero): the service no longer waits for a request.
     changed = Endpoint.objects.filter(pk=endpoint.pk, lifecycle=Endpoint.Lifecycle.CREATED).update(
-        desired_replicas=replicas, updated_at=timezone.now()
+        desired_replicas=replicas, slept_at=None, woke_at=None, updated_at=timezone.now()
     )
     if not changed:
         return False
-    endpoint.desired_replicas = replicas
+    if endpoint.slept_at is not None:
+        publish_routing(endpoint.pk)
+    endpoint.desired_replicas, endpoint.slept_at, endpoint.woke_at = replicas, None, None
     if old != replicas:
         record_event(
             endpoint,

@@ -20,10 +20,10 @@ from django.core.exceptions import ValidationError
 
 from accounts.models import Project, User
 from serving import folders
-from serving.core import definitions, slots
+from serving.core import architecture, definitions, devices, slots
 from serving.core.definitions import replica_mem_problem
 from serving.core.runtimes import RUNTIMES
-from serving.models import Endpoint, Node, ResourcePreset
+from serving.models import Endpoint, Node, ResourcePreset, RetryPolicy
 from storage import fs
 from storage.models import Folder
 
@@ -52,6 +52,8 @@ MODIFIABLE_FIELDS = REPLACING_FIELDS | {
     "forward_cookies",
     "name",
     "scaling_cooldown",
+    "retry_policy",
+    "idle_timeout",
 }
 
 
@@ -135,6 +137,10 @@ def normalize_resources(raw: Mapping[str, Any] | None) -> dict[str, float]:
     too_little = replica_mem_problem(normalized.get("mem", 0.0))
     if too_little:
         raise ValidationError({"resources": f"mem: {too_little}."})
+    try:
+        devices.check_request(normalized.get(devices.SHARES, 0.0))
+    except devices.DeviceError as exc:
+        raise ValidationError({"resources": str(exc)}) from None
     return normalized
 
 
@@ -237,6 +243,17 @@ def check_forward_cookies(forward_cookies: bool) -> None:
         )
 
 
+def check_retry_policy(policy: str) -> None:
+    if policy not in RetryPolicy.values:
+        raise ValidationError(
+            {
+                "retry_policy": f"Unknown retry policy {policy!r}; choose safe (only idempotent requests are "
+                "re-sent to another replica), inference (also POSTs to inference paths such as "
+                "/v1/chat/completions, the default) or all."
+            }
+        )
+
+
 def check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ValidationError({"runtime": f"Unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}."})
@@ -253,6 +270,8 @@ class ServiceConfig:
     open_to_public: bool
     forward_cookies: bool
     image: str
+    retry_policy: str
+    idle_timeout: int | None
     resources: dict[str, float]
     environ: dict[str, str]
     model_mount: str
@@ -263,6 +282,7 @@ class ServiceConfig:
     resource_group: str
     preset: ResourcePreset | None
     project: Project | None
+    architecture: str = ""
 
 
 def _by_field(exc: ValidationError) -> dict[str, list[str]]:
@@ -280,6 +300,7 @@ def field_problems(field: str, value: Any) -> list[str]:
         "model_mount": lambda path: check_mount_path(path, "model_mount"),
         "model_definition_path": check_definition_path,
         "forward_cookies": check_forward_cookies,
+        "retry_policy": check_retry_policy,
     }
     check = checks.get(field)
     if check is None or value in (None, "", {}):
@@ -300,6 +321,8 @@ def check_service_config(
     replicas: int = 1,
     open_to_public: bool = False,
     forward_cookies: bool = False,
+    retry_policy: str = RetryPolicy.INFERENCE,
+    idle_timeout: int | None = None,
     image: str = "",
     resources: Mapping[str, Any] | None = None,
     environ: Mapping[str, Any] | None = None,
@@ -331,6 +354,7 @@ def check_service_config(
 
     attempt(check_runtime, runtime)
     attempt(check_forward_cookies, forward_cookies)
+    attempt(check_retry_policy, retry_policy)
     attempt(check_model_folder, folder)
     attempt(check_mount_path, model_mount, "model_mount")
     if model_definition_path:
@@ -360,7 +384,11 @@ def check_service_config(
         replicas=replicas,
         open_to_public=open_to_public,
         forward_cookies=forward_cookies,
+        retry_policy=retry_policy,
+        idle_timeout=idle_timeout,
         image=image or defaults.image or settings.DEFAULT_IMAGE,
+        # The folder's image comes with the architecture it is built for; an image given here, not.
+        architecture="" if image else architecture.normalize(defaults.architecture),
         resources=resource_slots,
         environ=merged_environ,
         model_mount=model_mount,
@@ -386,6 +414,7 @@ def check_service_config(
 
 def build(config: ServiceConfig, owner: User) -> Endpoint:
     return Endpoint(
+        architecture=config.architecture,
         name=config.name,
         owner=owner,
         project=config.project,
@@ -404,4 +433,6 @@ def build(config: ServiceConfig, owner: User) -> Endpoint:
         environ=config.environ,
         open_to_public=config.open_to_public,
         forward_cookies=config.forward_cookies,
+        retry_policy=config.retry_policy,
+        idle_timeout=config.idle_timeout,
     )

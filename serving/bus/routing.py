@@ -55,10 +55,12 @@ def build_entry(endpoint: Endpoint, routes: list[Route], active_tokens: list[End
         "public": endpoint.open_to_public,
         "status": status,
         "routes": [
-            {"id": str(r.pk), "host": r.host, "port": r.port, "weight": r.traffic_ratio}
+            {"id": str(r.pk), "host": r.host, "port": r.port, "weight": r.traffic_ratio, "revision": r.spec_version}
             for r in routes
             if r.status == Route.Status.HEALTHY and r.host and r.port and r.traffic_ratio > 0
         ],
+        # Revision shares (issue 16): {"<n>": percent}; empty: every route by its weight alone.
+        "shares": revision_shares(endpoint),
         "tokens": {t.lookup: {"digest": t.digest, "expires": t.expires_at.timestamp()} for t in active_tokens},
         # Off: the proxy removes every cookie both ways. On: it still removes the web app's own
         # cookies, named here as this installation configures them (the proxy has no Django).
@@ -66,7 +68,19 @@ def build_entry(endpoint: Endpoint, routes: list[Route], active_tokens: list[End
         # addresses every service shares one origin and so each other's cookies.
         "forward_cookies": endpoint.forward_cookies and bool(settings.SERVING_DOMAIN),
         "platform_cookies": platform_cookie_names(),
+        # Which requests the proxy sends again after their replica closed unanswered (proxy/exchange.py).
+        "retry_policy": endpoint.retry_policy,
+        # Scale to zero: with no route the proxy holds a request and asks for a wake (serving/control/sleep.py)
+        # instead of answering 503: while the service may sleep, sleeps, or is waking.
+        "scale_to_zero": endpoint.idle_timeout is not None
+        or endpoint.slept_at is not None
+        or endpoint.woke_at is not None,
     }
+
+
+def revision_shares(endpoint: Endpoint) -> dict[str, int]:
+    """The proxy's split by revision: whole percents, only revisions with a share."""
+    return {str(n): int(share) for n, share in sorted((endpoint.traffic or {}).items()) if int(share) > 0}
 
 
 def platform_cookie_names() -> list[str]:
@@ -131,6 +145,36 @@ def publish_all() -> int:
     pipe.publish(updates_channel(), json.dumps({"resync": True}))
     pipe.execute()
     return len(entries)
+
+
+def resent_key() -> str:
+    """Where the proxies count requests they sent again to another replica (proxy/report.py): slug -> n."""
+    return f"{settings.REDIS_PREFIX}:proxy:resent"
+
+
+def take_resent() -> dict[str, int]:
+    """Take (read and clear, atomically) the proxies' counts of re-sent requests, by slug."""
+    pipe = get_redis().pipeline(transaction=True)
+    pipe.hgetall(resent_key())
+    pipe.delete(resent_key())
+    raw, _ = pipe.execute()
+    counts: dict[str, int] = {}
+    for slug, count in raw.items():
+        try:
+            counts[slug.decode()] = int(count)
+        except (UnicodeDecodeError, ValueError):
+            continue
+    return counts
+
+
+def wake_list_key() -> str:
+    """The list of wake requests the proxies push for sleeping services (proxy/report.py)."""
+    return f"{settings.REDIS_PREFIX}:wake"
+
+
+def wake_dedupe_key(slug: str) -> str:
+    """Set with NX by the proxy that asks first: one wake per service, however many proxies hold requests."""
+    return f"{settings.REDIS_PREFIX}:wake:{slug}"
 
 
 def token_usage_key() -> str:

@@ -196,7 +196,13 @@ def _apply_scaling(
         for (current, new), ids in groups.items():
             updated = Endpoint.objects.filter(
                 pk__in=ids, desired_replicas=current, lifecycle=Endpoint.Lifecycle.CREATED
-            ).update(desired_replicas=new, last_scaled_at=now, updated_at=now)
+            ).update(
+                desired_replicas=new,
+                last_scaled_at=now,
+                updated_at=now,
+                # At 0 (a rule with min_replicas 0) the service sleeps: a request wakes it (control/sleep.py).
+                **({"slept_at": now, "wake_replicas": current} if new == 0 else {}),
+            )
             if updated != len(ids):  # cannot happen under the lock; never act on a guess
                 raise RuntimeError(f"autoscaling: {updated} of {len(ids)} locked endpoints updated")
             acted_ids.update(ids)

@@ -26,9 +26,9 @@ from django.utils import timezone
 
 from serving import failpoints
 from serving.bus import dispatch, events
-from serving.control import scheduler
+from serving.control import revisions, scheduler
 from serving.core.planning import PROVISION_TIMEOUT, EndpointView, Plan, RouteView, plan
-from serving.models import Endpoint, Node, Route, RouteMember, ServiceEvent
+from serving.models import Endpoint, Node, Revision, Route, RouteMember, ServiceEvent
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ def _views(
         desired=endpoint.desired_replicas,
         spec_version=endpoint.spec_version,
         gave_up=endpoint.gave_up,
+        traffic=traffic_view(endpoint.traffic),
+        staged=staged_view(endpoint.rollout),
     )
     route_ids = [r.pk for r in routes]
     if waiting is None:
@@ -134,6 +136,17 @@ def _views(
     return ev, rvs
 
 
+def traffic_view(traffic: Any) -> tuple[tuple[int, int], ...]:
+    """Endpoint.traffic ({"<n>": percent}) as the planner reads it."""
+    return tuple(sorted((int(n), int(share)) for n, share in (traffic or {}).items()))
+
+
+def staged_view(rollout: Any) -> int:
+    """The blue-green revision waiting for its replicas to be healthy, or 0."""
+    rollout = rollout or {}
+    return int(rollout.get("revision", 0)) if rollout.get("strategy") == "blue_green" else 0
+
+
 def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
     """Make one endpoint's routes match its desired state. Returns the executed plan."""
     return _reconcile_locked([str(endpoint_id)], now or timezone.now(), robust=False).get(str(endpoint_id))
@@ -150,6 +163,7 @@ class _Work:
     to_stop: list[tuple[Route, float]] = field(default_factory=list)
     gone: set[str] = field(default_factory=set)  # its routes no longer running here (forgotten, failed, drained)
     placed: list[Route] = field(default_factory=list)
+    kick: bool = False  # reconcile again after the commit (the traffic moved)
 
 
 class _Placer:
@@ -217,16 +231,19 @@ def _reconcile_locked(endpoint_ids: list[str], now: datetime, *, robust: bool) -
             results[str(endpoint.pk)] = work.plan
             if not work.plan.is_empty():
                 _release(work, alive, now, lines)
+                _move_traffic(work, lines)
                 batch.append(work)
         placer = _Placer(now)
-        placer.lock([work.endpoint for work in batch if work.plan.create])
+        placer.lock([work.endpoint for work in batch if work.plan.create or work.plan.create_for])
         for work in batch:
-            for _ in range(work.plan.create):
-                placed = _place_route(work, placer, now, lines)
-                if placed is None:
-                    break  # no node is alive: a later tick places them once one reports in
-                if placed.status == Route.Status.PROVISIONING:
-                    work.to_start.append(placed)
+            wanted = [(work.endpoint.spec_version, work.plan.create), *work.plan.create_for.items()]
+            for version, count in wanted:
+                for _ in range(count):
+                    placed = _place_route(work, placer, now, lines, version)
+                    if placed is None:
+                        break  # no node is alive: a later tick places them once one reports in
+                    if placed.status == Route.Status.PROVISIONING:
+                        work.to_start.append(placed)
         placer.save()
         ServiceEvent.objects.bulk_create(lines)
         for work in batch:
@@ -315,6 +332,46 @@ def _release(work: _Work, alive: set[int], now: datetime, lines: list[ServiceEve
         )
 
 
+def _move_traffic(work: _Work, lines: list[ServiceEvent]) -> None:
+    """A blue-green revision all healthy gets all the traffic; a broken canary is rolled back
+    (issue 16). Either way the plan's placements are dropped: the next reconcile (sent after the
+    commit) plans again from the new shares."""
+    endpoint, result = work.endpoint, work.plan
+    rollout = dict(endpoint.rollout or {})
+    if result.abort:
+        stable = revisions.previous(endpoint)
+        result.create, result.create_for = 0, {}
+        if stable is None:
+            return
+        failed = endpoint.spec_version
+        revisions.stand_on(endpoint, stable)
+        lines.append(
+            events.new_event(
+                endpoint,
+                "rolled_back",
+                f"Revision {failed} rolled back automatically to revision {stable.number}: {result.abort}.",
+                level="error",
+                data={"from": failed, "to": stable.number, "reason": result.abort, "automatic": True},
+            )
+        )
+        work.kick = True
+    elif result.switch_to:
+        result.create, result.create_for = 0, {}
+        endpoint.traffic = {str(result.switch_to): 100}
+        endpoint.rollout = {}
+        endpoint.save(update_fields=["traffic", "rollout", "updated_at"])
+        lines.append(
+            events.new_event(
+                endpoint,
+                "traffic_moved",
+                f"Blue-green: the {endpoint.desired_replicas} replica(s) of revision {result.switch_to} are healthy; "
+                f"all traffic moves to it (from revision {rollout.get('stable', '?')}).",
+                data={"traffic": endpoint.traffic},
+            )
+        )
+        work.kick = True
+
+
 def _after_commit(work: _Work) -> None:
     if work.to_start or work.to_stop:
         failpoints.crash_point("reconcile.committed")
@@ -325,6 +382,8 @@ def _after_commit(work: _Work) -> None:
         dispatch.send_start(route)
     for route, delay in work.to_stop:
         dispatch.send_stop(route, countdown=delay)
+    if work.kick:
+        dispatch.enqueue_reconcile(str(work.endpoint.pk))
 
 
 WAITING_EVENT_EVERY = timedelta(minutes=5)
@@ -361,23 +420,39 @@ def _same_endpoint_routes(work: _Work) -> Counter[int]:
     return same
 
 
-def _place_route(work: _Work, placer: _Placer, now: datetime, lines: list[ServiceEvent]) -> Route | None:
+def _as_revision(endpoint: Endpoint, version: int) -> Endpoint:
+    """``endpoint`` as revision ``version`` runs it (a copy), for placing one of its replicas."""
+    if version == endpoint.spec_version:
+        return endpoint
+    revision = Revision.objects.filter(endpoint=endpoint, number=version).first()
+    if revision is None:
+        return endpoint
+    copy = Endpoint.objects.get(pk=endpoint.pk)  # a fresh object: the locked one stays as it is
+    revision.apply(copy)
+    copy.spec_version = version
+    return copy
+
+
+def _place_route(
+    work: _Work, placer: _Placer, now: datetime, lines: list[ServiceEvent], version: int | None = None
+) -> Route | None:
     """Create one route on a node chosen by the scheduler, or a failed one saying why (S4.4);
     None when no node is alive to place it on (it waits, see _wait_for_a_node). The row is
-    written with the batch's (``_Placer.save``)."""
+    written with the batch's (``_Placer.save``). ``version``: the revision it runs (default: the
+    one the service stands on)."""
 
-    endpoint = work.endpoint
+    endpoint = _as_revision(work.endpoint, version or work.endpoint.spec_version)
     request = scheduler.replica_request(endpoint)
     pool = placer.pool(endpoint)
     if endpoint.cluster_size > 1:
-        return _place_cluster_route(work, placer, pool, request, now, lines)
+        return _place_cluster_route(work, placer, pool, request, now, lines, endpoint)
     choice = scheduler.choose_node(endpoint, request, now, pool=pool, same=_same_endpoint_routes(work))
     if choice.waiting:
         _wait_for_a_node(endpoint, choice.reason, now, lines)
         return None
     if choice.node is None:
         route = Route(
-            endpoint=endpoint,
+            endpoint=work.endpoint,
             spec_version=endpoint.spec_version,
             status=Route.Status.FAILED_TO_START,
             resources=request,
@@ -388,14 +463,15 @@ def _place_route(work: _Work, placer: _Placer, now: datetime, lines: list[Servic
         lines.append(events.new_event(endpoint, "route_failed", choice.reason, level="error", route_id=route.pk))
         return route
     route = Route(
-        endpoint=endpoint,
+        endpoint=work.endpoint,
         node=choice.node,
         spec_version=endpoint.spec_version,
         status=Route.Status.PROVISIONING,
         resources=request,
+        devices=choice.devices,
     )
     placer.routes.append(route)
-    pool.hold(choice.node, request)
+    pool.hold(choice.node, request, choice.devices)
     work.placed.append(route)
     lines.append(
         events.new_event(
@@ -415,19 +491,19 @@ def _place_cluster_route(
     request: dict[str, float],
     now: datetime,
     lines: list[ServiceEvent],
+    endpoint: Endpoint,
 ) -> Route | None:
     """A cluster route: the main member on the first chosen node, a RouteMember per sub on the
     others (serving.core.cluster); or a failed route saying what was asked and what is free; None when
-    no node is alive."""
+    no node is alive. ``endpoint``: as the route's revision runs it."""
 
-    endpoint = work.endpoint
     choice = scheduler.choose_nodes(endpoint, request, now, pool=pool, same=_same_endpoint_routes(work))
     if choice.waiting:
         _wait_for_a_node(endpoint, choice.reason, now, lines)
         return None
     if not choice.nodes:
         route = Route(
-            endpoint=endpoint,
+            endpoint=work.endpoint,
             spec_version=endpoint.spec_version,
             status=Route.Status.FAILED_TO_START,
             resources=request,
@@ -439,18 +515,20 @@ def _place_cluster_route(
         return route
     main, *subs = choice.nodes
     route = Route(
-        endpoint=endpoint,
+        endpoint=work.endpoint,
         node=main,
         spec_version=endpoint.spec_version,
         status=Route.Status.PROVISIONING,
         resources=request,
+        devices=choice.devices[0],
     )
     placer.routes.append(route)
     placer.members.extend(
-        RouteMember(route=route, idx=i, node=node, resources=request) for i, node in enumerate(subs, start=1)
+        RouteMember(route=route, idx=i, node=node, resources=request, devices=choice.devices[i])
+        for i, node in enumerate(subs, start=1)
     )
-    for node in choice.nodes:
-        pool.hold(node, request)
+    for node, assignment in zip(choice.nodes, choice.devices, strict=True):
+        pool.hold(node, request, assignment)
     work.placed.append(route)
     where = ", ".join([f"main1 on {main.name}", *(f"sub{i} on {n.name}" for i, n in enumerate(subs, start=1))])
     lines.append(
@@ -517,10 +595,12 @@ def _needing_work(endpoint_ids: list[str], now: datetime) -> set[str]:
             desired=desired,
             spec_version=spec_version,
             gave_up=retries >= settings.MAX_START_FAILURES,
+            traffic=traffic_view(traffic),
+            staged=staged_view(rollout),
         )
-        for pk, lifecycle, desired, spec_version, retries in Endpoint.objects.filter(pk__in=endpoint_ids).values_list(
-            "pk", "lifecycle", "desired_replicas", "spec_version", "retries"
-        )
+        for pk, lifecycle, desired, spec_version, retries, traffic, rollout in Endpoint.objects.filter(
+            pk__in=endpoint_ids
+        ).values_list("pk", "lifecycle", "desired_replicas", "spec_version", "retries", "traffic", "rollout")
     }
     routes: dict[str, list[RouteView]] = {key: [] for key in endpoints}
     rows = list(

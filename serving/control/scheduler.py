@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.db.models import Count
 
-from serving.core import cluster, slots
+from serving.core import architecture, cluster, devices, slots
+from serving.core.devices import Assignment
 from serving.models import Endpoint, Node, Route, RouteMember
 
 # Statuses whose containers hold their slots on the node.
@@ -32,10 +33,17 @@ class NodeView:
     capacity: Mapping[str, float]
     used: Mapping[str, float]
     same_endpoint_routes: int
+    devices: tuple[str, ...] = ()  # its GPU devices (Node.devices' ids)
+    device_used: Mapping[str, float] = field(default_factory=dict)  # shares held per device
+    architecture: str = ""  # the node's CPU architecture (serving.core.architecture)
 
     @property
     def free(self) -> dict[str, float]:
         return slots.subtract(self.capacity, self.used)
+
+    def assign(self, request: Mapping[str, float]) -> Assignment | None:
+        """The devices one more replica asking ``request`` would get here; None: they do not fit."""
+        return devices.assign(request.get(devices.SHARES, 0.0), self.devices, self.device_used)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class Choice:
     # No node of the group is alive at all (none started yet, or every worker restarting): the
     # replica waits for one instead of failing; a start failure would count towards giving up.
     waiting: bool = False
+    devices: Assignment = field(default_factory=dict)  # the GPU devices assigned on node
 
 
 def replica_request(endpoint: Endpoint) -> dict[str, float]:
@@ -54,7 +63,7 @@ def replica_request(endpoint: Endpoint) -> dict[str, float]:
 
 def rank_nodes(request: Mapping[str, float], nodes: Iterable[NodeView]) -> list[NodeView]:
     """Nodes that fit, best first: fewest replicas of this service (spread), then most free CPU share."""
-    fitting = [n for n in nodes if slots.fits(request, n.free)]
+    fitting = [n for n in nodes if slots.fits(request, n.free) and n.assign(request) is not None]
 
     def score(n: NodeView) -> tuple[int, float, str]:
         cpu_capacity = n.capacity.get("cpu", 0.0) or 1.0
@@ -69,12 +78,50 @@ def explain_no_fit(request: Mapping[str, float], nodes: list[NodeView], group: s
             f"No node is available in resource group {group!r}: start a node worker "
             "(make run starts one) or choose another resource group."
         )
-    free = "; ".join(f"node {n.name}: {slots.describe(n.free)}" for n in nodes)
+    free = "; ".join(_free_text(request, n) for n in nodes)
     return (
         f"Not enough resources: one replica asks for {slots.describe(request)}, "
         f"but the most any node has free is not enough ({free}). "
         "Lower the replica's resources, reduce replicas, or add a node."
     )
+
+
+def of_architecture(endpoint: Endpoint, views: list[NodeView]) -> tuple[list[NodeView], str]:
+    """The nodes that run the service's image (its ``architecture``, when it names one), and the
+    reason to wait when there are nodes but none of them does."""
+    fitting = [v for v in views if architecture.fits(endpoint.architecture, v.architecture)]
+    if fitting or not views:
+        return fitting, ""
+    have = ", ".join(f"{v.name} ({v.architecture or 'unknown'})" for v in views)
+    return [], (
+        f"No node runs {endpoint.architecture} images, which this service's image is built for "
+        f"(service-definition.toml); the nodes are: {have}. Add a node of that architecture, or use "
+        "an image built for theirs."
+    )
+
+
+def _free_text(request: Mapping[str, float], node: NodeView) -> str:
+    text = f"node {node.name}: {slots.describe(node.free)}"
+    if request.get(devices.SHARES, 0.0) > 0:
+        text += f" ({devices.describe_free(node.devices, node.device_used)})"
+    return text
+
+
+def held_devices(candidates: list[Node]) -> dict[int, dict[str, float]]:
+    """The GPU shares the routes (and cluster sub members) on each node hold per device, by node id.
+    Only the rows that hold devices are read (few: GPU replicas)."""
+    used: dict[int, dict[str, float]] = {n.pk: {} for n in candidates}
+    rows = [
+        *Route.objects.filter(node__in=candidates, status__in=HOLDING)
+        .exclude(devices={})
+        .values_list("node_id", "devices"),
+        *RouteMember.objects.filter(node__in=candidates, route__status__in=HOLDING)
+        .exclude(devices={})
+        .values_list("node_id", "devices"),
+    ]
+    for node_id, assignment in rows:
+        used[node_id] = devices.held([used[node_id], assignment or {}])
+    return used
 
 
 def held_slots(candidates: list[Node]) -> dict[int, dict[str, float]]:
@@ -106,20 +153,30 @@ def same_endpoint_routes(endpoint: Endpoint, candidates: list[Node]) -> Counter[
     return same
 
 
-def _views(candidates: list[Node], used: Mapping[int, Mapping[str, float]], same: Mapping[int, int]) -> list[NodeView]:
+def _views(
+    candidates: list[Node],
+    used: Mapping[int, Mapping[str, float]],
+    same: Mapping[int, int],
+    device_used: Mapping[int, Mapping[str, float]],
+) -> list[NodeView]:
     return [
         NodeView(
             name=n.name,
             capacity={k: float(v) for k, v in n.capacity.items()},
             used=used[n.pk],
             same_endpoint_routes=same.get(n.pk, 0),
+            devices=tuple(devices.inventory_ids(n.devices or [])),
+            device_used=device_used.get(n.pk, {}),
+            architecture=n.architecture,
         )
         for n in candidates
     ]
 
 
 def node_views(endpoint: Endpoint, candidates: list[Node]) -> list[NodeView]:
-    return _views(candidates, held_slots(candidates), same_endpoint_routes(endpoint, candidates))
+    return _views(
+        candidates, held_slots(candidates), same_endpoint_routes(endpoint, candidates), held_devices(candidates)
+    )
 
 
 class NodePool:
@@ -142,12 +199,16 @@ class NodePool:
             if n.is_alive(now)
         ]
         self.used = held_slots(self.nodes)
+        self.device_used = held_devices(self.nodes)
 
     def views(self, same: Mapping[int, int]) -> list[NodeView]:
-        return _views(self.nodes, self.used, same)
+        return _views(self.nodes, self.used, same, self.device_used)
 
-    def hold(self, node: Node, request: Mapping[str, float]) -> None:
+    def hold(self, node: Node, request: Mapping[str, float], assignment: Mapping[str, float] | None = None) -> None:
+        """Count one more placement on ``node``: its slots, and the devices it was assigned."""
         self.used[node.pk] = slots.add(self.used[node.pk], request)
+        if assignment:
+            self.device_used[node.pk] = devices.held([self.device_used[node.pk], assignment])
 
 
 def choose_node(
@@ -163,11 +224,15 @@ def choose_node(
     group = endpoint.resource_group or "default"
     pool = pool or NodePool(group, now)
     views = pool.views(same if same is not None else same_endpoint_routes(endpoint, pool.nodes))
+    views, wrong = of_architecture(endpoint, views)
+    if wrong:
+        return Choice(None, wrong, waiting=True)
     ranked = rank_nodes(request, views)
     if not ranked:
         return Choice(None, explain_no_fit(request, views, group), waiting=not views)
     by_name = {n.name: n for n in pool.nodes}
-    return Choice(by_name[ranked[0].name])
+    best = ranked[0]
+    return Choice(by_name[best.name], devices=best.assign(request) or {})
 
 
 @dataclass(frozen=True)
@@ -175,6 +240,7 @@ class ClusterChoice:
     nodes: tuple[Node, ...]  # one per member, main first; empty when it does not fit
     reason: str = ""
     waiting: bool = False  # as Choice.waiting
+    devices: tuple[Assignment, ...] = ()  # one per member, as nodes
 
 
 def choose_nodes(
@@ -192,13 +258,18 @@ def choose_nodes(
     pool = pool or NodePool(group, now)
     candidates = pool.nodes
     views = pool.views(same if same is not None else same_endpoint_routes(endpoint, candidates))
+    views, wrong = of_architecture(endpoint, views)
+    if wrong:
+        return ClusterChoice((), wrong, waiting=True)
     if not views:
         return ClusterChoice((), explain_no_fit(request, views, group), waiting=True)
     # The scheduler's preference (spread, then most free CPU) over every node, fitting or not, so
     # that the reason can list them all.
     ranked = rank_nodes({}, views)
-    placement = cluster.place(request, size, multi, [cluster.NodeFree(v.name, v.free) for v in ranked])
+    placement = cluster.place(
+        request, size, multi, [cluster.NodeFree(v.name, v.free, v.devices, v.device_used) for v in ranked]
+    )
     if not placement.nodes:
         return ClusterChoice((), placement.reason)
     by_name = {n.name: n for n in candidates}
-    return ClusterChoice(tuple(by_name[name] for name in placement.nodes))
+    return ClusterChoice(tuple(by_name[name] for name in placement.nodes), devices=placement.devices)

@@ -32,9 +32,10 @@ all N members on one node that has N times the slots free.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from serving.core import slots
+from serving.core import devices, slots
+from serving.core.devices import Assignment
 
 MAIN = "main"
 SUB = "sub"
@@ -94,30 +95,45 @@ def cluster_env(size: int, me: MemberName, addresses: Mapping[str, str] | None =
 
 @dataclass(frozen=True)
 class NodeFree:
-    """A candidate node as placement sees it: its name and free slots, in preference order."""
+    """A candidate node as placement sees it: its name and free slots, in preference order, and its
+    GPU devices with the shares already held on each (serving.core.devices)."""
 
     name: str
     free: Mapping[str, float]
+    devices: tuple[str, ...] = ()
+    device_used: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Placement:
     nodes: tuple[str, ...] = ()  # one node name per member, main first; empty when it does not fit
     reason: str = ""
+    # One device assignment per member, in the order of ``nodes`` ({} for a member without GPUs).
+    devices: tuple[Assignment, ...] = ()
 
 
 def place(request: Mapping[str, float], size: int, multi_node: bool, candidates: Sequence[NodeFree]) -> Placement:
     """Where the members of one route go; ``candidates`` come best first (the scheduler's order)."""
+    shares = request.get(devices.SHARES, 0.0)
     if size <= 1 or not multi_node:
-        whole = {k: v * max(size, 1) for k, v in request.items()}
+        count = max(size, 1)
+        whole = {k: v * count for k, v in request.items()}
         for node in candidates:
             if slots.fits(whole, node.free):
-                return Placement(nodes=tuple([node.name] * max(size, 1)))
+                assigned = devices.assign_many(shares, count, node.devices, node.device_used)
+                if assigned is not None:
+                    return Placement(nodes=tuple([node.name] * count), devices=tuple(assigned))
         return Placement(reason=_single_node_reason(request, size, candidates))
-    fitting = [n for n in candidates if slots.fits(request, n.free)]
+    fitting: list[tuple[NodeFree, Assignment]] = []
+    for node in candidates:
+        if slots.fits(request, node.free):
+            one = devices.assign(shares, node.devices, node.device_used)
+            if one is not None:
+                fitting.append((node, one))
     if len(fitting) >= size:
-        return Placement(nodes=tuple(n.name for n in fitting[:size]))
-    free = "; ".join(f"node {n.name}: {slots.describe(n.free)}" for n in candidates) or "no node is available"
+        chosen = fitting[:size]
+        return Placement(nodes=tuple(n.name for n, _ in chosen), devices=tuple(a for _, a in chosen))
+    free = "; ".join(_free_text(request, n) for n in candidates) or "no node is available"
     return Placement(
         reason=(
             f"Not enough nodes for multi-node cluster mode: a replica of cluster size {size} needs {size} "
@@ -128,8 +144,15 @@ def place(request: Mapping[str, float], size: int, multi_node: bool, candidates:
     )
 
 
+def _free_text(request: Mapping[str, float], node: NodeFree) -> str:
+    text = f"node {node.name}: {slots.describe(node.free)}"
+    if request.get(devices.SHARES, 0.0) > 0:
+        text += f" ({devices.describe_free(node.devices, node.device_used)})"
+    return text
+
+
 def _single_node_reason(request: Mapping[str, float], size: int, candidates: Sequence[NodeFree]) -> str:
-    free = "; ".join(f"node {n.name}: {slots.describe(n.free)}" for n in candidates) or "no node is available"
+    free = "; ".join(_free_text(request, n) for n in candidates) or "no node is available"
     if size <= 1:
         return (
             f"Not enough resources: one replica asks for {slots.describe(request)}, "

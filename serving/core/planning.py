@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from serving.core.revisions import replicas_for_share
+
 
 class RouteStatus:
     """A route's statuses, as stored (``serving.models.Route.Status`` takes its values from here)."""
@@ -46,6 +48,9 @@ STOP_GIVE_UP_AFTER = timedelta(seconds=180)
 # node is "lost" when its *worker* is silent, and replicas outlive their worker (a worker crash, a
 # control-plane outage). The proxies retry elsewhere if it is really gone.
 STRANDED_GRACE = timedelta(seconds=120)
+# A canary (or a blue-green revision waiting for traffic) with this many replicas that failed to
+# start or went unhealthy is rolled back by itself (issue 16, automatic rollback).
+CANARY_FAILURES = 2
 
 LIVE = frozenset({RouteStatus.PROVISIONING, RouteStatus.DEGRADED, RouteStatus.HEALTHY, RouteStatus.UNHEALTHY})
 NOT_READY = frozenset({RouteStatus.PROVISIONING, RouteStatus.DEGRADED})
@@ -71,6 +76,11 @@ class EndpointView:
     desired: int
     spec_version: int
     gave_up: bool
+    # Revision shares (issue 16): ((revision, percent), ...); empty: rolling, every healthy replica
+    # of any revision serves and the older ones are replaced one at a time (S4.5).
+    traffic: tuple[tuple[int, int], ...] = ()
+    # Blue-green: the revision that gets all of ``desired`` before any traffic moves to it (0: none).
+    staged: int = 0
 
 
 @dataclass
@@ -82,10 +92,17 @@ class Plan:
     resend_start: list[str] = field(default_factory=list)  # provisioning, never claimed by its node
     fail: list[str] = field(default_factory=list)  # provisioning that never started
     destroyed: bool = False
+    # Split mode (EndpointView.traffic): replicas of revisions other than spec_version to create.
+    create_for: dict[int, int] = field(default_factory=dict)
+    switch_to: int = 0  # blue-green: the staged revision is all healthy, move all traffic to it
+    abort: str = ""  # the canary is broken: roll it back, saying why
 
     def is_empty(self) -> bool:
         return not (
             self.create
+            or self.create_for
+            or self.switch_to
+            or self.abort
             or self.drain
             or self.forget
             or self.resend_stop
@@ -149,6 +166,10 @@ def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan
             result.forget.extend(r.id for r in present if r.status == RouteStatus.FAILED_TO_START)
         return result
 
+    if endpoint.traffic or endpoint.staged:
+        _plan_split(endpoint, present, result)
+        return result
+
     live = [r for r in present if r.status in LIVE]
     current = [r for r in live if r.spec_version == endpoint.spec_version]
     outdated = [r for r in live if r.spec_version != endpoint.spec_version]
@@ -202,3 +223,57 @@ def plan(endpoint: EndpointView, routes: list[RouteView], now: datetime) -> Plan
         extra = sorted(current, key=_drain_order)[: len(current) - desired]
         result.drain.extend(r.id for r in extra if r.id not in result.drain)
     return result
+
+
+def wanted_replicas(endpoint: EndpointView) -> dict[int, int]:
+    """Replicas per revision in split mode: each revision's share of ``desired`` (at least one while
+    it has a share), and all of ``desired`` for a staged blue-green revision."""
+    wanted = {rev: replicas_for_share(endpoint.desired, share) for rev, share in endpoint.traffic if share > 0}
+    if endpoint.staged:
+        wanted[endpoint.staged] = endpoint.desired
+    return wanted
+
+
+def _plan_split(endpoint: EndpointView, present: list[RouteView], result: Plan) -> None:
+    """Split mode (issue 16): every revision with a share (or staged) gets its replicas; revisions
+    without one are drained once the others have theirs healthy (no request waits for a replica)."""
+    wanted = wanted_replicas(endpoint)
+    live = [r for r in present if r.status in LIVE]
+    ready = True
+    for rev, want in wanted.items():
+        mine = [r for r in live if r.spec_version == rev]
+        if not endpoint.gave_up:
+            broken = [r for r in mine if r.status == RouteStatus.UNHEALTHY]
+            result.drain.extend(r.id for r in broken)
+            mine = [r for r in mine if r not in broken]
+        if len(mine) > want:
+            extra = sorted(mine, key=_drain_order)[: len(mine) - want]
+            result.drain.extend(r.id for r in extra)
+        elif len(mine) < want and not endpoint.gave_up:
+            if rev == endpoint.spec_version:
+                result.create += want - len(mine)
+            else:
+                result.create_for[rev] = want - len(mine)
+        healthy = sum(1 for r in mine if r.status == RouteStatus.HEALTHY)
+        if rev != endpoint.staged and healthy < want:
+            ready = False
+    for route in present:
+        if route.spec_version in wanted:
+            continue
+        if route.status in LIVE and (ready or route.status != RouteStatus.HEALTHY):
+            result.drain.append(route.id)
+        elif route.status == RouteStatus.FAILED_TO_START:
+            result.forget.append(route.id)  # a revision that left: its failures go with it
+    new = endpoint.spec_version
+    if endpoint.staged or (new in wanted and len(wanted) > 1):
+        failed = [r for r in present if r.spec_version == new and r.status == RouteStatus.FAILED_TO_START]
+        sick = [r for r in present if r.spec_version == new and r.status == RouteStatus.UNHEALTHY]
+        if len(failed) + len(sick) >= CANARY_FAILURES or (endpoint.gave_up and (failed or sick)):
+            parts = [f"{len(failed)} failed to start"] if failed else []
+            parts += [f"{len(sick)} went unhealthy"] if sick else []
+            result.abort = f"{len(failed) + len(sick)} of its replicas did not become healthy ({', '.join(parts)})"
+            return
+    if endpoint.staged:
+        staged = [r for r in live if r.spec_version == endpoint.staged and r.status == RouteStatus.HEALTHY]
+        if len(staged) >= endpoint.desired:
+            result.switch_to = endpoint.staged

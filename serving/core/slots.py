@@ -13,6 +13,9 @@ from serving.core.definitions import parse_mem
 Slots = dict[str, float]
 # Keys a replica may ask for; accelerators are "<vendor>.<unit>" (cuda.shares, cuda.device, ...).
 BASE_KEYS = ("cpu", "mem")
+# Sizes a replica asks for that no node counts as a slot: shm (its /dev/shm) is part of its mem.
+UNSCHEDULED_KEYS = ("shm",)
+SIZE_KEYS = ("mem", "shm")
 _EPSILON = 1e-9
 
 
@@ -29,16 +32,16 @@ def normalize(raw: Mapping[str, object]) -> Slots:
     """``{"cpu": "2", "mem": "8g", "cuda.shares": "0.5"}`` -> ``{"cpu": 2.0, "mem": 8589934592.0, ...}``."""
     out: Slots = {}
     for key, value in raw.items():
-        if key == "mem":
+        if key in SIZE_KEYS:
             if isinstance(value, bool):
-                raise SlotError("mem: must be a size such as '512m' or '8g', not a boolean.")
+                raise SlotError(f"{key}: must be a size such as '512m' or '8g', not a boolean.")
             try:
-                out["mem"] = float(parse_mem(value))  # type: ignore[arg-type]
+                out[key] = float(parse_mem(value))  # type: ignore[arg-type]
             except ValueError as exc:
-                raise SlotError(f"mem: {exc}") from None
+                raise SlotError(f"{key}: {exc}") from None
             continue
         if key != "cpu" and not _is_accelerator_key(key):
-            raise SlotError(f"{key}: unknown resource; use cpu, mem or an accelerator such as cuda.shares.")
+            raise SlotError(f"{key}: unknown resource; use cpu, mem, shm or an accelerator such as cuda.shares.")
         if isinstance(value, bool):
             raise SlotError(f"{key}: must be a number, not a boolean.")
         try:
@@ -80,12 +83,20 @@ def total(many: Iterable[Mapping[str, float]]) -> Slots:
 
 
 def fits(request: Mapping[str, float], free: Mapping[str, float]) -> bool:
-    return all(value <= free.get(key, 0.0) + _EPSILON for key, value in request.items() if value > 0)
+    return all(
+        value <= free.get(key, 0.0) + _EPSILON
+        for key, value in request.items()
+        if value > 0 and key not in UNSCHEDULED_KEYS
+    )
 
 
 def shortfall(request: Mapping[str, float], free: Mapping[str, float]) -> Slots:
     """How much of each requested slot is missing (only the keys that do not fit)."""
-    return {key: value - free.get(key, 0.0) for key, value in request.items() if value > free.get(key, 0.0) + _EPSILON}
+    return {
+        key: value - free.get(key, 0.0)
+        for key, value in request.items()
+        if value > free.get(key, 0.0) + _EPSILON and key not in UNSCHEDULED_KEYS
+    }
 
 
 def describe(slots: Mapping[str, float]) -> str:
@@ -93,8 +104,8 @@ def describe(slots: Mapping[str, float]) -> str:
     parts = []
     for key in sorted(slots, key=lambda k: (k not in BASE_KEYS, BASE_KEYS.index(k) if k in BASE_KEYS else 0, k)):
         value = slots[key]
-        if key == "mem":
-            parts.append(f"mem {format_bytes(value)}")
+        if key in SIZE_KEYS:
+            parts.append(f"{key} {format_bytes(value)}")
         else:
             parts.append(f"{key} {value:g}")
     return ", ".join(parts) if parts else "nothing"

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -23,7 +26,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from serving.bus import dryrun
-from serving.core import slots
+from serving.core import architecture, devices, slots
 from serving.models import STARTING_MARK, Node, Route, RouteMember
 from serving.node import members, prober, snapshots
 from serving.node.engine import get_engine, log_tail, node_name, share_node_addresses, stop_quietly
@@ -49,30 +52,76 @@ log = logging.getLogger(__name__)
 COLLECT_EVERY = 60.0  # seconds between two collections of unused snapshots
 
 
-def node_capacity() -> dict[str, float]:
+def nvidia_smi_devices() -> list[dict[str, object]]:
+    """What ``nvidia-smi`` lists on this host, or nothing where it is missing or does not answer."""
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return []
+    try:
+        result = subprocess.run(
+            [binary, "--query-gpu=index,name,memory.total,uuid", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("nvidia-smi did not answer (%s); this node advertises no GPU", exc)
+        return []
+    return devices.parse_nvidia_smi(result.stdout) if result.returncode == 0 else []
+
+
+# nvidia-smi is asked once per worker: the devices of a host do not change under a running worker.
+_smi_devices: list[dict[str, object]] | None = None
+
+
+def node_devices() -> list[dict[str, object]]:
+    """The GPU devices this node advertises: ``NODE_ACCELERATORS``' ``cuda:N`` ids when it lists
+    any (or ``cuda.shares=N``, read as N devices), else what ``nvidia-smi`` lists."""
+    global _smi_devices
+    listed, _ = devices.parse_node_accelerators(settings.NODE_ACCELERATORS)
+    if listed or settings.NODE_ACCELERATORS.strip():
+        return [{"id": d} for d in listed]
+    if _smi_devices is None:
+        _smi_devices = nvidia_smi_devices()
+    return list(_smi_devices)
+
+
+def node_capacity(inventory: list[dict[str, object]] | None = None) -> dict[str, float]:
     cpu = settings.NODE_CPU or float(os.cpu_count() or 1)
     if settings.NODE_MEM:
         mem = float(slots.normalize({"mem": settings.NODE_MEM})["mem"])
     else:
         mem = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     capacity: dict[str, float] = {"cpu": cpu, "mem": mem}
-    for item in filter(None, (p.strip() for p in settings.NODE_ACCELERATORS.split(","))):
-        key, _, value = item.partition("=")
-        capacity.update(slots.normalize({key.strip(): value.strip()}))
+    _, others = devices.parse_node_accelerators(settings.NODE_ACCELERATORS)
+    capacity.update(slots.normalize(others))
+    ids = devices.inventory_ids(node_devices() if inventory is None else inventory)
+    if ids:
+        # The slot total the scheduler's sums see; which device a share lands on is Node.devices'.
+        capacity[devices.SHARES] = float(len(ids))
     return capacity
+
+
+def node_architecture() -> str:
+    """This host's CPU architecture, spelt as images name theirs (serving.core.architecture)."""
+    return architecture.normalize(platform.machine())
 
 
 def heartbeat(now: datetime | None = None) -> Node:
     """Register this node (first call) or refresh its heartbeat; a lost node comes back."""
     now = now or timezone.now()
     engine = get_engine()
+    inventory = node_devices()
     node, created = Node.objects.get_or_create(
         name=node_name(),
         defaults={
             "address": settings.NODE_ADDRESS,
             "engine": engine.name,
             "resource_group": settings.NODE_RESOURCE_GROUP,
-            "capacity": node_capacity(),
+            "architecture": node_architecture(),
+            "capacity": node_capacity(inventory),
+            "devices": inventory,
             "heartbeat_at": now,
         },
     )
@@ -82,8 +131,10 @@ def heartbeat(now: datetime | None = None) -> Node:
             lost_at=None,
             address=settings.NODE_ADDRESS,
             engine=engine.name,
-            capacity=node_capacity(),
+            capacity=node_capacity(inventory),
+            devices=inventory,
             resource_group=settings.NODE_RESOURCE_GROUP,
+            architecture=node_architecture(),
         )
         node.refresh_from_db()
     share_node_addresses(engine)

@@ -47,6 +47,8 @@ def _transient_route(request: ValidationRequest) -> Route:
     )
     route = Route(id=uuid.uuid4(), endpoint=endpoint, node=Node.objects.filter(name=request.node).first())
     route.resources = slots.replica_request(endpoint.resources)
+    # The devices the scheduler picked when it chose the node (not held: a validation is brief).
+    route.devices = dict(request.config.get("devices") or {})
     return route
 
 

@@ -1,7 +1,8 @@
 """This node's engine, and the few things every part of the node side does with it.
 
 One engine per process (a node worker's parent and each forked child has its own), made on first
-use from ``SERVING_ENGINE``: Docker when a daemon answers, else the local bubblewrap engine.
+use from ``SERVING_ENGINE``: Docker when a daemon answers, else the local bubblewrap engine; Swarm
+services through a swarm manager when asked for (``swarm``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+from collections.abc import Iterable
+from pathlib import Path
 
 from django.conf import settings
 
@@ -48,6 +51,8 @@ def _make_engine(choice: str) -> Engine:
     from serving.node.engines.local.engine import LocalEngine
 
     state_dir = settings.ENGINE_STATE_DIR
+    if choice == "swarm":
+        return _make_swarm_engine(state_dir)
     if choice in ("docker", "auto"):
         try:
             from serving.node.engines.docker.engine import DockerEngine
@@ -84,6 +89,26 @@ def _make_engine(choice: str) -> Engine:
     )
 
 
+def _make_swarm_engine(state_dir: Path) -> Engine:
+    # Imported when chosen: see _make_engine.
+    from serving.node.engines.swarm.engine import SwarmEngine
+
+    engine = SwarmEngine(
+        state_dir=state_dir / "swarm",
+        installation=settings.REDIS_PREFIX,
+        publish_mode=settings.SWARM_PUBLISH_MODE,
+        placement_node=settings.SWARM_NODE,
+        ingress_host=settings.NODE_ADDRESS,
+        uid=settings.DOCKER_REPLICA_UID,
+        gid=settings.DOCKER_REPLICA_GID,
+        stop_grace=settings.REPLICA_STOP_GRACE,
+    )
+    problem = engine.not_a_manager()
+    if problem:
+        raise EngineError(problem)
+    return engine
+
+
 def share_node_addresses(engine: Engine) -> None:
     """Hand the engine every node's address (the Docker engine keeps replicas off all of them, so
     a replica here can not call a replica published on another node past the proxy's tokens).
@@ -116,12 +141,14 @@ def log_tail(engine: Engine, replica_id: str, lines: int = 20) -> str:
         return ""
 
 
-def record_start_warnings(route: Route, info: ReplicaInfo, who: str) -> None:
+def record_start_warnings(route: Route, info: ReplicaInfo, who: str, definition_warnings: Iterable[str] = ()) -> None:
     """What the engine noticed at start but did not stop for (a read-write mount the replica's
     user can not write): a warning on the service's log, as well as a line in the replica's.
     Once per service and spec version: every replica of a version meets the same folder, and a
-    service restarting its replicas would otherwise repeat it at each start."""
-    for warning in info.warnings:
+    service restarting its replicas would otherwise repeat it at each start. ``definition_warnings``:
+    the model definition's unknown keys (``ReplicaSpec.definition_warnings``), said the same way so a
+    typo such as ``inital_delay`` is seen by whoever watches the service start."""
+    for warning in [*info.warnings, *(f"model definition: {w}" for w in definition_warnings)]:
         seen = ServiceEvent.objects.filter(
             endpoint_id=route.endpoint_id,
             kind="replica_warning",

@@ -34,7 +34,7 @@ def _plain(value: Any) -> Any:
 
 def to_specs(actions: Iterable[PreStartAction]) -> list[PreStartActionSpec]:
     """Parsed definition actions -> the engine protocol's plain specs, in order."""
-    return [PreStartActionSpec(action=a.action, args=_plain(dict(a.args))) for a in actions]
+    return [PreStartActionSpec(action=a.action, args=_plain(dict(a.args)), ref=a.ref) for a in actions]
 
 
 def plan(spec: ReplicaSpec) -> dict[str, Any]:
@@ -44,7 +44,10 @@ def plan(spec: ReplicaSpec) -> dict[str, Any]:
     holding the string the runner passes to ``shell -c``.
     """
     return {
-        "actions": [{"action": a.action, "args": _plain(dict(a.args))} for a in spec.pre_start_actions],
+        "actions": [
+            {"action": a.action, "args": _plain(dict(a.args)), **({"ref": a.ref} if a.ref else {})}
+            for a in spec.pre_start_actions
+        ],
         "command": list(spec.command) if spec.command is not None else None,
         "command_is_shell": spec.command_is_shell,
         "shell": spec.shell,

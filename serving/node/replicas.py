@@ -14,9 +14,9 @@ from django.conf import settings
 
 from serving import folders
 from serving.bus import events
-from serving.core import cluster, definitions, runtimes
+from serving.core import cluster, definitions, devices, runtimes, slots
 from serving.core.health import TCP_DEFAULT, HealthConfig
-from serving.models import Route, RouteMember
+from serving.models import Revision, Route, RouteMember
 from serving.node import prestart, snapshots
 from serving.node.engines.base import (
     LABEL_ENDPOINT,
@@ -118,11 +118,24 @@ def load_definition(route: Route, root: Path | None = None) -> definitions.Model
     )
 
 
+def use_revision(route: Route) -> None:
+    """A route of another revision than the one its service stands on (a canary's stable side, a
+    rollback's) runs that revision's configuration: set it on ``route.endpoint``, in memory only."""
+    endpoint = route.endpoint
+    if route.spec_version == endpoint.spec_version:
+        return
+    revision = Revision.objects.filter(endpoint_id=endpoint.pk, number=route.spec_version).first()
+    if revision is not None:
+        revision.apply(endpoint)
+        endpoint.spec_version = route.spec_version
+
+
 def build_spec(
     route: Route, member: RouteMember | None = None, addresses: Mapping[str, str] | None = None
 ) -> tuple[ReplicaSpec, HealthConfig]:
     """The container to start for ``route`` (its main, or the sub ``member`` in cluster mode), and the
     health check that applies to it. ``addresses``: the running members' ``host:port`` by host name."""
+    use_revision(route)
     endpoint = route.endpoint
     # Checked again here, for a service that was configured before the rule (or whose folders changed):
     # no replica starts with private mounts and a model definition others can edit.
@@ -179,7 +192,12 @@ def build_spec(
     env.update(cluster.cluster_env(size, me, addresses))
     node = member.node if member is not None else route.node
     resources = dict((member.resources if member is not None else route.resources) or {})
-    accelerators = {k: v for k, v in resources.items() if k not in ("cpu", "mem")}
+    accelerators = {k: v for k, v in resources.items() if k not in ("cpu", "mem", *slots.UNSCHEDULED_KEYS)}
+    assigned = {str(k): float(v) for k, v in ((member.devices if member is not None else route.devices) or {}).items()}
+    # Which devices, and its share of each, for the server to size its memory to; set after the
+    # user's variables, which can not point the replica at another replica's device.
+    env.update(devices.replica_env(assigned))
+    mem_bytes = int(resources.get("mem", 1024**3))
     command = effective.start_command
     command_is_shell = isinstance(command, str)
     spec = ReplicaSpec(
@@ -193,8 +211,10 @@ def build_spec(
         mounts=tuple(mounts),
         pre_start_actions=tuple(prestart.to_specs(effective.pre_start_actions)),
         cpu=float(resources.get("cpu", 1.0)),
-        mem_bytes=int(resources.get("mem", 1024**3)),
+        mem_bytes=mem_bytes,
         accelerators=accelerators,
+        devices=assigned,
+        shm_bytes=int(resources.get("shm") or devices.default_shm(mem_bytes)),
         labels={
             LABEL_ENDPOINT: str(endpoint.pk),
             LABEL_ROUTE: str(route.pk),
@@ -207,6 +227,7 @@ def build_spec(
             if size > 1
             else None
         ),
+        definition_warnings=tuple(str(w) for w in definition.warnings) if definition is not None else (),
     )
     health = effective.health_check
     config = (

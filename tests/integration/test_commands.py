@@ -27,13 +27,34 @@ def test_issue_api_key_prints_a_working_key_as_the_last_word(personas: dict[str,
 def test_validate_model_folder_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "model-definition.yaml").write_text(SIMPLE_DEFINITION)
     call_command("validate_model_folder", str(tmp_path))
-    assert "OK: the folder is valid." in capsys.readouterr().out
+    assert "OK: the folder is valid for the custom runtime." in capsys.readouterr().out
     (tmp_path / "model-definition.yaml").write_text(SIMPLE_DEFINITION.replace("port: 8000", "port: 0"))
     with pytest.raises(SystemExit) as exit_info:
         call_command("validate_model_folder", str(tmp_path))
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "model-definition.yaml:" in err and "models[0].service.port" in err
+
+
+def test_validate_model_folder_warns_about_unknown_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 18: an unknown key is ignored, as Backend.AI does, but a typo is loud, with the key it meant."""
+    text = SIMPLE_DEFINITION.replace("initial_delay", "inital_delay").replace("max_retries", "max-retries")
+    assert text != SIMPLE_DEFINITION
+    (tmp_path / "model-definition.yaml").write_text(text)
+    (tmp_path / "service-definition.toml").write_text(
+        '[vllm.environment]\nimage = "vllm/vllm-openai:latest"\narchitecture = "x86_64"\n'
+        '[custom.environment]\nimage = "python:3.12"\narchitecture = "x86_64"\nimgae = "typo"\n'
+    )
+    call_command("validate_model_folder", str(tmp_path), runtime="custom")
+    captured = capsys.readouterr()
+    assert "OK: the folder is valid for the custom runtime (2 warnings, above)." in captured.out
+    assert "models[0].service.health_check.inital_delay: unknown key, ignored; did you mean 'initial_delay'?" in (
+        captured.err
+    )
+    assert "custom.environment.imgae: unknown key, ignored; did you mean 'image'?" in captured.err
+    # Without --runtime: the runtime the folder describes, its first known section (vllm).
+    call_command("validate_model_folder", str(tmp_path))
+    assert "valid for the vllm runtime." in capsys.readouterr().out
 
 
 def test_stop_replicas_stops_this_installations_local_replicas(settings: Any, tmp_path: Path) -> None:

@@ -500,7 +500,7 @@ def test_pre_start_actions_run_before_the_command(engine: DockerEngine, model_fo
 def test_failing_pre_start_action_is_reported(engine: DockerEngine) -> None:
     actions = (
         PreStartActionSpec("log", {"message": "first"}),
-        PreStartActionSpec("run_command", {"command": ["sh", "-c", "exit 3"]}),
+        PreStartActionSpec("run_command", {"command": ["sh", "-c", "exit 3"], "check": True}),
     )
     info = engine.start(make_spec(command=("sleep", "60"), pre_start_actions=actions))
     try:

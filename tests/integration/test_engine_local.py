@@ -320,7 +320,7 @@ def test_a_replica_user_that_is_no_id_is_refused_with_the_setting_to_fix(tmp_pat
 def test_failing_pre_start_action_is_reported_with_its_index(engine: LocalEngine, model: Path) -> None:
     actions = (
         PreStartActionSpec("log", {"message": "first"}),
-        PreStartActionSpec("run_command", {"command": ["sh", "-c", "echo boom >&2; exit 3"]}),
+        PreStartActionSpec("run_command", {"command": ["sh", "-c", "echo boom >&2; exit 3"], "check": True}),
         PreStartActionSpec("log", {"message": "never"}),
     )
     info = engine.start(spec(model, ("sleep", "60"), pre_start_actions=actions))

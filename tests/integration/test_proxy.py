@@ -193,6 +193,7 @@ class Proxy:
         grant: tuple[tokens.MintedToken, ...] = (),
         expires: float | None = None,
         status: str = "HEALTHY",
+        **extra: Any,
     ) -> None:
         """What serving/bus/routing.py does: write the entry, then announce it."""
         entry = {
@@ -203,6 +204,7 @@ class Proxy:
             "status": status,
             "routes": routes,
             "tokens": {t.lookup: {"digest": t.digest, "expires": expires or time.time() + 3600} for t in grant},
+            **extra,
         }
         self.redis.hset(f"{self.prefix}:routing", slug, json.dumps(entry))
         self.redis.publish(f"{self.prefix}:routing:updates", json.dumps({"slug": slug, "entry": entry}))
@@ -573,10 +575,11 @@ class BlackHole:
 
 
 def test_a_post_that_reached_a_dying_replica_is_never_sent_twice(proxy: Proxy) -> None:
+    """Retry policy ``safe``: only what is safe to repeat goes to another replica."""
     holes = [BlackHole(), BlackHole()]
     try:
         slug = new_slug()
-        proxy.publish(slug, [h.route() for h in holes], public=True)
+        proxy.publish(slug, [h.route() for h in holes], public=True, retry_policy="safe")
         wait_for(lambda: proxy.call(slug, "v1/models")[0] == 502, what="the entry")
 
         def sent() -> int:
@@ -596,6 +599,49 @@ def test_a_post_that_reached_a_dying_replica_is_never_sent_twice(proxy: Proxy) -
         status, _, _ = proxy.call(slug, "v1/chat/completions", body={}, headers={"Idempotency-Key": "k-1"})
         assert status == 502
         wait_for(lambda: sent() == before + 2, what="the keyed POST at both replicas")
+    finally:
+        for hole in holes:
+            hole.close()
+
+
+@pytest.mark.parametrize(
+    ("policy", "path", "resent"),
+    [
+        ("inference", "v1/chat/completions", True),  # the default: an inference POST goes elsewhere
+        ("inference", "v1/embeddings?x=1", True),
+        (None, "v1/completions/", True),  # no policy in the entry (an older control plane): inference
+        ("inference", "v1/files", False),  # not an inference path: may have side effects
+        ("all", "v1/files", True),
+        ("safe", "v1/chat/completions", False),
+    ],
+)
+def test_the_retry_policy_says_which_posts_go_to_another_replica(
+    proxy: Proxy, policy: str | None, path: str, resent: bool
+) -> None:
+    holes = [BlackHole(), BlackHole()]
+    try:
+        slug = new_slug()
+        extra = {"retry_policy": policy} if policy else {}
+        proxy.publish(slug, [h.route() for h in holes], public=True, **extra)
+        wait_for(lambda: proxy.call(slug, "v1/models")[0] == 502, what="the entry")
+        wait_for(lambda: proxy.redis.hget(f"{proxy.prefix}:proxy:resent", slug) is not None, what="the GET's count")
+        proxy.redis.hdel(f"{proxy.prefix}:proxy:resent", slug)
+
+        def sent() -> int:
+            return sum(len(h.received) for h in holes)
+
+        before = sent()
+        status, _, body = proxy.call(slug, path, body={"messages": []})
+        assert status == 502
+        if resent:
+            wait_for(lambda: sent() == before + 2, what="the POST at both replicas")
+            # The control plane learns how many were re-sent (an event per service, not per request).
+            wait_for(lambda: proxy.redis.hget(f"{proxy.prefix}:proxy:resent", slug) == b"1", what="the re-sent count")
+        else:
+            assert b"Idempotency-Key" in body and b"retry policy" in body
+            wait_for(lambda: sent() >= before + 1, what="the POST at a replica")
+            assert sent() == before + 1
+            assert proxy.redis.hget(f"{proxy.prefix}:proxy:resent", slug) is None
     finally:
         for hole in holes:
             hole.close()

@@ -57,11 +57,13 @@ def test_runnable_folder_prefills_the_launcher(api: Any, personas: dict[str, Any
         "architecture": "x86_64",
         "resources": {"cpu": 2.0, "mem": 1024.0**3, "cuda.shares": 0.5},
         "environ": {"MODEL_NAME": "simple"},
+        "resource_opts": {},
         "model_mount": "/models",
         "model_definition_path": "model-definition.yaml",
         "has_service_definition": True,
         "runnable": True,
         "problems": [],
+        "warnings": [],
     }
     assert launcher(api, folder, runtime="vllm")["environ"] == {"BACKEND_MODEL_NAME": "llama"}
     listed = {f["name"]: f for f in api("owner").get("/api/v1/folders/?usage_mode=model").json()}

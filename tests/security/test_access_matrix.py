@@ -282,6 +282,8 @@ def _sample(parameter: dict[str, Any]) -> str:
         return str(uuid.uuid4())
     if schema.get("type") == "integer":
         return "1"
+    if parameter["name"] == "schema":  # /api/v1/schemas/<schema>: a definition file's JSON Schema
+        return "model-definition.json"
     return "some/file.txt"
 
 

@@ -64,6 +64,8 @@ class World:
             "path": self.file_path,
             "api_path": "models",
             "validation_id": self.validation_id,
+            "schema": "model-definition.json",
+            "number": 1,  # the service's first revision
         }
 
     def format(self, text: str) -> str:

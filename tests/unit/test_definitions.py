@@ -338,12 +338,12 @@ def test_every_pre_start_action_and_its_defaults() -> None:
     assert [(a.action, dict(a.args)) for a in actions] == [
         ("write_file", {"filename": "a.txt", "body": "hi", "mode": "644", "append": False}),
         ("write_tempfile", {"body": "print(1)", "mode": "644"}),
-        ("run_command", {"command": ("echo", "hi"), "echo": False}),
+        ("run_command", {"command": ("echo", "hi"), "echo": False, "check": False}),
         ("mkdir", {"path": "/home/work/d"}),
         ("log", {"message": "hello", "debug": False}),
         ("write_file", {"filename": "b.txt", "body": "hi", "mode": "755", "append": True}),
         ("log", {"message": "dbg", "debug": True}),
-        ("run_command", {"command": ("ls",), "echo": True}),
+        ("run_command", {"command": ("ls",), "echo": True, "check": False}),
     ]
 
 
@@ -412,12 +412,8 @@ A = "start_command: x\nport: 1\npre_start_actions:\n  - "
         ("{args: {path: /x}}", "models[0].service.pre_start_actions[0].action", "required"),
         ("{action: mkdir}", "models[0].service.pre_start_actions[0].args", "required"),
         ("{action: mkdir, args: [/x]}", "models[0].service.pre_start_actions[0].args", "mapping"),
-        ("{action: mkdir, args: {path: /x}, ref: y}", "models[0].service.pre_start_actions[0].ref", "unknown key"),
-        (
-            "{action: mkdir, args: {path: /x, mode: 1}}",
-            "models[0].service.pre_start_actions[0].args.mode",
-            "unknown key",
-        ),
+        ("{action: mkdir, args: {path: /x}, ref: 1y}", "models[0].service.pre_start_actions[0].ref", "letters"),
+        ("{action: mkdir, args: {path: /x}, ref: model_path}", "models[0].service.pre_start_actions[0].ref", "name"),
         ("{action: mkdir, args: {path: ''}}", "models[0].service.pre_start_actions[0].args.path", "empty"),
         ("{action: mkdir, args: {path: [a]}}", "models[0].service.pre_start_actions[0].args.path", "string"),
         ("{action: write_file, args: {body: x}}", "models[0].service.pre_start_actions[0].args.filename", "required"),
@@ -544,9 +540,7 @@ S = "start_command: x\nport: 1\nhealth_check: "
         (S + "{path: /, max_retries: 1.5}", "models[0].service.health_check.max_retries", "integer"),
         (S + "{path: /, expected_status_code: 99}", "models[0].service.health_check.expected_status_code", "between"),
         (S + "{path: /, expected_status_code: 600}", "models[0].service.health_check.expected_status_code", "between"),
-        (S + "{path: /, timeout: 3}", "models[0].service.health_check.timeout", "unknown key"),
         (S + "[/health]", "models[0].service.health_check", "mapping"),
-        ("start_command: x\nport: 1\nextra: 1", "models[0].service.extra", "unknown key"),
     ],
 )
 def test_service_errors_name_the_field(service: str, field: str, words: str) -> None:
@@ -584,13 +578,13 @@ def test_the_file_name_given_is_used_in_problems() -> None:
 
 
 def test_all_problems_are_reported_at_once_in_file_order() -> None:
-    found = problems(model("port: -1\nhealth_check: {path: x, interval: 0}\nbogus: 1"))
+    found = problems(model("port: -1\nhealth_check: {path: x, interval: 0}\nshell: 3"))
     assert [f for f, _, _ in found] == [
         "models[0].service.start_command",  # missing: the line of its parent
         "models[0].service.port",
         "models[0].service.health_check.path",
         "models[0].service.health_check.interval",
-        "models[0].service.bogus",
+        "models[0].service.shell",
     ]
     assert [line for _, _, line in found] == [4, 5, 6, 6, 7]
 
@@ -603,11 +597,15 @@ def test_definition_error_is_a_value_error_listing_every_problem() -> None:
 
 
 def test_problem_flood_is_capped() -> None:
-    text = model("start_command: x\nport: 1\n" + "".join(f"k{i}: 1\n" for i in range(MAX_PROBLEMS + 50)))
+    actions = "".join("  - {action: mkdir, args: {path: ''}}\n" for _ in range(MAX_PROBLEMS + 50))
+    text = model("start_command: x\nport: 1\npre_start_actions:\n" + actions)
     with pytest.raises(DefinitionError) as info:
         parse_model_definition(text)
     assert len(info.value.problems) == MAX_PROBLEMS + 1
     assert "50 more problem(s)" in info.value.problems[-1].message
+    # Unknown keys are warnings, capped the same way; the file is still valid.
+    flood = model("start_command: x\nport: 1\n" + "".join(f"k{i}: 1\n" for i in range(MAX_PROBLEMS + 50)))
+    assert len(parse_model_definition(flood).warnings) == MAX_PROBLEMS
 
 
 @pytest.mark.parametrize(
@@ -622,7 +620,6 @@ def test_problem_flood_is_capped() -> None:
         ("models: 3", "models", "list"),
         ("models: {name: x}", "models", "list"),
         ("models: []", "models", "at least one model"),
-        ("other: 1\nmodels: [{name: a, model_path: /a}]", "other", "unknown key"),
         ("models: [3]", "models[0]", "mapping"),
         ("models: [[a]]", "models[0]", "mapping"),
         ("models: [null]", "models[0]", "mapping"),
@@ -635,7 +632,6 @@ def test_problem_flood_is_capped() -> None:
         ("models:\n  - name: x\n    model_path: 3", "models[0].model_path", "string"),
         ("models:\n  - name: x\n    model_path: /m\n    service: [1]", "models[0].service", "mapping"),
         ("models:\n  - name: x\n    model_path: /m\n    service: run", "models[0].service", "mapping"),
-        ("models:\n  - name: x\n    model_path: /m\n    extra: 1", "models[0].extra", "unknown key"),
     ],
 )
 def test_structure_errors(text: str, field: str, words: str) -> None:
@@ -647,7 +643,8 @@ def test_odd_keys_are_quoted_and_shortened_in_field_paths() -> None:
     assert field_path("a", "b") == "a.b"
     assert field_path("", "cuda.shares") == '"cuda.shares"'
     assert field_path("x", "k" * 100) == 'x."' + "k" * 39 + '…"'
-    assert fields(model('start_command: x\nport: 1\n"a b.c": 1')) == ['models[0].service."a b.c"']
+    warnings = parse_model_definition(model('start_command: x\nport: 1\n"a b.c": 1')).warnings
+    assert [w.field for w in warnings] == ['models[0].service."a b.c"']
 
 
 def test_yaml_syntax_error_points_at_line_and_column() -> None:
@@ -984,7 +981,6 @@ T = "[vllm.resource_slots]\n"
         ("[vllm.environment]\nimage = 1\narchitecture = 'x'\n", "vllm.environment.image", "string"),
         ("[vllm.environment]\nimage = ''\narchitecture = 'x'\n", "vllm.environment.image", "without spaces"),
         ("[vllm.environment]\nimage = 'a b'\narchitecture = 'x'\n", "vllm.environment.image", "without spaces"),
-        ("[vllm.environment]\nimage = 'i'\narchitecture = 'x'\ntag = 1\n", "vllm.environment.tag", "unknown key"),
         ("[vllm]\nenvironment = 3\n", "vllm.environment", "table"),
         (T + "mem = 'lots'\n", "vllm.resource_slots.mem", "memory size"),
         (T + "mem = -1\n", "vllm.resource_slots.mem", "negative"),
@@ -1009,8 +1005,8 @@ T = "[vllm.resource_slots]\n"
         ("[vllm.environ]\nX = {a = 1}\n", "vllm.environ.X", "string"),
         ("[vllm.environ]\nX = 1979-05-27T07:32:00Z\n", "vllm.environ.X", "quotes"),
         ("[vllm]\nenviron = 'x'\n", "vllm.environ", "table"),
-        ("[vllm.extra]\na = 1\n", "vllm.extra", "unknown section"),
-        ("[vllm.resource_opts]\nshmem = '1g'\n", "vllm.resource_opts", "unknown section"),
+        ("[vllm.resource_opts]\nshmem = 'lots'\n", "vllm.resource_opts.shmem", "memory size"),
+        ("[vllm]\nresource_opts = 1\n", "vllm.resource_opts", "table"),
         ("vllm = 3\n", "vllm", "group of tables"),
         ("[[vllm]]\nx = 1\n", "vllm", "group of tables"),
     ],
@@ -1053,7 +1049,7 @@ def test_toml_hostile_input() -> None:
     assert "nested too deeply" in problems("a = " + "[" * 100_000, parse_service_definition)[0][1]
     assert "nested too deeply" in problems("a = " + "{b = " * 50_000, parse_service_definition)[0][1]
     assert "can not be read as TOML" in problems("a = " + "9" * 100_000, parse_service_definition)[0][1]
-    many = "".join(f"[t{i}.extra]\nx = 1\n" for i in range(1000))
+    many = "".join(f"[t{i}.environ]\n'1x' = 1\n" for i in range(1000))
     assert len(problems(many, parse_service_definition)) == MAX_PROBLEMS + 1
     assert time.monotonic() - start < deadline_for(2.0)
 
@@ -1184,3 +1180,94 @@ def test_module_is_pure() -> None:
     assert len(sources) > 1  # the package's modules, not only its __init__
     for source in sources:
         assert "import django" not in source and "from django" not in source
+
+
+# --- issue 18: Backend.AI files as they are written today ------------------------------------------
+
+
+def test_unknown_keys_are_warnings_with_did_you_mean() -> None:
+    text = model("start_command: x\nport: 1\nhealth_check: {path: /, inital_delay: 5, enable: true}\nextra: 1")
+    definition = parse_model_definition("other: 1\n" + text)
+    assert [(w.field, w.message, w.line) for w in definition.warnings] == [
+        ("other", "unknown key, ignored (the known keys here: models)", 1),
+        ("models[0].service.health_check.inital_delay", "unknown key, ignored; did you mean 'initial_delay'?", 8),
+        (
+            "models[0].service.health_check.enable",
+            "unknown key, ignored (the known keys here: path, interval, max_retries, max_wait_time, "
+            "expected_status_code, initial_delay, headers)",
+            8,
+        ),
+        (
+            "models[0].service.extra",
+            "unknown key, ignored (the known keys here: pre_start_actions, start_command, shell, port, health_check)",
+            9,
+        ),
+    ]
+    health = definition.primary.service.health_check  # type: ignore[union-attr]
+    assert health is not None and health.initial_delay == 60.0  # the typo is not applied
+
+
+def test_kebab_case_spellings_of_every_field() -> None:
+    text = (
+        "models:\n  - name: m\n    model-path: /models\n    service:\n      start-command: [a]\n      port: 1\n"
+        "      pre-start-actions:\n        - {action: run_command, args: {command: [x]}}\n"
+        "      health-check: {path: /, initial-delay: 5, max-retries: 2, max-wait-time: 3,"
+        " expected-status-code: 204}\n"
+    )
+    definition = parse_model_definition(text)
+    assert definition.warnings == ()
+    service = definition.primary.service
+    assert service is not None and service.health_check is not None
+    assert (service.health_check.initial_delay, service.health_check.expected_status_code) == (5.0, 204)
+    assert len(service.pre_start_actions) == 1
+    assert fields(model("start_command: x\nport: 1\nhealth_check: {path: /}\nhealth-check: {path: /}")) == [
+        "models[0].service.health-check"
+    ]
+    toml = "[vllm.resource-slots]\ncpu = 2\n[vllm.resource-opts]\nshmem = '1g'\n"
+    section = parse_service_definition(toml).runtimes["vllm"]
+    assert section.resources == {"cpu": 2.0} and section.resource_opts == {"shmem": 1024**3}
+
+
+def test_hostile_input_stays_an_error_even_under_unknown_keys() -> None:
+    with pytest.raises(DefinitionError, match="anchors"):
+        parse_model_definition("models:\n  - name: m\n    model_path: /m\n    info: &a {x: 1}\n    other: *a\n")
+    with pytest.raises(DefinitionError, match="tag"):
+        parse_model_definition("models:\n  - name: m\n    model_path: /m\n    info: !!python/object:os.system x\n")
+
+
+def test_ref_names_are_checked() -> None:
+    actions = service_of(
+        model(
+            "start_command: x\nport: 1\npre_start_actions:\n"
+            "  - {action: run_command, args: {command: [v], check: true}, ref: ver}\n"
+            "  - {action: log, args: {message: '{ver}'}}"
+        )
+    ).pre_start_actions
+    assert [(a.ref, dict(a.args).get("check")) for a in actions] == [("ver", True), (None, None)]
+    twice = "  - {action: mkdir, args: {path: /a}, ref: x}\n  - {action: mkdir, args: {path: /b}, ref: x}"
+    assert "earlier action" in problems(model("start_command: x\nport: 1\npre_start_actions:\n" + twice))[0][1]
+
+
+def test_a_broken_runtime_section_does_not_hide_the_others() -> None:
+    text = "[vllm.environment]\nimage = 'v'\narchitecture = 'x86_64'\n[nim.resource_slots]\nmem = 'lots'\n"
+    definition = d.read_service_definition(text)
+    assert set(definition.runtimes) == {"vllm"}
+    assert [p.field for p in definition.problems_for("nim")] == ["nim.resource_slots.mem"]
+    assert definition.problems_for("vllm") == ()
+    with pytest.raises(DefinitionError):
+        parse_service_definition(text)  # the strict form still lists every problem
+    warned = d.read_service_definition("[vllm.environment]\nimage = 'v'\narchitecture = 'x'\nimgae = 'w'\n")
+    assert [w.message for w in warned.warnings_for("vllm")] == ["unknown key, ignored; did you mean 'image'?"]
+
+
+def test_validate_model_folder_picks_the_described_runtime_and_ignores_other_sections(tmp_path: Path) -> None:
+    (tmp_path / "service-definition.toml").write_text(
+        "[nim.resource_slots]\nmem = 'lots'\n[vllm.environment]\nimage = 'v'\narchitecture = 'x86_64'\n"
+        "[vllm.resource_opts]\nshmem = '2g'\n"
+    )
+    result = validate_model_folder(tmp_path, runtime=None)
+    assert result.runtime == "nim"  # the first known section, even a broken one: its problems are shown
+    assert not result.ok
+    vllm = validate_model_folder(tmp_path, runtime="vllm")
+    assert vllm.ok, vllm.problems
+    assert vllm.defaults is not None and vllm.defaults.resource_opts == {"shmem": 2 * 1024**3}

@@ -82,3 +82,26 @@ def test_web_trusted_proxies_are_addresses_or_ranges(monkeypatch: pytest.MonkeyP
         monkeypatch.setenv("WEB_TRUSTED_PROXIES", bad)
         with pytest.raises(ConfigError, match="is not an IP address or CIDR range"):
             env_networks("WEB_TRUSTED_PROXIES", [])
+
+
+def test_database_url_keeps_the_drivers_options() -> None:
+    """A PostgreSQL URL's query string (sslmode, connect_timeout) reaches the driver (issue 20)."""
+    from config.env import database_from_url
+
+    entry = database_from_url(
+        "postgres://svc:p%40ss@db.internal:6432/modelserve?sslmode=require&connect_timeout=5", sqlite_default="x"
+    )
+    assert entry["ENGINE"] == "django.db.backends.postgresql"
+    assert (entry["NAME"], entry["USER"], entry["PASSWORD"], entry["HOST"], entry["PORT"]) == (
+        "modelserve",
+        "svc",
+        "p@ss",
+        "db.internal",
+        "6432",
+    )
+    assert entry["OPTIONS"] == {"sslmode": "require", "connect_timeout": 5}
+    assert entry["CONN_MAX_AGE"] == 60 and entry["CONN_HEALTH_CHECKS"] is True
+    plain = database_from_url("postgresql://127.0.0.1/test", sqlite_default="x")
+    assert (plain["NAME"], plain["HOST"], plain["PORT"], plain.get("OPTIONS", {})) == ("test", "127.0.0.1", "", {})
+    with pytest.raises(ConfigError, match=r"DATABASE_URL scheme 'mysql' is not supported"):
+        database_from_url("mysql://u@h/db", sqlite_default="x")

@@ -179,3 +179,72 @@ def test_cluster_route_with_a_member_on_a_lost_node_is_treated_as_lost() -> None
     result = plan(ep(2), [healthy, degraded], NOW)
     assert result.forget == [degraded.id]
     assert result.create == 2
+
+
+# --- revisions: split mode (issue 16) ---------------------------------------------------------------
+
+
+def split(
+    desired: int, version: int, traffic: dict[int, int], *, staged: int = 0, gave_up: bool = False
+) -> EndpointView:
+    return EndpointView(
+        lifecycle="created",
+        desired=desired,
+        spec_version=version,
+        gave_up=gave_up,
+        traffic=tuple(sorted(traffic.items())),
+        staged=staged,
+    )
+
+
+def test_canary_starts_beside_the_stable_revision_with_enough_replicas_for_its_share() -> None:
+    old = [route("healthy", 1), route("healthy", 1)]
+    result = plan(split(2, 2, {1: 90, 2: 10}), old, NOW)
+    assert (result.create, result.create_for, result.drain) == (1, {}, [])
+    canary = route("healthy", 2)
+    assert plan(split(2, 2, {1: 90, 2: 10}), [*old, canary], NOW).is_empty()
+
+
+def test_a_revision_without_share_is_drained_only_once_the_others_have_theirs_healthy() -> None:
+    old = [route("healthy", 1), route("healthy", 1)]
+    starting = route("degraded", 2)
+    result = plan(split(2, 2, {2: 100}), [*old, starting, route("healthy", 2)], NOW)
+    assert result.drain == [] and result.create == 0
+    done = plan(split(2, 2, {2: 100}), [*old, route("healthy", 2), route("healthy", 2)], NOW)
+    assert sorted(done.drain) == sorted(r.id for r in old)
+
+
+def test_rollback_restarts_the_stable_revision_when_its_replicas_are_gone() -> None:
+    result = plan(split(2, 1, {1: 100}), [route("healthy", 2), route("failed_to_start", 3)], NOW)
+    assert result.create == 2
+    assert result.forget  # the failed rows of a revision that left go with it
+
+
+def test_replicas_of_another_revision_are_created_for_it() -> None:
+    result = plan(split(2, 2, {1: 50, 2: 50}), [route("healthy", 2)], NOW)
+    assert result.create_for == {1: 1} and result.create == 0
+
+
+def test_blue_green_stages_every_replica_then_switches() -> None:
+    old = [route("healthy", 1), route("healthy", 1)]
+    first = plan(split(2, 2, {1: 100}, staged=2), old, NOW)
+    assert (first.create, first.drain, first.switch_to) == (2, [], 0)
+    half = plan(split(2, 2, {1: 100}, staged=2), [*old, route("healthy", 2), route("degraded", 2)], NOW)
+    assert half.switch_to == 0 and half.drain == []
+    ready = plan(split(2, 2, {1: 100}, staged=2), [*old, route("healthy", 2), route("healthy", 2)], NOW)
+    assert ready.switch_to == 2 and ready.drain == []
+
+
+def test_a_canary_that_fails_to_start_is_aborted_with_the_numbers() -> None:
+    old = [route("healthy", 1), route("healthy", 1)]
+    failed = [route("failed_to_start", 2), route("failed_to_start", 2)]
+    result = plan(split(2, 2, {1: 90, 2: 10}), [*old, failed[0]], NOW)
+    assert not result.abort and result.create == 1  # one failure: try again
+    result = plan(split(2, 2, {1: 90, 2: 10}), [*old, *failed], NOW)
+    assert result.abort == "2 of its replicas did not become healthy (2 failed to start)"
+
+
+def test_no_traffic_split_is_todays_rolling_plan() -> None:
+    """The split fields' defaults leave every rolling step as it was."""
+    old = [route("healthy", 1, age=100), route("healthy", 1, age=90)]
+    assert plan(ep(2, version=2), old, NOW) == plan(split(2, 2, {}), old, NOW)

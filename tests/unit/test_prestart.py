@@ -118,7 +118,11 @@ def test_actions_run_in_order_then_the_command_is_executed(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("action", "reason"),
     [
-        ({"action": "run_command", "args": {"command": ["sh", "-c", "exit 4"]}}, "sh exited with code 4"),
+        (
+            {"action": "run_command", "args": {"command": ["sh", "-c", "exit 4"], "check": True}},
+            "sh exited with code 4",
+        ),
+        ({"action": "log", "args": {"message": "{r[nope]}"}}, "r has no 'nope'"),
         ({"action": "run_command", "args": {"command": ["no-such-program-xyz"]}}, "can not run no-such-program-xyz"),
         ({"action": "write_file", "args": {"body": "x"}}, "missing argument 'filename'"),
         ({"action": "write_file", "args": {"filename": "f", "body": "x", "mode": "999"}}, "octal"),
@@ -126,7 +130,8 @@ def test_actions_run_in_order_then_the_command_is_executed(tmp_path: Path) -> No
     ],
 )
 def test_a_failing_action_stops_the_start_with_code_97(tmp_path: Path, action: dict[str, Any], reason: str) -> None:
-    actions = [{"action": "log", "args": {"message": "first"}}, action, {"action": "log", "args": {"message": "no"}}]
+    first = {"action": "run_command", "args": {"command": ["true"]}, "ref": "r"}
+    actions = [first, action, {"action": "log", "args": {"message": "no"}}]
     code, output = run_bootstrap(tmp_path, actions, ["sh", "-c", "echo started"])
     assert code == prestart.BOOTSTRAP_FAILED_EXIT
     error = prestart.failure_reason(output.splitlines())
@@ -145,3 +150,52 @@ def test_shell_string_and_missing_shell_fallback(tmp_path: Path) -> None:
 def test_unexecutable_command_exits_127(tmp_path: Path) -> None:
     code, output = run_bootstrap(tmp_path, [], ["no-such-server-xyz"])
     assert code == 127 and "start command failed: can not execute no-such-server-xyz" in output
+
+
+def test_a_failing_run_command_is_recorded_and_the_start_goes_on(tmp_path: Path) -> None:
+    """Issue 18: as Backend.AI does, a non-zero exit is recorded and the start goes on (check: true stops it)."""
+    actions = [{"action": "run_command", "args": {"command": ["sh", "-c", "echo oops >&2; exit 3"]}}]
+    code, output = run_bootstrap(tmp_path, actions, ["sh", "-c", "echo started"])
+    assert code == 0, output
+    assert "[prestart] action 0 (run_command) err: oops" in output
+    assert "sh exited with code 3; going on (add check: true" in output
+    assert output.splitlines()[-1] == "started"
+
+
+def test_ref_saves_a_result_for_later_actions(tmp_path: Path) -> None:
+    """Issue 18: ``ref`` as in Backend.AI's service actions; resolved values are shown, secrets are not."""
+    actions = [
+        {"action": "run_command", "args": {"command": ["sh", "-c", "echo v1.2; echo warn >&2"]}, "ref": "ver"},
+        {"action": "write_tempfile", "args": {"body": "x = 1\n"}, "ref": "conf"},
+        {"action": "run_command", "args": {"command": ["echo", "s3cr3t"]}, "ref": "hf_token"},
+        {
+            "action": "write_file",
+            "args": {
+                "filename": "out.txt",
+                "body": '{"v": "{ver}", "e": "{ver[err]}", "c": "{conf}", "t": "{hf_token}"}',
+            },
+        },
+        {"action": "log", "args": {"message": "{ver[out]}|{unknown}|{ conf }"}},
+    ]
+    code, output = run_bootstrap(tmp_path, actions, ["cat", "out.txt"])
+    assert code == 0, output
+    temp = next(line for line in output.splitlines() if "(write_tempfile)" in line).split("wrote ")[1].split()[0]
+    # Only saved names are replaced; the JSON braces and {unknown} stay as written.
+    written = (tmp_path / "work" / "out.txt").read_text()
+    assert written == '{"v": "v1.2", "e": "warn\n", "c": "' + temp + '", "t": "s3cr3t"}'
+    assert '[prestart] action 3 (write_file): {ver} is "v1.2"' in output
+    assert '[prestart] action 3 (write_file): {ver[err]} is "warn\\n"' in output
+    assert "[prestart] action 3 (write_file): {hf_token} is (hidden: the name looks like a secret)" in output
+    assert "[prestart] action 4 (log): v1.2\n|{unknown}|" + temp in output
+    os.unlink(temp)
+
+
+def test_plan_carries_the_ref() -> None:
+    spec = ReplicaSpec(
+        name="r",
+        image="i",
+        command=("x",),
+        port=1,
+        pre_start_actions=(PreStartActionSpec("log", {"message": "m"}, "a"),),
+    )
+    assert prestart.plan(spec)["actions"] == [{"action": "log", "args": {"message": "m"}, "ref": "a"}]

@@ -122,3 +122,47 @@ def test_the_proxy_never_imports_django() -> None:
         "assert 'django' not in sys.modules, 'django imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# --- revisions (issue 16) -----------------------------------------------------------------------------
+
+
+def _revision_routes() -> list[dict[str, Any]]:
+    return [
+        {"id": "a1", "host": "10.0.0.1", "port": 8000, "weight": 1, "revision": 1},
+        {"id": "a2", "host": "10.0.0.2", "port": 8000, "weight": 1, "revision": 1},
+        {"id": "b1", "host": "10.0.0.3", "port": 8000, "weight": 1, "revision": 2},
+    ]
+
+
+def test_split_by_revision_share_is_exact_then_by_weight_within() -> None:
+    table = Table("redis://unused", "ms", 10)
+    table.apply("s", entry(routes=_revision_routes(), shares={"1": 90, "2": 10}))
+    endpoint = table.endpoints["s"]
+    seen = Counter(endpoint.choose(0.0).id for _ in range(10_000))  # type: ignore[union-attr]
+    assert seen["b1"] == 1000  # smooth weighted round robin: exact over any 100 requests
+    assert 4000 < seen["a1"] < 5000 and seen["a1"] + seen["a2"] == 9000
+    # A table update keeps the round robin's place: still exact across it.
+    table.apply("s", entry(routes=_revision_routes(), shares={"1": 90, "2": 10}, name="again"))
+    assert Counter(endpoint.choose(0.0).id for _ in range(100))["b1"] == 10  # type: ignore[union-attr]
+
+
+def test_a_revision_without_routes_gives_its_turn_to_the_others() -> None:
+    table = Table("redis://unused", "ms", 10)
+    table.apply("s", entry(routes=_revision_routes()[:2], shares={"1": 50, "2": 50}))
+    endpoint = table.endpoints["s"]
+    assert {endpoint.choose(0.0).id for _ in range(50)} == {"a1", "a2"}  # type: ignore[union-attr]
+
+
+def test_pinned_revision_and_no_split_when_one_revision_holds_all() -> None:
+    table = Table("redis://unused", "ms", 10)
+    table.apply("s", entry(routes=_revision_routes(), shares={"1": 100}))
+    endpoint = table.endpoints["s"]
+    assert endpoint.split is not None  # revision 2 has routes but no share: it gets none
+    assert {endpoint.choose(0.0).id for _ in range(50)} == {"a1", "a2"}  # type: ignore[union-attr]
+    assert {endpoint.choose(0.0, pinned=2).id for _ in range(5)} == {"b1"}  # type: ignore[union-attr]
+    assert endpoint.choose(0.0, pinned=7) is None
+    table.apply("s", entry(routes=_revision_routes()[:2], shares={"1": 100}))
+    assert endpoint.split is None  # the usual pick, at no cost
+    table.apply("s", entry(routes=_revision_routes()))  # rolling: no shares
+    assert endpoint.split is None and endpoint.by_revision[2].routes[0].id == "b1"

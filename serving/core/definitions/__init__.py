@@ -25,6 +25,11 @@ here from the node tree, which also gives every field its line and column.
 
 What the original accepts, we accept (``port: "8000"``, numeric strings for the health-check
 numbers, ``body`` as a list of lines, ``run_command``'s ``echo``, ``metadata`` with its aliases).
+Unknown keys are not errors (Backend.AI ignores them): each is a *warning* naming the key, with a
+"did you mean" for a near miss of a known key (``inital_delay``), returned by the parsers as data
+(``ModelDefinition.warnings``, ``ServiceDefinition.warnings``), never logged. Every field may also be
+spelled kebab-case (``initial-delay``). The hostile-input rules above stay errors.
+
 Our own additions, beyond the original, are marked "extension" in ``model``:
 
 * ``health_check.headers``: a mapping of header names to values sent with every probe, for
@@ -43,6 +48,7 @@ from serving.core.definitions.model import (
     MODEL_DEFINITION_NAMES,
     MODEL_PATH_PLACEHOLDER,
     PRE_START_ACTIONS,
+    REF_NAME,
     HealthCheck,
     HealthCheckConfig,
     Model,
@@ -66,11 +72,13 @@ from serving.core.definitions.reader import (
     field_path,
     parse_mem,
     replica_mem_problem,
+    unknown_key_message,
 )
 from serving.core.definitions.service import (
     ENV_NAME,
     ENV_NAME_RULE,
     LOADER_VARIABLES,
+    RESOURCE_OPTS,
     SERVICE_DEFINITION_NAME,
     SERVICE_SECTIONS,
     LauncherDefaults,
@@ -78,6 +86,7 @@ from serving.core.definitions.service import (
     ServiceDefinition,
     loader_variable_problem,
     parse_service_definition,
+    read_service_definition,
     resolve_service_defaults,
 )
 
@@ -95,6 +104,8 @@ __all__ = [
     "MODEL_DEFINITION_NAMES",
     "MODEL_PATH_PLACEHOLDER",
     "PRE_START_ACTIONS",
+    "REF_NAME",
+    "RESOURCE_OPTS",
     "SERVICE_DEFINITION_NAME",
     "SERVICE_SECTIONS",
     "DefinitionError",
@@ -117,6 +128,8 @@ __all__ = [
     "parse_mem",
     "parse_model_definition",
     "parse_service_definition",
+    "read_service_definition",
     "replica_mem_problem",
     "resolve_service_defaults",
+    "unknown_key_message",
 ]

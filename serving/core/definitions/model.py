@@ -17,6 +17,7 @@ from typing import Any
 from serving.core.definitions.reader import (
     FLOAT_TEXT,
     Collector,
+    Problem,
     decode,
     fail,
     field_path,
@@ -30,6 +31,7 @@ DEFAULT_MODEL_DEFINITION_PATH = MODEL_DEFINITION_NAMES[0]
 PRE_START_ACTIONS = ("write_file", "write_tempfile", "run_command", "mkdir", "log")
 MODEL_PATH_PLACEHOLDER = "{model_path}"
 _INT_TEXT = re.compile(r"[+-]?[0-9]{1,18}\Z")
+REF_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")  # a pre-start action's ``ref``
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")  # an RFC 9110 token
 
 
@@ -60,7 +62,9 @@ class PreStartAction:
     * ``write_file``: ``filename`` str, ``body`` str, ``mode`` str of octal digits (default
       ``"644"``), ``append`` bool (default false)
     * ``write_tempfile``: ``body`` str, ``mode`` (default ``"644"``)
-    * ``run_command``: ``command`` tuple of str, ``echo`` bool (default false)
+    * ``run_command``: ``command`` tuple of str, ``echo`` bool (default false), ``check`` bool
+      (default false: a non-zero exit is recorded and the start goes on, as the original does;
+      true stops the replica)
     * ``mkdir``: ``path`` str
     * ``log``: ``message`` str, ``debug`` bool (default false)
 
@@ -70,6 +74,9 @@ class PreStartAction:
 
     action: str
     args: Mapping[str, Any]
+    # Saves the action's result under this name for later actions' ``{name}`` (the original's
+    # service actions): write_tempfile's path, run_command's ``{name[out]}``/``{name[err]}``.
+    ref: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,8 @@ class Model:
 @dataclass(frozen=True)
 class ModelDefinition:
     models: tuple[Model, ...]
+    # What the file says that is not used (unknown keys), in file order; the file is still valid.
+    warnings: tuple[Problem, ...] = field(default=(), compare=False)
 
     @property
     def primary(self) -> Model:
@@ -126,9 +135,9 @@ ModelConfig = Model
 ServiceConfig = Service
 HealthCheckConfig = HealthCheck
 
-_MODEL_KEYS = ("name", "model_path", "service", "metadata")
-_SERVICE_KEYS = ("pre_start_actions", "start_command", "shell", "port", "health_check")
-_HEALTH_KEYS = (
+MODEL_KEYS = ("name", "model_path", "service", "metadata")
+SERVICE_KEYS = ("pre_start_actions", "start_command", "shell", "port", "health_check")
+HEALTH_KEYS = (
     "path",
     "interval",
     "max_retries",
@@ -137,10 +146,10 @@ _HEALTH_KEYS = (
     "initial_delay",
     "headers",
 )
-_ACTION_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # action -> (required, optional)
+ACTION_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # action -> (required, optional)
     "write_file": (("filename", "body"), ("mode", "append")),
     "write_tempfile": (("body",), ("mode",)),
-    "run_command": (("command",), ("echo",)),
+    "run_command": (("command",), ("echo", "check")),
     "mkdir": (("path",), ()),
     "log": (("message",), ("debug",)),
 }
@@ -151,8 +160,8 @@ _ACTION_EXAMPLES = {
     "mkdir": "args: {path: /home/work/data}",
     "log": "args: {message: starting}",
 }
-_METADATA_STRINGS = ("author", "title", "description", "task", "category", "architecture", "license")
-_METADATA_ALIASES = {"created": ("created", "created_at"), "last_modified": ("last_modified", "modified_at")}
+METADATA_STRINGS = ("author", "title", "description", "task", "category", "architecture", "license")
+METADATA_ALIASES = {"created": ("created", "created_at"), "last_modified": ("last_modified", "modified_at")}
 
 
 # --- model-definition.yaml: validation -----------------------------------------------------------
@@ -174,13 +183,9 @@ class _Model:
         self.c.add(path, f"must be a mapping ({what}), got {show(value)}")
         return None
 
-    def unknown(self, data: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
-        for key in data:
-            if key not in allowed:
-                self.c.add(
-                    field_path(path, key),
-                    f"unknown key; remove it or use one of: {', '.join(allowed)}",
-                )
+    def keys(self, data: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> dict[str, Any]:
+        """Kebab-case keys read as snake_case; unknown keys warned about and left out."""
+        return self.c.known_keys(data, allowed, path)
 
     def text(
         self,
@@ -258,7 +263,7 @@ class _Model:
         if not isinstance(tree, dict):
             c.add("", f"the top level must be a mapping with a 'models' list, got {show(tree)}")
             return None
-        self.unknown(tree, ("models",), "")
+        tree = self.keys(tree, ("models",), "")
         raw_models = tree.get("models")
         if raw_models is None:
             c.add("models", "is required: a list with at least one model (name, model_path, service)")
@@ -272,13 +277,13 @@ class _Model:
         models = [self.model(raw, f"models[{i}]") for i, raw in enumerate(raw_models)]
         if any(m is None for m in models):
             return None
-        return ModelDefinition(models=tuple(m for m in models if m is not None))
+        return ModelDefinition(models=tuple(m for m in models if m is not None), warnings=self.c.sorted_warnings())
 
     def model(self, raw: Any, path: str) -> Model | None:
         data = self.mapping(raw, path, "with name, model_path and service")
         if data is None:
             return None
-        self.unknown(data, _MODEL_KEYS, path)
+        data = self.keys(data, MODEL_KEYS, path)
         name = self.text(data, "name", path, required=True, what="the name of the model")
         model_path = self.text(data, "model_path", path, required=True, what="where the model is, such as /models")
         if model_path is not None and not model_path.startswith("/"):
@@ -300,7 +305,7 @@ class _Model:
         data = self.mapping(raw, path, "with start_command and port")
         if data is None:
             return None
-        self.unknown(data, _SERVICE_KEYS, path)
+        data = self.keys(data, SERVICE_KEYS, path)
         command = self.start_command(data.get("start_command"), field_path(path, "start_command"), model_path)
         port: int | None = None
         if data.get("port") is None:
@@ -316,8 +321,9 @@ class _Model:
         if raw_actions is not None and not isinstance(raw_actions, list):
             self.c.add(actions_path, f"must be a list of actions ('- action: ...'), got {show(raw_actions)}")
         elif raw_actions is not None:
+            refs: set[str] = set()
             for i, item in enumerate(raw_actions):
-                action = self.action(item, f"{actions_path}[{i}]", model_path)
+                action = self.action(item, f"{actions_path}[{i}]", model_path, refs)
                 if action is not None:
                     actions.append(action)
         health = None
@@ -364,7 +370,7 @@ class _Model:
         data = self.mapping(raw, path, "with at least a path")
         if data is None:
             return None
-        self.unknown(data, _HEALTH_KEYS, path)
+        data = self.keys(data, HEALTH_KEYS, path)
         probe = self.text(data, "path", path, required=True, what="the HTTP path to probe, such as /health")
         if probe is not None and (not probe.startswith("/") or any(ch.isspace() or ord(ch) < 32 for ch in probe)):
             self.c.add(
@@ -404,16 +410,17 @@ class _Model:
                 out[name] = str(value)
         return out if len(out) == len(data) else None
 
-    def action(self, raw: Any, path: str, model_path: str) -> PreStartAction | None:
+    def action(self, raw: Any, path: str, model_path: str, refs: set[str]) -> PreStartAction | None:
         data = self.mapping(raw, path, "with 'action' and 'args'")
         if data is None:
             return None
-        self.unknown(data, ("action", "args"), path)
+        data = self.keys(data, ("action", "args", "ref"), path)
+        ref = self.ref(data.get("ref"), field_path(path, "ref"), refs)
         kind = data.get("action")
         if kind is None:
             self.c.add(field_path(path, "action"), f"is required: one of {', '.join(PRE_START_ACTIONS)}")
             return None
-        if not isinstance(kind, str) or kind not in _ACTION_ARGS:
+        if not isinstance(kind, str) or kind not in ACTION_ARGS:
             self.c.add(
                 field_path(path, "action"), f"unknown action {show(kind)}; use one of {', '.join(PRE_START_ACTIONS)}"
             )
@@ -425,8 +432,8 @@ class _Model:
         args = self.mapping(data["args"], apath, f"the arguments of the {kind} action")
         if args is None:
             return None
-        required, optional = _ACTION_ARGS[kind]
-        self.unknown(args, required + optional, apath)
+        required, optional = ACTION_ARGS[kind]
+        args = self.keys(args, required + optional, apath)
         for name in required:
             if args.get(name) is None:
                 self.c.add(field_path(apath, name), f"is required for the {kind} action, e.g. {_ACTION_EXAMPLES[kind]}")
@@ -458,10 +465,27 @@ class _Model:
                 command = self.command(args["command"], field_path(apath, "command"), model_path)
                 if command is not None:
                     out["command"] = command
-            out["echo"] = self.flag(args["echo"], field_path(apath, "echo")) if args.get("echo") is not None else False
+            for name in ("echo", "check"):
+                out[name] = self.flag(args[name], field_path(apath, name)) if args.get(name) is not None else False
         if len(self.c.problems) + self.c.dropped != before or any(args.get(n) is None for n in required):
             return None
-        return PreStartAction(action=kind, args=out)
+        return PreStartAction(action=kind, args=out, ref=ref)
+
+    def ref(self, value: Any, path: str, refs: set[str]) -> str | None:
+        """A name later actions use as ``{name}``: an identifier, saved once, not ``model_path``."""
+        if value is None:
+            return None
+        if not isinstance(value, str) or not REF_NAME.match(value):
+            self.c.add(path, f"must be a name of letters, digits and _ (not starting with a digit), got {show(value)}")
+            return None
+        if value == MODEL_PATH_PLACEHOLDER.strip("{}"):
+            self.c.add(path, "model_path is the model's path already; choose another name")
+            return None
+        if value in refs:
+            self.c.add(path, f"the name {value!r} is saved by an earlier action already; choose another name")
+            return None
+        refs.add(value)
+        return value
 
     def body(self, value: Any, path: str, kind: str) -> str | None:
         if isinstance(value, str):
@@ -506,12 +530,12 @@ class _Model:
         if data is None:
             return None
         known: dict[str, Any] = {}
-        for name in _METADATA_STRINGS:
+        for name in METADATA_STRINGS:
             if data.get(name) is not None:
                 known[name] = self.text(
                     data, name, path, required=False, what=name, single_line=False, allow_empty=True
                 )
-        for name, aliases in _METADATA_ALIASES.items():
+        for name, aliases in METADATA_ALIASES.items():
             given = [alias for alias in aliases if data.get(alias) is not None]
             if len(given) > 1:
                 self.c.add(field_path(path, given[1]), f"is the same as {given[0]}; keep only one of them")
@@ -534,8 +558,8 @@ class _Model:
         min_resource = data.get("min_resource")
         if min_resource is not None:
             known["min_resource"] = self.mapping(min_resource, field_path(path, "min_resource"), "of resource slots")
-        handled = {*_METADATA_STRINGS, "version", "framework", "label", "min_resource"}
-        handled.update(alias for aliases in _METADATA_ALIASES.values() for alias in aliases)
+        handled = {*METADATA_STRINGS, "version", "framework", "label", "min_resource"}
+        handled.update(alias for aliases in METADATA_ALIASES.values() for alias in aliases)
         extra = {k: v for k, v in data.items() if k not in handled}
         return ModelMetadata(**{k: v for k, v in known.items() if v is not None}, extra=extra)
 

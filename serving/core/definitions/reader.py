@@ -11,6 +11,7 @@ the slots share. ``serving.core.definitions`` says why hostile input is refused 
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -120,13 +121,44 @@ def _line_column(text: str, offset: int) -> tuple[int, int]:
 
 
 class Collector:
-    """Collects problems while validating; ``marks`` maps field paths to (line, column)."""
+    """Collects problems while validating; ``marks`` maps field paths to (line, column).
+
+    ``warnings`` are things the file says that are not used (an unknown key, as Backend.AI ignores
+    them): reported with their position like problems, but the file is still valid."""
 
     def __init__(self, file: str, marks: Mapping[str, tuple[int, int]] | None = None) -> None:
         self.file = file
         self.marks = dict(marks or {})
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
         self.dropped = 0
+
+    def warn(self, path: str, message: str) -> None:
+        if len(self.warnings) < MAX_PROBLEMS:
+            line, column = self._mark(path)
+            self.warnings.append(Problem(self.file, path, message, line, column))
+
+    def sorted_warnings(self) -> tuple[Problem, ...]:
+        return tuple(sorted(self.warnings, key=lambda p: (p.line is None, p.line or 0, p.column or 0)))
+
+    def known_keys(self, data: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> dict[str, Any]:
+        """``data`` with kebab-case spellings of ``allowed`` keys (``initial-delay``) read as their
+        snake_case names and unknown keys left out, each unknown one a warning that names it (with a
+        "did you mean" for a near miss). Two spellings of one key are a problem."""
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            name = key.replace("-", "_") if isinstance(key, str) else key
+            where = field_path(path, key)
+            if name not in allowed:
+                self.warn(where, unknown_key_message(key, allowed))
+                continue
+            if name in out:
+                self.add(where, f"is the same key as {name}; keep only one spelling")
+                continue
+            if name != key and where in self.marks:
+                self.marks.setdefault(field_path(path, name), self.marks[where])
+            out[name] = value
+        return out
 
     def add(self, path: str, message: str, at: tuple[int, int] | None = None) -> None:
         if len(self.problems) >= MAX_PROBLEMS:
@@ -157,6 +189,15 @@ class Collector:
                 Problem(self.file, "", f"{self.dropped} more problem(s) not shown; fix the ones above first")
             )
         raise DefinitionError(problems)
+
+
+def unknown_key_message(key: str, allowed: tuple[str, ...] | list[str]) -> str:
+    """The warning for an unknown key: ignored, with the known key it probably meant."""
+    spelled = key.replace("-", "_").lower()
+    close = difflib.get_close_matches(spelled, list(allowed), n=1, cutoff=0.75)
+    if close:
+        return f"unknown key, ignored; did you mean {close[0]!r}?"
+    return f"unknown key, ignored (the known keys here: {', '.join(allowed)})"
 
 
 def fail(file: str, message: str, line: int | None = None, column: int | None = None) -> DefinitionError:

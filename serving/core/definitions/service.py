@@ -18,8 +18,11 @@ import tomli
 
 from serving.core.definitions.reader import (
     FLOAT_TEXT,
+    MAX_PROBLEMS,
     Collector,
+    DefinitionError,
     MemSizeError,
+    Problem,
     clip,
     decode,
     fail,
@@ -30,7 +33,8 @@ from serving.core.definitions.reader import (
 )
 
 SERVICE_DEFINITION_NAME = "service-definition.toml"
-SERVICE_SECTIONS = ("environment", "resource_slots", "environ")
+SERVICE_SECTIONS = ("environment", "resource_slots", "environ", "resource_opts")
+RESOURCE_OPTS = ("shmem",)  # [runtime.resource_opts]: the shared memory (/dev/shm) size
 
 # A variable name both engines can hand on: ASCII only (str.isalpha() would take "MODÈLE", which
 # the local engine's sandbox refuses at start). One rule for the API, the launcher, the folder's
@@ -74,14 +78,37 @@ class RuntimeSection:
     # cpu (cores), mem (bytes, an int), accelerators such as cuda.shares
     resources: Mapping[str, float] = field(default_factory=dict)
     environ: Mapping[str, str] = field(default_factory=dict)
+    # [runtime.resource_opts]: shmem in bytes
+    resource_opts: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ServiceDefinition:
+    """The usable runtime sections; ``broken`` holds the problems of each section that is not (an
+    error in ``[vllm.*]`` does not stop the file from giving defaults for another runtime), and
+    ``section_warnings`` what each section says that is not used (unknown keys)."""
+
     runtimes: Mapping[str, RuntimeSection]
+    broken: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict, compare=False)
+    section_warnings: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict, compare=False)
 
     def section(self, runtime: str) -> RuntimeSection | None:
         return self.runtimes.get(runtime)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every runtime the file has a section for, usable or not, in file order."""
+        return tuple(self.section_warnings)
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        return tuple(w for found in self.section_warnings.values() for w in found)
+
+    def problems_for(self, runtime: str) -> tuple[Problem, ...]:
+        return self.broken.get(runtime, ())
+
+    def warnings_for(self, runtime: str) -> tuple[Problem, ...]:
+        return self.section_warnings.get(runtime, ())
 
 
 @dataclass(frozen=True)
@@ -92,6 +119,7 @@ class LauncherDefaults:
     architecture: str
     resources: Mapping[str, float]
     environ: Mapping[str, str]
+    resource_opts: Mapping[str, int] = field(default_factory=dict)  # shmem in bytes
 
 
 def _split_dotted(key: str) -> list[str]:
@@ -193,13 +221,7 @@ class _Service:
         if not isinstance(raw, dict):
             c.add(path, f"must be a group of tables such as [{clip(runtime, 40)}.environment], got {show(raw)}")
             return None
-        for key in raw:
-            if key not in SERVICE_SECTIONS:
-                c.add(
-                    field_path(path, key),
-                    f"unknown section; use [{clip(runtime, 40)}.environment], "
-                    f"[{clip(runtime, 40)}.resource_slots] or [{clip(runtime, 40)}.environ]",
-                )
+        raw = c.known_keys(raw, SERVICE_SECTIONS, path)
         image = architecture = None
         if "environment" in raw:
             epath = field_path(path, "environment")
@@ -207,9 +229,7 @@ class _Service:
             if not isinstance(environment, dict):
                 c.add(epath, f"must be a table with image and architecture, got {show(environment)}")
             else:
-                for key in environment:
-                    if key not in ("image", "architecture"):
-                        c.add(field_path(epath, key), "unknown key; use image and architecture")
+                environment = c.known_keys(environment, ("image", "architecture"), epath)
                 image = self.text(environment, "image", epath, "the container image, such as example.com/server:1.0")
                 architecture = self.text(
                     environment, "architecture", epath, "the image's CPU architecture, such as x86_64"
@@ -220,7 +240,28 @@ class _Service:
         environ: dict[str, str] = {}
         if "environ" in raw:
             environ = self.environ(raw["environ"], field_path(path, "environ"))
-        return RuntimeSection(image=image, architecture=architecture, resources=resources, environ=environ)
+        opts: dict[str, int] = {}
+        if "resource_opts" in raw:
+            opts = self.resource_opts(raw["resource_opts"], field_path(path, "resource_opts"))
+        return RuntimeSection(
+            image=image, architecture=architecture, resources=resources, environ=environ, resource_opts=opts
+        )
+
+    def resource_opts(self, raw: Any, path: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if not isinstance(raw, dict):
+            self.c.add(path, f'must be a table such as shmem = "1g", got {show(raw)}')
+            return out
+        for key, value in self.c.known_keys(raw, RESOURCE_OPTS, path).items():
+            where = field_path(path, key)
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                self.c.add(where, f'must be a memory size such as "1g" or a number of bytes, got {show(value)}')
+                continue
+            try:
+                out[key] = parse_mem(value)
+            except MemSizeError as exc:
+                self.c.add(where, str(exc))
+        return out
 
     def slots(self, raw: Any, path: str) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -243,8 +284,17 @@ class _Service:
                     self.c.add(where, too_little)
                     del out["mem"]
                 continue
+            if key == "shm":
+                if not isinstance(value, str | int | float) or isinstance(value, bool):
+                    self.c.add(where, f'must be a memory size such as "2gb" or a number of bytes, got {show(value)}')
+                    continue
+                try:
+                    out["shm"] = parse_mem(value)
+                except MemSizeError as exc:
+                    self.c.add(where, str(exc))
+                continue
             if key != "cpu" and not _ACCELERATOR_KEY.match(key):
-                self.c.add(where, 'unknown resource; use cpu, mem or an accelerator such as "cuda.shares"')
+                self.c.add(where, 'unknown resource; use cpu, mem, shm or an accelerator such as "cuda.shares"')
                 continue
             number = _slot_number(value)
             if number is None:
@@ -296,7 +346,24 @@ def loader_variable_problem(name: str) -> str | None:
 
 
 def parse_service_definition(data: bytes | str, file: str = SERVICE_DEFINITION_NAME) -> ServiceDefinition:
-    """Parse the text of a service definition file (S3); raises ``DefinitionError`` listing every problem."""
+    """Parse the text of a service definition file (S3); raises ``DefinitionError`` listing every
+    problem, of every runtime section (``read_service_definition`` keeps the usable sections)."""
+    definition = read_service_definition(data, file)
+    c = Collector(file)
+    for found in definition.broken.values():
+        for problem in found:
+            if len(c.problems) >= MAX_PROBLEMS:
+                c.dropped += 1
+            else:
+                c.problems.append(problem)
+    c.raise_if_any()
+    return definition
+
+
+def read_service_definition(data: bytes | str, file: str = SERVICE_DEFINITION_NAME) -> ServiceDefinition:
+    """Parse the text of a service definition file (S3), each runtime section on its own: raises
+    ``DefinitionError`` only for the file as a whole (size, encoding, TOML syntax); a section with
+    problems is left out of ``runtimes`` and its problems are in ``broken``."""
     text = decode(data, file)
     try:
         tree = tomli.loads(text)
@@ -313,15 +380,22 @@ def parse_service_definition(data: bytes | str, file: str = SERVICE_DEFINITION_N
         raise fail(file, "the document is nested too deeply") from None
     except (ValueError, OverflowError) as exc:  # e.g. an integer with thousands of digits
         raise fail(file, f"the file can not be read as TOML: {clip(str(exc), 120)}") from None
-    c = Collector(file, _toml_marks(text))
-    checker = _Service(c)
+    marks = _toml_marks(text)
     runtimes: dict[str, RuntimeSection] = {}
+    broken: dict[str, tuple[Problem, ...]] = {}
+    warnings: dict[str, tuple[Problem, ...]] = {}
     for runtime, raw in tree.items():
-        section = checker.section(runtime, raw)
+        c = Collector(file, marks)
+        section = _Service(c).section(runtime, raw)
+        warnings[runtime] = c.sorted_warnings()
+        try:
+            c.raise_if_any()
+        except DefinitionError as exc:
+            broken[runtime] = tuple(exc.problems)
+            continue
         if section is not None:
             runtimes[runtime] = section
-    c.raise_if_any()
-    return ServiceDefinition(runtimes=runtimes)
+    return ServiceDefinition(runtimes=runtimes, broken=broken, section_warnings=warnings)
 
 
 def resolve_service_defaults(definition: ServiceDefinition, runtime: str) -> LauncherDefaults | None:
@@ -334,4 +408,5 @@ def resolve_service_defaults(definition: ServiceDefinition, runtime: str) -> Lau
         architecture=section.architecture or "",
         resources=dict(section.resources),
         environ=dict(section.environ),
+        resource_opts=dict(section.resource_opts),
     )

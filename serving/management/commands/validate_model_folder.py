@@ -27,7 +27,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("path", help="the model folder")
         parser.add_argument(
-            "--runtime", default="custom", help=f"the inference runtime variant: {', '.join(RUNTIMES)} (default custom)"
+            "--runtime",
+            default=None,
+            help=f"the inference runtime variant: {', '.join(RUNTIMES)} (default: the first runtime the folder's "
+            "service-definition.toml has a section for, else custom)",
         )
         parser.add_argument(
             "--definition-path",
@@ -47,15 +50,22 @@ class Command(BaseCommand):
             options["definition_path"],
             model_mount=options["model_mount"],
         )
+        # Unknown keys are ignored, as Backend.AI does, but said: a typo (inital_delay) must be loud.
+        for warning in result.warnings:
+            self.stderr.write(f"warning: {warning}")
         if not result.ok:
             for problem in result.problems:
                 self.stderr.write(str(problem))
             self.stderr.write(f"{len(result.problems)} problem(s) found.")
             sys.exit(1)
         resolved = result.to_dict()
-        del resolved["problems"], resolved["ok"]
+        del resolved["problems"], resolved["ok"], resolved["warnings"]
         if options["json"]:
             self.stdout.write(json.dumps(resolved, indent=2, ensure_ascii=False, default=str))
         else:
             self.stdout.write(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True, width=100).rstrip("\n"))
-        self.stdout.write("OK: the folder is valid.")
+        count = len(result.warnings)
+        self.stdout.write(
+            f"OK: the folder is valid for the {result.runtime} runtime"
+            + (f" ({count} warning{'' if count == 1 else 's'}, above)." if count else ".")
+        )

@@ -51,6 +51,7 @@ class PreStartActionSpec:
 
     action: str  # write_file | write_tempfile | run_command | mkdir | log
     args: Mapping[str, object] = field(default_factory=dict)
+    ref: str | None = None  # saves the result for later actions' {ref} (the runner resolves it)
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,13 @@ class ReplicaSpec:
     cpu: float = 1.0  # cores
     mem_bytes: int = 1 << 30
     accelerators: Mapping[str, float] = field(default_factory=dict)  # e.g. {"cuda.shares": 0.5}
+    # The GPU devices assigned to it on this node and its share of each: {"cuda:1": 0.5}.
+    devices: Mapping[str, float] = field(default_factory=dict)
+    shm_bytes: int = 64 << 20  # the size of its /dev/shm
     labels: Mapping[str, str] = field(default_factory=dict)
     cluster: ClusterPeering | None = None  # set for the members of a cluster of two or more
+    # What the model definition says that is not used (unknown keys): the service's log says so at start.
+    definition_warnings: tuple[str, ...] = ()
 
 
 class ReplicaState(enum.StrEnum):

@@ -5,17 +5,26 @@ Standalone on purpose: it is bind-mounted into sandboxes and containers at
 it imports nothing from the platform.
 
 Usage: python3 bootstrap.py PLAN.json, where the plan is
-  {"actions": [{"action": "write_file", "args": {...}}, ...],
+  {"actions": [{"action": "write_file", "args": {...}, "ref": "name"}, ...],
    "command": ["python3", "-m", "http.server"]   (or ["<one shell string>"] with command_is_shell),
    "command_is_shell": false, "shell": "/bin/bash", "workdir": "/home/work"}
 
 Every line it prints starts with "[prestart]". When an action fails it prints
 "[prestart] action N (kind) failed: <reason>" (N counts from 0) and exits with 97, which the
 engines turn into the replica's error. Exit 127: the start command could not be executed.
+
+run_command, as Backend.AI runs it: its output is recorded and a non-zero exit does not stop the
+start, unless the action says ``check: true``. ``ref`` (Backend.AI's service actions): an action's
+result is saved under that name, and later actions' string arguments use it as ``{name}``:
+write_tempfile's path; run_command's ``{name[out]}`` / ``{name[err]}`` (its output as it is) or
+``{name}`` (its output without the final line break). Only saved names are replaced: other braces
+(a JSON body) stay as written. Each replacement is shown in the log, the value hidden when the name
+looks like a secret (token, key, password, secret, credential).
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +35,9 @@ EXEC_FAILED = 127
 TEMPFILE_ENV = "BACKEND_TEMPFILE"  # the path of the last write_tempfile, for later actions/the server
 
 _output = threading.Lock()
+_REFERENCE = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)(?:\[([A-Za-z0-9_]+)\])?\s*\}")
+_SECRET_NAME = re.compile(r"(?i)secret|token|passw|key|credential|auth")
+MAX_CAPTURE = 1024 * 1024  # of a run_command's output kept for {ref[out]}
 
 
 def say(message):
@@ -105,6 +117,43 @@ def write_tempfile(index, args):
     os.environ[TEMPFILE_ENV] = path
     os.environ["%s_%d" % (TEMPFILE_ENV, index)] = path
     say("action %d (write_tempfile): wrote %s (mode %03o), exported as $%s" % (index, path, mode, TEMPFILE_ENV))
+    return path
+
+
+def shown(name, value):
+    if _SECRET_NAME.search(name):
+        return "(hidden: the name looks like a secret)"
+    text = value if len(value) <= 200 else value[:199] + "…"
+    return json.dumps(text, ensure_ascii=False)
+
+
+def resolve(index, kind, value, variables):
+    """``value`` (a string, or a list of them) with ``{name}`` / ``{name[key]}`` of saved names replaced."""
+    if isinstance(value, list):
+        return [resolve(index, kind, item, variables) for item in value]
+    if not isinstance(value, str) or "{" not in value:
+        return value
+
+    def replace(match):
+        name, key = match.group(1), match.group(2)
+        if name not in variables:
+            return match.group(0)
+        saved = variables[name]
+        if isinstance(saved, dict):
+            if key is None:
+                result = saved.get("out", "").rstrip("\r\n")
+            elif key in saved:
+                result = saved[key]
+            else:
+                raise ActionError("{%s[%s]}: %s has no %r (use out or err)" % (name, key, name, key))
+        elif key is not None:
+            raise ActionError("{%s[%s]}: %s is a single value; write {%s}" % (name, key, name, name))
+        else:
+            result = saved
+        say("action %d (%s): %s is %s" % (index, kind, match.group(0), shown(name, str(result))))
+        return str(result)
+
+    return _REFERENCE.sub(replace, value)
 
 
 def run_command(index, args):
@@ -118,10 +167,17 @@ def run_command(index, args):
     except OSError as exc:
         raise ActionError("can not run %s: %s" % (command[0], exc.strerror or exc))
 
+    captured = {"out": [], "err": []}  # type: dict[str, list[str]]
+    sizes = {"out": 0, "err": 0}
+
     # out and err are captured separately and shown as they come (a long pip install stays visible).
     def pump(stream, label):
         for raw in iter(stream.readline, b""):
-            say("action %d (run_command) %s: %s" % (index, label, raw.decode("utf-8", "replace").rstrip("\r\n")))
+            line = raw.decode("utf-8", "replace")
+            if sizes[label] < MAX_CAPTURE:
+                captured[label].append(line)
+                sizes[label] += len(raw)
+            say("action %d (run_command) %s: %s" % (index, label, line.rstrip("\r\n")))
         stream.close()
 
     readers = [
@@ -133,9 +189,16 @@ def run_command(index, args):
     code = proc.wait()
     for reader in readers:
         reader.join()
-    if code != 0:
+    if code != 0 and flag(args, "check"):
         raise ActionError("%s exited with code %d" % (command[0], code))
-    say("action %d (run_command): %s exited with code 0" % (index, command[0]))
+    if code != 0:
+        say(
+            "action %d (run_command): %s exited with code %d; going on (add check: true to its args to stop "
+            "the start when it fails)" % (index, command[0], code)
+        )
+    else:
+        say("action %d (run_command): %s exited with code 0" % (index, command[0]))
+    return {"out": "".join(captured["out"]), "err": "".join(captured["err"])}
 
 
 def mkdir(index, args):
@@ -196,6 +259,7 @@ def main(argv):
     except Exception as exc:  # a broken plan or workdir is reported like a failed action
         say("setup failed: %s" % describe(exc))
         return FAILED
+    variables = {}  # type: dict[str, object]  # the results saved by ref, for later actions' {name}
     for index, item in enumerate(actions):
         kind = item.get("action") if isinstance(item, dict) else None
         try:
@@ -205,7 +269,11 @@ def main(argv):
             args = item.get("args") or {}
             if not isinstance(args, dict):
                 raise ActionError("args must be a mapping")
-            handler(index, args)
+            args = {name: resolve(index, kind, value, variables) for name, value in args.items()}
+            result = handler(index, args)
+            ref = item.get("ref")
+            if isinstance(ref, str) and ref:
+                variables[ref] = result if result is not None else ""
         except Exception as exc:  # any failure of an action fails the start, naming its index
             say("action %d (%s) failed: %s" % (index, kind, describe(exc)))
             return FAILED

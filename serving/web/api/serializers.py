@@ -18,6 +18,7 @@ from serving.models import (
     EndpointToken,
     Node,
     ResourcePreset,
+    RetryPolicy,
     Route,
     RouteMember,
     ScalingEvent,
@@ -44,6 +45,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
             "status": obj.status,
             "address": obj.address,
             "error": obj.error_message,
+            "devices": obj.devices or {},
         }
         subs = [
             {
@@ -53,6 +55,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
                 "node": m.node.name if m.node else None,
                 "status": m.status,
                 "address": m.address,
+                "devices": m.devices or {},
                 "error": str(m.error.get("message", "")) if m.error else "",
             }
             for m in obj.members.all()
@@ -70,6 +73,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
             "traffic_ratio",
             "error",
             "error_detail",
+            "devices",
             "members",
             "snapshot",
             "spec_version",
@@ -120,6 +124,7 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
             "model_definition_path",
             "extra_mounts",
             "image",
+            "architecture",
             "resources",
             "preset",
             "resource_group",
@@ -128,11 +133,14 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
             "environ",
             "open_to_public",
             "forward_cookies",
+            "retry_policy",
+            "idle_timeout",
             "owner",
             "project",
             "lifecycle",
             "retries",
             "spec_version",
+            "traffic",
             "scaling_cooldown",
             "last_scaled_at",
             "created_at",
@@ -167,6 +175,39 @@ class _ServiceInputFields(serializers.Serializer[Any]):
             "Pass callers' cookies to the replicas and their Set-Cookie back (off: the proxy removes both). "
             "The web app's own session, CSRF and language cookies are removed even when on. "
             "Needs SERVING_DOMAIN (each service on its own host name; cookies pass only there); refused otherwise."
+        ),
+    )
+    retry_policy = serializers.ChoiceField(
+        choices=RetryPolicy.values,
+        default=RetryPolicy.INFERENCE,
+        error_messages={
+            "invalid_choice": "Unknown retry policy {input!r}; choose safe (only idempotent requests are re-sent "
+            "to another replica), inference (also POSTs to inference paths such as /v1/chat/completions, "
+            "the default) or all."
+        },
+        help_text=(
+            "Which requests the proxy sends again to another replica when theirs closed without answering a byte: "
+            "safe (idempotent methods only), inference (the default: also POSTs to /v1/chat/completions, "
+            "/v1/completions, /v1/embeddings, /v1/responses and the other inference paths) or all. "
+            "A request whose response has started is never re-sent."
+        ),
+    )
+    idle_timeout = serializers.IntegerField(
+        min_value=1,
+        max_value=30 * 86400,
+        required=False,
+        allow_null=True,
+        default=None,
+        error_messages={
+            "min_value": "The idle timeout is in seconds and must be at least {min_value}; leave it empty (null) "
+            "for a service that never sleeps.",
+            "max_value": "The idle timeout must be at most {max_value} seconds (30 days); leave it empty (null) "
+            "for a service that never sleeps.",
+            "invalid": "The idle timeout must be a whole number of seconds, or null for a service that never sleeps.",
+        },
+        help_text=(
+            "Scale to zero: seconds without a request after which the service sleeps at 0 replicas "
+            "(null, the default: never). A request to a sleeping service wakes it; the proxy holds it meanwhile."
         ),
     )
     image = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
@@ -263,8 +304,19 @@ class ServiceModifySerializer(_ServiceInputFields):
             if name != "desired_replicas":
                 field.default = serializers.empty
 
+    rollout = serializers.JSONField(
+        required=False,
+        help_text=(
+            'How a change of what the replicas run replaces them: {"strategy": "rolling"} (the default), '
+            '{"strategy": "canary", "percent": P} or {"strategy": "blue_green"}.'
+        ),
+    )
+
+    def rollout_value(self) -> Any:
+        return self.validated_data.get("rollout")
+
     def changes(self) -> dict[str, Any]:
-        data = dict(self.validated_data)
+        data = {k: v for k, v in self.validated_data.items() if k != "rollout"}
         mapping = {"replicas": "desired_replicas", "folder": "model_folder"}
         out = {mapping.get(str(k), str(k)): v for k, v in data.items() if k != "project"}
         if "project" in data:
@@ -423,7 +475,18 @@ class NodeSerializer(serializers.ModelSerializer[Node]):
 
     class Meta:
         model = Node
-        fields = ["name", "address", "engine", "resource_group", "capacity", "schedulable", "heartbeat_at", "alive"]
+        fields = [
+            "name",
+            "address",
+            "engine",
+            "resource_group",
+            "architecture",
+            "capacity",
+            "devices",
+            "schedulable",
+            "heartbeat_at",
+            "alive",
+        ]
         read_only_fields = fields
 
     def get_alive(self, obj: Node) -> bool:
@@ -445,3 +508,45 @@ class RouteLogsSerializer(serializers.Serializer[dict[str, Any]]):
     node = serializers.CharField(allow_null=True)
     lines = serializers.ListField(child=serializers.CharField())
     truncated = serializers.BooleanField()
+
+
+def revision_share(endpoint: Endpoint, number: int) -> int:
+    """The revision's traffic share in percent. Rolling (no shares): the revision the service stands
+    on is shown with all of it (older ones serve only while they are replaced)."""
+    if endpoint.traffic:
+        return int(endpoint.traffic.get(str(number), 0))
+    return 100 if number == endpoint.spec_version else 0
+
+
+class RevisionSerializer(serializers.Serializer[Any]):
+    """A revision: its configuration, author, time, one-line diff, replicas and traffic share."""
+
+    number = serializers.IntegerField()
+    summary = serializers.CharField()
+    config = serializers.JSONField()
+    created_by = serializers.CharField(source="created_by.username", default=None)
+    created_at = serializers.DateTimeField()
+    current = serializers.SerializerMethodField()
+    share = serializers.SerializerMethodField()
+    replicas = serializers.SerializerMethodField()
+
+    def get_current(self, obj: Any) -> bool:
+        return bool(obj.number == obj.endpoint.spec_version)
+
+    def get_share(self, obj: Any) -> int:
+        return revision_share(obj.endpoint, obj.number)
+
+    def get_replicas(self, obj: Any) -> list[dict[str, Any]]:
+        routes = [r for r in self.context.get("routes", []) if r.spec_version == obj.number]
+        return [{"id": str(r.pk), "status": r.status, "address": r.address} for r in routes]
+
+
+class TrafficSerializer(serializers.Serializer[Any]):
+    """PATCH .../revisions/traffic/: {"<revision>": percent, ...}, whole percents adding up to 100."""
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise serializers.ValidationError(
+                {"traffic": 'Send {"<revision>": percent, ...}, e.g. {"1": 90, "2": 10}.'}
+            )
+        return data

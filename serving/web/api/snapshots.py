@@ -2,8 +2,9 @@
 
 Authorized by a node key (``Authorization: Node <name>:<key>``), never a user's session or API key: the
 node must be registered (its worker heartbeats) and the folder must be the model folder of a live
-service, or of a dry run placed on that node (``?validation=<id>``, serving.bus.dryrun) and not
-finished. Files are streamed with Range support, so an interrupted transfer resumes where it stopped.
+service (or of one of its revisions), or of an unfinished dry run placed on that node
+(``?validation=<id>``, serving.bus.dryrun). Files are streamed with Range support, so an interrupted
+transfer resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rest_framework.views import APIView
 
 from serving.bus import dryrun
 from serving.core import snapshots
-from serving.models import Endpoint, Node
+from serving.models import Endpoint, Node, Revision
 from storage import actions, fs, manifest
 from storage.api import download_response
 from storage.models import Folder
@@ -75,7 +76,11 @@ class NodeFolderView(APIView):
         folder = Folder.objects.filter(pk=folder_id).first()
         if folder is None:
             raise NotFound("No such folder.")
-        if Endpoint.objects.live().filter(model_folder=folder).exists():
+        live = Endpoint.objects.live()
+        if live.filter(model_folder=folder).exists():
+            return folder
+        # A route of an earlier revision (a canary's stable side, a rollback) runs that revision's folder.
+        if Revision.objects.filter(endpoint__in=live, config__model_folder=str(folder.pk)).exists():
             return folder
         try:
             validation = uuid.UUID(request.query_params.get("validation", "")).hex  # dry runs have hex ids

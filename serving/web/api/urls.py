@@ -26,10 +26,32 @@ urlpatterns = [
         views.RouteLogsView.as_view(),
         name="service-route-logs",
     ),
+    path("services/<uuid:service_id>/revisions/", views.RevisionListView.as_view(), name="service-revisions"),
+    path(
+        "services/<uuid:service_id>/revisions/rollback/",
+        views.RevisionRollbackView.as_view(),
+        name="service-revisions-rollback",
+    ),
+    path(
+        "services/<uuid:service_id>/revisions/traffic/",
+        views.RevisionTrafficView.as_view(),
+        name="service-revisions-traffic",
+    ),
+    path(
+        "services/<uuid:service_id>/revisions/<int:number>/",
+        views.RevisionDetailView.as_view(),
+        name="service-revision-detail",
+    ),
+    path(
+        "services/<uuid:service_id>/revisions/<int:number>/promote/",
+        views.RevisionPromoteView.as_view(),
+        name="service-revision-promote",
+    ),
     # A node's snapshot of a model folder (node key, not a user's): its manifest and its files.
     path("node/folders/<uuid:folder_id>/manifest/", snapshots.NodeManifestView.as_view(), name="node-folder-manifest"),
     path("node/folders/<uuid:folder_id>/files/<path:path>", snapshots.NodeFileView.as_view(), name="node-folder-file"),
     path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
+    path("schemas/<str:schema>", views.DefinitionSchemaView.as_view(), name="definition-schema"),
     path("nodes/", views.NodeListView.as_view(), name="nodes"),
     path("presets/", views.PresetListView.as_view(), name="presets"),
     *router.urls,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.http import Http404, StreamingHttpResponse
@@ -13,14 +14,17 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, NotFound, ValidationError
+from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from serving.actions import revisions as revision_actions
 from serving.actions import rules as rule_actions
 from serving.actions import services
 from serving.actions import tokens as token_actions
 from serving.bus import logfollow, metrics, nodebus
+from serving.core import schemas
 from serving.core.runtimes import RUNTIMES
 from serving.models import (
     STARTING_MARK,
@@ -79,7 +83,12 @@ class ServiceViewSet(viewsets.ViewSet):
         endpoint = access_endpoint(request.user, pk, write=True)
         serializer = s.ServiceModifySerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
-        services.do_modify_service(endpoint, acting_user=request.user, changes=serializer.changes())  # type: ignore[arg-type]
+        services.do_modify_service(
+            endpoint,
+            acting_user=request.user,  # type: ignore[arg-type]
+            changes=serializer.changes(),
+            rollout=serializer.rollout_value(),
+        )
         endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data)
 
@@ -323,6 +332,23 @@ class RuntimeListView(APIView):
         )
 
 
+class DefinitionSchemaView(APIView):
+    """The JSON Schema of a definition file, for editors (``serving.core.schemas``). Public: an editor
+    fetches it without a key, and it holds nothing but the file format."""
+
+    authentication_classes: list[type] = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request, schema: str) -> Response:
+        make = schemas.SCHEMAS.get(schema)
+        if make is None:
+            raise NotFound(f"No schema {schema!r}; there are {', '.join(schemas.SCHEMAS)}.")
+        response = Response(make(), content_type="application/schema+json")
+        response["Cache-Control"] = "public, max-age=3600"
+        return response
+
+
 class NodeListView(APIView):
     @extend_schema(responses=s.NodeSerializer(many=True))
     def get(self, request: Request) -> Response:
@@ -333,3 +359,60 @@ class PresetListView(APIView):
     @extend_schema(responses=s.PresetSerializer(many=True))
     def get(self, request: Request) -> Response:
         return Response(s.PresetSerializer(ResourcePreset.objects.all(), many=True).data)
+
+
+def _revisions_body(endpoint: Endpoint, queryset: Any) -> Any:
+    routes = list(endpoint.routes.exclude(status=Route.Status.TERMINATING))
+    return s.RevisionSerializer(queryset, many=True, context={"routes": routes}).data
+
+
+class RevisionListView(APIView):
+    """The service's revisions (issue 16), oldest first, each with its replicas and traffic share."""
+
+    @extend_schema(responses=s.RevisionSerializer(many=True))
+    def get(self, request: Request, service_id: str) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        return Response(_revisions_body(endpoint, endpoint.revisions.select_related("created_by", "endpoint")))
+
+
+class RevisionDetailView(APIView):
+    @extend_schema(responses=s.RevisionSerializer)
+    def get(self, request: Request, service_id: str, number: int) -> Response:
+        endpoint = access_endpoint(request.user, service_id)
+        revision = get_object_or_404(endpoint.revisions.select_related("created_by", "endpoint"), number=number)
+        routes = list(endpoint.routes.exclude(status=Route.Status.TERMINATING))
+        return Response(s.RevisionSerializer(revision, context={"routes": routes}).data)
+
+
+class RevisionPromoteView(APIView):
+    @extend_schema(request=None, responses={202: s.RevisionSerializer(many=True)})
+    def post(self, request: Request, service_id: str, number: int) -> Response:
+        """Move all traffic to this revision; the others are drained once it has its replicas."""
+        endpoint = access_endpoint(request.user, service_id, write=True)
+        get_object_or_404(endpoint.revisions, number=number)
+        endpoint = revision_actions.do_promote(endpoint, number, acting_user=request.user)  # type: ignore[arg-type]
+        return Response(
+            _revisions_body(endpoint, endpoint.revisions.select_related("created_by", "endpoint")), status=202
+        )
+
+
+class RevisionRollbackView(APIView):
+    @extend_schema(request=None, responses={202: s.RevisionSerializer(many=True)})
+    def post(self, request: Request, service_id: str) -> Response:
+        """Return to the previous revision (its replicas restarted with its configuration if gone)."""
+        endpoint = access_endpoint(request.user, service_id, write=True)
+        endpoint = revision_actions.do_rollback(endpoint, acting_user=request.user)  # type: ignore[arg-type]
+        return Response(
+            _revisions_body(endpoint, endpoint.revisions.select_related("created_by", "endpoint")), status=202
+        )
+
+
+class RevisionTrafficView(APIView):
+    @extend_schema(request=s.TrafficSerializer, responses={200: s.RevisionSerializer(many=True)})
+    def patch(self, request: Request, service_id: str) -> Response:
+        """Set the shares by hand: ``{"<n>": 90, "<m>": 10}``, whole percents adding up to 100."""
+        endpoint = access_endpoint(request.user, service_id, write=True)
+        serializer = s.TrafficSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        endpoint = revision_actions.do_set_traffic(endpoint, serializer.validated_data, acting_user=request.user)  # type: ignore[arg-type]
+        return Response(_revisions_body(endpoint, endpoint.revisions.select_related("created_by", "endpoint")))

@@ -144,6 +144,13 @@ def _settings_rows(endpoint: Endpoint) -> list[tuple[str, Any]]:
             if endpoint.forward_cookies
             else _("no: the proxy removes cookies both ways"),
         ),
+        (_("Retry policy"), endpoint.get_retry_policy_display()),
+        (
+            _("Sleep when idle"),
+            _("after %(seconds)s s without a request (a request wakes it)") % {"seconds": endpoint.idle_timeout}
+            if endpoint.idle_timeout is not None
+            else _("never"),
+        ),
         (_("Owner"), endpoint.owner.username + (f" · {endpoint.project.name}" if endpoint.project else "")),
     ]
     return rows

@@ -28,7 +28,15 @@ from accounts.models import Project
 from serving.actions import services
 from serving.core import slots
 from serving.core.runtimes import RUNTIMES
-from serving.models import Endpoint, EndpointStatus, Node, ResourcePreset, Route, endpoint_name_validator
+from serving.models import (
+    Endpoint,
+    EndpointStatus,
+    Node,
+    ResourcePreset,
+    RetryPolicy,
+    Route,
+    endpoint_name_validator,
+)
 from serving.web.access import access_endpoint, can_write_endpoint
 from serving.web.api.serializers import ServiceCreateSerializer, ServiceModifySerializer
 from storage import modelstore
@@ -42,6 +50,8 @@ FORM_FIELDS = (
     "name",
     "open_to_public",
     "forward_cookies",
+    "retry_policy",
+    "idle_timeout",
     "project",
     "folder",
     "runtime",
@@ -186,6 +196,8 @@ def form_to_api(post: Any) -> dict[str, Any]:
         "name": post.get("name", "").strip(),
         "open_to_public": post.get("open_to_public") in {"on", "true", "1"},
         "forward_cookies": post.get("forward_cookies") in {"on", "true", "1"},
+        "retry_policy": post.get("retry_policy", "").strip() or RetryPolicy.INFERENCE,
+        "idle_timeout": post.get("idle_timeout", "").strip() or None,
         "folder": post.get("folder", ""),
         "runtime": post.get("runtime", "custom"),
         "model_mount": post.get("model_mount", "").strip() or "/models",
@@ -291,6 +303,8 @@ class LauncherValues:
     name: str = ""
     open_to_public: bool = False
     forward_cookies: bool = False
+    retry_policy: str = RetryPolicy.INFERENCE
+    idle_timeout: str = ""
     project: str = ""
     folder: str = ""
     runtime: str = "custom"
@@ -316,6 +330,8 @@ class LauncherValues:
             name=post.get("name", ""),
             open_to_public=post.get("open_to_public") in {"on", "true", "1"},
             forward_cookies=post.get("forward_cookies") in {"on", "true", "1"},
+            retry_policy=post.get("retry_policy", "") or RetryPolicy.INFERENCE,
+            idle_timeout=post.get("idle_timeout", ""),
             project=post.get("project", ""),
             folder=post.get("folder", ""),
             runtime=post.get("runtime", "custom"),
@@ -342,6 +358,8 @@ class LauncherValues:
             name=endpoint.name,
             open_to_public=endpoint.open_to_public,
             forward_cookies=endpoint.forward_cookies,
+            retry_policy=endpoint.retry_policy,
+            idle_timeout="" if endpoint.idle_timeout is None else str(endpoint.idle_timeout),
             project=str(endpoint.project_id or ""),
             folder=str(endpoint.model_folder_id or ""),
             runtime=endpoint.runtime,
@@ -368,16 +386,19 @@ class LauncherValues:
             self.accelerator, amount = accelerators[0]
             self.accelerator_amount = _number_text(amount)
 
-    def apply_folder_defaults(self, folder: Folder) -> list[dict[str, Any]]:
-        """Fill image, resources, environment and definition path from the folder (S3.2); returns
-        the problems found in its definition files."""
-        defaults = modelstore.launcher_values(folder, self.runtime)
+    def apply_folder_defaults(self, folder: Folder, runtime: str | None = None) -> list[dict[str, Any]]:
+        """Fill runtime (when ``runtime`` is None: the one the folder describes), image, resources,
+        environment and definition path from the folder (S3.2); returns the problems found in its
+        definition files, then its warnings (unknown keys; the message starts with "warning:")."""
+        defaults = modelstore.launcher_values(folder, runtime)
+        self.runtime = defaults["runtime"]
         self.image = defaults["image"]
         self.set_resources(defaults["resources"])
         self.environ = sorted(defaults["environ"].items())
         if RUNTIMES.get(self.runtime) is not None and RUNTIMES[self.runtime].needs_definition_file:
             self.model_definition_path = defaults["model_definition_path"]
-        return list(defaults["problems"])
+        warnings = [{**w, "message": f"warning: {w['message']}"} for w in defaults["warnings"]]
+        return [*defaults["problems"], *warnings]
 
 
 def _choices(request: HttpRequest, values: LauncherValues) -> dict[str, Any]:
@@ -428,6 +449,7 @@ def _render_launcher(
         # Forward cookies needs services on host names of their own (validators.check_forward_cookies):
         # the help says so, and says when this installation has none.
         "serving_domain": settings.SERVING_DOMAIN,
+        "retry_policies": RetryPolicy.choices,
         **_choices(request, values),
     }
     return render(request, "serving/launcher.html", context, status=status)
@@ -447,9 +469,11 @@ def launcher(request: HttpRequest) -> HttpResponse:
             return _render_launcher(request, values, errors=field_errors(exc))
         messages.success(request, _("Service %(name)s created; its replicas are starting.") % {"name": endpoint.name})
         return redirect(detail_url(endpoint.pk))
-    values = LauncherValues(runtime=request.GET.get("runtime", "custom"))
+    # No runtime asked for: "Run this model" opens with the runtime the folder describes.
+    asked = request.GET.get("runtime") or None
+    values = LauncherValues(runtime=asked or "custom")
     if values.runtime not in RUNTIMES:
-        values.runtime = "custom"
+        values.runtime = asked = "custom"
     problems: list[dict[str, Any]] = []
     folder_id = request.GET.get("folder", "")
     folder = None
@@ -466,7 +490,7 @@ def launcher(request: HttpRequest) -> HttpResponse:
         )
     if folder is not None:
         values.folder = str(folder.pk)
-        problems = values.apply_folder_defaults(folder)
+        problems = values.apply_folder_defaults(folder, asked)
     return _render_launcher(request, values, problems=problems)
 
 
@@ -545,6 +569,8 @@ def _values_as_post(values: LauncherValues) -> dict[str, Any]:
         name=values.name,
         open_to_public="on" if values.open_to_public else "",
         forward_cookies="on" if values.forward_cookies else "",
+        retry_policy=values.retry_policy,
+        idle_timeout=values.idle_timeout,
         project=values.project,
         folder=values.folder,
         runtime=values.runtime,
@@ -594,7 +620,7 @@ def folder_defaults(request: HttpRequest) -> JsonResponse:
     values = LauncherValues(runtime=request.GET.get("runtime", "custom"))
     if values.runtime not in RUNTIMES:
         return JsonResponse({"errors": {"runtime": [_("Unknown runtime.")]}}, status=400)
-    problems = values.apply_folder_defaults(folder)
+    problems = values.apply_folder_defaults(folder, values.runtime)
     return JsonResponse(
         {
             "image": values.image,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 
+from serving.core import devices
 from serving.node.engines.base import EngineError, ReplicaInfo, ReplicaSpec, ReplicaState
 
 BOOTSTRAP = Path(__file__).parents[1] / "bootstrap.py"
@@ -69,9 +69,14 @@ def device_requests(spec: ReplicaSpec, gpus: bool) -> list[DeviceRequest]:
             f"The replica {spec.name} asks for {asked}, but this node has no GPU; the scheduler should "
             "not have placed it here (advertise accelerators only on GPU nodes)."
         )
-    # Plain Docker hands out whole devices: a fractional cuda.shares gets one whole GPU.
-    count = max(math.ceil(value) for value in wanted.values())
-    return [DeviceRequest(count=count, capabilities=[["gpu"]])]
+    if not spec.devices:
+        raise EngineError(
+            f"The replica {spec.name} asks for {asked} but was assigned no GPU device (it was placed "
+            "before devices were allocated); restart the service so the scheduler assigns devices."
+        )
+    # The devices the scheduler assigned, never a count: a count would give every replica GPU 0.
+    ids = sorted({devices.index(d) for d in spec.devices}, key=int)
+    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
 
 
 def bind_mount(source: str, target: str, read_only: bool) -> DockerMount:
@@ -145,7 +150,7 @@ def create_kwargs(
     mounts: list[DockerMount],
     labels: dict[str, str],
     plan_dir: Path | None,
-    devices: list[DeviceRequest],
+    gpu_requests: list[DeviceRequest],
     *,
     uid: int,
     gid: int,
@@ -202,8 +207,12 @@ def create_kwargs(
         # Same memswap as memory: no swap, so going past the limit is an OOM kill, not a crawl.
         kwargs["mem_limit"] = spec.mem_bytes
         kwargs["memswap_limit"] = spec.mem_bytes
-    if devices:
-        kwargs["device_requests"] = devices
+    if spec.shm_bytes > 0:
+        kwargs["shm_size"] = spec.shm_bytes
+    if gpu_requests:
+        kwargs["device_requests"] = gpu_requests
+        # The NVIDIA runtime shows the container its devices numbered from 0.
+        environment.update(devices.replica_env(spec.devices, renumbered=True))
     return kwargs
 
 

@@ -56,8 +56,11 @@ class LocalEngine:
         uid: int = DEFAULT_UID,
         gid: int = DEFAULT_GID,
         egress: str = "allow",
+        dev_root: str = "/dev",
     ) -> None:
         self.state_dir = Path(state_dir)
+        # Where the host's GPU device nodes are: a replica sees only its assigned ones from there.
+        self.dev_root = dev_root
         # A sandbox has no route past the host anyway; "deny" also keeps it off the host's own
         # addresses (services listening on 0.0.0.0), see ReplicaNetworks.deny_host_input.
         self.egress = firewall.check_egress(egress)
@@ -138,6 +141,7 @@ class LocalEngine:
             setpriv=self._setpriv,
             chown=self._chown,
             cat=self._cat,
+            dev_root=self.dev_root,
         )
 
     # --- layout -----------------------------------------------------------------------------------

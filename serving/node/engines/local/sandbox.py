@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.core import definitions
+from serving.core import definitions, devices
 from serving.core.definitions import ENV_NAME
 from serving.node.engines.base import EngineError, ReplicaSpec
 from serving.node.engines.local.supervisor import JOIN_FAILED
@@ -36,6 +36,32 @@ RESERVED_TARGETS = ("/usr", "/etc", "/proc", "/dev", "/bin", "/sbin", "/lib", "/
 SKELETON = ("/usr", "/etc", "/proc", "/dev", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 ETC_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-")
 ETC_SECRET_DIRS = ("/etc/ssl/private",)
+# The NVIDIA driver's shared nodes every GPU process opens besides its own /dev/nvidiaN, bound when
+# the host has them (nvidia-caps is a directory of capability nodes, MIG's).
+NVIDIA_SHARED = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia-caps")
+
+
+def device_args(assigned: Mapping[str, float], dev_root: str = "/dev") -> list[str]:
+    """bwrap arguments that show a replica its assigned GPUs' device nodes (and the driver's shared
+    ones), nothing of the host's other /dev/nvidia*: the sandbox's /dev is bwrap's own minimal one.
+    ``dev_root``: where the host's nodes are (a fake directory in tests)."""
+    if not assigned:
+        return []
+    args: list[str] = []
+    for device in sorted(assigned, key=lambda d: int(devices.index(d))):
+        node = f"nvidia{devices.index(device)}"
+        source = os.path.join(dev_root, node)
+        if not os.path.exists(source):
+            raise EngineError(
+                f"The replica was assigned {device}, but this node has no {source}: list only the node's "
+                "real devices in NODE_ACCELERATORS (or leave it empty to use what nvidia-smi lists)."
+            )
+        args += ["--dev-bind", source, f"/dev/{node}"]
+    for node in NVIDIA_SHARED:
+        source = os.path.join(dev_root, node)
+        if os.path.exists(source):
+            args += ["--dev-bind", source, f"/dev/{node}"]
+    return args
 
 
 def host_python_prefix() -> str | None:
@@ -113,6 +139,7 @@ class Sandbox:
     setpriv: str | None
     chown: str | None
     cat: str | None
+    dev_root: str = "/dev"  # where the host's device nodes are (GPUs are bound from there)
 
     def check_spec(self, spec: ReplicaSpec) -> None:
         if spec.command is None or not spec.command or not spec.command[0]:
@@ -182,6 +209,11 @@ class Sandbox:
     def bwrap_args(self, spec: ReplicaSpec, replica_dir: Path, with_plan: bool, hosts_file: bool = False) -> list[str]:
         """Everything but the command, for ``bwrap --args`` (no quoting, no ARG_MAX worries)."""
         args = self.root_args()
+        args += device_args(spec.devices, self.dev_root)
+        if spec.shm_bytes > 0:
+            # Its own /dev/shm, of the size it asked (or a quarter of its memory): NCCL and vLLM's
+            # tensor parallelism pass tensors through it.
+            args += ["--perms", "1777", "--size", str(spec.shm_bytes), "--tmpfs", "/dev/shm"]  # noqa: S108  (its own tmpfs)
         if hosts_file:
             # Over the host's /etc/hosts: the cluster's host names (main1, sub1, ...) resolve.
             args += ["--ro-bind", str(replica_dir / "hosts"), "/etc/hosts"]

@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("serving", "0004_endpoint_forward_cookies"),
+        ("serving", "0008_endpoint_retry_policy_scale_to_zero"),
     ]
 
     operations = [

@@ -1,0 +1,45 @@
+"""The Docker Swarm engine: replicas as Swarm services, driven through a manager's Docker API (docker-py).
+
+For teams that already run a Swarm: the node worker talks to a manager (``DOCKER_HOST``) and Swarm
+runs the containers on its hosts. Choices, and why:
+
+* **one service per replica member**, not one service per replica with ``replicas: N``: the
+  platform's scheduler already tracks slots and devices per node and decides where each replica
+  runs (S4.3); a service of its own per member keeps that decision ours and makes a replica's id,
+  state, logs and stop exactly one service's. Each service is pinned by a placement constraint
+  ``node.hostname==<SWARM_NODE>`` (default: the manager's own host), so one node worker stands
+  for one Swarm node, as a node worker stands for one Docker host today;
+* labelled like the Docker engine's containers (service and container labels: ``serving.route``,
+  ``serving.installation``...), so ``list()`` finds them for the orphan sweep after a restart;
+* the resource slots are both **reservations** (Swarm places nothing where they do not fit) and
+  **limits** (a replica can not take more); GPUs are refused for now (Swarm generic resources
+  need every node to advertise them);
+* ``restart_policy`` **none**: the platform replaces a replica that ends, so a Swarm restart
+  would only hide the exit from the prober and count twice;
+* the server's port is **published in mode host** (``SWARM_PUBLISH_MODE``, default ``host``) at a
+  port the node picks, reached at the address of the Swarm node the task runs on; the proxy
+  needs no overlay network. ``ingress`` (the VIP routing mesh) is the other choice for swarms
+  where it works: the port is then reached on every node, at ``NODE_ADDRESS``. Services use the
+  ``dnsrr`` endpoint mode (no virtual IP): the VIP mode needs IPVS, which some hosts lack;
+* the model folder is bind-mounted read-only at the same host path, as on the Docker engine (it
+  must exist on the Swarm node: a shared filesystem for several hosts); the pre-start plan too;
+* the container is locked down as far as a service allows: every capability dropped, a tiny init
+  as PID 1 (``init``), the replica's user (``DOCKER_REPLICA_UID``/``_GID``), ``/home/work`` and
+  ``/dev/shm`` as tmpfs mounts, bounded json-file logs;
+* cluster mode: each cluster replica gets an **attachable overlay network** of its own
+  (``ms-swarm-cluster-<route>``, dnsrr), made with its first member and removed with its last;
+  each member has its host name (``main1``, ``sub1``...) as alias there, so members on different
+  hosts reach each other by name, and nothing else is on that network;
+* state from the service's task (``new``...``running``, then ``complete``/``failed``/...), logs
+  from ``service logs``, stats from the container of the task through this engine's client (so
+  only for tasks on the manager's own host); stop removes the service (Swarm stops its task with
+  the service's stop grace period) and waits for the container to be gone.
+
+Not (yet) as on the Docker engine: tenant isolation between plain replicas (they are on the
+node's default bridge network; no inter-container or egress firewall rules), the pids limit and
+``no-new-privileges`` (not settable on a service with this API version), and a ``/home/work``
+the replica's user can write (a service's tmpfs takes the image's folder's owner and mode).
+
+``services.py`` turns a spec into ``services.create`` arguments and a task into a state;
+``engine.py`` holds ``SwarmEngine``.
+"""

@@ -1,0 +1,411 @@
+"""``SwarmEngine``: the ``Engine`` protocol (engines/base.py) for replicas as Docker Swarm services
+(the package's docstring says why one service per member, and the other choices)."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from docker.types import CancellableStream
+
+from serving.node.engines.base import (
+    LABEL_INSTALLATION,
+    LABEL_ROUTE,
+    EngineError,
+    ImageNotFound,
+    ReplicaInfo,
+    ReplicaNotFound,
+    ReplicaSpec,
+    ReplicaState,
+    ReplicaStats,
+)
+from serving.node.engines.docker import containers
+from serving.node.engines.docker.containers import BUILD_HINT
+from serving.node.engines.docker.errors import API_TIMEOUT, docker_errors
+from serving.node.engines.firewall import DEFAULT_GID, DEFAULT_UID, check_replica_ids
+from serving.node.engines.swarm import services
+from serving.node.engines.swarm.services import LABEL_SWARM_CLUSTER
+
+log = logging.getLogger(__name__)
+
+# The repository's var/ (serving/node/engines/swarm/engine.py is four folders below it).
+DEFAULT_STATE_DIR = Path(__file__).resolve().parents[4] / "var" / "engine" / "swarm"
+PING_TIMEOUT = 2.0
+
+ClientFactory = Callable[..., docker.DockerClient]
+
+
+class SwarmEngine:
+    """Replicas as Swarm services on a manager's Docker API. Thread-safe: one client behind a lock."""
+
+    name = "swarm"
+
+    def __init__(
+        self,
+        client_factory: ClientFactory = docker.from_env,
+        bootstrap_path: Path | None = None,
+        state_dir: Path | None = None,
+        *,
+        publish_mode: str = "host",
+        placement_node: str = "",
+        ingress_host: str = "127.0.0.1",
+        installation: str = "",
+        uid: int = DEFAULT_UID,
+        gid: int = DEFAULT_GID,
+        stop_grace: float = 10.0,
+        timeout: float = API_TIMEOUT,
+        ping_timeout: float = PING_TIMEOUT,
+    ) -> None:
+        """
+        ``publish_mode``: "host" (the task's node publishes the port; reached at that node's
+        address) or "ingress" (the routing mesh; reached at ``ingress_host``, the node's address).
+        ``placement_node``: the Swarm node (its host name) this engine's replicas are pinned to;
+        empty: the manager's own.
+        ``installation``: labels every service with it and lists only those that carry it.
+        ``stop_grace``: how long Swarm waits after SIGTERM before SIGKILL when a replica stops.
+        """
+        check_replica_ids(
+            uid, gid, who="The Swarm replicas'", uid_setting="DOCKER_REPLICA_UID", gid_setting="DOCKER_REPLICA_GID"
+        )
+        self.uid, self.gid = uid, gid
+        self.publish_mode = services.check_publish_mode(publish_mode)
+        self.placement_node = placement_node
+        self.ingress_host = ingress_host
+        self.installation = installation
+        self.stop_grace = stop_grace
+        self.timeout = timeout
+        self.ping_timeout = ping_timeout
+        self._client_factory = client_factory
+        self.bootstrap_path = Path(bootstrap_path) if bootstrap_path is not None else containers.BOOTSTRAP
+        self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
+        self._client_lock = threading.Lock()
+        self._client_instance: docker.DockerClient | None = None
+        self._node_addresses: dict[str, str] = {}
+        # Serialises a cluster network's creation and removal with the members' starts in this process.
+        self._network_lock = threading.Lock()
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def _client(self) -> docker.DockerClient:
+        with self._client_lock:
+            if self._client_instance is None:
+                with docker_errors("connect to the engine", timeout=self.timeout):
+                    self._client_instance = self._client_factory(timeout=self.timeout)
+            return self._client_instance
+
+    def _errors(self, what: str, replica: str | None = None) -> contextlib.AbstractContextManager[None]:
+        return docker_errors(what, replica, self.timeout)
+
+    def _service(self, replica_id: str) -> Any:
+        client = self._client()
+        with self._errors(f"look up replica {replica_id}", replica=replica_id):
+            return client.services.get(replica_id)
+
+    def _task(self, service: Any) -> Any:
+        with self._errors(f"read the tasks of replica {service.id}", replica=service.id):
+            return services.latest_task(service.tasks())
+
+    def not_a_manager(self) -> str:
+        """Why this engine can not drive a swarm right now, as a sentence; "" when it can."""
+        try:
+            client = self._client_factory(timeout=self.ping_timeout)
+        except Exception as exc:
+            return f"SERVING_ENGINE=swarm but no Docker engine answers ({exc}); start dockerd or use local."
+        try:
+            swarm = client.info().get("Swarm") or {}
+        except Exception as exc:
+            return f"SERVING_ENGINE=swarm but no Docker engine answers ({exc}); start dockerd or use local."
+        finally:
+            with contextlib.suppress(Exception):
+                client.close()
+        if not swarm.get("ControlAvailable"):
+            state = swarm.get("LocalNodeState") or "unknown"
+            return (
+                f"SERVING_ENGINE=swarm but the Docker engine is not a swarm manager (its swarm state is {state}); "
+                "make it one with `docker swarm init` (or point DOCKER_HOST at a manager of your swarm), "
+                "or use SERVING_ENGINE=docker."
+            )
+        return ""
+
+    def _placement(self, client: docker.DockerClient) -> str:
+        if self.placement_node:
+            return self.placement_node
+        with self._errors("look up this manager's swarm node"):
+            node_id = (client.info().get("Swarm") or {}).get("NodeID") or ""
+            self.placement_node = str(client.nodes.get(node_id).attrs["Description"]["Hostname"])
+        return self.placement_node
+
+    def _host_of(self, task: Mapping[str, Any] | None) -> str:
+        """Where the proxy reaches the task's published port."""
+        if self.publish_mode == "ingress" or not task or not task.get("NodeID"):
+            return self.ingress_host
+        node_id = str(task["NodeID"])
+        if node_id not in self._node_addresses:
+            with self._errors(f"look up the swarm node {node_id}"):
+                address = str((self._client().nodes.get(node_id).attrs.get("Status") or {}).get("Addr") or "")
+            # 0.0.0.0: a node that did not say; its replicas are reached where the manager is.
+            self._node_addresses[node_id] = address if address and address != "0.0.0.0" else self.ingress_host
+        return self._node_addresses[node_id]
+
+    def _info(self, service: Any) -> ReplicaInfo:
+        task = self._task(service)
+        exit_text = ""
+        if task is not None and services.TASK_STATES.get(services.state_of(task)) is None:
+            exit_text = self._last_line(service.id)
+        return services.task_info(service, task, self._host_of(task), exit_text)
+
+    def _last_line(self, service_id: str) -> str:
+        with contextlib.suppress(Exception):  # the error text is best effort; never fail inspect() over it
+            lines = [line for line in self.logs(service_id, tail=20) if line.strip()]
+            return lines[-1].strip() if lines else ""
+        return ""
+
+    # --- Engine protocol --------------------------------------------------------------------------
+
+    def available(self) -> bool:
+        """A quick check (2 s) that a Docker engine answers and is a swarm manager."""
+        return not self.not_a_manager()
+
+    def start(self, spec: ReplicaSpec) -> ReplicaInfo:
+        """Create the service; returns once its task runs, with the node address and port it got."""
+        mounts = [containers.bind_mount(m.source, m.target, m.read_only) for m in spec.mounts]
+        client = self._client()
+        image = self._image(client, spec.image)
+        labels = dict(spec.labels)
+        labels.setdefault(LABEL_ROUTE, spec.name)  # list() finds only services carrying it
+        if self.installation:
+            labels[LABEL_INSTALLATION] = self.installation
+        plan_dir: Path | None = None
+        service = None
+        network: str | None = None
+        try:
+            if spec.pre_start_actions:
+                plan_dir = containers.write_plan(spec, image, self.bootstrap_path, self.state_dir)
+            placement = self._placement(client)
+            with self._network_lock:
+                if spec.cluster is not None:
+                    network = self._cluster_network(client, spec.cluster.key)
+                kwargs = services.create_kwargs(
+                    spec,
+                    mounts,
+                    labels,
+                    plan_dir,
+                    uid=self.uid,
+                    gid=self.gid,
+                    publish_mode=self.publish_mode,
+                    placement_node=placement,
+                    network=network,
+                    stop_grace=self.stop_grace,
+                )
+                service = self._create(client, spec, kwargs)
+            return self._wait_started(service)
+        except BaseException:
+            # Leave nothing behind: a half-made service would hold the name on retry.
+            if service is not None:
+                with contextlib.suppress(Exception):
+                    self._remove(client, service)
+            if network is not None:
+                self._remove_network_if_unused(client, network)
+            if plan_dir is not None:
+                shutil.rmtree(plan_dir, ignore_errors=True)
+            raise
+
+    def _image(self, client: docker.DockerClient, image: str) -> Any:
+        # Checked on the manager: with a node constraint elsewhere, that node must have it too.
+        with self._errors(f"look up the image {image}"):
+            try:
+                return client.images.get(image)
+            except docker.errors.ImageNotFound as exc:
+                raise ImageNotFound(f"The image {image} is not on this node; {BUILD_HINT}.") from exc
+
+    def _create(self, client: docker.DockerClient, spec: ReplicaSpec, kwargs: dict[str, Any]) -> Any:
+        with self._errors(f"create the service {spec.name}"):
+            try:
+                return client.services.create(spec.image, **kwargs)
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    raise EngineError(
+                        f"A Swarm service named {spec.name} already exists; stop that replica first."
+                    ) from exc
+                raise
+
+    def _wait_started(self, service: Any) -> ReplicaInfo:
+        """Swarm schedules asynchronously: wait (``timeout``) until the task runs or has ended."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            info = self._info(service)
+            if info.state is ReplicaState.EXITED:
+                return info  # the caller's prober reports why (info.error)
+            if info.state is ReplicaState.RUNNING and info.port:
+                return info
+            if time.monotonic() > deadline:
+                task = self._task(service)
+                message = ((task or {}).get("Status") or {}).get("Message") or "no task yet"
+                err = ((task or {}).get("Status") or {}).get("Err") or ""
+                raise EngineError(
+                    f"Swarm did not start the replica {info.name} within {self.timeout:g} s "
+                    f"(its task: {message}{'; ' + err if err else ''}); does the node "
+                    f"{self.placement_node} have the resources and the image?"
+                )
+            time.sleep(0.2)
+
+    def _cluster_network(self, client: docker.DockerClient, key: str) -> str:
+        name = services.cluster_network(key, self.installation)
+        with self._errors(f"make the cluster network {name}"):
+            if client.networks.list(names=[name], filters={"label": f"{LABEL_SWARM_CLUSTER}={key}"}):
+                return name
+            labels = {LABEL_SWARM_CLUSTER: key}
+            if self.installation:
+                labels[LABEL_INSTALLATION] = self.installation
+            client.networks.create(name, driver="overlay", attachable=True, scope="swarm", labels=labels)
+        return name
+
+    def _remove_network_if_unused(self, client: docker.DockerClient, name: str) -> None:
+        """Remove a cluster network once no service of ours is attached to it any more."""
+        with (
+            self._network_lock,
+            contextlib.suppress(EngineError),
+            self._errors(f"remove the cluster network {name}"),
+        ):
+            found = client.networks.list(names=[name])
+            for network in found:
+                if network.name != name:
+                    continue
+                key = (network.attrs.get("Labels") or {}).get(LABEL_SWARM_CLUSTER) or ""
+                if client.services.list(filters={"label": f"{LABEL_ROUTE}={key}"}):
+                    return
+                deadline = time.monotonic() + self.timeout
+                while True:
+                    try:
+                        network.remove()
+                        return
+                    except docker.errors.NotFound:
+                        return
+                    except docker.errors.APIError:
+                        # The last task's endpoint goes a moment after its container.
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+
+    def _remove(self, client: docker.DockerClient, service: Any) -> None:
+        """Remove the service and wait until its task's container is gone (its port is free)."""
+        service_id = service.id
+        with self._errors(f"stop replica {service_id}"):
+            with contextlib.suppress(docker.errors.NotFound):
+                service.remove()
+            deadline = time.monotonic() + self.stop_grace + self.timeout
+            label = f"com.docker.swarm.service.id={service_id}"
+            while client.containers.list(all=True, filters={"label": label}) and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    def stop(self, replica_id: str, grace: float = 10.0) -> None:
+        """Remove the service (Swarm sends SIGTERM, SIGKILL after its stop grace period) and wait
+        until its container is gone; then its plan folder and, with its last member, its cluster
+        network. ``grace`` is the service's own (``stop_grace``), set when it was made."""
+        try:
+            service = self._service(replica_id)
+        except ReplicaNotFound:
+            return
+        client = self._client()
+        plan_dirs = services.plan_dirs(service.attrs, self.state_dir)
+        attached = ((service.attrs.get("Spec") or {}).get("TaskTemplate") or {}).get("Networks") or []
+        network_ids = [str(n.get("Target") or "") for n in attached]
+        self._remove(client, service)
+        for path in plan_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        for network_id in network_ids:
+            with contextlib.suppress(Exception):
+                name = client.networks.get(network_id).name
+                if name.startswith(services.CLUSTER_NETWORK_PREFIX):
+                    self._remove_network_if_unused(client, name)
+
+    def inspect(self, replica_id: str) -> ReplicaInfo:
+        return self._info(self._service(replica_id))
+
+    def logs(
+        self, replica_id: str, tail: int = 200, follow: bool = False, stop: threading.Event | None = None
+    ) -> Iterator[str]:
+        """Decoded lines of the service's stdout+stderr; raises ReplicaNotFound at once."""
+        client = self._client()
+        api = client.api
+        params = {"stdout": 1, "stderr": 1, "follow": int(follow), "tail": str(tail) if tail >= 0 else "all"}
+        with self._errors(f"read the logs of replica {replica_id}", replica=replica_id):
+            # docker-py's service_logs hands out a bare generator; the container logs' own
+            # cancellable stream (the same calls) is what lets a follow be ended from outside.
+            response = api._get(api._url("/services/{0}/logs", replica_id), params=params, stream=True)
+            api._raise_for_status(response)
+            stream = CancellableStream(api._multiplexed_response_stream_helper(response), response)
+        return self._log_lines(replica_id, stream, stop if follow else None)
+
+    def _log_lines(self, replica_id: str, stream: Any, stop: threading.Event | None) -> Iterator[str]:
+        done = threading.Event()
+        if stop is not None:
+            threading.Thread(
+                target=containers.close_when_stopped,
+                args=(stop, done, stream),
+                name=f"logs-stop-{replica_id[:12]}",
+                daemon=True,
+            ).start()
+        try:
+            with self._errors(f"read the logs of replica {replica_id}", replica=replica_id):
+                yield from containers.decode_lines(iter(stream))
+        except Exception:
+            if stop is None or not stop.is_set():
+                raise
+        finally:
+            done.set()
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    def stats(self, replica_id: str) -> ReplicaStats:
+        """From the task's container, through this engine's client: only for a task on this host."""
+        service = self._service(replica_id)
+        task = self._task(service)
+        resources = ((service.attrs.get("Spec") or {}).get("TaskTemplate") or {}).get("Resources") or {}
+        limit = int((resources.get("Limits") or {}).get("MemoryBytes") or 0)
+        if services.state_of(task) != "running":
+            return ReplicaStats(cpu_percent=0.0, mem_bytes=0, mem_limit_bytes=limit)
+        client = self._client()
+        with self._errors(f"read the stats of replica {replica_id}", replica=replica_id):
+            try:
+                container = client.containers.get(services.container_id(task))
+            except docker.errors.NotFound as exc:
+                raise EngineError(
+                    f"The replica {replica_id} runs on another swarm node; its stats are read only for "
+                    "replicas on the manager's own host."
+                ) from exc
+            sample = container.stats(stream=False)
+            cpu = containers.cpu_percent(sample.get("precpu_stats") or {}, sample.get("cpu_stats") or {})
+            if cpu is None:
+                later = container.stats(stream=False)
+                cpu = containers.cpu_percent(sample.get("cpu_stats") or {}, later.get("cpu_stats") or {})
+                sample = later
+        memory = sample.get("memory_stats") or {}
+        return ReplicaStats(
+            cpu_percent=round(cpu or 0.0, 2),
+            mem_bytes=containers.memory_used(memory),
+            mem_limit_bytes=int(memory.get("limit") or limit),
+        )
+
+    def list(self, labels: Mapping[str, str] | None = None) -> builtins.list[ReplicaInfo]:
+        """Our services (they carry LABEL_ROUTE), running or ended, filtered by label equality."""
+        wanted = [LABEL_ROUTE] + [f"{key}={value}" for key, value in (labels or {}).items()]
+        if self.installation:
+            wanted.append(f"{LABEL_INSTALLATION}={self.installation}")
+        client = self._client()
+        with self._errors("list the replicas"):
+            found = client.services.list(filters={"label": wanted})
+        infos = []
+        for service in found:
+            with contextlib.suppress(ReplicaNotFound):
+                infos.append(self._info(service))
+        return infos

@@ -1,0 +1,211 @@
+"""One replica's Swarm service, spec in and state out: the ``services.create`` arguments a
+``ReplicaSpec`` becomes (command, user, reservations and limits, mounts, ports, placement), and
+what the service's task says back (state, where its port is, why it ended).
+
+The refusals and the pre-start plan are the Docker engine's own (``docker/containers.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from docker.types import Mount as DockerMount
+from docker.types import NetworkAttachmentConfig, Resources, RestartPolicy
+
+from serving.node.engines.base import EngineError, ReplicaInfo, ReplicaSpec, ReplicaState
+from serving.node.engines.docker.containers import BOOTSTRAP_DIR, BOOTSTRAP_FAILED, HOME
+
+PUBLISH_MODES = ("host", "ingress")
+CLUSTER_NETWORK_PREFIX = "ms-swarm-cluster-"
+LABEL_SWARM_CLUSTER = "serving.swarm-cluster"  # on a cluster's overlay network: the route (key)
+
+# A task's state (docker/swarmkit's TaskState) -> our replica state.
+TASK_STATES = {
+    "new": ReplicaState.STARTING,
+    "allocated": ReplicaState.STARTING,
+    "pending": ReplicaState.STARTING,
+    "assigned": ReplicaState.STARTING,
+    "accepted": ReplicaState.STARTING,
+    "preparing": ReplicaState.STARTING,
+    "ready": ReplicaState.STARTING,
+    "starting": ReplicaState.STARTING,
+    "running": ReplicaState.RUNNING,
+}  # anything else (complete, shutdown, failed, rejected, remove, orphaned) has ended
+
+
+def check_publish_mode(mode: str) -> str:
+    if mode not in PUBLISH_MODES:
+        raise EngineError(
+            f"SWARM_PUBLISH_MODE={mode!r} is not a publish mode; use 'host' (each task's port on its own "
+            "Swarm node) or 'ingress' (the routing mesh, where the swarm's hosts support it)."
+        )
+    return mode
+
+
+def cluster_network(key: str, installation: str) -> str:
+    return f"{CLUSTER_NETWORK_PREFIX}{key}" + (f"-{installation}" if installation else "")
+
+
+def create_kwargs(
+    spec: ReplicaSpec,
+    mounts: list[DockerMount],
+    labels: dict[str, str],
+    plan_dir: Path | None,
+    *,
+    uid: int,
+    gid: int,
+    publish_mode: str,
+    placement_node: str,
+    network: str | None,
+    stop_grace: float,
+) -> dict[str, Any]:
+    """The arguments of ``services.create`` (but the image) for ``spec``."""
+    if any(value > 0 for value in spec.accelerators.values()):
+        asked = ", ".join(f"{key} {value:g}" for key, value in sorted(spec.accelerators.items()) if value > 0)
+        raise EngineError(
+            f"The replica {spec.name} asks for {asked}, but the Swarm engine does not provide GPUs yet; "
+            "run GPU services on a node worker with SERVING_ENGINE=docker."
+        )
+    command: list[str] | None = None
+    args: list[str] | None = None
+    if plan_dir is not None:
+        mounts = [*mounts, DockerMount(BOOTSTRAP_DIR, str(plan_dir), type="bind", read_only=True)]
+        command = ["python3", f"{BOOTSTRAP_DIR}/bootstrap.py", f"{BOOTSTRAP_DIR}/plan.json"]
+    elif spec.command is not None:
+        # A service's "command" replaces the image's ENTRYPOINT (and drops its CMD), as on the
+        # Docker engine: the definition's start command is the whole command line.
+        command = [spec.shell, "-c", spec.command[0]] if spec.command_is_shell else list(spec.command)
+    environment = dict(spec.env)
+    if not any(os.path.normpath(m.target) == HOME for m in spec.mounts):
+        # A service can not give a tmpfs an owner, and Docker copies the image's folder's mode onto
+        # it: writable by the replica's user only where the image makes /home/work so (see __init__).
+        mounts = [*mounts, DockerMount(HOME, None, type="tmpfs", tmpfs_mode=0o777)]
+    if spec.shm_bytes > 0:
+        mounts = [
+            *mounts,
+            DockerMount(
+                "/dev/shm",  # noqa: S108 -- the replica's own shm, not a shared temporary folder
+                None,
+                type="tmpfs",
+                tmpfs_size=spec.shm_bytes,
+                tmpfs_mode=0o777,
+            ),
+        ]
+    environment.setdefault("HOME", HOME)
+    if spec.cluster is not None and spec.cluster.host != "main1":
+        # Members reach main by its host name on their overlay network, on any Swarm node.
+        main = f"main1:{spec.port}"
+        environment.update({"BACKENDAI_CLUSTER_MAIN_ADDR": main, "BACKENDAI_CLUSTER_ADDRS": f"main1={main}"})
+    nano_cpus = int(spec.cpu * 1e9) if spec.cpu > 0 else None
+    mem = spec.mem_bytes if spec.mem_bytes > 0 else None
+    networks = None
+    if network is not None:
+        aliases = [spec.cluster.host] if spec.cluster is not None else None
+        networks = [NetworkAttachmentConfig(network, aliases=aliases)]
+    return {
+        "name": spec.name,
+        "labels": labels,
+        "container_labels": labels,
+        "command": command,
+        "args": args,
+        "env": [f"{key}={value}" for key, value in environment.items()],
+        "user": f"{uid}:{gid}",
+        "workdir": spec.workdir or None,
+        "mounts": mounts,
+        "hostname": spec.cluster.host if spec.cluster is not None else None,
+        "init": True,
+        "cap_drop": ["ALL"],
+        "stop_grace_period": int(max(stop_grace, 0.0) * 1e9),
+        "resources": Resources(cpu_limit=nano_cpus, mem_limit=mem, cpu_reservation=nano_cpus, mem_reservation=mem),
+        # The platform replaces a replica that ends; Swarm must not restart it behind the prober.
+        "restart_policy": RestartPolicy(condition="none"),
+        "constraints": [f"node.hostname=={placement_node}"],
+        "endpoint_spec": {
+            # dnsrr: no virtual IP (IPVS), which some hosts lack; members resolve to the task itself.
+            "Mode": "dnsrr" if publish_mode == "host" else "vip",
+            "Ports": [{"Protocol": "tcp", "TargetPort": spec.port, "PublishMode": publish_mode}],
+        },
+        "networks": networks,
+        # Bounded logs: a chatty server must not fill the node's disk.
+        "log_driver": "json-file",
+        "log_driver_options": {"max-size": "10m", "max-file": "3"},
+    }
+
+
+def latest_task(tasks: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The service's current task (restart policy none: there is one; take the newest anyway)."""
+    if not tasks:
+        return None
+    return max(tasks, key=lambda task: (task.get("Version") or {}).get("Index") or 0)
+
+
+def published_port(task: Mapping[str, Any] | None, service_attrs: Mapping[str, Any]) -> int:
+    """Host mode: the port the task's node bound; ingress: the port the service got on every node."""
+    sources = [((task or {}).get("Status") or {}).get("PortStatus") or {}, service_attrs.get("Endpoint") or {}]
+    for source in sources:
+        for port in source.get("Ports") or []:
+            if port.get("PublishedPort"):
+                return int(port["PublishedPort"])
+    return 0
+
+
+def task_info(service: Any, task: Mapping[str, Any] | None, host: str, exit_text: str = "") -> ReplicaInfo:
+    """``exit_text``: the last log line, for a task that ended with an error code."""
+    attrs = service.attrs
+    labels = dict((attrs.get("Spec") or {}).get("Labels") or {})
+    status = (task or {}).get("Status") or {}
+    state = TASK_STATES.get(str(status.get("State") or "new"), ReplicaState.EXITED) if task else ReplicaState.STARTING
+    exit_code: int | None = None
+    error = ""
+    if state is ReplicaState.EXITED:
+        exit_code = int((status.get("ContainerStatus") or {}).get("ExitCode") or 0)
+        error = task_error(status, exit_code, exit_text)
+    return ReplicaInfo(
+        replica_id=service.id,
+        name=(attrs.get("Spec") or {}).get("Name") or service.name,
+        state=state,
+        host=host,
+        port=published_port(task, attrs) if state is not ReplicaState.EXITED else 0,
+        labels=labels,
+        exit_code=exit_code,
+        error=error,
+    )
+
+
+def task_error(status: Mapping[str, Any], code: int, exit_text: str) -> str:
+    if status.get("Err") and not code:
+        # Swarm could not run it: no such image on the node, a bad mount, no node fits...
+        return f"could not start: {status['Err']}"
+    if code == BOOTSTRAP_FAILED:
+        return f"pre-start: {exit_text}" if exit_text else f"the pre-start runner failed (exit code {code})"
+    if code > 128:
+        try:
+            name = signal.Signals(code - 128).name
+        except ValueError:
+            name = f"signal {code - 128}"
+        return f"exited with code {code} ({name})"
+    return f"exited with code {code}" + (f": {exit_text[:300]}" if exit_text and code else "")
+
+
+def state_of(task: Mapping[str, Any] | None) -> str:
+    return str(((task or {}).get("Status") or {}).get("State") or "")
+
+
+def container_id(task: Mapping[str, Any] | None) -> str:
+    return str((((task or {}).get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID") or "")
+
+
+def plan_dirs(service_attrs: Mapping[str, Any], state_dir: Path) -> list[Path]:
+    """The plan folders the engine made for a service (found by its mounts, not memory)."""
+    root = os.path.realpath(state_dir)
+    spec = ((service_attrs.get("Spec") or {}).get("TaskTemplate") or {}).get("ContainerSpec") or {}
+    return [
+        Path(mount["Source"])
+        for mount in spec.get("Mounts") or []
+        if mount.get("Target") == BOOTSTRAP_DIR
+        and os.path.realpath(mount.get("Source") or "").startswith(root + os.sep)
+    ]
