@@ -21,7 +21,7 @@ from django.test import Client
 
 from serving.bus import dryrun
 from serving.core import snapshots as core
-from serving.models import Endpoint, Node, Route
+from serving.models import Endpoint, Node, Revision, Route
 from serving.node import replicas, snapshots
 from serving.node.engines.local.engine import LocalEngine
 from storage.models import Folder
@@ -105,6 +105,13 @@ def test_manifest_and_files_need_a_node_key(served: tuple[Folder, Endpoint], per
     assert node.get(f"/api/v1/node/folders/{other.pk}/manifest/?validation=nonsense").status_code == 404
     dryrun.publish(run_id, "finished", outcome="healthy", message="done")
     assert node.get(f"/api/v1/node/folders/{other.pk}/manifest/?validation={run_id}").status_code == 404
+
+    # An earlier revision's folder, which its routes (a canary's stable side, a rollback) still run.
+    moved = Endpoint.objects.create(name="svc-moved", owner=personas["stranger"], model_folder=None, spec_version=2)
+    Revision.objects.create(endpoint=moved, number=1, config={"model_folder": str(other.pk)})
+    assert node.get(f"/api/v1/node/folders/{other.pk}/manifest/").status_code == 200
+    Endpoint.objects.filter(pk=moved.pk).update(lifecycle=Endpoint.Lifecycle.DESTROYED)
+    assert node.get(f"/api/v1/node/folders/{other.pk}/manifest/").status_code == 404
 
 
 def test_manifest_skips_symlinks_and_reuses_hashes(served: tuple[Folder, Endpoint]) -> None:
