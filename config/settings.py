@@ -252,6 +252,18 @@ REPLICA_STOP_GRACE = env_float("REPLICA_STOP_GRACE", 10.0, minimum=0.0)
 MAX_START_FAILURES = env_int("MAX_START_FAILURES", 5, minimum=1)
 DEFAULT_IMAGE = env_str("DEFAULT_IMAGE", "modelserve/python:3.11")
 STORAGE_ROOT = Path(env_str("STORAGE_ROOT", str(VAR_DIR / "storage")))
+# Model folders on nodes that do not see STORAGE_ROOT (serving/node/snapshots.py): such a node copies
+# a folder into NODE_CACHE_ROOT as an immutable snapshot, fetched from the web app (NODE_WEB_URL, default
+# SITE_URL) with its node key (NODE_KEY; unset, derived from SECRET_KEY: `manage.py node_key <name>`
+# prints it). Unset NODE_CACHE_ROOT means the node runs in the web app's installation and reads
+# STORAGE_ROOT directly (today's single host); NODE_SHARED_STORAGE=true says the same of a shared
+# filesystem even with a cache root.
+NODE_CACHE_ROOT = env_str("NODE_CACHE_ROOT", "")
+NODE_SHARED_STORAGE = env_bool("NODE_SHARED_STORAGE", not NODE_CACHE_ROOT)
+NODE_WEB_URL = env_str("NODE_WEB_URL", SITE_URL).rstrip("/")
+NODE_KEY = env_str("NODE_KEY", "")
+# How long an unused snapshot stays in the cache (a replica restarted soon after reuses it).
+NODE_SNAPSHOT_KEEP = env_float("NODE_SNAPSHOT_KEEP", 600.0, minimum=0.0)
 DEFAULT_FOLDER_QUOTA = env_int("DEFAULT_FOLDER_QUOTA", 50 * 1024**3, minimum=0)
 # The most bytes one user's folders may hold in all (every folder they own, project folders too),
 # uploads in progress included; a user's own storage_limit (admin) overrides it. 0: no such limit.

@@ -23,6 +23,7 @@ from django.utils.translation import gettext_lazy as _
 from accounts.models import shared_with
 from serving.core.planning import EndpointLifecycle, RouteStatus
 from serving.core.revisions import CONFIG_FIELDS
+from serving.core.snapshots import format_bytes
 from storage.models import Folder
 
 endpoint_name_validator = RegexValidator(
@@ -320,6 +321,9 @@ class Route(models.Model):
     pull_progress = models.JSONField(default=dict, blank=True)
     # The effective health check (S5.1) resolved from the definition when the replica started.
     health_check = models.JSONField(default=dict, blank=True)
+    # The node's copy of the model folder (serving/node/snapshots.py), on a node that copies folders:
+    # {"digest", "folder", "done", "total", "state": "fetching" | "ready"}; {} on shared storage.
+    snapshot = models.JSONField(default=dict, blank=True)
     consecutive_failures = models.PositiveIntegerField(default=0)
     last_probe_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -341,6 +345,17 @@ class Route(models.Model):
     @property
     def error_message(self) -> str:
         return str(self.error.get("message", "")) if self.error else ""
+
+    @property
+    def snapshot_progress(self) -> dict[str, str] | None:
+        """While its node copies the model folder: the bytes done and to do, for the service page."""
+        snap = self.snapshot or {}
+        if self.status != Route.Status.PROVISIONING or snap.get("state") not in ("waiting", "fetching"):
+            return None
+        return {
+            "done": format_bytes(int(snap.get("done") or 0)),
+            "total": format_bytes(int(snap.get("total") or 0)),
+        }
 
 
 class Revision(models.Model):

@@ -376,6 +376,36 @@ class FolderFS:
         entries.sort(key=lambda e: (e.type != "dir", e.name.lower(), e.name))
         return entries
 
+    def regular_files(self) -> Iterator[tuple[str, os.stat_result]]:
+        """Every regular file in the folder, recursively, with its stat: symlinks and special files
+        are skipped (never followed), as are the uploads in progress and names that are not UTF-8."""
+
+        def walk(fd: int, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
+            with os.scandir(fd) as it:
+                items = sorted(it, key=lambda i: i.name)
+            for item in items:
+                if (not prefix and item.name == UPLOAD_DIR) or _display_name(item.name) != item.name:
+                    continue
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while we were walking
+                path = f"{prefix}/{item.name}" if prefix else item.name
+                if stat.S_ISREG(st.st_mode):
+                    yield path, st
+                elif stat.S_ISDIR(st.st_mode):
+                    try:
+                        child = open_dir_at(fd, item.name)
+                    except OSError:
+                        continue  # replaced by a symlink or removed meanwhile
+                    try:
+                        yield from walk(child, path)
+                    finally:
+                        os.close(child)
+
+        with self._dir(()) as root:
+            yield from walk(root, "")
+
     def open_read(self, path: str) -> BinaryIO:
         """A regular file opened for reading; symlinks, directories and special files are refused."""
         parts = split_path(path)

@@ -182,9 +182,10 @@ class LiveSystem:
         wait_for(lambda: _answers(f"http://127.0.0.1:{admin}/healthz"), what="the proxy to answer")
         return f"http://127.0.0.1:{port}"
 
-    def start_web(self) -> str:
-        """The web process (daphne: pages, API, websockets) on a free loopback port; returns its URL."""
-        port = free_port()
+    def start_web(self, port: int | None = None) -> str:
+        """The web process (daphne: pages, API, websockets) on a free loopback port (or ``port``);
+        returns its URL."""
+        port = port or free_port()
         url = f"http://127.0.0.1:{port}"
         self._spawn(
             "web",

@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -27,7 +28,7 @@ from django.utils import timezone
 from serving.bus import dryrun
 from serving.core import architecture, devices, slots
 from serving.models import STARTING_MARK, Node, Route, RouteMember
-from serving.node import caches, members, prober
+from serving.node import caches, members, prober, snapshots
 from serving.node.engine import get_engine, log_tail, node_name, share_node_addresses, stop_quietly
 from serving.node.engines.base import (
     LABEL_ENDPOINT,
@@ -46,6 +47,9 @@ from serving.node.sampler import NodeSampler
 log = logging.getLogger(__name__)
 
 # --- registration and heartbeat ------------------------------------------------------------------
+
+
+COLLECT_EVERY = 60.0  # seconds between two collections of unused snapshots
 
 
 def nvidia_smi_devices() -> list[dict[str, object]]:
@@ -254,6 +258,7 @@ class NodeAgent(threading.Thread):
                 recover_interrupted_starts(self.worker_started)
             except Exception:
                 log.exception("recovering interrupted starts failed; the start timeout will fail them")
+        collected_at = 0.0
         while not self.stopping.is_set():
             try:
                 close_old_connections()
@@ -261,6 +266,9 @@ class NodeAgent(threading.Thread):
                 sync()
                 # The services' caches on this node: sizes for the quota, removal once destroyed.
                 caches.sweep()
+                if time.monotonic() - collected_at >= COLLECT_EVERY:
+                    collected_at = time.monotonic()
+                    snapshots.collect_unused()  # the model folders' copies no route uses any more
             except Exception:
                 log.exception("node agent tick failed; retrying")
             self.stopping.wait(settings.NODE_HEARTBEAT_INTERVAL)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from django.conf import settings
+
 from serving import folders
+from serving.bus import events
 from serving.core import cluster, definitions, devices, runtimes, slots
 from serving.core.health import TCP_DEFAULT, HealthConfig
 from serving.models import Revision, Route, RouteMember
-from serving.node import caches, prestart
+from serving.node import caches, prestart, snapshots
 from serving.node.engine import get_engine
 from serving.node.engines.base import (
     LABEL_ENDPOINT,
@@ -38,12 +42,53 @@ class SpecError(Exception):
         self.extra = extra
 
 
-def load_definition(route: Route) -> definitions.ModelDefinition:
+def model_root(route: Route, member: RouteMember | None = None) -> Path:
+    """Where this node has the route's model folder: the web app's storage itself when this node
+    shares it (NODE_SHARED_STORAGE), else a snapshot copied into its cache (serving.node.snapshots)."""
+    folder = route.endpoint.model_folder
+    if folder is None:
+        raise SpecError("folder", "The service's model folder was deleted; modify the service to mount another one.")
+    if settings.NODE_SHARED_STORAGE:
+        return folder.host_path
+    # A saved route's progress shows on it (a cluster's sub, copied on its own node, keeps quiet).
+    saved = not route._state.adding and member is None
+    endpoint_id = str(route.endpoint_id)
+    try:
+        result = snapshots.fetch_snapshot(
+            str(folder.pk),
+            route_id=str(route.pk) if saved else None,
+            notify=(lambda: events.notify_endpoint_changed(endpoint_id)) if saved else None,
+            # A dry run's unsaved endpoint carries the validation's id (serving.node.dryrun).
+            validation=route.endpoint.pk.hex if route.endpoint._state.adding else None,
+        )
+    except snapshots.SnapshotError as exc:
+        raise SpecError(
+            "snapshot", f"The model folder {folder.name!r} could not be copied to node {settings.NODE_NAME}: {exc}"
+        ) from None
+    if not route._state.adding:
+        who = f"Replica {str(route.pk)[:8]}" + (f" ({member.host_name})" if member is not None else "")
+        events.record_event(
+            route.endpoint,
+            "route_snapshot",
+            f"{who} on node {settings.NODE_NAME}: {result.describe(folder.name)}",
+            route_id=route.pk,
+            data={
+                "digest": result.digest,
+                "bytes": result.total_bytes,
+                "fetched_bytes": result.fetched_bytes,
+                "manifest_seconds": round(result.manifest_seconds, 3),
+                "fetch_seconds": round(result.fetch_seconds, 3),
+            },
+        )
+    return result.path
+
+
+def load_definition(route: Route, root: Path | None = None) -> definitions.ModelDefinition:
     endpoint = route.endpoint
     folder = endpoint.model_folder
     if folder is None:
         raise SpecError("folder", "The service's model folder was deleted; modify the service to mount another one.")
-    fs = FolderFS(folder.host_path)
+    fs = FolderFS(root if root is not None else folder.host_path)
     wanted = endpoint.model_definition_path or definitions.DEFAULT_MODEL_DEFINITION_PATH
     # The default name falls back to .yml, as the original does; an explicit path does not.
     names = definitions.MODEL_DEFINITION_NAMES if wanted == definitions.DEFAULT_MODEL_DEFINITION_PATH else (wanted,)
@@ -106,7 +151,14 @@ def build_spec(
     if problem:
         raise SpecError("folder", problem)
     runtime = runtimes.get_runtime(endpoint.runtime)
-    definition = load_definition(route) if runtime.needs_definition_file else None
+    if endpoint.extra_mounts and not settings.NODE_SHARED_STORAGE:
+        raise SpecError(
+            "mount",
+            f"Node {settings.NODE_NAME} copies model folders (its storage is not the web app's), so it can not "
+            "mount additional (writable) folders; run this service on a node with NODE_SHARED_STORAGE=true.",
+        )
+    root = model_root(route, member) if endpoint.model_folder is not None else None
+    definition = load_definition(route, root) if runtime.needs_definition_file else None
     try:
         effective = runtimes.effective_service(
             endpoint.runtime, definition, endpoint.model_mount, dict(endpoint.environ)
@@ -118,7 +170,7 @@ def build_spec(
     assert folder is not None or not runtime.needs_definition_file
     mounts: list[Mount] = []
     if folder is not None:
-        mounts.append(Mount(source=str(folder.host_path), target=endpoint.model_mount, read_only=True))
+        mounts.append(Mount(source=str(root or folder.host_path), target=endpoint.model_mount, read_only=True))
     for extra in endpoint.extra_mounts or []:
         extra_folder = Folder.objects.filter(pk=extra.get("folder")).first()
         if extra_folder is None:

@@ -124,6 +124,12 @@
   const logsDialog = $("#logs-dialog");
   let logsRoute = null;
 
+  function bytes(size) {
+    const units = ["B", "KiB", "MiB", "GiB"];
+    let i = 0;
+    while (size >= 1024 && i < units.length - 1) { size /= 1024; i += 1; }
+    return (i ? size.toFixed(1) : String(size)) + " " + units[i];
+  }
   function fillRoute(row, route) {
     row.dataset.id = route.id;
     $(".r-id code", row).textContent = String(route.id).slice(0, 8);
@@ -138,6 +144,14 @@
     const progress = route.pull_progress || {};
     pull.hidden = !progress.total;
     pull.textContent = progress.total ? format(t.i18nPullProgress, { done: megabytes(progress.done), total: megabytes(progress.total) }) : "";
+    // While the node copies the model folder (a node that does not share the web app's storage).
+    const snap = route.snapshot || {};
+    const copying = route.status === "provisioning" && (snap.state === "fetching" || snap.state === "waiting");
+    const snapshotNote = $(".r-snapshot", row);
+    if (snapshotNote) {
+      snapshotNote.hidden = !copying;
+      snapshotNote.textContent = copying ? format(t.i18nSnapshot, { done: bytes(snap.done || 0), total: bytes(snap.total || 0) }) : "";
+    }
     fillMembers(row, route.members);
     $(".r-error .error-text", row).textContent = route.error || "";
     const hasError = route.error || (route.error_detail && Object.keys(route.error_detail).length);

@@ -46,6 +46,8 @@ ANY_USER: Access = {"owner": OK, "teammate": OK, "admin": OK, "stranger": OK}
 MINE: Access = {"owner": OK, "teammate": NOT_FOUND, "admin": NOT_FOUND, "stranger": NOT_FOUND}
 # Validations are personal: the user who ran it and operators.
 VALIDATION: Access = {"owner": OK, "teammate": REFUSED, "admin": OK, "stranger": REFUSED}
+# A node's snapshot endpoints: only a node key opens them; no user's session or API key does.
+NODES_ONLY: Access = {"owner": "401", "teammate": "401", "admin": "401", "stranger": "401"}
 STAFF: Access = {"owner": ADMIN_LOGIN, "teammate": ADMIN_LOGIN, "admin": OK, "stranger": ADMIN_LOGIN}
 EVERYONE: Access = {"owner": OK, "teammate": OK, "admin": OK, "stranger": OK}
 
@@ -131,6 +133,8 @@ RULES: dict[str, Rule] = {
     "service-revisions-traffic": Rule(API, {"PATCH": MANAGE}, data={"1": 100}),
     "runtimes": Rule(API, {"GET": ANY_USER}),
     "nodes": Rule(API, {"GET": ANY_USER}, collection=True),
+    "node-folder-manifest": Rule(API, {"GET": NODES_ONLY}),
+    "node-folder-file": Rule(API, {"GET": NODES_ONLY}),
     "presets": Rule(API, {"GET": ANY_USER}, collection=True),
     # --- REST API: folders and files -------------------------------------------------------------
     "folders": Rule(API, {"GET": ANY_USER, "POST": ANY_USER}, collection=True),

@@ -78,6 +78,7 @@ class RouteSerializer(serializers.ModelSerializer[Route]):
             "pull_progress",
             "devices",
             "members",
+            "snapshot",
             "spec_version",
             "consecutive_failures",
             "last_probe_at",

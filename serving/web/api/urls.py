@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from serving.web.api import views
+from serving.web.api import snapshots, views
 
 router = SimpleRouter(trailing_slash=True)
 router.register("services", views.ServiceViewSet, basename="service")
@@ -49,6 +49,9 @@ urlpatterns = [
     ),
     path("gateway-keys/", views.GatewayKeyListView.as_view(), name="gateway-keys"),
     path("gateway-keys/<uuid:gateway_key_id>/", views.GatewayKeyDetailView.as_view(), name="gateway-key-detail"),
+    # A node's snapshot of a model folder (node key, not a user's): its manifest and its files.
+    path("node/folders/<uuid:folder_id>/manifest/", snapshots.NodeManifestView.as_view(), name="node-folder-manifest"),
+    path("node/folders/<uuid:folder_id>/files/<path:path>", snapshots.NodeFileView.as_view(), name="node-folder-file"),
     path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
     path("schemas/<str:schema>", views.DefinitionSchemaView.as_view(), name="definition-schema"),
     path("nodes/", views.NodeListView.as_view(), name="nodes"),
