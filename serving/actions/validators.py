@@ -249,7 +249,7 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 
 
 def check_model_names(names: Any, endpoint: Endpoint) -> list[str]:
-    """A service's served model names (issue 17): a list of distinct names, none served by another
+    """A service's declared model names (issue 17): a list of distinct names, none served by another
     live service of its project (or, without a project, of its owner)."""
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValidationError({"model_names": 'Give model_names as a list of strings, e.g. ["llama-3-8b"].'})
@@ -263,7 +263,12 @@ def check_model_names(names: Any, endpoint: Endpoint) -> list[str]:
                     "starting with a letter or digit."
                 }
             )
-    wanted = names or served_model_names(endpoint)
+    if not names:
+        # The default name (MODEL_NAME, else the service's name) is not held to it: two services made
+        # from one folder (staging and production) share a default, and the gateway sends that name
+        # to whichever of them has a healthy replica. Declared names are a promise: those are unique.
+        return []
+    wanted = names
     peers = Endpoint.objects.live().exclude(pk=endpoint.pk)
     peers = (
         peers.filter(project=endpoint.project)
