@@ -49,6 +49,8 @@ urlpatterns = [
     ),
     path("gateway-keys/", views.GatewayKeyListView.as_view(), name="gateway-keys"),
     path("gateway-keys/<uuid:gateway_key_id>/", views.GatewayKeyDetailView.as_view(), name="gateway-key-detail"),
+    path("model-aliases/", views.ModelAliasListView.as_view(), name="model-aliases"),
+    path("model-aliases/<uuid:alias_id>/", views.ModelAliasDetailView.as_view(), name="model-alias-detail"),
     path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
     path("schemas/<str:schema>", views.DefinitionSchemaView.as_view(), name="definition-schema"),
     path("nodes/", views.NodeListView.as_view(), name="nodes"),
