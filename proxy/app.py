@@ -37,6 +37,7 @@ import hmac
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -57,6 +58,7 @@ log = logging.getLogger("proxy")
 
 _monotonic = time.monotonic
 _time = time.time
+_random = random.random  # a traffic split, not a secret
 
 SCHEMES = ("backendai", "bearer")
 PLATFORM_KINDS = (tokens.ENDPOINT_TOKEN_KIND, tokens.API_KEY_KIND, tokens.GATEWAY_KEY_KIND)
@@ -353,6 +355,11 @@ class Proxy:
                 if candidate.routes:
                     break  # one with a healthy replica first
         if endpoint is None:
+            for alias in self.table.aliases_named(found):
+                endpoint = self._pick_backend(alias, key)
+                if endpoint is not None:
+                    break
+        if endpoint is None:
             self._unknown_model(ex, found)
             return
         ex.gateway = True
@@ -436,13 +443,52 @@ class Proxy:
             return "expired_api_key", "The gateway key has expired; create a new one."
         return key
 
+    def _pick_backend(self, alias: gateway.Alias, key: gateway.GatewayKey) -> Endpoint | None:
+        """An alias's backend for one request: by weight among those ``key`` may call that have a
+        healthy replica (one not refusing connections here); when none has, the first one ``key`` may
+        call (it then holds, wakes or answers 503 as a service called by its own name would). None:
+        ``key`` may call no backend (the alias is unknown to it)."""
+        table = self.table
+        first: Endpoint | None = None
+        up: list[tuple[Endpoint, int]] = []
+        total = 0
+        now = _monotonic()
+        for endpoint_id, weight in alias.backends:
+            endpoint = table.by_id(endpoint_id)
+            if endpoint is None or not key.may_call(endpoint):
+                continue
+            if first is None:
+                first = endpoint
+            if weight > 0 and any(r.down_until <= now for r in endpoint.routes):
+                up.append((endpoint, weight))
+                total += weight
+        if len(up) == 1:
+            return up[0][0]
+        if up:
+            point = _random() * total
+            for endpoint, weight in up:
+                point -= weight
+                if point < 0:
+                    return endpoint
+            return up[-1][0]
+        return first
+
     def _models_for(self, key: gateway.GatewayKey) -> list[tuple[str, str]]:
-        """The model names ``key`` may call, sorted, each with its service's project (or owner)."""
+        """The model names ``key`` may call, sorted, each with its service's project (or owner); an
+        alias when ``key`` may call at least one of its backends."""
         seen: dict[str, str] = {}
         for endpoint in self.table.endpoints.values():
             if endpoint.models and key.may_call(endpoint):
                 for name in endpoint.models:
                     seen.setdefault(name, endpoint.project or endpoint.owner or "modelserve")
+        table = self.table
+        for alias in table.aliases.values():
+            if alias.name not in seen:
+                for endpoint_id, _ in alias.backends:
+                    backend = table.by_id(endpoint_id)
+                    if backend is not None and key.may_call(backend):
+                        seen[alias.name] = alias.project or alias.owner or "modelserve"
+                        break
         return sorted(seen.items())
 
     def _unknown_model(self, ex: Exchange, name: str) -> None:

@@ -178,6 +178,27 @@ class GatewayKey:
         return bool(self.owner) and endpoint.owner == self.owner
 
 
+@dataclass(frozen=True, slots=True)
+class Alias:
+    """A model alias (serving/bus/routing.py build_alias_entry): one name, several services by weight."""
+
+    id: str
+    name: str
+    project: str
+    owner: str
+    backends: tuple[tuple[str, int], ...]  # (endpoint id, weight), in the order given
+
+    @classmethod
+    def from_entry(cls, alias_id: str, entry: dict[str, Any]) -> Alias:
+        return cls(
+            id=alias_id,
+            name=str(entry["name"]),
+            project=str(entry.get("project") or ""),
+            owner=str(entry.get("owner") or ""),
+            backends=tuple((str(b["service"]), max(0, int(b["weight"]))) for b in entry.get("backends") or ()),
+        )
+
+
 def models_body(names: list[tuple[str, str]]) -> bytes:
     """OpenAI's model list: ``names`` are (model, owner label)."""
     return json.dumps(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
-from proxy.gateway import GatewayKey
+from proxy.gateway import Alias, GatewayKey
 from proxy.metrics import EndpointStats
 
 if TYPE_CHECKING:
@@ -329,11 +329,15 @@ class Table:
         self.channel = f"{prefix}:routing:updates"
         self.complete_key = f"{prefix}:routing:complete"
         self.keys_key = f"{prefix}:gateway:keys"
+        self.aliases_key = f"{prefix}:gateway:aliases"
         self.resync_interval = resync_interval
         self.endpoints: dict[str, Endpoint] = {}
         self.stats: dict[str, EndpointStats] = {}  # outlive their endpoint: counters never go back
         self.keys: dict[str, GatewayKey] = {}  # gateway keys by lookup (proxy/gateway.py)
+        self.aliases: dict[str, Alias] = {}  # model aliases by id (proxy/gateway.py)
         self._models: dict[str, list[Endpoint]] | None = None  # model name -> endpoints; None: to rebuild
+        self._alias_names: dict[str, list[Alias]] = {}  # alias name -> aliases (rebuilt with _models)
+        self._by_id: dict[str, Endpoint] = {}  # endpoint id -> endpoint (rebuilt with _models)
         self.loaded = False
         self.loaded_at = 0.0  # epoch of the last full load
         self.connected = False
@@ -381,12 +385,54 @@ class Table:
         when keys of different projects use one name); the index is rebuilt after a change."""
         models = self._models
         if models is None:
-            models = {}
-            for endpoint in self.endpoints.values():
-                for model in endpoint.models:
-                    models.setdefault(model, []).append(endpoint)
-            self._models = models
+            models = self._index()
         return models.get(name) or []
+
+    def _index(self) -> dict[str, list[Endpoint]]:
+        models: dict[str, list[Endpoint]] = {}
+        by_id: dict[str, Endpoint] = {}
+        for endpoint in self.endpoints.values():
+            by_id[endpoint.id] = endpoint
+            for model in endpoint.models:
+                models.setdefault(model, []).append(endpoint)
+        names: dict[str, list[Alias]] = {}
+        for alias in self.aliases.values():
+            names.setdefault(alias.name, []).append(alias)
+        self._models, self._by_id, self._alias_names = models, by_id, names
+        return models
+
+    def aliases_named(self, name: str) -> list[Alias]:
+        """The aliases called ``name`` (one per project at most)."""
+        if self._models is None:
+            self._index()
+        return self._alias_names.get(name) or []
+
+    def by_id(self, endpoint_id: str) -> Endpoint | None:
+        if self._models is None:
+            self._index()
+        return self._by_id.get(endpoint_id)
+
+    def apply_alias(self, alias_id: str, entry: dict[str, Any] | None) -> None:
+        self._models = None
+        if entry is None:
+            self.aliases.pop(alias_id, None)
+            return
+        try:
+            self.aliases[alias_id] = Alias.from_entry(alias_id, entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.aliases.pop(alias_id, None)
+            log.warning("model alias entry %r ignored (%s: %s)", alias_id, exc.__class__.__name__, exc)
+
+    def load_aliases(self, entries: dict[bytes, bytes], complete: bool) -> None:
+        aliases: dict[str, Alias] = {} if complete else dict(self.aliases)
+        for alias_b, value in entries.items():
+            alias_id = alias_b.decode()
+            try:
+                aliases[alias_id] = Alias.from_entry(alias_id, json.loads(value))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("model alias entry %r ignored (%s: %s)", alias_id, exc.__class__.__name__, exc)
+        self.aliases = aliases
+        self._models = None
 
     def apply_key(self, lookup: str, entry: dict[str, Any] | None) -> None:
         if entry is None:
@@ -458,6 +504,11 @@ class Table:
             return False
         if message.get("resync"):
             return True
+        alias_id = message.get("alias")
+        if isinstance(alias_id, str):
+            entry = message.get("entry")
+            self.apply_alias(alias_id, entry if isinstance(entry, dict) else None)
+            return False
         lookup = message.get("gateway_key")
         if isinstance(lookup, str):
             entry = message.get("entry")
@@ -482,9 +533,12 @@ class Table:
                 await self._task
 
     async def _load_from(self, client: aioredis.Redis) -> None:
-        entries, complete, keys = await _read_table(client, self.key, self.complete_key, self.keys_key)
+        entries, complete, keys, aliases = await _read_table(
+            client, self.key, self.complete_key, self.keys_key, self.aliases_key
+        )
         self.load(entries, complete)
         self.load_keys(keys, complete)
+        self.load_aliases(aliases, complete)
 
     async def _follow(self) -> None:
         outage_since: float | None = None
@@ -539,15 +593,17 @@ class Table:
 
 
 async def _read_table(
-    client: aioredis.Redis, key: str, complete_key: str, keys_key: str
-) -> tuple[dict[bytes, bytes], bool, dict[bytes, bytes]]:
-    """The hash, whether it is complete, and the gateway keys, in one MULTI (a full write sets all)."""
+    client: aioredis.Redis, key: str, complete_key: str, keys_key: str, aliases_key: str
+) -> tuple[dict[bytes, bytes], bool, dict[bytes, bytes], dict[bytes, bytes]]:
+    """The hash, whether it is complete, the gateway keys and the model aliases, in one MULTI (a full
+    write sets all)."""
     pipe = client.pipeline(transaction=True)
     pipe.hgetall(key)
     pipe.exists(complete_key)
     pipe.hgetall(keys_key)
-    entries, complete, keys = await pipe.execute()
-    return entries, bool(complete), keys
+    pipe.hgetall(aliases_key)
+    entries, complete, keys, aliases = await pipe.execute()
+    return entries, bool(complete), keys, aliases
 
 
 async def _close(pubsub: Any, client: aioredis.Redis) -> None:

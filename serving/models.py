@@ -543,6 +543,43 @@ class GatewayKey(models.Model):
         return self.revoked_at is None and self.expires_at > now
 
 
+class ModelAlias(models.Model):
+    """A model name at the gateway that points at several services with weights (issue 17): e.g. a
+    self-hosted model with a spill-over. The proxy picks a backend by weight among those with a
+    healthy replica, and tries the next when one has none. Names are unique per project (or, without
+    a project, per owner) together with the services' model names."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=128)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="model_aliases")
+    project = models.ForeignKey(
+        "accounts.Project", on_delete=models.CASCADE, null=True, blank=True, related_name="model_aliases"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelAliasBackend(models.Model):
+    """One service behind an alias, with its weight (its share among the backends that are up)."""
+
+    alias = models.ForeignKey(ModelAlias, on_delete=models.CASCADE, related_name="backends")
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="alias_backends")
+    weight = models.PositiveIntegerField(default=1)
+    position = models.PositiveIntegerField(default=0)  # the order given: ties and failover follow it
+
+    class Meta:
+        ordering = ["position"]
+        constraints = [models.UniqueConstraint(fields=["alias", "endpoint"], name="alias_backend_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.alias_id} -> {self.endpoint_id} ({self.weight})"
+
+
 class ServiceCache(models.Model):
     """A service's writable cache on one node (its /home/work/.cache), as that node last measured it.
 

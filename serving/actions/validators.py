@@ -24,7 +24,7 @@ from serving import folders
 from serving.core import architecture, definitions, devices, slots
 from serving.core.definitions import replica_mem_problem
 from serving.core.runtimes import RUNTIMES
-from serving.models import Endpoint, Node, ResourcePreset, RetryPolicy, served_model_names
+from serving.models import Endpoint, ModelAlias, Node, ResourcePreset, RetryPolicy, served_model_names
 from storage import fs
 from storage.models import Folder
 
@@ -263,13 +263,11 @@ def check_model_names(names: Any, endpoint: Endpoint) -> list[str]:
                     "starting with a letter or digit."
                 }
             )
-    if not names:
-        # The default name (MODEL_NAME, else the service's name) is not held to it: two services made
-        # from one folder (staging and production) share a default, and the gateway sends that name
-        # to whichever of them has a healthy replica. Declared names are a promise: those are unique.
-        return []
-    wanted = names
-    peers = Endpoint.objects.live().exclude(pk=endpoint.pk)
+    # A default name (MODEL_NAME, else the service's name) is not held to the services' rule: two
+    # services made from one folder (staging and production) share a default, and the gateway sends
+    # that name to whichever of them has a healthy replica. Declared names are a promise: unique.
+    wanted = names or served_model_names(endpoint)
+    peers = Endpoint.objects.live().exclude(pk=endpoint.pk) if names else Endpoint.objects.none()
     peers = (
         peers.filter(project=endpoint.project)
         if endpoint.project_id
@@ -285,6 +283,19 @@ def check_model_names(names: Any, endpoint: Endpoint) -> list[str]:
                     "unique per project; choose another name (or an alias for several services)."
                 }
             )
+    aliases = (
+        ModelAlias.objects.filter(project=endpoint.project)
+        if endpoint.project_id
+        else ModelAlias.objects.filter(owner=endpoint.owner_id, project__isnull=True)
+    )
+    clash = aliases.filter(name__in=wanted).values_list("name", flat=True).first()
+    if clash is not None:
+        raise ValidationError(
+            {
+                "model_names": f"The alias {clash!r} already answers to that name: model names are unique per "
+                "project; choose another name, or add this service to the alias as a backend."
+            }
+        )
     return list(names)
 
 

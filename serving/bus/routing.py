@@ -17,7 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import Membership
-from serving.models import Endpoint, EndpointToken, GatewayKey, Route, served_model_names
+from serving.models import Endpoint, EndpointToken, GatewayKey, ModelAlias, Route, served_model_names
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,41 @@ def publish_gateway_key_safely(key_id: str) -> None:
         log.warning("gateway key update %s deferred: %s", key_id, exc)
 
 
+def aliases_key() -> str:
+    """The model aliases the proxies route (proxy/gateway.py): alias id -> JSON entry."""
+    return f"{settings.REDIS_PREFIX}:gateway:aliases"
+
+
+def build_alias_entry(alias: ModelAlias) -> dict[str, Any]:
+    """The proxy's view of an alias: its name, scope (like a service's) and backends in order."""
+    return {
+        "name": alias.name,
+        "project": str(alias.project_id or ""),
+        "owner": str(alias.owner_id),
+        "backends": [{"service": str(b.endpoint_id), "weight": b.weight} for b in alias.backends.all()],
+    }
+
+
+def publish_alias(alias_id: str) -> None:
+    """Write one alias's entry (or remove it when deleted) and announce the change."""
+    alias = ModelAlias.objects.filter(pk=alias_id).first()
+    entry = build_alias_entry(alias) if alias is not None else None
+    pipe = get_redis().pipeline()
+    if entry is None:
+        pipe.hdel(aliases_key(), alias_id)
+    else:
+        pipe.hset(aliases_key(), alias_id, json.dumps(entry, separators=(",", ":")))
+    pipe.publish(updates_channel(), json.dumps({"alias": alias_id, "entry": entry}, separators=(",", ":")))
+    pipe.execute()
+
+
+def publish_alias_safely(alias_id: str) -> None:
+    try:
+        publish_alias(alias_id)
+    except redis.RedisError as exc:
+        log.warning("model alias update %s deferred: %s", alias_id, exc)
+
+
 def revision_shares(endpoint: Endpoint) -> dict[str, int]:
     """The proxy's split by revision: whole percents, only revisions with a share."""
     return {str(n): int(share) for n, share in sorted((endpoint.traffic or {}).items()) if int(share) > 0}
@@ -193,6 +228,10 @@ def publish_all() -> int:
         key.lookup: json.dumps(build_key_entry(key, _user_projects(key.owner_id)), separators=(",", ":"))
         for key in GatewayKey.objects.filter(revoked_at__isnull=True, expires_at__gt=now)
     }
+    aliases: dict[str | bytes, bytes | float | int | str] = {
+        str(alias.pk): json.dumps(build_alias_entry(alias), separators=(",", ":"))
+        for alias in ModelAlias.objects.prefetch_related("backends")
+    }
     pipe = client.pipeline()  # MULTI/EXEC: a proxy reads the table, the keys and the mark together
     if stale:
         pipe.hdel(table_key(), *stale)
@@ -201,6 +240,9 @@ def publish_all() -> int:
     pipe.delete(gateway_keys_key())
     if keys:
         pipe.hset(gateway_keys_key(), mapping=keys)
+    pipe.delete(aliases_key())
+    if aliases:
+        pipe.hset(aliases_key(), mapping=aliases)
     pipe.set(complete_key(), timezone.now().isoformat())
     pipe.publish(updates_channel(), json.dumps({"resync": True}))
     pipe.execute()

@@ -4,6 +4,7 @@ the API for every persona, and what reaches the proxies' table in Redis."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -118,3 +119,62 @@ def test_project_key_scope_and_full_publish(api: Any, folder: Folder, personas: 
         "/api/v1/gateway-keys/", {"name": "x", "project": personas["project"].pk}, format="json"
     )
     assert refused.status_code == 400
+
+
+def test_model_aliases_for_every_persona_and_in_the_proxies_table(
+    api: Any, folder: Folder, personas: dict[str, Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    one = create(api, folder, model_names=["llama-local"]).json()
+    two = create(api, folder, name="svc-two", model_names=["llama-cloud"]).json()
+    project = personas["project"].pk
+    body = {
+        "name": "llama",
+        "project": project,
+        "backends": [{"service": one["id"], "weight": 9}, {"service": two["id"], "weight": 1}],
+    }
+    assert api("teammate").post("/api/v1/model-aliases/", body, format="json").status_code == 403
+    assert api("stranger").post("/api/v1/model-aliases/", body, format="json").status_code == 400  # no project
+    with django_capture_on_commit_callbacks(execute=True):
+        made = api("owner").post("/api/v1/model-aliases/", body, format="json")
+    assert made.status_code == 201, made.json()
+    alias = made.json()
+    assert alias["backends"] == [{"service": one["id"], "weight": 9}, {"service": two["id"], "weight": 1}]
+    entry = json.loads(routing.get_redis().hget(routing.aliases_key(), alias["id"]))
+    assert entry == {
+        "name": "llama",
+        "project": str(project),
+        "owner": str(personas["owner"].pk),
+        "backends": [{"service": one["id"], "weight": 9}, {"service": two["id"], "weight": 1}],
+    }
+
+    url = f"/api/v1/model-aliases/{alias['id']}/"
+    assert api("teammate").get(url).status_code == 200
+    assert api("stranger").get(url).status_code == 404
+    assert api("stranger").get("/api/v1/model-aliases/").json() == []
+    assert api("teammate").patch(url, {"name": "x"}, format="json").status_code == 403
+    assert api("admin").get(url).status_code == 200
+
+    # Names are unique per project, alias and service alike, each way, with a sentence.
+    again = api("owner").post("/api/v1/model-aliases/", body, format="json")
+    assert again.status_code == 400 and "exists already" in json.dumps(again.json())
+    clash = api("owner").post("/api/v1/model-aliases/", {**body, "name": "llama-local"}, format="json")
+    assert clash.status_code == 400 and "already serves 'llama-local'" in json.dumps(clash.json())
+    service_clash = create(api, folder, name="svc-three", model_names=["llama"])
+    assert service_clash.status_code == 400 and "The alias 'llama'" in json.dumps(service_clash.json())
+    heavy = api("owner").patch(url, {"backends": [{"service": one["id"], "weight": 5000}]}, format="json")
+    assert heavy.status_code == 400
+    unknown = api("owner").patch(url, {"backends": [{"service": str(uuid.uuid4()), "weight": 1}]}, format="json")
+    assert unknown.status_code == 400 and "No such service" in json.dumps(unknown.json())
+
+    with django_capture_on_commit_callbacks(execute=True):
+        changed = api("owner").patch(url, {"backends": [{"service": two["id"], "weight": 2}]}, format="json")
+    assert changed.status_code == 200, changed.json()
+    entry = json.loads(routing.get_redis().hget(routing.aliases_key(), alias["id"]))
+    assert entry["backends"] == [{"service": two["id"], "weight": 2}]
+    routing.publish_all()
+    assert json.loads(routing.get_redis().hget(routing.aliases_key(), alias["id"]))["name"] == "llama"
+
+    assert api("teammate").delete(url).status_code == 403
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api("owner").delete(url).status_code == 204
+    assert routing.get_redis().hget(routing.aliases_key(), alias["id"]) is None

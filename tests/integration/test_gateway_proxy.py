@@ -199,3 +199,79 @@ def test_the_openai_client(gw: Proxy, backends: Callable[..., Backend]) -> None:
     bad = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="msg_nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def publish_alias(proxy: Proxy, alias_id: str, name: str, project: str, backends: list[tuple[str, int]]) -> None:
+    """What serving/bus/routing.py publish_alias does: write the entry, then announce it."""
+    entry = {
+        "name": name,
+        "project": project,
+        "owner": "1",
+        "backends": [{"service": f"id-{slug}", "weight": weight} for slug, weight in backends],
+    }
+    proxy.redis.hset(f"{proxy.prefix}:gateway:aliases", alias_id, json.dumps(entry))
+    proxy.redis.publish(f"{proxy.prefix}:routing:updates", json.dumps({"alias": alias_id, "entry": entry}))
+
+
+def test_an_alias_splits_by_weight_and_is_listed(gw: Proxy, backends: Callable[..., Backend]) -> None:
+    slug_a, slug_b, _, _, project = two_services(gw, backends)
+    name = f"chat-{uuid.uuid4().hex[:6]}"
+    publish_alias(gw, uuid.uuid4().hex, name, project, [(slug_a, 3), (slug_b, 1)])
+    key = grant(gw, projects=[project])
+    wait_for(lambda: call(gw, "/v1/chat/completions", key.token, chat(name))[0] == 200, what="the alias")
+
+    served = {slug_a: 0, slug_b: 0}
+    for _ in range(400):
+        status, headers, body = call(gw, "/v1/chat/completions", key.token, chat(name))
+        assert status == 200, body
+        served[headers["X-Modelserve-Service"]] += 1
+    # 3:1 -> 300 of 400 expected; binomial sd ~8.7, so 240..360 is far outside chance.
+    assert 240 <= served[slug_a] <= 360, served
+
+    status, _, listing = call(gw, "/v1/models", key.token)
+    assert name in [m["id"] for m in listing["data"]]
+    # A key that may call none of the backends neither sees the alias nor reaches it.
+    other = grant(gw, projects=["other"])
+    wait_for(lambda: call(gw, "/v1/models", other.token)[0] == 200, what="the other key")
+    assert name not in [m["id"] for m in call(gw, "/v1/models", other.token)[2]["data"]]
+    status, _, body = call(gw, "/v1/chat/completions", other.token, chat(name))
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    # A key for one backend only: the alias is listed, and every request goes to that backend.
+    only_b = grant(gw, services=[f"id-{slug_b}"])
+    wait_for(lambda: call(gw, "/v1/chat/completions", only_b.token, chat(name))[0] == 200, what="the key")
+    assert name in [m["id"] for m in call(gw, "/v1/models", only_b.token)[2]["data"]]
+    for _ in range(10):
+        assert call(gw, "/v1/chat/completions", only_b.token, chat(name))[1]["X-Modelserve-Service"] == slug_b
+
+
+def test_an_alias_fails_over_to_a_backend_with_a_healthy_replica(gw: Proxy, backends: Callable[..., Backend]) -> None:
+    tag = uuid.uuid4().hex[:6]
+    project = f"p-{tag}"
+    spill = backends(MODEL_NAME=f"spill-{tag}")
+    own, other = f"own-{tag}", f"spill-{tag}"
+    gw.publish(own, [], models=[f"own-{tag}"], project=project, owner="1", status="DEGRADED")  # 0 replicas
+    gw.publish(other, [spill.route()], models=[f"spillm-{tag}"], project=project, owner="1")
+    name = f"llm-{tag}"
+    alias_id = uuid.uuid4().hex
+    publish_alias(gw, alias_id, name, project, [(own, 100), (other, 1)])
+    key = grant(gw, projects=[project])
+    wait_for(lambda: call(gw, "/v1/chat/completions", key.token, chat(name))[0] == 200, what="the alias")
+    for _ in range(30):
+        status, headers, body = call(gw, "/v1/chat/completions", key.token, chat(name))
+        assert status == 200, body
+        assert headers["X-Modelserve-Service"] == other
+
+    # The self-hosted backend gets a replica: it takes (nearly) all the traffic again.
+    mine = backends(MODEL_NAME=f"own-{tag}")
+    gw.publish(own, [mine.route()], models=[f"own-{tag}"], project=project, owner="1")
+    wait_for(
+        lambda: call(gw, "/v1/chat/completions", key.token, chat(name))[1].get("X-Modelserve-Service") == own,
+        what="the backend's replica",
+    )
+    served = [call(gw, "/v1/chat/completions", key.token, chat(name))[1]["X-Modelserve-Service"] for _ in range(50)]
+    assert served.count(own) >= 45, served
+
+    # The alias removed: its name is unknown again.
+    gw.redis.hdel(f"{gw.prefix}:gateway:aliases", alias_id)
+    gw.redis.publish(f"{gw.prefix}:routing:updates", json.dumps({"alias": alias_id, "entry": None}))
+    wait_for(lambda: call(gw, "/v1/chat/completions", key.token, chat(name))[0] == 404, what="the removal")

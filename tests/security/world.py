@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from accounts.actions import do_issue_api_key
 from accounts.models import ApiKey
+from serving.actions import aliases as alias_actions
 from serving.actions import gateway as gateway_actions
 from serving.actions import rules as rule_actions
 from serving.actions import services
@@ -27,6 +28,7 @@ from serving.models import (
     Endpoint,
     EndpointToken,
     GatewayKey,
+    ModelAlias,
     Node,
     ResourcePreset,
     Route,
@@ -58,6 +60,7 @@ class World:
     route: Route
     api_key: ApiKey
     gateway_key: GatewayKey
+    alias: ModelAlias
     api_key_secret: str
     validation_id: str
     markers: list[str] = field(default_factory=list)
@@ -73,6 +76,7 @@ class World:
             "route_id": self.route.pk,
             "key_id": self.api_key.pk,
             "gateway_key_id": self.gateway_key.pk,
+            "alias_id": self.alias.pk,
             "path": self.file_path,
             "api_path": "models",
             "validation_id": self.validation_id,
@@ -138,6 +142,9 @@ def build_world(owner: Any, project: Any, tag: str | None = None) -> World:
     gateway_key, gateway_secret = gateway_actions.do_create_gateway_key(
         acting_user=owner, name=f"gw{tag}", expires_at=timezone.now() + timedelta(days=1), services=[service]
     )
+    alias = alias_actions.do_create_alias(
+        acting_user=owner, name=f"alias{tag}", backends=[(service, 1)], project=project
+    )
     validation_id = validation.new_id()
     validation.save_request(validation.ValidationRequest(id=validation_id, user_id=owner.pk, node=node.name, config={}))
     world = World(
@@ -152,6 +159,7 @@ def build_world(owner: Any, project: Any, tag: str | None = None) -> World:
         api_key=api_key,
         api_key_secret=api_key_secret,
         gateway_key=gateway_key,
+        alias=alias,
         validation_id=validation_id,
     )
     world.markers = [
@@ -174,5 +182,7 @@ def build_world(owner: Any, project: Any, tag: str | None = None) -> World:
         str(gateway_key.pk),
         f"gw{tag}",
         gateway_secret,
+        str(alias.pk),
+        f"alias{tag}",
     ]
     return world

@@ -17,6 +17,7 @@ from serving.models import (
     Endpoint,
     EndpointToken,
     GatewayKey,
+    ModelAlias,
     Node,
     ResourcePreset,
     RetryPolicy,
@@ -643,3 +644,53 @@ class GatewayKeyCreateSerializer(serializers.Serializer[Any]):
                 f"No such service, or you may not call it: {', '.join(missing)}. Use ids from /api/v1/services/."
             )
         return list(found.values())
+
+
+class ModelAliasSerializer(serializers.ModelSerializer[ModelAlias]):
+    """A model alias: one gateway model name over several services with weights."""
+
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    project = serializers.IntegerField(source="project_id", read_only=True, allow_null=True)
+    backends = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelAlias
+        fields = ["id", "name", "owner", "project", "backends", "created_at"]
+        read_only_fields = fields
+
+    def get_backends(self, obj: ModelAlias) -> list[dict[str, Any]]:
+        return [{"service": str(b.endpoint_id), "weight": b.weight} for b in obj.backends.all()]
+
+
+class AliasBackendSerializer(serializers.Serializer[Any]):
+    service = serializers.UUIDField()
+    weight = serializers.IntegerField(min_value=1, max_value=1000, default=1)
+
+
+class ModelAliasWriteSerializer(serializers.Serializer[Any]):
+    name = serializers.CharField(max_length=128, required=False)
+    backends = AliasBackendSerializer(
+        many=True,
+        required=False,
+        help_text="The services behind the alias, in order: [{service: id, weight: n}] (weight 1-1000, default 1).",
+    )
+    project = serializers.IntegerField(required=False, allow_null=True, help_text="Make it the project's alias.")
+
+    def validate_project(self, value: int | None) -> Project | None:
+        if value is None:
+            return None
+        project = Project.objects.of(self.context["request"].user).filter(pk=value).first()
+        if project is None:
+            raise serializers.ValidationError("No such project, or you are not a member of it.")
+        return project
+
+    def validate_backends(self, value: list[dict[str, Any]]) -> list[tuple[Endpoint, int]]:
+        user = self.context["request"].user
+        ids = [str(b["service"]) for b in value]
+        found = {str(e.pk): e for e in Endpoint.objects.visible_to(user).live().filter(pk__in=ids)}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise serializers.ValidationError(
+                f"No such service, or you may not see it: {', '.join(missing)}. Use ids from /api/v1/services/."
+            )
+        return [(found[str(b["service"])], int(b["weight"])) for b in value]

@@ -52,6 +52,8 @@ urlpatterns = [
     # A node's snapshot of a model folder (node key, not a user's): its manifest and its files.
     path("node/folders/<uuid:folder_id>/manifest/", snapshots.NodeManifestView.as_view(), name="node-folder-manifest"),
     path("node/folders/<uuid:folder_id>/files/<path:path>", snapshots.NodeFileView.as_view(), name="node-folder-file"),
+    path("model-aliases/", views.ModelAliasListView.as_view(), name="model-aliases"),
+    path("model-aliases/<uuid:alias_id>/", views.ModelAliasDetailView.as_view(), name="model-alias-detail"),
     path("runtimes/", views.RuntimeListView.as_view(), name="runtimes"),
     path("schemas/<str:schema>", views.DefinitionSchemaView.as_view(), name="definition-schema"),
     path("nodes/", views.NodeListView.as_view(), name="nodes"),

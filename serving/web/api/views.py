@@ -14,12 +14,13 @@ from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, NotFound, ValidationError
+from rest_framework.exceptions import APIException, NotFound, PermissionDenied, ValidationError
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from serving.actions import aliases as alias_actions
 from serving.actions import gateway as gateway_actions
 from serving.actions import revisions as revision_actions
 from serving.actions import rules as rule_actions
@@ -34,6 +35,7 @@ from serving.models import (
     Endpoint,
     EndpointToken,
     GatewayKey,
+    ModelAlias,
     Node,
     ResourcePreset,
     Route,
@@ -460,4 +462,76 @@ class GatewayKeyDetailView(APIView):
         """Revoke a key: every proxy refuses it within a second."""
         key = get_object_or_404(_gateway_keys(request.user), pk=gateway_key_id)
         gateway_actions.do_revoke_gateway_key(key)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+def _aliases(user: Any) -> Any:
+    """The aliases a user may see: their own and their projects'; operators all."""
+    aliases = ModelAlias.objects.select_related("owner").prefetch_related("backends")
+    if getattr(user, "is_superuser", False):
+        return aliases
+    return aliases.filter(Q(owner=user) | Q(project_id__in=user.project_ids())).distinct()
+
+
+def _may_change_alias(user: Any, alias: ModelAlias) -> bool:
+    if user.is_superuser or alias.owner_id == user.pk:
+        return True
+    return alias.project_id is not None and alias.project_id in user.managed_project_ids()
+
+
+class ModelAliasListView(APIView):
+    """Model aliases at the proxy's gateway (issue 17): one name, several services by weight."""
+
+    @extend_schema(responses=s.ModelAliasSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(s.ModelAliasSerializer(_aliases(request.user), many=True).data)
+
+    @extend_schema(request=s.ModelAliasWriteSerializer, responses={201: s.ModelAliasSerializer})
+    def post(self, request: Request) -> Response:
+        serializer = s.ModelAliasWriteSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        if "name" not in data or "backends" not in data:
+            raise ValidationError(
+                {"name": 'Give a name and backends: {"name": "chat", "backends": [{"service": "<id>", "weight": 1}]}.'}
+            )
+        project = data.get("project")
+        if project is not None and not (
+            request.user.is_superuser or project.pk in request.user.managed_project_ids()  # type: ignore[union-attr]
+        ):
+            raise PermissionDenied("Only the project's managers (or an operator) can add an alias to the project.")
+        alias = alias_actions.do_create_alias(
+            acting_user=request.user,  # type: ignore[arg-type]
+            name=data["name"],
+            backends=data["backends"],
+            project=project,
+        )
+        return Response(s.ModelAliasSerializer(_aliases(request.user).get(pk=alias.pk)).data, status=201)
+
+
+class ModelAliasDetailView(APIView):
+    @extend_schema(responses=s.ModelAliasSerializer)
+    def get(self, request: Request, alias_id: str) -> Response:
+        alias = get_object_or_404(_aliases(request.user), pk=alias_id)
+        return Response(s.ModelAliasSerializer(alias).data)
+
+    @extend_schema(request=s.ModelAliasWriteSerializer, responses=s.ModelAliasSerializer)
+    def patch(self, request: Request, alias_id: str) -> Response:
+        alias = get_object_or_404(_aliases(request.user), pk=alias_id)
+        if not _may_change_alias(request.user, alias):
+            raise PermissionDenied("Only the alias's owner, a project manager or an operator can change it.")
+        serializer = s.ModelAliasWriteSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        if "project" in data:
+            raise ValidationError({"project": "An alias stays in its project; create a new one elsewhere."})
+        alias_actions.do_modify_alias(alias, name=data.get("name"), backends=data.get("backends"))
+        return Response(s.ModelAliasSerializer(_aliases(request.user).get(pk=alias.pk)).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, alias_id: str) -> Response:
+        alias = get_object_or_404(_aliases(request.user), pk=alias_id)
+        if not _may_change_alias(request.user, alias):
+            raise PermissionDenied("Only the alias's owner, a project manager or an operator can delete it.")
+        alias_actions.do_delete_alias(alias)
         return Response(status=status.HTTP_204_NO_CONTENT)
