@@ -32,6 +32,7 @@ from serving.core.definitions import (
     parse_service_definition,
     read_service_definition,
     resolve_service_defaults,
+    writes,
 )
 from serving.core.definitions.reader import Collector, clip, fail, show
 from serving.core.runtimes import RUNTIMES, EffectiveService, RuntimeConfigError, effective_service
@@ -391,6 +392,10 @@ def validate_model_folder(
             problems.extend(service_definition.problems_for(runtime))
             warnings.extend(service_definition.warnings_for(runtime))
             defaults = resolve_service_defaults(service_definition, runtime)
+            # [runtime.environ] pointing a cache into the read-only model folder fails at run time.
+            for name, value in (defaults.environ if defaults else {}).items():
+                for text in writes.environ_warnings({name: value}, model_mount):
+                    warnings.append(Problem(SERVICE_DEFINITION_NAME, f"{runtime}.environ.{name}", text))
         except DefinitionError as exc:
             problems.extend(exc.problems)
 

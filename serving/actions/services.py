@@ -41,7 +41,7 @@ from serving.actions.validators import (
 from serving.bus import dispatch, dryrun, events, routing
 from serving.bus.events import record_event
 from serving.control import scheduler
-from serving.models import Endpoint, EndpointToken, Route
+from serving.models import Endpoint, EndpointToken, Route, ServiceEvent
 from storage.models import Folder
 
 
@@ -76,6 +76,9 @@ def do_create_service(*, acting_user: User, **fields: Any) -> Endpoint:
         actor=acting_user,
         data={"replicas": config.replicas, "runtime": config.runtime, "image": endpoint.image},
     )
+    for warning in config.warnings:
+        record_event(endpoint, "config_warning", warning, level=ServiceEvent.Level.WARNING, actor=acting_user)
+    endpoint.warnings = list(config.warnings)  # type: ignore[attr-defined]  # for the API's answer
     _kick(endpoint.pk)
     return endpoint
 

@@ -22,7 +22,7 @@ from django.core.exceptions import ValidationError
 from accounts.models import Project, User
 from serving import folders
 from serving.core import architecture, definitions, devices, slots
-from serving.core.definitions import replica_mem_problem
+from serving.core.definitions import replica_mem_problem, writes
 from serving.core.runtimes import RUNTIMES
 from serving.models import Endpoint, ModelAlias, Node, ResourcePreset, RetryPolicy, served_model_names
 from storage import fs
@@ -340,6 +340,8 @@ class ServiceConfig:
     project: Project | None
     architecture: str = ""
     model_names: tuple[str, ...] = ()
+    # What is valid but will fail at run time (a cache variable under the read-only model folder).
+    warnings: tuple[str, ...] = ()
 
 
 def _by_field(exc: ValidationError) -> dict[str, list[str]]:
@@ -462,6 +464,8 @@ def check_service_config(
         preset=preset,
         project=project,
         model_names=tuple(model_names or ()),
+        # The folder's [runtime.environ] and the launcher's variables, merged as the replica gets them.
+        warnings=tuple(writes.environ_warnings(merged_environ, model_mount)),
     )
     endpoint = build(config, acting_user)
     attempt(check_model_names, list(config.model_names), endpoint)

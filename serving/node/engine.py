@@ -143,14 +143,25 @@ def log_tail(engine: Engine, replica_id: str, lines: int = 20) -> str:
         return ""
 
 
-def record_start_warnings(route: Route, info: ReplicaInfo, who: str, definition_warnings: Iterable[str] = ()) -> None:
+def record_start_warnings(
+    route: Route,
+    info: ReplicaInfo,
+    who: str,
+    definition_warnings: Iterable[str] = (),
+    environ_warnings: Iterable[str] = (),
+) -> None:
     """What the engine noticed at start but did not stop for (a read-write mount the replica's
     user can not write): a warning on the service's log, as well as a line in the replica's.
     Once per service and spec version: every replica of a version meets the same folder, and a
     service restarting its replicas would otherwise repeat it at each start. ``definition_warnings``:
     the model definition's unknown keys (``ReplicaSpec.definition_warnings``), said the same way so a
-    typo such as ``inital_delay`` is seen by whoever watches the service start."""
-    for warning in [*info.warnings, *(f"model definition: {w}" for w in definition_warnings)]:
+    typo such as ``inital_delay`` is seen by whoever watches the service start. ``environ_warnings``:
+    its cache variables that point under the read-only model folder (``ReplicaSpec.environ_warnings``)."""
+    for warning in [
+        *info.warnings,
+        *(f"model definition: {w}" for w in definition_warnings),
+        *(f"environment: {w}" for w in environ_warnings),
+    ]:
         seen = ServiceEvent.objects.filter(
             endpoint_id=route.endpoint_id,
             kind="replica_warning",

@@ -16,6 +16,7 @@ from django.conf import settings
 from serving import folders
 from serving.bus import events
 from serving.core import cluster, definitions, devices, runtimes, slots
+from serving.core.definitions import writes
 from serving.core.health import TCP_DEFAULT, HealthConfig
 from serving.models import Revision, Route, RouteMember
 from serving.node import caches, prestart, snapshots
@@ -200,6 +201,8 @@ def build_spec(
         **{str(k): str(v) for k, v in effective.environ.items()},
         **{str(k): str(v) for k, v in (endpoint.environ or {}).items()},
     }
+    # A cache variable pointing into the read-only model folder fails at the first download: say so.
+    environ_warnings = tuple(writes.environ_warnings(env, endpoint.model_mount)) if folder is not None else ()
     # Downloads land in the writable cache, not the read-only model folder; the user's own wins.
     env.setdefault("HF_HOME", caches.HF_HOME)
     me = cluster.MemberName(cluster.SUB, member.idx) if member is not None else cluster.MemberName(cluster.MAIN, 1)
@@ -248,6 +251,7 @@ def build_spec(
             else None
         ),
         definition_warnings=tuple(str(w) for w in definition.warnings) if definition is not None else (),
+        environ_warnings=environ_warnings,
     )
     health = effective.health_check
     config = (

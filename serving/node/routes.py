@@ -127,7 +127,9 @@ def start_route(route_id: str) -> None:
             f"Replica {str(route.pk)[:8]} started on node {node_name()} at {info.host}:{info.port}.",
             route_id=route.pk,
         )
-        record_start_warnings(route, info, f"Replica {str(route.pk)[:8]}", spec.definition_warnings)
+        record_start_warnings(
+            route, info, f"Replica {str(route.pk)[:8]}", spec.definition_warnings, spec.environ_warnings
+        )
         endpoint_id = str(route.endpoint_id)
         transaction.on_commit(lambda: events.after_routes_changed(endpoint_id))
         transaction.on_commit(prober.refresh_soon)  # probe it from now on, not at the next re-read

@@ -25,6 +25,7 @@ from serving.models import (
     Route,
     RouteMember,
     ScalingEvent,
+    ServiceCache,
     ServiceEvent,
 )
 from storage.models import Folder
@@ -183,6 +184,45 @@ def test_cluster_routes_list_their_members_and_a_plain_route_does_not(
     assert members_of(html, single) == []
     assert '<ul class="r-members" aria-label="Cluster members" hidden>' in " ".join(html.split())
     assert 'id="svc-cluster" hidden' in html
+
+
+def cache_rows(html: str) -> list[tuple[str, str, str]]:
+    """(node, size, bytes) of each row of the page's writable-cache table."""
+    table = re.search(r'<table class="grid caches".*?</table>', html, re.S)
+    if table is None:
+        return []
+    return re.findall(
+        r'<tr><td data-label="[^"]*">([^<]*)</td><td class="num" data-label="[^"]*" data-bytes="(\d+)">([^<]*)</td>',
+        table.group(0),
+    )
+
+
+def test_the_writable_cache_size_per_node_per_persona(browser: Any, service: Endpoint) -> None:
+    # Before any node measured it, the page says so instead of an empty table.
+    html = browser("owner").get(page(service)).content.decode()
+    assert cache_rows(html) == []
+    assert "No node has measured it yet." in html
+    gpu_b, gpu_a = Node.objects.create(name="gpu-b"), Node.objects.create(name="gpu-a")
+    measured = dt.datetime(2026, 3, 4, 5, 6, tzinfo=dt.UTC)
+    ServiceCache.objects.create(endpoint=service, node=gpu_b, bytes=3 * 1024**3, measured_at=measured)
+    ServiceCache.objects.create(endpoint=service, node=gpu_a, bytes=1536, measured_at=measured)
+    # Another service's cache on the same node is not this one's.
+    other = services.do_create_service(acting_user=service.owner, name="echo-two", folder=service.model_folder)
+    ServiceCache.objects.create(endpoint=other, node=gpu_a, bytes=7, measured_at=measured)
+    for who in ("owner", "teammate", "admin"):
+        html = browser(who).get(page(service)).content.decode()
+        assert [(n, b) for n, b, _ in cache_rows(html)] == [("gpu-a", "1536"), ("gpu-b", str(3 * 1024**3))], who
+        sizes = [" ".join(size.replace("\xa0", " ").split()) for _, _, size in cache_rows(html)]
+        assert sizes == ["1.5 KB", "3.0 GB"], who
+        assert 'datetime="2026-03-04T05:06:00+00:00"' in html, who
+        assert "No node has measured it yet." not in html
+    assert browser("stranger").get(page(service)).status_code == 404
+    ja = browser("owner")
+    ja.cookies[settings.LANGUAGE_COOKIE_NAME] = "ja"
+    html_ja = ja.get(page(service)).content.decode()
+    assert "書き込み可能なキャッシュ" in html_ja
+    assert "所有者のストレージ上限に含まれます" in html_ja
+    assert [n for n, _, _ in cache_rows(html_ja)] == ["gpu-a", "gpu-b"]
 
 
 # --- clear errors and retry ----------------------------------------------------------------------

@@ -107,3 +107,8 @@ def message(argument: str, root: str) -> str:
 
 def warnings_for(arguments: Iterable[str], root: str) -> list[str]:
     return [message(a, root) for a in arguments]
+
+
+def environ_warnings(environ: Mapping[str, object], root: str) -> list[str]:
+    """``environ_writes`` in words: one warning per cache variable pointing under the read-only ``root``."""
+    return [f"The environment variable {message(a, root)}" for a in environ_writes(environ, root)]

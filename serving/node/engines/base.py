@@ -89,6 +89,8 @@ class ReplicaSpec:
     cluster: ClusterPeering | None = None  # set for the members of a cluster of two or more
     # What the model definition says that is not used (unknown keys): the service's log says so at start.
     definition_warnings: tuple[str, ...] = ()
+    # Its environment's cache variables that point under the read-only model folder (HF_HOME=/models/hf).
+    environ_warnings: tuple[str, ...] = ()
 
 
 class ReplicaState(enum.StrEnum):

@@ -61,9 +61,12 @@ class ServiceViewSet(viewsets.ViewSet):
         serializer = s.ServiceCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
-        endpoint = services.do_create_service(acting_user=request.user, **data)  # type: ignore[arg-type]
-        endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
-        return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_201_CREATED)
+        created = services.do_create_service(acting_user=request.user, **data)  # type: ignore[arg-type]
+        endpoint = s.with_routes(Endpoint.objects.all()).get(pk=created.pk)
+        # What is valid but will fail at run time (HF_HOME under the read-only model folder): also in
+        # the service's event log.
+        body = {**s.ServiceSerializer(endpoint).data, "warnings": getattr(created, "warnings", [])}
+        return Response(body, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=s.ServiceCreateSerializer, responses={202: dict})
     @action(detail=False, methods=["post"])

@@ -339,6 +339,7 @@ def _render_detail(
         "live": endpoint.lifecycle == Endpoint.Lifecycle.CREATED,
         "settings_rows": _settings_rows(endpoint),
         "environ": sorted(endpoint.environ.items()),
+        "caches": list(endpoint.caches.select_related("node")),
         "snippets": snippets(endpoint),
         "metrics_url": metrics_api(endpoint),
         "chat": offers_chat(endpoint.runtime, endpoint.environ),

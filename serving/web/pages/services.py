@@ -468,6 +468,8 @@ def launcher(request: HttpRequest) -> HttpResponse:
         except (DRFValidationError, DjangoValidationError) as exc:
             return _render_launcher(request, values, errors=field_errors(exc))
         messages.success(request, _("Service %(name)s created; its replicas are starting.") % {"name": endpoint.name})
+        for warning in getattr(endpoint, "warnings", []):
+            messages.warning(request, warning)
         return redirect(detail_url(endpoint.pk))
     # No runtime asked for: "Run this model" opens with the runtime the folder describes.
     asked = request.GET.get("runtime") or None
