@@ -31,6 +31,9 @@ API = "api"  # JSON: anonymous -> 401
 PUBLIC = "public"  # no login needed
 ADMIN = "admin"  # the Django admin: staff only, others -> the admin's login page
 WS = "ws"
+# For Prometheus, not people: a loopback address or the METRICS_TOKEN, whoever is logged in. The
+# matrix calls these from a non-loopback address (192.0.2.1) without the token: 403 for everyone.
+METRICS = "metrics"
 
 Access = Mapping[str, str]
 
@@ -47,6 +50,7 @@ MINE: Access = {"owner": OK, "teammate": NOT_FOUND, "admin": NOT_FOUND, "strange
 # Validations are personal: the user who ran it and operators.
 VALIDATION: Access = {"owner": OK, "teammate": REFUSED, "admin": OK, "stranger": REFUSED}
 STAFF: Access = {"owner": ADMIN_LOGIN, "teammate": ADMIN_LOGIN, "admin": OK, "stranger": ADMIN_LOGIN}
+NOBODY: Access = {"owner": FORBIDDEN, "teammate": FORBIDDEN, "admin": FORBIDDEN, "stranger": FORBIDDEN}
 EVERYONE: Access = {"owner": OK, "teammate": OK, "admin": OK, "stranger": OK}
 
 
@@ -69,6 +73,8 @@ RULES: dict[str, Rule] = {
     "logout": Rule(PUBLIC, {"POST": EVERYONE}),
     "set_language": Rule(PUBLIC, {"POST": EVERYONE}, data={"language": "ja"}),
     "healthz": Rule(PUBLIC, {"GET": EVERYONE}),
+    "metrics": Rule(METRICS, {"GET": NOBODY}),
+    "metrics-sd": Rule(METRICS, {"GET": NOBODY}),
     "favicon": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-schema": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-docs": Rule(PUBLIC, {"GET": EVERYONE}),
