@@ -80,6 +80,8 @@ CSRF_TRUSTED_ORIGINS = list(WEB_ORIGINS)
 # balancers in front of daphne. None by default: `make run` puts nothing in front of it, and from
 # anyone else the header is the client's own claim (it would reset every per-address limit).
 WEB_TRUSTED_PROXIES = env_networks("WEB_TRUSTED_PROXIES", [])
+# /metrics and /metrics/sd answer to loopback addresses, and to "Authorization: Bearer <this>" when set.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 
 INSTALLED_APPS = [
     "daphne",
@@ -99,6 +101,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "serving.web.metrics.RequestMetricsMiddleware",  # first: it times the others too
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

@@ -8,6 +8,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from accounts import views as account_views
+from serving.web import metrics
 
 urlpatterns = [
     path("", account_views.home, name="home"),
@@ -18,6 +19,8 @@ urlpatterns = [
     path("folders/", include("storage.urls")),
     path("services/", include("serving.web.pages.urls")),
     path("healthz", account_views.healthz, name="healthz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
+    path("metrics/sd", metrics.service_discovery, name="metrics-sd"),
     # Browsers ask for it on every page, the admin's included (a 404 in their console otherwise).
     path("favicon.ico", RedirectView.as_view(url=static("img/favicon.svg"), permanent=True), name="favicon"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -180,6 +180,7 @@ class LiveSystem:
         port, admin = free_port(), free_port()
         self._spawn("proxy", [sys.executable, "-m", "proxy"], PROXY_PORT=str(port), PROXY_ADMIN_PORT=str(admin))
         wait_for(lambda: _answers(f"http://127.0.0.1:{admin}/healthz"), what="the proxy to answer")
+        self.proxy_admin_url = f"http://127.0.0.1:{admin}"  # /metrics, /healthz
         return f"http://127.0.0.1:{port}"
 
     def start_web(self, port: int | None = None) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from serving.bus import dispatch, metrics
+from serving.bus import dispatch, metrics, telemetry
 from serving.bus import events as audit
 from serving.core.scaling import NOT_MATCHED, Decision, Rule, combine, evaluate
 from serving.models import AutoScalingRule, Endpoint, ScalingEvent, ServiceEvent
@@ -221,6 +221,7 @@ def _apply_scaling(
                     decision = Decision(decision.rule, decision.observed, current, current, False, why)
                 if decision.acted or decision.key[:255] != last_decision[decision.rule.id]:
                     events.append(_event(endpoint_id, decision, now, acted=decision.acted))
+                    telemetry.count_decision(locked[endpoint_id].slug, decision.old, decision.new, decision.acted)
                     if problem:
                         # The whole sentence (who can change the model folder, how to fix it) is too long
                         # for a decision; the service's events keep it, once per refusal, not per tick.

@@ -13,6 +13,7 @@ per batch, so that its cost is a few queries per batch rather than a dozen per e
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,7 +26,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from serving import failpoints
-from serving.bus import dispatch, events
+from serving.bus import dispatch, events, telemetry
 from serving.control import revisions, scheduler
 from serving.core.planning import PROVISION_TIMEOUT, EndpointView, Plan, RouteView, plan
 from serving.models import Endpoint, Node, Revision, Route, RouteMember, ServiceEvent
@@ -147,6 +148,7 @@ def staged_view(rollout: Any) -> int:
     return int(rollout.get("revision", 0)) if rollout.get("strategy") == "blue_green" else 0
 
 
+@telemetry.timed("modelserve_reconcile_duration_seconds", kind="service")
 def reconcile(endpoint_id: str, now: datetime | None = None) -> Plan | None:
     """Make one endpoint's routes match its desired state. Returns the executed plan."""
     return _reconcile_locked([str(endpoint_id)], now or timezone.now(), robust=False).get(str(endpoint_id))
@@ -437,6 +439,7 @@ def _place_route(
     if endpoint.cluster_size > 1:
         return _place_cluster_route(work, placer, pool, request, now, lines, endpoint)
     choice = scheduler.choose_node(endpoint, request, now, pool=pool, same=_same_endpoint_routes(work))
+    scheduler.count_failure(endpoint, choice.node is None, choice.waiting, choice.reason)
     if choice.waiting:
         _wait_for_a_node(endpoint, choice.reason, now, lines)
         return None
@@ -488,6 +491,7 @@ def _place_cluster_route(
     no node is alive. ``endpoint``: as the route's revision runs it."""
 
     choice = scheduler.choose_nodes(endpoint, request, now, pool=pool, same=_same_endpoint_routes(work))
+    scheduler.count_failure(endpoint, not choice.nodes, choice.waiting, choice.reason)
     if choice.waiting:
         _wait_for_a_node(endpoint, choice.reason, now, lines)
         return None
@@ -537,6 +541,7 @@ def _place_cluster_route(
 BATCH = 100
 
 
+@telemetry.timed("modelserve_reconcile_duration_seconds", kind="tick")
 def reconcile_many(endpoint_ids: list[Any], now: datetime | None = None) -> int:
     """Reconcile several endpoints; one failing does not stop the others. Returns how many ran.
 
@@ -548,7 +553,7 @@ def reconcile_many(endpoint_ids: list[Any], now: datetime | None = None) -> int:
     alone. A batch that fails is rolled back and its endpoints are reconciled one by one.
     """
     now = now or timezone.now()
-    done = 0
+    done = backlog = 0
     ids = [str(i) for i in endpoint_ids]
     for chunk_start in range(0, len(ids), 2000):  # bounded IN (...) lists and memory
         chunk = ids[chunk_start : chunk_start + 2000]
@@ -558,6 +563,7 @@ def reconcile_many(endpoint_ids: list[Any], now: datetime | None = None) -> int:
             log.exception("the tick's bulk read failed; reconciling each endpoint on its own")
             needing = set(chunk)
         done += len(chunk) - len(needing)
+        backlog += len(needing)
         todo = [endpoint_id for endpoint_id in chunk if endpoint_id in needing]
         for batch_start in range(0, len(todo), BATCH):
             batch = todo[batch_start : batch_start + BATCH]
@@ -573,6 +579,8 @@ def reconcile_many(endpoint_ids: list[Any], now: datetime | None = None) -> int:
                     done += 1
                 except Exception:
                     log.exception("reconcile of endpoint %s failed; the next tick retries", endpoint_id)
+    telemetry.set_gauge("modelserve_reconcile_backlog", backlog)
+    telemetry.set_gauge("modelserve_reconcile_last_tick_timestamp_seconds", time.time())
     return done
 
 

@@ -13,6 +13,7 @@ from datetime import datetime
 
 from django.db.models import Count
 
+from serving.bus import telemetry
 from serving.core import architecture, cluster, devices, slots
 from serving.core.devices import Assignment
 from serving.models import Endpoint, Node, Route, RouteMember
@@ -70,6 +71,20 @@ def rank_nodes(request: Mapping[str, float], nodes: Iterable[NodeView]) -> list[
         return (n.same_endpoint_routes, -(n.free.get("cpu", 0.0) / cpu_capacity), n.name)
 
     return sorted(fitting, key=score)
+
+
+def count_failure(endpoint: Endpoint, failed: bool, waiting: bool, reason: str) -> None:
+    """Count a placement that found no node in ``modelserve_scheduling_failures_total``, by a reason
+    of a few values (the sentence itself names nodes and sizes: unbounded as a label)."""
+    if not failed:
+        return
+    kind = ("architecture" if reason.startswith(ARCHITECTURE_WAIT) else "no_node") if waiting else "resources"
+    telemetry.count(
+        "modelserve_scheduling_failures_total", reason=kind, resource_group=endpoint.resource_group or "default"
+    )
+
+
+ARCHITECTURE_WAIT = "No node runs "  # how of_architecture's reason begins
 
 
 def explain_no_fit(request: Mapping[str, float], nodes: list[NodeView], group: str) -> str:

@@ -31,7 +31,7 @@ from django.db import close_old_connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from serving.bus import dispatch, routing
+from serving.bus import dispatch, routing, telemetry
 from serving.bus import events as audit
 from serving.core import sleep as rules
 from serving.models import Endpoint, Route, ScalingEvent
@@ -73,6 +73,7 @@ def wake(slug: str, *, why: str = "a request", now: datetime | None = None) -> b
             desired_replicas=replicas, slept_at=None, woke_at=now, last_scaled_at=now, updated_at=now
         )
         reason = f"woken by {why} after {asleep:.0f} s asleep"
+        telemetry.count_decision(endpoint.slug, old, replicas, True)
         ScalingEvent.objects.create(
             endpoint=endpoint,
             metric=WAKE_METRIC,
@@ -235,6 +236,7 @@ def _put_to_sleep(endpoint: Endpoint, idle: float, now: float) -> bool:
         if not updated:
             return False  # changed meanwhile (scaled, modified, woken): the next tick looks again
         reason = f"no request for {idle:.0f} s (idle timeout {endpoint.idle_timeout} s): sleeping"
+        telemetry.count_decision(endpoint.slug, current, 0, True)
         ScalingEvent.objects.create(
             endpoint=endpoint,
             metric=IDLE_METRIC,

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from serving import failpoints
-from serving.bus import dispatch, events
+from serving.bus import dispatch, events, telemetry
 from serving.models import STARTING_MARK, Endpoint, Route, RouteMember
 from serving.node import prober, replicas
 from serving.node.engine import get_engine, node_name, record_start_warnings, share_node_addresses, stop_quietly
@@ -38,8 +38,10 @@ class _PullProgress:
         self.route_id = route.pk
         self.endpoint_id = str(route.endpoint_id)
         self.last = 0.0
+        self.done = 0  # the pull's bytes so far (for modelserve_image_pull_bytes_total)
 
     def __call__(self, done: int, total: int) -> None:
+        self.done = done
         now = time.monotonic()
         if now - self.last < PULL_PROGRESS_EVERY:
             return
@@ -144,9 +146,11 @@ def _pull_image(engine: Engine, route: Route, image: str) -> None:
     ensure_image = getattr(engine, "ensure_image", None)
     if ensure_image is None:
         return
-    seconds = ensure_image(image, _PullProgress(route))
+    progress = _PullProgress(route)
+    seconds = ensure_image(image, progress)
     if seconds is None:
         return
+    telemetry.count_pull(node_name(), progress.done, seconds)
     events.record_event(
         route.endpoint,
         "image_pulled",

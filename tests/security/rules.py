@@ -31,6 +31,9 @@ API = "api"  # JSON: anonymous -> 401
 PUBLIC = "public"  # no login needed
 ADMIN = "admin"  # the Django admin: staff only, others -> the admin's login page
 WS = "ws"
+# For Prometheus, not people: a loopback address or the METRICS_TOKEN, whoever is logged in. The
+# matrix calls these from a non-loopback address (192.0.2.1) without the token: 403 for everyone.
+METRICS = "metrics"
 
 Access = Mapping[str, str]
 
@@ -49,6 +52,7 @@ VALIDATION: Access = {"owner": OK, "teammate": REFUSED, "admin": OK, "stranger":
 # A node's snapshot endpoints: only a node key opens them; no user's session or API key does.
 NODES_ONLY: Access = {"owner": "401", "teammate": "401", "admin": "401", "stranger": "401"}
 STAFF: Access = {"owner": ADMIN_LOGIN, "teammate": ADMIN_LOGIN, "admin": OK, "stranger": ADMIN_LOGIN}
+NOBODY: Access = {"owner": FORBIDDEN, "teammate": FORBIDDEN, "admin": FORBIDDEN, "stranger": FORBIDDEN}
 EVERYONE: Access = {"owner": OK, "teammate": OK, "admin": OK, "stranger": OK}
 
 
@@ -71,6 +75,8 @@ RULES: dict[str, Rule] = {
     "logout": Rule(PUBLIC, {"POST": EVERYONE}),
     "set_language": Rule(PUBLIC, {"POST": EVERYONE}, data={"language": "ja"}),
     "healthz": Rule(PUBLIC, {"GET": EVERYONE}),
+    "metrics": Rule(METRICS, {"GET": NOBODY}),
+    "metrics-sd": Rule(METRICS, {"GET": NOBODY}),
     "favicon": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-schema": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-docs": Rule(PUBLIC, {"GET": EVERYONE}),

@@ -123,6 +123,8 @@ def send(client: Client, rule: r.Rule, method: str, path: str, world: World) -> 
     query = world.format(rule.query)
     data = {k: world.format(v) if isinstance(v, str) else v for k, v in rule.data.items()}
     url = path + query
+    if rule.kind == r.METRICS:  # from another host than the web app's (loopback is let in)
+        client.defaults["REMOTE_ADDR"] = "192.0.2.1"
     if method == "GET":
         return client.get(url, HTTP_ACCEPT="text/html,application/json")
     if method == "PUT":
@@ -147,7 +149,7 @@ def _location(response: Any) -> str:
 
 def expected_for(rule: r.Rule, method: str, persona: str) -> str:
     if persona == "anonymous":
-        return {r.PAGE: "login", r.API: "401", r.ADMIN: r.ADMIN_LOGIN, r.PUBLIC: r.OK}[rule.kind]
+        return {r.PAGE: "login", r.API: "401", r.ADMIN: r.ADMIN_LOGIN, r.PUBLIC: r.OK, r.METRICS: "403"}[rule.kind]
     return rule.methods[method][persona]
 
 
