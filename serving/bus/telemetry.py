@@ -80,6 +80,19 @@ METRICS: dict[str, Metric] = {
             ("service", "direction", "acted"),
         ),
         Metric(
+            "modelserve_snapshot_bytes_total",
+            "counter",
+            "Bytes of model folders copied to the nodes as snapshots (files already there are linked).",
+            ("node",),
+        ),
+        Metric(
+            "modelserve_snapshot_duration_seconds",
+            "histogram",
+            "Time of one model folder's snapshot fetch by a node.",
+            ("node",),
+            (0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
+        ),
+        Metric(
             "modelserve_image_pull_bytes_total",
             "counter",
             "Bytes of images pulled by the nodes.",
@@ -148,6 +161,12 @@ def count_decision(service: str, old: int, new: int, acted: bool) -> None:
         direction=direction,
         acted="true" if acted else "false",
     )
+
+
+def count_snapshot(node: str, size: int, seconds: float) -> None:
+    """One snapshot fetch by ``node``: the bytes it moved and its time."""
+    count("modelserve_snapshot_bytes_total", size, node=node)
+    observe("modelserve_snapshot_duration_seconds", seconds, node=node)
 
 
 def count_pull(node: str, size: int, seconds: float) -> None:

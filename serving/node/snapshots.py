@@ -39,6 +39,7 @@ from django.conf import settings
 from django.db import connections
 from django.db.models import Q
 
+from serving.bus import telemetry
 from serving.core import snapshots
 from serving.core.snapshots import FileEntry, format_bytes
 from serving.models import Route
@@ -373,6 +374,7 @@ def fetch_snapshot(
             os.rename(building, final)
             fetch_seconds = time.monotonic() - fetch_started
             progress.write("ready", force=True, fetched=plan.fetch_bytes)
+            telemetry.count_snapshot(settings.NODE_NAME, plan.fetch_bytes, fetch_seconds)
         return SnapshotResult(
             final,
             digest,

@@ -19,7 +19,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.test import Client
 
-from serving.bus import dryrun
+from serving.bus import dryrun, telemetry
 from serving.core import snapshots as core
 from serving.models import Endpoint, Node, Revision, Route
 from serving.node import replicas, snapshots
@@ -192,6 +192,9 @@ def test_a_node_fetches_a_snapshot_and_refetches_only_what_changed(web: str, ser
     assert (second.path / "weights" / "b.bin").read_text() == "c" * 3000
     assert (first.path / "weights" / "b.bin").read_text() == "b" * 3000
     assert (second.path / "weights" / "a.bin").stat().st_ino == (first.path / "weights" / "a.bin").stat().st_ino
+    # The bytes that crossed the network are the platform's metrics (issue 20): both fetches, no reuse.
+    moved = telemetry.read()[("modelserve_snapshot_bytes_total", (("node", settings.NODE_NAME),))]
+    assert moved == first.transferred + 3000
 
     # Collection: a snapshot in use stays; the other goes, with the objects only it linked.
     assert snapshots.collect({second.digest}, keep=0) == 1
