@@ -69,6 +69,7 @@ RULES: dict[str, Rule] = {
     "logout": Rule(PUBLIC, {"POST": EVERYONE}),
     "set_language": Rule(PUBLIC, {"POST": EVERYONE}, data={"language": "ja"}),
     "healthz": Rule(PUBLIC, {"GET": EVERYONE}),
+    "readyz": Rule(PUBLIC, {"GET": EVERYONE}),
     "favicon": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-schema": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-docs": Rule(PUBLIC, {"GET": EVERYONE}),
