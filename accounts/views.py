@@ -3,6 +3,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
@@ -86,3 +87,29 @@ def healthz(request: HttpRequest) -> JsonResponse:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
     return JsonResponse({"status": "ok"})
+
+
+READY_TIMEOUT = 1.0  # seconds per check: a load balancer's probe must not hang on a dead dependency
+
+
+@require_GET
+def readyz(request: HttpRequest) -> JsonResponse:
+    """Readiness: the database and Redis answer (503 naming what failed). /healthz stays the cheap liveness."""
+    failed: dict[str, str] = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception as exc:
+        failed["database"] = f"{exc.__class__.__name__}: {exc}"
+    client = redis.Redis.from_url(
+        settings.REDIS_URL, socket_connect_timeout=READY_TIMEOUT, socket_timeout=READY_TIMEOUT
+    )
+    try:
+        client.ping()
+    except Exception as exc:
+        failed["redis"] = f"{exc.__class__.__name__}: {exc}"
+    finally:
+        client.close()
+    if failed:
+        return JsonResponse({"status": "unavailable", "failed": failed}, status=503)
+    return JsonResponse({"status": "ok", "checks": ["database", "redis"]})

@@ -13,8 +13,11 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the app regi
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from config.asgi_guards import TrustedProxyHeaders, WebOriginValidator  # noqa: E402
+from serving.core import logs  # noqa: E402
 from serving.web.consumers import websocket_urlpatterns  # noqa: E402
 from storage.asgi import streaming_uploads  # noqa: E402
+
+logs.set_process("web")  # LOG_FORMAT=json lines say which process wrote them
 
 # The client address comes from X-Forwarded-For of WEB_TRUSTED_PROXIES only (daphne runs without
 # --proxy-headers, which believed any client's claim); the rate limits count per that address.

@@ -27,6 +27,7 @@ from config.env import (
 )
 
 # Shared with the engines, which check it again (plain constants: no Django, no app loading).
+from serving.core import logs
 from serving.core.images import PULL_CHOICES, parse_registries
 from serving.node.engines.firewall import EGRESS_CHOICES
 
@@ -101,7 +102,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "serving.web.metrics.RequestMetricsMiddleware",  # first: it times the others too
+    "config.requestid.RequestIdMiddleware",  # first: every log line of a request carries its id
+    "serving.web.metrics.RequestMetricsMiddleware",  # next: it times the rest
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -375,8 +377,11 @@ API_KEY_FAILURE_WINDOW = env_int("API_KEY_FAILURE_WINDOW", 900, minimum=1)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {"plain": {"format": logs.PLAIN}, "json": {"()": "serving.core.logs.JsonFormatter"}},
+    # LOG_FORMAT=json: one JSON object a line, with the request id, service, route and node that apply.
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "json" if logs.json_enabled() else "plain"}
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.channels.server": {"level": "WARNING"}},
 }

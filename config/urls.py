@@ -21,6 +21,7 @@ urlpatterns = [
     path("healthz", account_views.healthz, name="healthz"),
     path("metrics", metrics.metrics_view, name="metrics"),
     path("metrics/sd", metrics.service_discovery, name="metrics-sd"),
+    path("readyz", account_views.readyz, name="readyz"),
     # Browsers ask for it on every page, the admin's included (a 404 in their console otherwise).
     path("favicon.ico", RedirectView.as_view(url=static("img/favicon.svg"), permanent=True), name="favicon"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -10,6 +10,7 @@ import resource
 
 from proxy.app import serve
 from proxy.config import Config
+from serving.core import logs
 
 
 def _raise_open_file_limit() -> None:
@@ -22,10 +23,7 @@ def _raise_open_file_limit() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=os.environ.get("PROXY_LOG_LEVEL", "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(os.environ.get("PROXY_LOG_LEVEL", "WARNING"), "proxy")  # LOG_FORMAT=json: JSON lines
     config = Config.from_env()
     if config.access_log:
         logging.getLogger("proxy.access").setLevel(logging.INFO)

@@ -763,6 +763,7 @@ class Proxy:
         now = _monotonic()
         if route.mark_down(now, self.config.route_down_seconds):
             endpoint = ex.endpoint
+            rid = (ex.rid or b"").decode("latin-1")  # the request that found it down, for its events
             log.info(
                 "route %s (%s:%d) of %s refused a connection: %s",
                 route.id,
@@ -770,8 +771,9 @@ class Proxy:
                 route.port,
                 route.endpoint_slug,
                 error,
+                extra={"request_id": rid, "service": route.endpoint_slug, "route": route.id},
             )
-            self.reporter.route_failed(route.id, route.endpoint_slug, endpoint.id if endpoint else "", error)
+            self.reporter.route_failed(route.id, route.endpoint_slug, endpoint.id if endpoint else "", error, rid)
         if ex.route is route:
             route.in_flight -= 1
             ex.route = None

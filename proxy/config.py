@@ -28,6 +28,7 @@ variable, like the web app's typed env helpers (config/env.py).
 | PROXY_ACCESS_LOG | false | one log line per request (off: the hot path does no logging) |
 | PROXY_TRUSTED_PROXIES | 127.0.0.1,::1 | addresses (or CIDR ranges, or `*`) whose X-Forwarded-* headers are believed |
 | PROXY_LOG_LEVEL | WARNING | the process's log level (INFO adds route failures) |
+| LOG_FORMAT | text | json: one JSON object a line, with request id, service and route (serving/core/logs.py) |
 
 PROXY_RETRY_UNSAFE: set, every request that reached a replica which then died without answering a
 byte is sent again, whatever its service's retry policy says. The policy (``retry_policy``, see

@@ -383,6 +383,13 @@ class Exchange:
                     elapsed * 1000,
                     route.id if route is not None else "-",
                     (self.rid or b"-").decode("latin-1"),
+                    extra={
+                        "request_id": (self.rid or b"").decode("latin-1"),
+                        "service": endpoint.slug,
+                        "route": route.id if route is not None else "",
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 1),
+                    },
                 )
         if self.hold_timer is not None:
             self.hold_timer.cancel()

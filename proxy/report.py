@@ -16,8 +16,11 @@
   the control plane to wake it at once: ``SET <prefix>:wake:<slug> NX EX`` first, and only the proxy
   that set it pushes ``{"endpoint": slug, "endpoint_id": id, "proxy": instance, "t": epoch}`` on the
   list, which a control-plane thread blocks on (serving/control/sleep.py): many proxies, one wake.
+* ``<prefix>:process:proxy:<host>:<pid>``: this process's heartbeat (serving/core/processes.py),
+  set on every push with a short expiry, deleted at a clean stop; the admin lists it.
 * ``<prefix>:proxy:route-failures`` (channel): JSON ``{"route": id, "endpoint": slug,
-  "endpoint_id": id, "error": text, "proxy": instance, "t": epoch}`` the moment a replica refuses
+  "endpoint_id": id, "error": text, "request_id": the X-Request-ID of the request that found it
+  down, "proxy": instance, "t": epoch}`` the moment a replica refuses
   a connection (fire and forget, at most once per local down period of that route).
 """
 
@@ -27,10 +30,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+
+from serving.core import processes
 
 if TYPE_CHECKING:
     from proxy.metrics import EndpointStats
@@ -61,6 +68,8 @@ class Reporter:
         self._last_flush = time.monotonic()
         self._seen: dict[str, tuple[int, float]] = {}  # slug -> (request count at the last push, epoch it grew)
         self._route_codes: dict[str, tuple[int, int]] = {}  # route id -> (answers, 5xx) at the last push
+        self._heartbeat = processes.key(prefix, "proxy", socket.gethostname(), os.getpid())
+        self._started = time.time()
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -75,7 +84,9 @@ class Reporter:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.client.aclose(), 1.0)
 
-    def route_failed(self, route_id: str, endpoint_slug: str, endpoint_id: str, error: str) -> None:
+    def route_failed(
+        self, route_id: str, endpoint_slug: str, endpoint_id: str, error: str, request_id: str = ""
+    ) -> None:
         """Publish a route failure without waiting for it (never blocks the request)."""
         if self._pending >= MAX_PENDING_REPORTS or not self.table.connected:
             return  # Redis away or slow: the control plane's own health checks will see it too
@@ -85,6 +96,7 @@ class Reporter:
                 "endpoint": endpoint_slug,
                 "endpoint_id": endpoint_id,
                 "error": error,
+                "request_id": request_id,
                 "proxy": self.instance,
                 "t": time.time(),
             }
@@ -133,6 +145,11 @@ class Reporter:
         self._last_flush = time.monotonic()
         used, self.last_used = self.last_used, {}
         pipe = self.client.pipeline(transaction=False)
+        if final:  # stopping: leave the admin's Processes page at once
+            pipe.delete(self._heartbeat)
+        else:
+            host, pid = socket.gethostname(), os.getpid()
+            pipe.set(self._heartbeat, processes.beat("proxy", host, pid, self._started, now=now), ex=processes.TTL)
         if used:
             pipe.hset(f"{self.prefix}:tokens:last_used", mapping={k: f"{v:.3f}" for k, v in used.items()})
         resent: list[tuple[EndpointStats, int]] = []  # counted in Redis once the push succeeded

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from serving.actions import rules as rule_actions
 from serving.actions import services, validators
 from serving.actions import tokens as token_actions
+from serving.bus import processes as process_beats
 from serving.core import devices
 from serving.models import (
     AutoScalingRule,
@@ -305,6 +309,32 @@ class NodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.display(boolean=True)
     def alive(self, obj: Node) -> bool:
         return obj.is_alive()
+
+    change_list_template = "admin/serving/node/change_list.html"  # adds a link to the Processes page
+
+    def get_urls(self) -> list[URLPattern]:
+        extra = [path("processes/", self.admin_site.admin_view(self.processes_view), name="serving_node_processes")]
+        return extra + super().get_urls()
+
+    def processes_view(self, request: HttpRequest) -> HttpResponse:
+        """Which processes of which node answered last, and when (their heartbeats in Redis)."""
+        error = ""
+        try:
+            rows = process_beats.running()
+        except Exception as exc:  # Redis away: say so instead of a server error
+            rows, error = [], f"{exc.__class__.__name__}: {exc}"
+        for row in rows:
+            started = float(row.get("started") or 0)
+            row["last_seen"] = datetime.fromtimestamp(float(row.get("t") or 0), UTC)
+            row["started_at"] = datetime.fromtimestamp(started, UTC) if started else None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Processes"),
+            "rows": rows,
+            "error": error,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/serving/processes.html", context)
 
     @admin.action(description=_("Cordon: place no new replicas"))
     def cordon(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:

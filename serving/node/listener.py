@@ -108,7 +108,9 @@ class NodeListener(threading.Thread):
         if not isinstance(payload, dict):
             return
         if channel == failures_channel():
-            self.route_failed(str(payload.get("route") or ""), str(payload.get("error") or ""))
+            self.route_failed(
+                str(payload.get("route") or ""), str(payload.get("error") or ""), str(payload.get("request_id") or "")
+            )
         elif channel == requests_channel(self.node):
             if payload.get("op") == "follow":
                 self.follows.start(payload)  # a thread of its own; quick to start
@@ -148,7 +150,7 @@ class NodeListener(threading.Thread):
             with self._pending_lock:
                 self._pending -= 1
 
-    def route_failed(self, route_id: str, error: str) -> bool:
+    def route_failed(self, route_id: str, error: str, request_id: str = "") -> bool:
         """A proxy could not connect to a route: check it now if it is ours. True if a check started."""
         if not route_id or self.prober is None or not self.prober.tracks(route_id):
             return False
@@ -167,5 +169,10 @@ class NodeListener(threading.Thread):
         if not self.prober.check_now(route_id, error):
             return False
         self.checks_requested += 1
-        log.info("route %s reported failing by a proxy (%s): checking it now", route_id, error)
+        log.info(
+            "route %s reported failing by a proxy (%s): checking it now",
+            route_id,
+            error,
+            extra={"route": route_id, "request_id": request_id},
+        )
         return True

@@ -77,6 +77,7 @@ RULES: dict[str, Rule] = {
     "healthz": Rule(PUBLIC, {"GET": EVERYONE}),
     "metrics": Rule(METRICS, {"GET": NOBODY}),
     "metrics-sd": Rule(METRICS, {"GET": NOBODY}),
+    "readyz": Rule(PUBLIC, {"GET": EVERYONE}),
     "favicon": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-schema": Rule(PUBLIC, {"GET": EVERYONE}),
     "api-docs": Rule(PUBLIC, {"GET": EVERYONE}),
