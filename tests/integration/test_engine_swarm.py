@@ -234,6 +234,7 @@ def test_a_replica_is_a_service_that_serves_logs_exits_and_goes(
         assert seen["model_name"] == "tiny" and seen["model_file"] == "the weights"
         assert seen["write_models"] == "Read-only file system"  # the model folder is read-only
         assert seen["uid"] == 65534  # the replica user, whatever the image says
+        assert seen["write_home"] == "ok"  # its own /home/work, though the image's belongs to root
         assert not (model_folder / "written-by-replica").exists()
 
         wait_for(lambda: "server up" in list(engine.logs(info.replica_id)), timeout=30, what="its log line")
@@ -245,6 +246,12 @@ def test_a_replica_is_a_service_that_serves_logs_exits_and_goes(
 
         # Its task killed: Swarm does not restart it, the engine reports the exit.
         task = service.tasks()[0]
+        home_volumes = [
+            m["Name"]
+            for m in swarm_client.api.inspect_container(task["Status"]["ContainerStatus"]["ContainerID"])["Mounts"]
+            if m["Destination"] == "/home/work"
+        ]
+        assert len(home_volumes) == 1
         swarm_client.containers.get(task["Status"]["ContainerStatus"]["ContainerID"]).kill()
         ended = wait_for(
             lambda: (i := engine.inspect(info.replica_id)).state is ReplicaState.EXITED and i,
@@ -258,6 +265,8 @@ def test_a_replica_is_a_service_that_serves_logs_exits_and_goes(
     assert swarm_client.services.list(filters={"label": f"{LABEL_ROUTE}={spec.name}"}) == []
     assert swarm_client.containers.list(all=True, filters={"label": f"{LABEL_ROUTE}={spec.name}"}) == []
     assert engine.list({LABEL_ENDPOINT: f"ep-{RUN_ID}"}) == []
+    # The home volume (a tmpfs) went with the task's container.
+    assert [v for v in home_volumes if swarm_client.volumes.list(filters={"name": v})] == []
     with pytest.raises(ReplicaNotFound):
         engine.inspect(info.replica_id)
     engine.stop(info.replica_id)  # idempotent

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from docker.types import Mount as DockerMount
-from docker.types import NetworkAttachmentConfig, Resources, RestartPolicy
+from docker.types import DriverConfig, NetworkAttachmentConfig, Resources, RestartPolicy
 
 from serving.node.engines.base import EngineError, ReplicaInfo, ReplicaSpec, ReplicaState
 from serving.node.engines.docker.containers import BOOTSTRAP_DIR, BOOTSTRAP_FAILED, HOME
@@ -81,9 +81,7 @@ def create_kwargs(
         command = [spec.shell, "-c", spec.command[0]] if spec.command_is_shell else list(spec.command)
     environment = dict(spec.env)
     if not any(os.path.normpath(m.target) == HOME for m in spec.mounts):
-        # A service can not give a tmpfs an owner, and Docker copies the image's folder's mode onto
-        # it: writable by the replica's user only where the image makes /home/work so (see __init__).
-        mounts = [*mounts, DockerMount(HOME, None, type="tmpfs", tmpfs_mode=0o777)]
+        mounts = [*mounts, home_mount(uid, gid)]
     if spec.shm_bytes > 0:
         mounts = [
             *mounts,
@@ -134,6 +132,16 @@ def create_kwargs(
         "log_driver": "json-file",
         "log_driver_options": {"max-size": "10m", "max-file": "3"},
     }
+
+
+def home_mount(uid: int, gid: int) -> DockerMount:
+    """``/home/work``, writable by the replica's user: an anonymous ``local`` volume that is a tmpfs
+    mounted with that owner. A service's own tmpfs mount can not be given an owner, and over a folder
+    the image has, Docker gives it that folder's owner and mode whatever ``tmpfs_mode`` says (root,
+    0755 in our images). ``no_copy``: the image's folder's owner is not copied onto the volume
+    either. Anonymous: Swarm removes it with the task's container, so it holds nothing after."""
+    options = {"type": "tmpfs", "device": "tmpfs", "o": f"exec,uid={uid},gid={gid},mode=0755"}
+    return DockerMount(HOME, None, type="volume", no_copy=True, driver_config=DriverConfig("local", options))
 
 
 def latest_task(tasks: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
