@@ -36,8 +36,6 @@ def simple_folder(owner: Any) -> Any:
         .replace("initial_delay: 5.0", "initial_delay: 0.0")
     )
     assert "interval: 0.5" in files["model-definition.yaml"]
-    # A quarter of a core each: Swarm reserves the real ones, and 3 replicas must fit on 2 cores.
-    files["service-definition.toml"] += '\n[custom.resource_slots]\ncpu = 0.25\nmem = "256m"\n'
     return FolderFactory(owner=owner, name="simple", files=files)
 
 
@@ -71,7 +69,14 @@ def test_a_swarm_service_serves_survives_a_killed_task_scales_and_goes(
     client = swarm_or_skip(settings)
     system = live(SERVING_ENGINE="swarm")
     installation = f"serving.installation={settings.REDIS_PREFIX}"
-    created = create_service(api, simple_folder(personas["owner"]), replicas=2, name="swarm-svc")
+    created = create_service(
+        api,
+        simple_folder(personas["owner"]),
+        replicas=2,
+        name="swarm-svc",
+        # A quarter of a core each: Swarm reserves real cores, and 3 replicas must fit on 2.
+        resources={"cpu": 0.25, "mem": "256m"},
+    )
     sid, slug = created["id"], created["slug"]
     by_endpoint = {"label": [installation, f"serving.endpoint={sid}"]}
 
