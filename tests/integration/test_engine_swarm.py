@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 
 from serving.node import engine as node_engine
@@ -234,6 +235,7 @@ def test_a_replica_is_a_service_that_serves_logs_exits_and_goes(
         assert seen["model_name"] == "tiny" and seen["model_file"] == "the weights"
         assert seen["write_models"] == "Read-only file system"  # the model folder is read-only
         assert seen["uid"] == 65534  # the replica user, whatever the image says
+        assert seen["write_home"] == "ok"  # its own /home/work, though the image's belongs to root
         assert not (model_folder / "written-by-replica").exists()
 
         wait_for(lambda: "server up" in list(engine.logs(info.replica_id)), timeout=30, what="its log line")
@@ -245,6 +247,12 @@ def test_a_replica_is_a_service_that_serves_logs_exits_and_goes(
 
         # Its task killed: Swarm does not restart it, the engine reports the exit.
         task = service.tasks()[0]
+        home_volumes = [
+            m["Name"]
+            for m in swarm_client.api.inspect_container(task["Status"]["ContainerStatus"]["ContainerID"])["Mounts"]
+            if m["Destination"] == "/home/work"
+        ]
+        assert len(home_volumes) == 1
         swarm_client.containers.get(task["Status"]["ContainerStatus"]["ContainerID"]).kill()
         ended = wait_for(
             lambda: (i := engine.inspect(info.replica_id)).state is ReplicaState.EXITED and i,
@@ -258,6 +266,8 @@ def test_a_replica_is_a_service_that_serves_logs_exits_and_goes(
     assert swarm_client.services.list(filters={"label": f"{LABEL_ROUTE}={spec.name}"}) == []
     assert swarm_client.containers.list(all=True, filters={"label": f"{LABEL_ROUTE}={spec.name}"}) == []
     assert engine.list({LABEL_ENDPOINT: f"ep-{RUN_ID}"}) == []
+    # The home volume (a tmpfs) went with the task's container.
+    assert [v for v in home_volumes if swarm_client.volumes.list(filters={"name": v})] == []
     with pytest.raises(ReplicaNotFound):
         engine.inspect(info.replica_id)
     engine.stop(info.replica_id)  # idempotent
@@ -309,3 +319,57 @@ def test_the_node_makes_a_swarm_engine_from_its_settings(swarm_client: Any, sett
     assert isinstance(made, SwarmEngine)
     assert made.publish_mode == "host" and made.placement_node == "some-host"
     assert made.installation == settings.REDIS_PREFIX and made.state_dir == tmp_path / "swarm"
+
+
+class DrainedNodes:
+    """The real client, but every Swarm node reads as drained: a one-node swarm can not drain its
+    only node without stopping every other test's services (and a lost node can not be made at all)."""
+
+    def __init__(self, client: Any, availability: str = "drain", state: str = "ready") -> None:
+        self._client, self.availability, self.state = client, availability, state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    @property
+    def nodes(self) -> Any:
+        outer = self
+
+        class Nodes:
+            def get(self, node_id: str) -> Any:
+                node = outer._client.nodes.get(node_id)
+                node.attrs["Spec"]["Availability"] = outer.availability
+                node.attrs["Status"]["State"] = outer.state
+                return node
+
+        return Nodes()
+
+
+@needs_docker
+@pytest.mark.parametrize(
+    ("availability", "state", "sentence"),
+    [("drain", "ready", "was drained: Swarm stops its tasks there"), ("active", "down", "is down: its task is lost")],
+)
+def test_a_task_on_a_drained_or_lost_swarm_node_reads_as_exited(
+    engine: SwarmEngine,
+    swarm_client: Any,
+    model_folder: Path,
+    tmp_path: Path,
+    availability: str,
+    state: str,
+    sentence: str,
+) -> None:
+    """What the node's sync reads (list, inspect): the replica has ended, so the platform replaces it."""
+    info = engine.start(make_spec(model_folder))
+    try:
+        seen = SwarmEngine(
+            client_factory=lambda **_: DrainedNodes(docker.from_env(timeout=30), availability, state),
+            state_dir=tmp_path / "state",
+        )
+        ended = seen.inspect(info.replica_id)
+        assert ended.state is ReplicaState.EXITED and sentence in ended.error and ended.port == 0
+        listed = seen.list({LABEL_ENDPOINT: f"ep-{RUN_ID}"})
+        assert [(i.replica_id, i.state) for i in listed] == [(info.replica_id, ReplicaState.EXITED)]
+        assert engine.inspect(info.replica_id).state is ReplicaState.RUNNING  # the real node is fine
+    finally:
+        engine.stop(info.replica_id)

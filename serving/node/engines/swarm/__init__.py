@@ -24,8 +24,16 @@ runs the containers on its hosts. Choices, and why:
 * the model folder is bind-mounted read-only at the same host path, as on the Docker engine (it
   must exist on the Swarm node: a shared filesystem for several hosts); the pre-start plan too;
 * the container is locked down as far as a service allows: every capability dropped, a tiny init
-  as PID 1 (``init``), the replica's user (``DOCKER_REPLICA_UID``/``_GID``), ``/home/work`` and
-  ``/dev/shm`` as tmpfs mounts, bounded json-file logs;
+  as PID 1 (``init``), the replica's user (``DOCKER_REPLICA_UID``/``_GID``), ``/dev/shm`` a tmpfs,
+  bounded json-file logs. ``/home/work`` is an anonymous ``local`` volume that is a tmpfs owned by
+  the replica's user (``o=uid=..,gid=..``, ``NoCopy``): a service's own tmpfs mount takes the
+  image's folder's owner and mode whatever ``tmpfs_mode`` says (root, 0755), so the user could not
+  write its home; Swarm removes the volume with the task's container;
+* a task Swarm ended or is ending (its node drained or down, or removed from the swarm; the task
+  shut down, rejected or orphaned) reads as exited with that sentence, so the node's sync replaces
+  the replica (restart policy none: Swarm makes no other task). Tested with a real kill through
+  the product, and with a client that reports the node drained or down (a one-node swarm can not
+  drain its only node without stopping everything on it, nor lose it);
 * cluster mode: each cluster replica gets an **attachable overlay network** of its own
   (``ms-swarm-cluster-<route>``, dnsrr), made with its first member and removed with its last;
   each member has its host name (``main1``, ``sub1``...) as alias there, so members on different
@@ -37,8 +45,9 @@ runs the containers on its hosts. Choices, and why:
 
 Not (yet) as on the Docker engine: tenant isolation between plain replicas (they are on the
 node's default bridge network; no inter-container or egress firewall rules), the pids limit and
-``no-new-privileges`` (not settable on a service with this API version), and a ``/home/work``
-the replica's user can write (a service's tmpfs takes the image's folder's owner and mode).
+``no-new-privileges`` (not settable on a service with this API version). A replacement for a
+replica on a drained node is pinned to the same Swarm node (one node worker per Swarm node), so it
+waits there until the node is active again, or fails to start after the engine's timeout.
 
 ``services.py`` turns a spec into ``services.create`` arguments and a task into a state;
 ``engine.py`` holds ``SwarmEngine``.

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # The repository's var/ (serving/node/engines/swarm/engine.py is four folders below it).
 DEFAULT_STATE_DIR = Path(__file__).resolve().parents[4] / "var" / "engine" / "swarm"
 PING_TIMEOUT = 2.0
+NODE_TTL = 2.0  # seconds a Swarm node's state is reused between two looks
 
 ClientFactory = Callable[..., docker.DockerClient]
 
@@ -89,7 +90,7 @@ class SwarmEngine:
         self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
         self._client_lock = threading.Lock()
         self._client_instance: docker.DockerClient | None = None
-        self._node_addresses: dict[str, str] = {}
+        self._nodes: dict[str, tuple[float, Mapping[str, Any]]] = {}
         # Serialises a cluster network's creation and removal with the members' starts in this process.
         self._network_lock = threading.Lock()
 
@@ -144,24 +145,38 @@ class SwarmEngine:
             self.placement_node = str(client.nodes.get(node_id).attrs["Description"]["Hostname"])
         return self.placement_node
 
-    def _host_of(self, task: Mapping[str, Any] | None) -> str:
-        """Where the proxy reaches the task's published port."""
-        if self.publish_mode == "ingress" or not task or not task.get("NodeID"):
-            return self.ingress_host
-        node_id = str(task["NodeID"])
-        if node_id not in self._node_addresses:
+    def _node(self, task: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """The attributes of the Swarm node the task is on (read at most every NODE_TTL seconds:
+        a sync looks at every replica); None when it has none yet, {} when Swarm forgot the node."""
+        node_id = str((task or {}).get("NodeID") or "")
+        if not node_id:
+            return None
+        now = time.monotonic()
+        cached = self._nodes.get(node_id)
+        if cached is None or now - cached[0] > NODE_TTL:
             with self._errors(f"look up the swarm node {node_id}"):
-                address = str((self._client().nodes.get(node_id).attrs.get("Status") or {}).get("Addr") or "")
-            # 0.0.0.0: a node that did not say; its replicas are reached where the manager is.
-            self._node_addresses[node_id] = address if address and address != "0.0.0.0" else self.ingress_host
-        return self._node_addresses[node_id]
+                try:
+                    attrs: Mapping[str, Any] = self._client().nodes.get(node_id).attrs
+                except docker.errors.NotFound:
+                    attrs = {"Status": {"State": "unknown"}}  # removed from the swarm: lost
+            cached = self._nodes[node_id] = (now, attrs)
+        return cached[1]
+
+    def _host_of(self, task: Mapping[str, Any] | None, node: Mapping[str, Any] | None) -> str:
+        """Where the proxy reaches the task's published port."""
+        if self.publish_mode == "ingress" or node is None:
+            return self.ingress_host
+        address = str((node.get("Status") or {}).get("Addr") or "")
+        # 0.0.0.0: a node that did not say; its replicas are reached where the manager is.
+        return address if address and address != "0.0.0.0" else self.ingress_host
 
     def _info(self, service: Any) -> ReplicaInfo:
         task = self._task(service)
+        node = self._node(task)
         exit_text = ""
         if task is not None and services.TASK_STATES.get(services.state_of(task)) is None:
             exit_text = self._last_line(service.id)
-        return services.task_info(service, task, self._host_of(task), exit_text)
+        return services.task_info(service, task, self._host_of(task, node), exit_text, node)
 
     def _last_line(self, service_id: str) -> str:
         with contextlib.suppress(Exception):  # the error text is best effort; never fail inspect() over it

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from docker.types import DriverConfig, NetworkAttachmentConfig, Resources, RestartPolicy
 from docker.types import Mount as DockerMount
-from docker.types import NetworkAttachmentConfig, Resources, RestartPolicy
 
 from serving.node.engines.base import EngineError, ReplicaInfo, ReplicaSpec, ReplicaState
 from serving.node.engines.docker.containers import BOOTSTRAP_DIR, BOOTSTRAP_FAILED, HOME
@@ -81,9 +81,7 @@ def create_kwargs(
         command = [spec.shell, "-c", spec.command[0]] if spec.command_is_shell else list(spec.command)
     environment = dict(spec.env)
     if not any(os.path.normpath(m.target) == HOME for m in spec.mounts):
-        # A service can not give a tmpfs an owner, and Docker copies the image's folder's mode onto
-        # it: writable by the replica's user only where the image makes /home/work so (see __init__).
-        mounts = [*mounts, DockerMount(HOME, None, type="tmpfs", tmpfs_mode=0o777)]
+        mounts = [*mounts, home_mount(uid, gid)]
     if spec.shm_bytes > 0:
         mounts = [
             *mounts,
@@ -136,6 +134,16 @@ def create_kwargs(
     }
 
 
+def home_mount(uid: int, gid: int) -> DockerMount:
+    """``/home/work``, writable by the replica's user: an anonymous ``local`` volume that is a tmpfs
+    mounted with that owner. A service's own tmpfs mount can not be given an owner, and over a folder
+    the image has, Docker gives it that folder's owner and mode whatever ``tmpfs_mode`` says (root,
+    0755 in our images). ``no_copy``: the image's folder's owner is not copied onto the volume
+    either. Anonymous: Swarm removes it with the task's container, so it holds nothing after."""
+    options = {"type": "tmpfs", "device": "tmpfs", "o": f"exec,uid={uid},gid={gid},mode=0755"}
+    return DockerMount(HOME, None, type="volume", no_copy=True, driver_config=DriverConfig("local", options))
+
+
 def latest_task(tasks: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The service's current task (restart policy none: there is one; take the newest anyway)."""
     if not tasks:
@@ -153,15 +161,56 @@ def published_port(task: Mapping[str, Any] | None, service_attrs: Mapping[str, A
     return 0
 
 
-def task_info(service: Any, task: Mapping[str, Any] | None, host: str, exit_text: str = "") -> ReplicaInfo:
-    """``exit_text``: the last log line, for a task that ended with an error code."""
+def swarm_ended(task: Mapping[str, Any] | None, node: Mapping[str, Any] | None) -> str:
+    """Why Swarm ended, or is ending, the task, whatever its process does, as a sentence; "" when
+    it did not. Its node drained (Swarm shuts its tasks down), down or gone (a lost node's tasks
+    stay "running" in the manager's view until they are orphaned), or the task shut down, rejected
+    or orphaned by Swarm. With restart policy none Swarm makes no other task (and the placement
+    constraint pins it anyway): the platform must see the replica as ended, and replace it."""
+    if not task:
+        return ""
+    status = task.get("Status") or {}
+    state = str(status.get("State") or "")
+    desired = str(task.get("DesiredState") or "")
+    name = str(((node or {}).get("Description") or {}).get("Hostname") or task.get("NodeID") or "its node")
+    availability = str(((node or {}).get("Spec") or {}).get("Availability") or "")
+    node_state = str(((node or {}).get("Status") or {}).get("State") or "")
+    if state == "orphaned":
+        return f"the Swarm node {name} was lost: Swarm gave its task up (orphaned)"
+    if state == "rejected":
+        return f"Swarm rejected its task on {name}: {status.get('Err') or status.get('Message') or 'no reason given'}"
+    if state in ("complete", "failed"):
+        return ""  # its process ended: the exit code says why
+    if availability == "drain":
+        return f"the Swarm node {name} was drained: Swarm stops its tasks there"
+    # "down": Swarm gave up on its heartbeats ("disconnected" is a passing state, not counted);
+    # "unknown": no such node any more (engine.py), or one Swarm knows nothing of.
+    if node_state in ("down", "unknown"):
+        return f"the Swarm node {name} is {node_state}: its task is lost"
+    if state in ("shutdown", "remove") or desired in ("shutdown", "remove", "orphaned"):
+        return f"Swarm shut its task down on {name} (its desired state is {desired or state})"
+    return ""
+
+
+def task_info(
+    service: Any,
+    task: Mapping[str, Any] | None,
+    host: str,
+    exit_text: str = "",
+    node: Mapping[str, Any] | None = None,
+) -> ReplicaInfo:
+    """``exit_text``: the last log line, for a task that ended with an error code; ``node``: the
+    attributes of the Swarm node the task is on (a drained or lost node's task has ended)."""
     attrs = service.attrs
     labels = dict((attrs.get("Spec") or {}).get("Labels") or {})
     status = (task or {}).get("Status") or {}
     state = TASK_STATES.get(str(status.get("State") or "new"), ReplicaState.EXITED) if task else ReplicaState.STARTING
     exit_code: int | None = None
     error = ""
-    if state is ReplicaState.EXITED:
+    by_swarm = swarm_ended(task, node)
+    if by_swarm:
+        state, error = ReplicaState.EXITED, by_swarm
+    elif state is ReplicaState.EXITED:
         exit_code = int((status.get("ContainerStatus") or {}).get("ExitCode") or 0)
         error = task_error(status, exit_code, exit_text)
     return ReplicaInfo(
