@@ -122,6 +122,34 @@
     log.scrollTop = log.scrollHeight;
     return node;
   }
+  // Under each reply: time to first token (from sending to the first content chunk) and tokens per
+  // second (after the first token: (tokens - 1) / (last - first); one token: tokens / whole time).
+  // Tokens are the server's usage.completion_tokens when it sent them, else the content chunks.
+  function figures(timing) {
+    if (timing.first === null) return null;
+    const tokens = timing.usage || timing.chunks;
+    const span = (timing.last - timing.first) / 1000;
+    const rate = tokens > 1 && span > 0 ? (tokens - 1) / span : tokens / Math.max((timing.last - timing.start) / 1000, 0.001);
+    return { ttft: Math.round(timing.first - timing.start), tps: rate, tokens: tokens, counted: timing.usage ? "usage" : "chunks" };
+  }
+  function showFigures(reply, timing) {
+    const result = figures(timing);
+    if (!result) return;
+    const lang = document.documentElement.lang || undefined;
+    const line = document.createElement("p");
+    line.className = "msg-stats";
+    line.dataset.ttftMs = String(result.ttft);
+    line.dataset.tps = result.tps.toFixed(2);
+    line.dataset.tokens = String(result.tokens);
+    line.dataset.counted = result.counted;
+    line.textContent = format(t.i18nFigures, {
+      ttft: result.ttft.toLocaleString(lang),
+      tps: result.tps.toLocaleString(lang, { maximumFractionDigits: 1, minimumFractionDigits: 1 }),
+      tokens: result.tokens.toLocaleString(lang),
+    });
+    line.title = result.counted === "usage" ? t.i18nFromUsage : t.i18nFromChunks;
+    reply.appendChild(line);
+  }
   function showEmpty() {
     if (log.querySelector(".chat-empty")) return;
     const empty = document.createElement("p");
@@ -159,7 +187,9 @@
     const system = $("system").value.trim();
     if (system) messages.push({ role: "system", content: system });
     messages.push(...history);
-    const body = { model: name, messages: messages, stream: true };
+    // include_usage: the server's own token count ends the stream (OpenAI, vLLM, llm-echo); without it
+    // the figures count the stream's content chunks.
+    const body = { model: name, messages: messages, stream: true, stream_options: { include_usage: true } };
     const temperature = parseFloat($("temperature").value);
     if (!isNaN(temperature)) body.temperature = temperature;
     const maxTokens = parseInt($("max-tokens").value, 10);
@@ -171,8 +201,10 @@
     let text2 = "";
     let finished = false;
     let finishReason = null;
+    const timing = { start: performance.now(), first: null, last: null, chunks: 0, usage: null };
     const done = (note) => {
       reply.classList.remove("streaming");
+      if (text2) showFigures(reply, timing);
       busy(false);
       controller = null;
       if (text2) history.push({ role: "assistant", content: text2 });
@@ -205,6 +237,9 @@
             const content = choice && choice.message ? choice.message.content : null;
             if (typeof content !== "string") { showError(t.i18nBadJson); done(""); return; }
             text2 = content;
+            timing.first = timing.last = performance.now();
+            timing.chunks = 1;
+            if (answer.usage && answer.usage.completion_tokens > 0) timing.usage = answer.usage.completion_tokens;
             out.textContent = content;
             done(t.i18nDone);
           });
@@ -220,10 +255,14 @@
           let event;
           try { event = JSON.parse(data); } catch (_) { return; }
           if (event.error) { showError(describe(500, event)); return; }
+          if (event.usage && event.usage.completion_tokens > 0) timing.usage = event.usage.completion_tokens;
           const choice = event.choices && event.choices[0];
           if (!choice) return;
           const piece = (choice.delta && choice.delta.content) || choice.text || "";
           if (piece) {
+            timing.last = performance.now();
+            if (timing.first === null) timing.first = timing.last;
+            timing.chunks += 1;
             text2 += piece;
             out.textContent = text2;
             log.scrollTop = log.scrollHeight;

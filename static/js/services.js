@@ -14,6 +14,7 @@
     live: script.dataset.i18nLive,
     offline: script.dataset.i18nOffline,
     loggedOut: script.dataset.i18nLoggedOut,
+    count: script.dataset.i18nCount,
   };
   const read = (id) => JSON.parse(document.getElementById(id).textContent);
   const statusLabels = read("status-labels");
@@ -95,11 +96,18 @@
     // textContent everywhere: names and addresses are user data, never HTML.
     row.querySelector(".svc-name a").textContent = service.name;
     const status = statusOf(service);
+    row.dataset.name = service.name;
+    row.dataset.runtime = service.runtime || "";
+    row.dataset.status = status;
+    row.dataset.statusLabel = String(statusLabels[status] || status);
+    row.dataset.desired = String(service.desired_replicas);
+    row.dataset.created = service.created_at;
     const badge = row.querySelector(".svc-status .status");
     badge.className = "status status-" + status.toLowerCase();
     badge.textContent = String(statusLabels[status] || status).toUpperCase();
     const live = (service.routes || []).filter((r) => r.status === "healthy").length;
     row.querySelector(".svc-replicas").textContent = live + " / " + service.desired_replicas;
+    row.dataset.healthy = String(live);
     row.querySelector(".svc-url code").textContent = service.url;
     row.querySelector(".svc-public").textContent = service.open_to_public ? text.public : text.private;
     const owner = row.querySelector(".svc-owner");
@@ -123,6 +131,98 @@
     const any = body.rows.length > 0;
     table.hidden = !any;
     if (empty) empty.hidden = any;
+    applyView();
+  }
+
+  // --- sort and find: over the rendered rows, as the server does for ?sort= and ?q= without JS ----
+  const form = document.getElementById("filters");
+  const search = document.getElementById("filter-q");
+  const statusSelect = document.getElementById("filter-status");
+  const sortInput = document.getElementById("filter-sort");
+  const count = document.getElementById("filter-count");
+  const noneMatch = document.getElementById("services-none-match");
+  const STATUS_ORDER = ["UNHEALTHY", "DEGRADED", "PROVISIONING", "READY", "SLEEPING", "HEALTHY", "TERMINATING"];
+  let sort = table.dataset.sort || "-created";
+  const lower = (value) => String(value || "").toLowerCase();
+  function sortValue(row, key) {
+    const d = row.dataset;
+    if (key === "name") return [lower(d.name), Date.parse(d.created) || 0];
+    if (key === "status") {
+      const index = STATUS_ORDER.indexOf(d.status);
+      return [index < 0 ? STATUS_ORDER.length : index, lower(d.name)];
+    }
+    if (key === "replicas") return [Number(d.healthy) || 0, Number(d.desired) || 0, lower(d.name)];
+    return [Date.parse(d.created) || 0];
+  }
+  function compare(a, b) {
+    const key = sort.replace(/^-/, "");
+    const left = sortValue(a, key);
+    const right = sortValue(b, key);
+    for (let i = 0; i < left.length; i += 1) {
+      if (left[i] < right[i]) return sort.startsWith("-") ? 1 : -1;
+      if (left[i] > right[i]) return sort.startsWith("-") ? -1 : 1;
+    }
+    return 0;
+  }
+  function rememberInUrl() {
+    const params = new URLSearchParams(window.location.search);
+    const set = (name, value) => { if (value) params.set(name, value); else params.delete(name); };
+    set("q", search ? search.value.trim() : "");
+    set("status", filter.status);
+    set("sort", sort === "-created" ? "" : sort);
+    const query = params.toString();
+    window.history.replaceState(null, "", window.location.pathname + (query ? "?" + query : ""));
+  }
+  function applyView() {
+    const words = search ? lower(search.value).split(/\s+/).filter(Boolean) : [];
+    const rows = Array.from(body.rows);
+    let shown = 0;
+    rows.forEach((row) => {
+      const d = row.dataset;
+      const haystack = lower([d.name, d.runtime, d.status, d.statusLabel].join(" "));
+      row.hidden = !words.every((word) => haystack.includes(word));
+      if (!row.hidden) shown += 1;
+    });
+    rows.sort(compare).forEach((row) => body.appendChild(row));
+    table.querySelectorAll("thead a.sort").forEach((link) => {
+      const key = link.dataset.sort;
+      link.parentElement.setAttribute("aria-sort", sort === key ? "ascending" : sort === "-" + key ? "descending" : "none");
+    });
+    if (sortInput) sortInput.value = sort;
+    if (noneMatch) noneMatch.hidden = shown > 0 || rows.length === 0;
+    if (count) count.textContent = words.length && rows.length ? format(text.count, { shown: shown, total: rows.length }) : "";
+  }
+  function format(template, values) {
+    return String(template || "").replace(/%\((\w+)\)s/g, (_, key) => String(values[key]));
+  }
+  table.querySelectorAll("thead a.sort").forEach((link) => {
+    link.addEventListener("click", (event) => {
+      event.preventDefault();
+      const key = link.dataset.sort;
+      sort = sort === key ? "-" + key : key;
+      applyView();
+      rememberInUrl();
+    });
+  });
+  if (search) {
+    // Loaded with ?q=, the page holds only the rows that matched: the others come from the REST list.
+    let allRows = !search.value.trim();
+    search.addEventListener("input", () => {
+      applyView();
+      rememberInUrl();
+      if (!allRows) { allRows = true; resync(); }
+    });
+  }
+  if (statusSelect && form) {
+    // Another status: the rows that no longer match leave at once; those that now match come from
+    // the REST list (the page holds only the rows of the status it was loaded with).
+    statusSelect.addEventListener("change", () => {
+      filter.status = statusSelect.value;
+      Array.from(body.rows).forEach((row) => { if (filter.status && row.dataset.status !== filter.status) row.remove(); });
+      refreshEmpty();
+      rememberInUrl();
+      resync();
+    });
   }
   function findRow(id) {
     return Array.from(body.rows).find((r) => r.dataset.id === id);
@@ -148,6 +248,7 @@
   }
 
   Array.from(body.rows).forEach(wireRow);
+  applyView();
 
   // Whatever changed before the socket was open (or while it was down) comes from the REST list.
   function resync() {

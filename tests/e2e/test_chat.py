@@ -90,6 +90,29 @@ def test_chat_streams_from_llm_echo_through_the_proxy(
     expect(reply).not_to_have_class(re.compile("streaming"))
     expect(page.locator("#chat-status")).to_have_text("Reply complete.")
 
+    # Under the reply: time to first token and tokens per second (issue 20), from the server's usage
+    # (llm-echo sends it when asked with stream_options). One word every 0.12 s: about 8 tokens/s.
+    figures = reply.locator(".msg-stats")
+    expect(figures).to_contain_text(re.compile(r"First token after [\d,]+ ms · [\d.]+ tokens/s · \d+ tokens"))
+    assert figures.get_attribute("data-counted") == "usage"
+    assert int(figures.get_attribute("data-tokens") or 0) == len(question.split())
+    assert 0 < int(figures.get_attribute("data-ttft-ms") or 0) < deadline_ms(10)
+    assert 3 < float(figures.get_attribute("data-tps") or 0) < 12
+    screenshot(page, "chat-figures")
+    page.emulate_media(color_scheme="dark")
+    screenshot(page, "chat-figures-dark")
+    page.emulate_media(color_scheme="light")
+    # In Japanese, on a page of its own with the same token.
+    ja_chat = page_as("owner", language="ja")
+    ja_chat.goto(f"/services/{endpoint.pk}/chat/")
+    ja_chat.locator("#service-token").fill(page.locator("#service-token").input_value())
+    ja_chat.locator("#service-token").dispatch_event("change")
+    expect(ja_chat.locator("#chat-status")).to_contain_text("1")
+    send(ja_chat, "two words")
+    ja_figures = ja_chat.locator(".msg-assistant .msg-stats")
+    expect(ja_figures).to_contain_text(re.compile(r"最初のトークンまで .* トークン/秒"))
+    screenshot(ja_chat, "chat-figures-ja")
+
     # A second turn, then Stop in the middle of a long reply.
     send(page, "second turn")
     expect(page.locator(".msg-assistant").last.locator(".msg-text")).to_have_text("second turn")

@@ -4,6 +4,7 @@ and the live services-list websocket."""
 from __future__ import annotations
 
 import asyncio
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -107,6 +108,56 @@ def test_list_filters(browser: Any, service: Endpoint, personas: dict[str, Any])
     assert "web-one" in client.get(f"/services/?scope=project:{project.pk}").content.decode()
     assert "web-one" in client.get("/services/?status=PROVISIONING").content.decode()
     assert "web-one" not in client.get("/services/?status=HEALTHY").content.decode()
+
+
+def _names(page: str) -> list[str]:
+    return re.findall(r'<tr data-id="[^"]+" data-can-write="1?" data-name="([^"]+)"', page)
+
+
+@pytest.mark.parametrize("who", ["owner", "teammate", "admin"])
+def test_list_sorts_and_finds_without_javascript(
+    browser: Any, service: Endpoint, folder: Folder, personas: dict[str, Any], who: str
+) -> None:
+    """?sort= and ?q= on the server (the page's script does the same in place); the stranger sees none."""
+    services.do_scale(service, 2, acting_user=personas["owner"])
+    for name in ("Alpha-llm", "zeta-web"):
+        services.do_create_service(acting_user=personas["owner"], name=name, folder=folder, project=personas["project"])
+    Endpoint.objects.filter(name="Alpha-llm").update(runtime="vllm")
+    client = browser(who)
+    newest_first = _names(client.get("/services/").content.decode())
+    assert newest_first == ["zeta-web", "Alpha-llm", "web-one"]
+    assert _names(client.get("/services/?sort=name").content.decode()) == ["Alpha-llm", "web-one", "zeta-web"]
+    assert _names(client.get("/services/?sort=-name").content.decode()) == ["zeta-web", "web-one", "Alpha-llm"]
+    assert _names(client.get("/services/?sort=created").content.decode()) == ["web-one", "Alpha-llm", "zeta-web"]
+    assert _names(client.get("/services/?sort=-replicas").content.decode())[0] == "web-one"  # 0 / 2 before 0 / 1
+    assert _names(client.get("/services/?sort=nonsense").content.decode()) == newest_first
+    # The header links the other direction of the current sort and says which one it is.
+    page = client.get("/services/?sort=name&status=PROVISIONING").content.decode()
+    header = (
+        '<th scope="col" aria-sort="ascending">'
+        '<a class="sort" data-sort="name" href="?sort=-name&amp;status=PROVISIONING"'
+    )
+    assert header in page
+    # Find: name, runtime or status, any case, every word.
+    assert _names(client.get("/services/?q=ALPHA").content.decode()) == ["Alpha-llm"]
+    assert _names(client.get("/services/?q=vllm").content.decode()) == ["Alpha-llm"]
+    assert len(_names(client.get("/services/?q=provisioning").content.decode())) == 3
+    assert _names(client.get("/services/?q=web+one").content.decode()) == ["web-one"]
+    empty = client.get("/services/?q=nothing-like-this").content.decode()
+    assert _names(empty) == [] and "No service matches these filters." in empty
+    assert _names(browser("stranger").get("/services/?q=web&sort=name").content.decode()) == []
+
+
+def test_every_page_starts_with_a_skip_link_to_the_main_content(browser: Any, service: Endpoint) -> None:
+    for who, url in (("owner", "/services/"), ("owner", f"/services/{service.pk}/"), (None, "/accounts/login/")):
+        page = browser(who).get(url).content.decode()
+        body = page.split("<body>", 1)[1]
+        first = re.search(r"<(a|button|input|select|textarea)\b[^>]*>", body)
+        assert first is not None and first.group(0) == '<a class="skip-link" href="#content">', (url, first)
+        assert '<main id="content" tabindex="-1">' in page
+    ja = browser("owner")
+    ja.cookies["django_language"] = "ja"
+    assert "本文へスキップ" in ja.get("/services/").content.decode()
 
 
 def test_anonymous_goes_to_login(browser: Any, service: Endpoint) -> None:

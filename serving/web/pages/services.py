@@ -101,6 +101,50 @@ def _healthy(routes: list[Route]) -> int:
 
 # --- services list -------------------------------------------------------------------------------
 
+# The list's sortable columns (?sort=<key>, or -<key> for the other way); static/js/services.js sorts
+# the rendered rows the same way without a reload. Statuses sort in the order a user acts on them.
+SORT_KEYS = ("name", "status", "replicas", "created")
+STATUS_ORDER = {
+    status: index
+    for index, status in enumerate(
+        ("UNHEALTHY", "DEGRADED", "PROVISIONING", "READY", "SLEEPING", "HEALTHY", "TERMINATING")
+    )
+}
+DEFAULT_SORT = "-created"
+
+
+def _sort_value(row: dict[str, Any], key: str) -> Any:
+    endpoint = row["endpoint"]
+    if key == "name":
+        return (endpoint.name.casefold(), endpoint.created_at)
+    if key == "status":
+        return (STATUS_ORDER.get(row["status"], len(STATUS_ORDER)), endpoint.name.casefold())
+    if key == "replicas":
+        return (row["healthy"], endpoint.desired_replicas, endpoint.name.casefold())
+    return endpoint.created_at
+
+
+def sort_and_search(rows: list[dict[str, Any]], sort: str, query: str) -> tuple[list[dict[str, Any]], str]:
+    """The rows whose name, runtime or status contains ``query`` (any case), sorted by ``sort``;
+    an unknown sort key falls back to newest first, which is returned with the rows."""
+    words = query.casefold().split()
+    if words:
+        rows = [
+            row
+            for row in rows
+            if all(
+                word
+                in " ".join(
+                    (row["endpoint"].name, row["endpoint"].runtime, row["status"], row["status_label"])
+                ).casefold()
+                for word in words
+            )
+        ]
+    if sort.lstrip("-") not in SORT_KEYS:
+        sort = DEFAULT_SORT
+    key = sort.lstrip("-")
+    return sorted(rows, key=lambda row: _sort_value(row, key), reverse=sort.startswith("-")), sort
+
 
 @login_required
 def services_list(request: HttpRequest) -> HttpResponse:
@@ -108,6 +152,7 @@ def services_list(request: HttpRequest) -> HttpResponse:
     user = request.user
     status_filter = request.GET.get("status", "")
     scope = request.GET.get("scope", "")
+    query = request.GET.get("q", "").strip()[:200]
     projects = list(Project.objects.of(user).order_by("name"))
     queryset = (
         Endpoint.objects.visible_to(user)
@@ -134,7 +179,7 @@ def services_list(request: HttpRequest) -> HttpResponse:
             {
                 "endpoint": endpoint,
                 "status": status,
-                "status_label": EndpointStatus(status).label,
+                "status_label": str(EndpointStatus(status).label),
                 "healthy": _healthy(routes),
                 "can_write": can_write_endpoint(user, endpoint),
                 "chat": offers_chat(endpoint.runtime, endpoint.environ),
@@ -142,18 +187,23 @@ def services_list(request: HttpRequest) -> HttpResponse:
                 "chat_url": chat_url(endpoint.pk),
             }
         )
+    rows, sort = sort_and_search(rows, request.GET.get("sort", ""), query)
+    columns = [("name", _("Name")), ("status", _("Status")), ("replicas", _("Replicas")), ("created", _("Created"))]
     return render(
         request,
         "serving/services_list.html",
         {
             "rows": rows,
+            "sort": sort,
+            "query": query,
+            "sort_links": {key: _sort_link(request, key, sort) for key, _label in columns},
             "statuses": statuses,
             "status_labels": {value: str(label) for value, label in EndpointStatus.choices},
             "status_filter": status_filter,
             "scope": scope,
             "scope_choices": [("mine", _("Mine"))]
             + [(f"project:{p.pk}", _("Project %(name)s") % {"name": p.name}) for p in projects],
-            "filtered": bool(status_filter or scope),
+            "filtered": bool(status_filter or scope or query),
             "url_templates": {
                 "detail": detail_url("00000000-0000-0000-0000-000000000000"),
                 "chat": chat_url("00000000-0000-0000-0000-000000000000"),
@@ -164,6 +214,15 @@ def services_list(request: HttpRequest) -> HttpResponse:
             "model_name_variables": list(MODEL_NAME_VARIABLES),
         },
     )
+
+
+def _sort_link(request: HttpRequest, key: str, current: str) -> dict[str, str]:
+    """A column header's link (the other direction when it is the current sort) and its aria-sort."""
+    params = request.GET.copy()
+    ascending = current == key
+    params["sort"] = f"-{key}" if ascending else key
+    aria = "ascending" if current == key else "descending" if current == f"-{key}" else "none"
+    return {"href": "?" + params.urlencode(), "aria": aria}
 
 
 @login_required
