@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from channels.layers import channel_layers
 
 # The Redis key prefix of the session is set by tests/redis_isolation.py, before settings load.
 
@@ -25,6 +26,17 @@ def django_db_setup(django_db_setup: None, django_db_blocker: object) -> Iterato
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer() -> Iterator[None]:
+    """Each test gets its own channel layer. Tests drive consumers from event loops of their own
+    (a thread's asyncio.run); a consumer a test left receiving in a loop that has ended keeps
+    channels_redis's receive lock bound to that loop, and every later receive on the shared layer
+    then fails ("bound to a different event loop"). A server has one loop per process; a test
+    session has many."""
+    yield
+    channel_layers.backends.clear()
 
 
 @pytest.fixture(autouse=True)
