@@ -44,6 +44,11 @@ def _beat_schedule(sender: Celery, **_: object) -> None:
             "schedule": settings.TOKEN_USAGE_INTERVAL,
             "options": {"expires": settings.TOKEN_USAGE_INTERVAL},
         },
+        "fold-gateway-usage": {
+            "task": "serving.tasks.fold_gateway_usage",
+            "schedule": settings.GATEWAY_USAGE_INTERVAL,
+            "options": {"expires": settings.GATEWAY_USAGE_INTERVAL},
+        },
         "detect-lost-nodes": {
             "task": "serving.tasks.detect_lost_nodes",
             "schedule": settings.NODE_HEARTBEAT_INTERVAL,

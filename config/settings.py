@@ -220,6 +220,8 @@ METRICS_TIMEOUT = env_float("METRICS_TIMEOUT", 2.0, minimum=0.1)
 METRICS_CONCURRENCY = env_int("METRICS_CONCURRENCY", 8, minimum=1)
 # How often the proxies' batched token last-use times are written to the DB.
 TOKEN_USAGE_INTERVAL = env_float("TOKEN_USAGE_INTERVAL", 10.0, minimum=0.1)
+# How often the proxies' gateway usage counters (per key, service and day) are folded into the DB.
+GATEWAY_USAGE_INTERVAL = env_float("GATEWAY_USAGE_INTERVAL", 60.0, minimum=0.1)
 # Scale to zero (serving/control/sleep.py): how often idle services are put to sleep, wakes get their
 # cold-start time and the proxies' re-sent request counts reach the event log.
 SLEEP_INTERVAL = env_float("SLEEP_INTERVAL", 5.0, minimum=0.1)

@@ -93,6 +93,7 @@ class Proxy:
         self.instance = f"{socket.gethostname()}:{config.port}:{os.getpid()}"
         self.reporter = Reporter(config.redis_url, config.prefix, self.instance, self.table, config.stats_interval)
         self.limiter = Limiter(config.redis_url, config.prefix)
+        self.usage = self.reporter.usage
         self.limiter.resume = self._admit_gateway
         self.downstreams: set[Downstream] = set()
         self.token_cache: dict[bytes, tuple[str, str, str]] = {}  # header -> (lookup, token, digest)
@@ -381,8 +382,7 @@ class Proxy:
                 self._over_limit(ex, state, refused[0], now)
                 return
             ex.limit = state
-            if state.tokens is not None:
-                ex.tail = bytearray()
+        ex.tail = bytearray()  # every gateway answer's last 4 KiB, for its usage (proxy/usage.py)
         self._admit(ex, endpoint, ex.target, b"", self.keep_token)
 
     def _over_limit(self, ex: Exchange, state: KeyState, kind: str, now: float) -> None:

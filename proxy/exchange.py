@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from proxy.limits import KeyState
     from proxy.table import Endpoint, Route
     from proxy.upstream import Upstream
+    from proxy.usage import Usage
 
 access_log = logging.getLogger("proxy.access")
 
@@ -125,6 +126,7 @@ class RelayState(Protocol):
     downstreams: set[Downstream]  # every client connection: swept for timeouts, drained on stop
     replay_limit: int  # bytes of a request body kept while it may be sent again
     access_log: bool
+    usage: Usage  # gateway keys' usage, pushed by proxy/report.py
 
     def request_id(self) -> bytes:
         """A new X-Request-ID, for a request that came without one."""
@@ -250,7 +252,7 @@ class Exchange:
     gateway = False
     gateway_key: object = None
     limit: KeyState | None = None  # the gateway key's limits (proxy/limits.py), counted for this request
-    tail: bytearray | None = None  # the answer's last bytes, for its usage (a key with a tokens limit)
+    tail: bytearray | None = None  # a gateway answer's last bytes, for its usage (proxy/usage.py)
     endpoint: Endpoint | None = None
     route: Route | None = None
     conn: Upstream | None = None
@@ -394,9 +396,22 @@ class Exchange:
         if self.hold_timer is not None:
             self.hold_timer.cancel()
             self.hold_timer = None
-        if self.limit is not None:
-            limit, self.limit = self.limit, None
-            limit.finish(self)
+        if self.gateway:
+            used = 0
+            if endpoint is not None:  # forwarded (not refused by the key's limits): counted
+                key = self.gateway_key
+                prompt, completion = self.down.proxy.usage.record(
+                    key.lookup,  # type: ignore[attr-defined]
+                    endpoint.id,
+                    status,
+                    elapsed,
+                    self.tail,
+                )
+                used = prompt + completion
+            self.tail = None
+            if self.limit is not None:
+                limit, self.limit = self.limit, None
+                limit.finish(used)
 
     def response_finished(self) -> None:
         self.response_done = True
@@ -498,7 +513,7 @@ class Exchange:
             self.ended = True
             if self.limit is not None:  # refused after its key's limits counted it
                 limit, self.limit = self.limit, None
-                limit.finish(self)
+                limit.finish(0)
         if self.request_done or closing:
             down.finish(self)
 

@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+
+from proxy.usage import usage_of
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
@@ -51,7 +51,6 @@ _time = time.time
 
 WINDOW = 60  # seconds: the budgets are per minute
 COUNTER_TTL = 2 * WINDOW
-TAIL = 4096  # bytes of an answer's end kept to find its usage (the usage object is near its end)
 
 # KEYS[1]: the counter; ARGV: used beyond the leases (added whatever the limit), wanted, limit, ttl.
 # Returns {taken, counter}.
@@ -63,28 +62,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {take, used}
 """
 
-# The last "usage" object of an answer (a JSON body's, or an SSE stream's final usage chunk).
-_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
-
 
 def tokens_used(tail: bytes) -> int:
     """prompt + completion tokens of the last ``usage`` in ``tail`` (0 when none is found)."""
-    found = None
-    for found in _USAGE.finditer(tail):  # noqa: B007 - the last one is wanted
-        pass
-    if found is None:
-        return 0
-    try:
-        usage = json.loads(found.group(1))
-    except ValueError:
-        return 0
-    if not isinstance(usage, dict):
-        return 0
-    total = usage.get("total_tokens")
-    if isinstance(total, int) and total >= 0:
-        return total
-    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")]
-    return sum(p for p in parts if isinstance(p, int) and p > 0)
+    prompt, completion = usage_of(tail)
+    return prompt + completion
 
 
 def reset_text(seconds: float) -> str:
@@ -179,20 +161,18 @@ class KeyState:
         elif self.tokens is None or self.tokens.limit != tpm:
             self.tokens = Budget("t", tpm)
 
-    def finish(self, ex: Exchange) -> None:
-        """The request ended (any way): free its concurrency slot, charge its tokens."""
+    def finish(self, used: int) -> None:
+        """The request ended (any way): free its concurrency slot, charge its tokens (prompt +
+        completion, read from its answer by proxy/usage.py)."""
         self.in_flight -= 1
         tokens = self.tokens
-        tail = ex.tail
-        if tokens is not None and tail is not None and 200 <= ex.status < 300:
-            used = tokens_used(bytes(tail))
-            if used:
-                tokens.roll(int(_time() // WINDOW))
-                tokens.use(used)
-                if tokens.local >= tokens.limit and tokens.solo:
-                    tokens.exhausted = True
-                if tokens.wants_lease():
-                    self.limiter.lease(self, tokens)
+        if tokens is not None and used:
+            tokens.roll(int(_time() // WINDOW))
+            tokens.use(used)
+            if tokens.local >= tokens.limit and tokens.solo:
+                tokens.exhausted = True
+            if tokens.wants_lease():
+                self.limiter.lease(self, tokens)
 
     def headers(self, now: float) -> bytes:
         """OpenAI's x-ratelimit-* headers for this key's per-minute budgets."""

@@ -2,6 +2,8 @@
 
 * ``<prefix>:tokens:last_used`` (hash): token lookup -> epoch seconds of its last accepted use,
   flushed every ``stats_interval`` in one HSET (never a write per request).
+* ``<prefix>:gateway:usage:<lookup>:<day>`` (hash) and ``<prefix>:gateway:usage:pending`` (set): the
+  gateway keys' usage per service and day (proxy/usage.py), HINCRBY per push, and at a graceful stop.
 * ``<prefix>:proxy:stats:<slug>`` (hash, expires after 30 s without a push): one field per proxy
   process (``host:port:pid``) whose value is JSON ``{"t": epoch, "window": seconds, "rps",
   "errors_per_s", "requests", "in_flight", "p95_ms", "routes"}`` for the last window. Several
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
+from proxy import usage as gateway_usage
 from serving.core import processes
 
 if TYPE_CHECKING:
@@ -60,6 +63,7 @@ class Reporter:
         self.interval = interval
         self.client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
         self.last_used: dict[str, float] = {}
+        self.usage = gateway_usage.Usage()
         self.failures_channel = f"{prefix}:proxy:route-failures"
         self._pending = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -144,7 +148,10 @@ class Reporter:
         elapsed = max(time.monotonic() - self._last_flush, 0.001)  # the real window, not the nominal one
         self._last_flush = time.monotonic()
         used, self.last_used = self.last_used, {}
-        pipe = self.client.pipeline(transaction=False)
+        cells = self.usage.take()
+        # MULTI/EXEC: the push applies whole or not at all, so usage given back after a failure is
+        # not counted twice (only a connection lost after EXEC was sent leaves it unknown).
+        pipe = self.client.pipeline(transaction=True)
         if final:  # stopping: leave the admin's Processes page at once
             pipe.delete(self._heartbeat)
         else:
@@ -152,6 +159,8 @@ class Reporter:
             pipe.set(self._heartbeat, processes.beat("proxy", host, pid, self._started, now=now), ex=processes.TTL)
         if used:
             pipe.hset(f"{self.prefix}:tokens:last_used", mapping={k: f"{v:.3f}" for k, v in used.items()})
+        if cells:
+            self._push_usage(pipe, cells)
         resent: list[tuple[EndpointStats, int]] = []  # counted in Redis once the push succeeded
         seen_routes: dict[str, tuple[int, int]] = {}
         for slug, endpoint in self.table.endpoints.items():
@@ -184,6 +193,7 @@ class Reporter:
             for lookup, when in used.items():
                 if len(self.last_used) < MAX_LAST_USED and self.last_used.get(lookup, 0.0) < when:
                     self.last_used[lookup] = when
+            self.usage.give_back(cells)
             if not self._down:
                 log.warning("cannot push stats to Redis (%s); will retry", exc.__class__.__name__)
                 self._down = True
@@ -194,6 +204,19 @@ class Reporter:
         if self._down:
             log.warning("stats push to Redis works again")
             self._down = False
+
+    def _push_usage(self, pipe: Any, cells: dict[tuple[str, str, str], gateway_usage.Cell]) -> None:
+        """HINCRBY each cell's counts into its key's hash of the day, then name the hash as pending
+        (after the counts: the control plane's fold, serving.control.usage, may run in between)."""
+        by_hash: dict[tuple[str, str], dict[str, int]] = {}
+        for (lookup, endpoint_id, day), cell in cells.items():
+            by_hash.setdefault((lookup, day), {}).update(cell.fields(endpoint_id))
+        pending = gateway_usage.pending_key(self.prefix)
+        for (lookup, day), fields in by_hash.items():
+            key = gateway_usage.hash_key(self.prefix, lookup, day)
+            for field, value in fields.items():
+                pipe.hincrby(key, field, value)
+            pipe.sadd(pending, f"{lookup}:{day}")
 
     def _count_revisions(
         self, pipe: Any, slug: str, groups: dict[int, RevisionRoutes], now: float, seen: dict[str, tuple[int, int]]

@@ -29,7 +29,7 @@ from proxy.exchange import (
     forwarded_set_cookie,
     set_nodelay,
 )
-from proxy.limits import TAIL
+from proxy.usage import TAIL
 
 if TYPE_CHECKING:
     from proxy.downstream import Downstream
@@ -159,10 +159,13 @@ class Upstream(asyncio.Protocol):
             self._broken(ex, "the replica sent more than one response")
             return
         tail = ex.tail
-        if tail is not None:  # a gateway key with a tokens limit: the usage is near the answer's end
-            tail += data
-            if len(tail) > TAIL:
-                del tail[: len(tail) - TAIL]
+        if tail is not None:  # a gateway request: its usage is near the answer's end (proxy/usage.py)
+            if len(data) >= TAIL:
+                tail[:] = data[-TAIL:]  # one 4 KiB copy, whatever the piece's size
+            else:
+                tail += data
+                if len(tail) > TAIL:
+                    del tail[: len(tail) - TAIL]  # O(1)-ish: a bytearray drops its head in place
         mode = self.mode
         if mode == MODE_PASS:
             ex.down.transport.write(data)

@@ -543,6 +543,28 @@ class GatewayKey(models.Model):
         return self.revoked_at is None and self.expires_at > now
 
 
+class GatewayUsage(models.Model):
+    """A gateway key's use of one service on one UTC day (issue 17), folded from the proxies' counters
+    in Redis (serving.control.usage). ``latency`` counts requests per latency bucket: upper bound in
+    seconds ("inf" last) -> count, from which p50/p95 are read (serving.core.usage)."""
+
+    key = models.ForeignKey(GatewayKey, on_delete=models.CASCADE, related_name="usage")
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="gateway_usage")
+    day = models.DateField()
+    requests = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)
+    latency = models.JSONField(default=dict)
+
+    class Meta:
+        ordering = ["-day", "endpoint__name"]
+        constraints = [models.UniqueConstraint(fields=["key", "endpoint", "day"], name="gateway_usage_unique_day")]
+
+    def __str__(self) -> str:
+        return f"{self.key_id} {self.endpoint_id} {self.day}"
+
+
 class ModelAlias(models.Model):
     """A model name at the gateway that points at several services with weights (issue 17): e.g. a
     self-hosted model with a spill-over. The proxy picks a backend by weight among those with a

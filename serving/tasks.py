@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from serving.actions import tokens as token_actions
 from serving.bus import dispatch, events, metrics, routing
-from serving.control import autoscaling, canary, lifecycle, sleep
+from serving.control import autoscaling, canary, lifecycle, sleep, usage
 from serving.models import Endpoint, Node, Route
 from serving.node import dryrun, members, routes
 
@@ -63,6 +63,12 @@ def detect_lost_nodes() -> None:
 def record_token_usage() -> None:
     """Batch the proxies' token last-use times into the DB (S7: listed with "last used")."""
     token_actions.do_record_token_usage(routing.take_token_usage())
+
+
+@shared_task(ignore_result=True, soft_time_limit=60, time_limit=90)
+def fold_gateway_usage() -> None:
+    """The proxies' gateway usage counters into GatewayUsage rows (issue 17)."""
+    usage.fold()
 
 
 @shared_task(ignore_result=True, soft_time_limit=60, time_limit=90)

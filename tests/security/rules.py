@@ -133,6 +133,7 @@ RULES: dict[str, Rule] = {
     "gateway-keys": Rule(API, {"GET": ANY_USER, "POST": ANY_USER}, collection=True),
     # A personal key: its owner and operators; a key of the project: also its managers.
     "gateway-key-detail": Rule(API, {"GET": REVOKE, "DELETE": REVOKE}),
+    "gateway-key-usage": Rule(API, {"GET": REVOKE}),
     # A project's alias: its members read it; its owner, the project's managers and operators change it.
     "model-aliases": Rule(API, {"GET": ANY_USER, "POST": ANY_USER}, collection=True),
     "model-alias-detail": Rule(API, {"GET": READ, "PATCH": MANAGE, "DELETE": MANAGE}),

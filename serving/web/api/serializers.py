@@ -578,6 +578,20 @@ class TrafficSerializer(serializers.Serializer[Any]):
         return data
 
 
+class GatewayUsageSerializer(serializers.Serializer[Any]):
+    """One usage row of a gateway key: a service on a UTC day, p50/p95 from its latency histogram."""
+
+    day = serializers.DateField()
+    service = serializers.CharField()
+    service_name = serializers.CharField()
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    errors = serializers.IntegerField()  # type: ignore[assignment]  # (a field named as Serializer.errors)
+    p50_ms = serializers.FloatField(allow_null=True)
+    p95_ms = serializers.FloatField(allow_null=True)
+
+
 class GatewayKeySerializer(serializers.ModelSerializer[GatewayKey]):
     """A gateway key as listed: never the key itself (only in the creation response)."""
 

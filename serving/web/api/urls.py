@@ -49,6 +49,7 @@ urlpatterns = [
     ),
     path("gateway-keys/", views.GatewayKeyListView.as_view(), name="gateway-keys"),
     path("gateway-keys/<uuid:gateway_key_id>/", views.GatewayKeyDetailView.as_view(), name="gateway-key-detail"),
+    path("gateway-keys/<uuid:gateway_key_id>/usage/", views.GatewayKeyUsageView.as_view(), name="gateway-key-usage"),
     # A node's snapshot of a model folder (node key, not a user's): its manifest and its files.
     path("node/folders/<uuid:folder_id>/manifest/", snapshots.NodeManifestView.as_view(), name="node-folder-manifest"),
     path("node/folders/<uuid:folder_id>/files/<path:path>", snapshots.NodeFileView.as_view(), name="node-folder-file"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -16,6 +18,7 @@ from rest_framework import status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, NotFound, PermissionDenied, ValidationError
 from rest_framework.permissions import AllowAny
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -28,6 +31,7 @@ from serving.actions import services
 from serving.actions import tokens as token_actions
 from serving.bus import logfollow, metrics, nodebus
 from serving.core import schemas
+from serving.core import usage as usage_figures
 from serving.core.runtimes import RUNTIMES
 from serving.models import (
     STARTING_MARK,
@@ -35,6 +39,7 @@ from serving.models import (
     Endpoint,
     EndpointToken,
     GatewayKey,
+    GatewayUsage,
     ModelAlias,
     Node,
     ResourcePreset,
@@ -466,6 +471,54 @@ class GatewayKeyDetailView(APIView):
         key = get_object_or_404(_gateway_keys(request.user), pk=gateway_key_id)
         gateway_actions.do_revoke_gateway_key(key)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class CSVRenderer(BaseRenderer):
+    """``?format=csv``: a list of flat rows as CSV, the first row's keys as the header."""
+
+    media_type = "text/csv"
+    format = "csv"
+    charset = "utf-8"
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        out = io.StringIO()
+        if isinstance(data, list) and data:
+            writer = csv.DictWriter(out, fieldnames=list(data[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(data)
+        elif isinstance(data, dict):  # an error: its sentence on one line
+            out.write(str(data.get("detail", data)) + "\n")
+        return out.getvalue().encode()
+
+
+class GatewayKeyUsageView(APIView):
+    renderer_classes = [JSONRenderer, CSVRenderer]
+
+    @extend_schema(
+        responses=s.GatewayUsageSerializer(many=True),
+        parameters=[OpenApiParameter("format", str, enum=["json", "csv"], description="csv: the rows as CSV")],
+    )
+    def get(self, request: Request, gateway_key_id: str, format: str | None = None) -> Response:
+        """The key's usage per UTC day and service, newest day first (folded from the proxies every
+        GATEWAY_USAGE_INTERVAL seconds)."""
+        key = get_object_or_404(_gateway_keys(request.user), pk=gateway_key_id)
+        rows = [usage_row(row) for row in key.usage.select_related("endpoint").order_by("-day", "endpoint__name")]
+        return Response(s.GatewayUsageSerializer(rows, many=True).data)
+
+
+def usage_row(row: GatewayUsage) -> dict[str, Any]:
+    p50, p95 = usage_figures.quantile(row.latency, 0.5), usage_figures.quantile(row.latency, 0.95)
+    return {
+        "day": row.day,
+        "service": str(row.endpoint_id),
+        "service_name": row.endpoint.name,
+        "requests": row.requests,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "errors": row.errors,
+        "p50_ms": None if p50 is None else round(p50 * 1000, 3),
+        "p95_ms": None if p95 is None else round(p95 * 1000, 3),
+    }
 
 
 def _aliases(user: Any) -> Any:
