@@ -18,6 +18,7 @@ most once each time what arrived doubles, so the scanning costs O(n) in all. A b
 from __future__ import annotations
 
 import json
+import json.scanner
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -126,19 +127,43 @@ def _skip_value(buf: bytes, i: int) -> int:
 
 
 def model_of_body(buf: bytes, complete: bool) -> str | tuple[str]:
-    """``find_model`` with the C parser's speed for a complete body (the usual case)."""
-    if complete:
-        try:
-            body = json.loads(buf)
+    """``find_model`` with the C parser's speed for a complete body (the usual case).
+
+    A body is usually whole when its first piece is looked at, before the request is known to have
+    ended (the parser reports the body, then its end): a buffer that ends with ``}`` is tried with the
+    C parser first. When it parses as an object, that object's ``model`` is the answer whatever may
+    follow (after a whole object, more bytes would make the body invalid JSON, for the replica to
+    refuse)."""
+    if not complete and buf.rstrip()[-1:] != b"}":
+        return find_model(buf)
+    body = _parse(buf)
+    if not isinstance(body, dict):
+        return find_model(buf) if not complete else (INVALID,)
+    model = body.get("model")
+    if model is None:
+        return (ABSENT,)
+    return model if isinstance(model, str) and model else (INVALID,)
+
+
+# The C scanner that json.loads ends in, called directly: json.loads(bytes) spends most of its time
+# on a small body before it (detecting the encoding, decoding, two Python layers): 1.4 us vs 5.9 us
+# for a chat request (bench/proxy.py's gateway row).
+_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # (typeshed: its context is a decoder)
+
+
+def _parse(buf: bytes) -> object:
+    """The JSON value ``buf`` holds, or None when it holds none (not JSON, or trailing bytes)."""
+    try:
+        text = buf.decode()
+        obj, end = _scan(text, len(text) - len(text.lstrip()))
+    except (ValueError, StopIteration):
+        try:  # anything unusual (a BOM, UTF-16): as json.loads reads it
+            return json.loads(buf)
         except ValueError:
-            return (INVALID,)
-        if not isinstance(body, dict):
-            return (INVALID,)
-        model = body.get("model")
-        if model is None:
-            return (ABSENT,)
-        return model if isinstance(model, str) and model else (INVALID,)
-    return find_model(buf)
+            return None
+    if end != len(text) and text[end:].strip():
+        return None
+    return obj
 
 
 @dataclass(frozen=True, slots=True)

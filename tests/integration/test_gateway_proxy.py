@@ -17,9 +17,10 @@ import openai
 import pytest
 
 from serving.core import tokens
+from tests.integration.test_examples import minilm
 from tests.integration.test_proxy import KEY, Backend, Proxy, backends, wait_for
 
-__all__ = ["backends"]  # the fixture, imported for its use here
+__all__ = ["backends", "minilm"]  # the fixtures, imported for their use here (minilm skips without the model)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,21 @@ def test_the_openai_client(gw: Proxy, backends: Callable[..., Backend]) -> None:
     )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces)
+    # Streaming with usage: the client asks for the final usage chunk, and it comes through.
+    chunks = list(
+        client.chat.completions.create(
+            model=beta,
+            messages=[{"role": "user", "content": "one two three"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="nothing-here", messages=[{"role": "user", "content": "x"}])
     assert caught.value.code == "model_not_found"
@@ -275,3 +291,31 @@ def test_an_alias_fails_over_to_a_backend_with_a_healthy_replica(gw: Proxy, back
     gw.redis.hdel(f"{gw.prefix}:gateway:aliases", alias_id)
     gw.redis.publish(f"{gw.prefix}:routing:updates", json.dumps({"alias": alias_id, "entry": None}))
     wait_for(lambda: call(gw, "/v1/chat/completions", key.token, chat(name))[0] == 404, what="the removal")
+
+
+def test_embeddings_from_the_minilm_example_through_the_openai_client(gw: Proxy, minilm: int) -> None:
+    """The MiniLM example (examples/minilm-embeddings, the real model) behind the gateway; skipped
+    where ``make deps-minilm`` has not installed it, as in test_examples.py."""
+    tag = uuid.uuid4().hex[:6]
+    project, model = f"p-{tag}", "all-MiniLM-L6-v2"
+    route = {"id": f"minilm-{minilm}", "host": "127.0.0.1", "port": minilm, "weight": 1}
+    gw.publish(f"minilm-{tag}", [route], models=[model], project=project, owner="1")
+    key = grant(gw, projects=[project])
+    wait_for(lambda: call(gw, "/v1/models", key.token)[0] == 200, what="the key")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key=key.token, max_retries=0)
+    wait_for(lambda: [m.id for m in client.models.list()] == [model], what="the service's entry")
+
+    response = client.embeddings.with_raw_response.create(model=model, input=["a cat sits", "a kitten sits", "tax law"])
+    assert response.headers["x-modelserve-service"] == f"minilm-{tag}"
+    vectors = [d.embedding for d in response.parse().data]
+    assert [len(v) for v in vectors] == [384, 384, 384]
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True)) / (
+            sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5
+        )
+
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])  # a real model, not an echo
+    # The client asks for base64 by default (and decoded it above); as floats, the same vector.
+    again = client.embeddings.create(model=model, input="a cat sits", encoding_format="float")
+    assert again.data[0].embedding == pytest.approx(vectors[0], abs=1e-5)
