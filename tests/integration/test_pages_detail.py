@@ -92,6 +92,15 @@ def test_owner_sees_settings_routes_snippets_and_every_control(browser: Any, ser
     assert "Service &#x27;echo-one&#x27; created" in html or "echo-one&#x27; created" in html  # event log
 
 
+def test_the_settings_say_which_model_names_the_gateway_routes_here(browser: Any, service: Endpoint) -> None:
+    html = browser("teammate").get(page(service)).content.decode()
+    assert "Model names at the gateway" in html
+    assert "echo-model (the default: MODEL_NAME, else the service&#x27;s name)" in html
+    Endpoint.objects.filter(pk=service.pk).update(model_names=["echo-large", "echo"])
+    html = browser("owner").get(page(service)).content.decode()
+    assert "echo-large, echo" in html and "the default: MODEL_NAME" not in html
+
+
 def test_teammate_reads_and_may_issue_tokens_but_not_change(browser: Any, service: Endpoint) -> None:
     response = browser("teammate").get(page(service))
     assert response.status_code == 200

@@ -36,7 +36,16 @@ from serving.control import revisions as moves
 from serving.core import revisions as pure_revisions
 from serving.core import slots
 from serving.core.runtimes import RUNTIMES
-from serving.models import AutoScalingRule, Endpoint, EndpointStatus, EndpointToken, Revision, Route, RouteMember
+from serving.models import (
+    AutoScalingRule,
+    Endpoint,
+    EndpointStatus,
+    EndpointToken,
+    Revision,
+    Route,
+    RouteMember,
+    served_model_names,
+)
 from serving.web.access import access_endpoint, can_write_endpoint
 from serving.web.api.serializers import RouteSerializer, RuleSerializer, TokenCreateSerializer, revision_share
 from serving.web.pages.services import MODEL_NAME_VARIABLES, field_errors, offers_chat
@@ -146,6 +155,13 @@ def _settings_rows(endpoint: Endpoint) -> list[tuple[str, Any]]:
             _("yes: callers' cookies reach the replicas (never this site's own)")
             if endpoint.forward_cookies
             else _("no: the proxy removes cookies both ways"),
+        ),
+        (
+            _("Model names at the gateway"),
+            ", ".join(served_model_names(endpoint))
+            if endpoint.model_names
+            else _("%(names)s (the default: MODEL_NAME, else the service's name)")
+            % {"names": ", ".join(served_model_names(endpoint))},
         ),
         (_("Retry policy"), endpoint.get_retry_policy_display()),
         (
