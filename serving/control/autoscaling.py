@@ -37,24 +37,8 @@ SHARED_DEFINITION_REFUSAL = (
 
 # --- the tick (shell) ----------------------------------------------------------------------------
 
-_RULE_FIELDS = (
-    "pk",
-    "endpoint_id",
-    "direction",
-    "source",
-    "metric",
-    "comparator",
-    "threshold",
-    "step",
-    "min_replicas",
-    "max_replicas",
-    "cooldown",
-    "aggregation",
-    "window",
-    "enabled",
-    "last_triggered_at",
-    "last_decision",
-)
+# What the tick reads of a rule: what a user sets on it (AutoScalingRule.SETTINGS), and its state.
+_RULE_FIELDS = ("pk", "endpoint_id", *AutoScalingRule.SETTINGS, "enabled", "last_triggered_at", "last_decision")
 
 
 def tick(now: datetime | None = None, client: Any = None) -> int:

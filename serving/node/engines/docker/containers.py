@@ -25,6 +25,7 @@ from docker.types import Mount as DockerMount
 
 from serving.core import devices
 from serving.node.engines.base import EngineError, ReplicaInfo, ReplicaSpec, ReplicaState
+from serving.node.engines.docker.errors import docker_errors
 
 BOOTSTRAP = Path(__file__).parents[1] / "bootstrap.py"
 BOOTSTRAP_DIR = "/opt/modelserve"  # where the runner and its plan appear inside the container
@@ -320,6 +321,35 @@ def close_when_stopped(stop: threading.Event, done: threading.Event, stream: Any
             with contextlib.suppress(Exception):
                 stream.close()
             return
+
+
+def log_lines(
+    replica_id: str, stream: Any, stop: threading.Event | None, timeout: float, notes: tuple[str, ...] = ()
+) -> Iterator[str]:
+    """A replica's log lines from a docker log ``stream`` (a container's, or a Swarm service's), after
+    the engine's own ``notes``; with ``stop``, a follow that ends when it is set."""
+    yield from notes
+    done = threading.Event()
+    if stop is not None:
+        # A quiet replica leaves the reader blocked on the daemon's socket: closing the stream
+        # from here is the only way to end that read when nobody follows any more.
+        threading.Thread(
+            target=close_when_stopped,
+            args=(stop, done, stream),
+            name=f"logs-stop-{replica_id[:12]}",
+            daemon=True,
+        ).start()
+    try:
+        with docker_errors(f"read the logs of replica {replica_id}", replica_id, timeout):
+            yield from decode_lines(iter(stream))
+    except Exception:
+        if stop is None or not stop.is_set():
+            raise
+    finally:
+        done.set()
+        # A consumer that stops early (a closed websocket) must not leave the socket open.
+        with contextlib.suppress(Exception):
+            stream.close()
 
 
 def decode_lines(chunks: Iterator[bytes]) -> Iterator[str]:

@@ -380,33 +380,9 @@ class DockerEngine:
             stream = container.logs(
                 stdout=True, stderr=True, stream=True, follow=follow, tail=tail if tail >= 0 else "all"
             )
-        return self._log_lines(replica_id, stream, stop if follow else None, tuple(self._notes(container.name)))
-
-    def _log_lines(
-        self, replica_id: str, stream: Any, stop: threading.Event | None, notes: tuple[str, ...] = ()
-    ) -> Iterator[str]:
-        yield from notes
-        done = threading.Event()
-        if stop is not None:
-            # A quiet replica leaves the reader blocked on the daemon's socket: closing the stream
-            # from here is the only way to end that read when nobody follows any more.
-            threading.Thread(
-                target=containers.close_when_stopped,
-                args=(stop, done, stream),
-                name=f"logs-stop-{replica_id[:12]}",
-                daemon=True,
-            ).start()
-        try:
-            with self._errors(f"read the logs of replica {replica_id}", replica=replica_id):
-                yield from containers.decode_lines(iter(stream))
-        except Exception:
-            if stop is None or not stop.is_set():
-                raise
-        finally:
-            done.set()
-            # A consumer that stops early (a closed websocket) must not leave the socket open.
-            with contextlib.suppress(Exception):
-                stream.close()
+        return containers.log_lines(
+            replica_id, stream, stop if follow else None, self.timeout, tuple(self._notes(container.name))
+        )
 
     def stats(self, replica_id: str) -> ReplicaStats:
         container = self._container(replica_id)

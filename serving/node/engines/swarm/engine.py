@@ -359,27 +359,7 @@ class SwarmEngine:
             response = api._get(api._url("/services/{0}/logs", replica_id), params=params, stream=True)
             api._raise_for_status(response)
             stream = CancellableStream(api._multiplexed_response_stream_helper(response), response)
-        return self._log_lines(replica_id, stream, stop if follow else None)
-
-    def _log_lines(self, replica_id: str, stream: Any, stop: threading.Event | None) -> Iterator[str]:
-        done = threading.Event()
-        if stop is not None:
-            threading.Thread(
-                target=containers.close_when_stopped,
-                args=(stop, done, stream),
-                name=f"logs-stop-{replica_id[:12]}",
-                daemon=True,
-            ).start()
-        try:
-            with self._errors(f"read the logs of replica {replica_id}", replica=replica_id):
-                yield from containers.decode_lines(iter(stream))
-        except Exception:
-            if stop is None or not stop.is_set():
-                raise
-        finally:
-            done.set()
-            with contextlib.suppress(Exception):
-                stream.close()
+        return containers.log_lines(replica_id, stream, stop if follow else None, self.timeout)
 
     def stats(self, replica_id: str) -> ReplicaStats:
         """From the task's container, through this engine's client: only for a task on this host."""
