@@ -7,6 +7,7 @@ import contextlib
 import logging
 import uuid
 from datetime import date
+from typing import Any
 
 from django.db import transaction
 
@@ -56,3 +57,24 @@ def _add(lookup: str, day: date, counts: dict[str, figures.Counts]) -> int:
         row.save()
         added += 1
     return added
+
+
+def usage_row(row: GatewayUsage) -> dict[str, Any]:
+    """One usage row as the API, its CSV and the key's page show it (latencies in milliseconds)."""
+    p50, p95 = figures.quantile(row.latency, 0.5), figures.quantile(row.latency, 0.95)
+    return {
+        "day": row.day,
+        "service": str(row.endpoint_id),
+        "service_name": row.endpoint.name,
+        "requests": row.requests,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "errors": row.errors,
+        "p50_ms": None if p50 is None else round(p50 * 1000, 3),
+        "p95_ms": None if p95 is None else round(p95 * 1000, 3),
+    }
+
+
+def rows_of(key: GatewayKey) -> list[dict[str, Any]]:
+    """A key's usage per UTC day and service, newest day first."""
+    return [usage_row(row) for row in key.usage.select_related("endpoint").order_by("-day", "endpoint__name")]

@@ -14,11 +14,12 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.db.models import Q
 from django.http import Http404
 from django.utils.crypto import constant_time_compare
 
 from accounts.models import ApiKey, Membership, User
-from serving.models import Endpoint
+from serving.models import Endpoint, GatewayKey
 
 
 def can_write_endpoint(user: Any, endpoint: Endpoint) -> bool:
@@ -127,3 +128,12 @@ def _session_holds(session_key: str, user: Any) -> bool:
         return False
     hashes = [user.get_session_auth_hash(), *user.get_session_auth_fallback_hash()]
     return any(constant_time_compare(session_hash, known) for known in hashes)
+
+
+def gateway_keys_of(user: Any) -> Any:
+    """The gateway keys a user may see and revoke: their own, and their managed projects'; operators
+    all (the API and the keys page; another's key is a 404)."""
+    keys = GatewayKey.objects.select_related("owner", "project")
+    if getattr(user, "is_superuser", False):
+        return keys
+    return keys.filter(Q(owner=user) | Q(project_id__in=user.managed_project_ids()))

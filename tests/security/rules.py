@@ -109,6 +109,10 @@ RULES: dict[str, Rule] = {
     "serving:revisions": Rule(PAGE, {"GET": READ}),
     "serving:revision-promote": Rule(PAGE, {"GET": MANAGE, "POST": MANAGE}),
     "serving:revision-rollback": Rule(PAGE, {"GET": MANAGE, "POST": MANAGE}),
+    # Gateway keys (like the API's): the key's owner, its project's managers and operators; others 404.
+    "serving:gateway-keys": Rule(PAGE, {"GET": ANY_USER, "POST": ANY_USER}, collection=True),
+    "serving:gateway-key": Rule(PAGE, {"GET": REVOKE}),
+    "serving:gateway-key-revoke": Rule(PAGE, {"POST": REVOKE}),
     "serving:chat": Rule(PAGE, {"GET": READ}),
     "serving:chat-token": Rule(PAGE, {"POST": READ}),
     # A JSON relay for the chat page's script: anonymous gets a JSON 401, not a redirect.

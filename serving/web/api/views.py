@@ -30,22 +30,20 @@ from serving.actions import rules as rule_actions
 from serving.actions import services
 from serving.actions import tokens as token_actions
 from serving.bus import logfollow, metrics, nodebus
+from serving.control import usage
 from serving.core import schemas
-from serving.core import usage as usage_figures
 from serving.core.runtimes import RUNTIMES
 from serving.models import (
     STARTING_MARK,
     AutoScalingRule,
     Endpoint,
     EndpointToken,
-    GatewayKey,
-    GatewayUsage,
     ModelAlias,
     Node,
     ResourcePreset,
     Route,
 )
-from serving.web.access import ReadGrant, access_endpoint, can_write_endpoint
+from serving.web.access import ReadGrant, access_endpoint, can_write_endpoint, gateway_keys_of
 from serving.web.api import serializers as s
 
 UUID_RE = r"[0-9a-fA-F-]{36}"
@@ -431,20 +429,12 @@ class RevisionTrafficView(APIView):
         return Response(_revisions_body(endpoint, endpoint.revisions.select_related("created_by", "endpoint")))
 
 
-def _gateway_keys(user: Any) -> Any:
-    """The keys a user may see and revoke: their own, and their managed projects'; operators all."""
-    keys = GatewayKey.objects.select_related("owner")
-    if getattr(user, "is_superuser", False):
-        return keys
-    return keys.filter(Q(owner=user) | Q(project_id__in=user.managed_project_ids()))
-
-
 class GatewayKeyListView(APIView):
     """Keys for the proxy's OpenAI-compatible root (<proxy>/v1/...; issue 17)."""
 
     @extend_schema(responses=s.GatewayKeySerializer(many=True))
     def get(self, request: Request) -> Response:
-        return Response(s.GatewayKeySerializer(_gateway_keys(request.user), many=True).data)
+        return Response(s.GatewayKeySerializer(gateway_keys_of(request.user), many=True).data)
 
     @extend_schema(request=s.GatewayKeyCreateSerializer, responses={201: s.GatewayKeySerializer})
     def post(self, request: Request) -> Response:
@@ -462,13 +452,13 @@ class GatewayKeyListView(APIView):
 class GatewayKeyDetailView(APIView):
     @extend_schema(responses=s.GatewayKeySerializer)
     def get(self, request: Request, gateway_key_id: str) -> Response:
-        key = get_object_or_404(_gateway_keys(request.user), pk=gateway_key_id)
+        key = get_object_or_404(gateway_keys_of(request.user), pk=gateway_key_id)
         return Response(s.GatewayKeySerializer(key).data)
 
     @extend_schema(responses={204: None})
     def delete(self, request: Request, gateway_key_id: str) -> Response:
         """Revoke a key: every proxy refuses it within a second."""
-        key = get_object_or_404(_gateway_keys(request.user), pk=gateway_key_id)
+        key = get_object_or_404(gateway_keys_of(request.user), pk=gateway_key_id)
         gateway_actions.do_revoke_gateway_key(key)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -501,24 +491,9 @@ class GatewayKeyUsageView(APIView):
     def get(self, request: Request, gateway_key_id: str, format: str | None = None) -> Response:
         """The key's usage per UTC day and service, newest day first (folded from the proxies every
         GATEWAY_USAGE_INTERVAL seconds)."""
-        key = get_object_or_404(_gateway_keys(request.user), pk=gateway_key_id)
-        rows = [usage_row(row) for row in key.usage.select_related("endpoint").order_by("-day", "endpoint__name")]
+        key = get_object_or_404(gateway_keys_of(request.user), pk=gateway_key_id)
+        rows = usage.rows_of(key)
         return Response(s.GatewayUsageSerializer(rows, many=True).data)
-
-
-def usage_row(row: GatewayUsage) -> dict[str, Any]:
-    p50, p95 = usage_figures.quantile(row.latency, 0.5), usage_figures.quantile(row.latency, 0.95)
-    return {
-        "day": row.day,
-        "service": str(row.endpoint_id),
-        "service_name": row.endpoint.name,
-        "requests": row.requests,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "errors": row.errors,
-        "p50_ms": None if p50 is None else round(p50 * 1000, 3),
-        "p95_ms": None if p95 is None else round(p95 * 1000, 3),
-    }
 
 
 def _aliases(user: Any) -> Any:

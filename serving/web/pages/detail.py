@@ -410,7 +410,7 @@ def clear_errors(request: HttpRequest, pk: str) -> HttpResponse:
     return redirect("serving:detail", pk=endpoint.pk)
 
 
-def _expiry(request: HttpRequest) -> dt.datetime | None:
+def expiry_of(request: HttpRequest) -> dt.datetime | None:
     """The end of the chosen day in the browser's time zone (sent by the page), else the server's."""
     raw = request.POST.get("expires_on", "").strip()
     if not raw:
@@ -430,7 +430,7 @@ def token_create(request: HttpRequest, pk: str) -> HttpResponse:
     token is shown in full, so that it is never stored anywhere but in the user's hands."""
     endpoint = access_endpoint(request.user, pk)
     try:
-        expires_at = _expiry(request)
+        expires_at = expiry_of(request)
     except ValueError:
         return _render_detail(
             request, endpoint, token_errors={"expires_on": [_("Enter a date such as 2030-12-31.")]}, status=400

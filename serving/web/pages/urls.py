@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.web.pages import chat, detail, services
+from serving.web.pages import chat, detail, gateway, services
 
 app_name = "serving"
-urlpatterns = [*services.urlpatterns, *detail.urlpatterns, *chat.urlpatterns]
+urlpatterns = [*services.urlpatterns, *gateway.urlpatterns, *detail.urlpatterns, *chat.urlpatterns]
