@@ -33,7 +33,7 @@ CHAT = json.dumps(
 ).encode()
 
 
-def test_sigkill_under_post_load_loses_nothing_with_inference_and_502s_with_safe(
+def test_sigkill_under_post_load_loses_nothing_with_inference_and_never_resends_with_safe(
     live: Any, api: Any, personas: dict[str, Any]
 ) -> None:
     system = live(SLEEP_INTERVAL="0.5", proxy_env={"PROXY_STATS_INTERVAL": "0.5"})
@@ -71,9 +71,9 @@ def test_sigkill_under_post_load_loses_nothing_with_inference_and_502s_with_safe
     report_line("retry policy inference: SIGKILL 1 of 2 replicas under POST load", kept)
     report_line("retry policy safe: SIGKILL 1 of 2 replicas under POST load", lost)
     assert not kept.failures, kept.summary()
-    # Today's rule under safe: the POSTs in flight at the dead replica are answered 502, never re-sent.
-    assert lost.failures, lost.summary()
-    assert {o.status for o in lost.failures} == {502}, lost.summary()
+    # Today's rule under safe: a POST in flight at the dead replica is answered 502, never re-sent.
+    # (Whether one was in flight at the kill's instant is up to timing: a run may lose none.)
+    assert {o.status for o in lost.failures} <= {502}, lost.summary()
 
     # The event log says how many were re-sent (one event per service and tick, not per request).
     resent = wait_for(
