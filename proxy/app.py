@@ -3,6 +3,12 @@
 No Django, no database: it serves from the routing table it keeps in memory (proxy/table.py), so it
 keeps serving when Redis, the database or every Celery process is down.
 
+Past the ~800 lines the other modules keep to, on purpose: this is the one path every request takes
+through the process (dispatch, the gateway's admission, the choice of a revision and a replica,
+holding for a wake, connecting, retrying), read top to bottom in one place. What can stand alone
+does: the two sides of the relay and their exchange, the table, the gateway's parsing, the limits,
+the usage counters, the reports.
+
 Why it is built this way: the proxy is the product's hot path, and a general-purpose framework
 (aiohttp's client and server) spends ~150 us and most of a core per request on things a reverse
 proxy does not need (request objects, header multidicts, futures, tasks). Here each side is a plain
