@@ -24,7 +24,7 @@ from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 
 from serving.core import devices
-from serving.node.engines.base import EngineError, ReplicaInfo, ReplicaSpec, ReplicaState
+from serving.node.engines.base import EngineError, ReplicaInfo, ReplicaSpec, ReplicaState, ReplicaStats
 from serving.node.engines.docker.errors import docker_errors
 
 BOOTSTRAP = Path(__file__).parents[1] / "bootstrap.py"
@@ -321,6 +321,25 @@ def close_when_stopped(stop: threading.Event, done: threading.Event, stream: Any
             with contextlib.suppress(Exception):
                 stream.close()
             return
+
+
+def sampled_stats(container: Any, limit: int) -> ReplicaStats:
+    """A running container's CPU and memory now, from the daemon (``limit``: its memory limit, for
+    a daemon that reports none). Raises docker's errors: the caller names what failed."""
+    # stream=False makes the daemon wait for a second sample and fill precpu_stats...
+    sample = container.stats(stream=False)
+    cpu = cpu_percent(sample.get("precpu_stats") or {}, sample.get("cpu_stats") or {})
+    if cpu is None:
+        # ...except right after start, when there is no earlier sample: take our own.
+        later = container.stats(stream=False)
+        cpu = cpu_percent(sample.get("cpu_stats") or {}, later.get("cpu_stats") or {})
+        sample = later
+    memory = sample.get("memory_stats") or {}
+    return ReplicaStats(
+        cpu_percent=round(cpu or 0.0, 2),
+        mem_bytes=memory_used(memory),
+        mem_limit_bytes=int(memory.get("limit") or limit),
+    )
 
 
 def log_lines(

@@ -390,20 +390,7 @@ class DockerEngine:
         if container.status != "running":
             return ReplicaStats(cpu_percent=0.0, mem_bytes=0, mem_limit_bytes=limit)
         with self._errors(f"read the stats of replica {replica_id}", replica=replica_id):
-            # stream=False makes the daemon wait for a second sample and fill precpu_stats...
-            sample = container.stats(stream=False)
-            cpu = containers.cpu_percent(sample.get("precpu_stats") or {}, sample.get("cpu_stats") or {})
-            if cpu is None:
-                # ...except right after start, when there is no earlier sample: take our own.
-                later = container.stats(stream=False)
-                cpu = containers.cpu_percent(sample.get("cpu_stats") or {}, later.get("cpu_stats") or {})
-                sample = later
-        memory = sample.get("memory_stats") or {}
-        return ReplicaStats(
-            cpu_percent=round(cpu or 0.0, 2),
-            mem_bytes=containers.memory_used(memory),
-            mem_limit_bytes=int(memory.get("limit") or limit),
-        )
+            return containers.sampled_stats(container, limit)
 
     def list(self, labels: Mapping[str, str] | None = None) -> builtins.list[ReplicaInfo]:
         """Our containers (they carry LABEL_ROUTE), running or not, filtered by label equality."""

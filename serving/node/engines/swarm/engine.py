@@ -378,18 +378,7 @@ class SwarmEngine:
                     f"The replica {replica_id} runs on another swarm node; its stats are read only for "
                     "replicas on the manager's own host."
                 ) from exc
-            sample = container.stats(stream=False)
-            cpu = containers.cpu_percent(sample.get("precpu_stats") or {}, sample.get("cpu_stats") or {})
-            if cpu is None:
-                later = container.stats(stream=False)
-                cpu = containers.cpu_percent(sample.get("cpu_stats") or {}, later.get("cpu_stats") or {})
-                sample = later
-        memory = sample.get("memory_stats") or {}
-        return ReplicaStats(
-            cpu_percent=round(cpu or 0.0, 2),
-            mem_bytes=containers.memory_used(memory),
-            mem_limit_bytes=int(memory.get("limit") or limit),
-        )
+            return containers.sampled_stats(container, limit)
 
     def list(self, labels: Mapping[str, str] | None = None) -> builtins.list[ReplicaInfo]:
         """Our services (they carry LABEL_ROUTE), running or ended, filtered by label equality."""
