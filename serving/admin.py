@@ -294,17 +294,40 @@ class NodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "capacity",
         "device_ids",
         "schedulable",
+        "engine_says",
         "heartbeat_at",
         "alive",
     )
     list_filter = ("schedulable", "resource_group", "engine")
     search_fields = ("name", "address")
-    readonly_fields = ("heartbeat_at", "lost_at", "created_at", "engine", "capacity", "devices")
+    # The engine writes these with every heartbeat; the operator's own switch is schedulable.
+    readonly_fields = (
+        "heartbeat_at",
+        "lost_at",
+        "created_at",
+        "engine",
+        "capacity",
+        "devices",
+        "unavailable",
+        "unavailable_since",
+    )
     actions = ["cordon", "uncordon"]
 
     @admin.display(description=_("GPU devices"))
     def device_ids(self, obj: Node) -> str:
         return ", ".join(devices.inventory_ids(obj.devices or [])) or "-"
+
+    @admin.display(description=_("Unavailable (engine)"))
+    def engine_says(self, obj: Node) -> str:
+        """Why the node's engine says it takes no new replica now (a drained Swarm node), and since
+        when; "-" when it takes them. Clears by itself, unlike the cordon (schedulable)."""
+        if not obj.unavailable:
+            return "-"
+        since = obj.unavailable_since
+        return _("%(reason)s (since %(since)s)") % {
+            "reason": obj.unavailable,
+            "since": since.strftime("%Y-%m-%d %H:%M:%S UTC") if since else "?",
+        }
 
     @admin.display(boolean=True)
     def alive(self, obj: Node) -> bool:

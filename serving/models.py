@@ -476,7 +476,12 @@ class Node(models.Model):
     capacity = models.JSONField(default=dict, blank=True)  # {"cpu": 2, "mem": <bytes>, "cuda.shares": 4}
     # The GPU devices it advertises (heartbeat): [{"id": "cuda:0", "name": "...", "memory": <bytes>}].
     devices = models.JSONField(default=list, blank=True)
-    schedulable = models.BooleanField(default=True)
+    schedulable = models.BooleanField(default=True)  # the operator's word (admin, cordon); engines never write it
+    # The engine's word, sent with every heartbeat: why the node can take no new replica now, as a
+    # sentence ("the Swarm node worker-2 is drained"), and since when; "" when it can. The
+    # scheduler skips such a node like an unschedulable one, and the mark clears by itself.
+    unavailable = models.TextField(blank=True)
+    unavailable_since = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     lost_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)

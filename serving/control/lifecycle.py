@@ -382,23 +382,24 @@ WAITING_EVENT_EVERY = timedelta(minutes=5)
 
 
 def _wait_for_a_node(endpoint: Endpoint, reason: str, now: datetime, lines: list[ServiceEvent]) -> None:
-    """No node of the service's group is alive: place nothing and say so in its event log (at most
-    every WAITING_EVENT_EVERY). Failing the replicas instead would make a restart of the whole
-    product (workers up before the node's first heartbeat) look like failed starts, and count
-    towards MAX_START_FAILURES."""
+    """No node of the service's group is alive (or every alive one is unavailable, a drained Swarm
+    node): place nothing and say why in its event log, each reason at most every
+    WAITING_EVENT_EVERY (a new reason, e.g. the node drained after a restart, is said at once).
+    Failing the replicas instead would make a restart of the whole product (workers up before the
+    node's first heartbeat) look like failed starts, and count towards MAX_START_FAILURES."""
 
+    if reason.startswith(scheduler.UNAVAILABLE_WAIT):
+        message = f"{reason} Its replicas are placed as soon as a node can take them."
+    else:
+        message = f"{reason} Its replicas are placed as soon as a node reports in."
     said = ServiceEvent.objects.filter(
-        endpoint=endpoint, kind="waiting_for_node", created_at__gte=now - WAITING_EVENT_EVERY
+        endpoint=endpoint, kind="waiting_for_node", message=message, created_at__gte=now - WAITING_EVENT_EVERY
     ).exists()
-    if not said:
-        lines.append(
-            events.new_event(
-                endpoint,
-                "waiting_for_node",
-                f"{reason} Its replicas are placed as soon as a node reports in.",
-                level="warning",
-            )
-        )
+    if not said and not any(
+        line.endpoint_id == endpoint.pk and line.kind == "waiting_for_node" and line.message == message
+        for line in lines
+    ):
+        lines.append(events.new_event(endpoint, "waiting_for_node", message, level="warning"))
 
 
 def _same_endpoint_routes(work: _Work) -> Counter[int]:

@@ -78,13 +78,38 @@ def count_failure(endpoint: Endpoint, failed: bool, waiting: bool, reason: str) 
     of a few values (the sentence itself names nodes and sizes: unbounded as a label)."""
     if not failed:
         return
-    kind = ("architecture" if reason.startswith(ARCHITECTURE_WAIT) else "no_node") if waiting else "resources"
+    if not waiting:
+        kind = "resources"
+    elif reason.startswith(ARCHITECTURE_WAIT):
+        kind = "architecture"
+    elif reason.startswith(UNAVAILABLE_WAIT):
+        kind = "unavailable"
+    else:
+        kind = "no_node"
     telemetry.count(
         "modelserve_scheduling_failures_total", reason=kind, resource_group=endpoint.resource_group or "default"
     )
 
 
 ARCHITECTURE_WAIT = "No node runs "  # how of_architecture's reason begins
+UNAVAILABLE_WAIT = "No node can take "  # how explain_unavailable's reason begins
+
+
+def explain_unavailable(
+    request: Mapping[str, float], away: list[tuple[str, str]], nodes: list[NodeView], group: str
+) -> str:
+    """Why a replica waits while nodes of its group are alive but their engines say they can take
+    none now (``Node.unavailable``: a drained Swarm node), naming each with its engine's sentence;
+    ``nodes``: the others, which have not enough free for ``request``. It waits rather than fails: the mark clears
+    by itself (the Swarm node made active again), and a failed start would count towards giving up."""
+    said = "; ".join(f"node {name}: {reason.strip().rstrip('.')}" for name, reason in away)
+    text = f"{UNAVAILABLE_WAIT}this replica in resource group {group!r} now ({said})"
+    if nodes:
+        # Their free slots are left out: they change from tick to tick, and the waiting sentence is
+        # said again whenever it changes.
+        others = ", ".join(n.name for n in nodes)
+        text += f", and the others ({others}) have not enough free for {slots.describe(request)}"
+    return text + "."
 
 
 def explain_no_fit(request: Mapping[str, float], nodes: list[NodeView], group: str) -> str:
@@ -195,7 +220,7 @@ def node_views(endpoint: Endpoint, candidates: list[Node]) -> list[NodeView]:
 
 
 class NodePool:
-    """The alive, schedulable nodes of one resource group, their rows locked until the caller's
+    """The alive, schedulable and available nodes of one resource group, their rows locked until the caller's
     transaction commits, and what their routes hold; ``hold`` adds a placement made through it.
 
     So one transaction can place many replicas with one read (the reconcile tick places a batch of
@@ -206,10 +231,19 @@ class NodePool:
 
     def __init__(self, group: str, now: datetime) -> None:
         self.group = group
+        # Unavailable nodes (their engine says they can take no replica now) are left out like the
+        # unschedulable ones, but kept aside, unlocked, so a replica that waits can say why.
         self.nodes = [
             n
             for n in Node.objects.select_for_update(no_key=True)
-            .filter(schedulable=True, resource_group=group)
+            .filter(schedulable=True, resource_group=group, unavailable="")
+            .order_by("name")
+            if n.is_alive(now)
+        ]
+        self.unavailable = [
+            n
+            for n in Node.objects.filter(schedulable=True, resource_group=group)
+            .exclude(unavailable="")
             .order_by("name")
             if n.is_alive(now)
         ]
@@ -218,6 +252,14 @@ class NodePool:
 
     def views(self, same: Mapping[int, int]) -> list[NodeView]:
         return _views(self.nodes, self.used, same, self.device_used)
+
+    def away(self, endpoint: Endpoint) -> list[tuple[str, str]]:
+        """The alive nodes that would run the service's image but take no replica now, and why."""
+        return [
+            (n.name, n.unavailable)
+            for n in self.unavailable
+            if architecture.fits(endpoint.architecture, n.architecture)
+        ]
 
     def hold(self, node: Node, request: Mapping[str, float], assignment: Mapping[str, float] | None = None) -> None:
         """Count one more placement on ``node``: its slots, and the devices it was assigned."""
@@ -244,6 +286,9 @@ def choose_node(
         return Choice(None, wrong, waiting=True)
     ranked = rank_nodes(request, views)
     if not ranked:
+        away = pool.away(endpoint)
+        if away:
+            return Choice(None, explain_unavailable(request, away, views, group), waiting=True)
         return Choice(None, explain_no_fit(request, views, group), waiting=not views)
     by_name = {n.name: n for n in pool.nodes}
     best = ranked[0]
@@ -276,8 +321,10 @@ def choose_nodes(
     views, wrong = of_architecture(endpoint, views)
     if wrong:
         return ClusterChoice((), wrong, waiting=True)
+    away = pool.away(endpoint)
     if not views:
-        return ClusterChoice((), explain_no_fit(request, views, group), waiting=True)
+        reason = explain_unavailable(request, away, views, group) if away else explain_no_fit(request, views, group)
+        return ClusterChoice((), reason, waiting=True)
     # The scheduler's preference (spread, then most free CPU) over every node, fitting or not, so
     # that the reason can list them all.
     ranked = rank_nodes({}, views)
@@ -285,6 +332,10 @@ def choose_nodes(
         request, size, multi, [cluster.NodeFree(v.name, v.free, v.devices, v.device_used) for v in ranked]
     )
     if not placement.nodes:
+        if away:  # it may fit once they take replicas again: wait, saying why
+            return ClusterChoice(
+                (), f"{explain_unavailable(request, away, [], group)} {placement.reason}", waiting=True
+            )
         return ClusterChoice((), placement.reason)
     by_name = {n.name: n for n in candidates}
     return ClusterChoice(tuple(by_name[name] for name in placement.nodes), devices=placement.devices)

@@ -29,7 +29,14 @@ from serving.bus import dryrun
 from serving.core import architecture, devices, slots
 from serving.models import STARTING_MARK, Node, Route, RouteMember
 from serving.node import caches, members, prober, snapshots
-from serving.node.engine import get_engine, log_tail, node_name, share_node_addresses, stop_quietly
+from serving.node.engine import (
+    get_engine,
+    log_tail,
+    node_name,
+    report_unavailable,
+    share_node_addresses,
+    stop_quietly,
+)
 from serving.node.engines.base import (
     LABEL_ENDPOINT,
     LABEL_NODE,
@@ -136,7 +143,9 @@ def heartbeat(now: datetime | None = None) -> Node:
             resource_group=settings.NODE_RESOURCE_GROUP,
             architecture=node_architecture(),
         )
-        node.refresh_from_db()
+    # The engine's word on whether the node takes replicas now (a drained Swarm node does not).
+    report_unavailable(engine, now)
+    node.refresh_from_db()
     share_node_addresses(engine)
     return node
 

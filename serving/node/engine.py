@@ -11,9 +11,11 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
+from django.utils import timezone
 
 from serving.bus import events
 from serving.models import Node, Route, ServiceEvent
@@ -127,6 +129,32 @@ def share_node_addresses(engine: Engine) -> None:
         set_addresses(list(addresses))
     except EngineError:
         log.exception("could not update the firewall rules for the nodes' addresses; retrying at the next heartbeat")
+
+
+def report_unavailable(engine: Engine, now: datetime | None = None) -> str:
+    """Ask the engine whether this node can take new replicas (``Engine.unavailable``) and write its
+    answer on the node's row: the sentence, and since when (kept while it stays unavailable, for
+    whatever reason), or "" and no time once it can again. Returns the sentence.
+
+    Called with every heartbeat, and before every start: a start placed before the heartbeat saw the
+    node go fails at once (``routes.start_route``) instead of waiting for a task Swarm never runs."""
+    now = now or timezone.now()
+    try:
+        reason = engine.unavailable()
+    except Exception:
+        # An engine's own check must not stop the heartbeat (the node would read as lost): the
+        # row keeps what it said last, and the next heartbeat asks again.
+        log.exception("could not ask the engine whether this node takes replicas; asking again at the next heartbeat")
+        return str(Node.objects.filter(name=node_name()).values_list("unavailable", flat=True).first() or "")
+    rows = Node.objects.filter(name=node_name())
+    if not reason:
+        if rows.exclude(unavailable="").update(unavailable="", unavailable_since=None):
+            log.warning("node %s takes replicas again", node_name())
+        return ""
+    rows.filter(unavailable_since__isnull=True).update(unavailable_since=now)
+    if rows.exclude(unavailable=reason).update(unavailable=reason):
+        log.warning("node %s can take no new replicas: %s", node_name(), reason)
+    return reason
 
 
 def stop_quietly(engine: Engine, replica_id: str) -> None:

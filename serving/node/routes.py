@@ -20,7 +20,14 @@ from serving import failpoints
 from serving.bus import dispatch, events, telemetry
 from serving.models import STARTING_MARK, Endpoint, Route, RouteMember
 from serving.node import prober, replicas
-from serving.node.engine import get_engine, node_name, record_start_warnings, share_node_addresses, stop_quietly
+from serving.node.engine import (
+    get_engine,
+    node_name,
+    record_start_warnings,
+    report_unavailable,
+    share_node_addresses,
+    stop_quietly,
+)
 from serving.node.engines.base import LABEL_ROUTE, Engine, EngineError, ReplicaNotFound
 
 log = logging.getLogger(__name__)
@@ -52,7 +59,9 @@ class _PullProgress:
             events.notify_endpoint_changed(self.endpoint_id)
 
 
-def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
+def _fail_start(route: Route, kind: str, message: str, counted: bool = True, **extra: Any) -> None:
+    """Mark a provisioning route failed with ``message``; ``counted``: one more failed start of its
+    service towards MAX_START_FAILURES (not when the node, not the service, is the reason)."""
     with transaction.atomic():
         # The endpoint first, then its route: the order of the reconcile, which holds a batch of
         # endpoints while it writes their routes (the other order deadlocks against it).
@@ -65,7 +74,8 @@ def _fail_start(route: Route, kind: str, message: str, **extra: Any) -> None:
             updated_at=timezone.now(),
         )
         if updated:
-            endpoint.count_failed_start()
+            if counted:
+                endpoint.count_failed_start()
             events.record_event(
                 endpoint,
                 "route_failed",
@@ -97,6 +107,14 @@ def start_route(route_id: str) -> None:
         return
     engine = get_engine()
     share_node_addresses(engine)  # this may be a forked worker, whose engine knows no other node yet
+    unavailable = report_unavailable(engine)
+    if unavailable:
+        # Placed before a heartbeat told the scheduler (a Swarm node drained meanwhile): the row now
+        # says so, and the reconcile this sends places the replacement on another node. Not the
+        # service's fault, so not counted towards giving up.
+        message = f"node {node_name()} can take no new replicas now: {unavailable}."
+        _fail_start(route, "node_unavailable", message, counted=False)
+        return
     try:
         _pull_image(engine, route, spec.image)
         info = engine.start(spec)

@@ -146,7 +146,17 @@ class PlatformCollector(Collector):
             "modelserve_node_up", "1 when the node's heartbeat is recent and it is not lost.", labels=["node"]
         )
         schedulable = GaugeMetricFamily(
-            "modelserve_node_schedulable", "1 when new replicas may be placed on the node.", labels=["node"]
+            "modelserve_node_schedulable",
+            "1 when new replicas may be placed on the node: the operator has not cordoned it and its engine "
+            "does not say it is unavailable.",
+            labels=["node"],
+        )
+        # Apart from the operator's cordon: a drained Swarm node clears by itself; a cordon does not.
+        unavailable = GaugeMetricFamily(
+            "modelserve_node_unavailable",
+            "1 while the node's engine says it can take no new replica (e.g. its Swarm node is drained or "
+            "down); the reason is on the admin's Nodes list and in /api/v1/nodes/.",
+            labels=["node"],
         )
         capacity = GaugeMetricFamily(
             "modelserve_node_slots_capacity", "Slots a node advertises, by slot.", labels=["node", "slot"]
@@ -162,14 +172,15 @@ class PlatformCollector(Collector):
         held = held_slots(nodes)
         for node in nodes:
             up.add_metric([node.name], 1 if node.is_alive(now) else 0)
-            schedulable.add_metric([node.name], 1 if node.schedulable else 0)
+            schedulable.add_metric([node.name], 1 if node.schedulable and not node.unavailable else 0)
+            unavailable.add_metric([node.name], 1 if node.unavailable else 0)
             have = {k: float(v) for k, v in (node.capacity or {}).items() if isinstance(v, int | float)}
             holding = held.get(node.pk, {})
             for slot in sorted(set(have) | set(holding)):
                 capacity.add_metric([node.name, slot], have.get(slot, 0.0))
                 used.add_metric([node.name, slot], holding.get(slot, 0.0))
                 free.add_metric([node.name, slot], have.get(slot, 0.0) - holding.get(slot, 0.0))
-        yield from (up, schedulable, capacity, used, free)
+        yield from (up, schedulable, unavailable, capacity, used, free)
 
     def _workers(self) -> Iterator[Metric]:
         try:

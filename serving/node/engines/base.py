@@ -130,6 +130,12 @@ class Engine(Protocol):
     def available(self) -> bool:
         """True when this engine can run replicas on this host right now."""
 
+    def unavailable(self) -> str:
+        """Why this node can take no new replica now, as a sentence naming the thing (e.g. "the Swarm
+        node worker-2 is drained"); "" when it can. Sent with every heartbeat: the scheduler places
+        nothing on a node that reports one, and the mark clears by itself once the engine says "".
+        It is the engine's word, beside the operator's own ``Node.schedulable``, which it never writes."""
+
     def start(self, spec: ReplicaSpec) -> ReplicaInfo:
         """Create and start a replica; returns once the process is running (not yet healthy)."""
 

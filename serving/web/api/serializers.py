@@ -510,6 +510,8 @@ class NodeSerializer(serializers.ModelSerializer[Node]):
             "capacity",
             "devices",
             "schedulable",
+            "unavailable",
+            "unavailable_since",
             "heartbeat_at",
             "alive",
         ]

@@ -176,6 +176,11 @@ class DockerEngine:
             with contextlib.suppress(Exception):
                 client.close()
 
+    def unavailable(self) -> str:
+        """Always "": a Docker host takes replicas while its worker heartbeats (a daemon that stops
+        answering fails the starts, each with its sentence)."""
+        return ""
+
     def start(self, spec: ReplicaSpec) -> ReplicaInfo:
         """Create and start the container; returns once it runs, with the host port it got."""
         device_requests = containers.device_requests(spec, self.gpus)

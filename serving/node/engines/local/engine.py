@@ -90,6 +90,11 @@ class LocalEngine:
     def available(self) -> bool:
         return self.unavailable_reason() is None
 
+    def unavailable(self) -> str:
+        """Always "": the host is the node, and takes replicas while its worker heartbeats (what the
+        host lacks, ``unavailable_reason``, is checked when the engine is chosen)."""
+        return ""
+
     def unavailable_reason(self) -> str | None:
         """Why no replica can start here (a sentence saying what to install or do), or None."""
         if self._bwrap is None:

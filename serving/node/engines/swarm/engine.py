@@ -32,7 +32,7 @@ from serving.node.engines.docker import containers
 from serving.node.engines.docker.containers import BUILD_HINT
 from serving.node.engines.docker.errors import API_TIMEOUT, docker_errors
 from serving.node.engines.firewall import DEFAULT_GID, DEFAULT_UID, check_replica_ids
-from serving.node.engines.swarm import services
+from serving.node.engines.swarm import nodes, services
 from serving.node.engines.swarm.services import LABEL_SWARM_CLUSTER
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,19 @@ class SwarmEngine:
     def available(self) -> bool:
         """A quick check (2 s) that a Docker engine answers and is a swarm manager."""
         return not self.not_a_manager()
+
+    def unavailable(self) -> str:
+        """Why the Swarm node this engine's replicas are pinned to can take none now (drained,
+        paused, down, not in the swarm: ``nodes.unavailable``), or that the manager does not
+        answer; "" when it can. Asked with every heartbeat: one node list from the manager."""
+        try:
+            client = self._client()
+            placement = self._placement(client)
+            with self._errors("list the swarm's nodes"):
+                found = [node.attrs for node in client.nodes.list()]
+        except EngineError as exc:
+            return f"the swarm manager could not list its nodes: {str(exc).rstrip('.')}"
+        return nodes.unavailable(placement, found)
 
     def start(self, spec: ReplicaSpec) -> ReplicaInfo:
         """Create the service; returns once its task runs, with the node address and port it got."""
