@@ -32,8 +32,14 @@ runs the containers on its hosts. Choices, and why:
 * a task Swarm ended or is ending (its node drained or down, or removed from the swarm; the task
   shut down, rejected or orphaned) reads as exited with that sentence, so the node's sync replaces
   the replica (restart policy none: Swarm makes no other task). Tested with a real kill through
-  the product, and with a client that reports the node drained or down (a one-node swarm can not
-  drain its only node without stopping everything on it, nor lose it);
+  the product, with a client that reports the node drained or down, and by draining the test
+  swarm's only node for a few seconds (tests/reliability/test_swarm_drain.py);
+* a Swarm node that can take no task (drained, paused, down, or no node of the swarm has that host
+  name) makes ``unavailable()`` say so as a sentence (``nodes.py``); the node worker sends it with
+  its heartbeat (``Node.unavailable``), the scheduler places nothing on that node worker, so the
+  replacement of a drained node's replica goes to another node of the resource group (or waits,
+  its event log naming the node), and the mark clears by itself once the node is active again.
+  The operator's cordon (``Node.schedulable``) is never written by the engine;
 * cluster mode: each cluster replica gets an **attachable overlay network** of its own
   (``ms-swarm-cluster-<route>``, dnsrr), made with its first member and removed with its last;
   each member has its host name (``main1``, ``sub1``...) as alias there, so members on different
@@ -45,10 +51,11 @@ runs the containers on its hosts. Choices, and why:
 
 Not (yet) as on the Docker engine: tenant isolation between plain replicas (they are on the
 node's default bridge network; no inter-container or egress firewall rules), the pids limit and
-``no-new-privileges`` (not settable on a service with this API version). A replacement for a
-replica on a drained node is pinned to the same Swarm node (one node worker per Swarm node), so it
-waits there until the node is active again, or fails to start after the engine's timeout.
+``no-new-privileges`` (not settable on a service with this API version). A start the scheduler
+placed between a drain and the next heartbeat (the node worker also asks ``unavailable()`` before
+each start, so only a drain during the start itself) waits for its task until the engine's
+timeout, then fails (a failed start) and is placed again.
 
 ``services.py`` turns a spec into ``services.create`` arguments and a task into a state;
-``engine.py`` holds ``SwarmEngine``.
+``nodes.py`` says whether the pinned Swarm node takes replicas; ``engine.py`` holds ``SwarmEngine``.
 """
