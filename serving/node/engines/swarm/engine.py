@@ -306,6 +306,11 @@ class SwarmEngine:
         plain replicas' bridge keeps them from the replica ports published there."""
         self.replica_network.set_node_addresses(self._client, addresses)
 
+    def remove_replica_network(self) -> bool:
+        """Remove this installation's network of plain replicas, its config-only network and its
+        firewall rules, if no service uses it (for operators and tests). True if it was removed."""
+        return self.replica_network.remove(self._client())
+
     def advertised_devices(self) -> builtins.list[dict[str, object]]:
         """The GPUs the Swarm node of this worker's replicas advertises as generic resources of
         kind ``gpu_resource`` (``node-generic-resources`` in its daemon.json), as the node's device

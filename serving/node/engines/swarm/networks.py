@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -155,3 +156,36 @@ class ReplicaNetwork:
                 return
         self.rules.guard_bridge(self.bridge)
         self.rules.drop_stale_address_rules(self.bridge)
+
+    def remove(self, client: docker.DockerClient) -> bool:
+        """Remove the swarm network, its config-only one and the bridge's rules, once no service
+        uses it (for operators and tests; the engine itself keeps them). True if it was removed."""
+        config = self.name + CONFIG_SUFFIX
+        with network_lock(self.state_dir), self._errors(f"remove the network {self.name}"):
+            for network in client.networks.list(names=[self.name]):
+                if network.name != self.name:
+                    continue
+                if any(
+                    (attached.get("Target") or "") in (network.id, self.name)
+                    for service in client.services.list()
+                    for attached in ((service.attrs.get("Spec") or {}).get("TaskTemplate") or {}).get("Networks") or []
+                ):
+                    return False
+                deadline = time.monotonic() + self.timeout
+                while True:
+                    try:
+                        network.remove()
+                        break
+                    except docker.errors.NotFound:
+                        break
+                    except docker.errors.APIError:
+                        # The last task's endpoint goes a moment after its container.
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+            for network in client.networks.list(names=[config]):
+                if network.name == config:
+                    with contextlib.suppress(docker.errors.NotFound):
+                        network.remove()
+        self.rules.unguard_bridge(self.bridge)
+        return True
