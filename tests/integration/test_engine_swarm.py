@@ -184,7 +184,9 @@ def swarm_client() -> Iterator[Any]:
     for network in client.networks.list(names=[replica_network("")]):
         if network.name.endswith("-config"):
             continue  # removed with the swarm network made from it
-        SwarmEngine(client_factory=lambda **_: client, replica_network=network.name).remove_replica_network()
+        owner = SwarmEngine(client_factory=lambda **_: client, replica_network=network.name)
+        # A service removed a moment ago may still be listed: retry until it is not.
+        wait_for(owner.remove_replica_network, timeout=30, what=f"network {network.name} removed")
     client.close()
 
 
