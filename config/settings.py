@@ -239,6 +239,10 @@ SERVING_ENGINE = env_choice("SERVING_ENGINE", "auto", {"auto", "docker", "local"
 # replicas are pinned to ("" = the manager's own).
 SWARM_PUBLISH_MODE = env_choice("SWARM_PUBLISH_MODE", "host", {"host", "ingress"})
 SWARM_NODE = env_str("SWARM_NODE", "")
+# The Swarm generic resource kind GPUs are advertised as on the Swarm nodes (daemon.json's
+# node-generic-resources, nvidia-container-runtime's swarm-resource): a replica asking for N GPUs
+# reserves N of it, and a Swarm node worker's GPUs are the ones its Swarm node advertises.
+SWARM_GPU_RESOURCE = env_str("SWARM_GPU_RESOURCE", "NVIDIA-GPU")
 # The address clients use to reach endpoints through the proxy; an endpoint's URL is
 # f"{SERVING_PROXY_URL}/e/{slug}/" (or http://{slug}.{SERVING_DOMAIN}/ when a domain is set).
 SERVING_PROXY_URL = env_str("SERVING_PROXY_URL", "http://127.0.0.1:8080").rstrip("/")

@@ -86,8 +86,10 @@ def _replica_networks() -> set[str] | None:
         import docker
 
         from serving.node.engines.docker.networks import REPLICA_NETWORK
+        from serving.node.engines.swarm.networks import REPLICA_NETWORK as SWARM_REPLICA_NETWORK
 
-        return {n.name for n in docker.from_env(timeout=5).networks.list(names=[REPLICA_NETWORK])}
+        found = docker.from_env(timeout=5).networks.list(names=[REPLICA_NETWORK, SWARM_REPLICA_NETWORK])
+        return {n.name for n in found}
     except Exception:
         return None
 
@@ -117,6 +119,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
         from serving.node.engines.docker.engine import DockerEngine
         from serving.node.engines.docker.networks import REPLICA_NETWORK
+        from serving.node.engines.swarm.engine import SwarmEngine
+        from serving.node.engines.swarm.networks import REPLICA_NETWORK as SWARM_REPLICA_NETWORK
 
         client = docker.from_env(timeout=5)
         made = (_replica_networks() or set()) - _NETWORKS_BEFORE
@@ -124,3 +128,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             name = f"{REPLICA_NETWORK}-{installation}" if installation else REPLICA_NETWORK
             if name in made:
                 DockerEngine(client_factory=lambda **_: client, installation=installation).remove_replica_network()
+            # The Swarm engine's (a swarm-scoped bridge and the config-only network it is made from).
+            name = f"{SWARM_REPLICA_NETWORK}-{installation}" if installation else SWARM_REPLICA_NETWORK
+            if name in made:
+                SwarmEngine(client_factory=lambda **_: client, installation=installation).remove_replica_network()

@@ -43,6 +43,7 @@ from serving.node.engines.base import (
     LABEL_ROUTE,
     LABEL_VALIDATION,
     Engine,
+    EngineError,
     ReplicaInfo,
     ReplicaNotFound,
     ReplicaState,
@@ -84,11 +85,20 @@ _smi_devices: list[dict[str, object]] | None = None
 
 def node_devices() -> list[dict[str, object]]:
     """The GPU devices this node advertises: ``NODE_ACCELERATORS``' ``cuda:N`` ids when it lists
-    any (or ``cuda.shares=N``, read as N devices), else what ``nvidia-smi`` lists."""
+    any (or ``cuda.shares=N``, read as N devices), else what its engine says when it knows (the
+    Swarm engine: what its Swarm node advertises as generic resources; its tasks run there, not
+    necessarily on this host), else what ``nvidia-smi`` lists."""
     global _smi_devices
     listed, _ = devices.parse_node_accelerators(settings.NODE_ACCELERATORS)
     if listed or settings.NODE_ACCELERATORS.strip():
         return [{"id": d} for d in listed]
+    advertised = getattr(get_engine(), "advertised_devices", None)
+    if advertised is not None:
+        try:
+            return list(advertised())
+        except EngineError as exc:
+            log.warning("the engine could not say which GPUs its node has (%s); advertising none", exc)
+            return []
     if _smi_devices is None:
         _smi_devices = nvidia_smi_devices()
     return list(_smi_devices)

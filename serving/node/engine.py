@@ -106,6 +106,8 @@ def _make_swarm_engine(state_dir: Path) -> Engine:
         uid=settings.DOCKER_REPLICA_UID,
         gid=settings.DOCKER_REPLICA_GID,
         stop_grace=settings.REPLICA_STOP_GRACE,
+        egress=settings.SERVING_REPLICA_EGRESS,
+        gpu_resource=settings.SWARM_GPU_RESOURCE,
     )
     problem = engine.not_a_manager()
     if problem:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -81,6 +82,63 @@ print("server up", flush=True)
 http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
 """
 
+# What a replica can do: its no_new_privs bit, how many children it can have, whom it can reach.
+PROBE = r"""
+import http.server, json, os, socket, subprocess, urllib.parse
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
+
+def gateway():
+    for line in open("/proc/net/route").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == "00000000":
+            return socket.inet_ntoa(bytes.fromhex(fields[2])[::-1])
+
+def connect(target):
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((gateway() if host == "GATEWAY" else host, int(port)), timeout=2).close()
+        return "connected"
+    except OSError as exc:
+        return "failed: %s" % (exc.strerror or exc)
+
+def spawn(count):
+    children, error = [], ""
+    try:
+        for _ in range(count):
+            children.append(subprocess.Popen(["sleep", "30"]))
+    except OSError as exc:
+        error = exc.strerror or str(exc)
+    for child in children:
+        child.kill()
+        child.wait()
+    return {"spawned": len(children), "error": error}
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+        facts = {
+            "no_new_privs": status("NoNewPrivs"),
+            "address": socket.gethostbyname(socket.gethostname()),
+            "gpu": {k: v for k, v in os.environ.items() if k.startswith("DOCKER_RESOURCE_")},
+            "connect": {t: connect(t) for t in query.get("connect", [])},
+            "spawn": spawn(int(query["spawn"][0])) if "spawn" in query else None,
+        }
+        body = json.dumps(facts).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
+"""
+
 needs_docker = pytest.mark.docker
 
 
@@ -123,7 +181,18 @@ def swarm_client() -> Iterator[Any]:
         service.remove()
     for network in client.networks.list(names=[f"ms-swarm-cluster-mstest-{RUN_ID}"]):
         wait_for(lambda n=network: _try_remove(n), timeout=30, what=f"network {network.name} removed")
+    for network in client.networks.list(names=[replica_network("")]):
+        if network.name.endswith("-config"):
+            continue  # removed with the swarm network made from it
+        owner = SwarmEngine(client_factory=lambda **_: client, replica_network=network.name)
+        # A service removed a moment ago may still be listed: retry until it is not.
+        wait_for(owner.remove_replica_network, timeout=30, what=f"network {network.name} removed")
     client.close()
+
+
+def replica_network(suffix: str) -> str:
+    """This run's networks of plain replicas (swept by the fixture): every engine of a test names one."""
+    return f"ms-swarm-replicas-mstest-{RUN_ID}{suffix}"
 
 
 def _try_remove(network: Any) -> bool:
@@ -136,7 +205,7 @@ def _try_remove(network: Any) -> bool:
 
 @pytest.fixture
 def engine(swarm_client: Any, tmp_path: Path) -> SwarmEngine:
-    return SwarmEngine(state_dir=tmp_path / "state", stop_grace=2.0)
+    return SwarmEngine(state_dir=tmp_path / "state", stop_grace=2.0, replica_network=replica_network(""))
 
 
 @pytest.fixture
@@ -203,10 +272,14 @@ def test_no_engine_and_not_a_manager_are_sentences(tmp_path: Path) -> None:
     )
 
 
-def test_gpus_and_the_docker_socket_are_refused(tmp_path: Path) -> None:
+def test_gpu_fractions_other_accelerators_and_the_docker_socket_are_refused(tmp_path: Path) -> None:
     engine = SwarmEngine(client_factory=lambda **_: pytest.fail("must not reach Docker"), state_dir=tmp_path)
     with pytest.raises(EngineError, match="Docker socket"):
         engine.start(make_spec(mounts=(Mount("/run", "/host", read_only=True),)))
+    with pytest.raises(EngineError, match=r"asks for cuda.shares 0.5, but Swarm hands out whole GPUs"):
+        engine.start(make_spec(accelerators={"cuda.shares": 0.5}))
+    with pytest.raises(EngineError, match=r"can not provide rocm.device: only NVIDIA GPUs"):
+        engine.start(make_spec(accelerators={"rocm.device": 1}))
 
 
 # --- against a real swarm -------------------------------------------------------------------------
@@ -373,3 +446,143 @@ def test_a_task_on_a_drained_or_lost_swarm_node_reads_as_exited(
         assert engine.inspect(info.replica_id).state is ReplicaState.RUNNING  # the real node is fine
     finally:
         engine.stop(info.replica_id)
+
+
+def probe(info: Any, query: str = "") -> dict[str, Any]:
+    body = wait_for(lambda: http_get(info.host, info.port, "/?" + query), timeout=30, what="the probe answers")
+    return dict(json.loads(body))
+
+
+@needs_docker
+def test_a_replica_has_no_new_privs_and_a_pids_limit(swarm_client: Any, model_folder: Path, tmp_path: Path) -> None:
+    """As on the Docker engine: the server can not gain privileges (on this 1.41 manager the
+    bootstrap runner sets the bit; from 1.44 the service does), and can not fork without bound."""
+    (model_folder / "probe.py").write_text(PROBE)
+    engine = SwarmEngine(
+        state_dir=tmp_path / "state", stop_grace=1.0, pids_limit=24, replica_network=replica_network("")
+    )
+    info = engine.start(make_spec(model_folder, command=("python3", "/models/probe.py")))
+    try:
+        template = swarm_client.services.get(info.replica_id).attrs["Spec"]["TaskTemplate"]
+        assert template["Resources"]["Limits"]["Pids"] == 24
+        api = swarm_client.api.api_version
+        on_service = tuple(int(p) for p in api.split(".")) >= (1, 44)
+        privileges = template["ContainerSpec"].get("Privileges") or {}
+        assert privileges.get("NoNewPrivileges", False) is on_service, (api, privileges)
+        seen = probe(info)
+        assert seen["no_new_privs"] == "1"
+        if not on_service:
+            assert "[prestart] no_new_privs set: nothing started from here gains privileges" in list(
+                engine.logs(info.replica_id)
+            )
+        assert probe(info, "spawn=8")["spawn"] == {"spawned": 8, "error": ""}  # under the limit: fine
+        beyond = probe(info, "spawn=40")["spawn"]
+        assert beyond["spawned"] < 24 and beyond["error"] == "Resource temporarily unavailable", beyond
+    finally:
+        engine.stop(info.replica_id)
+
+
+@needs_docker
+def test_plain_replicas_do_not_reach_each_other_and_egress_deny_keeps_them_off_the_host(
+    swarm_client: Any, model_folder: Path, tmp_path: Path
+) -> None:
+    """Plain replicas share a swarm-scoped bridge with inter-container traffic off; with egress
+    denied its bridge's rules drop what they open to the host (here: a server on 0.0.0.0, through
+    the bridge's gateway address), while the proxy still reaches them on their published ports."""
+    import http.server
+    import threading
+
+    (model_folder / "probe.py").write_text(PROBE)
+    host_server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=host_server.serve_forever, daemon=True).start()
+    host_target = f"GATEWAY:{host_server.server_address[1]}"
+    allow = SwarmEngine(state_dir=tmp_path / "allow", stop_grace=1.0, replica_network=replica_network("-allow"))
+    deny = SwarmEngine(
+        state_dir=tmp_path / "deny", stop_grace=1.0, egress="deny", replica_network=replica_network("-deny")
+    )
+    started: list[tuple[SwarmEngine, Any]] = []
+    try:
+        for engine in (allow, allow, deny):
+            started.append((engine, engine.start(make_spec(model_folder, command=("python3", "/models/probe.py")))))
+        (_, first), (_, second), (_, denied) = started
+        network = swarm_client.networks.get(replica_network("-allow"))
+        assert network.attrs["Scope"] == "swarm" and network.attrs["ConfigFrom"]["Network"].endswith("-config")
+        other = probe(second)["address"]
+        seen = probe(first, f"connect={other}:8000&connect={host_target}")
+        assert seen["connect"][f"{other}:8000"].startswith("failed"), seen  # no traffic between replicas
+        assert seen["connect"][host_target] == "connected", seen  # egress allowed: the host answers
+        seen = probe(denied, f"connect={host_target}")
+        assert seen["connect"][host_target].startswith("failed"), seen
+    finally:
+        for engine, info in started:
+            engine.stop(info.replica_id)
+        host_server.shutdown()
+    assert deny.remove_replica_network() and allow.remove_replica_network()
+    rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=False).stdout
+    assert deny.replica_network.bridge not in rules  # its rules went with it
+    assert swarm_client.networks.list(names=[replica_network("-deny")]) == []
+
+
+def advertised_gpus(client: Any) -> int:
+    node_id = client.info()["Swarm"]["NodeID"]
+    resources = client.nodes.get(node_id).attrs["Description"]["Resources"].get("GenericResources") or []
+    return sum(
+        1 if "NamedResourceSpec" in r else int(r["DiscreteResourceSpec"]["Value"])
+        for r in resources
+        if (r.get("NamedResourceSpec") or r.get("DiscreteResourceSpec") or {}).get("Kind") == "NVIDIA-GPU"
+    )
+
+
+@needs_docker
+def test_gpus_are_swarm_generic_resources(engine: SwarmEngine, swarm_client: Any, model_folder: Path) -> None:
+    """A replica asking for a GPU reserves one NVIDIA-GPU and Swarm names the one it got; asking for
+    more than the node advertises is an error naming the resource, at once; the node's devices are
+    what its Swarm node advertises."""
+    count = advertised_gpus(swarm_client)
+    if count == 0 or count > 2:
+        pytest.skip(
+            f"the swarm node advertises {count} NVIDIA-GPU generic resources; this test wants 1 or 2 "
+            '(/etc/docker/daemon.json: {"node-generic-resources": ["NVIDIA-GPU=GPU-fake-0", ...]}, as .ci/run writes)'
+        )
+    inventory = engine.advertised_devices()
+    assert [d["id"] for d in inventory] == [f"cuda:{i}" for i in range(count)]
+    (model_folder / "probe.py").write_text(PROBE)
+    info = engine.start(
+        make_spec(model_folder, command=("python3", "/models/probe.py"), accelerators={"cuda.shares": 1})
+    )
+    try:
+        reservations = swarm_client.services.get(info.replica_id).attrs["Spec"]["TaskTemplate"]["Resources"][
+            "Reservations"
+        ]
+        assert reservations["GenericResources"] == [{"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]
+        gpu = probe(info)["gpu"]
+        assert list(gpu) == ["DOCKER_RESOURCE_NVIDIA-GPU"]
+        assert gpu["DOCKER_RESOURCE_NVIDIA-GPU"] in {d["uuid"] for d in inventory}
+    finally:
+        engine.stop(info.replica_id)
+    began = time.monotonic()
+    with pytest.raises(EngineError, match=r"asks for 3 NVIDIA-GPU \(a Swarm generic resource\) and the Swarm node"):
+        engine.start(make_spec(model_folder, accelerators={"cuda.shares": 3}))
+    assert time.monotonic() - began < 10  # an error at once, not the start timeout
+    assert swarm_client.services.list(filters={"label": f"{TEST_LABEL}={RUN_ID}"}) == []
+
+
+@needs_docker
+def test_a_swarm_node_worker_advertises_its_swarm_nodes_gpus(
+    engine: SwarmEngine, swarm_client: Any, settings: Any
+) -> None:
+    """Not nvidia-smi on the worker's host: the Swarm node's generic resources, unless
+    NODE_ACCELERATORS lists devices."""
+    from serving.node import agent
+
+    settings.NODE_ACCELERATORS = ""
+    node_engine.set_engine(engine)
+    try:
+        inventory = agent.node_devices()
+        assert inventory == engine.advertised_devices()
+        assert len(inventory) == advertised_gpus(swarm_client)
+        assert agent.node_capacity(inventory).get("cuda.shares", 0.0) == len(inventory)
+        settings.NODE_ACCELERATORS = "cuda:0"
+        assert agent.node_devices() == [{"id": "cuda:0"}]
+    finally:
+        node_engine.set_engine(None)

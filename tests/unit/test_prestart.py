@@ -199,3 +199,15 @@ def test_plan_carries_the_ref() -> None:
         pre_start_actions=(PreStartActionSpec("log", {"message": "m"}, "a"),),
     )
     assert prestart.plan(spec)["actions"] == [{"action": "log", "args": {"message": "m"}, "ref": "a"}]
+
+
+def test_no_new_privs_is_set_before_the_actions_and_kept_by_the_command(tmp_path: Path) -> None:
+    """The Swarm engine's plan on a manager that can not set no-new-privileges on a service."""
+    read = ["sh", "-c", "grep NoNewPrivs /proc/self/status"]
+    actions = [{"action": "run_command", "args": {"command": read}}]
+    code, output = run_bootstrap(tmp_path, actions, read, no_new_privs=True)
+    assert code == 0, output
+    assert "[prestart] action 0 (run_command) out: NoNewPrivs:\t1" in output
+    assert output.rstrip().endswith("NoNewPrivs:\t1")  # the command's own line
+    code, output = run_bootstrap(tmp_path, [], read)
+    assert code == 0 and output.rstrip().endswith("NoNewPrivs:\t0"), output  # not asked: not set

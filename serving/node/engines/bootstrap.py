@@ -7,7 +7,13 @@ it imports nothing from the platform.
 Usage: python3 bootstrap.py PLAN.json, where the plan is
   {"actions": [{"action": "write_file", "args": {...}, "ref": "name"}, ...],
    "command": ["python3", "-m", "http.server"]   (or ["<one shell string>"] with command_is_shell),
-   "command_is_shell": false, "shell": "/bin/bash", "workdir": "/home/work"}
+   "command_is_shell": false, "shell": "/bin/bash", "workdir": "/home/work", "no_new_privs": false}
+
+``no_new_privs``: set the kernel's no_new_privs bit (prctl PR_SET_NO_NEW_PRIVS) first, before any
+action, so nothing it starts, the server included, gains privileges through a setuid or
+file-capability program. The Swarm engine asks for it where the manager's API can not set
+``no-new-privileges`` on a service. If it can not be set the start fails (exit 97): a replica
+must not run with less confinement than it was promised.
 
 Every line it prints starts with "[prestart]". When an action fails it prints
 "[prestart] action N (kind) failed: <reason>" (N counts from 0) and exits with 97, which the
@@ -245,6 +251,19 @@ def start(plan):
         sys.exit(EXEC_FAILED)
 
 
+PR_SET_NO_NEW_PRIVS = 38  # linux/prctl.h
+
+
+def set_no_new_privs():
+    """The no_new_privs bit for this process and everything it execs; inherited, never unset."""
+    import ctypes  # only here: the other plans need nothing beyond the standard library's core
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
 def main(argv):
     if len(argv) != 2:
         sys.stderr.write("usage: bootstrap.py PLAN.json\n")
@@ -252,11 +271,13 @@ def main(argv):
     try:
         with open(argv[1], encoding="utf-8") as handle:
             plan = json.load(handle)
+        if plan.get("no_new_privs"):
+            set_no_new_privs()
         actions = plan.get("actions") or []
         workdir = plan.get("workdir") or "/home/work"
         os.makedirs(workdir, exist_ok=True)
         os.chdir(workdir)
-    except Exception as exc:  # a broken plan or workdir is reported like a failed action
+    except Exception as exc:  # a broken plan, workdir or no_new_privs is reported like a failed action
         say("setup failed: %s" % describe(exc))
         return FAILED
     variables = {}  # type: dict[str, object]  # the results saved by ref, for later actions' {name}
@@ -277,6 +298,8 @@ def main(argv):
         except Exception as exc:  # any failure of an action fails the start, naming its index
             say("action %d (%s) failed: %s" % (index, kind, describe(exc)))
             return FAILED
+    if plan.get("no_new_privs"):
+        say("no_new_privs set: nothing started from here gains privileges")
     if actions:
         say("%d action%s done" % (len(actions), "" if len(actions) == 1 else "s"))
     start(plan)

@@ -102,8 +102,12 @@ def bind_mount(source: str, target: str, read_only: bool) -> DockerMount:
     return DockerMount(target, source, type="bind", read_only=read_only)
 
 
-def write_plan(spec: ReplicaSpec, image: Any, bootstrap_path: Path, state_dir: Path) -> Path:
-    """A per-replica folder with bootstrap.py and plan.json, mounted read-only in the container."""
+def write_plan(
+    spec: ReplicaSpec, image: Any, bootstrap_path: Path, state_dir: Path, no_new_privs: bool = False
+) -> Path:
+    """A per-replica folder with bootstrap.py and plan.json, mounted read-only in the container;
+    ``no_new_privs``: the runner sets that bit before anything else (the Swarm engine, where the
+    manager can not set it on a service)."""
     if not bootstrap_path.is_file():
         raise EngineError(f"The pre-start runner {bootstrap_path} is missing; reinstall the platform.")
     if spec.command is not None:
@@ -120,6 +124,7 @@ def write_plan(spec: ReplicaSpec, image: Any, bootstrap_path: Path, state_dir: P
         "command_is_shell": spec.command_is_shell and spec.command is not None,
         "shell": spec.shell,
         "workdir": spec.workdir,
+        "no_new_privs": no_new_privs,
     }
     try:
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import docker
 import docker.errors
 from docker.types import CancellableStream
 
+from serving.node.engines import firewall
 from serving.node.engines.base import (
     LABEL_INSTALLATION,
     LABEL_ROUTE,
@@ -29,11 +30,13 @@ from serving.node.engines.base import (
     ReplicaStats,
 )
 from serving.node.engines.docker import containers
-from serving.node.engines.docker.containers import BUILD_HINT
+from serving.node.engines.docker.containers import BUILD_HINT, PIDS_LIMIT
 from serving.node.engines.docker.errors import API_TIMEOUT, docker_errors
+from serving.node.engines.docker.rules import BridgeRules
 from serving.node.engines.firewall import DEFAULT_GID, DEFAULT_UID, check_replica_ids
-from serving.node.engines.swarm import nodes, services
-from serving.node.engines.swarm.services import LABEL_SWARM_CLUSTER
+from serving.node.engines.swarm import hardening, nodes, services
+from serving.node.engines.swarm.networks import REPLICA_NETWORK, ReplicaNetwork, is_local_daemon
+from serving.node.engines.swarm.services import GPU_RESOURCE, LABEL_SWARM_CLUSTER
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,10 @@ class SwarmEngine:
         stop_grace: float = 10.0,
         timeout: float = API_TIMEOUT,
         ping_timeout: float = PING_TIMEOUT,
+        pids_limit: int = PIDS_LIMIT,
+        gpu_resource: str = GPU_RESOURCE,
+        egress: str = "allow",
+        replica_network: str | None = None,
     ) -> None:
         """
         ``publish_mode``: "host" (the task's node publishes the port; reached at that node's
@@ -73,6 +80,9 @@ class SwarmEngine:
         empty: the manager's own.
         ``installation``: labels every service with it and lists only those that carry it.
         ``stop_grace``: how long Swarm waits after SIGTERM before SIGKILL when a replica stops.
+        ``pids_limit``: the most processes a replica may have (the Docker engine's).
+        ``gpu_resource``: the Swarm generic resource kind GPUs are advertised as (SWARM_GPU_RESOURCE).
+        ``egress``/``replica_network``: as on the Docker engine (networks.py says where rules act).
         """
         check_replica_ids(
             uid, gid, who="The Swarm replicas'", uid_setting="DOCKER_REPLICA_UID", gid_setting="DOCKER_REPLICA_GID"
@@ -85,6 +95,9 @@ class SwarmEngine:
         self.stop_grace = stop_grace
         self.timeout = timeout
         self.ping_timeout = ping_timeout
+        self.pids_limit = pids_limit
+        self.gpu_resource = gpu_resource
+        self.egress = firewall.check_egress(egress)
         self._client_factory = client_factory
         self.bootstrap_path = Path(bootstrap_path) if bootstrap_path is not None else containers.BOOTSTRAP
         self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
@@ -93,6 +106,15 @@ class SwarmEngine:
         self._nodes: dict[str, tuple[float, Mapping[str, Any]]] = {}
         # Serialises a cluster network's creation and removal with the members' starts in this process.
         self._network_lock = threading.Lock()
+        self.replica_network = ReplicaNetwork(
+            replica_network or (f"{REPLICA_NETWORK}-{installation}" if installation else REPLICA_NETWORK),
+            installation,
+            self.state_dir,
+            BridgeRules(self.egress, ingress_host, firewall.find_iptables()),
+            timeout,
+        )
+        self._python3: dict[str, bool] = {}  # image id -> it has python3 (the runner can set no_new_privs)
+        self._warned: set[str] = set()
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -205,9 +227,33 @@ class SwarmEngine:
 
     def start(self, spec: ReplicaSpec) -> ReplicaInfo:
         """Create the service; returns once its task runs, with the node address and port it got."""
+        services.gpu_resources(spec, self.gpu_resource)  # refused before Swarm is asked anything
         mounts = [containers.bind_mount(m.source, m.target, m.read_only) for m in spec.mounts]
         client = self._client()
         image = self._image(client, spec.image)
+        api = str(client.api.api_version)
+        # no_new_privs: on the service where the manager's API has it, else by the bootstrap
+        # runner (prctl before exec), which needs python3 in the image.
+        on_service = services.version_at_least(api, services.NO_NEW_PRIVILEGES_API)
+        by_runner = not on_service and hardening.has_python3(client, image, self._python3, self.timeout)
+        if not on_service and not by_runner:
+            self._warn_once(
+                f"nnp:{image.id}",
+                "The image %s has no python3, and the swarm manager's API (%s) can not set no-new-privileges "
+                "on a service (that needs %s, Docker 25): its Swarm replicas run without no_new_privs.",
+                spec.image,
+                api,
+                services.NO_NEW_PRIVILEGES_API,
+            )
+        pids = self.pids_limit if services.version_at_least(api, services.PIDS_API) else None
+        if pids is None:
+            self._warn_once(
+                "pids",
+                "The swarm manager's API (%s) can not limit a service's processes (that needs %s, Docker "
+                "20.10): Swarm replicas run without a pids limit.",
+                api,
+                services.PIDS_API,
+            )
         labels = dict(spec.labels)
         labels.setdefault(LABEL_ROUTE, spec.name)  # list() finds only services carrying it
         if self.installation:
@@ -216,12 +262,15 @@ class SwarmEngine:
         service = None
         network: str | None = None
         try:
-            if spec.pre_start_actions:
-                plan_dir = containers.write_plan(spec, image, self.bootstrap_path, self.state_dir)
+            if spec.pre_start_actions or by_runner:
+                plan_dir = containers.write_plan(spec, image, self.bootstrap_path, self.state_dir, by_runner)
             placement = self._placement(client)
             with self._network_lock:
                 if spec.cluster is not None:
                     network = self._cluster_network(client, spec.cluster.key)
+                    attach = network
+                else:
+                    attach = self.replica_network.ensure(client, self._on_this_host(client))
                 kwargs = services.create_kwargs(
                     spec,
                     mounts,
@@ -231,8 +280,11 @@ class SwarmEngine:
                     gid=self.gid,
                     publish_mode=self.publish_mode,
                     placement_node=placement,
-                    network=network,
+                    network=attach,
                     stop_grace=self.stop_grace,
+                    pids_limit=pids,
+                    no_new_privileges=on_service,
+                    gpu_kind=self.gpu_resource,
                 )
                 service = self._create(client, spec, kwargs)
             return self._wait_started(service)
@@ -246,6 +298,48 @@ class SwarmEngine:
             if plan_dir is not None:
                 shutil.rmtree(plan_dir, ignore_errors=True)
             raise
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    def _on_this_host(self, client: docker.DockerClient) -> bool:
+        """The replicas run on this worker's host: the manager's daemon is local and they are
+        pinned to its own Swarm node (only then do iptables here act on their bridge)."""
+        if not is_local_daemon():
+            return False
+        with self._errors("look up this manager's swarm node"):
+            node_id = (client.info().get("Swarm") or {}).get("NodeID") or ""
+            own = str(client.nodes.get(node_id).attrs["Description"]["Hostname"])
+        return own == self._placement(client)
+
+    def set_node_addresses(self, addresses: Iterable[str]) -> None:
+        """Every node's address, from the Node table (see DockerEngine.set_node_addresses): the
+        plain replicas' bridge keeps them from the replica ports published there."""
+        self.replica_network.set_node_addresses(self._client, addresses)
+
+    def remove_replica_network(self) -> bool:
+        """Remove this installation's network of plain replicas, its config-only network and its
+        firewall rules, if no service uses it (for operators and tests). True if it was removed."""
+        return self.replica_network.remove(self._client())
+
+    def advertised_devices(self) -> builtins.list[dict[str, object]]:
+        """The GPUs the Swarm node of this worker's replicas advertises as generic resources of
+        kind ``gpu_resource`` (``node-generic-resources`` in its daemon.json), as the node's device
+        inventory: Swarm, not nvidia-smi on this host, decides what its tasks get."""
+        client = self._client()
+        placement = self._placement(client)
+        with self._errors(f"look up the swarm node {placement}"):
+            found = [
+                node
+                for node in client.nodes.list()
+                if (node.attrs.get("Description") or {}).get("Hostname") == placement
+            ]
+        if not found:
+            return []
+        resources = ((found[0].attrs.get("Description") or {}).get("Resources") or {}).get("GenericResources")
+        return hardening.gpu_inventory(resources or [], self.gpu_resource)
 
     def _image(self, client: docker.DockerClient, image: str) -> Any:
         # Checked on the manager: with a node constraint elsewhere, that node must have it too.
@@ -275,6 +369,7 @@ class SwarmEngine:
                 return info  # the caller's prober reports why (info.error)
             if info.state is ReplicaState.RUNNING and info.port:
                 return info
+            self._check_placeable(service)
             if time.monotonic() > deadline:
                 task = self._task(service)
                 message = ((task or {}).get("Status") or {}).get("Message") or "no task yet"
@@ -285,6 +380,34 @@ class SwarmEngine:
                     f"{self.placement_node} have the resources and the image?"
                 )
             time.sleep(0.2)
+
+    def _check_placeable(self, service: Any) -> None:
+        """A task pending for want of a generic resource (GPUs) the node does not have free: an
+        error naming it at once, not a timeout (the platform's device accounting and Swarm's
+        disagree, or the node advertises fewer than the replica asks for)."""
+        task = self._task(service)
+        status = (task or {}).get("Status") or {}
+        err = str(status.get("Err") or "")
+        if services.state_of(task) != "pending" or "insufficient resources" not in err:
+            return
+        reservations = (((service.attrs.get("Spec") or {}).get("TaskTemplate") or {}).get("Resources") or {}).get(
+            "Reservations"
+        ) or {}
+        asked = {
+            str(spec["Kind"]): int(spec.get("Value") or 0)
+            for resource in reservations.get("GenericResources") or []
+            if (spec := resource.get("DiscreteResourceSpec"))
+        }
+        if not asked:
+            return  # CPU or memory: Swarm may place it once another replica is gone; the timeout says
+        advertised = len(self.advertised_devices())
+        wanted = ", ".join(f"{count} {kind}" for kind, count in sorted(asked.items()))
+        raise EngineError(
+            f"Swarm can not place the replica {service.name}: it asks for {wanted} (a Swarm generic resource) "
+            f"and the Swarm node {self.placement_node} advertises {advertised} {self.gpu_resource}, not enough "
+            f"free ({err}). Ask for fewer GPUs, or advertise more on that node (node-generic-resources in "
+            "its /etc/docker/daemon.json)."
+        )
 
     def _cluster_network(self, client: docker.DockerClient, key: str) -> str:
         name = services.cluster_network(key, self.installation)

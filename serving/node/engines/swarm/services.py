@@ -13,15 +13,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from docker.types import DriverConfig, NetworkAttachmentConfig, Resources, RestartPolicy
+from docker.types import DriverConfig, NetworkAttachmentConfig, Privileges, RestartPolicy
 from docker.types import Mount as DockerMount
 
+from serving.core import devices
 from serving.node.engines.base import EngineError, ReplicaInfo, ReplicaSpec, ReplicaState
 from serving.node.engines.docker.containers import BOOTSTRAP_DIR, BOOTSTRAP_FAILED, HOME
 
 PUBLISH_MODES = ("host", "ingress")
 CLUSTER_NETWORK_PREFIX = "ms-swarm-cluster-"
 LABEL_SWARM_CLUSTER = "serving.swarm-cluster"  # on a cluster's overlay network: the route (key)
+GPU_RESOURCE = "NVIDIA-GPU"  # the generic resource kind NVIDIA's docs advertise (SWARM_GPU_RESOURCE)
+# The manager's API versions that can set these on a service (Docker 20.10 and 25.0).
+PIDS_API = "1.41"  # Resources.Limits.Pids
+NO_NEW_PRIVILEGES_API = "1.44"  # ContainerSpec.Privileges.NoNewPrivileges
 
 # A task's state (docker/swarmkit's TaskState) -> our replica state.
 TASK_STATES = {
@@ -62,14 +67,16 @@ def create_kwargs(
     placement_node: str,
     network: str | None,
     stop_grace: float,
+    pids_limit: int | None = None,
+    no_new_privileges: bool = False,
+    gpu_kind: str = GPU_RESOURCE,
 ) -> dict[str, Any]:
-    """The arguments of ``services.create`` (but the image) for ``spec``."""
-    if any(value > 0 for value in spec.accelerators.values()):
-        asked = ", ".join(f"{key} {value:g}" for key, value in sorted(spec.accelerators.items()) if value > 0)
-        raise EngineError(
-            f"The replica {spec.name} asks for {asked}, but the Swarm engine does not provide GPUs yet; "
-            "run GPU services on a node worker with SERVING_ENGINE=docker."
-        )
+    """The arguments of ``services.create`` (but the image) for ``spec``. ``network``: the cluster's
+    overlay network, or the plain replicas' bridge (``cluster_alias`` only on the first);
+    ``pids_limit``: None where the manager's API can not set it; ``no_new_privileges``: set it on
+    the service (a manager from API 1.44; on an older one the bootstrap runner sets it, see
+    engine.py); ``gpu_kind``: the Swarm generic resource a GPU is advertised as."""
+    generic = gpu_resources(spec, gpu_kind)
     command: list[str] | None = None
     args: list[str] | None = None
     if plan_dir is not None:
@@ -94,6 +101,10 @@ def create_kwargs(
             ),
         ]
     environment.setdefault("HOME", HOME)
+    if generic:
+        # Swarm picks which devices (DOCKER_RESOURCE_<kind> names them; NVIDIA's runtime with
+        # swarm-resource shows the container those): whole devices, so the replica's share is 1.
+        environment[devices.SHARE_ENV] = "1"
     if spec.cluster is not None and spec.cluster.host != "main1":
         # Members reach main by its host name on their overlay network, on any Swarm node.
         main = f"main1:{spec.port}"
@@ -104,6 +115,10 @@ def create_kwargs(
     if network is not None:
         aliases = [spec.cluster.host] if spec.cluster is not None else None
         networks = [NetworkAttachmentConfig(network, aliases=aliases)]
+    privileges = None
+    if no_new_privileges:
+        privileges = Privileges()
+        privileges["NoNewPrivileges"] = True
     return {
         "name": spec.name,
         "labels": labels,
@@ -118,7 +133,8 @@ def create_kwargs(
         "init": True,
         "cap_drop": ["ALL"],
         "stop_grace_period": int(max(stop_grace, 0.0) * 1e9),
-        "resources": Resources(cpu_limit=nano_cpus, mem_limit=mem, cpu_reservation=nano_cpus, mem_reservation=mem),
+        "resources": resources(nano_cpus, mem, pids_limit, generic),
+        "privileges": privileges,
         # The platform replaces a replica that ends; Swarm must not restart it behind the prober.
         "restart_policy": RestartPolicy(condition="none"),
         "constraints": [f"node.hostname=={placement_node}"],
@@ -132,6 +148,59 @@ def create_kwargs(
         "log_driver": "json-file",
         "log_driver_options": {"max-size": "10m", "max-file": "3"},
     }
+
+
+def resources(
+    nano_cpus: int | None, mem: int | None, pids_limit: int | None, generic: dict[str, int]
+) -> dict[str, Any]:
+    """The task's reservations and limits: CPU and memory both (Swarm places nothing where they do
+    not fit, and the replica can not take more), the pids limit, and GPUs as generic resources
+    (reservations only: Swarm hands out the devices it reserved)."""
+    limits: dict[str, Any] = {}
+    reservations: dict[str, Any] = {}
+    for key, value in (("NanoCPUs", nano_cpus), ("MemoryBytes", mem)):
+        if value is not None:
+            limits[key] = reservations[key] = value
+    if pids_limit is not None and pids_limit > 0:
+        limits["Pids"] = pids_limit
+    if generic:
+        reservations["GenericResources"] = [
+            {"DiscreteResourceSpec": {"Kind": kind, "Value": count}} for kind, count in generic.items()
+        ]
+    return {"Limits": limits, "Reservations": reservations}
+
+
+def gpu_resources(spec: ReplicaSpec, kind: str) -> dict[str, int]:
+    """``{kind: N}`` for a replica asking for N whole GPUs; {} for none. Refuses, with a sentence,
+    what Swarm can not give: a fraction of a device (Swarm's generic resources are whole units,
+    and the platform's device accounting would book the rest of that device for another replica
+    Swarm could not place) and accelerators other than cuda.*."""
+    wanted = {key: value for key, value in spec.accelerators.items() if value > 0}
+    if not wanted:
+        return {}
+    others = sorted(key for key in wanted if key != devices.SHARES)
+    if others:
+        raise EngineError(
+            f"The Swarm engine can not provide {', '.join(others)}: only NVIDIA GPUs (cuda.shares), "
+            f"as the Swarm generic resource {kind}."
+        )
+    shares = wanted[devices.SHARES]
+    count = round(shares)
+    if abs(shares - count) > 1e-9 or count < 1:
+        raise EngineError(
+            f"The replica {spec.name} asks for cuda.shares {shares:g}, but Swarm hands out whole GPUs "
+            f"(the generic resource {kind}); ask for a whole number of devices (1, 2, ...), or run "
+            "services that share a GPU on a node worker with SERVING_ENGINE=docker."
+        )
+    return {kind: count}
+
+
+def version_at_least(version: str, least: str) -> bool:
+    """Docker API versions ("1.41") compared as numbers; an unreadable one is taken as too old."""
+    try:
+        return tuple(int(part) for part in version.split(".")) >= tuple(int(part) for part in least.split("."))
+    except ValueError:
+        return False
 
 
 def home_mount(uid: int, gid: int) -> DockerMount:
