@@ -138,7 +138,9 @@ def service_keys(endpoint: Endpoint, *, days: int = DEFAULT_DAYS, today: date | 
     keys = GatewayKey.objects.select_related("owner", "project").in_bulk([s["key"] for s in sums])
     out = []
     for s in sums:
-        key = keys[s["key"]]
+        key = keys.get(s["key"])
+        if key is None:  # deleted between the two queries (its rows go with it)
+            continue
         out.append(
             {
                 "key": str(key.pk),
