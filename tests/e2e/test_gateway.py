@@ -74,6 +74,15 @@ def test_usage_panel_and_a_project_key(
     panel.screenshot(path=str(screenshot(page, "service-usage-dark").with_name("service-usage-panel-dark.png")))
     page.emulate_media(color_scheme="light")
 
+    # On a phone: each day a stack of labelled cells, the bar and the idle days left out.
+    phone = page_as("teammate", width=390)
+    phone.goto(f"/services/{endpoint.pk}/#usage")
+    expect(phone.locator("#usage table.svc-usage td.bar-col").first).to_be_hidden()
+    expect(phone.locator("#usage table.svc-usage tbody tr:visible")).to_have_count(2)
+    phone.locator("#usage").screenshot(
+        path=str(screenshot(phone, "service-usage-phone").with_name("service-usage-panel-phone.png"))
+    )
+
     # A project member makes the project's key from the Gateway keys page.
     keys = page_as("teammate")
     keys.goto("/services/gateway-keys/")
