@@ -23,6 +23,12 @@ LIST = reverse("serving:gateway-keys")
 
 
 @pytest.fixture
+def folder_of_owner(personas: dict[str, Any]) -> Folder:
+    """A folder of the owner's own, in no project."""
+    return FolderFactory(owner=personas["owner"], name="own", files={"model-definition.yaml": SIMPLE_DEFINITION})
+
+
+@pytest.fixture
 def service(personas: dict[str, Any]) -> Endpoint:
     folder: Folder = FolderFactory(
         owner=personas["owner"],
@@ -98,7 +104,9 @@ def test_form_errors_are_sentences_next_to_the_field(browser: Any, service: Endp
     response = browser("owner").post(LIST, {"name": "", "requests_per_minute": "0"})
     assert response.status_code == 400
     html = response.content.decode()
-    assert 'id="err-name">' in html and "Ensure this value is greater than or equal to 1." in html
+    assert 'id="err-name">' in html
+    # Each sentence next to its own field, not in a list above the form.
+    assert 'id="err-requests_per_minute">Ensure this value is greater than or equal to 1.' in html
     # A stranger may not choose the owner's service: the API's sentence, and no key.
     response = browser("stranger").post(LIST, {"name": "theirs", "services": [str(service.pk)]})
     assert response.status_code == 400 and "you may not call it" in response.content.decode()
@@ -169,3 +177,79 @@ def test_the_page_in_japanese(browser: Any, personas: dict[str, Any]) -> None:
     client.post(reverse("set_language"), {"language": "ja"})
     html = client.get(LIST).content.decode()
     assert "ゲートウェイキーの作成" in html and "1000 トークン/分" in html and "Create key" not in html
+
+
+def test_project_keys_from_the_page_per_persona(
+    browser: Any, service: Endpoint, personas: dict[str, Any], folder_of_owner: Folder
+) -> None:
+    project = personas["project"]
+    # The owner choice offers the user and the projects they are a member of (the API's rule).
+    form = browser("teammate").get(LIST).content.decode()
+    assert f'<option value="{project.pk}">Project team</option>' in form and "Me (teammate)" in form
+    assert f'<optgroup label="Project team"><option value="{service.pk}">echo-one</option>' in form
+    assert f'<option value="{project.pk}"' not in browser("stranger").get(LIST).content.decode()
+
+    # A member (not a manager) may make the project's key, as through the API.
+    made = browser("teammate").post(
+        LIST, {"name": "team-nb", "project": str(project.pk), "services": [str(service.pk)]}
+    )
+    assert made.status_code == 201, made.content.decode()
+    key = GatewayKey.objects.get(name="team-nb")
+    assert key.project == project and key.owner == personas["teammate"] and list(key.services.all()) == [service]
+    assert "Gateway key team-nb created for project team." in made.content.decode()
+    assert browser("owner").post(LIST, {"name": "team-all", "project": str(project.pk)}).status_code == 201
+
+    def owners(who: str) -> dict[str, str]:
+        html = browser(who).get(LIST).content.decode()
+        names = re.findall(r'<a href="/services/gateway-keys/[^"]+/">([^<]+)</a>', html)
+        cells = re.findall(r'class="key-owner">([^<]*)</td>', html)
+        return dict(zip(names, cells, strict=True))
+
+    # The project is named; the project's manager sees both keys, the member only the one they made.
+    assert owners("owner") == {
+        "team-all": "project team (made by owner)",
+        "team-nb": "project team (made by teammate)",
+    }
+    assert owners("teammate") == {"team-nb": "project team (made by teammate)"}
+    assert owners("stranger") == {}
+    assert set(owners("admin")) == {"team-all", "team-nb"}
+
+    # Revoke: the member their own, not the manager's (404); the manager the member's.
+    revoke = lambda k: reverse("serving:gateway-key-revoke", kwargs={"gateway_key_id": k.pk})  # noqa: E731
+    team_all = GatewayKey.objects.get(name="team-all")
+    assert browser("teammate").post(revoke(team_all)).status_code == 404
+    assert browser("stranger").post(revoke(key)).status_code == 404
+    assert browser("teammate").post(revoke(key)).status_code == 302
+    assert browser("owner").post(revoke(team_all)).status_code == 302
+    assert GatewayKey.objects.filter(revoked_at__isnull=True).count() == 0
+
+
+def test_project_key_errors_are_the_apis_sentences(
+    browser: Any, api: Any, service: Endpoint, personas: dict[str, Any], folder_of_owner: Folder
+) -> None:
+    project = personas["project"]
+    mine = services.do_create_service(acting_user=personas["owner"], name="mine-only", folder=folder_of_owner)
+    # A project the user is not in: the API's sentence, under the owner field.
+    page = browser("stranger").post(LIST, {"name": "sneaky", "project": str(project.pk)})
+    through_api = api("stranger").post(
+        "/api/v1/gateway-keys/", {"name": "sneaky", "project": project.pk}, format="json"
+    )
+    sentence = through_api.json()["project"][0]
+    assert page.status_code == 400 and through_api.status_code == 400
+    html = page.content.decode()
+    assert re.search(r'id="err-project">[^<]*' + re.escape(sentence), html)
+    assert 'id="gk-project" name="project" aria-describedby="hint-project err-project" aria-invalid="true"' in html
+    # A service outside the project: the action's sentence, under the services field.
+    page = browser("owner").post(LIST, {"name": "mixed", "project": str(project.pk), "services": [str(mine.pk)]})
+    through_api = api("owner").post(
+        "/api/v1/gateway-keys/", {"name": "mixed", "project": project.pk, "services": [str(mine.pk)]}, format="json"
+    )
+    assert page.status_code == 400 and through_api.status_code == 400
+    sentence = "Service 'mine-only' is not in project 'team': a project's key calls only the project's services."
+    assert sentence in str(through_api.json())
+    assert re.search(r'id="err-services">[^<]*' + re.escape(sentence.replace("'", "&#x27;")), page.content.decode())
+    # Not a number: the field's own sentence; the form keeps what was typed.
+    page = browser("owner").post(LIST, {"name": "typed", "project": "team"})
+    assert page.status_code == 400 and "A valid integer is required." in page.content.decode()
+    assert 'value="typed"' in page.content.decode()
+    assert not GatewayKey.objects.exists()

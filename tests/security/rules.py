@@ -129,6 +129,8 @@ RULES: dict[str, Rule] = {
     "service-events": Rule(API, {"GET": READ}),
     "service-scaling-events": Rule(API, {"GET": READ}),
     "service-metrics": Rule(API, {"GET": READ}),
+    # Its gateway usage (per day, per key: key names and prefixes): whoever reads the service.
+    "service-usage": Rule(API, {"GET": READ}),
     "service-tokens": Rule(API, {"GET": READ, "POST": READ}),
     "service-token-detail": Rule(API, {"GET": READ, "DELETE": REVOKE}),
     "service-rules": Rule(API, {"GET": READ, "POST": MANAGE}),

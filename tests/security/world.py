@@ -28,6 +28,7 @@ from serving.models import (
     Endpoint,
     EndpointToken,
     GatewayKey,
+    GatewayUsage,
     ModelAlias,
     Node,
     ResourcePreset,
@@ -141,6 +142,10 @@ def build_world(owner: Any, project: Any, tag: str | None = None) -> World:
     api_key, api_key_secret = do_issue_api_key(owner, name=f"key{tag}")
     gateway_key, gateway_secret = gateway_actions.do_create_gateway_key(
         acting_user=owner, name=f"gw{tag}", expires_at=timezone.now() + timedelta(days=1), services=[service]
+    )
+    # Usage of the service by the key, so its usage answers (API, page) have rows a stranger must not see.
+    GatewayUsage.objects.create(
+        key=gateway_key, endpoint=service, day=timezone.now().date(), requests=3, prompt_tokens=30, latency={"0.01": 3}
     )
     alias = alias_actions.do_create_alias(
         acting_user=owner, name=f"alias{tag}", backends=[(service, 1)], project=project

@@ -594,6 +594,55 @@ class GatewayUsageSerializer(serializers.Serializer[Any]):
     p95_ms = serializers.FloatField(allow_null=True)
 
 
+class ServiceUsageQuerySerializer(serializers.Serializer[Any]):
+    """``GET /api/v1/services/{id}/usage/``: the window and how the rows are cut."""
+
+    days = serializers.IntegerField(
+        min_value=1,
+        max_value=366,
+        default=14,
+        help_text="How many UTC days, today included (1-366; default 14).",
+        error_messages={
+            "invalid": "days must be a whole number of days, e.g. ?days=30.",
+            "min_value": "days must be at least 1 (today only), e.g. ?days=1.",
+            "max_value": "days can be at most 366 (a year), e.g. ?days=90.",
+        },
+    )
+    by = serializers.ChoiceField(
+        choices=["day", "key"],
+        default="day",
+        help_text="day: one row per UTC day, newest first (days without requests as zeros); "
+        "key: one row per gateway key that called the service, the busiest first.",
+        error_messages={"invalid_choice": "by must be day or key, e.g. ?by=key."},
+    )
+
+
+class ServiceUsageDaySerializer(serializers.Serializer[Any]):
+    """A service's gateway usage on one UTC day, summed over every key."""
+
+    day = serializers.DateField()
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    errors = serializers.IntegerField()  # type: ignore[assignment]  # (a field named as Serializer.errors)
+    p50_ms = serializers.FloatField(allow_null=True)
+    p95_ms = serializers.FloatField(allow_null=True)
+
+
+class ServiceUsageKeySerializer(serializers.Serializer[Any]):
+    """One gateway key's use of a service over the window: its name and prefix, never its secret."""
+
+    key = serializers.CharField()
+    key_name = serializers.CharField()
+    key_prefix = serializers.CharField()
+    owner = serializers.CharField()
+    project = serializers.CharField(allow_null=True)
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    errors = serializers.IntegerField()  # type: ignore[assignment]  # (a field named as Serializer.errors)
+
+
 class GatewayKeySerializer(serializers.ModelSerializer[GatewayKey]):
     """A gateway key as listed: never the key itself (only in the creation response)."""
 

@@ -47,6 +47,7 @@ urlpatterns = [
         views.RevisionPromoteView.as_view(),
         name="service-revision-promote",
     ),
+    path("services/<uuid:service_id>/usage/", views.ServiceUsageView.as_view(), name="service-usage"),
     path("gateway-keys/", views.GatewayKeyListView.as_view(), name="gateway-keys"),
     path("gateway-keys/<uuid:gateway_key_id>/", views.GatewayKeyDetailView.as_view(), name="gateway-key-detail"),
     path("gateway-keys/<uuid:gateway_key_id>/usage/", views.GatewayKeyUsageView.as_view(), name="gateway-key-usage"),

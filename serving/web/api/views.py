@@ -496,6 +496,33 @@ class GatewayKeyUsageView(APIView):
         return Response(s.GatewayUsageSerializer(rows, many=True).data)
 
 
+class ServiceUsageView(APIView):
+    renderer_classes = [JSONRenderer, CSVRenderer]
+
+    @extend_schema(
+        parameters=[
+            s.ServiceUsageQuerySerializer,
+            OpenApiParameter("format", str, enum=["json", "csv"], description="csv: the rows as CSV"),
+        ],
+        responses=s.ServiceUsageDaySerializer(many=True),
+        description=(
+            "The service's gateway usage (calls through <proxy>/v1/... with a gateway key) over the last "
+            "``days`` UTC days: per day summed over every key (``by=day``, the default), or per key "
+            "(``by=key``, with ServiceUsageKey's fields). Whoever may read the service sees it."
+        ),
+    )
+    def get(self, request: Request, service_id: str, format: str | None = None) -> Response:
+        """Per UTC day (or per key) requests, tokens, errors and, per day, p50/p95 latency."""
+        endpoint = access_endpoint(request.user, service_id, include_destroyed=True)
+        query = s.ServiceUsageQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        days = query.validated_data["days"]
+        if query.validated_data["by"] == "key":
+            keys = usage.service_keys(endpoint, days=days)
+            return Response(s.ServiceUsageKeySerializer(keys, many=True).data)
+        return Response(s.ServiceUsageDaySerializer(usage.service_days(endpoint, days=days), many=True).data)
+
+
 def _aliases(user: Any) -> Any:
     """The aliases a user may see: their own and their projects'; operators all."""
     aliases = ModelAlias.objects.select_related("owner").prefetch_related("backends")

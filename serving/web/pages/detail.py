@@ -16,6 +16,7 @@ import uuid
 import zoneinfo
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -33,6 +34,7 @@ from serving.actions import rules as rule_actions
 from serving.actions import services
 from serving.actions import tokens as token_actions
 from serving.control import revisions as moves
+from serving.control import usage
 from serving.core import revisions as pure_revisions
 from serving.core import slots
 from serving.core.runtimes import RUNTIMES
@@ -53,6 +55,7 @@ from storage.models import Folder
 
 DEFAULT_TOKEN_DAYS = 30
 EVENTS_SHOWN = 50
+USAGE_KEYS_SHOWN = 5
 RULE_FIELDS = AutoScalingRule.SETTINGS
 NEW_RULE = {
     "direction": AutoScalingRule.Direction.OUT,
@@ -300,6 +303,29 @@ def revisions_panel(endpoint: Endpoint, routes: list[Route], query: Any) -> dict
     }
 
 
+def usage_panel(endpoint: Endpoint) -> dict[str, Any]:
+    """The Usage panel: the service's gateway usage per UTC day over the last 14 days (summed over
+    keys, each day's requests also as a bar scaled to the busiest day) and the keys that used it
+    most; when nothing called it, how to call it through the gateway instead."""
+    days = usage.service_days(endpoint)
+    busiest = max((day["requests"] for day in days), default=0)
+    for day in days:
+        day["bar"] = round(100 * day["requests"] / busiest, 1) if busiest else 0
+    keys = usage.service_keys(endpoint)
+    return {
+        "usage_days": days,
+        "usage_keys": keys[:USAGE_KEYS_SHOWN],
+        "usage_more_keys": max(0, len(keys) - USAGE_KEYS_SHOWN),
+        "usage_total": {
+            name: sum(day[name] for day in days)
+            for name in ("requests", "prompt_tokens", "completion_tokens", "errors")
+        },
+        "usage_window": usage.DEFAULT_DAYS,
+        "gateway_url": f"{settings.SERVING_PROXY_URL}/v1",
+        "gateway_model": served_model_names(endpoint)[0],
+    }
+
+
 def metrics_api(endpoint: Endpoint) -> str:
     """The metrics API of the service, or "" while the platform has none (then nothing is fetched,
     rather than a 404 on every poll)."""
@@ -381,6 +407,7 @@ def _render_detail(
         "member_statuses": {value: str(label) for value, label in RouteMember.Status.choices},
         "cluster_summary": cluster_summary(endpoint),
         **revisions_panel(endpoint, routes, request.GET),
+        **usage_panel(endpoint),
         **_rule_choices(),
     }
     return render(request, "serving/detail.html", context, status=status)

@@ -1,9 +1,10 @@
 """The gateway keys page (issue 17): a user's keys for the proxy's OpenAI-compatible root, a form to
-create one (its secret shown once, in the answer to the form), revoke with confirmation, and a key's
-usage per day and service.
+create one (its secret shown once, in the answer to the form) for the user or for one of their
+projects, revoke with confirmation, and a key's usage per day and service.
 
 Like the REST API (``/api/v1/gateway-keys/``): the key's owner, the managers of its project and
-operators see and revoke it; anyone else gets 404. The views parse with the API's serializer,
+operators see and revoke it; anyone else gets 404. A project's key may be made by any member of
+the project (and by operators), as through the API. The views parse with the API's serializer,
 authorize with ``serving.web.access`` and call one action.
 """
 
@@ -23,6 +24,7 @@ from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from rest_framework.exceptions import ValidationError as DRFValidationError
 
+from accounts.models import Project
 from serving.actions import gateway as gateway_actions
 from serving.control import usage
 from serving.models import Endpoint
@@ -33,6 +35,7 @@ from serving.web.pages.services import field_errors
 
 DEFAULT_KEY_DAYS = 90
 LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrency")
+KEY_FIELDS = ("name", "project", "services", "expires_at", *LIMITS)
 
 
 def _render_keys(
@@ -45,6 +48,7 @@ def _render_keys(
 ) -> HttpResponse:
     keys = gateway_keys_of(request.user).prefetch_related("services").order_by("-created_at")[:200]
     now = timezone.now()
+    services = list(Endpoint.objects.visible_to(request.user).live().select_related("project").order_by("name"))
     context = {
         "rows": [
             {
@@ -54,7 +58,10 @@ def _render_keys(
             }
             for key in keys
         ],
-        "services": list(Endpoint.objects.visible_to(request.user).live().order_by("name")),
+        "service_groups": _service_groups(services),
+        # Who may own a key: the user, or a project they are a member of (the API's rule,
+        # GatewayKeyCreateSerializer.validate_project; operators: every project).
+        "projects": list(Project.objects.of(request.user).order_by("name")),
         "values": values or {"expires_on": (timezone.localdate() + dt.timedelta(days=DEFAULT_KEY_DAYS)).isoformat()},
         "errors": errors or {},
         "new_key": new_key,
@@ -63,11 +70,39 @@ def _render_keys(
     return render(request, "serving/gateway_keys.html", context, status=status)
 
 
+def _service_groups(services: list[Endpoint]) -> list[tuple[str, list[Endpoint]]]:
+    """The services offered, grouped by project (those in no project first): a project's key may
+    call only its project's services, so the groups show which ones fit the owner chosen."""
+    groups: dict[str, list[Endpoint]] = {}
+    for endpoint in services:
+        groups.setdefault(endpoint.project.name if endpoint.project else "", []).append(endpoint)
+    return [
+        (_("Project %(name)s") % {"name": name} if name else _("Not in a project"), groups[name])
+        for name in sorted(groups)
+    ]
+
+
+def _form_errors(exc: Exception) -> dict[str, list[str]]:
+    """The API's sentences (serializer or action) next to this form's fields: field_errors knows the
+    launcher's fields and puts the others in "form" as "<field>: <sentence>"; ours are taken back."""
+    errors = field_errors(exc)
+    for text in list(errors.get("form", [])):
+        name, _sep, message = text.partition(": ")
+        if name in KEY_FIELDS:
+            errors.setdefault(name, []).append(message)
+            errors["form"].remove(text)
+    if not errors.get("form"):
+        errors.pop("form", None)
+    errors["expires_on"] = errors.pop("expires_at", [])
+    return errors
+
+
 def _form_values(request: HttpRequest) -> dict[str, Any]:
     """The form as typed, to show it again with its errors."""
     post = request.POST
     return {
         "name": post.get("name", "").strip(),
+        "project": post.get("project", "").strip(),
         "services": post.getlist("services"),
         "expires_on": post.get("expires_on", "").strip(),
         **{limit: post.get(limit, "").strip() for limit in LIMITS},
@@ -87,7 +122,11 @@ def gateway_keys(request: HttpRequest) -> HttpResponse:
     except ValueError:
         errors = {"expires_on": [_("Enter a date such as 2030-12-31.")]}
         return _render_keys(request, values=values, errors=errors, status=400)
-    data: dict[str, Any] = {"name": values["name"], "services": values["services"]}
+    data: dict[str, Any] = {
+        "name": values["name"],
+        "services": values["services"],
+        "project": values["project"] or None,
+    }
     data.update({limit: values[limit] or None for limit in LIMITS})
     if expires_at is not None:
         data["expires_at"] = expires_at
@@ -98,10 +137,15 @@ def gateway_keys(request: HttpRequest) -> HttpResponse:
         fields["expires_at"] = fields.get("expires_at") or timezone.now() + dt.timedelta(days=DEFAULT_KEY_DAYS)
         key, secret = gateway_actions.do_create_gateway_key(acting_user=request.user, **fields)  # type: ignore[arg-type]
     except (DRFValidationError, DjangoValidationError) as exc:
-        errors = field_errors(exc)
-        errors["expires_on"] = errors.pop("expires_at", [])
-        return _render_keys(request, values=values, errors=errors, status=400)
-    messages.success(request, _("Gateway key %(name)s created.") % {"name": key.name})
+        return _render_keys(request, values=values, errors=_form_errors(exc), status=400)
+    if key.project is not None:
+        messages.success(
+            request,
+            _("Gateway key %(name)s created for project %(project)s.")
+            % {"name": key.name, "project": key.project.name},
+        )
+    else:
+        messages.success(request, _("Gateway key %(name)s created.") % {"name": key.name})
     return _render_keys(request, new_key=secret, status=201)
 
 
