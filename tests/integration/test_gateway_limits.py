@@ -152,8 +152,13 @@ def test_tokens_per_minute_from_json_and_stream_usage(gw: Proxy, backends: Calla
     model, project = service(gw, backends)
     wait_until_known(gw, model, project)
     early_in_a_minute()
-    one = call(gw, "/v1/chat/completions", grant(gw, project).token, chat(model))
-    per_request = one[2]["usage"]["total_tokens"]
+    probe, answers = grant(gw, project), []
+    # A new key reaches the proxy by pub/sub: its first call may come before it (401, no usage).
+    wait_for(
+        lambda: answers.append(call(gw, "/v1/chat/completions", probe.token, chat(model))) or answers[-1][0] == 200,
+        what="an answer with usage",
+    )
+    per_request = answers[-1][2]["usage"]["total_tokens"]
     assert per_request > 0
     key = grant(gw, project, tokens_per_minute=per_request * 6)
     wait_for(lambda: call(gw, "/v1/models", key.token)[0] == 200, what="the key")
