@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +93,30 @@ def _replica_networks() -> set[str] | None:
         return {n.name for n in found}
     except Exception:
         return None
+
+
+# The fixtures through which a test reaches the database (pytest-django blocks every other way).
+_DATABASE_FIXTURES = frozenset({"db", "transactional_db", "django_db_reset_sequences", "django_db_serialized_rollback"})
+
+
+def uses_the_database(item: pytest.Item) -> bool:
+    """Whether a test reaches the database: the ``django_db`` mark, or a database fixture anywhere
+    in its fixtures' closure (e.g. ``live_system`` asks for ``transactional_db``)."""
+    return item.get_closest_marker("django_db") is not None or bool(
+        _DATABASE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``ONLY_DATABASE_TESTS=1`` (CI's PostgreSQL part) keeps only the tests that reach the
+    database: the others (the proxy, the engines, the pure modules) do the same on any database
+    and ran on SQLite already."""
+    if os.environ.get("ONLY_DATABASE_TESTS", "") not in ("1", "true", "yes"):
+        return
+    kept = [item for item in items if uses_the_database(item)]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if not uses_the_database(item)])
+        items[:] = kept
 
 
 _NETWORKS_BEFORE: set[str] | None = None
