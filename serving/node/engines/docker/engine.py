@@ -39,6 +39,7 @@ from serving.node.engines.base import (
     ReplicaStats,
 )
 from serving.node.engines.docker import containers, networks
+from serving.node.engines.docker.client import ClientFactory, LazyClient
 from serving.node.engines.docker.containers import BUILD_HINT, PIDS_LIMIT
 from serving.node.engines.docker.errors import API_TIMEOUT, docker_errors, explain, network_missing
 from serving.node.engines.docker.networks import CLUSTER_NETWORK_PREFIX, REPLICA_NETWORK, Networks
@@ -52,7 +53,6 @@ log = logging.getLogger("serving.node.engines.docker")
 DEFAULT_STATE_DIR = Path(__file__).resolve().parents[4] / "var" / "engine" / "docker"
 PING_TIMEOUT = 2.0
 
-ClientFactory = Callable[..., docker.DockerClient]
 # Called with a pull's bytes done and total (total grows as the registry announces layers).
 PullProgressCallback = Callable[[int, int], None]
 
@@ -118,8 +118,7 @@ class DockerEngine:
         self.timeout = timeout
         self.ping_timeout = ping_timeout
         self.installation = installation
-        self._client_lock = threading.Lock()
-        self._client_instance: docker.DockerClient | None = None
+        self._client = LazyClient(client_factory, timeout)
         self.networks = Networks(
             installation=installation,
             replica_network=self.replica_network,
@@ -129,13 +128,6 @@ class DockerEngine:
         )
 
     # --- plumbing ---------------------------------------------------------------------------------
-
-    def _client(self) -> docker.DockerClient:
-        with self._client_lock:
-            if self._client_instance is None:
-                with docker_errors("connect to the engine", timeout=self.timeout):
-                    self._client_instance = self._client_factory(timeout=self.timeout)
-            return self._client_instance
 
     def _errors(self, what: str, replica: str | None = None) -> contextlib.AbstractContextManager[None]:
         return docker_errors(what, replica, self.timeout)

@@ -9,7 +9,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from serving.node.engines.base import (
     ReplicaStats,
 )
 from serving.node.engines.docker import containers
+from serving.node.engines.docker.client import ClientFactory, LazyClient
 from serving.node.engines.docker.containers import BUILD_HINT, PIDS_LIMIT
 from serving.node.engines.docker.errors import API_TIMEOUT, docker_errors
 from serving.node.engines.docker.rules import BridgeRules
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = Path(__file__).resolve().parents[4] / "var" / "engine" / "swarm"
 PING_TIMEOUT = 2.0
 NODE_TTL = 2.0  # seconds a Swarm node's state is reused between two looks
-
-ClientFactory = Callable[..., docker.DockerClient]
 
 
 class SwarmEngine:
@@ -101,8 +100,7 @@ class SwarmEngine:
         self._client_factory = client_factory
         self.bootstrap_path = Path(bootstrap_path) if bootstrap_path is not None else containers.BOOTSTRAP
         self.state_dir = Path(state_dir) if state_dir is not None else DEFAULT_STATE_DIR
-        self._client_lock = threading.Lock()
-        self._client_instance: docker.DockerClient | None = None
+        self._client = LazyClient(client_factory, timeout)
         self._nodes: dict[str, tuple[float, Mapping[str, Any]]] = {}
         # Serialises a cluster network's creation and removal with the members' starts in this process.
         self._network_lock = threading.Lock()
@@ -117,13 +115,6 @@ class SwarmEngine:
         self._warned: set[str] = set()
 
     # --- plumbing ---------------------------------------------------------------------------------
-
-    def _client(self) -> docker.DockerClient:
-        with self._client_lock:
-            if self._client_instance is None:
-                with docker_errors("connect to the engine", timeout=self.timeout):
-                    self._client_instance = self._client_factory(timeout=self.timeout)
-            return self._client_instance
 
     def _errors(self, what: str, replica: str | None = None) -> contextlib.AbstractContextManager[None]:
         return docker_errors(what, replica, self.timeout)
