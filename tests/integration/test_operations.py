@@ -69,6 +69,21 @@ def test_proxy_logs_json_and_its_request_id_reaches_the_replica_and_the_failure_
         _, _, body = proxy.call(slug, "headers", headers={"X-Request-ID": "the-client-s-id"})
         assert json.loads(body)["headers"]["X-Request-ID"] == "the-client-s-id"
 
+        # A replica's own error answer gets the request's id too (the fast path relays its head as it
+        # came, the slow one rebuilds it), unless the replica sent one itself: then only its own.
+        status, headers, _ = proxy.call(slug, "no-such-path", headers={"X-Request-ID": "rid-of-a-404"})
+        assert status == 404 and headers["X-Request-ID"] == "rid-of-a-404"
+        status, headers, _ = proxy.call(slug, "fail?status=503&close=1", headers={"X-Request-ID": "rid-of-a-503"})
+        assert status == 503 and headers["X-Request-ID"] == "rid-of-a-503"
+        status, headers, _ = proxy.call(slug, "headers", headers={"X-Request-ID": "rid-of-a-200"})
+        assert status == 200 and "X-Request-ID" not in headers  # a success is relayed as it came
+        head = proxy.raw(
+            f"GET /e/{slug}/fail?echo=1 HTTP/1.1\r\nHost: x\r\nX-Request-ID: rid-echoed\r\n\r\n".encode(),
+            until=lambda got: b"\r\n\r\n" in got,
+        ).split(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 500") and head.lower().count(b"x-request-id:") == 1
+        assert b"X-Request-ID: the-replica-s-own" in head
+
         def access_line() -> dict[str, Any] | None:
             return next((e for e in json_lines(proxy.log_text()) if e.get("request_id") == rid), None)
 
