@@ -9,7 +9,6 @@ everything the request logs, and one access line is logged per request (logger `
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -21,12 +20,11 @@ from serving.core import logs
 
 log = logging.getLogger("modelserve.access")
 HEADER = "X-Request-ID"
-_VALID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def request_id(request: HttpRequest) -> str:
     given = request.headers.get(HEADER, "")
-    return given if _VALID.fullmatch(given) else uuid.uuid4().hex
+    return given if logs.REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 class RequestIdMiddleware:

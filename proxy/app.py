@@ -705,12 +705,13 @@ class Proxy:
         ex.held = True
         endpoint.waiters.append(ex)
         ex.hold_timer = self.loop.call_later(config.wake_timeout, self._hold_expired, ex)
-        self._ask_wake(endpoint, _monotonic())
+        self._ask_wake(endpoint, _monotonic(), ex.rid)
 
-    def _ask_wake(self, endpoint: Endpoint, now: float) -> None:
+    def _ask_wake(self, endpoint: Endpoint, now: float, rid: bytes | None) -> None:
         if now - endpoint.wake_sent >= WAKE_ASK_AGAIN or not endpoint.wake_sent:
             endpoint.wake_sent = now
-            self.reporter.wake(endpoint.slug, endpoint.id)
+            # The held request's id goes with it: the service's "woken" event carries it.
+            self.reporter.wake(endpoint.slug, endpoint.id, (rid or b"").decode("latin-1"))
 
     def _hold_expired(self, ex: Exchange) -> None:
         ex.hold_timer = None
@@ -820,7 +821,8 @@ class Proxy:
             pool_cut = now - config.upstream_idle
             for endpoint in self.table.endpoints.values():
                 if endpoint.waiters and endpoint.sleeps and not endpoint.routes:
-                    self._ask_wake(endpoint, now)  # still asleep: a lost wake request is asked again
+                    # Still asleep: a lost wake request is asked again (for the longest-held request).
+                    self._ask_wake(endpoint, now, endpoint.waiters[0].rid)
                 for route in endpoint.routes:
                     idle = route.idle
                     while idle and idle[0].idle_since < pool_cut:

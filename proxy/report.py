@@ -16,8 +16,9 @@
   plane takes it and writes one event per service (never one per request).
 * ``<prefix>:wake`` (list) and ``<prefix>:wake:<slug>`` (key): a request to a sleeping service asks
   the control plane to wake it at once: ``SET <prefix>:wake:<slug> NX EX`` first, and only the proxy
-  that set it pushes ``{"endpoint": slug, "endpoint_id": id, "proxy": instance, "t": epoch}`` on the
-  list, which a control-plane thread blocks on (serving/control/sleep.py): many proxies, one wake.
+  that set it pushes ``{"endpoint": slug, "endpoint_id": id, "proxy": instance, "request_id": the
+  held request's X-Request-ID, "t": epoch}`` on the list, which a control-plane thread blocks on
+  (serving/control/sleep.py): many proxies, one wake.
 * ``<prefix>:process:proxy:<host>:<pid>``: this process's heartbeat (serving/core/processes.py),
   set on every push with a short expiry, deleted at a clean stop; the admin lists it.
 * ``<prefix>:proxy:route-failures`` (channel): JSON ``{"route": id, "endpoint": slug,
@@ -110,11 +111,20 @@ class Reporter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def wake(self, slug: str, endpoint_id: str) -> None:
-        """Ask the control plane to wake a sleeping service, without waiting (the request is held)."""
+    def wake(self, slug: str, endpoint_id: str, request_id: str = "") -> None:
+        """Ask the control plane to wake a sleeping service, without waiting (the request is held).
+        ``request_id``: the held request's, for the service's "woken" event."""
         if self._pending >= MAX_PENDING_REPORTS:
             return  # the next held request (or the next second's) asks again
-        message = json.dumps({"endpoint": slug, "endpoint_id": endpoint_id, "proxy": self.instance, "t": time.time()})
+        message = json.dumps(
+            {
+                "endpoint": slug,
+                "endpoint_id": endpoint_id,
+                "proxy": self.instance,
+                "request_id": request_id,
+                "t": time.time(),
+            }
+        )
         self._pending += 1
         task = asyncio.get_running_loop().create_task(self._wake(slug, message))
         self._tasks.add(task)

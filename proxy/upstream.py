@@ -4,8 +4,9 @@ Connections are pooled per route between requests (HTTP/1.1 keep-alive; the pool
 ``Route``, proxy/table.py). An ``Upstream`` relays the answer to its ``Exchange`` (proxy/exchange.py):
 the head is checked as bytes and, when nothing needs changing, head and body go to the client
 exactly as they arrived, one write per received packet; the parser only says where the answer
-ends. Otherwise the head is rewritten (hop-by-hop headers, cookies, framing for the client's HTTP
-version). A 101 Switching Protocols turns both connections into one byte tunnel.
+ends; an error answer (4xx, 5xx) without ``X-Request-ID`` gets the request's. Otherwise the head
+is rewritten (hop-by-hop headers, cookies, framing for the client's HTTP version). A 101 Switching
+Protocols turns both connections into one byte tunnel.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ MAX_RESPONSE_HEAD = 64 * 1024
 RESPONSE_HOP_SEARCH = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-|te|trailer|upgrade|set-cookie)[ \t]*:", re.IGNORECASE
 )
+# A replica's error answer gets the request's id, unless it sent one itself (many servers echo it):
+# the client can then find the request in the access log, the replica's log and the event log.
+REQUEST_ID_SEARCH = re.compile(rb"\r\nx-request-id[ \t]*:", re.IGNORECASE)
 RESPONSE_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"te", b"trailer", b"upgrade", b"transfer-encoding"))
 
 # How a response body goes to the client.
@@ -54,6 +58,14 @@ MODE_PASS = 1  # bytes relayed as they are (Content-Length, or chunked to an HTT
 MODE_NONE = 2  # no body (HEAD, 204, 304, 101)
 MODE_CHUNK = 3  # the replica ends the body by closing: re-framed as chunks for an HTTP/1.1 client
 MODE_UNTIL_CLOSE = 4  # ... or relayed and ended by closing, for an HTTP/1.0 client
+
+
+def _request_id_header(ex: Exchange, buf: bytes, end: int) -> bytes:
+    """``X-Request-ID`` for a replica's error answer (status >= 400) that does not carry one."""
+    rid = ex.rid
+    if rid is None or REQUEST_ID_SEARCH.search(buf, 0, end + 2) is not None:
+        return b""
+    return b"X-Request-ID: %b\r\n" % rid
 
 
 def _service_header(ex: Exchange) -> bytes:
@@ -210,9 +222,12 @@ class Upstream(asyncio.Protocol):
         ):
             # The common case: nothing to change, the head goes as it came; so does the body.
             self.mode = MODE_PASS
-            if ex.gateway:
+            if ex.gateway or status >= 400:
                 line = buf.find(b"\r\n") + 2
-                return buf[:line] + _service_header(ex) + buf[line:]
+                extra = _service_header(ex) if ex.gateway else b""
+                if status >= 400:
+                    extra += _request_id_header(ex, buf, end)
+                return buf[:line] + extra + buf[line:]
             return buf
         return self._rebuilt_head(ex, buf, end, status)
 
@@ -223,6 +238,8 @@ class Upstream(asyncio.Protocol):
         kept = [b"HTTP/1.1 " + lines[0][9:]]
         if ex.gateway:
             kept.append(_service_header(ex)[:-2])
+        if status >= 400 and (rid_header := _request_id_header(ex, buf, end)):
+            kept.append(rid_header[:-2])
         has_length = chunked = False
         nominated: set[bytes] = set()  # headers a Connection header names are hop-by-hop too
         for line in lines[1:]:

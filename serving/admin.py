@@ -67,7 +67,7 @@ class RuleInline(admin.TabularInline):  # type: ignore[type-arg]
 
 class ServiceEventInline(ReadOnlyInline):
     model = ServiceEvent
-    fields = ("created_at", "kind", "level", "message", "actor")
+    fields = ("created_at", "kind", "level", "message", "actor", "request_id")
     readonly_fields = fields
     ordering = ("-created_at",)
 

@@ -763,6 +763,11 @@ class ServiceEvent(models.Model):
     level = models.CharField(max_length=8, choices=Level.choices, default=Level.INFO)
     message = models.TextField()
     data = models.JSONField(default=dict, blank=True)
+    # The id of the request the event stems from (the proxy's X-Request-ID of a request that found a
+    # replica down or woke the service; the web request's of an API call), so that a client holding
+    # the id of a failed call finds the event: ``?request_id=`` on the events API. Blank for the
+    # platform's own doings (ticks, probes on schedule).
+    request_id = models.CharField(max_length=128, blank=True, default="", db_index=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

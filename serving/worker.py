@@ -35,6 +35,7 @@ _agent: Any = None
 _wake_listener: Any = None
 NODE_TASKS = {"start_route", "stop_route", "start_member", "stop_member"}
 _beating = threading.Event()  # set: the heartbeat thread stops
+_heartbeats: list[threading.Thread] = []
 # Imported as the worker process loads the apps, before it consumes any task: a start claimed before
 # this was claimed by an earlier worker (serving.node.recover_interrupted_starts).
 _LOADED_AT = time.time()
@@ -101,7 +102,9 @@ def _start_heartbeat(kind: str, node: str) -> None:
         finally:
             client.close()
 
-    threading.Thread(target=run, name=f"heartbeat-{kind}", daemon=True).start()
+    thread = threading.Thread(target=run, name=f"heartbeat-{kind}", daemon=True)
+    _heartbeats.append(thread)
+    thread.start()
 
 
 @after_setup_logger.connect
@@ -153,6 +156,10 @@ def start_node_agent(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def stop_node_agent(**_: Any) -> None:
     _beating.set()
+    for thread in _heartbeats:
+        # A daemon thread dies with the process: wait for it to delete its key, so a clean stop
+        # leaves the Processes page at once and a health check says "no heartbeat", not "stale".
+        thread.join(timeout=3)
     if _agent is not None:
         _agent.stop()
     if _wake_listener is not None:

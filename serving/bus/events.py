@@ -17,6 +17,7 @@ from channels.layers import get_channel_layer
 
 from accounts.models import User
 from serving.bus import routing
+from serving.core import logs
 from serving.models import Endpoint, ServiceEvent
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,17 @@ def record_event(
     level: str = ServiceEvent.Level.INFO,
     route_id: Any = None,
     data: Mapping[str, Any] | None = None,
+    request_id: str | None = None,
 ) -> ServiceEvent:
-    """Append one line to a service's audit/lifecycle log."""
-    event = new_event(endpoint, kind, message, actor=actor, level=level, route_id=route_id, data=data)
+    """Append one line to a service's audit/lifecycle log.
+
+    ``request_id``: the request the event stems from; by default the one in the log context, which
+    the edges bind: the web app's middleware for an API call or a page's form (config/requestid.py),
+    the node's check of a route a proxy reported failing, the wake listener (the held request's id).
+    A tick or a scheduled probe has none, and its events none either."""
+    event = new_event(
+        endpoint, kind, message, actor=actor, level=level, route_id=route_id, data=data, request_id=request_id
+    )
     event.save(force_insert=True)
     return event
 
@@ -50,9 +59,12 @@ def new_event(
     level: str = ServiceEvent.Level.INFO,
     route_id: Any = None,
     data: Mapping[str, Any] | None = None,
+    request_id: str | None = None,
 ) -> ServiceEvent:
     """The line ``record_event`` appends, not yet saved: loops that log many lines in one
     transaction (the reconcile and autoscaling ticks) write them with one ``bulk_create``."""
+    if request_id is None:
+        request_id = logs.current().get("request_id", "")
     return ServiceEvent(
         endpoint=endpoint,
         kind=kind,
@@ -61,6 +73,7 @@ def new_event(
         level=level,
         route_id=route_id,
         data=dict(data or {}),
+        request_id=request_id[:128],
     )
 
 

@@ -33,6 +33,7 @@ from django.utils import timezone
 
 from serving.bus import dispatch, routing, telemetry
 from serving.bus import events as audit
+from serving.core import logs
 from serving.core import sleep as rules
 from serving.models import Endpoint, Route, ScalingEvent
 
@@ -139,8 +140,11 @@ class WakeListener(threading.Thread):
         except (ValueError, KeyError, TypeError):
             log.warning("wake listener: ignored a malformed wake request %r", raw[:200])
             return
+        # The held request's id (ServiceEvent.request_id): its client finds the wake in the event log.
+        rid = message.get("request_id") if isinstance(message, dict) else None
         try:
-            wake(slug, why="a request")
+            with logs.bound(request_id=rid if isinstance(rid, str) else None, service=slug):
+                wake(slug, why="a request")
         except Exception:
             log.exception("wake of %s failed; the beat's tick tries again while requests wait", slug)
 

@@ -13,11 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+# What a request id may look like: a client's X-Request-ID is kept when it matches (else a new one is
+# made), and the events API's ``?request_id=`` filter accepts what matches.
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 FIELDS = ("request_id", "service", "route", "node", "task")
 _context: dict[str, ContextVar[str]] = {name: ContextVar(f"log_{name}", default="") for name in FIELDS}
 _process: dict[str, str] = {}  # fields of the whole process: its kind, and a node agent's node
@@ -31,6 +37,18 @@ def bind(**values: str | None) -> None:
     """Set context fields for what runs next in this thread or asyncio task (None or "" clears)."""
     for name, value in values.items():
         _context[name].set(str(value) if value else "")
+
+
+@contextmanager
+def bound(**values: str | None) -> Iterator[None]:
+    """``bind`` for a block only: the fields are as they were after it (a listener thread that acts
+    on one message after another must not lend one message's request id to the next)."""
+    tokens = [(_context[name], _context[name].set(str(value) if value else "")) for name, value in values.items()]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 def clear() -> None:

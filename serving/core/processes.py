@@ -36,6 +36,11 @@ def pattern(prefix: str) -> str:
     return f"{prefix}:process:*"
 
 
+def host_pattern(prefix: str, kind: str, host: str) -> str:
+    """The keys of every ``kind`` process on ``host`` (a host name holds no glob characters)."""
+    return f"{prefix}:process:{kind}:{host}:*"
+
+
 def beat(kind: str, host: str, pid: int, started: float, node: str = "", now: float | None = None) -> str:
     return json.dumps(
         {
@@ -62,3 +67,42 @@ def parse(raw: bytes | str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
         return None
     return value
+
+
+# --- a process's own health (``manage.py worker_health``, an orchestrator's health check) ------------
+
+ROLES = ("control", "node", "beat")  # the processes whose only sign of life is their heartbeat
+FRESH = 3 * INTERVAL  # a beat older than this is stale: at least two were missed (the key lives TTL)
+ROLE_NAMES = {"control": "control worker", "node": "node worker", "beat": "beat"}
+
+
+def health(
+    beats: list[dict[str, Any]], role: str, host: str, now: float, node: str = "", max_age: float = FRESH
+) -> tuple[bool, str]:
+    """Whether the ``role`` process on ``host`` (for a node worker: of node ``node``) beats: True and
+    when it last did, or False and a sentence saying what is wrong and where to look.
+
+    ``beats`` are parsed heartbeat values; those of other kinds, hosts or nodes are not looked at.
+    Several of one role on a host (a restart within the key's TTL): the freshest counts."""
+    what = ROLE_NAMES.get(role, role)
+    if role == "node":
+        what = f"node worker of node {node!r}"
+    mine = [
+        b
+        for b in beats
+        if b.get("kind") == role and str(b.get("host")) == host and (role != "node" or b.get("node") == node)
+    ]
+    if not mine:
+        return False, (
+            f"No heartbeat of a {what} on host {host!r}: it is not running, has not finished starting, or "
+            "writes to another Redis (check REDIS_URL and REDIS_PREFIX, and the process's log)."
+        )
+    freshest = max(mine, key=lambda b: float(b.get("t") or 0))
+    age = max(0.0, now - float(freshest.get("t") or 0))
+    pid = freshest.get("pid")
+    if age > max_age:
+        return False, (
+            f"The {what} on host {host!r} (pid {pid}) last beat {age:.0f} s ago, more than {max_age:g} s: it is "
+            "stuck or can not write to Redis; see its log."
+        )
+    return True, f"The {what} on host {host!r} (pid {pid}) beat {age:.1f} s ago."

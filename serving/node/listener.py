@@ -166,7 +166,7 @@ class NodeListener(threading.Thread):
         self._last_check[route_id] = now
         if len(self._last_check) > 10_000:
             self._last_check = {k: v for k, v in self._last_check.items() if now - v < DEDUPE_WINDOW}
-        if not self.prober.check_now(route_id, error):
+        if not self.prober.check_now(route_id, error, request_id):
             return False
         self.checks_requested += 1
         log.info(

@@ -23,6 +23,7 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from serving.bus import dispatch, events
+from serving.core import logs
 from serving.core.health import DEGRADED, HEALTHY, UNHEALTHY, HealthConfig, ProbeState, apply_probe, next_probe_at
 from serving.models import STARTING_MARK, Endpoint, Route, RouteMember
 from serving.node.engine import get_engine, log_tail, stop_quietly
@@ -245,34 +246,38 @@ class Prober:
         """Whether ``route_id`` is a started route of this node (safe from any thread)."""
         return route_id in self.tracked
 
-    def check_now(self, route_id: str, reason: str = "") -> bool:
+    def check_now(self, route_id: str, reason: str = "", request_id: str = "") -> bool:
         """Check a route at once instead of at its next interval (from any thread).
 
         First whether its process exited (then it is marked at once, like the node's sync does),
         else one HTTP probe that counts as S5.1 says; a replica whose exit is being recorded while
         the proxy already saw the refusal is looked at again for a moment. Returns False when the
-        route is not tracked here or a check of it is already running.
+        route is not tracked here or a check of it is already running. ``request_id``: the request
+        that found the route down; the events the check writes carry it (ServiceEvent.request_id).
         """
         loop = self._loop
         tracked = self.tracked.get(route_id)
         if loop is None or tracked is None or tracked.urgent:
             return False
         try:
-            loop.call_soon_threadsafe(self._start_urgent, route_id, reason)
+            loop.call_soon_threadsafe(self._start_urgent, route_id, reason, request_id)
         except RuntimeError:  # the loop just closed
             return False
         return True
 
-    def _start_urgent(self, route_id: str, reason: str) -> None:
+    def _start_urgent(self, route_id: str, reason: str, request_id: str = "") -> None:
         tracked = self.tracked.get(route_id)
         if tracked is None or tracked.urgent:
             return
         tracked.urgent = True
-        task = asyncio.get_running_loop().create_task(self._urgent_check(tracked, reason))
+        task = asyncio.get_running_loop().create_task(self._urgent_check(tracked, reason, request_id))
         self._urgent_tasks.add(task)
         task.add_done_callback(self._urgent_tasks.discard)
 
-    async def _urgent_check(self, tracked: _Tracked, reason: str) -> None:
+    async def _urgent_check(self, tracked: _Tracked, reason: str, request_id: str = "") -> None:
+        # The task's own context (create_task copied the loop's): what the check writes and logs,
+        # here and in the threads asyncio.to_thread runs it in, carries the request's id.
+        logs.bind(request_id=request_id, route=tracked.route_id)
         try:
             if await asyncio.to_thread(self._exit_check, tracked.route_id):
                 return

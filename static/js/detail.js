@@ -390,12 +390,32 @@
     element.textContent = text;
     return element;
   }
+  // An event that stems from a request shows its id (the X-Request-ID the client got), copyable: the
+  // same markup as the page's first rendering (templates/serving/detail.html).
+  function messageCell(event) {
+    if (!event.request_id) return event.message;
+    const cell = document.createDocumentFragment();
+    cell.append(event.message + " ");
+    const note = document.createElement("small");
+    note.className = "request-id";
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "copy small";
+    const hint = document.createElement("span");
+    hint.className = "visually-hidden";
+    hint.textContent = " " + t.i18nTheRequestId;
+    button.append(t.i18nCopy, hint);
+    button.addEventListener("click", () => copyText(event.request_id, button));
+    note.append(t.i18nRequest + " ", code(event.request_id), " ", button);
+    cell.append(note);
+    return cell;
+  }
   function refreshLogs() {
     getJSON(api + "events/").then(({ status, body }) => {
       if (status !== 200 || !Array.isArray(body)) return;
       renderTable("events", "events-empty", body, (event, row) => {
         row.className = "level-" + event.level;
-        return [timeCell(event.created_at, true), event.level, code(event.kind), event.message, event.actor || "–"];
+        return [timeCell(event.created_at, true), event.level, code(event.kind), messageCell(event), event.actor || "–"];
       });
     }).catch(() => {});
     getJSON(api + "scaling-events/").then(({ status, body }) => {

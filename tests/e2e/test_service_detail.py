@@ -16,7 +16,8 @@ import pytest
 from playwright.sync_api import expect
 
 from serving.actions import services
-from serving.bus.events import notify_endpoint_changed
+from serving.bus.events import notify_endpoint_changed, record_event
+from serving.core import logs
 from serving.models import AutoScalingRule, Endpoint, EndpointToken, Node, Route, RouteMember
 from tests.e2e.conftest import ARTIFACTS, Web, _engine_ready, fast_health_checks, off_loop
 from tests.live import deadline_ms, wait_for
@@ -151,6 +152,35 @@ def test_service_page_routes_live_tokens_rules_terminate(
     page.wait_for_url(re.compile(r"/services/$"))
     endpoint.refresh_from_db()
     assert endpoint.lifecycle != Endpoint.Lifecycle.CREATED
+
+
+def test_an_event_s_request_id_is_shown_and_copied(
+    web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any]
+) -> None:
+    folder = example_folder("llm-echo", name="echo")
+    with logs.bound(request_id="e2e-created-1"):  # as the web app's middleware binds it
+        endpoint = services.do_create_service(acting_user=personas["owner"], name="echo-rid", folder=folder)
+    page = page_as("owner")
+    page.goto(f"/services/{endpoint.pk}/")
+    note = page.locator("#events tr", has_text="created").locator(".request-id")
+    expect(note.locator("code")).to_have_text("e2e-created-1")
+    note.get_by_role("button", name="Copy").click()
+    expect(note.get_by_role("button", name="Copied")).to_be_visible()
+    assert page.evaluate("navigator.clipboard.readText()") == "e2e-created-1"
+
+    # The table rebuilt live from the API (the page's script): the same note, copyable too.
+    off_loop(record_event, endpoint, "note", "written while the page is open", request_id="e2e-live-2")
+    off_loop(notify_endpoint_changed, str(endpoint.pk))
+    live = page.locator("#events tr", has_text="written while the page is open").locator(".request-id")
+    expect(live.locator("code")).to_have_text("e2e-live-2")
+    live.get_by_role("button", name="Copy").click()
+    expect(live.get_by_role("button", name="Copied")).to_be_visible()
+    assert page.evaluate("navigator.clipboard.readText()") == "e2e-live-2"
+    # An event of the platform's own doing has no note.
+    off_loop(record_event, endpoint, "tick", "written by a tick", request_id="")
+    off_loop(notify_endpoint_changed, str(endpoint.pk))
+    expect(page.locator("#events tr", has_text="written by a tick")).to_have_count(1)
+    expect(page.locator("#events tr", has_text="written by a tick").locator(".request-id")).to_have_count(0)
 
 
 def test_teammate_and_stranger(web: Web, page_as: Any, example_folder: Any, personas: dict[str, Any]) -> None:

@@ -7,9 +7,11 @@ Real parts throughout: the proxy and the Celery worker and beat run as processes
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -22,6 +24,7 @@ from typing import Any
 
 import pytest
 import redis
+from django.core.management import CommandError, call_command
 from django.test import Client, override_settings
 from django.utils import timezone
 
@@ -65,6 +68,21 @@ def test_proxy_logs_json_and_its_request_id_reaches_the_replica_and_the_failure_
         assert len(rid) == 16
         _, _, body = proxy.call(slug, "headers", headers={"X-Request-ID": "the-client-s-id"})
         assert json.loads(body)["headers"]["X-Request-ID"] == "the-client-s-id"
+
+        # A replica's own error answer gets the request's id too (the fast path relays its head as it
+        # came, the slow one rebuilds it), unless the replica sent one itself: then only its own.
+        status, headers, _ = proxy.call(slug, "no-such-path", headers={"X-Request-ID": "rid-of-a-404"})
+        assert status == 404 and headers["X-Request-ID"] == "rid-of-a-404"
+        status, headers, _ = proxy.call(slug, "fail?status=503&close=1", headers={"X-Request-ID": "rid-of-a-503"})
+        assert status == 503 and headers["X-Request-ID"] == "rid-of-a-503"
+        status, headers, _ = proxy.call(slug, "headers", headers={"X-Request-ID": "rid-of-a-200"})
+        assert status == 200 and "X-Request-ID" not in headers  # a success is relayed as it came
+        head = proxy.raw(
+            f"GET /e/{slug}/fail?echo=1 HTTP/1.1\r\nHost: x\r\nX-Request-ID: rid-echoed\r\n\r\n".encode(),
+            until=lambda got: b"\r\n\r\n" in got,
+        ).split(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 500") and head.lower().count(b"x-request-id:") == 1
+        assert b"X-Request-ID: the-replica-s-own" in head
 
         def access_line() -> dict[str, Any] | None:
             return next((e for e in json_lines(proxy.log_text()) if e.get("request_id") == rid), None)
@@ -223,11 +241,89 @@ def test_workers_log_json_with_the_task_and_beat_in_redis(transactional_db: None
             return found
 
         wait_for(lambda: {"control", "beat"} <= kinds(), timeout=30, what="heartbeats of the worker and beat")
+
+        # The orchestrator's health check (compose.yaml): exit 0 while the process beats.
+        took = {}
+        for role, how in (("control", "module"), ("beat", "module"), ("control", "manage.py")):
+            started, cpu = time.monotonic(), children_cpu()
+            check = worker_health(system, "--role", role, how=how)
+            took[how] = f"{time.monotonic() - started:.2f} s ({children_cpu() - cpu:.2f} s CPU)"
+            assert check.returncode == 0, check.stderr
+            assert f"The {role}" in check.stdout and "beat" in check.stdout
+        # Celery's own alternative, for the figures: a broadcast through the broker (the beat answers none).
+        started, cpu = time.monotonic(), children_cpu()
+        ping = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "config", "inspect", "ping", "-d", "control@test"],
+            env=system.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        pinged = f"{time.monotonic() - started:.2f} s ({children_cpu() - cpu:.2f} s CPU)"
+        print(f"\n[health] -m serving.management.health {took['module']}; manage.py worker_health {took['manage.py']}")
+        print(f"[health] celery inspect ping {pinged}")
+        assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
     finally:
         system.stop_all()
         client.close()
     # Celery's own lines (its banner aside, printed before logging is set up) are JSON too.
     assert len(_json_only(system.log("control"))) > 3
+    # Stopped cleanly, its heartbeat is gone: the check fails with a sentence, exit 1.
+    for how in ("module", "manage.py"):
+        check = worker_health(system, "--role", "control", how=how)
+        assert check.returncode == 1
+        assert "No heartbeat of a control worker on host" in check.stderr
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker_health(system: LiveSystem, *args: str, how: str) -> subprocess.CompletedProcess[str]:
+    """The check as compose.yaml runs it (``module``), or as a person does (``manage.py``)."""
+    command = ["-m", "serving.management.health"] if how == "module" else ["manage.py", "worker_health"]
+    return subprocess.run(
+        [sys.executable, *command, *args],
+        cwd=Path(__file__).resolve().parents[2],
+        env=system.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_worker_health_against_a_fresh_a_stale_and_a_missing_heartbeat(settings: Any) -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    now = time.time()
+    host = "hc-host"
+    fresh = processes.key(settings.REDIS_PREFIX, "node", host, 101)
+    stale = processes.key(settings.REDIS_PREFIX, "beat", host, 102)
+    other = processes.key(settings.REDIS_PREFIX, "control", "another-host", 103)
+    client.set(fresh, processes.beat("node", host, 101, now - 60, node="gpu-1", now=now - 2), ex=processes.TTL)
+    # Stuck: its key has not expired yet, but it is older than three beats.
+    client.set(stale, processes.beat("beat", host, 102, now - 60, now=now - 17), ex=processes.TTL)
+    client.set(other, processes.beat("control", "another-host", 103, now - 60, now=now), ex=processes.TTL)
+    out = io.StringIO()
+    try:
+        call_command("worker_health", "--role", "node", "--name", "gpu-1", "--host", host, stdout=out)
+        assert "node worker of node 'gpu-1' on host 'hc-host' (pid 101) beat" in out.getvalue()
+        with pytest.raises(CommandError, match=r"\(pid 102\) last beat 1[78] s ago, more than 15 s: it is stuck"):
+            call_command("worker_health", "--role", "beat", "--host", host)
+        call_command("worker_health", "--role", "beat", "--host", host, "--max-age", "30", stdout=out)
+        with pytest.raises(CommandError, match="No heartbeat of a node worker of node 'gpu-2' on host 'hc-host'"):
+            call_command("worker_health", "--role", "node", "--name", "gpu-2", "--host", host)
+        with pytest.raises(CommandError, match="No heartbeat of a control worker on host 'hc-host'"):
+            call_command("worker_health", "--role", "control", "--host", host)  # another host's does not count
+        with pytest.raises(CommandError, match="a beat has none: leave --name out"):
+            call_command("worker_health", "--role", "beat", "--name", "gpu-1", "--host", host)
+        with pytest.raises(CommandError, match="is not a duration"):
+            call_command("worker_health", "--role", "beat", "--host", host, "--max-age", "0")
+    finally:
+        client.delete(fresh, stale, other)
+        client.close()
 
 
 def _json_only(text: str) -> list[dict[str, Any]]:

@@ -72,7 +72,15 @@ async def stream(request):
         await asyncio.sleep(float(request.query.get("delay", "0.2")))
     return response
 
+async def fail(request):
+    # An error answer: ?status=, ?echo=1 sends its own X-Request-ID, ?close=1 a Connection header.
+    extra = {"X-Request-ID": "the-replica-s-own"} if request.query.get("echo") else {}
+    if request.query.get("close"):
+        extra["Connection"] = "close"
+    return web.Response(status=int(request.query.get("status", "500")), text="failed", headers=extra)
+
 app = web.Application(client_max_size=64 * 1024 * 1024)
+app.router.add_get("/fail", fail)
 app.router.add_get("/headers", headers)
 app.router.add_route("*", "/body", body)
 app.router.add_get("/ws", ws)

@@ -56,11 +56,12 @@ def asleep(api: Any, sid: str) -> bool:
     return status(api, sid) == "SLEEPING" and not Route.objects.filter(endpoint_id=sid).exists()
 
 
-def chat(proxy: str, slug: str, stream: bool = False, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+def chat(
+    proxy: str, slug: str, stream: bool = False, timeout: float = 60, request_id: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    headers = {"Content-Type": "application/json", **({"X-Request-ID": request_id} if request_id else {})}
     request = urllib.request.Request(
-        f"{proxy}/e/{slug}/v1/chat/completions",
-        data=json.dumps({**CHAT, "stream": stream}).encode(),
-        headers={"Content-Type": "application/json"},
+        f"{proxy}/e/{slug}/v1/chat/completions", data=json.dumps({**CHAT, "stream": stream}).encode(), headers=headers
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -93,7 +94,7 @@ def test_sleeps_when_idle_and_a_plain_or_a_streaming_request_wakes_it(
 
     # A plain request wakes it and gets its answer (held meanwhile, not 503).
     started = time.monotonic()
-    code, _, body = chat(proxy, slug)
+    code, _, body = chat(proxy, slug, request_id="the-waking-request")
     assert code == 200, body
     assert json.loads(body)["choices"][0]["message"]["content"] == "wake up"
     print(f"\n[wake by a plain request] answered after {time.monotonic() - started:.2f} s")
@@ -101,6 +102,8 @@ def test_sleeps_when_idle_and_a_plain_or_a_streaming_request_wakes_it(
     assert len(first) == 1 and 0 < first[0].observed < 60 and "cold start" in first[0].reason
     assert first[0].old_replicas == 0 and first[0].new_replicas == 1
     assert ServiceEvent.objects.filter(endpoint_id=sid, kind="woken").count() == 1
+    # The held request's id reached the wake's event (proxy -> wake request -> the control worker).
+    assert ServiceEvent.objects.get(endpoint_id=sid, kind="woken").request_id == "the-waking-request"
     assert ServiceEvent.objects.filter(endpoint_id=sid, kind="awake").count() == 1
 
     # Asleep again; a streaming request wakes it the same way and streams its tokens.

@@ -13,12 +13,14 @@ class FakeProber:
     def __init__(self, routes: set[str]) -> None:
         self.routes = routes
         self.checked: list[str] = []
+        self.request_ids: list[str] = []
 
     def tracks(self, route_id: str) -> bool:
         return route_id in self.routes
 
-    def check_now(self, route_id: str, reason: str = "") -> bool:
+    def check_now(self, route_id: str, reason: str = "", request_id: str = "") -> bool:
         self.checked.append(route_id)
+        self.request_ids.append(request_id)
         return True
 
 
@@ -30,16 +32,20 @@ class Clock:
         return self.now
 
 
-def report(route: str) -> bytes:
-    return json.dumps({"route": route, "endpoint": "e", "endpoint_id": "x", "error": "refused", "t": 0}).encode()
+def report(route: str, request_id: str = "") -> bytes:
+    message = {"route": route, "endpoint": "e", "endpoint_id": "x", "error": "refused", "t": 0}
+    if request_id:
+        message["request_id"] = request_id
+    return json.dumps(message).encode()
 
 
 def test_only_routes_of_this_node_are_checked() -> None:
     prober = FakeProber({"mine"})
     listener = NodeListener("a", prober, clock=Clock())
     listener.dispatch(failures_channel().encode(), report("someone-elses"))
-    listener.dispatch(failures_channel().encode(), report("mine"))
+    listener.dispatch(failures_channel().encode(), report("mine", request_id="abc"))
     assert prober.checked == ["mine"]
+    assert prober.request_ids == ["abc"]  # the check's events carry the id of the request that failed
 
 
 def test_a_burst_of_reports_is_one_check_per_window() -> None:

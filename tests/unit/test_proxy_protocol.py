@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import time
 from typing import Any
 
@@ -402,8 +403,28 @@ def test_a_refused_websocket_upgrade_answers_and_closes() -> None:
     assert b"Upgrade: websocket\r\n" in replica.transport.sent  # type: ignore[attr-defined]
     replica.data_received(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno")
     # The client's connection was switching protocols: it must learn it is over, not hang.
-    assert w.to_client == b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno"
+    # (An error answer carries the request's id: the proxy made one, the client sent none.)
+    assert re.fullmatch(
+        rb"HTTP/1.1 404 Not Found\r\nX-Request-ID: [0-9a-f]{16}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
+        w.to_client,
+    )
     assert w.client.transport.closed  # type: ignore[attr-defined]
+
+
+def test_a_replica_s_error_answer_carries_the_request_id_unless_it_has_its_own() -> None:
+    w = World()
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\nX-Request-ID: abc-1\r\n")
+    w.replicas[0].data_received(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\nno")
+    assert w.to_client == b"HTTP/1.1 500 Internal Server Error\r\nX-Request-ID: abc-1\r\nContent-Length: 2\r\n\r\nno"
+    w = World()
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\nX-Request-ID: abc-2\r\n")
+    own = b"HTTP/1.1 503 Service Unavailable\r\nx-request-id: the-replica-s\r\nContent-Length: 2\r\n\r\nno"
+    w.replicas[0].data_received(own)
+    assert w.to_client == own  # relayed as it came
+    w = World()
+    w.request("GET /e/s/x HTTP/1.1\r\nHost: p\r\nX-Request-ID: abc-3\r\n")
+    w.replicas[0].data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert w.to_client == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"  # a success is not touched
 
 
 def test_101_to_a_request_that_asked_for_no_upgrade_is_not_relayed() -> None:

@@ -492,7 +492,7 @@ class ServiceEventSerializer(serializers.ModelSerializer[ServiceEvent]):
 
     class Meta:
         model = ServiceEvent
-        fields = ["id", "kind", "level", "message", "data", "route_id", "actor", "created_at"]
+        fields = ["id", "kind", "level", "message", "data", "route_id", "request_id", "actor", "created_at"]
         read_only_fields = fields
 
 

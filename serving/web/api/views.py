@@ -31,7 +31,7 @@ from serving.actions import services
 from serving.actions import tokens as token_actions
 from serving.bus import logfollow, metrics, nodebus
 from serving.control import usage
-from serving.core import schemas
+from serving.core import logs, schemas
 from serving.core.runtimes import RUNTIMES
 from serving.models import (
     STARTING_MARK,
@@ -120,13 +120,37 @@ class ServiceViewSet(viewsets.ViewSet):
         endpoint = s.with_routes(Endpoint.objects.all()).get(pk=endpoint.pk)
         return Response(s.ServiceSerializer(endpoint).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(responses=s.ServiceEventSerializer(many=True))
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "request_id",
+                str,
+                description=(
+                    "Only the events that stem from this request: the X-Request-ID the proxy or the web app "
+                    "answered it with (a replica the request found down, a wake, an API call)."
+                ),
+            )
+        ],
+        responses=s.ServiceEventSerializer(many=True),
+    )
     @action(detail=True, methods=["get"])
     def events(self, request: Request, pk: str) -> Response:
         """The service's audit and lifecycle log, newest first (at most 500)."""
         endpoint = access_endpoint(request.user, pk)
-        events = endpoint.events.select_related("actor")[:500]
-        return Response(s.ServiceEventSerializer(events, many=True).data)
+        events = endpoint.events.select_related("actor")
+        request_id = request.query_params.get("request_id", "").strip()
+        if request_id:
+            if not logs.REQUEST_ID.fullmatch(request_id):
+                raise ValidationError(
+                    {
+                        "request_id": [
+                            "request_id is not a request id: give the X-Request-ID header's value as the "
+                            "response showed it (up to 128 visible characters, no spaces)."
+                        ]
+                    }
+                )
+            events = events.filter(request_id=request_id)
+        return Response(s.ServiceEventSerializer(events[:500], many=True).data)
 
     @extend_schema(responses=s.ScalingEventSerializer(many=True))
     @action(detail=True, methods=["get"], url_path="scaling-events")
