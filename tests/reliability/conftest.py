@@ -90,6 +90,15 @@ class Live(LiveSystem):
         pattern = re.compile(r'modelserve_proxy_route_in_flight\{endpoint="([^"]*)",route="([^"]*)"\}')
         return {m.group(2) for m in pattern.finditer(self.proxy_metrics()) if m.group(1) == slug}
 
+    def proxy_route_in_flight(self, slug: str, route_id: str) -> int:
+        """Requests the proxy has sent to a route and not yet seen answered (from its /metrics)."""
+        pattern = re.compile(r'modelserve_proxy_route_in_flight\{endpoint="([^"]*)",route="([^"]*)"\} (\d+)')
+        return sum(
+            int(m.group(3))
+            for m in pattern.finditer(self.proxy_metrics())
+            if (m.group(1), m.group(2)) == (slug, route_id)
+        )
+
     def proxy_route_served(self, slug: str, route_id: str) -> int:
         pattern = re.compile(
             r'modelserve_proxy_route_requests_total\{endpoint="([^"]*)",route="([^"]*)",code="2xx"\} (\d+)'
