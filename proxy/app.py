@@ -32,6 +32,8 @@ repeating it is safe (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE, or
 an ``Idempotency-Key`` header) and its body is still held (up to PROXY_REPLAY_LIMIT): a POST that
 may have been processed is answered 502, never run twice. So that the replica's keep-alive timer
 does not cost such a POST, it is not written to a pooled connection idle for more than a second.
+A gateway request (routed by its body's model) that its service failed so, before a byte of an
+answer, goes on to another backend of the same model name (``failover``), by the same rule.
 """
 
 from __future__ import annotations
@@ -365,9 +367,11 @@ class Proxy:
             now = ex.last_active
             for candidate in candidates:
                 if key.may_call(candidate):
-                    endpoint = candidate
                     if any(r.down_until <= now for r in candidate.routes):
-                        break  # one with a healthy replica (not refusing connections here) first
+                        endpoint = candidate  # one with a replica not refusing connections here first
+                        break
+                    if endpoint is None or (candidate.routes and not endpoint.routes):
+                        endpoint = candidate  # else one with replicas (the marks are a guess)
         if endpoint is None:
             for alias in self.table.aliases_named(found):
                 endpoint = self._pick_backend(alias, key)
