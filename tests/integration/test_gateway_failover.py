@@ -42,10 +42,29 @@ def shared_model(
     model = f"shared-{tag}"
     second = backends(MODEL_NAME=model)
     slug_a, slug_b = f"fa-{tag}", f"fb-{tag}"
-    proxy.publish(slug_a, first, models=[model], project=f"pa-{tag}", owner="1", **first_extra)
-    proxy.publish(slug_b, [second.route()], models=[model], project=f"pb-{tag}", owner="1")
-    key = grant(proxy, projects=[f"pa-{tag}", f"pb-{tag}"])
+    key = publish_in_order(proxy, model, [(slug_a, first, first_extra), (slug_b, [second.route()], {})])
     return model, slug_a, slug_b, second, key
+
+
+def publish_in_order(
+    proxy: Proxy, model: str, services: list[tuple[str, list[dict[str, Any]], dict[str, Any]]]
+) -> tokens.MintedToken:
+    """Services of ``model`` (each in its own project ``p<slug>``), each seen in the proxy's table
+    before the next is published, so they are tried in this order (the proxy's periodic full read
+    of the table could otherwise bring a later one in first). Returns a key of all their projects."""
+    for slug, routes, extra in services:
+        proxy.publish(slug, routes, models=[model], project=f"p{slug}", owner="1", **extra)
+        alone = grant(proxy, services=[f"id-{slug}"])
+        wait_for(lambda: model in listed(proxy, alone), what=f"the entry of {slug}")  # noqa: B023 (called here)
+    key = grant(proxy, projects=[f"p{slug}" for slug, _, _ in services])
+    wait_for(lambda: model in listed(proxy, key), what="the key")
+    return key
+
+
+def listed(proxy: Proxy, key: tokens.MintedToken) -> list[str]:
+    """The models ``key`` may call, as GET /v1/models lists them (none while the key is unknown)."""
+    status, _, body = call(proxy, "/v1/models", key.token)
+    return [m["id"] for m in body["data"]] if status == 200 else []
 
 
 def failovers(proxy: Proxy, model: str) -> int:
@@ -165,8 +184,6 @@ def test_a_post_that_reached_a_replica_fails_over_only_as_its_retry_policy_allow
     hole = BlackHole()
     try:
         model, _, slug_b, second, key = shared_model(gw, backends, [hole.route()], retry_policy=policy)
-        # (The key comes after the services on the same channel: when it works, they are known.)
-        wait_for(lambda: call(gw, "/v1/models", key.token)[0] == 200, what="the entries")
         served = second.served()
         status, headers, body = call(gw, "/v1/chat/completions", key.token, chat(model))
         wait_for(lambda: len(hole.received) >= 1, what="the POST at the closing replica")
@@ -223,7 +240,6 @@ def test_a_stream_that_started_never_fails_over(gw: Proxy, backends: Callable[..
     half = HalfAnswer()
     try:
         model, slug_a, _, second, key = shared_model(gw, backends, [half.route()], retry_policy="all")
-        wait_for(lambda: call(gw, "/v1/models", key.token)[0] == 200, what="the entries")
         served = second.served()
         body = json.dumps({**chat(model), "stream": True}).encode()
         head = (
@@ -278,9 +294,9 @@ def test_at_most_proxy_gateway_backends_services_per_request(
         model = f"three-{tag}"
         dead = [backends(), backends()]
         live = backends(MODEL_NAME=model)
-        for i, replica in enumerate([*dead, live]):
-            proxy.publish(f"s{i}-{tag}", [replica.route()], models=[model], project=f"p{i}-{tag}", owner="1")
-        key = grant(proxy, projects=[f"p{i}-{tag}" for i in range(3)])
+        key = publish_in_order(
+            proxy, model, [(f"s{i}-{tag}", [replica.route()], {}) for i, replica in enumerate([*dead, live])]
+        )
         wait_for(lambda: call(proxy, "/v1/chat/completions", key.token, chat(model))[0] == 200, what="the entries")
         for replica in dead:
             replica.kill()
