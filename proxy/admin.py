@@ -48,7 +48,7 @@ class Admin(asyncio.Protocol):
         table = proxy.table
         if path == b"/metrics":
             status, ctype = b"200 OK", b"text/plain; version=0.0.4; charset=utf-8"
-            body = render(table, proxy.gauges()).encode()
+            body = render(table, proxy.gauges(), proxy.failovers).encode()
         elif path == b"/healthz":
             status, ctype = b"200 OK", b"application/json"
             body = json.dumps(

@@ -32,6 +32,8 @@ repeating it is safe (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE, or
 an ``Idempotency-Key`` header) and its body is still held (up to PROXY_REPLAY_LIMIT): a POST that
 may have been processed is answered 502, never run twice. So that the replica's keep-alive timer
 does not cost such a POST, it is not written to a pooled connection idle for more than a second.
+A gateway request (routed by its body's model) that its service failed so, before a byte of an
+answer, goes on to another backend of the same model name (``failover``), by the same rule.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class Proxy:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.counters = {"route_connect_failures_total": 0, "retries_total": 0}
+        self.failovers: dict[str, int] = {}  # model name -> gateway requests failed over (/metrics)
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -356,11 +359,19 @@ class Proxy:
         key = ex.gateway_key
         assert isinstance(key, gateway.GatewayKey)
         endpoint = None
-        for candidate in self.table.by_model(found):
-            if key.may_call(candidate):
-                endpoint = candidate
-                if candidate.routes:
-                    break  # one with a healthy replica first
+        candidates = self.table.by_model(found)
+        if len(candidates) == 1:
+            if key.may_call(candidates[0]):
+                endpoint = candidates[0]
+        else:
+            now = ex.last_active
+            for candidate in candidates:
+                if key.may_call(candidate):
+                    if any(r.down_until <= now for r in candidate.routes):
+                        endpoint = candidate  # one with a replica not refusing connections here first
+                        break
+                    if endpoint is None or (candidate.routes and not endpoint.routes):
+                        endpoint = candidate  # else one with replicas (the marks are a guess)
         if endpoint is None:
             for alias in self.table.aliases_named(found):
                 endpoint = self._pick_backend(alias, key)
@@ -369,7 +380,7 @@ class Proxy:
         if endpoint is None:
             self._unknown_model(ex, found)
             return
-        ex.gateway = True
+        ex.gateway = found  # (the name, kept for a failover: proxy.failover)
         self.reporter.last_used[key.lookup] = _time()
         self._admit_gateway(ex, endpoint)
 
@@ -449,11 +460,15 @@ class Proxy:
             return "expired_api_key", "The gateway key has expired; create a new one."
         return key
 
-    def _pick_backend(self, alias: gateway.Alias, key: gateway.GatewayKey) -> Endpoint | None:
+    def _pick_backend(
+        self, alias: gateway.Alias, key: gateway.GatewayKey, failed: list[Endpoint] | None = None
+    ) -> Endpoint | None:
         """An alias's backend for one request: by weight among those ``key`` may call that have a
         healthy replica (one not refusing connections here); when none has, the first one ``key`` may
         call (it then holds, wakes or answers 503 as a service called by its own name would). None:
-        ``key`` may call no backend (the alias is unknown to it)."""
+        ``key`` may call no backend (the alias is unknown to it). For a failover, ``failed`` are the
+        services that failed the request: they are left out, and so is a backend over its queue
+        limit; with none up, None (there is nothing better than the answer the caller has)."""
         table = self.table
         first: Endpoint | None = None
         up: list[tuple[Endpoint, int]] = []
@@ -462,6 +477,8 @@ class Proxy:
         for endpoint_id, weight in alias.backends:
             endpoint = table.by_id(endpoint_id)
             if endpoint is None or not key.may_call(endpoint):
+                continue
+            if failed is not None and (endpoint in failed or not self._may_take(endpoint)):
                 continue
             if first is None:
                 first = endpoint
@@ -477,7 +494,91 @@ class Proxy:
                 if point < 0:
                     return endpoint
             return up[-1][0]
-        return first
+        return first if failed is None else None
+
+    def _may_take(self, endpoint: Endpoint) -> bool:
+        """Whether a failover may send a request to ``endpoint``: below its queue limit (the limit
+        ``_admit`` answers 429 at) with a replica not refusing connections here."""
+        if endpoint.in_flight >= self.queue_limit * endpoint.capacity:
+            return False
+        now = _monotonic()
+        return any(r.down_until <= now for r in endpoint.routes)
+
+    # --- failover: the next backend of a model name, within one request ----------------------------
+
+    def failover(self, ex: Exchange) -> bool:
+        """Send a gateway request whose service failed it before a byte of an answer to the next
+        backend of its model name (another service declaring it, or another backend of its alias)
+        that its key may call; False when it may not go on, and the caller answers as before.
+
+        The callers decide that repeating it is allowed: every replica refused the connection or
+        failed while the service's retry policy allowed a re-send (``_no_route`` after ``tried``),
+        or the service's retry budget is spent on a request its policy lets be re-sent
+        (``Exchange.upstream_failed``). Here: at most PROXY_GATEWAY_BACKENDS services per request,
+        never a service tried already, and never a body partly streamed to a replica. The request
+        leaves its first service uncounted there (no answer came from it) and is counted, its usage
+        too, for the one that answers; ``X-Modelserve-Service`` names that one. A revision pin
+        (``X-Modelserve-Revision``) names a revision of the first service only: it is dropped."""
+        model = ex.gateway
+        endpoint = ex.endpoint
+        if not model or endpoint is None or ex.got_bytes or ex.ended or ex.response_started:
+            return False
+        if not ex.replayable and ex.pending is None and ex.body_size:
+            return False  # some of a body too big to keep went to a replica: it cannot be sent whole
+        failed = ex.failed_over
+        if failed is None:
+            failed = ex.failed_over = [endpoint]
+        else:
+            failed.append(endpoint)
+        if len(failed) >= self.config.gateway_backends:
+            return False
+        key = ex.gateway_key
+        assert isinstance(key, gateway.GatewayKey)
+        nxt: Endpoint | None = None
+        for candidate in self.table.by_model(model):
+            if candidate not in failed and key.may_call(candidate) and self._may_take(candidate):
+                nxt = candidate
+                break
+        if nxt is None:
+            for alias in self.table.aliases_named(model):
+                nxt = self._pick_backend(alias, key, failed)
+                if nxt is not None:
+                    break
+        if nxt is None:
+            return False
+        # Counted once, for the service that failed it and for the model name (proxy/report.py).
+        endpoint.stats.failovers += 1
+        self.failovers[model] = self.failovers.get(model, 0) + 1
+        log.info(
+            "gateway request for model %r failed over from %s to %s",
+            model,
+            endpoint.slug,
+            nxt.slug,
+            extra={"request_id": (ex.rid or b"").decode("latin-1"), "service": endpoint.slug},
+        )
+        endpoint.in_flight -= 1
+        nxt.in_flight += 1
+        if nxt.forward_cookies != endpoint.forward_cookies or nxt.platform_cookies is not endpoint.platform_cookies:
+            ex.head = self._cookie_head(ex, nxt)
+        ex.endpoint = nxt
+        ex.revision = None
+        ex.tried = None
+        ex.attempts = 0
+        ex.last_active = _monotonic()
+        self.forward(ex)
+        return True
+
+    @staticmethod
+    def _cookie_head(ex: Exchange, endpoint: Endpoint) -> bytes:
+        """The forwarded head with the Cookie line ``endpoint``'s cookie rule gives (``_admit``'s
+        rule: at the gateway's root there is no per-service prefix)."""
+        lines = [line for line in ex.head.split(b"\r\n") if line[:8].lower() != b"cookie: "]
+        ex.forward_cookies = endpoint.forward_cookies
+        if endpoint.forward_cookies and ex.cookie is not None:
+            cookie = keep_app_cookies(ex.cookie, endpoint.platform_cookies)
+            if cookie:
+                lines.insert(0, b"Cookie: %b" % cookie)
+        return b"\r\n".join(lines)
 
     def _models_for(self, key: gateway.GatewayKey) -> list[tuple[str, str]]:
         """The model names ``key`` may call, sorted, each with its service's project (or owner); an
@@ -656,6 +757,11 @@ class Proxy:
 
     def _no_route(self, ex: Exchange, endpoint: Endpoint) -> None:
         if ex.tried:
+            # Every replica was tried: each refused the connection (nothing was sent) or failed
+            # unanswered while the retry policy allowed a re-send. A gateway request goes on to
+            # another backend of its model name, if it has one.
+            if ex.gateway and self.failover(ex):
+                return
             ex.respond(
                 502,
                 "replica_unreachable",

@@ -151,6 +151,9 @@ class Config:
     upstream_idle: float = 4.0
     replay_limit: int = 1 << 20
     retry_unsafe: bool = False
+    # Services one gateway request may try, the first included (proxy/app.py failover): after the
+    # chosen one failed it before a byte of an answer, the next backend of its model name.
+    gateway_backends: int = 3
     access_log: bool = False
     # None: every peer is trusted (``*``); empty: none is.
     trusted_proxies: tuple[Network, ...] | None = field(
@@ -195,6 +198,7 @@ class Config:
             upstream_idle=_float("PROXY_UPSTREAM_IDLE", 4.0, 0.1),
             replay_limit=_int("PROXY_REPLAY_LIMIT", 1 << 20),
             retry_unsafe=_bool("PROXY_RETRY_UNSAFE", False),
+            gateway_backends=_int("PROXY_GATEWAY_BACKENDS", 3, 1),
             access_log=_bool("PROXY_ACCESS_LOG", False),
             trusted_proxies=_networks("PROXY_TRUSTED_PROXIES", "127.0.0.1,::1"),
         )

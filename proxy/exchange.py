@@ -140,6 +140,11 @@ class RelayState(Protocol):
         """Send a routed request to a replica (again, after one failed before answering)."""
         ...
 
+    def failover(self, ex: Exchange) -> bool:
+        """Send a gateway request its service failed before answering to another backend of its
+        model name; False when there is none (or it may not go), and the caller answers."""
+        ...
+
     def sniff(self, ex: Exchange) -> None:
         """More of a gateway request's body came (or all of it): route it once its model is known."""
         ...
@@ -249,8 +254,11 @@ class Exchange:
     # names the service (X-Modelserve-Service) once one is chosen.
     sniffed: bytearray | None = None
     sniff_scanned = 0
-    gateway = False
+    gateway = ""  # the model name a gateway request was routed by ("": not a gateway request)
     gateway_key: object = None
+    # The services that failed this gateway request before a byte of an answer, in order (set only
+    # on a failover, proxy/app.py Proxy.failover: the usual request allocates nothing for it).
+    failed_over: list[Endpoint] | None = None
     limit: KeyState | None = None  # the gateway key's limits (proxy/limits.py), counted for this request
     tail: bytearray | None = None  # a gateway answer's last bytes, for its usage (proxy/usage.py)
     endpoint: Endpoint | None = None
@@ -447,6 +455,12 @@ class Exchange:
                 endpoint.stats.resent += 1
             self.down.proxy.forward(self)
             return
+        if self.gateway and not self.got_bytes and self.replayable and endpoint is not None and self.retryable():
+            # Its service's retry budget is spent, nothing of an answer came, and repeating it is
+            # as safe as the service's retry policy says: another backend of the model name.
+            self.out = []
+            if self.down.proxy.failover(self):
+                return
         if not self.response_started:
             if self.got_bytes or self.retryable():
                 message = f"The replica closed the connection without answering ({error})."

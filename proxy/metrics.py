@@ -25,10 +25,12 @@ class EndpointStats:
         "buckets",
         "codes",
         "count",
+        "failovers",
         "last_buckets",
         "last_codes",
         "last_count",
         "last_throttled",
+        "reported_failovers",
         "reported_resent",
         "resent",
         "sum",
@@ -47,6 +49,8 @@ class EndpointStats:
         self.last_throttled = 0
         self.resent = 0  # requests sent again after the replica they reached closed unanswered
         self.reported_resent = 0  # of those, how many were counted in Redis (proxy/report.py)
+        self.failovers = 0  # gateway requests this service failed unanswered, sent to another backend
+        self.reported_failovers = 0  # ... counted in Redis
 
     def observe(self, status: int, seconds: float) -> None:
         self.codes[status // 100 if status < 600 else 5] += 1
@@ -95,10 +99,15 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(table: Table, gauges: dict[str, float]) -> str:
-    """The Prometheus text exposition of every counter (called on scrape only)."""
+def render(table: Table, gauges: dict[str, float], failovers: dict[str, int] | None = None) -> str:
+    """The Prometheus text exposition of every counter (called on scrape only). ``failovers``:
+    model name -> gateway requests sent to another backend after the first failed them."""
     out: list[str] = []
     add = out.append
+    add("# HELP modelserve_proxy_gateway_failovers_total Gateway requests sent to another service of their model")
+    add("# TYPE modelserve_proxy_gateway_failovers_total counter")
+    for model, count in sorted((failovers or {}).items()):
+        add(f'modelserve_proxy_gateway_failovers_total{{model="{_label(model)}"}} {count}')
     add("# HELP modelserve_proxy_requests_total Requests answered, by endpoint and status class.")
     add("# TYPE modelserve_proxy_requests_total counter")
     for slug, stats in sorted(table.stats.items()):

@@ -14,6 +14,9 @@
 * ``<prefix>:proxy:resent`` (hash): slug -> requests sent again to another replica after the one
   they reached closed without answering (the service's retry policy), HINCRBY per push; the control
   plane takes it and writes one event per service (never one per request).
+* ``<prefix>:proxy:failovers`` (hash): slug -> gateway requests that service failed before a byte of
+  an answer and that went on to another backend of their model name (proxy/app.py failover); taken
+  the same way, one ``gateway_failover`` event per service and tick.
 * ``<prefix>:wake`` (list) and ``<prefix>:wake:<slug>`` (key): a request to a sleeping service asks
   the control plane to wake it at once: ``SET <prefix>:wake:<slug> NX EX`` first, and only the proxy
   that set it pushes ``{"endpoint": slug, "endpoint_id": id, "proxy": instance, "request_id": the
@@ -172,12 +175,20 @@ class Reporter:
         if cells:
             self._push_usage(pipe, cells)
         resent: list[tuple[EndpointStats, int]] = []  # counted in Redis once the push succeeded
+        failed_over: list[tuple[EndpointStats, int]] = []  # the same for gateway failovers
         seen_routes: dict[str, tuple[int, int]] = {}
         for slug, endpoint in self.table.endpoints.items():
             stats = endpoint.stats
             figures = stats.window(elapsed)
-            if not final and not figures["requests"] and not endpoint.in_flight and stats.count == 0:
-                continue  # never used through this proxy: nothing to say
+            if (
+                not final
+                and not figures["requests"]
+                and not endpoint.in_flight
+                and stats.count == 0
+                and stats.resent == stats.reported_resent
+                and stats.failovers == stats.reported_failovers
+            ):
+                continue  # never used through this proxy (not even failed over from): nothing to say
             sample = {
                 "t": round(now, 3),
                 "window": round(elapsed, 3),
@@ -189,6 +200,9 @@ class Reporter:
             if stats.resent > stats.reported_resent:
                 pipe.hincrby(f"{self.prefix}:proxy:resent", slug, stats.resent - stats.reported_resent)
                 resent.append((stats, stats.resent))
+            if stats.failovers > stats.reported_failovers:
+                pipe.hincrby(f"{self.prefix}:proxy:failovers", slug, stats.failovers - stats.reported_failovers)
+                failed_over.append((stats, stats.failovers))
             key = f"{self.prefix}:proxy:stats:{slug}"
             pipe.hset(key, self.instance, json.dumps(sample, separators=(",", ":")))
             pipe.expire(key, STATS_TTL)
@@ -210,6 +224,8 @@ class Reporter:
             return
         for stats, count in resent:
             stats.reported_resent = count
+        for stats, count in failed_over:
+            stats.reported_failovers = count
         self._route_codes = seen_routes
         if self._down:
             log.warning("stats push to Redis works again")

@@ -254,11 +254,26 @@ def resent_key() -> str:
     return f"{settings.REDIS_PREFIX}:proxy:resent"
 
 
+def failovers_key() -> str:
+    """Where the proxies count gateway requests a service failed unanswered and that went on to
+    another backend of their model name (proxy/report.py): slug of the service that failed -> n."""
+    return f"{settings.REDIS_PREFIX}:proxy:failovers"
+
+
 def take_resent() -> dict[str, int]:
     """Take (read and clear, atomically) the proxies' counts of re-sent requests, by slug."""
+    return _take_counts(resent_key())
+
+
+def take_failovers() -> dict[str, int]:
+    """Take (read and clear, atomically) the proxies' counts of gateway failovers, by slug."""
+    return _take_counts(failovers_key())
+
+
+def _take_counts(key: str) -> dict[str, int]:
     pipe = get_redis().pipeline(transaction=True)
-    pipe.hgetall(resent_key())
-    pipe.delete(resent_key())
+    pipe.hgetall(key)
+    pipe.delete(key)
     raw, _ = pipe.execute()
     counts: dict[str, int] = {}
     for slug, count in raw.items():

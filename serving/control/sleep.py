@@ -12,7 +12,9 @@
 * **Cold start**: once the first replica after a wake is healthy, the wake's line in the scaling
   log gets its cold-start time (wake request to healthy, from the route's ``healthy_since``).
 * **Re-sent requests**: the proxies count requests they sent again to another replica (the
-  service's retry policy); the tick writes one event per service with the count.
+  service's retry policy), and gateway requests a service failed unanswered that went on to another
+  backend of their model name; the tick writes one event per service with each count
+  (``requests_resent``, ``gateway_failover``).
 """
 
 from __future__ import annotations
@@ -153,9 +155,11 @@ class WakeListener(threading.Thread):
 
 
 def tick(now: float | None = None) -> None:
-    """The beat's scale-to-zero tick: re-sent counts, idle services to sleep, missed wakes, cold starts."""
+    """The beat's scale-to-zero tick: re-sent and failed-over counts, idle services to sleep, missed
+    wakes, cold starts."""
     now = time.time() if now is None else now
     record_resent()
+    record_failovers()
     sleep_idle(now)
     record_cold_starts()
 
@@ -177,6 +181,29 @@ def record_resent() -> int:
             f"{count} request(s) re-sent to another replica after the one they reached closed without "
             f"answering (retry policy {endpoint.retry_policy}).",
             data={"count": count, "retry_policy": endpoint.retry_policy},
+        )
+    return total
+
+
+def record_failovers() -> int:
+    """One event per service whose gateway requests the proxies sent to another backend of their
+    model name since the last tick (every replica of it refused them, or failed them unanswered);
+    returns the total."""
+    counts = routing.take_failovers()
+    if not counts:
+        return 0
+    total = 0
+    for endpoint in Endpoint.objects.filter(slug__in=list(counts)):
+        count = counts[endpoint.slug]
+        if count <= 0:
+            continue
+        total += count
+        audit.record_event(
+            endpoint,
+            "gateway_failover",
+            f"{count} gateway request(s) went to another service of the same model name after every "
+            "replica of this one refused them or failed them before answering.",
+            data={"count": count},
         )
     return total
 

@@ -114,6 +114,17 @@ def test_the_proxies_re_sent_counts_become_one_event_per_service(endpoint: Endpo
     assert sleep.record_resent() == 0  # taken: counted once
 
 
+def test_the_proxies_gateway_failover_counts_become_one_event_per_service(endpoint: Endpoint) -> None:
+    get_redis().hincrby(routing.failovers_key(), endpoint.slug, 2)
+    get_redis().hincrby(routing.failovers_key(), endpoint.slug, 1)  # a second proxy
+    get_redis().hincrby(routing.failovers_key(), "gone-service", 4)
+    sleep.tick()  # the beat's tick takes them
+    event = ServiceEvent.objects.get(endpoint=endpoint, kind="gateway_failover")
+    assert event.data == {"count": 3} and event.message.startswith("3 gateway request(s)")
+    assert sleep.record_failovers() == 0  # taken: counted once
+    assert get_redis().hget(routing.failovers_key(), "gone-service") is None
+
+
 def test_the_wake_listener_acts_on_a_proxys_request(endpoint: Endpoint) -> None:
     Endpoint.objects.filter(pk=endpoint.pk).update(desired_replicas=0, slept_at=timezone.now(), wake_replicas=1)
     listener = sleep.WakeListener()
