@@ -221,8 +221,9 @@ class Proxy:
         ex.line = b"%b %b %b\r\n" % (ex.method, path, b"HTTP/1.1" if ex.version11 else b"HTTP/1.0")
         parts = ex.hparts
         # Cookies pass only on the service's own host name (<slug>.<SERVING_DOMAIN>): at /e/<slug>/
-        # every service shares the proxy's origin, and so would each other's cookies.
-        if endpoint.forward_cookies and not prefix:
+        # and at the gateway's /v1/ every service shares the proxy's origin, and so would each
+        # other's cookies.
+        if endpoint.forward_cookies and not prefix and not ex.gateway:
             ex.forward_cookies = True
             cookie = ex.cookie
             if cookie is not None:
@@ -558,8 +559,6 @@ class Proxy:
         )
         endpoint.in_flight -= 1
         nxt.in_flight += 1
-        if nxt.forward_cookies != endpoint.forward_cookies or nxt.platform_cookies is not endpoint.platform_cookies:
-            ex.head = self._cookie_head(ex, nxt)
         ex.endpoint = nxt
         ex.revision = None
         ex.tried = None
@@ -567,18 +566,6 @@ class Proxy:
         ex.last_active = _monotonic()
         self.forward(ex)
         return True
-
-    @staticmethod
-    def _cookie_head(ex: Exchange, endpoint: Endpoint) -> bytes:
-        """The forwarded head with the Cookie line ``endpoint``'s cookie rule gives (``_admit``'s
-        rule: at the gateway's root there is no per-service prefix)."""
-        lines = [line for line in ex.head.split(b"\r\n") if line[:8].lower() != b"cookie: "]
-        ex.forward_cookies = endpoint.forward_cookies
-        if endpoint.forward_cookies and ex.cookie is not None:
-            cookie = keep_app_cookies(ex.cookie, endpoint.platform_cookies)
-            if cookie:
-                lines.insert(0, b"Cookie: %b" % cookie)
-        return b"\r\n".join(lines)
 
     def _models_for(self, key: gateway.GatewayKey) -> list[tuple[str, str]]:
         """The model names ``key`` may call, sorted, each with its service's project (or owner); an
