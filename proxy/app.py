@@ -859,21 +859,8 @@ class Proxy:
 
     def _connect_failed(self, route: Route, ex: Exchange, exc: Exception) -> None:
         error = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
-        self.counters["route_connect_failures_total"] += 1
         now = _monotonic()
-        if route.mark_down(now, self.config.route_down_seconds):
-            endpoint = ex.endpoint
-            rid = (ex.rid or b"").decode("latin-1")  # the request that found it down, for its events
-            log.info(
-                "route %s (%s:%d) of %s refused a connection: %s",
-                route.id,
-                route.host,
-                route.port,
-                route.endpoint_slug,
-                error,
-                extra={"request_id": rid, "service": route.endpoint_slug, "route": route.id},
-            )
-            self.reporter.route_failed(route.id, route.endpoint_slug, endpoint.id if endpoint else "", error, rid)
+        self.route_unreachable(route, ex, error, "refused a connection", now)
         if ex.route is route:
             route.in_flight -= 1
             ex.route = None
@@ -882,6 +869,27 @@ class Proxy:
         ex.tried = [*(ex.tried or ()), route]
         ex.last_active = now
         self.forward(ex)
+
+    def route_unreachable(self, route: Route, ex: Exchange, error: str, what: str, now: float) -> None:
+        """``route`` refused ``ex``'s connection, or closed a new one before a byte of answer: skip it
+        for a while, and when newly marked, report it to its node with the request's id (its prober
+        checks it at once; the exit event carries the id). Only on a failure: the normal path pays
+        nothing."""
+        self.counters["route_connect_failures_total"] += 1
+        if route.mark_down(now, self.config.route_down_seconds):
+            endpoint = ex.endpoint
+            rid = (ex.rid or b"").decode("latin-1")  # the request that found it down, for its events
+            log.info(
+                "route %s (%s:%d) of %s %s: %s",
+                route.id,
+                route.host,
+                route.port,
+                route.endpoint_slug,
+                what,
+                error,
+                extra={"request_id": rid, "service": route.endpoint_slug, "route": route.id},
+            )
+            self.reporter.route_failed(route.id, route.endpoint_slug, endpoint.id if endpoint else "", error, rid)
 
     # --- housekeeping ----------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ variable, like the web app's typed env helpers (config/env.py).
 | PROXY_WAKE_QUEUE | 100 | requests held per sleeping service; beyond, 503 with Retry-After |
 | PROXY_RESYNC_INTERVAL | 10 | seconds between full re-reads of the routing table |
 | PROXY_STATS_INTERVAL | 2 | seconds between pushes of stats and token last-used times to Redis |
-| PROXY_ROUTE_DOWN_SECONDS | 2 | a route that refused a connection is skipped this long (doubling) |
+| PROXY_ROUTE_DOWN_SECONDS | 2 | a route that refused or dropped a new connection is skipped this long (doubling) |
 | PROXY_KEEPALIVE_TIMEOUT | 75 | an idle client connection is closed after this many seconds |
 | PROXY_UPSTREAM_IDLE | 4 | pooled replica connections idle this long are closed (below uvicorn's 5 s) |
 | PROXY_REPLAY_LIMIT | 1048576 | request bodies up to this size are kept to retry on another replica |

@@ -149,6 +149,11 @@ class RelayState(Protocol):
         """More of a gateway request's body came (or all of it): route it once its model is known."""
         ...
 
+    def route_unreachable(self, route: Route, ex: Exchange, error: str, what: str, now: float) -> None:
+        """A route could not be reached (refused, or closed a new connection unanswered): mark it
+        down and report it to its node."""
+        ...
+
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
@@ -437,6 +442,14 @@ class Exchange:
             self.route = None
         if self.ended:
             return
+        if not conn.idle_since and route is not None and not self.got_bytes:
+            # A connection opened for this request (never pooled) that closed before a byte of answer
+            # is a replica as unreachable as one that refused it: a process being killed still
+            # completes handshakes from its listen backlog until it is gone, then resets them, and
+            # whether the reset comes before the connect returned (proxy/app.py _connect) or after
+            # the request was written is a race. Marked down and reported to its node the same way,
+            # with this request's id. (A pooled one may have met the replica's keep-alive timer.)
+            self.down.proxy.route_unreachable(route, self, error, "closed a new connection unanswered", _monotonic())
         endpoint = self.endpoint
         if (
             not self.got_bytes

@@ -26,8 +26,9 @@
   set on every push with a short expiry, deleted at a clean stop; the admin lists it.
 * ``<prefix>:proxy:route-failures`` (channel): JSON ``{"route": id, "endpoint": slug,
   "endpoint_id": id, "error": text, "request_id": the X-Request-ID of the request that found it
-  down, "proxy": instance, "t": epoch}`` the moment a replica refuses
-  a connection (fire and forget, at most once per local down period of that route).
+  down, "proxy": instance, "t": epoch}`` the moment a replica refuses a connection, or closes one
+  opened for a request before a byte of answer (fire and forget, at most once per local down
+  period of that route).
 """
 
 from __future__ import annotations

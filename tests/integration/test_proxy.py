@@ -612,6 +612,34 @@ def test_a_post_that_reached_a_dying_replica_is_never_sent_twice(proxy: Proxy) -
             hole.close()
 
 
+def test_a_replica_that_closes_a_new_connection_unanswered_is_reported_with_the_request_s_id(
+    proxy: Proxy,
+) -> None:
+    """A replica being killed still completes handshakes from its listen backlog, then resets them:
+    the connection opened, the request was written, nothing came back. The proxy could not reach
+    it as surely as if it had refused the connection, and reports it to its node the same way, with
+    the id of the request that found it (the node's check records the exit with that id)."""
+    hole = BlackHole()
+    failures = proxy.redis.pubsub(ignore_subscribe_messages=True)
+    failures.subscribe(f"{proxy.prefix}:proxy:route-failures")
+    try:
+        slug = new_slug()
+        proxy.publish(slug, [hole.route()], public=True)
+        wait_for(lambda: proxy.call(slug, headers={"X-Request-ID": "hole-1"})[0] == 502, what="the entry")
+        assert hole.received  # the request reached it: a connection that opened, not a refused one
+
+        def reported() -> dict[str, Any] | None:
+            message = failures.get_message(timeout=0.1)
+            return json.loads(message["data"]) if message else None
+
+        report = wait_for(reported, timeout=5, what="a route-failure report")
+        assert report["route"] == hole.route()["id"] and report["endpoint"] == slug
+        assert report["request_id"] == "hole-1" and report["error"]
+    finally:
+        failures.close()
+        hole.close()
+
+
 @pytest.mark.parametrize(
     ("policy", "path", "resent"),
     [
