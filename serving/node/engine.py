@@ -108,6 +108,8 @@ def _make_swarm_engine(state_dir: Path) -> Engine:
         stop_grace=settings.REPLICA_STOP_GRACE,
         egress=settings.SERVING_REPLICA_EGRESS,
         gpu_resource=settings.SWARM_GPU_RESOURCE,
+        image_pull=settings.SERVING_IMAGE_PULL,
+        registries=settings.SERVING_REGISTRIES,
     )
     problem = engine.not_a_manager()
     if problem:

@@ -80,3 +80,40 @@ def test_home_is_a_tmpfs_volume_owned_by_the_replica_user() -> None:
     driver = mount["VolumeOptions"]["DriverConfig"]
     assert driver["Name"] == "local"
     assert driver["Options"] == {"type": "tmpfs", "device": "tmpfs", "o": "exec,uid=1234,gid=5678,mode=0755"}
+
+
+def test_a_task_rejected_for_want_of_its_image_names_the_image_and_its_registry() -> None:
+    image = "10.0.0.5:5000/team/llm:1@sha256:" + "a" * 64
+
+    class Pinned(Service):
+        attrs: dict[str, Any] = {
+            **Service.attrs,
+            "Spec": {**Service.attrs["Spec"], "TaskTemplate": {"ContainerSpec": {"Image": image}}},
+        }
+
+    rejected = task("rejected", "shutdown", err=f"No such image: {image}")
+    info = task_info(Pinned(), rejected, "h", node=node())
+    assert info.state is ReplicaState.EXITED
+    assert info.error.startswith(
+        f"The Swarm node host-a has not the image {image} and could not pull it from its registry 10.0.0.5:5000 "
+    )
+    assert "`docker login 10.0.0.5:5000`" in info.error
+    # Any other rejection keeps Swarm's own words.
+    other = task_info(Pinned(), task("rejected", "shutdown", err="invalid mount config"), "h", node=node())
+    assert other.error == "Swarm rejected its task on host-a: invalid mount config"
+
+
+def test_a_service_is_pinned_to_the_digest_of_its_own_repository_only() -> None:
+    from serving.node.engines.docker.pull import pinned
+
+    class Image:
+        attrs = {"RepoDigests": ["other.io/x/y@sha256:1", "10.0.0.5:5000/team/llm@sha256:2"]}
+
+    assert pinned(Image(), "10.0.0.5:5000/team/llm:1") == "10.0.0.5:5000/team/llm:1@sha256:2"
+    assert pinned(Image(), "10.0.0.5:5000/team/other:1") == "10.0.0.5:5000/team/other:1"  # no digest of it
+    assert pinned(Image(), "x@sha256:3") == "x@sha256:3"  # named by digest already
+
+    class Built:  # built or loaded here: no registry gave it a digest
+        attrs: dict[str, Any] = {"RepoDigests": []}
+
+    assert pinned(Built(), "modelserve/python:3.11") == "modelserve/python:3.11"

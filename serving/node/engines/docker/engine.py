@@ -17,8 +17,7 @@ import logging
 import math
 import shutil
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,12 @@ from serving.node.engines.base import (
     ReplicaSpec,
     ReplicaStats,
 )
-from serving.node.engines.docker import containers, networks
+from serving.node.engines.docker import containers, networks, pull
 from serving.node.engines.docker.client import ClientFactory, LazyClient
 from serving.node.engines.docker.containers import BUILD_HINT, PIDS_LIMIT
 from serving.node.engines.docker.errors import API_TIMEOUT, docker_errors, explain, network_missing
 from serving.node.engines.docker.networks import CLUSTER_NETWORK_PREFIX, REPLICA_NETWORK, Networks
+from serving.node.engines.docker.pull import PullProgressCallback
 from serving.node.engines.docker.rules import BridgeRules
 from serving.node.engines.firewall import DEFAULT_GID, DEFAULT_UID
 
@@ -52,9 +52,6 @@ log = logging.getLogger("serving.node.engines.docker")
 # The repository's var/ (serving/node/engines/docker/engine.py is four folders below it).
 DEFAULT_STATE_DIR = Path(__file__).resolve().parents[4] / "var" / "engine" / "docker"
 PING_TIMEOUT = 2.0
-
-# Called with a pull's bytes done and total (total grows as the registry announces layers).
-PullProgressCallback = Callable[[int, int], None]
 
 
 class DockerEngine:
@@ -272,43 +269,17 @@ class DockerEngine:
                 raise ImageNotFound(f"The image {image} is not on this node; {BUILD_HINT}.") from exc
 
     def ensure_image(self, image: str, progress: PullProgressCallback | None = None) -> float | None:
-        """Have ``image`` on this node: None when it already was, else the seconds its pull took.
-
-        With ``image_pull="never"`` a missing image raises ``ImageNotFound`` saying how to load it;
-        with "missing" it is pulled if its registry is one of ``registries`` (else ``ImageNotFound``
-        saying which to add). The pull uses the credentials of the Docker config docker-py read
-        when the client was made (``~/.docker/config.json``, or ``$DOCKER_CONFIG``), and reports
-        its bytes to ``progress`` after each message of the daemon (the caller throttles)."""
-        client = self._client()
-        with self._errors(f"look up the image {image}"):
-            try:
-                client.images.get(image)
-                return None
-            except docker.errors.ImageNotFound:
-                pass
-        if self.image_pull == "never":
-            raise ImageNotFound(f"The image {image} is not on this node; {BUILD_HINT}.")
-        refusal = images.pull_refusal(image, self.registries)
-        if refusal:
-            raise ImageNotFound(refusal)
-        began = time.monotonic()
-        tally = images.PullProgress()
-        try:
-            # No timeout on the stream (docker-py's pull sets none): a large image takes minutes;
-            # the route's progress shows it moving, and the control plane fails a start that stalls.
-            for message in client.api.pull(image, stream=True, decode=True):
-                tally.feed(message)
-                if tally.error:
-                    break
-                if progress is not None:
-                    progress(tally.done, tally.total)
-        except docker.errors.APIError as exc:
-            raise ImageNotFound(f"Pulling the image {image} failed: {explain(exc)}.") from exc
-        except Exception as exc:  # the connection to the daemon broke mid-stream
-            raise ImageNotFound(f"Pulling the image {image} failed: {exc}.") from exc
-        if tally.error:
-            raise ImageNotFound(f"Pulling the image {image} failed: {tally.error.rstrip('.')}.")
-        return time.monotonic() - began
+        """Have ``image`` on this node: None when it already was, else the seconds its pull took
+        (``pull.ensure_image``: refused with ``never`` or from a registry not allowed, pulled with
+        the Docker config's credentials and its bytes reported to ``progress`` otherwise)."""
+        return pull.ensure_image(
+            self._client(),
+            image,
+            image_pull=self.image_pull,
+            registries=self.registries,
+            timeout=self.timeout,
+            progress=progress,
+        )
 
     def _create(self, client: docker.DockerClient, spec: ReplicaSpec, kwargs: dict[str, Any]) -> Any:
         with self._errors(f"create the container {spec.name}"):

@@ -29,8 +29,16 @@ runs the containers on its hosts. Choices, and why:
   needs no overlay network. ``ingress`` (the VIP routing mesh) is the other choice for swarms
   where it works: the port is then reached on every node, at ``NODE_ADDRESS``. Services use the
   ``dnsrr`` endpoint mode (no virtual IP): the VIP mode needs IPVS, which some hosts lack;
-* the model folder is bind-mounted read-only at the same host path, as on the Docker engine (it
-  must exist on the Swarm node: a shared filesystem for several hosts); the pre-start plan too;
+* the model folder is bind-mounted read-only at the same host path, as on the Docker engine: it
+  must exist on the Swarm node, so on several hosts a node worker runs on each Swarm node's host,
+  pinned to it, with ``NODE_CACHE_ROOT``: the folder is then its snapshot there
+  (serving/node/snapshots.py); the pre-start plan too;
+* images as on the Docker engine (``SERVING_IMAGE_PULL``, ``SERVING_REGISTRIES``): a missing one
+  is pulled onto the manager, where the engine reads it (``ensure_image``, progress on the
+  route), and the service is pinned to that digest and carries the Docker config's credentials
+  for its registry (docker-py sends them, as ``--with-registry-auth``), so the task's node pulls
+  the same image itself; a task rejected for "No such image" fails the start with a sentence
+  naming the image and its registry (``services.no_image``);
 * the container is locked down as on the Docker engine: every capability dropped, a tiny init
   as PID 1 (``init``), the replica's user (``DOCKER_REPLICA_UID``/``_GID``), ``/dev/shm`` a tmpfs,
   bounded json-file logs, a **pids limit** (``Resources.Limits.Pids``, API 1.41) and

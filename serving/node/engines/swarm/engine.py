@@ -17,6 +17,7 @@ import docker
 import docker.errors
 from docker.types import CancellableStream
 
+from serving.core import images
 from serving.node.engines import firewall
 from serving.node.engines.base import (
     LABEL_INSTALLATION,
@@ -29,10 +30,11 @@ from serving.node.engines.base import (
     ReplicaState,
     ReplicaStats,
 )
-from serving.node.engines.docker import containers
+from serving.node.engines.docker import containers, pull
 from serving.node.engines.docker.client import ClientFactory, LazyClient
 from serving.node.engines.docker.containers import BUILD_HINT, PIDS_LIMIT
 from serving.node.engines.docker.errors import API_TIMEOUT, docker_errors
+from serving.node.engines.docker.pull import PullProgressCallback
 from serving.node.engines.docker.rules import BridgeRules
 from serving.node.engines.firewall import DEFAULT_GID, DEFAULT_UID, check_replica_ids
 from serving.node.engines.swarm import hardening, nodes, services
@@ -71,6 +73,8 @@ class SwarmEngine:
         gpu_resource: str = GPU_RESOURCE,
         egress: str = "allow",
         replica_network: str | None = None,
+        image_pull: str = "never",
+        registries: Iterable[str] = (),
     ) -> None:
         """
         ``publish_mode``: "host" (the task's node publishes the port; reached at that node's
@@ -82,7 +86,14 @@ class SwarmEngine:
         ``pids_limit``: the most processes a replica may have (the Docker engine's).
         ``gpu_resource``: the Swarm generic resource kind GPUs are advertised as (SWARM_GPU_RESOURCE).
         ``egress``/``replica_network``: as on the Docker engine (networks.py says where rules act).
+        ``image_pull``/``registries``: as on the Docker engine (SERVING_IMAGE_PULL, SERVING_REGISTRIES):
+        a missing image is pulled onto the manager (``ensure_image``), and Swarm's nodes pull the
+        same digest themselves with the credentials the service is created with.
         """
+        if image_pull not in images.PULL_CHOICES:
+            raise EngineError(f"image_pull={image_pull!r} is not one of {', '.join(images.PULL_CHOICES)}.")
+        self.image_pull = image_pull
+        self.registries = images.parse_registries(registries)
         check_replica_ids(
             uid, gid, who="The Swarm replicas'", uid_setting="DOCKER_REPLICA_UID", gid_setting="DOCKER_REPLICA_GID"
         )
@@ -277,7 +288,13 @@ class SwarmEngine:
                     no_new_privileges=on_service,
                     gpu_kind=self.gpu_resource,
                 )
-                service = self._create(client, spec, kwargs)
+                # Pinned to the digest the manager has, as `docker service create` pins it: a
+                # task on another Swarm node pulls exactly that image (a moved tag can not give
+                # it another), and one on a node that has it pulls nothing. docker-py sends the
+                # Docker config's credentials for the image's registry with the service
+                # (X-Registry-Auth, the CLI's --with-registry-auth): Swarm hands them to the
+                # node that runs the task.
+                service = self._create(client, spec, kwargs, pull.pinned(image, spec.image))
             return self._wait_started(service)
         except BaseException:
             # Leave nothing behind: a half-made service would hold the name on retry.
@@ -332,18 +349,37 @@ class SwarmEngine:
         resources = ((found[0].attrs.get("Description") or {}).get("Resources") or {}).get("GenericResources")
         return hardening.gpu_inventory(resources or [], self.gpu_resource)
 
+    def ensure_image(self, image: str, progress: PullProgressCallback | None = None) -> float | None:
+        """Have ``image`` on the manager: None when it already was, else the seconds its pull took.
+
+        The rules and sentences are the Docker engine's (``pull.ensure_image``: refused with
+        ``never`` or from a registry not in ``registries``; pulled with the node worker's Docker
+        config's credentials, the bytes reported to ``progress``, which the node shows on the
+        route). On the manager because the engine reads the image there before it makes the
+        service (its command for the pre-start plan, whether it has python3); the task's Swarm
+        node then pulls the digest the manager got, itself (see ``start``)."""
+        return pull.ensure_image(
+            self._client(),
+            image,
+            image_pull=self.image_pull,
+            registries=self.registries,
+            timeout=self.timeout,
+            progress=progress,
+        )
+
     def _image(self, client: docker.DockerClient, image: str) -> Any:
-        # Checked on the manager: with a node constraint elsewhere, that node must have it too.
+        # On the manager; the task's node pulls it itself, with the credentials sent along (start).
+        self.ensure_image(image)
         with self._errors(f"look up the image {image}"):
             try:
                 return client.images.get(image)
             except docker.errors.ImageNotFound as exc:
                 raise ImageNotFound(f"The image {image} is not on this node; {BUILD_HINT}.") from exc
 
-    def _create(self, client: docker.DockerClient, spec: ReplicaSpec, kwargs: dict[str, Any]) -> Any:
+    def _create(self, client: docker.DockerClient, spec: ReplicaSpec, kwargs: dict[str, Any], image: str) -> Any:
         with self._errors(f"create the service {spec.name}"):
             try:
-                return client.services.create(spec.image, **kwargs)
+                return client.services.create(image, **kwargs)
             except docker.errors.APIError as exc:
                 if exc.status_code == 409:
                     raise EngineError(
@@ -357,6 +393,7 @@ class SwarmEngine:
         while True:
             info = self._info(service)
             if info.state is ReplicaState.EXITED:
+                self._check_image(service)
                 return info  # the caller's prober reports why (info.error)
             if info.state is ReplicaState.RUNNING and info.port:
                 return info
@@ -371,6 +408,17 @@ class SwarmEngine:
                     f"{self.placement_node} have the resources and the image?"
                 )
             time.sleep(0.2)
+
+    def _check_image(self, service: Any) -> None:
+        """A task rejected because its Swarm node could not pull the image: a failed start saying
+        which image, which registry and what to do (``ImageNotFound``), as the Docker engine's
+        failed pull is, rather than an exit for the prober to report."""
+        task = self._task(service)
+        node = self._node(task) or {}
+        name = str((node.get("Description") or {}).get("Hostname") or self.placement_node)
+        missing = services.no_image(task, services.service_image(service.attrs), name)
+        if missing:
+            raise ImageNotFound(missing)
 
     def _check_placeable(self, service: Any) -> None:
         """A task pending for want of a generic resource (GPUs) the node does not have free: an

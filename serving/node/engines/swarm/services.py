@@ -16,7 +16,7 @@ from typing import Any
 from docker.types import DriverConfig, NetworkAttachmentConfig, Privileges, RestartPolicy
 from docker.types import Mount as DockerMount
 
-from serving.core import devices
+from serving.core import devices, images
 from serving.node.engines.base import EngineError, ReplicaInfo, ReplicaSpec, ReplicaState
 from serving.node.engines.docker.containers import BOOTSTRAP_DIR, BOOTSTRAP_FAILED, HOME
 
@@ -230,12 +230,36 @@ def published_port(task: Mapping[str, Any] | None, service_attrs: Mapping[str, A
     return 0
 
 
-def swarm_ended(task: Mapping[str, Any] | None, node: Mapping[str, Any] | None) -> str:
+def service_image(service_attrs: Mapping[str, Any]) -> str:
+    """The image a service's tasks run (pinned to a digest when the engine knew one)."""
+    spec = ((service_attrs.get("Spec") or {}).get("TaskTemplate") or {}).get("ContainerSpec") or {}
+    return str(spec.get("Image") or "")
+
+
+def no_image(task: Mapping[str, Any] | None, image: str, node_name: str) -> str:
+    """A task Swarm rejected because its node has not the image and could not pull it, as a
+    sentence naming the image, its registry and what to do; "" for any other task. (Swarm only
+    logs the node's failed pull, on that node: what the task says is "No such image".)"""
+    status = (task or {}).get("Status") or {}
+    err = str(status.get("Err") or "")
+    if status.get("State") != "rejected" or "no such image" not in err.lower() or not image:
+        return ""
+    registry = images.registry_of(image)
+    return (
+        f"The Swarm node {node_name} has not the image {image} and could not pull it from its registry "
+        f"{registry} (Swarm: {err}); make {registry} reachable from that node and give the swarm its "
+        f"credentials (`docker login {registry}` for the node worker's Docker config, DOCKER_CONFIG: the "
+        "engine sends them with every service), or load the image on that node by hand."
+    )
+
+
+def swarm_ended(task: Mapping[str, Any] | None, node: Mapping[str, Any] | None, image: str = "") -> str:
     """Why Swarm ended, or is ending, the task, whatever its process does, as a sentence; "" when
     it did not. Its node drained (Swarm shuts its tasks down), down or gone (a lost node's tasks
     stay "running" in the manager's view until they are orphaned), or the task shut down, rejected
-    or orphaned by Swarm. With restart policy none Swarm makes no other task (and the placement
-    constraint pins it anyway): the platform must see the replica as ended, and replace it."""
+    (``image``: the service's, for a node that could not pull it) or orphaned by Swarm. With
+    restart policy none Swarm makes no other task (and the placement constraint pins it anyway):
+    the platform must see the replica as ended, and replace it."""
     if not task:
         return ""
     status = task.get("Status") or {}
@@ -247,6 +271,9 @@ def swarm_ended(task: Mapping[str, Any] | None, node: Mapping[str, Any] | None) 
     if state == "orphaned":
         return f"the Swarm node {name} was lost: Swarm gave its task up (orphaned)"
     if state == "rejected":
+        missing = no_image(task, image, name)
+        if missing:
+            return missing
         return f"Swarm rejected its task on {name}: {status.get('Err') or status.get('Message') or 'no reason given'}"
     if state in ("complete", "failed"):
         return ""  # its process ended: the exit code says why
@@ -276,7 +303,7 @@ def task_info(
     state = TASK_STATES.get(str(status.get("State") or "new"), ReplicaState.EXITED) if task else ReplicaState.STARTING
     exit_code: int | None = None
     error = ""
-    by_swarm = swarm_ended(task, node)
+    by_swarm = swarm_ended(task, node, service_image(attrs))
     if by_swarm:
         state, error = ReplicaState.EXITED, by_swarm
     elif state is ReplicaState.EXITED:
