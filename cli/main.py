@@ -177,12 +177,27 @@ def summary(service: dict[str, Any]) -> str:
     return f"{service['status']} ({current_healthy(service)}/{service['desired_replicas']} healthy)"
 
 
+def route_errors(service: dict[str, Any] | None) -> list[str]:
+    """The distinct errors of the service's replicas, in route order."""
+    errors = [r["error"] for r in (service or {}).get("routes", []) if r.get("error")]
+    return list(dict.fromkeys(errors))
+
+
 def wait_until(
-    client: Client, service_id: str, out: Output, timeout: float, done: Callable[[dict[str, Any] | None], bool]
+    client: Client,
+    service_id: str,
+    out: Output,
+    timeout: float,
+    done: Callable[[dict[str, Any] | None], bool],
+    before: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Poll the service until ``done(service)`` (None once it is gone), printing every status change."""
+    """Poll the service until ``done(service)`` (None once it is gone), printing every status change
+    and every new replica error as it appears: without them a replica that can not start (no node
+    has room, a bad start command) looks like a silent wait. ``before`` is the service as it was
+    before the change; the errors it already held are old news and are not printed again."""
     deadline = time.monotonic() + timeout
     last = ""
+    said = set(route_errors(before))
     while True:
         try:
             service: dict[str, Any] | None = client.get(f"services/{service_id}/")
@@ -194,18 +209,30 @@ def wait_until(
         if now != last:
             out.note(f"status: {now}")
             last = now
+        for error in route_errors(service):
+            if error not in said:
+                out.note(f"replica error: {error}")
+                said.add(error)
         if done(service):
             return service
         if time.monotonic() >= deadline:
-            errors = [r["error"] for r in (service or {}).get("routes", []) if r.get("error")]
+            errors = route_errors(service)
             hint = f" Replica errors: {'; '.join(errors)}." if errors else ""
             raise ApiError(f"Gave up waiting after {timeout:g} s; the service is {now}.{hint}")
         time.sleep(1.0)
 
 
 def healthy(service: dict[str, Any] | None) -> bool:
+    """Done waiting: every wanted replica of the current spec is healthy. Raises once that can not
+    happen: the service is gone, or it stopped retrying after too many failed starts."""
     if service is None:
         raise ApiError("The service is gone (terminated) while waiting for it to be healthy.")
+    if service.get("gave_up"):
+        errors = "; ".join(e.rstrip(".") for e in route_errors(service)) or "see its event log"
+        raise ApiError(
+            f"{service['name']} stopped retrying after {service.get('retries')} failed starts in a row: {errors}. "
+            f"Fix the cause, then `modelserve service clear-errors {service['name']}` starts it again."
+        )
     wanted = service["desired_replicas"]
     if wanted == 0:
         return service["status"] == "READY"
@@ -271,8 +298,19 @@ def _modify(args: argparse.Namespace, out: Output, body: dict[str, Any]) -> int:
         raise UsageError("Nothing to change: give at least one option (see `modelserve service modify --help`).")
     service = client.call("PATCH", f"services/{target['id']}/", body)
     if args.wait:
-        service = wait_until(client, target["id"], out, args.timeout, healthy)
+        service = wait_until(client, target["id"], out, args.timeout, healthy, before=target)
     show_service(out, service)
+    return 0
+
+
+def cmd_service_clear_errors(args: argparse.Namespace, out: Output) -> int:
+    """Clear errors and retry: the failed replicas go, the retry count starts again from 0."""
+    client = client_of(args)
+    target = find_service(client, args.service)
+    service = client.call("POST", f"services/{target['id']}/clear-errors/")
+    if args.wait:
+        service = wait_until(client, target["id"], out, args.timeout, healthy)
+    show_service(out, service, "" if args.wait else "Retrying ")
     return 0
 
 
@@ -487,6 +525,9 @@ def build_parser() -> Parser:
     p = command(service, "scale", cmd_service_scale, "set the number of replicas")
     p.add_argument("service", help="name or id")
     p.add_argument("replicas", type=int)
+    _wait_options(p)
+    p = command(service, "clear-errors", cmd_service_clear_errors, "remove failed replicas and start again")
+    p.add_argument("service", help="name or id")
     _wait_options(p)
     p = command(service, "terminate", cmd_service_terminate, "stop every replica and remove the service")
     p.add_argument("service", help="name or id")

@@ -68,6 +68,11 @@ _monotonic = time.monotonic
 _time = time.time
 _random = random.random  # a traffic split, not a secret
 
+# Says what is wrong and the way out: a caller who pasted a revoked or another service's token.
+INVALID_TOKEN = (
+    "The token is unknown, revoked, or for another service: generate one for this service on its page "
+    "(Tokens) or with `modelserve token create SERVICE`."
+)
 SCHEMES = ("backendai", "bearer")
 PLATFORM_KINDS = (tokens.ENDPOINT_TOKEN_KIND, tokens.API_KEY_KIND, tokens.GATEWAY_KEY_KIND)
 INVALID_REQUEST = "invalid_request_error"  # OpenAI's error type for a request it refuses
@@ -641,10 +646,10 @@ class Proxy:
             lookup, token, digest = cached
             known = endpoint.tokens.get(lookup)
             if known is None:
-                return "invalid_token", "The token is unknown, revoked, or for another service."
+                return "invalid_token", INVALID_TOKEN
             if not hmac.compare_digest(known[0], digest):
                 if not tokens.verify(token, known[0], self.key):
-                    return "invalid_token", "The token is unknown, revoked, or for another service."
+                    return "invalid_token", INVALID_TOKEN
                 self.token_cache[header] = (lookup, token, known[0])
         else:
             credential = tokens.from_authorization(header.decode("latin-1"), schemes=SCHEMES)
@@ -659,7 +664,7 @@ class Proxy:
             lookup = parsed.lookup
             known = endpoint.tokens.get(lookup)
             if known is None or not tokens.verify(parsed.token, known[0], self.key):
-                return "invalid_token", "The token is unknown, revoked, or for another service."
+                return "invalid_token", INVALID_TOKEN
             if len(self.token_cache) >= TOKEN_CACHE_SIZE:
                 self.token_cache.clear()
             # Only tokens that verified are remembered (what HMAC gave for them), so garbage

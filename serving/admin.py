@@ -18,7 +18,7 @@ from serving.actions import rules as rule_actions
 from serving.actions import services, validators
 from serving.actions import tokens as token_actions
 from serving.bus import processes as process_beats
-from serving.core import devices
+from serving.core import devices, slots
 from serving.models import (
     AutoScalingRule,
     Endpoint,
@@ -197,6 +197,11 @@ class RouteAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     )
     list_filter = ("status", "node")
 
+    @admin.display(description=_("Capacity"), ordering="capacity")
+    def capacity_text(self, obj: Node) -> str:
+        """``cpu 2, mem 23.5 GiB``: the slots as the scheduler's messages write them, not raw JSON bytes."""
+        return slots.describe(obj.capacity or {})
+
     @admin.display(description=_("GPU devices"))
     def gpu_devices(self, obj: Route) -> str:
         return ", ".join(f"{d} {share:g}" for d, share in (obj.devices or {}).items()) or "-"
@@ -291,7 +296,7 @@ class NodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "address",
         "engine",
         "resource_group",
-        "capacity",
+        "capacity_text",
         "device_ids",
         "schedulable",
         "engine_says",
@@ -312,6 +317,11 @@ class NodeAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "unavailable_since",
     )
     actions = ["cordon", "uncordon"]
+
+    @admin.display(description=_("Capacity"), ordering="capacity")
+    def capacity_text(self, obj: Node) -> str:
+        """``cpu 2, mem 23.5 GiB``: the slots as the scheduler's messages write them, not raw JSON bytes."""
+        return slots.describe(obj.capacity or {})
 
     @admin.display(description=_("GPU devices"))
     def device_ids(self, obj: Node) -> str:

@@ -8,7 +8,7 @@ so every proxy accepts or refuses the token within a second.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -40,7 +40,8 @@ def do_issue_token(endpoint: Endpoint, *, acting_user: User, expires_at: datetim
     record_event(
         endpoint,
         "token_issued",
-        f"Token {token.prefix}… issued, expires {expires_at.isoformat()}.",
+        # Read on the event log by people: minutes and the zone, not isoformat's microseconds.
+        f"Token {token.prefix}… issued, expires {expires_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC.",
         actor=acting_user,
         data={"token_id": str(token.pk)},
     )

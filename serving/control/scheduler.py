@@ -121,7 +121,7 @@ def explain_no_fit(request: Mapping[str, float], nodes: list[NodeView], group: s
     free = "; ".join(_free_text(request, n) for n in nodes)
     return (
         f"Not enough resources: one replica asks for {slots.describe(request)}, "
-        f"but the most any node has free is not enough ({free}). "
+        f"but no node has that much free (free now: {free}). "
         "Lower the replica's resources, reduce replicas, or add a node."
     )
 

@@ -156,7 +156,7 @@ def _single_node_reason(request: Mapping[str, float], size: int, candidates: Seq
     if size <= 1:
         return (
             f"Not enough resources: one replica asks for {slots.describe(request)}, "
-            f"but the most any node has free is not enough ({free}). "
+            f"but no node has that much free (free now: {free}). "
             "Lower the replica's resources, reduce replicas, or add a node."
         )
     whole = {k: v * size for k, v in request.items()}

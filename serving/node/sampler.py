@@ -27,6 +27,8 @@ from serving.models import STARTING_MARK, Route, RouteMember
 from serving.node.engine import get_engine
 
 log = logging.getLogger(__name__)
+# Seconds before a replica whose /metrics answered 404 is asked again (rounds are METRICS_INTERVAL).
+NO_METRICS_RECHECK = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class NodeSampler:
         self._pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"stats-{node}")
         self._busy: set[str] = set()  # replicas whose engine stats call has not returned yet
         self._warned: set[str] = set()
+        # Route -> when to ask its /metrics again after a 404: a server without one (most custom
+        # ones) would otherwise log a 404 every round, and its owner's replica log fills with ours.
+        self._no_metrics: dict[str, float] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name=f"metrics-{self.node}")
@@ -103,7 +108,7 @@ class NodeSampler:
         jobs += [
             self._inference(session, semaphore, t, now)
             for t in targets
-            if t.healthy and t.host and t.port and not t.member
+            if t.healthy and t.host and t.port and not t.member and self._no_metrics.get(t.route_id, now) <= now
         ]
         points: list[Point] = []
         for result in await asyncio.gather(*jobs, return_exceptions=True):
@@ -152,8 +157,15 @@ class NodeSampler:
         async with semaphore:
             try:
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
+                    if response.status == 404:
+                        # No /metrics on this server: ask again now and then (it may be another
+                        # revision's, or gain one), not every round.
+                        if len(self._no_metrics) > 10_000:
+                            self._no_metrics.clear()
+                        self._no_metrics[target.route_id] = now + NO_METRICS_RECHECK
+                        return []
                     if response.status != 200:
-                        return []  # no /metrics on this runtime: nothing to say
+                        return []  # an error of the moment: nothing to say this round
                     body = await response.content.read(MAX_BODY + 1)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 self._warn_once(target.route_id, f"scraping {url}: {exc!r}")
@@ -167,6 +179,7 @@ class NodeSampler:
             self._warn_once(target.route_id, f"{url}: {exc}")
             return []
         self._warned.discard(target.route_id)
+        self._no_metrics.pop(target.route_id, None)
         replica = target.route_id[:8]
         return [Point("inference", target.endpoint_id, name, now, value, replica) for name, value in values.items()]
 

@@ -128,7 +128,7 @@ def test_launcher_creates_a_service_from_the_example_folder(
     # Pre-filled from service-definition.toml (S3.2).
     assert page.get_by_label("Environment / version (image)").input_value() == "modelserve/python:3.11"
     assert page.get_by_label("Memory").input_value() == "256m"
-    assert page.get_by_label("CPU (cores)").input_value() == "1"
+    assert page.get_by_label("CPU (cores)").input_value() == "0.25"
     screenshot(page, "launcher-en")
     page.get_by_label("Service name").fill("from-browser")
     page.get_by_label("Number of replicas").fill("2")

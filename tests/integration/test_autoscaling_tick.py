@@ -446,3 +446,48 @@ def test_a_tick_costs_a_bounded_number_of_queries(
     assert events(meddled)[-1] == (rules[meddled.pk].pk, False, 1, 1, "the count changed meanwhile")
     assert AutoScalingRule.objects.get(pk=rules[meddled.pk].pk).last_triggered_at is None
     assert not ServiceEvent.objects.filter(endpoint=meddled, kind="scaled").exists()
+
+
+class _NoMetrics(http.server.BaseHTTPRequestHandler):
+    """A server without /metrics (python -m http.server, most custom ones): counts what it is asked."""
+
+    asked: list[str] = []
+
+    def do_GET(self) -> None:
+        self.asked.append(self.path)
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.django_db(transaction=True)  # the sampler reads the routes from its own threads
+def test_a_replica_without_metrics_is_asked_again_only_now_and_then(endpoint: Endpoint) -> None:
+    """Every round asked it, and each 404 was a line in the owner's replica log (12 a minute)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoMetrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    node = Node.objects.create(name="n1")
+    Route.objects.create(
+        endpoint=endpoint, node=node, status="healthy", container_id="plain", host="127.0.0.1",
+        port=server.server_address[1],
+    )  # fmt: skip
+    now = [T0]
+    sampler = NodeSampler("n1", engine=FakeEngine, clock=lambda: now[0])
+
+    async def round_at(t: float) -> None:
+        import aiohttp
+
+        now[0] = t
+        async with aiohttp.ClientSession() as session:
+            await sampler.sample(session)
+
+    try:
+        for t in (0.0, 5.0, 10.0, 59.0):
+            asyncio.run(round_at(T0 + t))
+        assert _NoMetrics.asked == ["/metrics"]  # once, then not every 5 s round
+        asyncio.run(round_at(T0 + 60.0))
+        assert _NoMetrics.asked == ["/metrics", "/metrics"]  # a minute later, in case it gained one
+    finally:
+        sampler.stop()
+        server.shutdown()

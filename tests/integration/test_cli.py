@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -262,4 +263,33 @@ def test_the_readme_walkthrough_runs_as_written(live_system: LiveSystem, keys: d
     )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{live_system.logs()}"
     assert "Traceback" not in done.stderr
-    assert "Terminated echo." in done.stdout
+    assert "Terminated hello." in done.stdout
+
+
+def test_wait_says_why_a_replica_does_not_start_and_stops_once_the_service_gave_up(
+    live_system: LiveSystem, cli: Callable[..., Result], keys: dict[str, str]
+) -> None:
+    """A replica no node has room for: --wait prints the reason as soon as the platform knows it (once,
+    not once a retry) and ends when the service stops retrying, not after its 600 s timeout."""
+    web = live_system.start_web()
+    login(cli, web, keys["owner"], "owner")
+    assert cli("folder", "create", "simple").code == 0
+    assert cli("folder", "push", str(EXAMPLE), "simple").code == 0
+
+    started = time.monotonic()
+    created = cli("service", "create", "huge", "--folder", "simple", "--resource", "cpu=512", "--wait", timeout=120)
+    assert created.code == 1, f"{created}\n{live_system.logs()}"
+    assert time.monotonic() - started < deadline_for(60), "the wait ran on after the service gave up"
+    assert created.err.count("replica error: Not enough resources: one replica asks for cpu 512") == 1, created.err
+    assert "huge stopped retrying after 5 failed starts in a row: Not enough resources" in created.err, created
+    assert "`modelserve service clear-errors huge` starts it again." in created.err, created
+    shown = cli("service", "show", "huge", "--json").json()
+    assert shown["gave_up"] is True and shown["retries"] == 5
+
+    # As JSON: one document with the same sentence, nothing for people on stderr.
+    again = cli("--json", "service", "scale", "huge", "1", "--wait", timeout=60)
+    assert again.code == 1 and "stopped retrying" in again.json()["error"] and "replica error" not in again.err, again
+
+    cleared = cli("service", "clear-errors", "huge", "--json")
+    assert cleared.code == 0 and cleared.json()["retries"] == 0 and cleared.json()["gave_up"] is False, cleared
+    assert cli("service", "terminate", "huge", "--wait", timeout=120).code == 0

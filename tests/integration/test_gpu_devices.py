@@ -298,6 +298,9 @@ def test_admin_shows_the_inventory_and_each_replicas_devices(browser: Any, perso
         assert nodes.status_code == 302 and routes.status_code == 302
         return
     assert nodes.status_code == 200 and "cuda:0, cuda:1" in nodes.content.decode()
+    # The capacity as people read it (the scheduler's own words), not the JSON of bytes.
+    assert "cpu 16, mem 64.0 GiB, cuda.shares 2" in nodes.content.decode()
+    assert "68719476736" not in nodes.content.decode()
     assert routes.status_code == 200 and "cuda:0 0.5" in routes.content.decode()
     route = Route.objects.get(endpoint=endpoint)
     detail = client.get(f"/admin/serving/route/{route.pk}/change/")

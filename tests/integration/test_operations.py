@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -350,6 +351,11 @@ def test_the_admin_lists_the_processes_that_beat(personas: dict[str, Any], setti
         text = page.content.decode()
         assert "gpu-host-7" in text and "4242" in text and "gpu-7" in text and processes.VERSION in text
         assert "/admin/serving/node/processes/" in admin.get("/admin/serving/node/").content.decode()
+        assert re.search(r"\([34] s ago\)", text)  # the beat was 3 s before the request
+        # In Japanese, the age too (it stayed "s ago" in English).
+        admin.cookies[settings.LANGUAGE_COOKIE_NAME] = "ja"
+        ja = admin.get("/admin/serving/node/processes/").content.decode()
+        assert re.search(r"\([34] 秒前\)", ja), ja[ja.find("gpu-host-7") - 300 : ja.find("gpu-host-7") + 300]
         # Not staff: the admin's login page, as for every admin view.
         owner = Client()
         owner.force_login(personas["owner"])

@@ -293,8 +293,11 @@ def test_token_personas(browser: Any, service: Endpoint, personas: dict[str, Any
     mine = EndpointToken.objects.get(created_by=personas["teammate"])
     assert mine.expires_at > timezone.now() + dt.timedelta(days=29)
     owners, _secret = token_actions.do_issue_token(
-        service, acting_user=personas["owner"], expires_at=timezone.now() + dt.timedelta(days=1)
+        service, acting_user=personas["owner"], expires_at=dt.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
     )
+    # The event log says when it expires as people read it, without isoformat's microseconds.
+    said = service.events.filter(kind="token_issued").latest("id").message
+    assert said == f"Token {owners.prefix}… issued, expires 2031-05-06 07:08 UTC.", said
     # A teammate revokes their own token, not the owner's; the owner (a manager) may revoke any.
     revoke = lambda token: url("token-revoke", service, token_id=token.pk)  # noqa: E731
     assert browser("stranger").post(revoke(mine)).status_code == 404

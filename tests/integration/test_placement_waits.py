@@ -63,5 +63,6 @@ def test_a_node_that_is_alive_but_full_still_fails_the_replica_with_what_is_free
     lifecycle.reconcile(str(endpoint.pk), now=now)
     failed = Route.objects.filter(endpoint=endpoint, status=Route.Status.FAILED_TO_START)
     assert failed.count() == 2
-    assert "Not enough resources" in failed[0].error["message"] and "node small" in failed[0].error["message"]
+    message = failed[0].error["message"]
+    assert "Not enough resources" in message and "no node has that much free (free now: node small: cpu 0.5" in message
     assert not waiting_events(endpoint)

@@ -328,6 +328,9 @@ def test_every_auth_case(proxy: Proxy, backends: Callable[..., Backend]) -> None
     assert json.loads(cases["missing"][2])["error"]["code"] == "missing_token"
     assert json.loads(cases["expired"][2])["error"]["code"] == "expired_token"
     assert json.loads(cases["another service's token"][2])["error"]["code"] == "invalid_token"
+    # The sentence names the way out, not only the problem.
+    said = json.loads(cases["unknown"][2])["error"]["message"]
+    assert said.startswith("The token is unknown, revoked, or for another service: generate one") and "Tokens" in said
 
     # Revocation = the entry republished without the token: refused within 1 s.
     proxy.publish(private, [backend.route()], grant=())

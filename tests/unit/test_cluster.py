@@ -94,3 +94,13 @@ def test_single_node_puts_every_member_on_one_node_with_room_for_all() -> None:
     assert place(REQUEST, 3, False, nodes).nodes == ("big", "big", "big")
     result = place(REQUEST, 4, False, nodes)
     assert result.nodes == () and "cluster size 4 needs cpu 4" in result.reason and "one node" in result.reason
+
+
+def test_a_plain_replica_that_fits_nowhere_says_what_it_asks_and_what_is_free() -> None:
+    """The sentence a user reads on the service page and in `modelserve ... --wait` (issue: newuser)."""
+    nodes = [NodeFree("local", {"cpu": 0.0, "mem": 8 * GIB})]
+    result = place(REQUEST, 1, False, nodes)
+    assert result.nodes == ()
+    assert result.reason.startswith("Not enough resources: one replica asks for cpu 1, mem 1.0 GiB, ")
+    assert "but no node has that much free (free now: node local: cpu 0, mem 8.0 GiB)." in result.reason
+    assert result.reason.endswith("Lower the replica's resources, reduce replicas, or add a node.")

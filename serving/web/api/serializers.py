@@ -119,6 +119,11 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
     project = serializers.IntegerField(source="project_id", read_only=True, allow_null=True)
     preset = serializers.CharField(source="preset.name", default=None, read_only=True)
     replicas = serializers.IntegerField(source="desired_replicas", read_only=True)
+    # Clients that wait for a service (the CLI's --wait) stop once it has stopped retrying.
+    gave_up = serializers.BooleanField(
+        read_only=True,
+        help_text="True once starts failed MAX_START_FAILURES times in a row: nothing starts until clear-errors.",
+    )
 
     class Meta:
         model = Endpoint
@@ -155,6 +160,7 @@ class ServiceSerializer(serializers.ModelSerializer[Endpoint]):
             "project",
             "lifecycle",
             "retries",
+            "gave_up",
             "spec_version",
             "traffic",
             "scaling_cooldown",
