@@ -136,7 +136,8 @@ class ReplicaNetwork:
             raise EngineError(
                 "SERVING_REPLICA_EGRESS=deny needs firewall rules on the host the replicas run on, but this "
                 "node worker's Swarm replicas run on another host (SWARM_NODE, or DOCKER_HOST is not a local "
-                "socket); run the node worker on that Swarm node's host with DOCKER_HOST at its local socket."
+                "socket); pin them to a manager and run the node worker on that manager's host with DOCKER_HOST at its "
+                "local socket, or use SERVING_REPLICA_EGRESS=allow."
             )
         if not self._warned_remote:
             self._warned_remote = True
