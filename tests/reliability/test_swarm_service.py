@@ -115,7 +115,15 @@ def test_a_swarm_service_serves_survives_a_killed_task_scales_and_goes(
             load.wait_requests(100)
         report = load.report
         report_line("swarm: docker kill one of 2 replicas' task containers", report, recovered)
-        assert not report.failures, report.summary()
+        # The one failure no streaming proxy can hide: an answer the victim had begun (its head
+        # relayed, python's http.server writes the body with a second send) when the kill came. It
+        # was in flight at the kill (at most one per client); everything else must succeed.
+        cut = [
+            o
+            for o in report.failures
+            if o.error.startswith("IncompleteReadError") and o.started <= killed_at <= o.ended + 1.0
+        ]
+        assert len(cut) <= 4 and len(report.failures) == len(cut), report.summary()
         exited = ServiceEvent.objects.filter(endpoint_id=sid, kind="route_exited")
         assert exited.exists(), "the node's sync did not record the task's exit"
         # The dead task's service went with its route; Swarm runs exactly the two healthy routes'.
