@@ -184,7 +184,9 @@ class Networks:
         if cluster.host == "main1":
             return {}
         with self._errors(f"look up the main member on {network}"):
-            found = client.containers.list(filters={"label": [f"{LABEL_ROUTE}={cluster.key}"], "network": network})
+            found = client.containers.list(
+                filters={"label": [f"{LABEL_ROUTE}={cluster.key}"], "network": network}, ignore_removed=True
+            )
         for other in found:
             if (other.labels or {}).get(LABEL_ROLE) != "main":
                 continue
@@ -243,7 +245,9 @@ class Networks:
                     return False
                 # Docker lists only running containers in the network's attrs; a created one that
                 # is not started yet is found by the containers' network filter.
-                if network.attrs.get("Containers") or client.containers.list(all=True, filters={"network": name}):
+                if network.attrs.get("Containers") or client.containers.list(
+                    all=True, filters={"network": name}, ignore_removed=True
+                ):
                     return False
                 bridge = (network.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION)
                 try:

@@ -494,7 +494,10 @@ class SwarmEngine:
                 service.remove()
             deadline = time.monotonic() + self.stop_grace + self.timeout
             label = f"com.docker.swarm.service.id={service_id}"
-            while client.containers.list(all=True, filters={"label": label}) and time.monotonic() < deadline:
+            while (
+                client.containers.list(all=True, filters={"label": label}, ignore_removed=True)
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.2)
 
     def stop(self, replica_id: str, grace: float = 10.0) -> None:
