@@ -23,6 +23,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -166,30 +167,37 @@ def tick(now: float | None = None) -> None:
 
 def record_resent() -> int:
     """One event per service whose requests the proxies re-sent since the last tick; returns the total."""
-    counts = routing.take_resent()
-    if not counts:
-        return 0
-    total = 0
-    for endpoint in Endpoint.objects.filter(slug__in=list(counts)):
-        count = counts[endpoint.slug]
-        if count <= 0:
-            continue
-        total += count
-        audit.record_event(
-            endpoint,
-            "requests_resent",
+    return _record_counts(
+        routing.take_resent(),
+        "requests_resent",
+        lambda endpoint, count: (
             f"{count} request(s) re-sent to another replica after the one they reached closed without "
             f"answering (retry policy {endpoint.retry_policy}).",
-            data={"count": count, "retry_policy": endpoint.retry_policy},
-        )
-    return total
+            {"count": count, "retry_policy": endpoint.retry_policy},
+        ),
+    )
 
 
 def record_failovers() -> int:
     """One event per service whose gateway requests the proxies sent to another backend of their
     model name since the last tick (every replica of it refused them, or failed them unanswered);
     returns the total."""
-    counts = routing.take_failovers()
+    return _record_counts(
+        routing.take_failovers(),
+        "gateway_failover",
+        lambda endpoint, count: (
+            f"{count} gateway request(s) went to another service of the same model name after every "
+            "replica of this one refused them or failed them before answering.",
+            {"count": count},
+        ),
+    )
+
+
+def _record_counts(
+    counts: dict[str, int], kind: str, say: Callable[[Endpoint, int], tuple[str, dict[str, Any]]]
+) -> int:
+    """One ``kind`` event per service of ``counts`` (slug -> what the proxies counted this tick),
+    its message and data from ``say``; returns the total."""
     if not counts:
         return 0
     total = 0
@@ -198,13 +206,8 @@ def record_failovers() -> int:
         if count <= 0:
             continue
         total += count
-        audit.record_event(
-            endpoint,
-            "gateway_failover",
-            f"{count} gateway request(s) went to another service of the same model name after every "
-            "replica of this one refused them or failed them before answering.",
-            data={"count": count},
-        )
+        message, data = say(endpoint, count)
+        audit.record_event(endpoint, kind, message, data=data)
     return total
 
 
